@@ -1,0 +1,1 @@
+"""Benchmarks (installed as ``sparsekern.bench``), run by ``sparsekern bench``."""

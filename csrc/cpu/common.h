@@ -1,0 +1,31 @@
+// Shared by the CPU kernels: argument checks and ISA dispatch.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
+// at load time (GCC ifunc), so one portable wheel runs at full width everywhere.
+// Put it on a non-template function whose loops are in always_inline helpers.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SPARSEKERN_NO_CLONES)
+#define SK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SK_CLONES
+#endif
+#define SK_INLINE inline __attribute__((always_inline))
+
+namespace sparsekern {
+
+inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong,
+              op, ": row_ptr must be a 1-D int64 tensor, got ", row_ptr.scalar_type(), " of dim ", row_ptr.dim());
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt,
+              op, ": col_idx must be a 1-D int32 tensor, got ", col_idx.scalar_type(), " of dim ", col_idx.dim());
+  TORCH_CHECK(row_ptr.numel() >= 1, op, ": row_ptr must have m+1 >= 1 entries");
+}
+
+inline void check_float(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              op, ": ", name, " must be float32 or float64 on the CPU, got ", t.scalar_type());
+}
+
+}  // namespace sparsekern

@@ -1,0 +1,45 @@
+// Every sparsekern op schema, declared once. Kernels register against these
+// names per dispatch key (csrc/cpu/<op>.cpp for CPU, csrc/cuda/ later); the
+// autograd formulas and fake kernels live in sparsekern/ops/.
+//
+// CSR convention: a logical (m, k) matrix is row_ptr (int64, m+1), col_idx
+// (int32, nnz, sorted within rows), values (nnz). The optional t_* arguments
+// carry the cached transpose (t_row_ptr (k+1), t_col_idx (nnz, int32),
+// t_perm (int64, nnz) with transpose.values = values[t_perm]) so that the
+// backward pass is a CSR product too.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import sparsekern._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparsekern, m) {
+  // out (m, n) = A (m, k) @ B (k, n), k = B.size(0).
+  m.def("spmm(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor B, "
+        "Tensor? t_row_ptr=None, Tensor? t_col_idx=None, Tensor? t_perm=None) -> Tensor");
+  // values[p] = dot(X[i, :], Y[j, :]) for the p-th nonzero (i, j); X (m, d), Y (k, d).
+  m.def("sddmm(Tensor row_ptr, Tensor col_idx, Tensor X, Tensor Y) -> Tensor");
+  // y (N, m) = x (N, k) @ W^T + bias, W the (m, k) CSR matrix.
+  m.def("sparse_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias=None, "
+        "Tensor? t_row_ptr=None, Tensor? t_col_idx=None, Tensor? t_perm=None) -> Tensor");
+  // y (N, m) = x (N, k) @ (weight * mask)^T, weight and mask (m, k).
+  m.def("masked_matmul(Tensor x, Tensor weight, Tensor mask) -> Tensor");
+  // out (m, k) = (X (m, d) @ Y (k, d)^T) * mask, exactly 0 outside the mask.
+  m.def("masked_sddmm(Tensor X, Tensor Y, Tensor mask) -> Tensor");
+  // NCHW conv2d, groups = 1, weight the CSR of (Cout, Cin, kh, kw): rows Cout, columns Cin*kh*kw.
+  m.def("sparse_conv2d(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, "
+        "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def("sparse_conv2d_backward_input(Tensor grad_out, Tensor values, Tensor row_ptr, Tensor col_idx, "
+        "int[4] input_size, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // Gradient of the weight's values (nnz) at its pattern.
+  m.def("sparse_conv2d_backward_weight(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // Indices (int64, ascending) of the k largest (or smallest) scores among candidates;
+  // ties go to the lower index.
+  m.def("topk_select(Tensor scores, int k, bool largest=True, Tensor? candidates=None) -> Tensor");
+}

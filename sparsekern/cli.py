@@ -1,0 +1,33 @@
+"""The ``sparsekern`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import ops as bench_ops
+    return bench_ops.main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsekern", description="Fast unstructured-sparse training for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="time the sparse kernels against dense PyTorch and peers")
+    bench.add_argument("--quick", action="store_true", help="fewer cases and repeats (about a minute)")
+    bench.add_argument("--cases", nargs="*", default=None,
+                       help="subset of case groups: linear conv topk (default: all)")
+    bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    bench.add_argument("--output", default=None, help="also write the markdown table to this file")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""What SparseLinear and SparseConv2d share: a CSR weight whose values are the
+trainable Parameter and whose pattern (and cached transpose) lives in buffers."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..sparse_matrix import SparseMatrix, csr_from_mask, transpose_pattern
+
+_PATTERN_BUFFERS = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
+
+
+def random_mask(shape: Sequence[int], density: float, generator: Optional[torch.Generator] = None,
+                device=None) -> torch.Tensor:
+    """A bool mask with exactly round(density * numel) True entries, drawn uniformly at random."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"random_mask: density must lie in [0, 1], got {density}")
+    numel = math.prod(shape)
+    n_keep = int(round(density * numel))
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[torch.randperm(numel, generator=generator)[:n_keep]] = True
+    return mask.reshape(tuple(shape)).to(device)
+
+
+class SparseWeightMixin:
+    """Holds the weight of dense shape ``weight_shape`` as CSR.
+
+    The subclass is an ``nn.Module`` that sets ``self.weight_shape`` and calls
+    ``self._init_sparse_weight(dense, mask)``.
+    """
+
+    weight_shape: torch.Size
+
+    def _init_sparse_weight(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
+        self.values = nn.Parameter(torch.empty(0, dtype=dense.dtype, device=dense.device))
+        for name in _PATTERN_BUFFERS:
+            self.register_buffer(name, torch.empty(0, dtype=torch.int64, device=dense.device))
+        self.set_pattern(mask, dense)
+
+    # -- the pattern --------------------------------------------------------------------
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / math.prod(self.weight_shape)
+
+    def set_pattern(self, mask: torch.Tensor, dense: Optional[torch.Tensor] = None) -> None:
+        """Replace the pattern by ``mask``; values come from ``dense`` (default: the current
+        weight, zero where newly active). Rebuilds the cached transpose."""
+        if mask.shape != self.weight_shape:
+            raise ValueError(f"{type(self).__name__}.set_pattern: mask must have shape {tuple(self.weight_shape)}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"{type(self).__name__}.set_pattern: mask must be bool, got {mask.dtype}")
+        if dense is None:
+            dense = self.dense_weight().detach()
+        m = self.weight_shape[0]
+        mask2 = mask.reshape(m, -1).to(self.values.device)
+        row_ptr, col_idx = csr_from_mask(mask2)
+        t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, mask2.shape[1])
+        with torch.no_grad():
+            values = dense.reshape(m, -1).to(self.values.device, self.values.dtype)[mask2].clone()
+        self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
+        self.row_ptr, self.col_idx = row_ptr, col_idx
+        self.t_row_ptr, self.t_col_idx, self.t_perm = t_row_ptr, t_col_idx, t_perm
+
+    def sparse_weight(self) -> SparseMatrix:
+        """The weight as a SparseMatrix sharing this module's values and cached transpose."""
+        return SparseMatrix(self.row_ptr, self.col_idx, self.values, self.weight_shape, validate=False,
+                            transpose=(self.t_row_ptr, self.t_col_idx, self.t_perm))
+
+    def dense_weight(self) -> torch.Tensor:
+        """Dense weight (zeros outside the pattern), differentiable in ``values``."""
+        return self.sparse_weight().to_dense()
+
+    def mask(self) -> torch.Tensor:
+        return self.sparse_weight().mask()
+
+    # -- state_dict: nnz may differ from the module's current size ---------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        for name in ("values",) + _PATTERN_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                current = getattr(self, name)
+                incoming = state_dict[key]
+                if current.shape != incoming.shape:
+                    resized = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+                    if name == "values":
+                        self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
+                    else:
+                        setattr(self, name, resized)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in _PATTERN_BUFFERS[:2]:
+            if prefix + name in state_dict:
+                # Validate what was loaded: a corrupt pattern must not reach the kernels.
+                self.sparse_weight()._validate()
+                break
+
+    def extra_repr_density(self) -> str:
+        return f"density={self.density:.4f}, nnz={self.nnz}"

@@ -1,0 +1,84 @@
+"""SparseConv2d: nn.Conv2d (groups = 1) with a CSR weight (rows Cout, columns Cin*kh*kw)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import sparse_conv2d
+from .base import SparseWeightMixin, random_mask
+
+
+def _same_padding(kernel_size, dilation, stride):
+    if stride != (1, 1):
+        raise ValueError("SparseConv2d: padding='same' needs stride 1, as in nn.Conv2d")
+    pads = []
+    for k, d in zip(kernel_size, dilation):
+        total = d * (k - 1)
+        if total % 2:
+            raise ValueError("SparseConv2d: padding='same' with an even effective kernel size needs asymmetric "
+                             "padding, which is not supported")
+        pads.append(total // 2)
+    return tuple(pads)
+
+
+class SparseConv2d(SparseWeightMixin, nn.Module):
+    """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", density: float = 1.0,
+                 device=None, dtype=None, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                          padding_mode, device=device, dtype=dtype)
+        self._copy_geometry(dense)
+        mask = random_mask(self.weight_shape, density, generator, device=dense.weight.device)
+        self._init_sparse_weight(dense.weight.detach(), mask)
+        self.bias = dense.bias
+
+    def _copy_geometry(self, conv: nn.Conv2d) -> None:
+        if conv.groups != 1:
+            raise ValueError(f"SparseConv2d: only groups=1 is supported, got groups={conv.groups}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"SparseConv2d: only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        self.groups, self.padding_mode = 1, "zeros"
+        if conv.padding == "same":
+            self.padding = _same_padding(conv.kernel_size, conv.dilation, conv.stride)
+        elif conv.padding == "valid":
+            self.padding = (0, 0)
+        else:
+            self.padding = tuple(conv.padding)
+        self.weight_shape = conv.weight.shape
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, mask: Optional[torch.Tensor] = None) -> "SparseConv2d":
+        """The sparse equivalent of ``module`` at ``mask`` (None = the weight's nonzeros)."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"SparseConv2d.from_dense: module must be nn.Conv2d, got {type(module).__name__}")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out._copy_geometry(module)
+        weight = module.weight.detach()
+        out._init_sparse_weight(weight, weight != 0 if mask is None else mask)
+        out.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        return out
+
+    def to_dense(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                + self.extra_repr_density())

@@ -1,0 +1,48 @@
+"""Argument checks at the op boundary: every message names the op, the argument,
+what was expected and what was received."""
+from __future__ import annotations
+
+import torch
+
+from ..sparse_matrix import SparseMatrix
+
+FLOAT_DTYPES = (torch.float32, torch.float64)
+_BACKEND_DTYPES = {"cpp": FLOAT_DTYPES}
+
+
+def tensor(op: str, name: str, t, dim=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() not in ((dim,) if isinstance(dim, int) else dim):
+        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def floating(op: str, name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def sparse(op: str, name: str, W) -> SparseMatrix:
+    if not isinstance(W, SparseMatrix):
+        raise TypeError(f"{op}: {name} must be a sparsekern.SparseMatrix, got {type(W).__name__}")
+    return W
+
+
+def same(op: str, tensors: dict) -> None:
+    """All named tensors share one dtype and one device."""
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{op}: {n} is on {t.device} but {n0} is on {t0.device}")
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{op}: {n} has dtype {t.dtype} but {n0} has {t0.dtype}")
+
+
+def backend_dtype(op: str, backend: str, name: str, t: torch.Tensor) -> None:
+    allowed = _BACKEND_DTYPES.get(backend)
+    if allowed is not None and t.dtype not in allowed:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}, which the {backend} backend does not support "
+                        f"(supported: {', '.join(str(d) for d in allowed)}; SPARSEKERN_BACKEND=reference "
+                        "runs any floating dtype)")

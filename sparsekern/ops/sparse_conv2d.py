@@ -1,0 +1,96 @@
+"""sparse_conv2d: NCHW 2-D convolution with a CSR weight (rows Cout, columns Cin*kh*kw)."""
+from typing import Optional, Tuple, Union
+
+import torch
+
+from ..sparse_matrix import SparseMatrix
+from . import _checks as check
+from .dispatch import get_backend, implementation
+
+OP = "sparse_conv2d"
+IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(p, int) for p in pair) or min(pair) < minimum:
+        raise ValueError(f"{op}: {name} must be an int or a pair of ints >= {minimum}, got {v!r}")
+    return pair
+
+
+def output_size(h: int, w: int, kernel_size, stride, padding, dilation) -> Tuple[int, int]:
+    def one(n, k, s, p, d):
+        return (n + 2 * p - d * (k - 1) - 1) // s + 1
+    return (one(h, kernel_size[0], stride[0], padding[0], dilation[0]),
+            one(w, kernel_size[1], stride[1], padding[1], dilation[1]))
+
+
+def sparse_conv2d(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor] = None, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1) -> torch.Tensor:
+    """``torch.nn.functional.conv2d(x, W.to_dense(), bias, ...)`` computed from the CSR weight."""
+    check.tensor(OP, "x", x, dim=4)
+    check.sparse(OP, "W", W)
+    check.floating(OP, "x", x)
+    if groups != 1:
+        raise ValueError(f"{OP}: only groups=1 is supported, got groups={groups}")
+    if len(W.shape) != 4:
+        raise ValueError(f"{OP}: W must have the dense shape (Cout, Cin, kh, kw), got {tuple(W.shape)}")
+    cout, cin, kh, kw = W.shape
+    if x.shape[1] != cin:
+        raise ValueError(f"{OP}: x must have {cin} channels (W has shape {tuple(W.shape)}), got {x.shape[1]}")
+    stride = _pair(OP, "stride", stride, 1)
+    padding = _pair(OP, "padding", padding, 0)
+    dilation = _pair(OP, "dilation", dilation, 1)
+    ho, wo = output_size(x.shape[2], x.shape[3], (kh, kw), stride, padding, dilation)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"{OP}: input of size {tuple(x.shape[2:])} is too small for kernel {(kh, kw)} with "
+                         f"padding {padding} and dilation {dilation}")
+    if bias is not None:
+        check.tensor(OP, "bias", bias, dim=1)
+        if bias.shape[0] != cout:
+            raise ValueError(f"{OP}: bias must have {cout} entries (W has {cout} output channels), got {bias.shape[0]}")
+    check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
+    backend = get_backend(OP, x.device)
+    check.backend_dtype(OP, backend, "x", x)
+    return implementation(OP, x.device)(x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias,
+                                        list(stride), list(padding), list(dilation))
+
+
+def _fake(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation):
+    ho, wo = output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, ho, wo))
+
+
+def _fake_backward_input(grad_out, values, row_ptr, col_idx, input_size, kernel_size, stride, padding, dilation):
+    return grad_out.new_empty(tuple(input_size))
+
+
+def _fake_backward_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation):
+    return x.new_empty((col_idx.shape[0],))
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, values, row_ptr, col_idx)
+    ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
+    ctx.input_size = list(x.shape)
+
+
+def _backward(ctx, grad):
+    x, values, row_ptr, col_idx = ctx.saved_tensors
+    d_x = d_values = d_bias = None
+    if ctx.needs_input_grad[0]:
+        d_x = torch.ops.sparsekern.sparse_conv2d_backward_input(grad, values, row_ptr, col_idx, ctx.input_size,
+                                                                *ctx.geometry)
+    if ctx.needs_input_grad[1]:
+        d_values = torch.ops.sparsekern.sparse_conv2d_backward_weight(grad, x, row_ptr, col_idx, *ctx.geometry)
+    if ctx.needs_input_grad[5]:
+        d_bias = grad.sum((0, 2, 3))
+    return d_x, d_values, None, None, None, d_bias, None, None, None
+
+
+def register():
+    torch.library.register_fake("sparsekern::sparse_conv2d")(_fake)
+    torch.library.register_fake("sparsekern::sparse_conv2d_backward_input")(_fake_backward_input)
+    torch.library.register_fake("sparsekern::sparse_conv2d_backward_weight")(_fake_backward_weight)
+    torch.library.register_autograd("sparsekern::sparse_conv2d", _backward, setup_context=_setup_context)

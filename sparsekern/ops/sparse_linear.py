@@ -1,0 +1,63 @@
+"""sparse_linear: y = x @ W^T + bias with W a CSR (m, k) matrix."""
+from typing import Optional
+
+import torch
+
+from ..sparse_matrix import SparseMatrix
+from . import _checks as check
+from .dispatch import get_backend, implementation
+
+OP = "sparse_linear"
+
+
+def sparse_linear(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W^T + bias`` for x of shape (..., k); differentiable in x, W.values and bias."""
+    check.tensor(OP, "x", x)
+    check.sparse(OP, "W", W)
+    check.floating(OP, "x", x)
+    if len(W.shape) != 2:
+        raise ValueError(f"{OP}: W must be a 2-D (out_features, in_features) matrix, got shape {tuple(W.shape)}")
+    if x.dim() < 1 or x.shape[-1] != W.k:
+        raise ValueError(f"{OP}: x must have last dim {W.k} (W has {W.k} columns), got shape {tuple(x.shape)}")
+    if bias is not None:
+        check.tensor(OP, "bias", bias, dim=1)
+        if bias.shape[0] != W.m:
+            raise ValueError(f"{OP}: bias must have {W.m} entries (W has {W.m} rows), got {bias.shape[0]}")
+    check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
+    backend = get_backend(OP, x.device)
+    check.backend_dtype(OP, backend, "x", x)
+    needs_transpose = torch.is_grad_enabled() and x.requires_grad
+    t = W.transpose_pattern() if needs_transpose else (None, None, None)
+    x2 = x.reshape(-1, W.k)
+    y = implementation(OP, x.device)(x2, W.values, W.row_ptr, W.col_idx, bias, *t)
+    return y.reshape(*x.shape[:-1], W.m)
+
+
+def _fake(x, values, row_ptr, col_idx, bias=None, t_row_ptr=None, t_col_idx=None, t_perm=None):
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+
+def _setup_context(ctx, inputs, output):
+    x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm = inputs
+    ctx.save_for_backward(x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+
+
+def _backward(ctx, grad):
+    x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = ctx.saved_tensors
+    d_x = d_values = d_bias = None
+    if ctx.needs_input_grad[0]:
+        if t_perm is None:
+            raise RuntimeError(f"{OP}: the gradient of x needs W's transpose; call sparsekern.ops.sparse_linear, "
+                               "which passes the cached transpose")
+        # dx = dy @ W = dy @ (W^T)^T: the same kernel over the transpose.
+        d_x = torch.ops.sparsekern.sparse_linear(grad, values[t_perm], t_row_ptr, t_col_idx)
+    if ctx.needs_input_grad[1]:
+        d_values = torch.ops.sparsekern.sddmm(row_ptr, col_idx, grad.t(), x.t())
+    if ctx.needs_input_grad[4]:
+        d_bias = grad.sum(0)
+    return d_x, d_values, None, None, d_bias, None, None, None
+
+
+def register():
+    torch.library.register_fake("sparsekern::sparse_linear")(_fake)
+    torch.library.register_autograd("sparsekern::sparse_linear", _backward, setup_context=_setup_context)

@@ -1,0 +1,65 @@
+"""Pure-PyTorch oracle for every op: slow, obviously right, differentiable by torch autograd.
+
+Signatures mirror the op schemas in csrc/ops.cpp (tensors, not SparseMatrix), so
+each backend is tested against exactly the same call.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def csr_to_dense(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    m = row_ptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(m, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1])
+    dense = torch.zeros(m, n_cols, dtype=values.dtype, device=values.device)
+    return dense.index_put((rows, col_idx.long()), values)
+
+
+def _rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    m = row_ptr.numel() - 1
+    return torch.repeat_interleave(torch.arange(m, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1])
+
+
+def spmm(values, row_ptr, col_idx, B, t_row_ptr=None, t_col_idx=None, t_perm=None):
+    return csr_to_dense(values, row_ptr, col_idx, B.shape[0]) @ B
+
+
+def sddmm(row_ptr, col_idx, X, Y):
+    return (X[_rows(row_ptr)] * Y[col_idx.long()]).sum(-1)
+
+
+def sparse_linear(x, values, row_ptr, col_idx, bias=None, t_row_ptr=None, t_col_idx=None, t_perm=None):
+    y = x @ csr_to_dense(values, row_ptr, col_idx, x.shape[-1]).t()
+    return y if bias is None else y + bias
+
+
+def masked_matmul(x, weight, mask):
+    return x @ torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)).t()
+
+
+def masked_sddmm(X, Y, mask):
+    return torch.where(mask, X @ Y.t(), torch.zeros((), dtype=X.dtype, device=X.device))
+
+
+def sparse_conv2d(x, values, row_ptr, col_idx, kernel_size: Sequence[int], bias: Optional[torch.Tensor],
+                  stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    kh, kw = kernel_size
+    cin = x.shape[1]
+    w = csr_to_dense(values, row_ptr, col_idx, cin * kh * kw).reshape(-1, cin, kh, kw)
+    return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def topk_select(scores: torch.Tensor, k: int, largest: bool = True, candidates: Optional[torch.Tensor] = None):
+    if bool(torch.isnan(scores if candidates is None else scores[candidates]).any()):
+        raise ValueError("topk_select: scores contains NaN")
+    idx = torch.arange(scores.numel(), device=scores.device)
+    if candidates is not None:
+        idx = idx[candidates]
+    vals = scores[idx]
+    # +0.0 and -0.0 tie; a stable sort on the (negated) values breaks ties by lower index.
+    vals = vals + 0.0
+    order = torch.sort(-vals if largest else vals, stable=True).indices[:k]
+    return torch.sort(idx[order]).values
