@@ -7,7 +7,8 @@ import sys
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import ops as bench_ops
-    return bench_ops.main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads)
+    return bench_ops.main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads,
+                          sizes=args.sizes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,10 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the sparse kernels against dense PyTorch and peers")
     bench.add_argument("--quick", action="store_true", help="fewer cases and repeats (about a minute)")
-    bench.add_argument("--cases", nargs="*", default=None,
+    bench.add_argument("--cases", nargs="*", default=None, choices=("linear", "conv", "topk"),
                        help="subset of case groups: linear conv topk (default: all)")
     bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     bench.add_argument("--output", default=None, help="also write the markdown table to this file")
+    bench.add_argument("--sizes", choices=("full", "tiny"), default="full",
+                       help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the issue's shapes)")
     bench.set_defaults(func=_bench)
     return parser
 

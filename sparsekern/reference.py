@@ -48,7 +48,7 @@ def sparse_conv2d(x, values, row_ptr, col_idx, kernel_size: Sequence[int], bias:
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
     kh, kw = kernel_size
     cin = x.shape[1]
-    w = csr_to_dense(values, row_ptr, col_idx, cin * kh * kw).reshape(-1, cin, kh, kw)
+    w = csr_to_dense(values, row_ptr, col_idx, cin * kh * kw).reshape(row_ptr.numel() - 1, cin, kh, kw)
     return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 

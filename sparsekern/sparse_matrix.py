@@ -81,9 +81,10 @@ class SparseMatrix:
         elif mask.device != dense.device:
             raise ValueError(f"SparseMatrix.from_dense: mask is on {mask.device}, dense on {dense.device}")
         m = dense.shape[0]
-        mask2 = mask.reshape(m, -1) if dense.dim() > 1 else mask.reshape(m, 1)
+        k = math.prod(dense.shape[1:])  # explicit: reshape(m, -1) is ambiguous when m == 0
+        mask2 = mask.reshape(m, k)
         row_ptr, col_idx = csr_from_mask(mask2)
-        values = dense.reshape(m, -1)[mask2].detach().clone() if dense.dim() > 1 else dense[mask].detach().clone()
+        values = dense.reshape(m, k)[mask2].detach().clone()
         return cls(row_ptr, col_idx, values, dense.shape, validate=False)
 
     # -- properties ---------------------------------------------------------------------

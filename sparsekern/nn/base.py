@@ -59,15 +59,49 @@ class SparseWeightMixin:
             raise ValueError(f"{type(self).__name__}.set_pattern: mask must be bool, got {mask.dtype}")
         if dense is None:
             dense = self.dense_weight().detach()
-        m = self.weight_shape[0]
-        mask2 = mask.reshape(m, -1).to(self.values.device)
+        m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])  # not -1: ambiguous when m == 0
+        mask2 = mask.reshape(m, k).to(self.values.device)
         row_ptr, col_idx = csr_from_mask(mask2)
         t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, mask2.shape[1])
         with torch.no_grad():
-            values = dense.reshape(m, -1).to(self.values.device, self.values.dtype)[mask2].clone()
+            values = dense.reshape(m, k).to(self.values.device, self.values.dtype)[mask2].clone()
         self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
         self.row_ptr, self.col_idx = row_ptr, col_idx
         self.t_row_ptr, self.t_col_idx, self.t_perm = t_row_ptr, t_col_idx, t_perm
+
+    def update_pattern_(self, mask: torch.Tensor, values: torch.Tensor) -> None:
+        """Replace the pattern by ``mask`` in place (dynamic sparse training).
+
+        ``values`` are the new nonzeros in row-major order. At an unchanged nnz they are written into
+        the existing ``values`` Parameter and the pattern buffers are overwritten in place, so an
+        optimizer or DDP holding these tensors stays valid. If nnz changed, ``values`` becomes a new
+        Parameter (resizing a leaf in place breaks autograd graphs still alive) and whoever holds the
+        old one must be re-pointed (``sparsekern.dst.remap_optimizer_state``). The gradient of the old
+        pattern means nothing in the new one: it is dropped.
+        """
+        if mask.shape != self.weight_shape or mask.dtype != torch.bool:
+            raise ValueError(f"{type(self).__name__}.update_pattern_: mask must be bool of shape "
+                             f"{tuple(self.weight_shape)}, got {mask.dtype} of shape {tuple(mask.shape)}")
+        m = self.weight_shape[0]
+        mask2 = mask.reshape(m, -1).to(self.values.device)
+        row_ptr, col_idx = csr_from_mask(mask2)
+        if values.shape != col_idx.shape:
+            raise ValueError(f"{type(self).__name__}.update_pattern_: values must have shape ({col_idx.numel()},) "
+                             f"(the mask's nnz), got {tuple(values.shape)}")
+        pattern = (row_ptr, col_idx) + transpose_pattern(row_ptr, col_idx, mask2.shape[1])
+        with torch.no_grad():
+            for name, new in zip(_PATTERN_BUFFERS, pattern):
+                old = getattr(self, name)
+                if old.shape == new.shape and old.dtype == new.dtype:
+                    old.copy_(new)
+                else:
+                    setattr(self, name, new)
+            values = values.to(self.values.device, self.values.dtype)
+            if self.values.shape == values.shape:
+                self.values.copy_(values)
+                self.values.grad = None
+            else:
+                self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
 
     def sparse_weight(self) -> SparseMatrix:
         """The weight as a SparseMatrix sharing this module's values and cached transpose."""
@@ -92,7 +126,9 @@ class SparseWeightMixin:
                 if current.shape != incoming.shape:
                     resized = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
                     if name == "values":
-                        self.values = nn.Parameter(resized, requires_grad=current.requires_grad)
+                        # Keep the Parameter object: an optimizer built before loading holds it.
+                        self.values.data = resized
+                        self.values.grad = None
                     else:
                         setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -1,4 +1,6 @@
 """masked_matmul: y = x @ (weight * mask)^T for a dense weight and a bool mask."""
+import math
+
 import torch
 
 from . import _checks as check
@@ -25,7 +27,8 @@ def masked_matmul(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> 
     check.same(OP, {"x": x, "weight": weight})
     backend = get_backend(OP, x.device)
     check.backend_dtype(OP, backend, "x", x)
-    y = implementation(OP, x.device)(x.reshape(-1, x.shape[-1]), weight, mask)
+    # not reshape(-1, k): ambiguous when k == 0
+    y = implementation(OP, x.device)(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, mask)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -35,6 +38,7 @@ def masked_sddmm(X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor) -> torch.
     check.tensor(op, "X", X, dim=2)
     check.tensor(op, "Y", Y, dim=2)
     check.tensor(op, "mask", mask, dim=2)
+    check.floating(op, "X", X)
     if mask.dtype != torch.bool:
         raise TypeError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != (X.shape[0], Y.shape[0]):

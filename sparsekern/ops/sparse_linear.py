@@ -1,4 +1,5 @@
 """sparse_linear: y = x @ W^T + bias with W a CSR (m, k) matrix."""
+import math
 from typing import Optional
 
 import torch
@@ -28,7 +29,7 @@ def sparse_linear(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     check.backend_dtype(OP, backend, "x", x)
     needs_transpose = torch.is_grad_enabled() and x.requires_grad
     t = W.transpose_pattern() if needs_transpose else (None, None, None)
-    x2 = x.reshape(-1, W.k)
+    x2 = x.reshape(math.prod(x.shape[:-1]), W.k)  # not -1: ambiguous when W.k == 0
     y = implementation(OP, x.device)(x2, W.values, W.row_ptr, W.col_idx, bias, *t)
     return y.reshape(*x.shape[:-1], W.m)
 

@@ -1,0 +1,714 @@
+// The CSR tile engine: see csr_engine.h for the design.
+#include "cpu/csr_engine.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+
+// The kernels below are written with explicit mul+add on GCC vectors; allow the
+// compiler to fuse them into FMAs (ISO -std=c++17 otherwise turns contraction off).
+#pragma GCC optimize("fp-contract=fast")
+
+namespace sparsekern {
+namespace csr {
+namespace {
+
+// ---------------------------------------------------------------------------
+// 32-byte GCC vectors: one AVX2 register (two SSE registers in the baseline clone).
+typedef float vf __attribute__((vector_size(32)));
+typedef float vfu __attribute__((vector_size(32), aligned(4), __may_alias__));
+typedef double vd __attribute__((vector_size(32)));
+typedef double vdu __attribute__((vector_size(32), aligned(8), __may_alias__));
+typedef int32_t vi32 __attribute__((vector_size(32)));
+typedef int64_t vi64 __attribute__((vector_size(32)));
+
+template <typename S> struct Vec;
+template <> struct Vec<float> {
+  using v = vf;
+  using vu = vfu;
+  static constexpr int L = 8;
+};
+template <> struct Vec<double> {
+  using v = vd;
+  using vu = vdu;
+  static constexpr int L = 4;
+};
+
+template <typename S> SK_INLINE typename Vec<S>::v vload(const S* p) { return *(const typename Vec<S>::vu*)p; }
+template <typename S> SK_INLINE void vstore(S* p, typename Vec<S>::v x) { *(typename Vec<S>::vu*)p = x; }
+template <typename S> SK_INLINE typename Vec<S>::v vbcast(S s) { return typename Vec<S>::v{} + s; }
+
+// dst[r * ldd + c] = src[c * lds + r] for an L x L block (register transpose).
+SK_INLINE void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  const vf r0 = vload(src), r1 = vload(src + lds), r2 = vload(src + 2 * lds), r3 = vload(src + 3 * lds);
+  const vf r4 = vload(src + 4 * lds), r5 = vload(src + 5 * lds), r6 = vload(src + 6 * lds), r7 = vload(src + 7 * lds);
+  const vi32 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const vf t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
+  const vf t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
+  const vf t4 = __builtin_shuffle(r4, r5, lo), t5 = __builtin_shuffle(r4, r5, hi);
+  const vf t6 = __builtin_shuffle(r6, r7, lo), t7 = __builtin_shuffle(r6, r7, hi);
+  const vi32 a = {0, 1, 8, 9, 4, 5, 12, 13}, b = {2, 3, 10, 11, 6, 7, 14, 15};
+  const vf u0 = __builtin_shuffle(t0, t2, a), u1 = __builtin_shuffle(t0, t2, b);
+  const vf u2 = __builtin_shuffle(t1, t3, a), u3 = __builtin_shuffle(t1, t3, b);
+  const vf u4 = __builtin_shuffle(t4, t6, a), u5 = __builtin_shuffle(t4, t6, b);
+  const vf u6 = __builtin_shuffle(t5, t7, a), u7 = __builtin_shuffle(t5, t7, b);
+  const vi32 l = {0, 1, 2, 3, 8, 9, 10, 11}, h = {4, 5, 6, 7, 12, 13, 14, 15};
+  vstore(dst, __builtin_shuffle(u0, u4, l));
+  vstore(dst + ldd, __builtin_shuffle(u1, u5, l));
+  vstore(dst + 2 * ldd, __builtin_shuffle(u2, u6, l));
+  vstore(dst + 3 * ldd, __builtin_shuffle(u3, u7, l));
+  vstore(dst + 4 * ldd, __builtin_shuffle(u0, u4, h));
+  vstore(dst + 5 * ldd, __builtin_shuffle(u1, u5, h));
+  vstore(dst + 6 * ldd, __builtin_shuffle(u2, u6, h));
+  vstore(dst + 7 * ldd, __builtin_shuffle(u3, u7, h));
+}
+SK_INLINE void transpose_block(const double* src, int64_t lds, double* dst, int64_t ldd) {
+  const vd r0 = vload(src), r1 = vload(src + lds), r2 = vload(src + 2 * lds), r3 = vload(src + 3 * lds);
+  const vi64 lo = {0, 4, 2, 6}, hi = {1, 5, 3, 7};
+  const vd t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
+  const vd t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
+  const vi64 l = {0, 1, 4, 5}, h = {2, 3, 6, 7};
+  vstore(dst, __builtin_shuffle(t0, t2, l));
+  vstore(dst + ldd, __builtin_shuffle(t1, t3, l));
+  vstore(dst + 2 * ldd, __builtin_shuffle(t0, t2, h));
+  vstore(dst + 3 * ldd, __builtin_shuffle(t1, t3, h));
+}
+
+// Horizontal sums of L accumulators: result[q] = sum of the lanes of a[q].
+SK_INLINE vf reduce_lanes(const vf* a) {
+  const vi32 e = {0, 8, 2, 10, 4, 12, 6, 14}, o = {1, 9, 3, 11, 5, 13, 7, 15};
+  const vf x = __builtin_shuffle(a[0], a[1], e) + __builtin_shuffle(a[0], a[1], o);
+  const vf y = __builtin_shuffle(a[2], a[3], e) + __builtin_shuffle(a[2], a[3], o);
+  const vf z = __builtin_shuffle(a[4], a[5], e) + __builtin_shuffle(a[4], a[5], o);
+  const vf w = __builtin_shuffle(a[6], a[7], e) + __builtin_shuffle(a[6], a[7], o);
+  const vi32 p = {0, 1, 8, 9, 4, 5, 12, 13}, q = {2, 3, 10, 11, 6, 7, 14, 15};
+  const vf u = __builtin_shuffle(x, y, p) + __builtin_shuffle(x, y, q);
+  const vf v = __builtin_shuffle(z, w, p) + __builtin_shuffle(z, w, q);
+  const vi32 l = {0, 1, 2, 3, 8, 9, 10, 11}, h = {4, 5, 6, 7, 12, 13, 14, 15};
+  return __builtin_shuffle(u, v, l) + __builtin_shuffle(u, v, h);
+}
+SK_INLINE vd reduce_lanes(const vd* a) {
+  const vi64 e = {0, 4, 2, 6}, o = {1, 5, 3, 7};
+  const vd x = __builtin_shuffle(a[0], a[1], e) + __builtin_shuffle(a[0], a[1], o);
+  const vd y = __builtin_shuffle(a[2], a[3], e) + __builtin_shuffle(a[2], a[3], o);
+  const vi64 l = {0, 1, 4, 5}, h = {2, 3, 6, 7};
+  return __builtin_shuffle(x, y, l) + __builtin_shuffle(x, y, h);
+}
+
+// ---------------------------------------------------------------------------
+// Packing: dst (rows j0..j1 of a k x T tile) = src[j, b0 + c] for c < nc, 0 for nc <= c < T.
+// src is a strided (rows, cols) view: element (j, c) at base[j * s0 + c * s1].
+template <typename S>
+SK_INLINE void pack_impl(S* dst, int64_t T, const S* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
+                         int64_t b0, int64_t nc) {
+  constexpr int L = Vec<S>::L;
+  if (s1 == 1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const S* s = base + j * s0 + b0;
+      S* d = dst + j * T;
+      int64_t c = 0;
+      for (; c + L <= nc; c += L) vstore(d + c, vload(s + c));
+      for (; c < nc; ++c) d[c] = s[c];
+      for (; c < T; ++c) d[c] = S(0);
+    }
+    return;
+  }
+  if (s0 == 1) {
+    // Column-major source: L x L register transposes; rows of src are read contiguously.
+    const int64_t cfull = nc / L * L;
+    int64_t j = j0;
+    for (; j + L <= j1; j += L) {
+      for (int64_t c = 0; c < cfull; c += L) transpose_block(base + j + (b0 + c) * s1, s1, dst + j * T + c, T);
+      for (int64_t r = 0; r < L; ++r) {
+        S* d = dst + (j + r) * T;
+        for (int64_t c = cfull; c < nc; ++c) d[c] = base[(j + r) + (b0 + c) * s1];
+        for (int64_t c = nc; c < T; ++c) d[c] = S(0);
+      }
+    }
+    for (; j < j1; ++j) {
+      S* d = dst + j * T;
+      for (int64_t c = 0; c < nc; ++c) d[c] = base[j + (b0 + c) * s1];
+      for (int64_t c = nc; c < T; ++c) d[c] = S(0);
+    }
+    return;
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    S* d = dst + j * T;
+    for (int64_t c = 0; c < nc; ++c) d[c] = base[j * s0 + (b0 + c) * s1];
+    for (int64_t c = nc; c < T; ++c) d[c] = S(0);
+  }
+}
+
+SK_CLONES void pack_f32(float* dst, int64_t T, const float* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
+                        int64_t b0, int64_t nc) {
+  pack_impl<float>(dst, T, base, s0, s1, j0, j1, b0, nc);
+}
+SK_CLONES void pack_f64(double* dst, int64_t T, const double* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
+                        int64_t b0, int64_t nc) {
+  pack_impl<double>(dst, T, base, s0, s1, j0, j1, b0, nc);
+}
+inline void pack(float* d, int64_t T, const float* b, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+                 int64_t nc) {
+  pack_f32(d, T, b, s0, s1, j0, j1, b0, nc);
+}
+inline void pack(double* d, int64_t T, const double* b, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+                 int64_t nc) {
+  pack_f64(d, T, b, s0, s1, j0, j1, b0, nc);
+}
+
+// ---------------------------------------------------------------------------
+// SpMM core: rows r0..r1 of out[:, b0:b0+nc] from one packed tile Bp (k x T).
+template <typename S> struct SpmmJob {
+  const S* vals;
+  const int64_t* rp;
+  const int32_t* ci;
+  const S* Bp;  // packed tile, k x T
+  S* out;
+  int64_t os0, os1;
+  int64_t b0, nc;
+  const S* bias;  // per row, or nullptr
+};
+
+// Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
+template <typename S, int T>
+SK_INLINE void store_group(const SpmmJob<S>& J, const S* buf, int64_t g0, int64_t rows) {
+  constexpr int L = Vec<S>::L;
+  const int64_t nc = J.nc;
+  if (J.os1 == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      S* o = J.out + (g0 + r) * J.os0 + J.b0;
+      const S* s = buf + r * T;
+      if (nc == T) {
+        for (int q = 0; q < T; q += L) vstore(o + q, vload(s + q));
+      } else {
+        for (int64_t c = 0; c < nc; ++c) o[c] = s[c];
+      }
+    }
+  } else if (J.os0 == 1 && rows == L) {
+    S* o = J.out + g0 + J.b0 * J.os1;
+    const int64_t cfull = nc / L * L;
+    for (int64_t c = 0; c < cfull; c += L) transpose_block(buf + c, T, o + c * J.os1, J.os1);
+    for (int64_t c = cfull; c < nc; ++c)
+      for (int r = 0; r < L; ++r) o[c * J.os1 + r] = buf[r * T + c];
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < nc; ++c) J.out[(g0 + r) * J.os0 + (J.b0 + c) * J.os1] = buf[r * T + c];
+  }
+}
+
+template <typename S, int NV>
+SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
+  using v = typename Vec<S>::v;
+  constexpr int L = Vec<S>::L, T = NV * L;
+  // Independent accumulator sets so that FMA latency is hidden (8 chains in flight).
+  constexpr int SETS = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
+  alignas(64) S buf[L * T];
+  const S* __restrict vals = J.vals;
+  const int32_t* __restrict ci = J.ci;
+  const S* __restrict Bp = J.Bp;
+  for (int64_t g0 = r0; g0 < r1; g0 += L) {
+    const int64_t rows = std::min<int64_t>(L, r1 - g0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = g0 + r;
+      v acc[SETS][NV];
+      const v init = vbcast<S>(J.bias ? J.bias[i] : S(0));
+      for (int q = 0; q < NV; ++q) acc[0][q] = init;
+      for (int s = 1; s < SETS; ++s)
+        for (int q = 0; q < NV; ++q) acc[s][q] = v{};
+      int64_t p = J.rp[i];
+      const int64_t e = J.rp[i + 1];
+      for (; p + SETS <= e; p += SETS) {
+        for (int s = 0; s < SETS; ++s) {
+          const v w = vbcast<S>(vals[p + s]);
+          const S* b = Bp + (int64_t)ci[p + s] * T;
+          for (int q = 0; q < NV; ++q) acc[s][q] += w * vload(b + q * L);
+        }
+      }
+      for (; p < e; ++p) {
+        const v w = vbcast<S>(vals[p]);
+        const S* b = Bp + (int64_t)ci[p] * T;
+        for (int q = 0; q < NV; ++q) acc[0][q] += w * vload(b + q * L);
+      }
+      for (int s = 1; s < SETS; ++s)
+        for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
+      for (int q = 0; q < NV; ++q) *(v*)(buf + r * T + q * L) = acc[0][q];
+    }
+    store_group<S, T>(J, buf, g0, rows);
+  }
+}
+
+#define SK_SPMM_CLONE(S, NAME, NV) \
+  SK_CLONES void spmm_rows_##NAME##_##NV(const SpmmJob<S>& J, int64_t r0, int64_t r1) { spmm_rows_impl<S, NV>(J, r0, r1); }
+SK_SPMM_CLONE(float, f32, 1)
+SK_SPMM_CLONE(float, f32, 2)
+SK_SPMM_CLONE(float, f32, 4)
+SK_SPMM_CLONE(float, f32, 8)
+SK_SPMM_CLONE(double, f64, 1)
+SK_SPMM_CLONE(double, f64, 2)
+SK_SPMM_CLONE(double, f64, 4)
+SK_SPMM_CLONE(double, f64, 8)
+
+inline void spmm_rows(int NV, const SpmmJob<float>& J, int64_t r0, int64_t r1) {
+  switch (NV) {
+    case 1: return spmm_rows_f32_1(J, r0, r1);
+    case 2: return spmm_rows_f32_2(J, r0, r1);
+    case 4: return spmm_rows_f32_4(J, r0, r1);
+    default: return spmm_rows_f32_8(J, r0, r1);
+  }
+}
+inline void spmm_rows(int NV, const SpmmJob<double>& J, int64_t r0, int64_t r1) {
+  switch (NV) {
+    case 1: return spmm_rows_f64_1(J, r0, r1);
+    case 2: return spmm_rows_f64_2(J, r0, r1);
+    case 4: return spmm_rows_f64_4(J, r0, r1);
+    default: return spmm_rows_f64_8(J, r0, r1);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).
+template <typename S> struct SddmmJob {
+  const int64_t* rp;
+  const int32_t* ci;
+  const S* X;
+  int64_t xs0, xs1;
+  const S* Yp;
+  int64_t b0, nc;
+  S* vals;
+  bool first;  // first tile: store, else accumulate
+};
+
+template <typename S, int NV>
+SK_INLINE void sddmm_chunk(const typename Vec<S>::v* x, const S* __restrict Yp, const int32_t* j, int cnt, S* out,
+                           bool first) {
+  using v = typename Vec<S>::v;
+  constexpr int L = Vec<S>::L, T = NV * L;
+  v acc[L];
+  for (int q = 0; q < L; ++q) {
+    const S* y = Yp + (int64_t)j[q < cnt ? q : cnt - 1] * T;
+    acc[q] = x[0] * vload(y);
+    for (int u = 1; u < NV; ++u) acc[q] += x[u] * vload(y + u * L);
+  }
+  const v s = reduce_lanes(acc);
+  if (cnt == L) {
+    vstore(out, first ? s : vload(out) + s);
+  } else {
+    for (int q = 0; q < cnt; ++q) out[q] = first ? s[q] : out[q] + s[q];
+  }
+}
+
+template <typename S, int NV>
+SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
+  using v = typename Vec<S>::v;
+  constexpr int L = Vec<S>::L, T = NV * L;
+  alignas(64) S buf[L * T];
+  const bool direct = J.xs1 == 1 && J.nc == T;
+  const int32_t* __restrict ci = J.ci;
+  for (int64_t g0 = r0; g0 < r1; g0 += L) {
+    const int64_t rows = std::min<int64_t>(L, r1 - g0);
+    if (!direct) {
+      // Gather X[g0:g0+rows, b0:b0+nc] into buf (zero-padded to T columns).
+      const int64_t nc = J.nc;
+      if (J.xs0 == 1 && rows == L) {
+        const int64_t cfull = nc / L * L;
+        const S* src = J.X + g0 + J.b0 * J.xs1;
+        for (int64_t c = 0; c < cfull; c += L) transpose_block(src + c * J.xs1, J.xs1, buf + c, T);
+        for (int r = 0; r < L; ++r)
+          for (int64_t c = cfull; c < T; ++c) buf[r * T + c] = c < nc ? src[r + c * J.xs1] : S(0);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < T; ++c)
+            buf[r * T + c] = c < nc ? J.X[(g0 + r) * J.xs0 + (J.b0 + c) * J.xs1] : S(0);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = g0 + r;
+      const S* xr = direct ? J.X + i * J.xs0 + J.b0 : buf + r * T;
+      v x[NV];
+      for (int u = 0; u < NV; ++u) x[u] = vload(xr + u * L);
+      int64_t p = J.rp[i];
+      const int64_t e = J.rp[i + 1];
+      for (; p + L <= e; p += L) sddmm_chunk<S, NV>(x, J.Yp, ci + p, L, J.vals + p, J.first);
+      if (p < e) sddmm_chunk<S, NV>(x, J.Yp, ci + p, (int)(e - p), J.vals + p, J.first);
+    }
+  }
+}
+
+#define SK_SDDMM_CLONE(S, NAME, NV)                                                      \
+  SK_CLONES void sddmm_rows_##NAME##_##NV(const SddmmJob<S>& J, int64_t r0, int64_t r1) { \
+    sddmm_rows_impl<S, NV>(J, r0, r1);                                                   \
+  }
+SK_SDDMM_CLONE(float, f32, 1)
+SK_SDDMM_CLONE(float, f32, 2)
+SK_SDDMM_CLONE(float, f32, 4)
+SK_SDDMM_CLONE(float, f32, 8)
+SK_SDDMM_CLONE(double, f64, 1)
+SK_SDDMM_CLONE(double, f64, 2)
+SK_SDDMM_CLONE(double, f64, 4)
+SK_SDDMM_CLONE(double, f64, 8)
+
+inline void sddmm_rows(int NV, const SddmmJob<float>& J, int64_t r0, int64_t r1) {
+  switch (NV) {
+    case 1: return sddmm_rows_f32_1(J, r0, r1);
+    case 2: return sddmm_rows_f32_2(J, r0, r1);
+    case 4: return sddmm_rows_f32_4(J, r0, r1);
+    default: return sddmm_rows_f32_8(J, r0, r1);
+  }
+}
+inline void sddmm_rows(int NV, const SddmmJob<double>& J, int64_t r0, int64_t r1) {
+  switch (NV) {
+    case 1: return sddmm_rows_f64_1(J, r0, r1);
+    case 2: return sddmm_rows_f64_2(J, r0, r1);
+    case 4: return sddmm_rows_f64_4(J, r0, r1);
+    default: return sddmm_rows_f64_8(J, r0, r1);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers shared by both cores.
+
+// Tile width in 32-byte vectors for a batch of n columns: 128-byte tiles (a k x T tile of
+// a 4096-column weight is 512 KB, the L2 of a Zen3 core), narrower for small batches.
+int tile_vectors(int64_t n, int64_t elem_size) {
+  static const int def = [] {
+    const char* s = std::getenv("SPARSEKERN_TILE_VECTORS");  // tuning knob (1, 2, 4, 8)
+    const int v = s ? std::atoi(s) : 4;
+    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 4;
+  }();
+  const int64_t bytes = n * elem_size;
+  if (bytes <= 32) return 1;
+  if (bytes <= 64 && def >= 2) return 2;
+  return def;
+}
+
+// Row boundaries of `parts` ranges of about equal cost (nnz + row_cost per row),
+// aligned to `align` rows.
+std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align) {
+  std::vector<int64_t> b(parts + 1, 0);
+  b[parts] = m;
+  const double total = double(rp[m] - rp[0]) + double(row_cost) * m;
+  for (int64_t t = 1; t < parts; ++t) {
+    const double target = total * t / parts;
+    int64_t lo = 0, hi = m;  // first row i with cost(i) >= target
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (double(rp[mid] - rp[0]) + double(row_cost) * mid < target) lo = mid + 1; else hi = mid;
+    }
+    int64_t r = (lo + align / 2) / align * align;
+    b[t] = std::min(m, std::max(b[t - 1], r));
+  }
+  return b;
+}
+
+int64_t num_parts(int64_t m, int64_t align) {
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(threads, (m + align - 1) / align));
+}
+
+template <typename S>
+void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+                const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+  constexpr int L = Vec<S>::L;
+  const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = B.size(1);
+  if (m == 0 || n == 0) return;
+  S* o = out.data_ptr<S>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  at::Tensor bias_c;
+  const S* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->contiguous();
+    bp = bias_c.data_ptr<S>();
+  }
+  const int64_t nnz = col_idx.numel();
+  if (nnz == 0 || k == 0) {
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const S val = bp ? bp[i] : S(0);
+        for (int64_t c = 0; c < n; ++c) o[i * os0 + c * os1] = val;
+      }
+    });
+    return;
+  }
+  const int NV = tile_vectors(n, sizeof(S));
+  const int64_t T = NV * L;
+  const int64_t ntiles = (n + T - 1) / T;
+  at::Tensor Bp = at::empty({ntiles * k * T}, B.options().memory_format(c10::MemoryFormat::Contiguous));
+  S* bpk = Bp.data_ptr<S>();
+  const S* bsrc = B.data_ptr<S>();
+  const int64_t bs0 = B.stride(0), bs1 = B.stride(1);
+  const int64_t KC = 256;  // rows per packing job
+  const int64_t kchunks = (k + KC - 1) / KC;
+  at::parallel_for(0, ntiles * kchunks, 1, [&](int64_t a, int64_t z) {
+    for (int64_t w = a; w < z; ++w) {
+      const int64_t t = w / kchunks, j0 = (w % kchunks) * KC, j1 = std::min(k, j0 + KC);
+      pack(bpk + t * k * T, T, bsrc, bs0, bs1, j0, j1, t * T, std::min(T, n - t * T));
+    }
+  });
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const S* vals = values.data_ptr<S>();
+  const int64_t align = 2 * L;
+  const int64_t parts = num_parts(m, align);
+  const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
+  auto run = [&](int64_t part) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const SpmmJob<S> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp};
+      spmm_rows(NV, J, bounds[part], bounds[part + 1]);
+    }
+  };
+  if (parts == 1) {
+    run(0);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t a, int64_t z) {
+      for (int64_t part = a; part < z; ++part) run(part);
+    });
+  }
+}
+
+template <typename S>
+void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+                 const at::Tensor& vals_t) {
+  constexpr int L = Vec<S>::L;
+  const int64_t m = row_ptr.numel() - 1, k = Y.size(0), d = X.size(1);
+  const int64_t nnz = col_idx.numel();
+  S* vals = vals_t.data_ptr<S>();
+  if (nnz == 0) return;
+  if (d == 0) {
+    std::fill(vals, vals + nnz, S(0));
+    return;
+  }
+  const int NV = tile_vectors(d, sizeof(S));
+  const int64_t T = NV * L;
+  const int64_t ntiles = (d + T - 1) / T;
+  at::Tensor Yp_t = at::empty({ntiles * k * T}, Y.options().memory_format(c10::MemoryFormat::Contiguous));
+  S* yp = Yp_t.data_ptr<S>();
+  const S* ysrc = Y.data_ptr<S>();
+  const int64_t ys0 = Y.stride(0), ys1 = Y.stride(1);
+  const int64_t KC = 256;
+  const int64_t kchunks = (k + KC - 1) / KC;
+  at::parallel_for(0, ntiles * kchunks, 1, [&](int64_t a, int64_t z) {
+    for (int64_t w = a; w < z; ++w) {
+      const int64_t t = w / kchunks, j0 = (w % kchunks) * KC, j1 = std::min(k, j0 + KC);
+      pack(yp + t * k * T, T, ysrc, ys0, ys1, j0, j1, t * T, std::min(T, d - t * T));
+    }
+  });
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const S* x = X.data_ptr<S>();
+  const int64_t xs0 = X.stride(0), xs1 = X.stride(1);
+  const int64_t align = 2 * L;
+  const int64_t parts = num_parts(m, align);
+  const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
+  auto run = [&](int64_t part) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const SddmmJob<S> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0};
+      sddmm_rows(NV, J, bounds[part], bounds[part + 1]);
+    }
+  };
+  if (parts == 1) {
+    run(0);
+  } else {
+    at::parallel_for(0, parts, 1, [&](int64_t a, int64_t z) {
+      for (int64_t part = a; part < z; ++part) run(part);
+    });
+  }
+}
+
+// Positions of the nonzero bytes of p[0:len), in order, passed to f(index).
+template <typename F>
+inline void for_each_set(const uint8_t* p, int64_t len, F&& f) {
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + j, 8);
+    while (w) {
+      const int b = __builtin_ctzll(w) >> 3;
+      f(j + b);
+      w &= ~(uint64_t(0xFF) << (b * 8));
+    }
+  }
+  for (; j < len; ++j)
+    if (p[j]) f(j);
+}
+
+template <typename S>
+void fill_values(const at::Tensor& weight, const uint8_t* mp, int64_t ms0, int64_t ms1, bool colmajor, int64_t m,
+                 int64_t k, const int64_t* rp, int32_t* ci, S* vals) {
+  const S* w = vals ? weight.data_ptr<S>() : nullptr;
+  const int64_t ws0 = vals ? weight.stride(0) : 0, ws1 = vals ? weight.stride(1) : 0;
+  if (!colmajor) {
+    at::parallel_for(0, m, std::max<int64_t>(1, 32768 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        int64_t pos = rp[i];
+        const S* wr = w ? w + i * ws0 : nullptr;
+        for_each_set(mp + i * ms0, k, [&](int64_t j) {
+          ci[pos] = (int32_t)j;
+          if (wr) vals[pos] = wr[j * ws1];
+          ++pos;
+        });
+      }
+    });
+  } else {
+    // Column-major mask (a transposed view): memory row j holds column j of rows 0..m.
+    at::parallel_for(0, m, 4096, [&](int64_t r0, int64_t r1) {
+      std::vector<int64_t> cur(rp + r0, rp + r1);
+      for (int64_t j = 0; j < k; ++j) {
+        for_each_set(mp + j * ms1 + r0, r1 - r0, [&](int64_t rr) {
+          const int64_t pos = cur[rr]++;
+          ci[pos] = (int32_t)j;
+          if (w) vals[pos] = w[(r0 + rr) * ws0 + j * ws1];
+        });
+      }
+    });
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols, const std::string& what,
+                   const char* op) {
+  const int64_t m = row_ptr.numel() - 1;
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t nnz = col_idx.numel();
+  TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] must be 0, got ", rp[0]);
+  TORCH_CHECK(rp[m] == nnz, op, ": row_ptr[-1] must equal the number of nonzeros (col_idx has ", nnz,
+              " entries), got ", rp[m]);
+  std::atomic<bool> bad_rows{false}, bad_cols{false};
+  at::parallel_for(0, m, 1 << 16, [&](int64_t a, int64_t z) {
+    bool bad = false;
+    for (int64_t i = a; i < z; ++i) bad |= rp[i + 1] < rp[i];
+    if (bad) bad_rows = true;
+  });
+  TORCH_CHECK(!bad_rows, op, ": row_ptr must be non-decreasing");
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  at::parallel_for(0, nnz, 1 << 16, [&](int64_t a, int64_t z) {
+    int32_t lo = 0, hi = 0;
+    for (int64_t p = a; p < z; ++p) {
+      lo = std::min(lo, ci[p]);
+      hi = std::max(hi, ci[p]);
+    }
+    if (lo < 0 || int64_t(hi) >= ncols) bad_cols = true;
+  });
+  TORCH_CHECK(!bad_cols, op, ": col_idx entries must lie in [0, ", ncols, ") (", what, ")");
+}
+
+void check_cpu(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+}
+
+void check_dense(const at::Tensor& t, const char* name, int64_t dim, const char* op) {
+  check_cpu(t, name, op);
+  check_float(t, name, op);
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+void check_same_dtype(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn, const char* op) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn, " must have the same dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+}
+
+void check_mask(const at::Tensor& mask, int64_t rows, int64_t cols, const char* op) {
+  check_cpu(mask, "mask", op);
+  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == rows && mask.size(1) == cols, op, ": mask must have shape (", rows,
+              ", ", cols, "), got ", mask.sizes());
+}
+
+Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols,
+                const std::string& what, const char* op) {
+  check_cpu(row_ptr, "row_ptr", op);
+  check_cpu(col_idx, "col_idx", op);
+  check_csr(row_ptr, col_idx, op);
+  Csr c;
+  c.row_ptr = row_ptr.contiguous();
+  c.col_idx = col_idx.contiguous();
+  c.m = row_ptr.numel() - 1;
+  if (values.defined()) {
+    check_cpu(values, "values", op);
+    check_float(values, "values", op);
+    TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
+    TORCH_CHECK(values.numel() == col_idx.numel(), op, ": values and col_idx must have the same length, got ",
+                values.numel(), " and ", col_idx.numel());
+    c.values = values.contiguous();
+  }
+  check_pattern(c.row_ptr, c.col_idx, ncols, what, op);
+  return c;
+}
+
+void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+          const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+  if (B.scalar_type() == at::kFloat) spmm_typed<float>(values, row_ptr, col_idx, B, bias, out);
+  else spmm_typed<double>(values, row_ptr, col_idx, B, bias, out);
+}
+
+void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+           const at::Tensor& vals) {
+  if (X.scalar_type() == at::kFloat) sddmm_typed<float>(row_ptr, col_idx, X, Y, vals);
+  else sddmm_typed<double>(row_ptr, col_idx, X, Y, vals);
+}
+
+Compacted compact(const at::Tensor& weight, const at::Tensor& mask_in) {
+  at::Tensor mask = mask_in;
+  const int64_t m = mask.size(0), k = mask.size(1);
+  bool colmajor = false;
+  if (mask.stride(1) == 1 || k <= 1) {
+    colmajor = false;
+  } else if (mask.stride(0) == 1 || m <= 1) {
+    colmajor = true;
+  } else {
+    mask = mask.contiguous();
+  }
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const int64_t ms0 = mask.stride(0), ms1 = mask.stride(1);
+  Compacted c;
+  c.row_ptr = at::empty({m + 1}, mask.options().dtype(at::kLong));
+  int64_t* rp = c.row_ptr.data_ptr<int64_t>();
+  rp[0] = 0;
+  if (!colmajor) {
+    at::parallel_for(0, m, std::max<int64_t>(1, 65536 / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const uint8_t* p = mp + i * ms0;
+        int64_t cnt = 0;
+        for (int64_t j = 0; j < k; ++j) cnt += p[j] != 0;
+        rp[i + 1] = cnt;
+      }
+    });
+  } else {
+    at::parallel_for(0, m, 4096, [&](int64_t r0, int64_t r1) {
+      std::vector<int32_t> cnt(r1 - r0, 0);
+      int32_t* cp = cnt.data();
+      for (int64_t j = 0; j < k; ++j) {
+        const uint8_t* p = mp + j * ms1 + r0;
+        for (int64_t r = 0; r < r1 - r0; ++r) cp[r] += p[r] != 0;
+      }
+      for (int64_t r = 0; r < r1 - r0; ++r) rp[r0 + r + 1] = cnt[r];
+    });
+  }
+  for (int64_t i = 0; i < m; ++i) rp[i + 1] += rp[i];
+  const int64_t nnz = rp[m];
+  c.col_idx = at::empty({nnz}, mask.options().dtype(at::kInt));
+  int32_t* ci = c.col_idx.data_ptr<int32_t>();
+  if (weight.defined()) {
+    c.values = at::empty({nnz}, weight.options().memory_format(c10::MemoryFormat::Contiguous));
+    if (weight.scalar_type() == at::kFloat)
+      fill_values<float>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<float>());
+    else
+      fill_values<double>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<double>());
+  } else {
+    fill_values<float>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, nullptr);
+  }
+  return c;
+}
+
+}  // namespace csr
+}  // namespace sparsekern

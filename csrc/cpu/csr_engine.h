@@ -1,0 +1,65 @@
+// The CSR tile engine shared by the linear-path CPU kernels.
+//
+//   spmm core  : out (m, n) = A_csr (m, k) @ B (k, n) [+ bias[i]]   -> spmm, sparse_linear, masked_matmul
+//   sddmm core : vals[p] = dot(X[i, :], Y[j, :]) at the CSR pattern   -> sddmm, masked_sddmm
+//   compact    : (weight, mask) (m, k), any strides -> CSR            -> masked_matmul, masked_sddmm
+//
+// Every dense operand is a strided logical 2-D view (no copies by the caller): the
+// engine packs the randomly accessed operand (B, resp. Y) once into batch tiles
+// Bp[t][j][0:T] (k x T, contiguous, zero-padded; T = 32 floats / 16 doubles = 128 B),
+// so that each nonzero reads one contiguous L2-resident row of T values; the
+// result of a group of rows is written through a register transpose when the
+// output is column-major (sparse_linear's y (N, m) seen as y^T (m, N)).
+// Threads own row ranges balanced by nnz (+ a per-row cost) and walk all tiles.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+
+namespace sparsekern {
+namespace csr {
+
+// Checks (op-named): row_ptr starts at 0, is non-decreasing, ends at nnz = col_idx.numel();
+// every column index lies in [0, ncols) (`what` says where ncols comes from, e.g. "x has 512
+// columns"). One cheap parallel pass over row_ptr and col_idx.
+void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols, const std::string& what,
+                   const char* op);
+
+// Argument checks shared by the ops; each message names the op and the argument.
+void check_cpu(const at::Tensor& t, const char* name, const char* op);
+void check_dense(const at::Tensor& t, const char* name, int64_t dim, const char* op);  // CPU, float32/64, dim
+void check_same_dtype(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn, const char* op);
+void check_mask(const at::Tensor& mask, int64_t rows, int64_t cols, const char* op);
+
+// A validated CSR (contiguous row_ptr / col_idx / values) of `ncols` columns; values may be
+// undefined (pattern only). Checks dtypes, sizes (row_ptr.numel() - 1 rows,
+// values.numel() == col_idx.numel() == row_ptr[-1]) and the index ranges.
+struct Csr {
+  at::Tensor values, row_ptr, col_idx;
+  int64_t m;
+};
+Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols,
+                const std::string& what, const char* op);
+
+// out (m, n) = A (m, k) @ B (k, n) (+ bias[i] on row i). B and out are strided views
+// (e.g. x.t() and y.t() for sparse_linear); out is fully overwritten.
+void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+          const at::Tensor& B, const c10::optional<at::Tensor>& bias, const at::Tensor& out);
+
+// vals (nnz, contiguous) [p] = dot(X[i, :], Y[j, :]), X (m, d), Y (k, d) strided views.
+void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X,
+           const at::Tensor& Y, const at::Tensor& vals);
+
+struct Compacted {
+  at::Tensor row_ptr;  // int64 (m + 1)
+  at::Tensor col_idx;  // int32 (nnz)
+  at::Tensor values;   // weight at the mask, or undefined when no weight was given
+};
+// CSR of mask (m, k) (bool, any strides) and, if weight is defined, the weight's values there.
+// Count per row, prefix sum, fill; parallel over rows, reading the mask in memory order
+// for row-major and column-major (transposed view) layouts.
+Compacted compact(const at::Tensor& weight, const at::Tensor& mask);
+
+}  // namespace csr
+}  // namespace sparsekern

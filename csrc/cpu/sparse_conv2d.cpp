@@ -1,0 +1,581 @@
+// CPU kernels of sparse_conv2d (forward, grad input, grad weight values).
+//
+// Direct sparse convolution. The weight W (Cout, Cin, kh, kw) is CSR over rows Cout and
+// columns (ci, r, s). Per image, the source is packed once into a zero-padded buffer
+// whose rows are split into `stride_w` phases (packed[ci][q][ih][m] = xpad[ih][m*sw+q]),
+// so that for every nonzero (ci, r, s) the inputs of one output row form one contiguous
+// run at a fixed shift. Each nonzero is then (offset, value) and every pass is a
+// register-tiled gather (see sparse_conv2d_impl.h):
+//   forward      y[co] tile  = bias + sum over row co of W   w * xpack[off + pos]
+//   grad input   the same gather over W^T (rows ci, split by the stride phase of the
+//                input position), from the zero-bordered dY; it is a stride-1
+//                correlation within each phase, so strided convs need no scatter
+//   grad weight  per nonzero, dot(dY[co] tile, xpack[off + tile]) summed over images
+// Threads: over images (each thread packs its own image into a private buffer,
+// which stays in L2); a batch smaller than the thread count splits output channels.
+#pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/common.h"
+#include "cpu/sparse_conv2d_impl.h"
+
+namespace sparsekern {
+namespace {
+
+using conv2d_impl::NACC;
+using conv2d_impl::Pos;
+
+// ---------------------------------------------------------------------------
+// Hot loops: one non-template clone set per dtype.
+
+SK_CLONES void gather_rows_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+                               int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias, float* out,
+                               int64_t out_plane, int64_t cstride) {
+  conv2d_impl::gather_rows<float>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+}
+SK_CLONES void gather_rows_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp,
+                               int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias,
+                               double* out, int64_t out_plane, int64_t cstride) {
+  conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+}
+SK_CLONES void wgrad_rows_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
+                              const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
+  conv2d_impl::wgrad_rows<float>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+}
+SK_CLONES void wgrad_rows_f64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
+                              const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane,
+                              double* g) {
+  conv2d_impl::wgrad_rows<double>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+}
+
+inline void gather_rows(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+                        int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias, float* out,
+                        int64_t out_plane, int64_t cstride) {
+  gather_rows_f32(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+}
+inline void gather_rows(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
+                        int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias, double* out,
+                        int64_t out_plane, int64_t cstride) {
+  gather_rows_f64(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+}
+inline void wgrad_rows(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
+                       const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
+  wgrad_rows_f32(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+}
+inline void wgrad_rows(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
+                       const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane, double* g) {
+  wgrad_rows_f64(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+}
+
+// ---------------------------------------------------------------------------
+// Geometry, checks, packing.
+
+constexpr int64_t kSlack = 64;  // zeroed elements after a packed image: partial vectors read past rows
+
+struct Geom {
+  int64_t N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
+  // forward / grad-weight packing of x: [Cin][sw][Hp][Wq]
+  int64_t Hp, Wq;
+  int64_t xpack_size() const { return Cin * sw * Hp * Wq + kSlack; }
+};
+
+int64_t pair_at(at::IntArrayRef v, int i, const char* op, const char* name) {
+  TORCH_CHECK(v.size() == 2, op, ": ", name, " must have 2 entries, got ", v.size());
+  return v[i];
+}
+
+// Checks the weight pattern and the geometry; N, Cin, H, W come from the caller.
+Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, const at::Tensor& row_ptr,
+               const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_csr(row_ptr, col_idx, op);
+  Geom g;
+  g.N = N; g.Cin = Cin; g.H = H; g.W = W;
+  g.Cout = row_ptr.numel() - 1;
+  g.kh = pair_at(kernel_size, 0, op, "kernel_size");
+  g.kw = pair_at(kernel_size, 1, op, "kernel_size");
+  g.sh = pair_at(stride, 0, op, "stride");
+  g.sw = pair_at(stride, 1, op, "stride");
+  g.ph = pair_at(padding, 0, op, "padding");
+  g.pw = pair_at(padding, 1, op, "padding");
+  g.dh = pair_at(dilation, 0, op, "dilation");
+  g.dw = pair_at(dilation, 1, op, "dilation");
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, op, ": stride must be >= 1, got ", stride);
+  TORCH_CHECK(g.ph >= 0 && g.pw >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(g.dh >= 1 && g.dw >= 1, op, ": dilation must be >= 1, got ", dilation);
+  // W has Cin*kh*kw columns; col_idx is checked against that when the offsets are built.
+  g.OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(H + 2 * g.ph - g.dh * (g.kh - 1) - 1 >= 0 && W + 2 * g.pw - g.dw * (g.kw - 1) - 1 >= 0, op,
+              ": input of size (", H, ", ", W, ") is too small for kernel (", g.kh, ", ", g.kw, ") with padding (",
+              g.ph, ", ", g.pw, ") and dilation (", g.dh, ", ", g.dw, ")");
+  g.Hp = H + 2 * g.ph;
+  g.Wq = (W + 2 * g.pw + g.sw - 1) / g.sw;
+  TORCH_CHECK(g.xpack_size() < INT32_MAX, op, ": one image is too large for this kernel (", Cin, " x ", H, " x ", W,
+              ")");
+  // row_ptr: 0 = rp[0] <= ... <= rp[Cout] = nnz.
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == col_idx.numel(), op, ": row_ptr must start at 0 and end at nnz = ",
+              col_idx.numel(), ", got ", rp[0], " and ", rp[g.Cout]);
+  for (int64_t r = 0; r < g.Cout; ++r)
+    TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr must be non-decreasing (row ", r, ")");
+  return g;
+}
+
+// dst[c][q][i][m] = x[c][i - ph][m*sw + q - pw], 0 outside x; then kSlack zeros.
+template <class T>
+void pack_padded(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t H, int64_t W, int64_t ph,
+                 int64_t pw, int64_t sw, int64_t Hp, int64_t Wq, T* dst) {
+  for (int64_t c = 0; c < C; ++c) {
+    for (int64_t q = 0; q < sw; ++q) {
+      for (int64_t i = 0; i < Hp; ++i) {
+        T* d = dst + ((c * sw + q) * Hp + i) * Wq;
+        const int64_t h = i - ph;
+        if (h < 0 || h >= H) {
+          std::memset(d, 0, sizeof(T) * Wq);
+          continue;
+        }
+        const T* s = x + c * sC + h * sH;
+        if (sw == 1) {
+          const int64_t lo = std::min(pw, Wq), hi = std::min(pw + W, Wq);
+          std::memset(d, 0, sizeof(T) * lo);
+          if (sW == 1) {
+            std::memcpy(d + lo, s, sizeof(T) * (hi - lo));
+          } else {
+            for (int64_t m = lo; m < hi; ++m) d[m] = s[(m - pw) * sW];
+          }
+          std::memset(d + hi, 0, sizeof(T) * (Wq - hi));
+        } else {
+          for (int64_t m = 0; m < Wq; ++m) {
+            const int64_t w = m * sw + q - pw;
+            d[m] = (w >= 0 && w < W) ? s[w * sW] : T(0);
+          }
+        }
+      }
+    }
+  }
+  std::memset(dst + C * sw * Hp * Wq, 0, sizeof(T) * kSlack);
+}
+
+// Vector positions covering rows [0, M) x columns [0, Nc) of a grid, in row-major order,
+// padded to whole tiles. Source offset of (m, n): in_base + m*in_row + n; destination
+// offset: out_base + m*out_row + n*out_col.
+template <class T>
+std::vector<Pos> build_positions(int64_t M, int64_t Nc, int64_t in_base, int64_t in_row, int64_t out_base,
+                                 int64_t out_row, int64_t out_col) {
+  constexpr int64_t VW = 32 / sizeof(T);
+  std::vector<Pos> pos;
+  if (M <= 0 || Nc <= 0) return pos;
+  const int64_t nv = (Nc + VW - 1) / VW;
+  pos.reserve(M * nv + NACC);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t n = v * VW;
+      int64_t start, lo, hi;
+      if (Nc < VW) {
+        start = 0; lo = 0; hi = Nc;
+      } else if (n + VW > Nc) {
+        start = Nc - VW; lo = n - start; hi = VW;
+      } else {
+        start = n; lo = 0; hi = VW;
+      }
+      Pos p;
+      p.in_off = static_cast<int32_t>(in_base + m * in_row + start);
+      p.lo = static_cast<int32_t>(lo);
+      p.hi = static_cast<int32_t>(hi);
+      p.pad_ = 0;
+      p.out_off = out_base + m * out_row + start * out_col;
+      pos.push_back(p);
+    }
+  }
+  Pos dummy = pos[0];
+  dummy.lo = dummy.hi = 0;
+  dummy.out_off = pos[0].out_off;
+  while (pos.size() % NACC) pos.push_back(dummy);
+  return pos;
+}
+
+// Packed-x offset and input channel of every nonzero (forward and grad weight); checks col_idx.
+void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, std::vector<int32_t>& offs,
+                     std::vector<int32_t>& plane_of) {
+  const int64_t nnz = col_idx.numel();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const int64_t K = g.kh * g.kw, ncols = g.Cin * K, plane = g.Hp * g.Wq;
+  offs.resize(nnz);
+  plane_of.resize(nnz);
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t col = ci[j];
+    TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ",
+                g.Cin, " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
+                " columns (col_idx ", col, " is input channel ", col / K, ")");
+    const int64_t c = col / K, r = (col % K) / g.kw, s = col % g.kw;
+    const int64_t sd = s * g.dw;
+    offs[j] = static_cast<int32_t>(c * g.sw * plane + (sd % g.sw) * plane + r * g.dh * g.Wq + sd / g.sw);
+    plane_of[j] = static_cast<int32_t>(c);
+  }
+}
+
+// L1 budget for the source planes of one block (bytes).
+int64_t l1_budget() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("SK_CONV_L1");
+    return e ? std::atoll(e) : int64_t(16384);
+  }();
+  return v;
+}
+
+// Output rows covered by one tile of an OW-wide grid.
+template <class T>
+int64_t tile_rows(int64_t ow) {
+  constexpr int64_t VW = 32 / sizeof(T);
+  return std::max<int64_t>(1, NACC / ((ow + VW - 1) / VW));
+}
+
+// Planes per block so that a tile's source window in a block of planes fits l1_budget():
+// per plane `rows` rows of `cols` elements.
+template <class T>
+int64_t planes_per_block(int64_t rows, int64_t cols) {
+  return std::max<int64_t>(1, l1_budget() / std::max<int64_t>(1, rows * cols * int64_t(sizeof(T))));
+}
+
+// bp[r*(nb+1) + k]: first entry of row r whose plane is >= k*bsize (planes ascend within rows).
+std::vector<int64_t> block_ptr(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_t nplanes,
+                               int64_t bsize, int64_t& nb) {
+  nb = std::max<int64_t>(1, (nplanes + bsize - 1) / bsize);
+  std::vector<int64_t> bp(R * (nb + 1));
+  for (int64_t r = 0; r < R; ++r) {
+    int64_t j = rp[r];
+    const int64_t e = rp[r + 1];
+    int64_t* row = bp.data() + r * (nb + 1);
+    for (int64_t k = 0; k < nb; ++k) {
+      row[k] = j;
+      while (j < e && plane_of[j] < (k + 1) * bsize) ++j;
+    }
+    row[nb] = e;
+  }
+  return bp;
+}
+
+int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
+
+void check_values(const char* op, const at::Tensor& values, const at::Tensor& col_idx) {
+  TORCH_CHECK(values.dim() == 1 && values.numel() == col_idx.numel(), op,
+              ": values must be a 1-D tensor with nnz = ", col_idx.numel(), " entries, got shape ", values.sizes());
+}
+
+// ---------------------------------------------------------------------------
+// Forward.
+
+// Input channels per block for the forward and grad-weight tiles.
+template <class T>
+int64_t fwd_planes_per_block(const Geom& g) {
+  constexpr int64_t VW = 32 / sizeof(T);
+  const int64_t rows = (tile_rows<T>(g.OW) - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  const int64_t cols = std::min(g.Wq, NACC * VW + ((g.kw - 1) * g.dw) / g.sw + 1) * g.sw;
+  return planes_per_block<T>(rows, cols);
+}
+
+template <class T>
+void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                  const std::vector<int32_t>& offs, const std::vector<int32_t>& plane_of, const T* bias,
+                  at::Tensor& y) {
+  const T* xp = x.data_ptr<T>();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const T* ws = values.data_ptr<T>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  T* yp = y.data_ptr<T>();
+  const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
+  const std::vector<Pos> pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
+  const int64_t ntiles = static_cast<int64_t>(pos.size()) / NACC;
+  const int64_t psize = g.xpack_size();
+  int64_t nb;
+  const std::vector<int64_t> bp = block_ptr(g.Cout, rp, plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), nb);
+  const int64_t nth = num_threads();
+  if (g.N >= nth) {
+    at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> buf(psize);
+      for (int64_t b = b0; b < b1; ++b) {
+        pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
+        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias, yp + b * yimg, oplane,
+                    1);
+      }
+    });
+  } else {
+    std::vector<T> buf(psize);
+    const int64_t nnz = offs.size();
+    const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
+    for (int64_t b = 0; b < g.N; ++b) {
+      pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
+      at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
+        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias, yp + b * yimg, oplane, 1);
+      });
+    }
+  }
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr_,
+                             const at::Tensor& col_idx_, at::IntArrayRef kernel_size,
+                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
+  const char* op = "sparse_conv2d";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, Cin, H, W), got shape ", x.sizes());
+  check_float(x, "x", op);
+  check_float(values, "values", op);
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values must have the dtype of x (", x.scalar_type(),
+              "), got ", values.scalar_type());
+  check_csr(row_ptr, col_idx, op);
+  check_values(op, values, col_idx);
+  const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
+                           padding, dilation);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.Cout, op, ": bias must have shape (", g.Cout,
+                ") (W has ", g.Cout, " output channels), got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (", x.scalar_type(),
+                "), got ", b.scalar_type());
+    b = b.contiguous();
+  }
+  std::vector<int32_t> offs, plane_of;
+  forward_offsets(op, g, col_idx, offs, plane_of);
+  at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
+  if (y.numel() == 0) return y;
+  const at::Tensor vc = values.contiguous();
+  if (x.scalar_type() == at::kFloat)
+    forward_impl<float>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<float>() : nullptr, y);
+  else
+    forward_impl<double>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<double>() : nullptr, y);
+  return y;
+}
+
+// ---------------------------------------------------------------------------
+// Grad input: for the input position ih = a + sh*m - ph (a in [0, sh)), only taps with
+// r*dh = a (mod sh) contribute, from output row m - (r*dh)/sh; likewise along W. So
+// per phase (a, c) it is a stride-1 correlation of dY (zero bordered) with those taps.
+
+template <class T>
+void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, at::Tensor& dx) {
+  const int64_t nph = g.sh * g.sw, K = g.kh * g.kw;
+  const int64_t Ptop = ((g.kh - 1) * g.dh) / g.sh, Pleft = ((g.kw - 1) * g.dw) / g.sw;
+  const int64_t Mmax = (g.H - 1 + g.ph) / g.sh + 1, Nmax = (g.W - 1 + g.pw) / g.sw + 1;
+  const int64_t Hd = Ptop + std::max(g.OH, Mmax), Wd = Pleft + std::max(g.OW, Nmax);
+  const int64_t dplane = Hd * Wd, psize = g.Cout * dplane + kSlack;
+  TORCH_CHECK(psize < INT32_MAX, "sparse_conv2d_backward_input: one grad_out image is too large for this kernel");
+
+  // Transposed lists, rows (phase, ci), entries (dY offset, value), co ascending.
+  const int64_t nnz = col_idx.numel();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* cidx = col_idx.data_ptr<int32_t>();
+  const T* vals = values.data_ptr<T>();
+  const int64_t nrows = nph * g.Cin;
+  std::vector<int64_t> trp(nrows + 1, 0);
+  std::vector<int32_t> key(nnz);
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t col = cidx[j], c = col / K, r = (col % K) / g.kw, s = col % g.kw;
+    const int64_t k = (((r * g.dh) % g.sh) * g.sw + (s * g.dw) % g.sw) * g.Cin + c;
+    key[j] = static_cast<int32_t>(k);
+    ++trp[k + 1];
+  }
+  for (int64_t k = 0; k < nrows; ++k) trp[k + 1] += trp[k];
+  std::vector<int32_t> toffs(nnz), tplane(nnz);
+  std::vector<T> tws(nnz);
+  {
+    std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
+    for (int64_t co = 0; co < g.Cout; ++co) {
+      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
+        const int64_t col = cidx[j], r = (col % K) / g.kw, s = col % g.kw;
+        const int64_t p = fill[key[j]]++;
+        toffs[p] = static_cast<int32_t>(co * dplane - ((r * g.dh) / g.sh) * Wd - (s * g.dw) / g.sw);
+        tws[p] = vals[j];
+        tplane[p] = static_cast<int32_t>(co);
+      }
+    }
+  }
+  // Positions per phase.
+  std::vector<std::vector<Pos>> pos(nph);
+  for (int64_t a = 0; a < g.sh; ++a) {
+    // Rows m with ih = a + sh*m - ph in [0, H): m in [m0c, m1].
+    const int64_t m0c = (g.ph - a) <= 0 ? 0 : (g.ph - a + g.sh - 1) / g.sh;
+    const int64_t m1 = (g.H - 1 + g.ph - a) >= 0 ? (g.H - 1 + g.ph - a) / g.sh : -1;
+    for (int64_t c = 0; c < g.sw; ++c) {
+      const int64_t n0 = (g.pw - c) <= 0 ? 0 : (g.pw - c + g.sw - 1) / g.sw;
+      const int64_t n1 = (g.W - 1 + g.pw - c) >= 0 ? (g.W - 1 + g.pw - c) / g.sw : -1;
+      pos[a * g.sw + c] = build_positions<T>(m1 - m0c + 1, n1 - n0 + 1, (m0c + Ptop) * Wd + n0 + Pleft, Wd,
+                                             (a + g.sh * m0c - g.ph) * g.W + (c + g.sw * n0 - g.pw), g.sh * g.W,
+                                             g.sw);
+    }
+  }
+  // Blocks of output channels: a tile reads tile_rows + Ptop rows of each dY plane.
+  int64_t nb;
+  const int64_t bsize = planes_per_block<T>(tile_rows<T>((g.W + g.sw - 1) / g.sw) + Ptop,
+                                            std::min<int64_t>(Wd, NACC * (32 / sizeof(T)) + Pleft));
+  const std::vector<int64_t> bp = block_ptr(nrows, trp.data(), tplane.data(), g.Cout, bsize, nb);
+  const T* dyp = dy.data_ptr<T>();
+  const int64_t sN = dy.stride(0), sC = dy.stride(1), sH = dy.stride(2), sW = dy.stride(3);
+  T* dxp = dx.data_ptr<T>();
+  const int64_t xplane = g.H * g.W, ximg = g.Cin * xplane;
+  auto image = [&](const T* src, int64_t b, int64_t r0, int64_t r1) {
+    for (int64_t ph = 0; ph < nph; ++ph) {
+      const std::vector<Pos>& pp = pos[ph];
+      if (pp.empty()) continue;
+      gather_rows(src, toffs.data(), tws.data(), bp.data() + ph * g.Cin * (nb + 1), nb, r0, r1, pp.data(), 0,
+                  static_cast<int64_t>(pp.size()) / NACC, static_cast<const T*>(nullptr), dxp + b * ximg, xplane,
+                  g.sw);
+    }
+  };
+  const int64_t nth = num_threads();
+  if (g.N >= nth) {
+    at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<T> buf(psize);
+      for (int64_t b = b0; b < b1; ++b) {
+        pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
+        image(buf.data(), b, 0, g.Cin);
+      }
+    });
+  } else {
+    std::vector<T> buf(psize);
+    const int64_t grain = std::max<int64_t>(1, g.Cin * 16384 / std::max<int64_t>(1, nnz * g.OH * g.OW));
+    for (int64_t b = 0; b < g.N; ++b) {
+      pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
+      at::parallel_for(0, g.Cin, grain, [&](int64_t r0, int64_t r1) { image(buf.data(), b, r0, r1); });
+    }
+  }
+}
+
+at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                            const at::Tensor& row_ptr_, const at::Tensor& col_idx_,
+                                            at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef dilation) {
+  const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
+  const char* op = "sparse_conv2d_backward_input";
+  TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries (N, Cin, H, W), got ", input_size);
+  TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, Cout, OH, OW), got shape ", grad_out.sizes());
+  check_float(grad_out, "grad_out", op);
+  check_float(values, "values", op);
+  TORCH_CHECK(values.scalar_type() == grad_out.scalar_type(), op, ": values must have the dtype of grad_out (",
+              grad_out.scalar_type(), "), got ", values.scalar_type());
+  check_csr(row_ptr, col_idx, op);
+  check_values(op, values, col_idx);
+  for (int i = 0; i < 4; ++i) TORCH_CHECK(input_size[i] >= 0, op, ": input_size must be >= 0, got ", input_size);
+  const Geom g = make_geom(op, input_size[0], input_size[1], input_size[2], input_size[3], row_ptr, col_idx,
+                           kernel_size, stride, padding, dilation);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Cout && grad_out.size(2) == g.OH &&
+                  grad_out.size(3) == g.OW,
+              op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
+              grad_out.sizes());
+  {
+    std::vector<int32_t> offs, plane_of;
+    forward_offsets(op, g, col_idx, offs, plane_of);  // checks col_idx
+  }
+  at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
+  if (dx.numel() == 0) return dx;
+  const at::Tensor vc = values.contiguous();
+  if (grad_out.scalar_type() == at::kFloat)
+    backward_input_impl<float>(g, grad_out, vc, row_ptr, col_idx, dx);
+  else
+    backward_input_impl<double>(g, grad_out, vc, row_ptr, col_idx, dx);
+  return dx;
+}
+
+// ---------------------------------------------------------------------------
+// Grad weight (values at the pattern): g[j] = sum_b sum_pos dY[b, co(j), pos] * xpack_b[off_j + pos].
+
+template <class T>
+void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
+                          const std::vector<int32_t>& offs, const std::vector<int32_t>& plane_of, at::Tensor& gv) {
+  const T* xp = x.data_ptr<T>();
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const T* dyp = dy.data_ptr<T>();  // contiguous
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  T* gp = gv.data_ptr<T>();
+  const int64_t nnz = offs.size();
+  const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
+  const std::vector<Pos> pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
+  const int64_t ntiles = static_cast<int64_t>(pos.size()) / NACC;
+  const int64_t psize = g.xpack_size();
+  int64_t nb;
+  const std::vector<int64_t> bp = block_ptr(g.Cout, rp, plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), nb);
+  const int64_t nth = num_threads();
+  if (g.N >= nth && nth > 1) {
+    std::vector<T> parts(nth * nnz, T(0));
+    at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
+      T* acc = parts.data() + at::get_thread_num() * nnz;
+      std::vector<T> buf(psize);
+      for (int64_t b = b0; b < b1; ++b) {
+        pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
+        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dyp + b * yimg, oplane, acc);
+      }
+    });
+    at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        T s = 0;
+        for (int64_t t = 0; t < nth; ++t) s += parts[t * nnz + j];
+        gp[j] = s;
+      }
+    });
+  } else {
+    std::vector<T> buf(psize);
+    const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
+    for (int64_t b = 0; b < g.N; ++b) {
+      pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
+      at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
+        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, dyp + b * yimg, oplane, gp);
+      });
+    }
+  }
+}
+
+at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                             const at::Tensor& row_ptr_, const at::Tensor& col_idx_,
+                                             at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                             at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
+  const char* op = "sparse_conv2d_backward_weight";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, Cin, H, W), got shape ", x.sizes());
+  TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, Cout, OH, OW), got shape ", grad_out.sizes());
+  check_float(x, "x", op);
+  check_float(grad_out, "grad_out", op);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (",
+              x.scalar_type(), "), got ", grad_out.scalar_type());
+  const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
+                           padding, dilation);
+  TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Cout && grad_out.size(2) == g.OH &&
+                  grad_out.size(3) == g.OW,
+              op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
+              grad_out.sizes());
+  std::vector<int32_t> offs, plane_of;
+  forward_offsets(op, g, col_idx, offs, plane_of);
+  at::Tensor gv = at::zeros({col_idx.numel()}, x.options());
+  if (col_idx.numel() == 0 || g.N == 0) return gv;
+  const at::Tensor dyc = grad_out.contiguous();
+  if (x.scalar_type() == at::kFloat)
+    backward_weight_impl<float>(g, dyc, x, row_ptr, offs, plane_of, gv);
+  else
+    backward_weight_impl<double>(g, dyc, x, row_ptr, offs, plane_of, gv);
+  return gv;
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("sparse_conv2d", &sparsekern::sparse_conv2d_cpu);
+  m.impl("sparse_conv2d_backward_input", &sparsekern::sparse_conv2d_backward_input_cpu);
+  m.impl("sparse_conv2d_backward_weight", &sparsekern::sparse_conv2d_backward_weight_cpu);
+}

@@ -1,0 +1,174 @@
+// Inner loops of the CPU sparse_conv2d kernels (included by sparse_conv2d.cpp only).
+//
+// Every pass is a "gather over nonzeros into a register tile": the source image is
+// packed (zero padded, and split into stride phases along W) so that, for any
+// nonzero of the weight, the source element feeding output position (row, col) sits
+// at  src + off[nonzero] + in_off[position],  and positions along a row are
+// contiguous. A tile is NACC vectors of VW consecutive positions of one row each;
+// for every nonzero of a weight row we broadcast its value and FMA NACC vectors
+// loaded at that shift. Accumulators stay in registers across the whole weight row.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/common.h"
+
+namespace sparsekern {
+namespace conv2d_impl {
+
+constexpr int NACC = 8;  // vector accumulators per tile (8 of the 16 ymm registers)
+
+template <class T> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(32))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(32))); };
+
+// One vector position of a tile: VW consecutive output positions of one row.
+// in_off: offset of its first element in the packed source (for a zero weight offset);
+// out_off: offset of its first element in the destination plane; lanes [lo, hi) are
+// the positions this vector owns (lanes below lo duplicate the previous vector of the
+// row, lanes from hi on are past the row's end). A padding entry has lo == hi == 0.
+struct Pos {
+  int32_t in_off;
+  int32_t lo, hi;
+  int32_t pad_;
+  int64_t out_off;
+};
+
+template <class T>
+SK_INLINE typename VecOf<T>::type loadu(const T* p) {
+  typename VecOf<T>::type v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class T>
+SK_INLINE void storeu(T* p, typename VecOf<T>::type v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Destination of a tile: plane `out`, positions `pos`, columns `cstride` apart.
+template <class T>
+SK_INLINE void store_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, T* out, int64_t cstride) {
+  constexpr int VW = sizeof(typename VecOf<T>::type) / sizeof(T);
+  for (int k = 0; k < NACC; ++k) {
+    const Pos& q = pos[k];
+    T* o = out + q.out_off;
+    if (q.hi == VW && cstride == 1) {
+      storeu(o, acc[k]);  // lanes below lo rewrite identical values
+    } else {
+      T tmp[VW];
+      std::memcpy(tmp, &acc[k], sizeof(tmp));
+      for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = tmp[l];
+    }
+  }
+}
+
+// Loads what store_tile wrote (lanes [0, hi) of a partial or strided vector).
+template <class T>
+SK_INLINE void load_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, const T* out, int64_t cstride) {
+  constexpr int VW = sizeof(typename VecOf<T>::type) / sizeof(T);
+  for (int k = 0; k < NACC; ++k) {
+    const Pos& q = pos[k];
+    const T* o = out + q.out_off;
+    if (q.hi == VW && cstride == 1) {
+      acc[k] = loadu(o);
+    } else {
+      T tmp[VW] = {};
+      for (int l = 0; l < q.hi; ++l) tmp[l] = o[l * cstride];
+      std::memcpy(&acc[k], tmp, sizeof(tmp));
+    }
+  }
+}
+
+// The weight lists are cut into blocks of source planes (input channels for the forward,
+// output channels for grad input) whose part of the source fits L1; bp[r*(nb+1) + k]
+// is the first entry of row r in block k. Tiles outside, then blocks, then rows, so a
+// block of planes is reused by every row while it is in L1. The output tile is
+// initialised at block 0 and reloaded from `out` for later nonempty blocks.
+//
+// out[pos] = init + sum_j ws[j] * src[offs[j] + pos.in_off] for tiles [t0, t1), rows [r0, r1).
+template <class T>
+SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
+                           const int64_t* bp, int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0,
+                           int64_t t1, const T* bias, T* __restrict out, int64_t out_plane, int64_t cstride) {
+  typedef typename VecOf<T>::type V;
+  for (int64_t t = t0; t < t1; ++t) {
+    const Pos* tp = pos + t * NACC;
+    int64_t io[NACC];
+    for (int k = 0; k < NACC; ++k) io[k] = tp[k].in_off;
+    for (int64_t cb = 0; cb < nb; ++cb) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t* rb = bp + r * (nb + 1) + cb;
+        const int64_t b = rb[0], e = rb[1];
+        T* o = out + r * out_plane;
+        V acc[NACC];
+        if (cb == 0) {
+          const T init = bias ? bias[r] : T(0);
+          for (int k = 0; k < NACC; ++k) acc[k] = V{} + init;
+        } else if (b == e) {
+          continue;
+        } else {
+          load_tile<T>(acc, tp, o, cstride);
+        }
+        for (int64_t j = b; j < e; ++j) {
+          const T* p = src + offs[j];
+          const T w = ws[j];
+          for (int k = 0; k < NACC; ++k) acc[k] += w * loadu(p + io[k]);
+        }
+        store_tile<T>(acc, tp, o, cstride);
+      }
+    }
+  }
+}
+
+// Weight gradient: g[j] += sum_pos dy[pos] * src[offs[j] + pos.in_off] over tiles [t0, t1)
+// and rows [r0, r1), dy planes out_plane apart; blocks as in gather_rows.
+template <class T>
+SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict offs, const int64_t* bp, int64_t nb,
+                          int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const T* __restrict dy,
+                          int64_t out_plane, T* __restrict g) {
+  typedef typename VecOf<T>::type V;
+  constexpr int VW = sizeof(V) / sizeof(T);
+  for (int64_t t = t0; t < t1; ++t) {
+    const Pos* tp = pos + t * NACC;
+    int64_t io[NACC];
+    for (int k = 0; k < NACC; ++k) io[k] = tp[k].in_off;
+    for (int64_t cb = 0; cb < nb; ++cb) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t* rb = bp + r * (nb + 1) + cb;
+        const int64_t b = rb[0], e = rb[1];
+        if (b == e) continue;
+        const T* d = dy + r * out_plane;
+        V dv[NACC];
+        for (int k = 0; k < NACC; ++k) {
+          const Pos& q = tp[k];
+          if (q.lo == 0 && q.hi == VW) {
+            dv[k] = loadu(d + q.out_off);
+          } else {
+            T tmp[VW];
+            for (int l = 0; l < VW; ++l) tmp[l] = (l >= q.lo && l < q.hi) ? d[q.out_off + l] : T(0);
+            std::memcpy(&dv[k], tmp, sizeof(tmp));
+          }
+        }
+        for (int64_t j = b; j < e; ++j) {
+          const T* p = src + offs[j];
+          V s0 = dv[0] * loadu(p + io[0]);
+          V s1 = dv[1] * loadu(p + io[1]);
+          for (int k = 2; k < NACC; k += 2) {
+            s0 += dv[k] * loadu(p + io[k]);
+            s1 += dv[k + 1] * loadu(p + io[k + 1]);
+          }
+          s0 += s1;
+          T tmp[VW];
+          std::memcpy(tmp, &s0, sizeof(tmp));
+          T sum = 0;
+          for (int l = 0; l < VW; ++l) sum += tmp[l];
+          g[j] += sum;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace conv2d_impl
+}  // namespace sparsekern

@@ -1,0 +1,248 @@
+"""The update skeleton every dynamic-sparse-training algorithm shares: score, drop, grow, reset state.
+
+Algorithms differ only in the grow score (``grow_scores``), in when they need the dense gradient
+(``dense_grad``), and, for SNFS, in how the grown weights are shared among layers (``grow_counts``).
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..nn import SparseConv2d, SparseWeightMixin
+from ..ops import topk_select
+from .optim_state import optimizer_holds, remap_entries, remap_optimizer_state
+
+__all__ = ["DynamicSparseTraining", "SCHEDULES", "GROW_INITS"]
+
+SCHEDULES = ("cosine", "linear", "constant")
+GROW_INITS = ("zero",)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (in place); identity outside torch.distributed."""
+    if _distributed():
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (in place); identity outside torch.distributed."""
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def weight_grad(module: SparseWeightMixin, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The dense gradient of the loss in the layer's weight, from its input and its output's gradient."""
+    if isinstance(module, SparseConv2d):
+        return torch.nn.grad.conv2d_weight(x, module.weight_shape, grad_out, module.stride, module.padding,
+                                           module.dilation)
+    m, k = module.weight_shape
+    return grad_out.reshape(-1, m).t() @ x.reshape(-1, k)
+
+
+def _check_int(where: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_fraction(where: str, name: str, value, low_open: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        0.0 < value <= 1.0 if low_open else 0.0 <= value <= 1.0)
+    if not ok:
+        raise ValueError(f"{where}: {name} must lie in {'(0, 1]' if low_open else '[0, 1]'}, got {value!r}")
+    return float(value)
+
+
+class DynamicSparseTraining:
+    """Base of ``Static``, ``SET``, ``SNFS`` and ``RigL``: call ``step()`` after ``optimizer.step()``.
+
+    Every ``delta_t`` steps up to ``end_fraction * total_steps``, each sparse layer drops the
+    floor(nnz * f(t)) active weights of smallest magnitude (f: ``schedule`` decay of
+    ``drop_fraction``) and grows as many among the weights not kept, by the algorithm's score. nnz per
+    layer stays fixed (SNFS alone moves nnz between layers). Grown weights and their optimizer state
+    start at zero; survivors keep theirs (``optim_state.remap_optimizer_state``). Under
+    torch.distributed, scores are reduced across ranks so every rank draws the same pattern.
+    """
+
+    name = "base"
+    # When the grow score needs the layer's dense gradient: None, "update" (only on update steps), "every_step".
+    dense_grad: Optional[str] = None
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100,
+                 drop_fraction: float = 0.3, end_fraction: float = 0.75, schedule: str = "cosine",
+                 grow_init: str = "zero", generator: Optional[torch.Generator] = None):
+        where = type(self).__name__
+        self.total_steps = _check_int(where, "total_steps", total_steps, 1)
+        self.delta_t = _check_int(where, "delta_t", delta_t, 1)
+        self.drop_fraction = _check_fraction(where, "drop_fraction", drop_fraction, low_open=False)
+        self.end_fraction = _check_fraction(where, "end_fraction", end_fraction, low_open=True)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{where}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if grow_init not in GROW_INITS:
+            raise ValueError(f"{where}: grow_init must be one of {GROW_INITS}, got {grow_init!r}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.schedule, self.grow_init = schedule, grow_init
+        self.model, self.optimizer = model, optimizer
+        self.layers: Dict[str, SparseWeightMixin] = {
+            name: m for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)}
+        if not self.layers:
+            raise ValueError(f"{where}: the model has no sparse layers; call sparsekern.sparsify(model, density) "
+                             "first")
+        for name, module in self.layers.items():
+            if not optimizer_holds(optimizer, module.values):
+                raise ValueError(f"{where}: the optimizer does not hold the values of sparse layer {name!r}; "
+                                 "build the optimizer from model.parameters() after sparsify")
+        self.end_step = int(self.end_fraction * self.total_steps)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(torch.initial_seed())
+        self.step_count = 0
+        self.history: List[dict] = []
+        self._captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.layers}
+        self._hooks = []
+        if self.dense_grad is not None:
+            self._hooks = [m.register_forward_hook(partial(self._capture, n)) for n, m in self.layers.items()]
+
+    # -- schedule -----------------------------------------------------------------------
+    def drop_rate(self, t: int) -> float:
+        """f(t): the fraction of each layer's active weights dropped at update step t."""
+        if self.schedule == "constant":
+            return self.drop_fraction
+        progress = min(t / self.end_step, 1.0) if self.end_step else 1.0
+        if self.schedule == "linear":
+            return self.drop_fraction * (1.0 - progress)
+        return self.drop_fraction / 2 * (1 + math.cos(math.pi * progress))
+
+    def is_update_step(self, t: int) -> bool:
+        return t % self.delta_t == 0 and 0 < t <= self.end_step
+
+    # -- the dense gradient, from the layer's saved input and output gradient --------------
+    def _wants_dense_grad(self) -> bool:
+        return self.dense_grad == "every_step" or self.is_update_step(self.step_count + 1)
+
+    def _capture(self, name: str, module, inputs, output) -> None:
+        if not (torch.is_grad_enabled() and output.requires_grad and self._wants_dense_grad()):
+            return
+        x, store = inputs[0].detach(), self._captured[name]
+        output.register_hook(lambda grad: store.append((x, grad.detach())))
+
+    def layer_dense_grad(self, name: str) -> torch.Tensor:
+        """The flat dense gradient of layer ``name`` over the backward passes since the last step (one
+        dense product per pass), averaged over ranks."""
+        pairs = self._captured[name]
+        if not pairs:
+            raise RuntimeError(f"{type(self).__name__}: no gradient reached sparse layer {name!r} since the last "
+                               "step; call step() after loss.backward() and optimizer.step()")
+        module = self.layers[name]
+        grad = sum(weight_grad(module, x, g) for x, g in pairs)
+        return all_reduce_mean(grad.reshape(-1).to(module.values.dtype).contiguous())
+
+    # -- what algorithms override ---------------------------------------------------------
+    def grow_scores(self, name: str, module: SparseWeightMixin) -> torch.Tensor:
+        """Flat scores over the layer's dense weight (the same on every rank); the largest grow."""
+        raise NotImplementedError
+
+    def grow_counts(self, drop_counts: Dict[str, int]) -> Dict[str, int]:
+        """How many weights each layer grows; by default as many as it dropped."""
+        return dict(drop_counts)
+
+    def _on_step(self) -> None:
+        """Work done every step (SNFS accumulates its gradient momentum)."""
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- the skeleton -----------------------------------------------------------------------
+    def step(self) -> bool:
+        """Advance one training step; on an update step change the patterns. True if a pattern changed."""
+        self.step_count += 1
+        try:
+            self._on_step()
+            if not self.is_update_step(self.step_count):
+                return False
+            return self._update()
+        finally:
+            for pairs in self._captured.values():
+                pairs.clear()
+
+    @torch.no_grad()
+    def _update(self) -> bool:
+        fraction = self.drop_rate(self.step_count)
+        drop_counts = {name: math.floor(m.nnz * fraction) for name, m in self.layers.items()}
+        grow_counts = self.grow_counts(drop_counts)
+        record = {"step": self.step_count, "drop_fraction": fraction, "layers": {}}
+        for name, module in self.layers.items():
+            record["layers"][name] = self._update_layer(name, module, drop_counts[name], grow_counts[name])
+        self.history.append(record)
+        return any(r["mask_distance"] > 0 for r in record["layers"].values())
+
+    def _update_layer(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int) -> dict:
+        nnz = module.nnz
+        if n_drop == 0 and n_grow == 0:
+            return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
+        old_mask = module.mask().reshape(-1)
+        old_pos = old_mask.nonzero().squeeze(1)  # flat position of each nonzero, in CSR order
+        values = module.values.detach()
+        # Drop: the n_drop active weights of smallest magnitude.
+        dropped = topk_select(broadcast(values.abs()), n_drop, largest=False)
+        keep = torch.ones(nnz, dtype=torch.bool, device=values.device)
+        keep[dropped] = False
+        kept_mask = torch.zeros_like(old_mask)
+        kept_mask[old_pos[keep]] = True
+        # Grow: the n_grow best scores among the weights not kept (a just-dropped one may come back, at 0).
+        grown = topk_select(self.grow_scores(name, module), n_grow, largest=True, candidates=~kept_mask)
+        new_mask = kept_mask.clone()
+        new_mask[grown] = True
+        # source[i]: the old index of the new pattern's i-th nonzero, -1 where grown.
+        old_index = torch.full(old_mask.shape, -1, dtype=torch.int64, device=values.device)
+        old_index[old_pos[keep]] = keep.nonzero().squeeze(1)
+        source = old_index[new_mask.nonzero().squeeze(1)]
+        old_param = module.values
+        module.update_pattern_(new_mask.reshape(module.weight_shape), remap_entries(values, source))
+        remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
+        return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow,
+                "regrown": int((new_mask & old_mask & ~kept_mask).sum()),
+                "mask_distance": int((new_mask ^ old_mask).sum())}
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    @property
+    def stats(self) -> Optional[dict]:
+        """The last update's record: per layer nnz, dropped, grown, regrown, mask_distance."""
+        return self.history[-1] if self.history else None
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict:
+        return {"algorithm": self.name, "step_count": self.step_count, "generator": self.generator.get_state(),
+                "history": [dict(r) for r in self.history], **self._extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("algorithm") != self.name:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state is of algorithm {state.get('algorithm')!r}, "
+                             f"expected {self.name!r}")
+        self.step_count = int(state["step_count"])
+        self.generator.set_state(state["generator"])
+        self.history = [dict(r) for r in state["history"]]
+        self._load_extra_state(state)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(layers={len(self.layers)}, total_steps={self.total_steps}, "
+                f"delta_t={self.delta_t}, drop_fraction={self.drop_fraction}, end_fraction={self.end_fraction}, "
+                f"schedule={self.schedule!r}, step={self.step_count})")

@@ -1,0 +1,144 @@
+"""Per-layer densities (uniform, ER, ERK) and ``sparsify``: swap a model's dense layers for sparse ones."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .init import INITS, initialize_
+from .nn import SparseConv2d, SparseLinear, random_mask
+
+__all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify"]
+
+DISTRIBUTIONS = ("uniform", "er", "erk")
+Shapes = Union[nn.Module, Mapping[str, Sequence[int]], Sequence[Sequence[int]]]
+
+
+def check_density(where: str, density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{where}: density must lie in (0, 1], got {density!r}")
+    return float(density)
+
+
+def _check_distribution(where: str, distribution: str) -> None:
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"{where}: distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+def _is_sparsifiable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def sparsifiable_layers(model: nn.Module, dense_layers: Iterable[str] = ()) -> Dict[str, nn.Module]:
+    """The ``nn.Linear`` and ``nn.Conv2d`` (groups = 1, zero padding) modules of ``model`` by qualified
+    name, leaving out those named in ``dense_layers`` (a name also covers everything under it)."""
+    dense_layers = tuple(dense_layers)
+    return {name: m for name, m in model.named_modules() if _is_sparsifiable(m) and not _under(name, dense_layers)}
+
+
+def _erdos_renyi(shapes: List[Sequence[int]], density: float, include_kernel: bool) -> List[float]:
+    """google-research/rigl ``get_sparsities_erdos_renyi``, as densities: layer i keeps eps * raw_i of its
+    weights, eps solved so the kept total is density * total; a layer whose eps * raw exceeds 1 is made
+    dense and eps solved again over the rest."""
+    numels = [math.prod(s) for s in shapes]
+    if include_kernel:  # ERK: sum of all dims over their product
+        raw = [sum(s) / n for s, n in zip(shapes, numels)]
+    else:  # ER: (n_in + n_out) / (n_in * n_out); PyTorch weights are (out, in, ...)
+        raw = [(s[0] + s[1]) / (s[0] * s[1]) for s in shapes]
+    dense = set()
+    eps = 0.0
+    while len(dense) < len(shapes):
+        free = [i for i in range(len(shapes)) if i not in dense]
+        kept_left = density * sum(numels) - sum(numels[i] for i in dense)
+        eps = kept_left / sum(raw[i] * numels[i] for i in free)
+        max_raw = max(raw[i] for i in free)
+        if eps * max_raw <= 1.0:
+            break
+        dense.update(i for i in free if raw[i] == max_raw)
+    return [1.0 if i in dense else min(1.0, eps * raw[i]) for i in range(len(shapes))]
+
+
+def densities(model_or_shapes: Shapes, density: float, distribution: str = "erk") -> Union[Dict[str, float], List[float]]:
+    """Per-layer densities whose weighted mean is ``density``.
+
+    ``model_or_shapes``: a model (its sparsifiable layers, see ``sparsifiable_layers``; returns
+    {name: density}), a mapping name -> weight shape (returns a dict), or a sequence of weight shapes
+    in PyTorch layout (out, in, kh, kw) (returns a list). ``distribution``: ``uniform`` (every layer
+    ``density``), ``er`` (Erdős–Rényi) or ``erk`` (Erdős–Rényi-Kernel), as in google-research/rigl.
+    """
+    density = check_density("densities", density)
+    _check_distribution("densities", distribution)
+    if isinstance(model_or_shapes, nn.Module):
+        layers = sparsifiable_layers(model_or_shapes)
+        names, shapes = list(layers), [tuple(m.weight.shape) for m in layers.values()]
+    elif isinstance(model_or_shapes, Mapping):
+        names, shapes = list(model_or_shapes), [tuple(s) for s in model_or_shapes.values()]
+    else:
+        names, shapes = None, [tuple(s) for s in model_or_shapes]
+    if not shapes:
+        raise ValueError("densities: no layers given (a model needs nn.Linear or nn.Conv2d layers)")
+    for s in shapes:
+        if len(s) < 2 or any(not isinstance(d, int) or d <= 0 for d in s):
+            raise ValueError(f"densities: every shape must have >= 2 positive int dims, got {s}")
+    if distribution == "uniform":
+        result = [density] * len(shapes)
+    else:
+        result = _erdos_renyi(shapes, density, include_kernel=distribution == "erk")
+    return result if names is None else dict(zip(names, result))
+
+
+def _to_sparse(module: nn.Module, mask: torch.Tensor) -> nn.Module:
+    cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
+    sparse = cls.from_dense(module, mask)
+    sparse.values.requires_grad_(module.weight.requires_grad)
+    return sparse.train(module.training)
+
+
+def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: str = "sparse",
+             dense_layers: Iterable[str] = (), inplace: bool = True,
+             generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Replace every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) of ``model`` by its sparse module.
+
+    Per-layer densities follow ``distribution`` over the replaced layers (those in ``dense_layers``,
+    qualified module names, stay dense and do not count). Each mask keeps round(density * numel)
+    weights drawn uniformly at random from ``generator``. ``init``: ``sparse`` (per-unit scaled,
+    ``sparsekern.init.sparse_init_``), ``dense`` (the dense layer's weights, masked) or ``layer``
+    (the dense weights scaled by 1/sqrt(layer density)). Returns the model (a copy if not ``inplace``).
+    """
+    density = check_density("sparsify", density)
+    _check_distribution("sparsify", distribution)
+    if init not in INITS:
+        raise ValueError(f"sparsify: init must be one of {INITS}, got {init!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
+    dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
+    names = {name for name, _ in model.named_modules()}
+    unknown = [d for d in dense_layers if d not in names]
+    if unknown:
+        raise ValueError(f"sparsify: dense_layers names no module of the model: {unknown}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = sparsifiable_layers(model, dense_layers)
+    if not layers:
+        kept = f" outside dense_layers {list(dense_layers)}" if dense_layers else ""
+        raise ValueError(f"sparsify: the model has no nn.Linear or nn.Conv2d (groups=1) to sparsify{kept}")
+    layer_densities = densities({n: tuple(m.weight.shape) for n, m in layers.items()}, density, distribution)
+    for name, module in layers.items():
+        d = layer_densities[name]
+        mask = random_mask(module.weight.shape, d, generator, device=module.weight.device)
+        sparse = _to_sparse(module, mask)
+        initialize_(sparse, init, d, generator=generator)
+        if name == "":
+            return sparse  # the model itself was the one layer
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, sparse)
+    return model

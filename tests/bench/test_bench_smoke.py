@@ -1,0 +1,60 @@
+"""Smoke test of the bench harness: tiny shapes, reference backend, one thread, a few seconds.
+
+Runs ``python -m bench.ops`` (the source of ``sparsekern.bench.ops``) in a subprocess so
+that SPARSEKERN_BACKEND=reference is read at import, as the harness is meant to be run.
+"""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COLUMNS = ["dense ms", "sparsekern ms", "torch.sparse ms", "SparseProp ms"]
+
+
+def _table(markdown: str):
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def _ms(cell: str) -> float:
+    return float(cell.split()[0])  # "median [IQR]"
+
+
+def test_bench_tiny_quick(tmp_path):
+    output = tmp_path / "bench.md"
+    env = {**os.environ, "SPARSEKERN_BACKEND": "reference"}
+    proc = subprocess.run([sys.executable, "-m", "bench.ops", "--quick", "--sizes", "tiny", "--threads", "1",
+                           "--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    text = output.read_text()
+    for key in ("command:", "torch:", "threads: 1", "CPU:", "date:", "sparsekern backend: reference"):
+        assert key in text
+    rows = _table(text)
+    kinds = [(r["case"].split()[0], r["pass"]) for r in rows]
+    # --quick: linear at 2 densities, conv at 2 shapes x 2 densities (fwd and fwd+bwd each), topk at 2 k's (fwd).
+    assert kinds == ([("SparseLinear", "fwd"), ("SparseLinear", "fwd+bwd")] * 2
+                     + [("SparseConv2d", "fwd"), ("SparseConv2d", "fwd+bwd")] * 4 + [("topk_select", "fwd")] * 2)
+
+    has_sparseprop = importlib.util.find_spec("sparseprop") is not None
+    for row in rows:
+        timed = ["dense ms", "sparsekern ms"]
+        if row["case"].startswith("SparseLinear"):
+            timed.append("torch.sparse ms")
+        if not row["case"].startswith("topk"):
+            if has_sparseprop:
+                timed.append("SparseProp ms")
+            else:
+                assert row["SparseProp ms"] == "n/a"
+        for column in COLUMNS:
+            if column in timed:
+                t = _ms(row[column])
+                assert math.isfinite(t) and t > 0, (row["case"], row["pass"], column, row[column])
+            else:
+                assert row[column] in ("—", "n/a"), (row["case"], column, row[column])
+        assert row["speedup vs dense"].endswith("x")
+        assert "differs" not in row["notes"] and "error" not in row["notes"], row["notes"]

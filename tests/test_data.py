@@ -1,0 +1,116 @@
+"""Data: offline sets, seeded loaders, and the IDX / CIFAR readers on tiny fake files."""
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sparsekern.data import load_data, load_digits, make_synthetic, read_idx
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C, np.dtype(">f4"): 0x0D}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(data)
+
+
+def fake_mnist(root, n_train=20, n_test=6, gz=False):
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8)}
+    for name, array in arrays.items():
+        write_idx(root / (name + ext), array)
+    return arrays
+
+
+def test_read_idx_roundtrip(tmp_path):
+    for array in (np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.arange(5, dtype=">i4"),
+                  np.linspace(0, 1, 6, dtype=">f4").reshape(3, 2)):
+        for name in ("a.idx", "a.idx.gz"):
+            write_idx(tmp_path / name, array)
+            np.testing.assert_array_equal(read_idx(tmp_path / name).numpy(), array.astype(array.dtype.newbyteorder("=")))
+
+
+def test_read_idx_rejects_truncated(tmp_path):
+    write_idx(tmp_path / "x", np.zeros((4, 4), np.uint8))
+    (tmp_path / "x").write_bytes((tmp_path / "x").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="header says shape"):
+        read_idx(tmp_path / "x")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_reader(tmp_path, gz):
+    arrays = fake_mnist(tmp_path, gz=gz)
+    splits = load_data("mnist", tmp_path, val_size=4)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 6)
+    assert splits.in_channels == 1 and splits.image_size == 28 and splits.num_classes == 10
+    x, y = splits.test[list(range(6))]
+    assert x.shape == (6, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.equal(y, torch.tensor(arrays["t10k-labels-idx1-ubyte"], dtype=torch.long))
+    raw = torch.tensor(arrays["t10k-images-idx3-ubyte"], dtype=torch.float32) / 255
+    assert torch.allclose(x[:, 0] * splits.test.std[0, 0] + splits.test.mean[0, 0], raw, atol=1e-5)
+    # Train statistics normalize the train split to mean 0, std 1.
+    xt, _ = splits.train[list(range(16))]
+    assert abs(float(xt.mean())) < 1e-4 and abs(float(xt.std(unbiased=False)) - 1) < 1e-3
+    assert load_data("fashion-mnist", tmp_path, val_size=4, image_size=32).image_size == 32
+
+
+def test_missing_file_names_it(tmp_path):
+    fake_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.*Expected layout"):
+        load_data("mnist", tmp_path)
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*Expected layout"):
+        load_data("cifar10", tmp_path)
+    with pytest.raises(ValueError, match="data_dir is required"):
+        load_data("cifar10")
+
+
+def test_cifar_reader(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                         b"labels": rng.integers(0, 10, 3).tolist()}
+        with open(root / name, "wb") as f:
+            pickle.dump(batches[name], f)
+    splits = load_data("cifar10", tmp_path, val_size=5)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (10, 5, 3)
+    assert splits.in_channels == 3 and splits.image_size == 32
+    x, y = splits.test[[0, 1, 2]]
+    assert torch.equal(y, torch.tensor(batches["test_batch"][b"labels"]))
+    # Rows are channel-major (1024 R, 1024 G, 1024 B), as in the CIFAR format.
+    raw = torch.tensor(batches["test_batch"][b"data"][1, 1024:2048], dtype=torch.float32).view(32, 32) / 255
+    assert torch.allclose(x[1, 1] * splits.test.std[0, 1] + splits.test.mean[0, 1], raw, atol=1e-5)
+
+
+def test_digits_splits_and_resize():
+    splits = load_digits()
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (1258, 180, 359)
+    assert splits.image_size == 8 and splits.num_classes == 10
+    for mode, size in (("upsample", 32), ("pad", 28)):
+        s = load_digits(image_size=size, resize=mode)
+        x, _ = s.test[0]
+        assert x.shape == (1, size, size)
+    # The split does not depend on anything but split_seed.
+    assert torch.equal(load_digits().test.labels, splits.test.labels)
+
+
+def test_loaders_are_seeded():
+    splits = make_synthetic(n_train=64, n_val=16, n_test=16)
+    first = lambda seed: next(iter(splits.loaders(batch_size=8, seed=seed)[0]))[1]  # noqa: E731
+    assert torch.equal(first(1), first(1)) and not torch.equal(first(1), first(2))
+    state = torch.get_rng_state()
+    train, val, test = splits.loaders(batch_size=8, seed=0)
+    sizes = [x.shape[0] for x, _ in train]
+    assert sizes == [8] * 8 and torch.equal(torch.get_rng_state(), state)  # global RNG untouched
+    assert sum(y.shape[0] for _, y in test) == 16 and next(iter(val))[0].shape == (16, 1, 8, 8)
