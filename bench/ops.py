@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import math
 import os
 import shlex
 import sys
@@ -105,7 +106,7 @@ def topk_case(n: int, fraction: float) -> Case:
     impls = [Impl(DENSE, lambda s: torch.topk(s, k, sorted=False).indices),
              Impl(SPARSEKERN, lambda s: sparsekern.ops.topk_select(s, k))]
     # Indices may differ among tied scores; the selected scores may not.
-    return Case(f"topk_select n={n:.0e} k={fraction:.0%}", (scores,), impls, None,
+    return Case(f"topk_select n={n:.0e} k={fraction:.0%}".replace("e+0", "e"), (scores,), impls, None,
                 outcome=lambda idx: torch.sort(scores[idx]).values)
 
 
@@ -123,30 +124,36 @@ def case_builders(sizes: str, quick: bool, groups: Sequence[str]) -> List[Callab
 
 
 # -- checking and timing --------------------------------------------------------------------
-def _outcome(case: Case, impl: Impl) -> Tuple[List[torch.Tensor], bool]:
-    """(output and gradients, whether backward ran) of one forward + backward of ``impl``."""
+def _outcome(case: Case, impl: Impl) -> Tuple[List[torch.Tensor], Optional[str]]:
+    """Output and gradients of one forward + backward of ``impl``, and why backward did not run
+    (None if it did). A peer's unsupported backward is reported, sparsekern's is an error."""
     leaves = [t for t in (*case.inputs, *impl.params) if t.requires_grad]
     for t in leaves:
         t.grad = None
     out = impl.forward(*case.inputs)
     result = [case.outcome(out) if case.outcome else out.detach().clone()]
     if case.grad_out is None:
-        return result, False
+        return result, "no backward pass"
     try:
         torch.autograd.backward(out, case.grad_out)
-    except (RuntimeError, NotImplementedError):
-        return result, False
+    except (RuntimeError, NotImplementedError) as exc:
+        if impl.column == SPARSEKERN:
+            raise
+        return result, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     grads = [t.grad for t in case.inputs if t.requires_grad] + [impl.weight_grad()]
     if impl.bias is not None:
         grads.append(impl.bias.grad)
-    return result + [g.detach().clone() for g in grads], True
+    return result + [g.detach().clone() for g in grads], None
 
 
 def _relative_error(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
+    """max |a - b| / max |b| over the output and the gradients."""
     err = 0.0
     for a, b in zip(got, want):
-        scale = max(float(b.abs().max()), 1e-12) if b.numel() else 1.0
-        err = max(err, float((a.to(b.dtype) - b).abs().max()) / scale if b.numel() else 0.0)
+        if a.shape != b.shape:
+            return math.inf
+        if b.numel():
+            err = max(err, float((a.to(b.dtype) - b).abs().max()) / max(float(b.abs().max()), 1e-12))
     return err
 
 
@@ -159,8 +166,8 @@ def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
     reference = None
     for impl in case.impls:
         try:
-            result, has_backward = _outcome(case, impl)
-        except Exception as exc:  # a peer that cannot run this case: say so, time the others
+            result, no_backward = _outcome(case, impl)
+        except Exception as exc:  # say so and time the others (a peer may not support this case)
             for row in rows.values():
                 if not isinstance(row.times.get(impl.column), Timing):
                     row.times[impl.column] = FAILED
@@ -177,8 +184,9 @@ def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
                 row.times.setdefault(impl.column, WRONG)
             continue
         for pass_name, row in rows.items():
-            if pass_name == "fwd+bwd" and not has_backward:
+            if pass_name == "fwd+bwd" and no_backward:
                 row.times.setdefault(impl.column, NO_BACKWARD)
+                row.notes.append(f"{impl.column} backward: {no_backward}")
                 continue
             fn = (forward_fn(impl.forward, case.inputs) if pass_name == "fwd" else
                   train_step_fn(impl.forward, case.inputs, impl.params, case.grad_out))

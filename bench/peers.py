@@ -7,6 +7,7 @@ and returns an ``Impl`` computing the same function from its own copy of the wei
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -51,7 +52,9 @@ def sparsekern_module(module: nn.Module, mask: torch.Tensor) -> Impl:
 # -- torch.sparse ---------------------------------------------------------------------------
 def torch_sparse_linear(module: nn.Linear, mask: torch.Tensor) -> Impl:
     """``torch.sparse.mm(W_csr, x.T).T + b``; its backward gives W_csr a CSR gradient on the pattern."""
-    weight = module.weight.detach().to_sparse_csr().requires_grad_()
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        weight = module.weight.detach().to_sparse_csr().requires_grad_()
     bias = None if module.bias is None else module.bias.detach().clone().requires_grad_()
 
     def forward(x):

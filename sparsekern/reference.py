@@ -49,6 +49,10 @@ def sparse_conv2d(x, values, row_ptr, col_idx, kernel_size: Sequence[int], bias:
     kh, kw = kernel_size
     cin = x.shape[1]
     w = csr_to_dense(values, row_ptr, col_idx, cin * kh * kw).reshape(row_ptr.numel() - 1, cin, kh, kw)
+    if w.shape[0] == 0:  # F.conv2d rejects Cout = 0: compute one zero channel, then drop it
+        w = torch.cat([w, w.new_zeros((1, cin, kh, kw))])
+        bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+        return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))[:, :0]
     return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 

@@ -175,6 +175,8 @@ template <typename S> struct SpmmJob {
   int64_t os0, os1;
   int64_t b0, nc;
   const S* bias;  // per row, or nullptr
+  int64_t last;   // nnz - 1 (prefetch clamp)
+  int64_t pd;     // prefetch distance in nonzeros (0: none)
 };
 
 // Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
@@ -226,6 +228,12 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
       int64_t p = J.rp[i];
       const int64_t e = J.rp[i + 1];
       for (; p + SETS <= e; p += SETS) {
+        if (J.pd) {
+          for (int s = 0; s < SETS; ++s) {
+            const S* pf = Bp + (int64_t)ci[std::min(p + s + J.pd, J.last)] * T;
+            for (int c = 0; c < T * (int)sizeof(S); c += 64) __builtin_prefetch((const char*)pf + c);
+          }
+        }
         for (int s = 0; s < SETS; ++s) {
           const v w = vbcast<S>(vals[p + s]);
           const S* b = Bp + (int64_t)ci[p + s] * T;
@@ -389,6 +397,14 @@ int tile_vectors(int64_t n, int64_t elem_size) {
   return def;
 }
 
+int64_t prefetch_distance() {
+  static const int64_t pd = [] {
+    const char* s = std::getenv("SPARSEKERN_PD");
+    return s ? std::atoll(s) : 0;
+  }();
+  return pd;
+}
+
 // Row boundaries of `parts` ranges of about equal cost (nnz + row_cost per row),
 // aligned to `align` rows.
 std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align) {
@@ -460,7 +476,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
   auto run = [&](int64_t part) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      const SpmmJob<S> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp};
+      const SpmmJob<S> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1, prefetch_distance()};
       spmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };

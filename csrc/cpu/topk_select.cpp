@@ -56,22 +56,44 @@ SK_INLINE K load_bits(const F* p) {
 // are candidates and whose key matches `prefix` under `pmask` into hist (two
 // copies); with comp, also appends their keys there in index order. Returns
 // whether a NaN candidate was seen.
-template <bool FILTER>
-SK_INLINE void count_digits(const uint16_t* dig, const uint8_t* match, int64_t len, uint32_t* h0, uint32_t* h1) {
-  // Non-matching keys are dropped first: counting them in a dummy bucket makes a
-  // chain of same-address increments at random positions, which defeats the
-  // CPU's memory-dependence prediction (pipeline flushes, several times slower).
-  uint16_t packed[FILTER ? kSub : 1];
+// How a pass selects the keys it counts: all of them, or those whose `match`
+// byte is 1, the matching ones being many (dense) or few (sparse).
+enum Mode { kAll = 0, kDense = 1, kSparse = 2 };
+
+// Counts digit (key >> shift) & dmask of the selected keys among keys[0, len)
+// into h0/h1; with COMPACT, appends them to comp[w...]. Returns the new w.
+template <typename K, int MODE, bool COMPACT>
+SK_INLINE int64_t consume(const K* keys, const uint16_t* dig, uint8_t* match, int64_t len, int shift, K dmask,
+                          uint32_t* h0, uint32_t* h1, K* comp, int64_t w) {
+  if (MODE == kSparse) {
+    // Visit only the set match bytes, 8 at a time: cost ~ len / 8 + #matches.
+    for (int64_t t = len; t < ((len + 7) & ~int64_t(7)); ++t) match[t] = 0;
+    for (int64_t g = 0; g < len; g += 8) {
+      uint64_t m;
+      std::memcpy(&m, match + g, 8);
+      while (m) {
+        const K key = keys[g + (__builtin_ctzll(m) >> 3)];
+        m &= m - 1;
+        h0[(key >> shift) & dmask]++;
+        if (COMPACT) comp[w++] = key;
+      }
+    }
+    return w;
+  }
+  // Non-matching keys are dropped before counting: counting them in a dummy
+  // bucket makes a chain of same-address increments at random positions, which
+  // defeats the CPU's memory-dependence prediction (several times slower).
+  uint16_t packed[MODE == kDense ? kSub : 1];
   const uint16_t* d = dig;
   int64_t m = len;
-  if (FILTER) {
-    int64_t w = 0;
+  if (MODE == kDense) {
+    int64_t p = 0;
     for (int64_t t = 0; t < len; ++t) {
-      packed[w] = dig[t];
-      w += match[t];
+      packed[p] = dig[t];
+      p += match[t];
     }
     d = packed;
-    m = w;
+    m = p;
   }
   int64_t t = 0;
   for (; t + 1 < m; t += 2) {
@@ -79,18 +101,26 @@ SK_INLINE void count_digits(const uint16_t* dig, const uint8_t* match, int64_t l
     h1[d[t + 1]]++;
   }
   if (t < m) h0[d[t]]++;
+  if (COMPACT) {
+    for (int64_t s = 0; s < len; ++s) {  // comp has one slot of slack
+      comp[w] = keys[s];
+      w += match[s];
+    }
+  }
+  return w;
 }
 
 // Counts the digit (key >> shift) & dmask of the elements in [lo, hi) that
 // are candidates and whose key matches `prefix` under `pmask` into hist (two
-// copies); with comp, also appends their keys there in index order. Returns
-// whether a NaN candidate was seen. FILTER = false: every element counts.
-template <typename F, typename K, bool CAND, bool FILTER, bool COMPACT>
+// copies); with COMPACT, also appends their keys to comp in index order.
+// Returns whether a NaN candidate was seen.
+template <typename F, typename K, bool CAND, int MODE, bool COMPACT>
 SK_INLINE bool float_pass_body(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K prefix, K pmask,
                                int shift, K dmask, uint32_t* hist, K* comp) {
-  uint16_t dig[kSub];
-  uint8_t match[kSub];
-  K keys[COMPACT ? kSub : 1];
+  constexpr bool kNeedKeys = COMPACT || MODE == kSparse;
+  uint16_t dig[MODE == kSparse ? 1 : kSub];
+  uint8_t match[kSub + 8];
+  K keys[kNeedKeys ? kSub : 1];
   uint32_t* h0 = hist;
   uint32_t* h1 = hist + kHistCopy;
   unsigned bad = 0;
@@ -104,26 +134,20 @@ SK_INLINE bool float_pass_body(const F* x, const bool* cand, int64_t lo, int64_t
       const K c = CAND ? (K)cb[t] : (K)1;
       bad |= (unsigned)((K)radix::bits_is_nan(u) & c);
       const K key = radix::bits_to_key(u, flip);
-      match[t] = (uint8_t)(c & (K)((key & pmask) == prefix));
-      dig[t] = (uint16_t)((key >> shift) & dmask);
-      if (COMPACT) keys[t] = key;
+      if (MODE != kAll) match[t] = (uint8_t)(c & (K)((key & pmask) == prefix));
+      if (MODE != kSparse) dig[t] = (uint16_t)((key >> shift) & dmask);
+      if (kNeedKeys) keys[t] = key;
     }
-    count_digits<FILTER>(dig, match, len, h0, h1);
-    if (COMPACT) {
-      for (int64_t s = 0; s < len; ++s) {  // comp has one slot of slack
-        comp[w] = keys[s];
-        w += match[s];
-      }
-    }
+    w = consume<K, MODE, COMPACT>(keys, dig, match, len, shift, dmask, h0, h1, comp, w);
   }
   return bad != 0;
 }
 
 // Same over a buffer of keys (all candidates).
-template <typename K, bool COMPACT>
+template <typename K, int MODE, bool COMPACT>
 SK_INLINE void key_pass_body(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist, K* comp) {
-  uint16_t dig[kSub];
-  uint8_t match[kSub];
+  uint16_t dig[MODE == kSparse ? 1 : kSub];
+  uint8_t match[kSub + 8];
   uint32_t* h0 = hist;
   uint32_t* h1 = hist + kHistCopy;
   int64_t w = 0;
@@ -133,15 +157,9 @@ SK_INLINE void key_pass_body(const K* src, int64_t m, K prefix, K pmask, int shi
     for (int64_t t = 0; t < len; ++t) {
       const K key = kb[t];
       match[t] = (uint8_t)((key & pmask) == prefix);
-      dig[t] = (uint16_t)((key >> shift) & dmask);
+      if (MODE != kSparse) dig[t] = (uint16_t)((key >> shift) & dmask);
     }
-    count_digits<true>(dig, match, len, h0, h1);
-    if (COMPACT) {
-      for (int64_t s = 0; s < len; ++s) {
-        comp[w] = kb[s];
-        w += match[s];
-      }
-    }
+    w = consume<K, MODE, COMPACT>(kb, dig, match, len, shift, dmask, h0, h1, comp, w);
   }
 }
 
@@ -159,7 +177,7 @@ SK_INLINE void output_body(const F* x, const bool* cand, int64_t lo, int64_t hi,
     const uint8_t* cb = reinterpret_cast<const uint8_t*>(cand) + base;
     for (int64_t t = 0; t < len; ++t) {
       const K key = radix::bits_to_key(load_bits<F, K>(xb + t), flip);
-      const K kc = CAND ? key & (K)0 - (K)cb[t] : key;  // non-candidates -> 0, which no valid key is
+      const K kc = CAND ? (key & ((K)0 - (K)cb[t])) : key;  // non-candidates -> 0, which no valid key is
       kk[t] = kc;
       any |= (unsigned)(kc >= T);
     }
@@ -189,38 +207,49 @@ SK_INLINE void output_body(const F* x, const bool* cand, int64_t lo, int64_t hi,
 }
 
 // ---- per-dtype entry points (ISA clones) ---------------------------------
-#define SK_FLOAT_PASS(NAME, F, K)                                                                          \
-  SK_CLONES bool NAME(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K prefix, K pmask,     \
-                      int shift, K dmask, uint32_t* hist, K* comp) {                                       \
-    if (cand) {                                                                                            \
-      if (comp) return float_pass_body<F, K, true, true, true>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp); \
-      return float_pass_body<F, K, true, true, false>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp);          \
+#define SK_FP(C, M, P) return float_pass_body<FT, KT, C, M, P>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp)
+#define SK_FLOAT_PASS(F, K)                                                                                \
+  SK_CLONES bool float_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K prefix, K pmask, \
+                            int shift, K dmask, uint32_t* hist, K* comp, bool sparse) {                    \
+    using FT = F;                                                                                          \
+    using KT = K;                                                                                          \
+    if (!cand && !comp && pmask == 0) SK_FP(false, kAll, false);                                          \
+    if (sparse) {                                                                                          \
+      if (cand) { if (comp) SK_FP(true, kSparse, true); SK_FP(true, kSparse, false); }                     \
+      if (comp) SK_FP(false, kSparse, true);                                                               \
+      SK_FP(false, kSparse, false);                                                                        \
     }                                                                                                      \
-    if (comp) return float_pass_body<F, K, false, true, true>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp);  \
-    if (pmask == 0) return float_pass_body<F, K, false, false, false>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp); \
-    return float_pass_body<F, K, false, true, false>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp);           \
+    if (cand) { if (comp) SK_FP(true, kDense, true); SK_FP(true, kDense, false); }                         \
+    if (comp) SK_FP(false, kDense, true);                                                                  \
+    SK_FP(false, kDense, false);                                                                           \
   }
-SK_FLOAT_PASS(float_pass, float, uint32_t)
-SK_FLOAT_PASS(float_pass, double, uint64_t)
+SK_FLOAT_PASS(float, uint32_t)
+SK_FLOAT_PASS(double, uint64_t)
 #undef SK_FLOAT_PASS
+#undef SK_FP
 
-#define SK_KEY_PASS(NAME, K)                                                                                \
-  SK_CLONES void NAME(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist, K* comp) { \
-    if (comp) key_pass_body<K, true>(src, m, prefix, pmask, shift, dmask, hist, comp);                     \
-    else key_pass_body<K, false>(src, m, prefix, pmask, shift, dmask, hist, comp);                         \
+#define SK_KP(M, P) return key_pass_body<KT, M, P>(src, m, prefix, pmask, shift, dmask, hist, comp)
+#define SK_KEY_PASS(K)                                                                                      \
+  SK_CLONES void key_pass(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist,   \
+                          K* comp, bool sparse) {                                                           \
+    using KT = K;                                                                                           \
+    if (sparse) { if (comp) SK_KP(kSparse, true); SK_KP(kSparse, false); }                                 \
+    if (comp) SK_KP(kDense, true);                                                                         \
+    SK_KP(kDense, false);                                                                                  \
   }
-SK_KEY_PASS(key_pass, uint32_t)
-SK_KEY_PASS(key_pass, uint64_t)
+SK_KEY_PASS(uint32_t)
+SK_KEY_PASS(uint64_t)
 #undef SK_KEY_PASS
+#undef SK_KP
 
-#define SK_OUTPUT_PASS(NAME, F, K)                                                                          \
-  SK_CLONES void NAME(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K T, int64_t eq_take,  \
-                      int64_t* out, int64_t nout) {                                                         \
+#define SK_OUTPUT_PASS(F, K)                                                                                \
+  SK_CLONES void output_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K T,             \
+                             int64_t eq_take, int64_t* out, int64_t nout) {                                 \
     if (cand) output_body<F, K, true>(x, cand, lo, hi, flip, T, eq_take, out, nout);                        \
     else output_body<F, K, false>(x, cand, lo, hi, flip, T, eq_take, out, nout);                            \
   }
-SK_OUTPUT_PASS(output_pass, float, uint32_t)
-SK_OUTPUT_PASS(output_pass, double, uint64_t)
+SK_OUTPUT_PASS(float, uint32_t)
+SK_OUTPUT_PASS(double, uint64_t)
 #undef SK_OUTPUT_PASS
 
 // ---- driver ---------------------------------------------------------------
@@ -265,6 +294,7 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
     const K dmask = (K)(nbk - 1);
     const K pmask = radix::prefix_mask<K>(level);
     const bool compact = level > 0 && level < L - 1 && nsurv * 4 <= src_size;
+    const bool sparse = level > 0 && nsurv * 8 <= src_size;  // few keys match the prefix
     const int nxt = cur == 0 ? 1 : 0;
     if (compact) {
       int64_t off = 0;
@@ -280,9 +310,9 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
         std::fill(h, h + kHistBlock, 0u);
         K* comp = compact ? buf[nxt].data() + new_off[j] : nullptr;
         if (cur < 0) {
-          nan_seen[j] = float_pass(x, cand, block_lo(j), block_lo(j + 1), flip, prefix, pmask, shift, dmask, h, comp);
+          nan_seen[j] = float_pass(x, cand, block_lo(j), block_lo(j + 1), flip, prefix, pmask, shift, dmask, h, comp, sparse);
         } else {
-          key_pass(buf[cur].data() + reg_off[j], reg_len[j], prefix, pmask, shift, dmask, h, comp);
+          key_pass(buf[cur].data() + reg_off[j], reg_len[j], prefix, pmask, shift, dmask, h, comp, sparse);
         }
       }
     });

@@ -37,4 +37,4 @@ def train_step(model, optimizer, algo, batch):
     loss.backward()
     optimizer.step()
     changed = algo.step() if algo is not None else False
-    return float(loss), changed
+    return loss.item(), changed

@@ -1,0 +1,175 @@
+"""sparse_conv2d: NCHW conv2d with a CSR weight, every available backend against the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+from sparsekern import reference
+from sparsekern.ops import sparse_conv2d
+
+from conftest import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
+                      use_backend)
+
+OP = "sparse_conv2d"
+BACKWARD = ("sparse_conv2d", "sparse_conv2d_backward_input", "sparse_conv2d_backward_weight")
+
+
+def _ref(x, W, bias, stride, padding, dilation):
+    return reference.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, list(W.shape[2:]), bias, list(stride),
+                                   list(padding), list(dilation))
+
+
+def _setup(case, sparsity, dtype, layout, seed, requires_grad=False):
+    n, cin, cout, h, w, ks, stride, padding, dilation, with_bias = case
+    density, empty_rows = sparsity
+    g = gen(seed)
+    W = random_sparse((cout, cin) + ks, density, dtype, g, empty_rows, layout, requires_grad=requires_grad)
+    x = make_input((n, cin, h, w), dtype, g, layout, requires_grad=requires_grad)
+    bias = make_input((cout,), dtype, g, layout, requires_grad=requires_grad) if with_bias else None
+    return x, W, bias, stride, padding, dilation
+
+
+def test_forward(backend, conv_case, sparsity, dtype, layout):
+    x, W, bias, stride, padding, dilation = _setup(conv_case, sparsity, dtype, layout,
+                                                   seed_of(OP, conv_case, sparsity, dtype, layout))
+    x_before = x.clone()
+    y = sparse_conv2d(x, W, bias, stride, padding, dilation)
+    expected = _ref(x, W, bias, stride, padding, dilation)
+    assert_close(y, expected, scale=W.k)
+    assert torch.equal(x, x_before), "sparse_conv2d modified x"
+    if W.m:  # The oracle against F.conv2d on the dense weight (which rejects Cout = 0).
+        torch.testing.assert_close(expected, F.conv2d(x, W.to_dense(), bias, stride, padding, dilation),
+                                   rtol=1e-4, atol=1e-5 * W.k)
+    else:
+        assert y.shape == (x.shape[0], 0) + expected.shape[2:]
+
+
+@pytest.mark.kernels(*BACKWARD)
+def test_backward(backend, conv_case, sparsity, dtype, layout):
+    x, W, bias, stride, padding, dilation = _setup(conv_case, sparsity, dtype, layout,
+                                                   seed_of(OP, "bw", conv_case, sparsity, dtype, layout), True)
+    y = sparse_conv2d(x, W, bias, stride, padding, dilation)
+    g = gen(seed_of(OP, "grad_out", conv_case))
+    grad_out = make_input(y.shape, dtype, g)
+    inputs = [x, W.values] + ([bias] if bias is not None else [])
+    got = grads(y, inputs, grad_out)
+    exp = grads(_ref(x, W, bias, stride, padding, dilation), inputs, grad_out)
+    n_out = y.shape[0] * y.shape[2] * y.shape[3]
+    for name, a, e, s in zip(["x", "values", "bias"], got, exp, [W.m * 9, n_out, n_out]):
+        assert_close(a, e, scale=s)
+
+
+@pytest.mark.kernels(*BACKWARD)
+@pytest.mark.parametrize("wrt", ["x", "values", "bias"])
+def test_backward_one_input(backend, wrt, dtype):
+    case = (2, 3, 4, 6, 7, (3, 3), (2, 1), (1, 1), (1, 2), True)
+    x, W, bias, stride, padding, dilation = _setup(case, (0.5, True), dtype, "contiguous", seed_of(OP, wrt))
+    inp = {"x": x, "values": W.values, "bias": bias}[wrt]
+    inp.requires_grad_(True)
+    y = sparse_conv2d(x, W, bias, stride, padding, dilation)
+    grad_out = make_input(y.shape, dtype, gen(1))
+    (got,) = grads(y, [inp], grad_out)
+    (exp,) = grads(_ref(x, W, bias, stride, padding, dilation), [inp], grad_out)
+    assert_close(got, exp, scale=50)
+
+
+def test_int_and_pair_arguments_agree(backend):
+    x, W, bias, *_ = _setup((1, 2, 3, 7, 7, (3, 3), (1, 1), (0, 0), (1, 1), True), (0.5, False), torch.float64,
+                            "contiguous", 51)
+    assert torch.equal(sparse_conv2d(x, W, bias, 2, 1, 2), sparse_conv2d(x, W, bias, (2, 2), (1, 1), [2, 2]))
+    y = sparse_conv2d(x, W)  # defaults: stride 1, padding 0, dilation 1, no bias
+    assert_close(y, _ref(x, W, None, (1, 1), (0, 0), (1, 1)), scale=W.k)
+    assert y.shape == (1, 3, 5, 5)
+
+
+@pytest.mark.kernels(*BACKWARD)
+@pytest.mark.parametrize("case", [
+    (2, 2, 3, 5, 4, (3, 3), (1, 1), (1, 1), (1, 1), True),
+    (1, 2, 2, 6, 5, (3, 2), (2, 1), (0, 1), (1, 2), False),
+], ids=["3x3", "rect-stride-dilation"])
+def test_gradcheck(backend, case):
+    x, W, bias, stride, padding, dilation = _setup(case, (0.5, True), torch.float64, "transposed", 52)
+    values = W.values.detach().clone().requires_grad_(True)
+    x.requires_grad_(True)
+    inputs = (x, values) + ((bias.detach().clone().requires_grad_(True),) if bias is not None else ())
+
+    def f(x_, v, *b):
+        return sparse_conv2d(x_, W.with_values(v), b[0] if b else None, stride, padding, dilation)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+def _W(dtype=torch.float32, shape=(4, 3, 3, 3)):
+    return random_sparse(shape, 0.5, dtype, gen(53))
+
+
+def _x(*shape, **kw):
+    return torch.randn(*(shape or (2, 3, 8, 8)), **kw)
+
+
+@pytest.mark.parametrize(
+    "make,exc,match",
+    [
+        (lambda: ((_x(3, 8, 8), _W()), {}), ValueError, r"sparse_conv2d: x must be 4-D, got shape \(3, 8, 8\)"),
+        (lambda: ((_x(), _W().to_dense()), {}), TypeError, r"sparse_conv2d: W must be a sparsekern.SparseMatrix"),
+        (lambda: ((_x(dtype=torch.float64).int(), _W()), {}), TypeError, r"sparse_conv2d: x must be a floating-point tensor, got torch.int32"),
+        (lambda: ((_x(), _W()), {"groups": 3}), ValueError, r"sparse_conv2d: only groups=1 is supported, got groups=3"),
+        (lambda: ((_x(), _W(shape=(4, 27))), {}), ValueError, r"sparse_conv2d: W must have the dense shape \(Cout, Cin, kh, kw\), got \(4, 27\)"),
+        (lambda: ((_x(2, 2, 8, 8), _W()), {}), ValueError, r"sparse_conv2d: x must have 3 channels \(W has shape \(4, 3, 3, 3\)\), got 2"),
+        (lambda: ((_x(), _W()), {"stride": 0}), ValueError, r"sparse_conv2d: stride must be an int or a pair of ints >= 1, got 0"),
+        (lambda: ((_x(), _W()), {"stride": (1, 2, 3)}), ValueError, r"sparse_conv2d: stride must be an int or a pair"),
+        (lambda: ((_x(), _W()), {"padding": -1}), ValueError, r"sparse_conv2d: padding must be an int or a pair of ints >= 0, got -1"),
+        (lambda: ((_x(), _W()), {"padding": "same"}), ValueError, r"sparse_conv2d: padding must be an int or a pair"),
+        (lambda: ((_x(), _W()), {"dilation": (1, 0)}), ValueError, r"sparse_conv2d: dilation must be an int or a pair of ints >= 1, got \(1, 0\)"),
+        (lambda: ((_x(2, 3, 2, 8), _W()), {}), ValueError, r"sparse_conv2d: input of size \(2, 8\) is too small for kernel \(3, 3\)"),
+        (lambda: ((_x(2, 3, 5, 5), _W()), {"dilation": 3}), ValueError, r"sparse_conv2d: input of size \(5, 5\) is too small"),
+        (lambda: ((_x(), _W(), torch.randn(1, 4)), {}), ValueError, r"sparse_conv2d: bias must be 1-D"),
+        (lambda: ((_x(), _W(), torch.randn(3)), {}), ValueError, r"sparse_conv2d: bias must have 4 entries \(W has 4 output channels\), got 3"),
+        (lambda: ((_x(), _W(), torch.randn(4, dtype=torch.float64)), {}), TypeError, r"sparse_conv2d: bias has dtype torch.float64 but x has torch.float32"),
+        (lambda: ((_x(), _W(torch.float64)), {}), TypeError, r"sparse_conv2d: W.values has dtype torch.float64 but x has torch.float32"),
+        (lambda: ((_x(device="meta"), _W()), {}), ValueError, r"sparse_conv2d: W.values is on cpu but x is on meta"),
+    ],
+    ids=["x-3d", "W-dense", "x-int", "groups", "W-2d", "channels", "stride-0", "stride-triple", "padding-neg",
+         "padding-str", "dilation-0", "too-small", "too-small-dilated", "bias-2d", "bias-size", "bias-dtype",
+         "W-dtype", "x-device"],
+)
+def test_bad_input(backend, make, exc, match):
+    args, kwargs = make()
+    with pytest.raises(exc, match=match):
+        sparse_conv2d(*args, **kwargs)
+
+
+def test_bfloat16_on_cpp_is_a_type_error():
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    with use_backend("cpp"):
+        with pytest.raises(TypeError, match=r"sparse_conv2d: x has dtype torch.bfloat16, which the cpp backend"):
+            sparse_conv2d(x, _W(torch.bfloat16))
+
+
+# -- property-based fuzz -----------------------------------------------------------------
+
+@pytest.mark.kernels(*BACKWARD)
+@FUZZ
+@given(n=st.integers(0, 2), cin=st.integers(1, 4), cout=st.integers(0, 4), h=st.integers(1, 9), w=st.integers(1, 9),
+       kh=st.sampled_from([1, 2, 3, 5]), kw=st.sampled_from([1, 3, 4]), sh=st.integers(1, 3), sw=st.integers(1, 2),
+       ph=st.integers(0, 2), pw=st.integers(0, 2), dh=st.integers(1, 2), dw=st.integers(1, 2),
+       with_bias=st.booleans(), density=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]), empty_rows=st.booleans(),
+       dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2 ** 16))
+def test_fuzz(backend, n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, dh, dw, with_bias, density, empty_rows, dtype,
+              layout, seed):
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    # Grow the input until the output is non-empty (a too-small input is an error, tested above).
+    h += max(0, 1 - ho) * sh
+    w += max(0, 1 - wo) * sw
+    case = (n, cin, cout, h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw), with_bias)
+    x, W, bias, stride, padding, dilation = _setup(case, (density, empty_rows), dtype, layout, seed, True)
+    y = sparse_conv2d(x, W, bias, stride, padding, dilation)
+    expected = _ref(x, W, bias, stride, padding, dilation)
+    assert_close(y, expected, scale=W.k)
+    grad_out = make_input(y.shape, dtype, gen(seed + 1))
+    inputs = [x, W.values] + ([bias] if with_bias else [])
+    for got, exp in zip(grads(y, inputs, grad_out), grads(expected, inputs, grad_out)):
+        assert_close(got, exp, scale=100)
