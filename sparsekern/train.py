@@ -1,8 +1,8 @@
 """A thin training loop the studies and the CLI share: not a framework."""
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .nn import SparseWeightMixin
+from .analysis import grad_norm
 
-__all__ = ["fit", "evaluate", "gradient_flow"]
+__all__ = ["fit", "evaluate"]
 
 
 def _to(batch, device):
@@ -47,14 +47,6 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_ent
     return {"loss": total_loss / max(count, 1), "accuracy": None if correct is None else correct / max(count, 1)}
 
 
-def gradient_flow(model: nn.Module) -> Dict[str, float]:
-    """The gradient norm of the whole model and of each sparse layer's values (Evci et al.'s gradient flow)."""
-    layers = {name: float(m.values.grad.norm()) for name, m in model.named_modules()
-              if isinstance(m, SparseWeightMixin) and m.values.grad is not None}
-    squares = sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.grad is not None)
-    return {"grad_norm": math.sqrt(squares), "layers": layers}
-
-
 def _write(log: dict, log_path: Optional[str]) -> None:
     if log_path is not None:
         path = Path(log_path)
@@ -70,8 +62,10 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
 
     Each step: forward, ``loss_fn``, backward, ``optimizer.step()``, then ``dst.step()`` if given.
     ``scheduler`` steps once per epoch (or per step with ``scheduler_interval="step"``). The log holds
-    the loss every ``log_every`` steps, the gradient flow every ``grad_flow_every`` steps (0: never),
-    and per epoch the train and validation loss and accuracy and the pattern updates made.
+    the loss every ``log_every`` steps; every ``grad_flow_every`` steps (0: never, else from step 0)
+    the gradient flow (``sparsekern.analysis.grad_norm``) on the first validation batch (the current
+    training batch without a validation loader); and per epoch the train and validation loss and
+    accuracy and the number of pattern updates that changed a pattern.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: epochs must be an int >= 0, got {epochs!r}")
@@ -86,20 +80,22 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
         total_loss, correct, count, updates = 0.0, 0, 0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for batch in bar:
+            if grad_flow_every and step % grad_flow_every == 0:
+                held_out = next(iter(val_loader)) if val_loader is not None else batch
+                with dst.paused() if dst is not None else contextlib.nullcontext():  # not in RigL's gradient
+                    log["grad_flow"].append({"step": step, **grad_norm(model, held_out, loss_fn).to_dict()})
             x, y = _to(batch, device)
             out = model(x)
             loss = loss_fn(out, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             step += 1
-            if grad_flow_every and step % grad_flow_every == 0:
-                log["grad_flow"].append({"step": step, **gradient_flow(model)})
             optimizer.step()
             if dst is not None and dst.step():
                 updates += 1
             if scheduler is not None and scheduler_interval == "step":
                 scheduler.step()
-            loss_value = float(loss)
+            loss_value = loss.item()
             total_loss += loss_value * y.shape[0]
             c = _correct(out, y)
             correct = None if c is None or correct is None else correct + c

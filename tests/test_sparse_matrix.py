@@ -7,7 +7,7 @@ import torch
 from sparsekern import SparseMatrix
 from sparsekern.sparse_matrix import csr_from_mask, transpose_pattern
 
-from conftest import DTYPES, MKN, SPARSITIES, dense_of, gen, random_mask, random_sparse, seed_of
+from sk_testing import DTYPES, MKN, SPARSITIES, dense_of, gen, random_mask, random_sparse, seed_of
 
 SHAPES = [(m, k) for m, k, _ in MKN] + [(4, 3, 3, 3), (2, 5, 1, 1), (0, 2, 3, 3), (3, 1, 5, 2), (6,)]
 

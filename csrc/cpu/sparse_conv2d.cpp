@@ -42,13 +42,15 @@ using conv2d_impl::Pos;
 
 SK_CLONES void gather_rows_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
                                int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias, float* out,
-                               int64_t out_plane, int64_t cstride) {
-  conv2d_impl::gather_rows<float>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+                               int64_t out_plane, int64_t cstride, float* scratch) {
+  conv2d_impl::gather_rows<float>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
+                                  scratch);
 }
 SK_CLONES void gather_rows_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp,
                                int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias,
-                               double* out, int64_t out_plane, int64_t cstride) {
-  conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+                               double* out, int64_t out_plane, int64_t cstride, double* scratch) {
+  conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
+                                   scratch);
 }
 SK_CLONES void wgrad_rows_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                               const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
@@ -62,13 +64,13 @@ SK_CLONES void wgrad_rows_f64(const double* src, const int32_t* offs, const int6
 
 inline void gather_rows(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
                         int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias, float* out,
-                        int64_t out_plane, int64_t cstride) {
-  gather_rows_f32(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+                        int64_t out_plane, int64_t cstride, float* scratch) {
+  gather_rows_f32(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
 }
 inline void gather_rows(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
                         int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias, double* out,
-                        int64_t out_plane, int64_t cstride) {
-  gather_rows_f64(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride);
+                        int64_t out_plane, int64_t cstride, double* scratch) {
+  gather_rows_f64(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
 }
 inline void wgrad_rows(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                        const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
@@ -251,10 +253,26 @@ int64_t planes_per_block(int64_t rows, int64_t cols) {
   return std::max<int64_t>(1, l1_budget() / std::max<int64_t>(1, rows * cols * int64_t(sizeof(T))));
 }
 
+int64_t min_per_block() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("SK_CONV_MINB");
+    return e ? std::atoll(e) : int64_t(24);
+  }();
+  return v;
+}
+
 // bp[r*(nb+1) + k]: first entry of row r whose plane is >= k*bsize (planes ascend within rows).
+// Blocks cost a reload and a store of the output tile, so a row averages at least
+// min_per_block() entries per block.
 std::vector<int64_t> block_ptr(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_t nplanes,
                                int64_t bsize, int64_t& nb) {
+  const int64_t max_nb = std::max<int64_t>(1, rp[R] / std::max<int64_t>(1, R * min_per_block()));
   nb = std::max<int64_t>(1, (nplanes + bsize - 1) / bsize);
+  if (nb > max_nb) {
+    nb = max_nb;
+    bsize = (nplanes + nb - 1) / nb;
+    nb = std::max<int64_t>(1, (nplanes + bsize - 1) / bsize);
+  }
   std::vector<int64_t> bp(R * (nb + 1));
   for (int64_t r = 0; r < R; ++r) {
     int64_t j = rp[r];
@@ -267,6 +285,12 @@ std::vector<int64_t> block_ptr(int64_t R, const int64_t* rp, const int32_t* plan
     row[nb] = e;
   }
   return bp;
+}
+
+// Partial output tiles between weight blocks: NACC vectors per row (none for one block).
+template <class T>
+int64_t scratch_size(int64_t rows, int64_t nb) {
+  return nb > 1 ? rows * NACC * (32 / int64_t(sizeof(T))) : 0;
 }
 
 int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
@@ -306,11 +330,11 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> buf(psize);
+      std::vector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
-        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias, yp + b * yimg, oplane,
-                    1);
+        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias,
+                    yp + b * yimg, oplane, 1, scratch.data());
       }
     });
   } else {
@@ -320,7 +344,9 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias, yp + b * yimg, oplane, 1);
+        std::vector<T> scratch(scratch_size<T>(r1 - r0, nb));
+        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias, yp + b * yimg,
+                    oplane, 1, scratch.data());
       });
     }
   }
@@ -429,22 +455,22 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t sN = dy.stride(0), sC = dy.stride(1), sH = dy.stride(2), sW = dy.stride(3);
   T* dxp = dx.data_ptr<T>();
   const int64_t xplane = g.H * g.W, ximg = g.Cin * xplane;
-  auto image = [&](const T* src, int64_t b, int64_t r0, int64_t r1) {
+  auto image = [&](const T* src, int64_t b, int64_t r0, int64_t r1, T* scratch) {
     for (int64_t ph = 0; ph < nph; ++ph) {
       const std::vector<Pos>& pp = pos[ph];
       if (pp.empty()) continue;
       gather_rows(src, toffs.data(), tws.data(), bp.data() + ph * g.Cin * (nb + 1), nb, r0, r1, pp.data(), 0,
                   static_cast<int64_t>(pp.size()) / NACC, static_cast<const T*>(nullptr), dxp + b * ximg, xplane,
-                  g.sw);
+                  g.sw, scratch);
     }
   };
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> buf(psize);
+      std::vector<T> buf(psize), scratch(scratch_size<T>(g.Cin, nb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
-        image(buf.data(), b, 0, g.Cin);
+        image(buf.data(), b, 0, g.Cin, scratch.data());
       }
     });
   } else {
@@ -452,7 +478,10 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
     const int64_t grain = std::max<int64_t>(1, g.Cin * 16384 / std::max<int64_t>(1, nnz * g.OH * g.OW));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
-      at::parallel_for(0, g.Cin, grain, [&](int64_t r0, int64_t r1) { image(buf.data(), b, r0, r1); });
+      at::parallel_for(0, g.Cin, grain, [&](int64_t r0, int64_t r1) {
+        std::vector<T> scratch(scratch_size<T>(r1 - r0, nb));
+        image(buf.data(), b, r0, r1, scratch.data());
+      });
     }
   }
 }

@@ -47,35 +47,18 @@ SK_INLINE void storeu(T* p, typename VecOf<T>::type v) {
 }
 
 // Destination of a tile: plane `out`, positions `pos`, columns `cstride` apart.
+// (Element access through v[l], never the address of an accumulator, so they stay in registers.)
 template <class T>
 SK_INLINE void store_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, T* out, int64_t cstride) {
   constexpr int VW = sizeof(typename VecOf<T>::type) / sizeof(T);
+#pragma GCC unroll 16
   for (int k = 0; k < NACC; ++k) {
     const Pos& q = pos[k];
     T* o = out + q.out_off;
-    if (q.hi == VW && cstride == 1) {
+    if (__builtin_expect(q.hi == VW && cstride == 1, 1)) {
       storeu(o, acc[k]);  // lanes below lo rewrite identical values
     } else {
-      T tmp[VW];
-      std::memcpy(tmp, &acc[k], sizeof(tmp));
-      for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = tmp[l];
-    }
-  }
-}
-
-// Loads what store_tile wrote (lanes [0, hi) of a partial or strided vector).
-template <class T>
-SK_INLINE void load_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, const T* out, int64_t cstride) {
-  constexpr int VW = sizeof(typename VecOf<T>::type) / sizeof(T);
-  for (int k = 0; k < NACC; ++k) {
-    const Pos& q = pos[k];
-    const T* o = out + q.out_off;
-    if (q.hi == VW && cstride == 1) {
-      acc[k] = loadu(o);
-    } else {
-      T tmp[VW] = {};
-      for (int l = 0; l < q.hi; ++l) tmp[l] = o[l * cstride];
-      std::memcpy(&acc[k], tmp, sizeof(tmp));
+      for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = acc[k][l];
     }
   }
 }
@@ -83,39 +66,51 @@ SK_INLINE void load_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, c
 // The weight lists are cut into blocks of source planes (input channels for the forward,
 // output channels for grad input) whose part of the source fits L1; bp[r*(nb+1) + k]
 // is the first entry of row r in block k. Tiles outside, then blocks, then rows, so a
-// block of planes is reused by every row while it is in L1. The output tile is
-// initialised at block 0 and reloaded from `out` for later nonempty blocks.
+// block of planes is reused by every row while it is in L1. Between blocks a row's
+// partial tile waits in `scratch` (NACC vectors per row of [r0, r1), full vectors
+// whatever the tile's shape); the last block writes it to `out`.
 //
 // out[pos] = init + sum_j ws[j] * src[offs[j] + pos.in_off] for tiles [t0, t1), rows [r0, r1).
 template <class T>
 SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
                            const int64_t* bp, int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0,
-                           int64_t t1, const T* bias, T* __restrict out, int64_t out_plane, int64_t cstride) {
+                           int64_t t1, const T* bias, T* __restrict out, int64_t out_plane, int64_t cstride,
+                           T* __restrict scratch) {
   typedef typename VecOf<T>::type V;
+  constexpr int VW = sizeof(V) / sizeof(T);
   for (int64_t t = t0; t < t1; ++t) {
     const Pos* tp = pos + t * NACC;
     int64_t io[NACC];
     for (int k = 0; k < NACC; ++k) io[k] = tp[k].in_off;
     for (int64_t cb = 0; cb < nb; ++cb) {
+      const bool last = cb == nb - 1;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t* rb = bp + r * (nb + 1) + cb;
         const int64_t b = rb[0], e = rb[1];
-        T* o = out + r * out_plane;
+        T* sc = scratch + (r - r0) * (NACC * VW);
         V acc[NACC];
         if (cb == 0) {
           const T init = bias ? bias[r] : T(0);
+#pragma GCC unroll 16
           for (int k = 0; k < NACC; ++k) acc[k] = V{} + init;
-        } else if (b == e) {
+        } else if (b == e && !last) {
           continue;
         } else {
-          load_tile<T>(acc, tp, o, cstride);
+#pragma GCC unroll 16
+          for (int k = 0; k < NACC; ++k) acc[k] = loadu(sc + k * VW);
         }
         for (int64_t j = b; j < e; ++j) {
           const T* p = src + offs[j];
           const T w = ws[j];
+#pragma GCC unroll 16
           for (int k = 0; k < NACC; ++k) acc[k] += w * loadu(p + io[k]);
         }
-        store_tile<T>(acc, tp, o, cstride);
+        if (last) {
+          store_tile<T>(acc, tp, out + r * out_plane, cstride);
+        } else {
+#pragma GCC unroll 16
+          for (int k = 0; k < NACC; ++k) storeu(sc + k * VW, acc[k]);
+        }
       }
     }
   }
@@ -140,29 +135,30 @@ SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict off
         if (b == e) continue;
         const T* d = dy + r * out_plane;
         V dv[NACC];
+#pragma GCC unroll 16
         for (int k = 0; k < NACC; ++k) {
           const Pos& q = tp[k];
-          if (q.lo == 0 && q.hi == VW) {
+          if (__builtin_expect(q.lo == 0 && q.hi == VW, 1)) {
             dv[k] = loadu(d + q.out_off);
           } else {
-            T tmp[VW];
-            for (int l = 0; l < VW; ++l) tmp[l] = (l >= q.lo && l < q.hi) ? d[q.out_off + l] : T(0);
-            std::memcpy(&dv[k], tmp, sizeof(tmp));
+            V v = V{};
+            for (int l = q.lo; l < q.hi; ++l) v[l] = d[q.out_off + l];
+            dv[k] = v;
           }
         }
         for (int64_t j = b; j < e; ++j) {
           const T* p = src + offs[j];
           V s0 = dv[0] * loadu(p + io[0]);
           V s1 = dv[1] * loadu(p + io[1]);
+#pragma GCC unroll 16
           for (int k = 2; k < NACC; k += 2) {
             s0 += dv[k] * loadu(p + io[k]);
             s1 += dv[k + 1] * loadu(p + io[k + 1]);
           }
           s0 += s1;
-          T tmp[VW];
-          std::memcpy(tmp, &s0, sizeof(tmp));
           T sum = 0;
-          for (int l = 0; l < VW; ++l) sum += tmp[l];
+#pragma GCC unroll 8
+          for (int l = 0; l < VW; ++l) sum += s0[l];
           g[j] += sum;
         }
       }

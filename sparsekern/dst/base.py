@@ -5,8 +5,9 @@ Algorithms differ only in the grow score (``grow_scores``), in when they need th
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from functools import partial
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -65,6 +66,19 @@ def _check_fraction(where: str, name: str, value, low_open: bool) -> float:
     return float(value)
 
 
+def _capture_hook(algorithm_ref, name: str):
+    def hook(module, inputs, output):
+        algorithm = algorithm_ref()
+        if algorithm is not None:
+            algorithm._capture(name, module, inputs, output)
+    return hook
+
+
+def _remove_all(handles) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 class DynamicSparseTraining:
     """Base of ``Static``, ``SET``, ``SNFS`` and ``RigL``: call ``step()`` after ``optimizer.step()``.
 
@@ -110,9 +124,12 @@ class DynamicSparseTraining:
         self.step_count = 0
         self.history: List[dict] = []
         self._captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.layers}
+        self._paused = False
         self._hooks = []
         if self.dense_grad is not None:
-            self._hooks = [m.register_forward_hook(partial(self._capture, n)) for n, m in self.layers.items()]
+            self._hooks = [m.register_forward_hook(_capture_hook(weakref.ref(self), n)) for n, m in self.layers.items()]
+            # The hooks hold the algorithm weakly: a discarded algorithm stops capturing and its hooks go.
+            weakref.finalize(self, _remove_all, list(self._hooks))
 
     # -- schedule -----------------------------------------------------------------------
     def drop_rate(self, t: int) -> float:
@@ -131,8 +148,17 @@ class DynamicSparseTraining:
     def _wants_dense_grad(self) -> bool:
         return self.dense_grad == "every_step" or self.is_update_step(self.step_count + 1)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Forward/backward passes within the block (e.g. measurements) do not count in the dense gradient."""
+        was, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = was
+
     def _capture(self, name: str, module, inputs, output) -> None:
-        if not (torch.is_grad_enabled() and output.requires_grad and self._wants_dense_grad()):
+        if self._paused or not (torch.is_grad_enabled() and output.requires_grad and self._wants_dense_grad()):
             return
         x, store = inputs[0].detach(), self._captured[name]
         output.register_hook(lambda grad: store.append((x, grad.detach())))
@@ -225,8 +251,7 @@ class DynamicSparseTraining:
         return self.history[-1] if self.history else None
 
     def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
+        _remove_all(self._hooks)
         self._hooks = []
 
     def state_dict(self) -> dict:

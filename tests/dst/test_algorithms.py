@@ -152,3 +152,28 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(RuntimeError, match="no gradient reached sparse layer"):
         algo.step()  # no forward/backward since the last step
     algo.remove_hooks()
+
+
+def test_a_discarded_algorithm_leaves_no_hooks():
+    import copy
+    import gc
+    model = tiny_mlp()
+    algo = sparsekern.dst.RigL(model, _sgd(model), 100)
+    assert all(len(m._forward_hooks) == 1 for m in algo.layers.values())
+    copy.deepcopy(model)  # the hooks do not drag the algorithm along
+    del algo
+    gc.collect()
+    assert all(len(m._forward_hooks) == 0 for m in model if isinstance(m, sparsekern.nn.SparseLinear))
+
+
+def test_passes_within_paused_do_not_reach_the_dense_gradient():
+    model = tiny_mlp()
+    optimizer = _sgd(model)
+    algo = sparsekern.dst.RigL(model, optimizer, total_steps=100, delta_t=1)
+    x, y = tiny_data()[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    expected = {name: algo.layer_dense_grad(name).clone() for name in algo.layers}
+    with algo.paused():
+        nn.functional.cross_entropy(model(x * 2), y).backward()  # a measurement pass
+    for name in algo.layers:
+        torch.testing.assert_close(algo.layer_dense_grad(name), expected[name])

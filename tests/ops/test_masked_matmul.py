@@ -7,7 +7,7 @@ from hypothesis import given, strategies as st
 from sparsekern import reference
 from sparsekern.ops import masked_matmul, masked_sddmm
 
-from conftest import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_mask, seed_of,
+from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_mask, seed_of,
                       use_backend)
 
 OP = "masked_matmul"

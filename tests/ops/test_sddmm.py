@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from sparsekern import reference
 from sparsekern.ops import sddmm
 
-from conftest import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
+from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
                       use_backend)
 
 OP = "sddmm"

@@ -7,7 +7,7 @@ import sparsekern
 from sparsekern import reference
 from sparsekern.ops import spmm
 
-from conftest import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
+from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
                       use_backend)
 
 OP = "spmm"

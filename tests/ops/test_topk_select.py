@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 from sparsekern import reference
 from sparsekern.ops import topk_select
 
-from conftest import DTYPES, FUZZ, gen, make_input, seed_of, threads, use_backend
+from sk_testing import DTYPES, FUZZ, gen, make_input, seed_of, threads, use_backend
 
 OP = "topk_select"
 
