@@ -67,7 +67,8 @@ def _erdos_renyi(shapes: List[Sequence[int]], density: float, include_kernel: bo
     return [1.0 if i in dense else min(1.0, eps * raw[i]) for i in range(len(shapes))]
 
 
-def densities(model_or_shapes: Shapes, density: float, distribution: str = "erk") -> Union[Dict[str, float], List[float]]:
+def densities(model_or_shapes: Shapes, density: float,
+              distribution: str = "erk") -> Union[Dict[str, float], List[float]]:
     """Per-layer densities whose weighted mean is ``density``.
 
     ``model_or_shapes``: a model (its sparsifiable layers, see ``sparsifiable_layers``; returns

@@ -44,7 +44,8 @@ template <> struct Vec<double> {
 
 template <typename S> SK_INLINE typename Vec<S>::v vload(const S* p) { return *(const typename Vec<S>::vu*)p; }
 template <typename S> SK_INLINE void vstore(S* p, typename Vec<S>::v x) { *(typename Vec<S>::vu*)p = x; }
-template <typename S> SK_INLINE typename Vec<S>::v vbcast(S s) { return typename Vec<S>::v{} + s; }
+SK_INLINE vf vbcast(float s) { return __builtin_shuffle(vf{s}, vi32{}); }
+SK_INLINE vd vbcast(double s) { return __builtin_shuffle(vd{s}, vi64{}); }
 
 // dst[r * ldd + c] = src[c * lds + r] for an L x L block (register transpose).
 SK_INLINE void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
@@ -229,7 +230,7 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
         S* cb = cbuf + (i - c0) * T;
         v acc[SETS][NV];
         if (b == 0) {
-          const v init = vbcast<S>(J.bias ? J.bias[i] : S(0));
+          const v init = vbcast(J.bias ? J.bias[i] : S(0));
           for (int q = 0; q < NV; ++q) acc[0][q] = init;
         } else {
           for (int q = 0; q < NV; ++q) acc[0][q] = *(const v*)(cb + q * L);
@@ -243,10 +244,9 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
           if (i + 2 < c1) {
             // Segments of consecutive rows are not adjacent in memory: prefetch ahead.
             const int64_t q = J.split[(i + 2) * (nkb + 1) + b];
-            __builtin_prefetch(ci + q);
-            __builtin_prefetch(ci + q + 16);
-            __builtin_prefetch(vals + q);
-            __builtin_prefetch(vals + q + 64 / sizeof(S));
+            const int64_t qe = J.split[(i + 2) * (nkb + 1) + b + 1];
+            for (int64_t z = q; z < qe; z += 16) __builtin_prefetch(ci + z);
+            for (int64_t z = q; z < qe; z += 64 / sizeof(S)) __builtin_prefetch(vals + z);
           }
         } else {
           p = J.rp[i];
@@ -260,13 +260,13 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
             }
           }
           for (int s = 0; s < SETS; ++s) {
-            const v w = vbcast<S>(vals[p + s]);
+            const v w = vbcast(vals[p + s]);
             const S* bq = Bp + (int64_t)ci[p + s] * T;
             for (int q = 0; q < NV; ++q) acc[s][q] += w * vload(bq + q * L);
           }
         }
         for (; p < e; ++p) {
-          const v w = vbcast<S>(vals[p]);
+          const v w = vbcast(vals[p]);
           const S* bq = Bp + (int64_t)ci[p] * T;
           for (int q = 0; q < NV; ++q) acc[0][q] += w * vload(bq + q * L);
         }
@@ -437,7 +437,7 @@ inline void sddmm_rows(int NV, const SddmmJob<double>& J, int64_t r0, int64_t r1
 // Tile width in 32-byte vectors for a batch of n columns: 128-byte tiles (a k x T tile of
 // a 4096-column weight is 512 KB, the L2 of a Zen3 core), narrower for small batches.
 int tile_vectors(int64_t n, int64_t elem_size) {
-  static const int def = [] {
+  const int def = [] {
     const char* s = std::getenv("SPARSEKERN_TILE_VECTORS");  // tuning knob (1, 2, 4, 8)
     const int v = s ? std::atoi(s) : 4;
     return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 4;
@@ -449,7 +449,7 @@ int tile_vectors(int64_t n, int64_t elem_size) {
 }
 
 int64_t prefetch_distance() {
-  static const int64_t pd = [] {
+  const int64_t pd = [] {
     const char* s = std::getenv("SPARSEKERN_PD");
     return s ? std::atoll(s) : 0;
   }();
@@ -465,11 +465,11 @@ struct Blocks {
 };
 Blocks column_blocks(const int64_t* rp, const int32_t* ci, int64_t m, int64_t k, int64_t nnz, int64_t tile_bytes,
                      const at::Tensor& like) {
-  static const int64_t block_bytes = [] {
+  const int64_t block_bytes = [] {
     const char* s = std::getenv("SPARSEKERN_BLOCK_KB");
     return s ? std::atoll(s) * 1024 : 128 * 1024;
   }();
-  static const double min_seg = [] {
+  const double min_seg = [] {
     const char* s = std::getenv("SPARSEKERN_MIN_SEG");
     return s ? std::atof(s) : 16.0;
   }();
@@ -504,7 +504,7 @@ Blocks column_blocks(const int64_t* rp, const int32_t* ci, int64_t m, int64_t k,
 // column blocks the chunk is the whole range of a thread (every block is loaded into L2
 // once per tile); without blocks a small chunk keeps the buffer in L1.
 int64_t chunk_rows(int64_t nkb, const std::vector<int64_t>& bounds) {
-  static const int64_t env = [] {
+  const int64_t env = [] {
     const char* s = std::getenv("SPARSEKERN_CHUNK");
     return s ? std::atoll(s) : 0;
   }();

@@ -66,11 +66,25 @@ def _check_fraction(where: str, name: str, value, low_open: bool) -> float:
     return float(value)
 
 
+class _GradTap(torch.autograd.Function):
+    """Identity that hands the gradient of its output to ``sink``. It returns a copy: a hook on the
+    layer's own output would be lost to an in-place op after it (ReLU(inplace=True))."""
+
+    @staticmethod
+    def forward(ctx, output, sink):
+        ctx.sink = sink
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sink(grad)
+        return grad, None
+
+
 def _capture_hook(algorithm_ref, name: str):
     def hook(module, inputs, output):
         algorithm = algorithm_ref()
-        if algorithm is not None:
-            algorithm._capture(name, module, inputs, output)
+        return None if algorithm is None else algorithm._capture(name, module, inputs, output)
     return hook
 
 
@@ -87,7 +101,8 @@ class DynamicSparseTraining:
     ``drop_fraction``) and grows as many among the weights not kept, by the algorithm's score. nnz per
     layer stays fixed (SNFS alone moves nnz between layers). Grown weights and their optimizer state
     start at zero; survivors keep theirs (``optim_state.remap_optimizer_state``). Under
-    torch.distributed, scores are reduced across ranks so every rank draws the same pattern.
+    torch.distributed every rank draws the same pattern: dense gradients (RigL, SNFS) are averaged
+    over ranks, drop magnitudes and SET's random scores are rank 0's.
     """
 
     name = "base"
@@ -157,11 +172,11 @@ class DynamicSparseTraining:
         finally:
             self._paused = was
 
-    def _capture(self, name: str, module, inputs, output) -> None:
+    def _capture(self, name: str, module, inputs, output):
         if self._paused or not (torch.is_grad_enabled() and output.requires_grad and self._wants_dense_grad()):
-            return
+            return None
         x, store = inputs[0].detach(), self._captured[name]
-        output.register_hook(lambda grad: store.append((x, grad.detach())))
+        return _GradTap.apply(output, lambda grad: store.append((x, grad.detach())))
 
     def layer_dense_grad(self, name: str) -> torch.Tensor:
         """The flat dense gradient of layer ``name`` over the backward passes since the last step (one
@@ -260,8 +275,8 @@ class DynamicSparseTraining:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("algorithm") != self.name:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: state is of algorithm {state.get('algorithm')!r}, "
-                             f"expected {self.name!r}")
+            raise ValueError(f"{type(self).__name__}.load_state_dict: state is of algorithm "
+                             f"{state.get('algorithm')!r}, expected {self.name!r}")
         self.step_count = int(state["step_count"])
         self.generator.set_state(state["generator"])
         self.history = [dict(r) for r in state["history"]]

@@ -17,10 +17,10 @@ def _register_all() -> bool:
         if dispatch._global == "reference":
             return False  # reference-only use without the compiled kernels
         raise
-    from . import masked_matmul as _mm, sddmm as _sd, sparse_conv2d as _sc, sparse_linear as _sl
-    from . import spmm as _sp, topk_select as _tk
-    for module in (_sp, _sd, _sl, _mm, _sc, _tk):
-        module.register()
+    # Not `from . import spmm`: that returns the package attribute, i.e. the function of the same name.
+    import importlib
+    for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "topk_select"):
+        importlib.import_module(f"{__name__}.{name}").register()
     return True
 
 

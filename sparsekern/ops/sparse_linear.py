@@ -46,15 +46,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = ctx.saved_tensors
     d_x = d_values = d_bias = None
-    if ctx.needs_input_grad[0]:
+    # The dispatcher drops trailing arguments equal to their defaults (bias=None, t_*=None), and
+    # needs_input_grad then has fewer than 8 entries: pad it.
+    needs = tuple(ctx.needs_input_grad) + (False,) * (8 - len(ctx.needs_input_grad))
+    if needs[0]:
         if t_perm is None:
             raise RuntimeError(f"{OP}: the gradient of x needs W's transpose; call sparsekern.ops.sparse_linear, "
                                "which passes the cached transpose")
         # dx = dy @ W = dy @ (W^T)^T: the same kernel over the transpose.
         d_x = torch.ops.sparsekern.sparse_linear(grad, values[t_perm], t_row_ptr, t_col_idx)
-    if ctx.needs_input_grad[1]:
+    if needs[1]:
         d_values = torch.ops.sparsekern.sddmm(row_ptr, col_idx, grad.t(), x.t())
-    if ctx.needs_input_grad[4]:
+    if needs[4]:
         d_bias = grad.sum(0)
     return d_x, d_values, None, None, d_bias, None, None, None
 

@@ -47,10 +47,10 @@ def test_rigl_computes_the_dense_gradient_on_update_steps_only(monkeypatch):
     assert len(calls) == 3 * len(algo.layers)  # steps 10, 20, 30: one dense product per layer
 
 
-def test_dense_gradient_of_a_conv_matches_autograd():
+def test_dense_gradient_of_a_conv_matches_autograd_despite_an_inplace_relu():
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
-    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))
+    model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))  # in-place after
     reference = nn.Sequential(*[m for m in model])  # same modules before sparsify
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
     weights = [reference[0].weight.detach().clone(), reference[3].weight.detach().clone()]

@@ -108,7 +108,7 @@ def _opcheck_samples(op):
         return [(x, vc, Wc.row_ptr, Wc.col_idx, geometry[0], make_input((4,), dt, g, requires_grad=True),
                  *geometry[1:]),
                 (x, vc, Wc.row_ptr, Wc.col_idx, geometry[0], None, *geometry[1:])]
-    grad_out = make_input((2, 4, 4, 4), dt, g)
+    grad_out = make_input((2, 4, 4, 6), dt, g)  # Ho = (7+2-2-1)//2+1, Wo = (8+2-4-1)+1
     if op == "sparse_conv2d_backward_input":
         return [(grad_out, Wc.values, Wc.row_ptr, Wc.col_idx, [2, 3, 7, 8], *geometry)]
     if op == "sparse_conv2d_backward_weight":
