@@ -177,12 +177,12 @@ template <typename S> struct SpmmJob {
   int64_t b0, nc;
   const S* bias;  // per row, or nullptr
   int64_t last;   // nnz - 1 (prefetch clamp)
-  int64_t pd;     // prefetch distance in nonzeros (0: none)
-  const int64_t* split;  // (m, nkb + 1) segment starts per column block, or nullptr (nkb == 1)
-  int64_t nkb;
-  S* work;               // chunk x T accumulators (64-byte aligned)
-  int64_t chunk;
 };
+
+// Software prefetch distance (nonzeros) for the packed rows the SpMM loop will read.
+constexpr int64_t PREFETCH = 16;
+// Rows per chunk: results of a chunk are buffered (L1), then stored (transposed if needed).
+constexpr int64_t CHUNK = 64;
 
 // Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
 template <typename S, int T>
@@ -217,63 +217,41 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
   constexpr int L = Vec<S>::L, T = NV * L;
   // Independent accumulator sets so that FMA latency is hidden (8 chains in flight).
   constexpr int SETS = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
-  S* __restrict cbuf = J.work;
-  const int64_t CHUNK = J.chunk;
+  alignas(64) S cbuf[CHUNK * T];
   const S* __restrict vals = J.vals;
   const int32_t* __restrict ci = J.ci;
   const S* __restrict Bp = J.Bp;
-  const int64_t nkb = J.nkb;
+  const int64_t last = J.last;
   for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
     const int64_t c1 = std::min(c0 + CHUNK, r1);
-    for (int64_t b = 0; b < nkb; ++b) {
-      for (int64_t i = c0; i < c1; ++i) {
-        S* cb = cbuf + (i - c0) * T;
-        v acc[SETS][NV];
-        if (b == 0) {
-          const v init = vbcast(J.bias ? J.bias[i] : S(0));
-          for (int q = 0; q < NV; ++q) acc[0][q] = init;
-        } else {
-          for (int q = 0; q < NV; ++q) acc[0][q] = *(const v*)(cb + q * L);
+    for (int64_t i = c0; i < c1; ++i) {
+      v acc[SETS][NV];
+      const v init = vbcast(J.bias ? J.bias[i] : S(0));
+      for (int q = 0; q < NV; ++q) acc[0][q] = init;
+      for (int s = 1; s < SETS; ++s)
+        for (int q = 0; q < NV; ++q) acc[s][q] = v{};
+      int64_t p = J.rp[i];
+      const int64_t e = J.rp[i + 1];
+      for (; p + SETS <= e; p += SETS) {
+        for (int s = 0; s < SETS; ++s) {
+          // The packed rows are L2-resident but randomly addressed: prefetch them into L1.
+          const S* pf = Bp + (int64_t)ci[std::min(p + s + PREFETCH, last)] * T;
+          for (int c = 0; c < T * (int)sizeof(S); c += 64) __builtin_prefetch((const char*)pf + c);
         }
-        for (int s = 1; s < SETS; ++s)
-          for (int q = 0; q < NV; ++q) acc[s][q] = v{};
-        int64_t p, e;
-        if (J.split) {
-          p = J.split[i * (nkb + 1) + b];
-          e = J.split[i * (nkb + 1) + b + 1];
-          if (i + 2 < c1) {
-            // Segments of consecutive rows are not adjacent in memory: prefetch ahead.
-            const int64_t q = J.split[(i + 2) * (nkb + 1) + b];
-            const int64_t qe = J.split[(i + 2) * (nkb + 1) + b + 1];
-            for (int64_t z = q; z < qe; z += 16) __builtin_prefetch(ci + z);
-            for (int64_t z = q; z < qe; z += 64 / sizeof(S)) __builtin_prefetch(vals + z);
-          }
-        } else {
-          p = J.rp[i];
-          e = J.rp[i + 1];
+        for (int s = 0; s < SETS; ++s) {
+          const v w = vbcast(vals[p + s]);
+          const S* bq = Bp + (int64_t)ci[p + s] * T;
+          for (int q = 0; q < NV; ++q) acc[s][q] += w * vload(bq + q * L);
         }
-        for (; p + SETS <= e; p += SETS) {
-          if (J.pd) {
-            for (int s = 0; s < SETS; ++s) {
-              const S* pf = Bp + (int64_t)ci[std::min(p + s + J.pd, J.last)] * T;
-              for (int c = 0; c < T * (int)sizeof(S); c += 64) __builtin_prefetch((const char*)pf + c);
-            }
-          }
-          for (int s = 0; s < SETS; ++s) {
-            const v w = vbcast(vals[p + s]);
-            const S* bq = Bp + (int64_t)ci[p + s] * T;
-            for (int q = 0; q < NV; ++q) acc[s][q] += w * vload(bq + q * L);
-          }
-        }
-        for (; p < e; ++p) {
-          const v w = vbcast(vals[p]);
-          const S* bq = Bp + (int64_t)ci[p] * T;
-          for (int q = 0; q < NV; ++q) acc[0][q] += w * vload(bq + q * L);
-        }
-        for (int s = 1; s < SETS; ++s)
-          for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
-        for (int q = 0; q < NV; ++q) *(v*)(cb + q * L) = acc[0][q];
       }
+      for (; p < e; ++p) {
+        const v w = vbcast(vals[p]);
+        const S* bq = Bp + (int64_t)ci[p] * T;
+        for (int q = 0; q < NV; ++q) acc[0][q] += w * vload(bq + q * L);
+      }
+      for (int s = 1; s < SETS; ++s)
+        for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
+      for (int q = 0; q < NV; ++q) *(v*)(cbuf + (i - c0) * T + q * L) = acc[0][q];
     }
     for (int64_t g0 = c0; g0 < c1; g0 += L)
       store_group<S, T>(J, cbuf + (g0 - c0) * T, g0, std::min<int64_t>(L, c1 - g0));
@@ -285,26 +263,22 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
 SK_SPMM_CLONE(float, f32, 1)
 SK_SPMM_CLONE(float, f32, 2)
 SK_SPMM_CLONE(float, f32, 4)
-SK_SPMM_CLONE(float, f32, 8)
 SK_SPMM_CLONE(double, f64, 1)
 SK_SPMM_CLONE(double, f64, 2)
 SK_SPMM_CLONE(double, f64, 4)
-SK_SPMM_CLONE(double, f64, 8)
 
 inline void spmm_rows(int NV, const SpmmJob<float>& J, int64_t r0, int64_t r1) {
   switch (NV) {
     case 1: return spmm_rows_f32_1(J, r0, r1);
     case 2: return spmm_rows_f32_2(J, r0, r1);
-    case 4: return spmm_rows_f32_4(J, r0, r1);
-    default: return spmm_rows_f32_8(J, r0, r1);
+    default: return spmm_rows_f32_4(J, r0, r1);
   }
 }
 inline void spmm_rows(int NV, const SpmmJob<double>& J, int64_t r0, int64_t r1) {
   switch (NV) {
     case 1: return spmm_rows_f64_1(J, r0, r1);
     case 2: return spmm_rows_f64_2(J, r0, r1);
-    case 4: return spmm_rows_f64_4(J, r0, r1);
-    default: return spmm_rows_f64_8(J, r0, r1);
+    default: return spmm_rows_f64_4(J, r0, r1);
   }
 }
 
@@ -319,10 +293,6 @@ template <typename S> struct SddmmJob {
   int64_t b0, nc;
   S* vals;
   bool first;  // first tile: store, else accumulate
-  const int64_t* split;  // as in SpmmJob
-  int64_t nkb;
-  S* work;               // chunk x T gathered rows of X (64-byte aligned)
-  int64_t chunk;
 };
 
 template <typename S, int NV>
@@ -348,55 +318,36 @@ template <typename S, int NV>
 SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
   using v = typename Vec<S>::v;
   constexpr int L = Vec<S>::L, T = NV * L;
-  S* __restrict xbuf = J.work;
-  const int64_t CHUNK = J.chunk;
+  alignas(64) S buf[L * T];
   const bool direct = J.xs1 == 1 && J.nc == T;
   const int32_t* __restrict ci = J.ci;
-  const int64_t nkb = J.nkb, nc = J.nc;
-  for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
-    const int64_t c1 = std::min(c0 + CHUNK, r1);
+  const int64_t nc = J.nc;
+  for (int64_t g0 = r0; g0 < r1; g0 += L) {
+    const int64_t rows = std::min<int64_t>(L, r1 - g0);
     if (!direct) {
-      // Gather X[c0:c1, b0:b0+nc] into xbuf (zero-padded to T columns).
-      for (int64_t g0 = c0; g0 < c1; g0 += L) {
-        const int64_t rows = std::min<int64_t>(L, c1 - g0);
-        S* buf = xbuf + (g0 - c0) * T;
-        if (J.xs0 == 1 && rows == L) {
-          const int64_t cfull = nc / L * L;
-          const S* src = J.X + g0 + J.b0 * J.xs1;
-          for (int64_t c = 0; c < cfull; c += L) transpose_block(src + c * J.xs1, J.xs1, buf + c, T);
-          for (int r = 0; r < L; ++r)
-            for (int64_t c = cfull; c < T; ++c) buf[r * T + c] = c < nc ? src[r + c * J.xs1] : S(0);
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t c = 0; c < T; ++c)
-              buf[r * T + c] = c < nc ? J.X[(g0 + r) * J.xs0 + (J.b0 + c) * J.xs1] : S(0);
-        }
+      // Gather X[g0:g0+rows, b0:b0+nc] into buf (zero-padded to T columns).
+      if (J.xs0 == 1 && rows == L) {
+        const int64_t cfull = nc / L * L;
+        const S* src = J.X + g0 + J.b0 * J.xs1;
+        for (int64_t c = 0; c < cfull; c += L) transpose_block(src + c * J.xs1, J.xs1, buf + c, T);
+        for (int r = 0; r < L; ++r)
+          for (int64_t c = cfull; c < T; ++c) buf[r * T + c] = c < nc ? src[r + c * J.xs1] : S(0);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < T; ++c)
+            buf[r * T + c] = c < nc ? J.X[(g0 + r) * J.xs0 + (J.b0 + c) * J.xs1] : S(0);
       }
     }
-    for (int64_t b = 0; b < nkb; ++b) {
-      for (int64_t i = c0; i < c1; ++i) {
-        const S* xr = direct ? J.X + i * J.xs0 + J.b0 : xbuf + (i - c0) * T;
-        int64_t p, e;
-        if (J.split) {
-          p = J.split[i * (nkb + 1) + b];
-          e = J.split[i * (nkb + 1) + b + 1];
-          if (i + 2 < c1) {
-            const int64_t q = J.split[(i + 2) * (nkb + 1) + b];
-            __builtin_prefetch(ci + q);
-            __builtin_prefetch(ci + q + 16);
-            __builtin_prefetch(J.vals + q, 1);
-            __builtin_prefetch(J.vals + q + 64 / sizeof(S), 1);
-          }
-        } else {
-          p = J.rp[i];
-          e = J.rp[i + 1];
-        }
-        if (p == e) continue;
-        v x[NV];
-        for (int u = 0; u < NV; ++u) x[u] = vload(xr + u * L);
-        for (; p + L <= e; p += L) sddmm_chunk<S, NV>(x, J.Yp, ci + p, L, J.vals + p, J.first);
-        if (p < e) sddmm_chunk<S, NV>(x, J.Yp, ci + p, (int)(e - p), J.vals + p, J.first);
-      }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = g0 + r;
+      int64_t p = J.rp[i];
+      const int64_t e = J.rp[i + 1];
+      if (p == e) continue;
+      const S* xr = direct ? J.X + i * J.xs0 + J.b0 : buf + r * T;
+      v x[NV];
+      for (int u = 0; u < NV; ++u) x[u] = vload(xr + u * L);
+      for (; p + L <= e; p += L) sddmm_chunk<S, NV>(x, J.Yp, ci + p, L, J.vals + p, J.first);
+      if (p < e) sddmm_chunk<S, NV>(x, J.Yp, ci + p, (int)(e - p), J.vals + p, J.first);
     }
   }
 }
@@ -408,26 +359,22 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
 SK_SDDMM_CLONE(float, f32, 1)
 SK_SDDMM_CLONE(float, f32, 2)
 SK_SDDMM_CLONE(float, f32, 4)
-SK_SDDMM_CLONE(float, f32, 8)
 SK_SDDMM_CLONE(double, f64, 1)
 SK_SDDMM_CLONE(double, f64, 2)
 SK_SDDMM_CLONE(double, f64, 4)
-SK_SDDMM_CLONE(double, f64, 8)
 
 inline void sddmm_rows(int NV, const SddmmJob<float>& J, int64_t r0, int64_t r1) {
   switch (NV) {
     case 1: return sddmm_rows_f32_1(J, r0, r1);
     case 2: return sddmm_rows_f32_2(J, r0, r1);
-    case 4: return sddmm_rows_f32_4(J, r0, r1);
-    default: return sddmm_rows_f32_8(J, r0, r1);
+    default: return sddmm_rows_f32_4(J, r0, r1);
   }
 }
 inline void sddmm_rows(int NV, const SddmmJob<double>& J, int64_t r0, int64_t r1) {
   switch (NV) {
     case 1: return sddmm_rows_f64_1(J, r0, r1);
     case 2: return sddmm_rows_f64_2(J, r0, r1);
-    case 4: return sddmm_rows_f64_4(J, r0, r1);
-    default: return sddmm_rows_f64_8(J, r0, r1);
+    default: return sddmm_rows_f64_4(J, r0, r1);
   }
 }
 
@@ -437,85 +384,10 @@ inline void sddmm_rows(int NV, const SddmmJob<double>& J, int64_t r0, int64_t r1
 // Tile width in 32-byte vectors for a batch of n columns: 128-byte tiles (a k x T tile of
 // a 4096-column weight is 512 KB, the L2 of a Zen3 core), narrower for small batches.
 int tile_vectors(int64_t n, int64_t elem_size) {
-  const int def = [] {
-    const char* s = std::getenv("SPARSEKERN_TILE_VECTORS");  // tuning knob (1, 2, 4, 8)
-    const int v = s ? std::atoi(s) : 4;
-    return (v == 1 || v == 2 || v == 4 || v == 8) ? v : 4;
-  }();
   const int64_t bytes = n * elem_size;
   if (bytes <= 32) return 1;
-  if (bytes <= 64 && def >= 2) return 2;
-  return def;
-}
-
-int64_t prefetch_distance() {
-  const int64_t pd = [] {
-    const char* s = std::getenv("SPARSEKERN_PD");
-    return s ? std::atoll(s) : 0;
-  }();
-  return pd;
-}
-
-// Column blocking of the packed tile: blocks of `kb` columns (tile block of about 128 KB,
-// a quarter of a Zen3 L2) when the rows are dense enough for the segments to stay long.
-struct Blocks {
-  at::Tensor split_t;
-  const int64_t* split = nullptr;
-  int64_t nkb = 1;
-};
-Blocks column_blocks(const int64_t* rp, const int32_t* ci, int64_t m, int64_t k, int64_t nnz, int64_t tile_bytes,
-                     const at::Tensor& like) {
-  const int64_t block_bytes = [] {
-    const char* s = std::getenv("SPARSEKERN_BLOCK_KB");
-    return s ? std::atoll(s) * 1024 : 128 * 1024;
-  }();
-  const double min_seg = [] {
-    const char* s = std::getenv("SPARSEKERN_MIN_SEG");
-    return s ? std::atof(s) : 16.0;
-  }();
-  Blocks B;
-  if (m == 0 || block_bytes <= 0) return B;
-  const int64_t kb = std::max<int64_t>(64, block_bytes / tile_bytes);
-  const int64_t nkb = (k + kb - 1) / kb;
-  if (nkb <= 1 || double(nnz) / double(m) / double(nkb) < min_seg) return B;
-  B.nkb = nkb;
-  B.split_t = at::empty({m * (nkb + 1)}, like.options().dtype(at::kLong));
-  int64_t* sp = B.split_t.data_ptr<int64_t>();
-  at::parallel_for(0, m, 256, [&](int64_t a, int64_t z) {
-    for (int64_t i = a; i < z; ++i) {
-      const int32_t* lo = ci + rp[i];
-      const int32_t* hi = ci + rp[i + 1];
-      int64_t* row = sp + i * (nkb + 1);
-      row[0] = rp[i];
-      for (int64_t b = 1; b < nkb; ++b) {
-        // Columns are sorted within a row; fall back to a count for unsorted rows.
-        const int32_t* q = std::lower_bound(lo, hi, (int32_t)(b * kb));
-        row[b] = q - ci;
-        lo = q;
-      }
-      row[nkb] = rp[i + 1];
-    }
-  });
-  B.split = sp;
-  return B;
-}
-
-// Rows per chunk: a chunk walks all column blocks before the next one starts, so with
-// column blocks the chunk is the whole range of a thread (every block is loaded into L2
-// once per tile); without blocks a small chunk keeps the buffer in L1.
-int64_t chunk_rows(int64_t nkb, const std::vector<int64_t>& bounds) {
-  const int64_t env = [] {
-    const char* s = std::getenv("SPARSEKERN_CHUNK");
-    return s ? std::atoll(s) : 0;
-  }();
-  int64_t widest = 1;
-  for (size_t t = 0; t + 1 < bounds.size(); ++t) widest = std::max(widest, bounds[t + 1] - bounds[t]);
-  if (env > 0) return std::min(widest, env);
-  return nkb > 1 ? widest : std::min<int64_t>(widest, 64);
-}
-
-template <typename S> S* align64(S* p) {
-  return reinterpret_cast<S*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  if (bytes <= 64) return 2;
+  return 4;
 }
 
 // Row boundaries of `parts` ranges of about equal cost (nnz + row_cost per row),
@@ -587,14 +459,9 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int64_t align = 2 * L;
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
-  const Blocks blk = column_blocks(rp, ci, m, k, nnz, T * sizeof(S), values);
-  const int64_t chunk = chunk_rows(blk.nkb, bounds);
-  at::Tensor work_t = at::empty({parts * chunk * T + 64}, values.options());
-  S* work = align64(work_t.data_ptr<S>());
   auto run = [&](int64_t part) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      const SpmmJob<S> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1,
-                         prefetch_distance(), blk.split, blk.nkb, work + part * chunk * T, chunk};
+      const SpmmJob<S> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
       spmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };
@@ -641,14 +508,9 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   const int64_t align = 2 * L;
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
-  const Blocks blk = column_blocks(rp, ci, m, k, nnz, T * sizeof(S), vals_t);
-  const int64_t chunk = chunk_rows(blk.nkb, bounds);
-  at::Tensor work_t = at::empty({parts * chunk * T + 64}, vals_t.options());
-  S* work = align64(work_t.data_ptr<S>());
   auto run = [&](int64_t part) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      const SddmmJob<S> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0,
-                          blk.split, blk.nkb, work + part * chunk * T, chunk};
+      const SddmmJob<S> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0};
       sddmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };

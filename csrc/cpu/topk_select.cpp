@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -278,7 +279,7 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
   std::vector<uint8_t> nan_seen(nb, 0);
   std::vector<int64_t> gt(nb, 0);       // keys better than the current prefix, per block
   std::vector<int64_t> surv(nb, 0);     // keys matching the current prefix, per block
-  std::vector<K> buf[2];                // compacted keys (per-block regions)
+  std::unique_ptr<K[]> buf[2];          // compacted keys (per-block regions), not zero-filled
   std::vector<int64_t> reg_off(nb, 0), reg_len(nb, 0), new_off(nb, 0);
   int cur = -1;                         // -1: the passes read the scores
   std::vector<uint64_t> total(kRadixSize);
@@ -302,17 +303,17 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
         new_off[j] = off;
         off += surv[j] + 1;  // one slot of slack for the branch-free append
       }
-      buf[nxt].resize(off);
+      buf[nxt].reset(new K[off]);
     }
     at::parallel_for(0, nb, 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         uint32_t* h = hist.data() + j * kHistBlock;
         std::fill(h, h + kHistBlock, 0u);
-        K* comp = compact ? buf[nxt].data() + new_off[j] : nullptr;
+        K* comp = compact ? buf[nxt].get() + new_off[j] : nullptr;
         if (cur < 0) {
           nan_seen[j] = float_pass(x, cand, block_lo(j), block_lo(j + 1), flip, prefix, pmask, shift, dmask, h, comp, sparse);
         } else {
-          key_pass(buf[cur].data() + reg_off[j], reg_len[j], prefix, pmask, shift, dmask, h, comp, sparse);
+          key_pass(buf[cur].get() + reg_off[j], reg_len[j], prefix, pmask, shift, dmask, h, comp, sparse);
         }
       }
     });
@@ -321,7 +322,7 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
         reg_off[j] = new_off[j];
         reg_len[j] = surv[j];
       }
-      if (cur >= 0) std::vector<K>().swap(buf[cur]);
+      if (cur >= 0) buf[cur].reset();
       cur = nxt;
       src_size = nsurv;
     }

@@ -56,6 +56,26 @@ def test_linear_from_dense_matches_masked_dense(backend, in_f, out_f, x_shape, d
         assert_close(got[2], exp[2], scale=10)          # d bias
 
 
+@pytest.mark.kernels(*LINEAR_KERNELS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_linear_first_layer_training_step(backend, bias):
+    """A first layer: the input needs no gradient; values (and bias) get the dense gradients at the mask."""
+    lin = _linear(8, 5, bias, torch.float32, 30)
+    mask = random_mask((5, 8), 0.5, gen(30))
+    sparse = SparseLinear.from_dense(lin, mask)
+    x = torch.randn(6, 8, generator=gen(31))
+    sparse(x).pow(2).sum().backward()
+    masked = nn.Linear(8, 5, bias=bias)
+    with torch.no_grad():
+        masked.weight.copy_(lin.weight * mask)
+        if bias:
+            masked.bias.copy_(lin.bias)
+    masked(x).pow(2).sum().backward()
+    assert_close(sparse.values.grad, masked.weight.grad[mask], scale=10)
+    if bias:
+        assert_close(sparse.bias.grad, masked.bias.grad, scale=10)
+
+
 def test_linear_parameters_are_values_and_bias():
     sparse = SparseLinear(8, 4, density=0.5, generator=gen(1))
     names = {n for n, _ in sparse.named_parameters()}

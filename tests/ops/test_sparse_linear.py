@@ -70,12 +70,15 @@ def test_leading_batch_dims(backend, x_shape, with_bias, dtype):
 
 
 @pytest.mark.kernels(*BACKWARD)
-@pytest.mark.parametrize("wrt", ["x", "values", "bias"])
-def test_backward_one_input(backend, wrt, dtype):
-    g = gen(seed_of(OP, wrt, dtype))
+@pytest.mark.parametrize("wrt,with_bias", [("x", True), ("x", False), ("values", True), ("values", False),
+                                           ("bias", True)])
+def test_backward_one_input(backend, wrt, with_bias, dtype):
+    """Only one input needs a gradient. values-only without bias is a first layer without bias: every
+    optional argument of the op is None then (the dispatcher drops them, needs_input_grad is short)."""
+    g = gen(seed_of(OP, wrt, with_bias, dtype))
     W = random_sparse((6, 10), 0.3, dtype, g, empty_rows=True, requires_grad=wrt == "values")
     x = make_input((4, 10), dtype, g, requires_grad=wrt == "x")
-    bias = make_input((6,), dtype, g, requires_grad=wrt == "bias")
+    bias = make_input((6,), dtype, g, requires_grad=wrt == "bias") if with_bias else None
     inp = {"x": x, "values": W.values, "bias": bias}[wrt]
     y = sparse_linear(x, W, bias)
     grad_out = make_input(y.shape, dtype, g)
