@@ -6,6 +6,9 @@ import sys
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.train:
+        from .bench import train as bench_train
+        return bench_train.main(quick=args.quick, output=args.output, threads=args.threads)
     from .bench import ops as bench_ops
     return bench_ops.main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads,
                           sizes=args.sizes)
@@ -23,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default=None, help="also write the markdown table to this file")
     bench.add_argument("--sizes", choices=("full", "tiny"), default="full",
                        help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the issue's shapes)")
+    bench.add_argument("--train", action="store_true",
+                       help="time whole training steps (sparse vs dense MLP and ResNet-20) instead of ops")
     bench.set_defaults(func=_bench)
     return parser
 
