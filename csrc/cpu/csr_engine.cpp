@@ -292,14 +292,20 @@ template <typename S> struct SddmmJob {
   const S* Yp;
   int64_t b0, nc;
   S* vals;
-  bool first;  // first tile: store, else accumulate
+  bool first;    // first tile: store, else accumulate
+  int64_t last;  // nnz - 1 (prefetch clamp)
 };
 
 template <typename S, int NV>
 SK_INLINE void sddmm_chunk(const typename Vec<S>::v* x, const S* __restrict Yp, const int32_t* j, int cnt, S* out,
-                           bool first) {
+                           bool first, int64_t ahead) {
   using v = typename Vec<S>::v;
   constexpr int L = Vec<S>::L, T = NV * L;
+  // Prefetch the packed rows of the chunk after next (L2-resident, randomly addressed) into L1.
+  for (int q = 0; q < L; ++q) {
+    const S* pf = Yp + (int64_t)j[std::min<int64_t>(2 * L + q, ahead)] * T;
+    for (int c = 0; c < T * (int)sizeof(S); c += 64) __builtin_prefetch((const char*)pf + c);
+  }
   v acc[L];
   for (int q = 0; q < L; ++q) {
     const S* y = Yp + (int64_t)j[q < cnt ? q : cnt - 1] * T;
@@ -346,8 +352,8 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
       const S* xr = direct ? J.X + i * J.xs0 + J.b0 : buf + r * T;
       v x[NV];
       for (int u = 0; u < NV; ++u) x[u] = vload(xr + u * L);
-      for (; p + L <= e; p += L) sddmm_chunk<S, NV>(x, J.Yp, ci + p, L, J.vals + p, J.first);
-      if (p < e) sddmm_chunk<S, NV>(x, J.Yp, ci + p, (int)(e - p), J.vals + p, J.first);
+      for (; p + L <= e; p += L) sddmm_chunk<S, NV>(x, J.Yp, ci + p, L, J.vals + p, J.first, J.last - p);
+      if (p < e) sddmm_chunk<S, NV>(x, J.Yp, ci + p, (int)(e - p), J.vals + p, J.first, J.last - p);
     }
   }
 }
@@ -510,7 +516,7 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
   auto run = [&](int64_t part) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      const SddmmJob<S> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0};
+      const SddmmJob<S> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0, nnz - 1};
       sddmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };
