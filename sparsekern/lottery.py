@@ -194,19 +194,26 @@ def random_masks(masks: Masks, generator: Optional[torch.Generator] = None) -> M
 
 
 @torch.no_grad()
-def reinitialize(model: nn.Module, seed: int, init: str = "dense") -> nn.Module:
-    """A copy of ``model`` with fresh weights drawn with ``seed``: every module's ``reset_parameters``
-    (a dense draw, masked for sparse layers: the ticket's own distribution), or with ``init="sparse"``
-    the sparse layers get ``sparsekern.init.sparse_init_`` (per-unit scaled)."""
+def reinitialize(model: nn.Module, seed: int, init: str = "dense",
+                 init_fn: Optional[Callable[[nn.Module], object]] = None) -> nn.Module:
+    """A copy of ``model`` (same masks) with fresh weights drawn with ``seed``.
+
+    ``init="dense"``: the dense network's init, masked (the ticket's own distribution): ``init_fn``
+    applied to the dense copy if given (e.g. the init the original network got), else every module's
+    ``reset_parameters``. ``init="sparse"``: then ``sparsekern.init.sparse_init_`` on the sparse layers.
+    """
     if init not in ("dense", "sparse"):
         raise ValueError(f"reinitialize: init must be 'dense' or 'sparse', got {init!r}")
     masks = {name: m.mask() for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)}
     fresh = to_dense_model(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for m in fresh.modules():
-            if hasattr(m, "reset_parameters") and m is not fresh:
-                m.reset_parameters()
+        if init_fn is not None:
+            init_fn(fresh)
+        else:
+            for m in fresh.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
     fresh = apply_masks(fresh, masks, inplace=True)
     if init == "sparse":
         g = torch.Generator().manual_seed(seed)
@@ -300,11 +307,12 @@ class SGDTrainer:
         if snapshot_step == start_step:
             snapshot = _dense_state(model)
         model.train()
-        start = time.perf_counter()
+        elapsed = 0.0  # training steps only, not the measurements
         for step in tqdm(range(start_step, self.steps), desc=desc, disable=not self.progress, leave=False):
             if self.held_out is not None and self.grad_flow_every and step % self.grad_flow_every == 0:
                 with dst.paused() if dst is not None else contextlib.nullcontext():  # not in RigL's gradient
                     grad_flow.append(self.measure(model, step))
+            start = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
             x, y = self.dataset[self.batch_indices(step)]
@@ -314,9 +322,9 @@ class SGDTrainer:
             optimizer.step()
             if dst is not None:
                 dst.step()
+            elapsed += time.perf_counter() - start
             if snapshot_step is not None and step + 1 == snapshot_step:
                 snapshot = _dense_state(model)
-        elapsed = time.perf_counter() - start
         if dst is not None:
             dst.remove_hooks()
         if self.held_out is not None and self.grad_flow_every:
@@ -357,9 +365,10 @@ class LotteryTicket:
         """A fresh sparse copy of the ticket: the mask with the rewound weights."""
         return rewind(self.init, self.rewind_state, self.masks)
 
-    def scratch(self, seed: int, init: str = "dense") -> nn.Module:
+    def scratch(self, seed: int, init: str = "dense",
+                init_fn: Optional[Callable[[nn.Module], object]] = None) -> nn.Module:
         """Control: the same mask with new random weights (see ``reinitialize``)."""
-        return reinitialize(self.ticket(), seed, init)
+        return reinitialize(self.ticket(), seed, init, init_fn)
 
     def random_mask(self, seed: int) -> nn.Module:
         """Control: a random mask of the same per-layer density, with the rewound weights."""

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -415,9 +414,28 @@ std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts,
   return b;
 }
 
+// Work parts: a few per thread (nnz-balanced), handed out dynamically, so that a thread
+// slowed down by another process on its core (or by uneven rows) does not hold up the op.
+constexpr int64_t PARTS_PER_THREAD = 6;
 int64_t num_parts(int64_t m, int64_t align) {
   const int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(1, std::min<int64_t>(threads, (m + align - 1) / align));
+  if (threads <= 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(threads * PARTS_PER_THREAD, (m + align - 1) / align));
+}
+
+// Runs run(part) for every part on the intra-op threads, parts taken from a shared counter.
+template <typename F>
+void run_parts(int64_t parts, const F& run) {
+  if (parts == 1) {
+    run(0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), parts);
+  at::parallel_for(0, workers, 1, [&](int64_t a, int64_t z) {
+    for (int64_t w = a; w < z; ++w)
+      for (int64_t part = next++; part < parts; part = next++) run(part);
+  });
 }
 
 template <typename S>
@@ -471,13 +489,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
       spmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };
-  if (parts == 1) {
-    run(0);
-  } else {
-    at::parallel_for(0, parts, 1, [&](int64_t a, int64_t z) {
-      for (int64_t part = a; part < z; ++part) run(part);
-    });
-  }
+  run_parts(parts, run);
 }
 
 template <typename S>
@@ -520,13 +532,7 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
       sddmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };
-  if (parts == 1) {
-    run(0);
-  } else {
-    at::parallel_for(0, parts, 1, [&](int64_t a, int64_t z) {
-      for (int64_t part = a; part < z; ++part) run(part);
-    });
-  }
+  run_parts(parts, run);
 }
 
 // Positions of the nonzero bytes of p[0:len), in order, passed to f(index).
@@ -590,14 +596,14 @@ void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t
   TORCH_CHECK(rp[m] == nnz, op, ": row_ptr[-1] must equal the number of nonzeros (col_idx has ", nnz,
               " entries), got ", rp[m]);
   std::atomic<bool> bad_rows{false}, bad_cols{false};
-  at::parallel_for(0, m, 1 << 16, [&](int64_t a, int64_t z) {
+  at::parallel_for(0, m, 1 << 20, [&](int64_t a, int64_t z) {
     bool bad = false;
     for (int64_t i = a; i < z; ++i) bad |= rp[i + 1] < rp[i];
     if (bad) bad_rows = true;
   });
   TORCH_CHECK(!bad_rows, op, ": row_ptr must be non-decreasing");
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  at::parallel_for(0, nnz, 1 << 16, [&](int64_t a, int64_t z) {
+  at::parallel_for(0, nnz, 1 << 20, [&](int64_t a, int64_t z) {
     int32_t lo = 0, hi = 0;
     for (int64_t p = a; p < z; ++p) {
       lo = std::min(lo, ci[p]);

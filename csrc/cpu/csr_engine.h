@@ -10,7 +10,9 @@
 // so that each nonzero reads one contiguous L2-resident row of T values; the
 // result of a group of rows is written through a register transpose when the
 // output is column-major (sparse_linear's y (N, m) seen as y^T (m, N)).
-// Threads own row ranges balanced by nnz (+ a per-row cost) and walk all tiles.
+// Rows are cut into a few nnz-balanced parts per thread (cost nnz + a per-row term), handed
+// out dynamically; a part walks all batch tiles (rows: int32 column indices, software
+// prefetch of the packed rows 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>

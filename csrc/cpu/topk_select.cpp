@@ -337,7 +337,7 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
       bool any_nan = false;
       for (int64_t j = 0; j < nb; ++j) any_nan |= nan_seen[j] != 0;
       if (any_nan) {
-        TORCH_CHECK(false, "topk_select: scores contains NaN at index ", first_nan<F>(x, cand, n));
+        TORCH_CHECK_VALUE(false, "topk_select: scores contains NaN at index ", first_nan<F>(x, cand, n));
       }
       uint64_t ncand = 0;
       for (uint32_t b = 0; b < nbk; ++b) ncand += total[b];

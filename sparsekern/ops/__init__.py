@@ -1,5 +1,6 @@
 """The ops of sparsekern: one contract each (schemas in csrc/ops.cpp), dispatched by
 ``sparsekern.ops.dispatch``, with autograd formulas and fake kernels registered here."""
+from . import dispatch
 from .dispatch import get_backend, set_backend
 from .masked_matmul import masked_matmul, masked_sddmm
 from .sddmm import sddmm
@@ -13,7 +14,6 @@ def _register_all() -> bool:
     try:
         from . import _library  # noqa: F401
     except ImportError:
-        from . import dispatch
         if dispatch._global == "reference":
             return False  # reference-only use without the compiled kernels
         raise
@@ -21,6 +21,7 @@ def _register_all() -> bool:
     import importlib
     for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "topk_select"):
         importlib.import_module(f"{__name__}.{name}").register()
+    dispatch.extension_loaded = True
     return True
 
 

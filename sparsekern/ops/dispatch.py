@@ -21,6 +21,7 @@ _AVAILABLE: Dict[str, tuple] = {"cpu": ("cpp", "reference"), "cuda": ("reference
 # (reading os.environ inside a traced op would put it in torch.compile's guards).
 _global: Optional[str] = os.environ.get("SPARSEKERN_BACKEND") or None
 _per_op: Dict[str, str] = {}
+extension_loaded = False  # set by sparsekern.ops once sparsekern._C has registered the kernels
 _ALL = ("cpp", "cuda", "triton", "reference")
 
 
@@ -50,6 +51,9 @@ def get_backend(op: str, device: torch.device) -> str:
     available = _AVAILABLE.get(device.type, ("reference",))
     name = _per_op.get(op) or _global or available[0]
     _check_name(name)
+    if name == "cpp" and not extension_loaded:
+        raise RuntimeError(f"sparsekern.{op}: the cpp backend needs the compiled extension sparsekern._C, which "
+                           "is not built; run `pip install --no-build-isolation -e .` or use the reference backend")
     if name not in available:
         raise RuntimeError(f"sparsekern.{op}: backend {name!r} is not available for {device.type} tensors "
                            f"(available: {', '.join(available)})")
