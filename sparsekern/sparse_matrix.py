@@ -152,7 +152,7 @@ class SparseMatrix:
     def t(self) -> "SparseMatrix":
         """The (k, m) transpose; its values are ``self.values[t_perm]``."""
         t_row_ptr, t_col_idx, t_perm = self.transpose_pattern()
-        return SparseMatrix(t_row_ptr, t_col_idx, self.values[t_perm], (self.k, self.m), validate=False)
+        return SparseMatrix(t_row_ptr, t_col_idx, self.values.index_select(0, t_perm), (self.k, self.m), validate=False)
 
     def to(self, *args, **kwargs) -> "SparseMatrix":
         values = self.values.to(*args, **kwargs)
