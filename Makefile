@@ -28,8 +28,8 @@ $(VENV)/.bench: $(VENV)/.deps
 	$(BIN)/pip install -q --no-build-isolation sparseprop || echo "sparseprop did not install: its column will read n/a"
 	touch $@
 
-run: setup $(VENV)/.bench
-	$(BIN)/sparsekern bench --quick
+run: setup
+	$(BIN)/sparsekern demo
 
 test: setup
 	$(BIN)/python -m pytest -q tests

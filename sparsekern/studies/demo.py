@@ -10,15 +10,16 @@ import torch
 
 from .. import dst as dst_algorithms
 from ..lottery import SGDTrainer
+from ..models import MLP
 from ..sparsity import sparsify
-from .common import build_model, held_out_batch, load_splits, plt, write_json
+from .common import held_out_batch, load_splits, plt, write_json
 from .gradient_flow import he_normal_
 
 
 @dataclass
 class DemoConfig:
     density: float = 0.1
-    hidden: tuple = (1024, 1024)
+    hidden: tuple = (300, 100)  # LeNet-300-100, the paper's MLP
     steps: int = 400
     batch_size: int = 128
     lr: float = 0.05
@@ -36,7 +37,6 @@ def run(config: DemoConfig) -> dict:
     steps = 60 if config.quick else config.steps
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        from ..models import MLP
         dense = MLP(splits.in_channels * splits.image_size ** 2, hidden=config.hidden, num_classes=splits.num_classes)
         he_normal_(dense)
     sparse = sparsify(copy.deepcopy(dense), config.density, "erk", init="sparse",
@@ -46,7 +46,7 @@ def run(config: DemoConfig) -> dict:
     rows, flows = [], {}
     for label, model, factory in (
             ("dense", dense, None),
-            (f"RigL {100 * (1 - config.density):.0f} % sparse", sparse,
+            (f"RigL {100 * (1 - config.density):.0f}% sparse", sparse,
              lambda m, opt, total: dst_algorithms.RigL(m, opt, total, delta_t=config.delta_t,
                                                        generator=torch.Generator().manual_seed(config.seed)))):
         result = trainer(model, desc=label, dst_factory=factory)
@@ -85,7 +85,7 @@ def print_table(result: dict) -> None:
         return
     table = Table(title=f"digits, {result['steps']} steps, batch 128, SGD + momentum")
     for h in headers:
-        table.add_column(h, justify="left" if h == "model" else "right")
+        table.add_column(h, justify="left" if h == "model" else "right", no_wrap=h == "model")
     for c in cells:
         table.add_row(*c)
     Console().print(table)

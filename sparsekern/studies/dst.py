@@ -137,9 +137,10 @@ def _plot(config, runs, out):
             sel = [r for r in runs if r["method"] == method and r["density"] == (1.0 if method == "dense" else density)]
             steps = [g["step"] for g in sel[0]["grad_flow"]]
             series = torch.tensor([[g["active"] for g in r["grad_flow"]] for r in sel])
-            mean, std = series.mean(0), series.std(0) if len(sel) > 1 else torch.zeros(len(steps))
-            line, = ax.plot(steps, mean.tolist(), "--" if method == "dense" else "-", label=method)
-            ax.fill_between(steps, (mean - std).tolist(), (mean + std).tolist(), color=line.get_color(), alpha=0.2)
+            line, = ax.plot(steps, series.mean(0).tolist(), "--" if method == "dense" else "-", label=method)
+            # the range over seeds (mean - std would cross zero on the log axis)
+            ax.fill_between(steps, series.min(0).values.tolist(), series.max(0).values.tolist(),
+                            color=line.get_color(), alpha=0.15)
         ax.set(yscale="log", xlabel="step", ylabel="gradient norm (held-out batch)",
                title=f"{config.model}, density {density}")
         ax.legend()
@@ -192,6 +193,6 @@ def _summary(config, steps, delta_t, table, verdict) -> str:
                   + ("; differences smaller than the std over seeds are not evidence either way." if len(config.seeds) > 1
                      else "; one seed: no error bars, weak evidence."),
                   ]
-    lines += ["", "Plot: `grad_norm_training.png` (gradient norm vs step, mean ± std over seeds, per density).",
+    lines += ["", "Plot: `grad_norm_training.png` (gradient norm vs step, mean over seeds, shaded: min to max, per density).",
               "Every number: `results.json`; the setting: `config.json`.", ""]
     return "\n".join(lines)

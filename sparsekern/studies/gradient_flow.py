@@ -8,8 +8,6 @@ final test accuracy.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 

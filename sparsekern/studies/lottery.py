@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..analysis import compare_predictions, interpolation_curve, weight_distance
-from ..lottery import SGDTrainer, lottery_ticket, mask_density, prune_schedule
+from ..lottery import SGDTrainer, lottery_ticket, prune_schedule
 from ..train import evaluate
 from .common import build_model, fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps, write_json
 from .gradient_flow import he_normal_
@@ -224,22 +224,37 @@ def _summary(config, steps, per_seed, table, verdict) -> str:
                      f"{fmt(r['barrier'], 3)} | {fmt(r['disagreement'], 3)} | {fmt(r['js_divergence'], 3)} | "
                      f"{fmt(r['ensemble_accuracy'], 3)} | {fmt(r['ensemble_gain'], 3)} |")
     yes = lambda b: "yes" if b else "**no**"  # noqa: E731
+
+    def spread(key):  # a difference inside the seeds' spread is no evidence either way
+        t, c = table["ticket"][key], table["scratch"][key]
+        if len(config.seeds) < 2 or abs(t["mean"] - c["mean"]) > t["std"] + c["std"]:
+            return ""
+        return " (but within the spread over seeds: weak evidence)"
+
     lines += ["", "## Verdict", "",
-              f"- Ticket ends closer to the pruning solution than scratch: {yes(verdict['ticket_closer_than_scratch'])}.",
-              f"- Lower loss barrier to it than scratch: {yes(verdict['ticket_lower_barrier'])}.",
-              f"- Lower prediction disagreement with it: {yes(verdict['ticket_lower_disagreement'])}.",
+              f"- Ticket ends closer to the pruning solution than scratch: "
+              f"{yes(verdict['ticket_closer_than_scratch'])}{spread('distance_end')}.",
+              f"- Lower loss barrier to it than scratch: {yes(verdict['ticket_lower_barrier'])}{spread('barrier')}.",
+              f"- Lower prediction disagreement with it: "
+              f"{yes(verdict['ticket_lower_disagreement'])}{spread('disagreement')}.",
               f"- Smaller ensemble gain with it (a more similar function): "
-              f"{yes(verdict['ticket_smaller_ensemble_gain'])}.",
+              f"{yes(verdict['ticket_smaller_ensemble_gain'])}{spread('ensemble_gain')}.",
               f"- Gradient norm during training, ticket / scratch: x{verdict['ticket_grad_norm_ratio_vs_scratch']:.2f} "
               f"(the claim expects no clear increase: {yes(verdict['ticket_grad_norm_not_larger'])}, taking 10 % as "
               "the margin).",
               f"- Test accuracy, ticket minus scratch: {100 * verdict['ticket_accuracy_gain_vs_scratch']:+.1f} pt.",
               ""]
+    if table["pruned_accuracy"]["mean"] < table["ticket"]["test_accuracy"]["mean"] - 0.02:
+        lines += ["Caveat: the pruning solution (not fine-tuned after its last pruning step) is less accurate than the "
+                  "ticket, so ensembling with it can lose accuracy (negative gains), and the disagreement partly "
+                  "measures its errors rather than a different function.", ""]
     supported = sum(bool(verdict[k]) for k in ("ticket_closer_than_scratch", "ticket_lower_barrier",
                                                  "ticket_lower_disagreement", "ticket_smaller_ensemble_gain",
                                                  "ticket_grad_norm_not_larger"))
-    lines += [f"{supported} of 5 predictions of the claim hold in these numbers: the claim is "
-              f"{'supported' if supported == 5 else 'partly supported' if supported >= 3 else 'NOT supported'} here"
+    weak = sum(bool(spread(k)) for k in ("distance_end", "barrier", "disagreement", "ensemble_gain"))
+    lines += [f"{supported} of 5 predictions of the claim hold in these numbers"
+              f"{f' ({weak} of them within the spread over seeds)' if weak else ''}: the claim is "
+              f"{'supported' if supported == 5 and not weak else 'partly supported' if supported >= 3 else 'NOT supported'} here"
               + ("; with a single seed, without error bars." if len(config.seeds) == 1 else "."), "",
               "Plots: `grad_norm_training.png` (gradient norm vs step), `interpolation.png` (loss and accuracy on the "
               "linear path from each solution to the pruning solution). Every number: `results.json`; the setting: "

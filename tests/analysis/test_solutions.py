@@ -54,7 +54,9 @@ def test_interpolation_endpoints_and_sparse_patterns(data):
     _, _, test = data
     a, b = sparse_mlp(0), sparse_mlp(1)  # different patterns
     x, _ = next(iter(test))
-    assert torch.equal(interpolate(a, b, 0.0)(x), a(x)) and torch.allclose(interpolate(a, b, 1.0)(x), b(x), atol=1e-6)
+    # The union pattern adds explicit zeros, which may change the kernel's summation order: allclose, not equal.
+    assert torch.allclose(interpolate(a, b, 0.0)(x), a(x), atol=1e-6)
+    assert torch.allclose(interpolate(a, b, 1.0)(x), b(x), atol=1e-6)
     mid = interpolate(a, b, 0.5)
     assert torch.equal(mid[1].mask(), a[1].mask() | b[1].mask())  # union of the two patterns
     expected = 0.5 * (a[1].dense_weight() + b[1].dense_weight())

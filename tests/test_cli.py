@@ -1,0 +1,57 @@
+"""The command line: parsing of every subcommand, and the demo and a study end to end (quick)."""
+import json
+
+import pytest
+import torch
+
+from sparsekern.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_parser_reads_every_subcommand():
+    parser = build_parser()
+    args = parser.parse_args(["study", "dst", "--quick", "--seeds", "0", "1", "--densities", "0.1", "0.02",
+                              "--model", "lenet5", "--data", "mnist", "--data-dir", "/data", "--out", "r"])
+    assert (args.study, args.quick, args.seeds, args.densities, args.model, args.data, args.data_dir, args.out) == (
+        "dst", True, [0, 1], [0.1, 0.02], ["lenet5"], "mnist", "/data", "r")
+    args = parser.parse_args(["train", "--model", "resnet20", "--data", "cifar10", "--data-dir", "P", "--density",
+                              "0.1", "--method", "snfs", "--epochs", "3"])
+    assert (args.model, args.data, args.density, args.method, args.epochs) == ("resnet20", "cifar10", 0.1, "snfs", 3)
+    assert parser.parse_args(["demo", "--quick"]).quick
+    assert parser.parse_args(["bench", "--quick"]).command == "bench"
+    for bad in (["study", "pruning"], ["train", "--method", "magnitude"], ["study", "dst", "--data", "imagenet"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_demo_quick_prints_the_table_and_writes_the_plot(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "RigL 90% sparse" in printed and "ms / step" in printed
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())["rows"]
+    dense, sparse = rows
+    assert sparse["weights"] == pytest.approx(0.1 * dense["weights"], rel=0.01)
+    assert min(dense["test_accuracy"], sparse["test_accuracy"]) > 0.5
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 1000
+
+
+def test_study_command_maps_options_onto_the_config(tmp_path, capsys):
+    assert main(["study", "lottery", "--quick", "--densities", "0.25", "--model", "mlp", "--steps", "20",
+                 "--seeds", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "Lottery tickets" in capsys.readouterr().out
+    config = json.loads(next((tmp_path / "lottery").glob("*/config.json")).read_text())
+    assert (config["rounds"], config["steps"], config["seeds"], config["model"]) == (2, 20, [3], "mlp")
+
+
+def test_train_command_trains_and_logs(tmp_path, capsys):
+    assert main(["train", "--model", "mlp", "--data", "synthetic", "--density", "0.2", "--method", "set",
+                 "--epochs", "2", "--delta-t", "4", "--out", str(tmp_path), "--no-progress"]) == 0
+    summary = json.loads(next((tmp_path / "train").glob("*/summary.json")).read_text())
+    assert summary["test"]["accuracy"] > 0.5 and "test accuracy" in capsys.readouterr().out

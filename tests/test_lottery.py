@@ -1,0 +1,137 @@
+"""Magnitude pruning, IMP with rewinding (open_lth's semantics) and the lottery-ticket controls."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekern.data import make_synthetic
+from sparsekern.lottery import (SGDTrainer, TrainResult, apply_masks, layer_weights, lottery_ticket, magnitude_prune,
+                                mask_density, masks_of, one_shot_prune, prune_schedule, random_masks, to_dense_model)
+from sparsekern.nn import SparseConv2d, SparseLinear
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 32), nn.ReLU(),
+                         nn.Linear(32, 4))
+
+
+def _noop_trainer(model, start_step=0, snapshot_step=None, desc=""):
+    """Changes every weight a little (so pruning sees new magnitudes) and snapshots at once."""
+    snapshot = {k: v.clone() for k, v in to_dense_model(model).state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.1 * torch.randn_like(p))
+    return TrainResult([], None, None, 0.0, snapshot if snapshot_step == start_step else None)
+
+
+def test_global_prune_removes_the_smallest_of_the_remaining():
+    model = _net()
+    weights = layer_weights(model)
+    masks = magnitude_prune(model, 0.2)
+    total = sum(w.numel() for w in weights.values())
+    assert sum(int(m.sum()) for m in masks.values()) == total - math.ceil(0.2 * total)
+    kept = torch.cat([weights[n][masks[n]].abs() for n in weights])
+    pruned = torch.cat([weights[n][~masks[n]].abs() for n in weights])
+    assert pruned.max() <= kept.min()
+    # a second round only prunes among what the first kept, and prunes 20 % of what remains
+    again = magnitude_prune(model, 0.2, masks)
+    remaining = sum(int(m.sum()) for m in masks.values())
+    assert sum(int(m.sum()) for m in again.values()) == remaining - math.ceil(0.2 * remaining)
+    assert all(not (again[n] & ~masks[n]).any() for n in masks)
+
+
+def test_layerwise_prune_takes_the_fraction_from_every_layer():
+    model = _net()
+    masks = magnitude_prune(model, 0.5, scope="layerwise")
+    for name, w in layer_weights(model).items():
+        assert int(masks[name].sum()) == w.numel() - math.ceil(0.5 * w.numel())
+        assert w[~masks[name]].abs().max() <= w[masks[name]].abs().min()
+    with pytest.raises(ValueError, match="scope"):
+        magnitude_prune(model, 0.5, scope="per-layer")
+    with pytest.raises(ValueError, match="prune_fraction"):
+        magnitude_prune(model, 1.0)
+
+
+def test_one_shot_prune_reaches_the_density():
+    masks = one_shot_prune(_net(), 0.1)
+    assert mask_density(masks) == pytest.approx(0.1, abs=1e-3)
+
+
+def test_imp_sparsity_per_round_follows_the_schedule():
+    model = _net()
+    found = lottery_ticket(model, _noop_trainer, rounds=4, prune_fraction=0.2)
+    total = sum(w.numel() for w in layer_weights(model).values())
+    expected, remaining = [1.0], total
+    for _ in range(4):
+        remaining -= math.ceil(0.2 * remaining)
+        expected.append(remaining / total)
+    assert [r["density"] for r in found.rounds] == pytest.approx(expected[:4])  # rounds 0..3 trained
+    assert found.density == pytest.approx(expected[4])
+    assert expected[1:] == pytest.approx(prune_schedule(0.2, 4), abs=1e-3)
+    # density= sets the per-round fraction; rounds=1 is one-shot
+    assert lottery_ticket(model, _noop_trainer, rounds=2, density=0.25).density == pytest.approx(0.25, abs=1e-3)
+
+
+def test_rewinding_restores_the_step_k_weights_exactly():
+    data = make_synthetic(num_classes=4, image_size=8, n_train=256, seed=0)
+    held_out = data.val[list(range(64))]
+    trainer = SGDTrainer(data.train, steps=12, batch_size=32, lr=0.05, seed=3, held_out=held_out, grad_flow_every=4,
+                         progress=False)
+    model = _net()
+    found = lottery_ticket(model, trainer, rounds=2, prune_fraction=0.3, rewind_step=5)
+    # the step-5 state is that of an independent run of the same trainer
+    check = trainer(_net(), snapshot_step=5).snapshot
+    for key, value in check.items():
+        assert torch.equal(found.rewind_state[key], value), key
+    ticket = found.ticket()
+    modules = dict(ticket.named_modules())
+    for name, mask in found.masks.items():
+        layer = modules[name]
+        assert isinstance(layer, (SparseLinear, SparseConv2d))
+        assert torch.equal(layer.mask(), mask)
+        assert torch.equal(layer.values.detach(), found.rewind_state[name + ".weight"][mask])  # exactly, kept only
+        assert torch.equal(layer.bias.detach(), found.rewind_state[name + ".bias"])
+    # the pruned solution is the last trained network at the ticket's mask (a sparse model)
+    assert all(torch.equal(m.mask(), found.masks[n]) for n, m in found.pruned.named_modules()
+               if isinstance(m, (SparseLinear, SparseConv2d)))
+    assert [g["step"] for g in found.rounds[1]["grad_flow"]] == [8, 12]  # resumed at step 5, measured from 8
+    assert len(found.rounds) == 2 and found.rounds[1]["density"] == pytest.approx(0.7, abs=1e-2)
+
+
+def test_controls_keep_the_mask_or_its_per_layer_density():
+    found = lottery_ticket(_net(), _noop_trainer, rounds=1, density=0.2)
+    ticket, scratch, rand = found.ticket(), found.scratch(seed=1), found.random_mask(seed=2)
+    tm, sm, rm = masks_of(ticket), masks_of(scratch), masks_of(rand)
+    for name in found.masks:
+        assert torch.equal(sm[name], found.masks[name])
+        assert int(rm[name].sum()) == int(found.masks[name].sum()) and not torch.equal(rm[name], tm[name])
+    values = lambda m: torch.cat([p.detach().reshape(-1) for n, p in m.named_parameters() if n.endswith("values")])  # noqa
+    assert not torch.allclose(values(ticket), values(scratch))
+    counts = {n: int(m.sum()) for n, m in random_masks(found.masks, torch.Generator().manual_seed(0)).items()}
+    assert counts == {n: int(m.sum()) for n, m in found.masks.items()}
+
+
+def test_apply_masks_runs_the_masked_dense_network_on_compressed_weights():
+    model = _net()
+    masks = one_shot_prune(model, 0.3)
+    sparse = apply_masks(model, masks)
+    assert isinstance(sparse[0], SparseConv2d) and isinstance(sparse[3], SparseLinear)
+    reference = to_dense_model(sparse)
+    assert isinstance(reference[0], nn.Conv2d)
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if name in masks:
+                m.weight.mul_(masks[name])
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reference(x), model(x), rtol=1e-5, atol=1e-5)
