@@ -16,13 +16,39 @@ from torch import nn
 from ..data import DataSplits, load_data
 from ..models import get_model
 
-__all__ = ["config_hash", "run_dir", "write_json", "load_splits", "build_model", "held_out_batch", "mean_std",
+__all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "load_splits", "build_model", "held_out_batch", "mean_std",
            "fmt", "plt", "PAPER_STEPS"]
 
 # rigl_tf2's LeNet-5 / MNIST run: 11,719 steps at batch 128 (25 epochs of 60,000 images).
 PAPER_STEPS = 11719
 # digits are 8x8: upsampled x2; LeNet-5 gets padding 2 so both convs have room (fc1 sees 16x2x2).
 DIGITS_IMAGE_SIZE = 16
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    """The training settings every study shares (rigl_tf2's LeNet-5 / MNIST defaults);
+    a study's config subclasses it and adds its own fields, and ``QUICK`` its --quick overrides."""
+    data: str = "digits"
+    data_dir: Optional[str] = None
+    steps: Optional[int] = None  # None: 11,719 (rigl_tf2) on MNIST-like data, 300 on digits
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    grad_flow_every: int = 20
+    quick: bool = False
+    out: str = "results"
+    progress: bool = True
+
+    QUICK = {}
+
+    @classmethod
+    def quick_config(cls, **overrides):
+        base = dict(cls.QUICK, quick=True)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
 
 
 def plt():

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import dst as dst_algorithms
 from ..lottery import SGDTrainer, masks_of
-from .common import fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps, write_json
+from .common import TrainingConfig, fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps, write_json
 from .gradient_flow import GradientFlowConfig, make_model
 
 STUDY = "dst"
@@ -23,34 +23,18 @@ METHODS = ("static", "set", "snfs", "rigl")
 
 
 @dataclass
-class DSTConfig:
+class DSTConfig(TrainingConfig):
     model: str = "lenet5"
     densities: Tuple[float, ...] = (0.1, 0.02)
     methods: Tuple[str, ...] = METHODS
     seeds: Tuple[int, ...] = (0, 1, 2)
-    data: str = "digits"
-    data_dir: Optional[str] = None
-    steps: Optional[int] = None  # None: 11,719 (rigl_tf2) on MNIST-like data, 300 on digits
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
     distribution: str = "erk"
     delta_t: Optional[int] = None  # None: 100 (rigl) at the paper's steps, 20 on digits
     drop_fraction: float = 0.3
     end_fraction: float = 0.75
     dense_baseline: bool = True
-    grad_flow_every: int = 20
-    quick: bool = False
-    out: str = "results"
-    progress: bool = True
 
-    @classmethod
-    def quick_config(cls, **overrides) -> "DSTConfig":
-        base = dict(model="mlp", densities=(0.1,), seeds=(0,), steps=40, delta_t=10, grad_flow_every=10, quick=True)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+    QUICK = dict(model="mlp", densities=(0.1,), seeds=(0,), steps=40, delta_t=10, grad_flow_every=10)
 
 
 def run(config: DSTConfig) -> dict:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..lottery import SGDTrainer
 from ..sparsity import sparsify
-from .common import (build_model, fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps,
+from .common import (TrainingConfig, build_model, fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps,
                      write_json)
 
 STUDY = "gradient-flow"
@@ -25,29 +25,13 @@ INITS = ("dense", "sparse")
 
 
 @dataclass
-class GradientFlowConfig:
+class GradientFlowConfig(TrainingConfig):
     models: Tuple[str, ...] = ("mlp", "lenet5")
     densities: Tuple[float, ...] = (1.0, 0.2, 0.1, 0.05, 0.02)
     seeds: Tuple[int, ...] = (0, 1)
-    data: str = "digits"
-    data_dir: Optional[str] = None
-    steps: Optional[int] = None  # None: 11,719 (rigl_tf2) on MNIST-like data, 300 on digits
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
     distribution: str = "erk"
-    grad_flow_every: int = 20
-    quick: bool = False
-    out: str = "results"
-    progress: bool = True
 
-    @classmethod
-    def quick_config(cls, **overrides) -> "GradientFlowConfig":
-        base = dict(densities=(1.0, 0.05), seeds=(0,), steps=30, grad_flow_every=10, quick=True)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+    QUICK = dict(densities=(1.0, 0.05), seeds=(0,), steps=30, grad_flow_every=10)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..analysis import compare_predictions, interpolation_curve, weight_distance
 from ..lottery import SGDTrainer, lottery_ticket, prune_schedule
 from ..train import evaluate
-from .common import build_model, fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps, write_json
+from .common import TrainingConfig, build_model, fmt, held_out_batch, load_splits, mean_std, plt, run_dir, scaled_steps, write_json
 from .gradient_flow import he_normal_
 
 STUDY = "lottery"
@@ -27,31 +27,15 @@ SOLUTIONS = ("ticket", "scratch", "random_mask")
 
 
 @dataclass
-class LotteryConfig:
+class LotteryConfig(TrainingConfig):
     model: str = "lenet5"
     seeds: Tuple[int, ...] = (0, 1)
     rounds: int = 8  # 0.8 ** 8 = 16.8 % of the weights left
     prune_fraction: float = 0.2
     scope: str = "global"
     rewind_step: int = 0
-    data: str = "digits"
-    data_dir: Optional[str] = None
-    steps: Optional[int] = None  # None: 11,719 (rigl_tf2) on MNIST-like data, 300 on digits
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    grad_flow_every: int = 20
-    quick: bool = False
-    out: str = "results"
-    progress: bool = True
 
-    @classmethod
-    def quick_config(cls, **overrides) -> "LotteryConfig":
-        base = dict(model="mlp", seeds=(0,), rounds=2, prune_fraction=0.5, steps=60, grad_flow_every=20, quick=True)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+    QUICK = dict(model="mlp", seeds=(0,), rounds=2, prune_fraction=0.5, steps=60, grad_flow_every=20)
 
 
 def run(config: LotteryConfig) -> dict:
