@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <atomic>
@@ -458,14 +457,27 @@ bool use_dense(int64_t nnz, int64_t m, int64_t k) {
   return m > 0 && k > 0 && double(nnz) >= dense_above() * double(m) * double(k);
 }
 
+// A reused (m, k) buffer for the dense path: a fresh 64 MB tensor per call is mmap'ed by
+// malloc and costs more in page faults than the GEMM itself on our VMs. One per calling
+// thread, so concurrent ops from different threads never share it.
+at::Tensor dense_workspace(int64_t m, int64_t k, const at::TensorOptions& options) {
+  thread_local at::Tensor buffer;
+  const int64_t bytes = m * k * int64_t(options.dtype().itemsize());
+  if (!buffer.defined() || buffer.nbytes() < size_t(bytes))
+    buffer = at::empty({bytes}, options.dtype(at::kByte));
+  return buffer.narrow(0, 0, bytes).view(options.dtype().toScalarType()).view({m, k});
+}
+
 template <typename S>
 at::Tensor scatter_dense(const at::Tensor& values, const int64_t* rp, const int32_t* ci, int64_t m, int64_t k) {
-  at::Tensor dense = at::zeros({m, k}, values.options());
+  at::Tensor dense = dense_workspace(m, k, values.options());
   S* d = dense.data_ptr<S>();
   const S* v = values.data_ptr<S>();
   at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0; i < r1; ++i)
+    for (int64_t i = r0; i < r1; ++i) {
+      std::fill(d + i * k, d + (i + 1) * k, S(0));
       for (int64_t p = rp[i]; p < rp[i + 1]; ++p) d[i * k + ci[p]] = v[p];
+    }
   });
   return dense;
 }
@@ -543,7 +555,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     return;
   }
   if (use_dense(nnz, m, k)) {
-    const at::Tensor D = at::mm(X, Y.t());  // contiguous (m, k)
+    at::Tensor D = dense_workspace(m, k, X.options());
+    at::mm_out(D, X, Y.t());
     const S* dp = D.data_ptr<S>();
     const int64_t* rp = row_ptr.data_ptr<int64_t>();
     const int32_t* ci = col_idx.data_ptr<int32_t>();
