@@ -11,7 +11,6 @@ import datetime
 import gc
 import math
 import os
-import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +23,8 @@ from sparsekern.nn import random_mask
 
 from . import peers
 from .peers import DENSE, SPARSEKERN, SPARSEPROP, TORCH_SPARSE, Impl
-from .report import FAILED, NO_BACKWARD, NOT_APPLICABLE, UNAVAILABLE, WRONG, Row, cpu_model, markdown, print_table
+from .report import (FAILED, NO_BACKWARD, NOT_APPLICABLE, UNAVAILABLE, WRONG, Row, command_line, cpu_model, markdown,
+                     print_table)
 from .timing import Budget, Timing, forward_fn, measure, train_step_fn
 
 GROUPS = ("linear", "conv", "topk")
@@ -202,13 +202,6 @@ def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
 
 
 # -- entry point ----------------------------------------------------------------------------
-def _command_line() -> str:
-    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
-    program = "python -m sparsekern.bench.ops" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])
-    env = os.environ.get("SPARSEKERN_BACKEND")
-    return f"{'SPARSEKERN_BACKEND=' + env + ' ' if env else ''}{program} {args}".strip()
-
-
 def _backends() -> str:
     cpu = torch.device("cpu")
     names = {op: sparsekern.ops.get_backend(op, cpu) for op in ("sparse_linear", "sparse_conv2d", "topk_select")}
@@ -243,7 +236,7 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
         gc.collect()
 
     meta = {
-        "command": f"`{_command_line()}`",
+        "command": f"`{command_line('sparsekern.bench.ops')}`",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores)",
         "threads": str(torch.get_num_threads()),

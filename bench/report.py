@@ -1,7 +1,10 @@
 """The results table: printed with ``rich`` when installed (markdown otherwise), written as markdown."""
 from __future__ import annotations
 
+import os
 import platform
+import shlex
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Union
 
@@ -88,3 +91,11 @@ def print_table(rows: Sequence[Row], meta: Dict[str, str]) -> None:
     for row in rows:
         for note in row.notes:
             console.print(f"note: {row.case} ({row.pass_name}): {note}", markup=False, highlight=False)
+
+
+def command_line(module: str) -> str:
+    """The command that produced a report, as the user typed it (console script or ``python -m``)."""
+    args = " ".join(shlex.quote(a) for a in sys.argv[1:])
+    program = f"python -m {module}" if sys.argv[0].endswith(".py") else os.path.basename(sys.argv[0])
+    env = os.environ.get("SPARSEKERN_BACKEND")
+    return f"{'SPARSEKERN_BACKEND=' + env + ' ' if env else ''}{program} {args}".strip()

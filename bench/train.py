@@ -24,7 +24,7 @@ from torch import nn
 import sparsekern
 from sparsekern.models import get_model
 
-from .report import cpu_model
+from .report import command_line, cpu_model
 from .timing import Budget, Timing, measure
 
 DELTA_T = 100
@@ -127,7 +127,7 @@ def main(quick: bool = False, output: Optional[str] = None, threads: Optional[in
     for i, case in enumerate(cases(sizes), 1):
         print(f"[{i}] {case.name} at density {case.density}", file=sys.stderr, flush=True)
         results.append(run_case(case, budget))
-    meta = {"command": "`" + " ".join(["python -m sparsekern.bench.train", *sys.argv[1:]]) + "`",
+    meta = {"command": f"`{command_line('sparsekern.bench.train')}`",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores)", "threads": str(torch.get_num_threads()),
             "torch": torch.__version__,

@@ -235,29 +235,32 @@ class DynamicSparseTraining:
         nnz = module.nnz
         if n_drop == 0 and n_grow == 0:
             return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
-        old_mask = module.mask().reshape(-1)
-        old_pos = old_mask.nonzero().squeeze(1)  # flat position of each nonzero, in CSR order
+        weight = module.sparse_weight()
+        # Flat positions of the nonzeros, ascending (CSR order): no dense mask to scan.
+        old_pos = weight.row_indices() * weight.k + weight.col_idx.long()
         values = module.values.detach()
         # Drop: the n_drop active weights of smallest magnitude.
         dropped = topk_select(broadcast(values.abs()), n_drop, largest=False)
         keep = torch.ones(nnz, dtype=torch.bool, device=values.device)
         keep[dropped] = False
-        kept_mask = torch.zeros_like(old_mask)
-        kept_mask[old_pos[keep]] = True
+        kept_pos = old_pos[keep]
+        new_mask = torch.zeros(weight.m * weight.k, dtype=torch.bool, device=values.device)
+        new_mask[kept_pos] = True
         # Grow: the n_grow best scores among the weights not kept (a just-dropped one may come back, at 0).
-        grown = topk_select(self.grow_scores(name, module), n_grow, largest=True, candidates=~kept_mask)
-        new_mask = kept_mask.clone()
+        grown = topk_select(self.grow_scores(name, module), n_grow, largest=True, candidates=~new_mask)
         new_mask[grown] = True
-        # source[i]: the old index of the new pattern's i-th nonzero, -1 where grown.
-        old_index = torch.full(old_mask.shape, -1, dtype=torch.int64, device=values.device)
-        old_index[old_pos[keep]] = keep.nonzero().squeeze(1)
-        source = old_index[new_mask.nonzero().squeeze(1)]
+        # source[i]: the old index of the new pattern's i-th nonzero (ascending position), -1 where grown.
+        order = torch.argsort(torch.cat([kept_pos, grown]))
+        source = torch.cat([keep.nonzero().squeeze(1),
+                            torch.full((n_grow,), -1, dtype=torch.int64, device=values.device)])[order]
+        # Regrown: grown at a position of the old pattern (necessarily a just-dropped one).
+        at = torch.searchsorted(old_pos, grown).clamp_(max=max(nnz - 1, 0))
+        regrown = int((old_pos[at] == grown).sum()) if nnz else 0
         old_param = module.values
         module.update_pattern_(new_mask.reshape(module.weight_shape), remap_entries(values, source))
         remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
-        return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow,
-                "regrown": int((new_mask & old_mask & ~kept_mask).sum()),
-                "mask_distance": int((new_mask ^ old_mask).sum())}
+        return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow, "regrown": regrown,
+                "mask_distance": n_drop + n_grow - 2 * regrown}
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property

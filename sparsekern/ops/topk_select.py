@@ -30,7 +30,7 @@ def topk_select(scores: torch.Tensor, k: int, largest: bool = True,
                              f"got {candidates.numel()}")
         if candidates.device != scores.device:
             raise ValueError(f"{OP}: candidates is on {candidates.device} but scores is on {scores.device}")
-        n_candidates = int(candidates.sum())
+        n_candidates = int(torch.count_nonzero(candidates))  # no int64 copy of the mask, unlike sum()
     if not 0 <= k <= n_candidates:
         raise ValueError(f"{OP}: k must lie in [0, {n_candidates}] (the number of candidates), got {k}")
     backend = get_backend(OP, scores.device)

@@ -9,7 +9,7 @@ final test accuracy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
@@ -156,7 +156,7 @@ def config_batch_note(config) -> str:
 
 
 def _summary(config, steps, table, verdict, out) -> str:
-    lines = [f"# Gradient flow at initialization: dense vs sparsity-aware init",
+    lines = ["# Gradient flow at initialization: dense vs sparsity-aware init",
              "",
              "**Claim (Evci et al. 2022, sec. 3):** sparse networks initialized like dense ones (std from the dense "
              "fan-in) have a vanishing gradient norm at init, the sparser the worse; scaling each unit's init by "

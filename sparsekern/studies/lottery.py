@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -141,7 +141,7 @@ def _plot(config, per_seed, out):
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 4.5))
     series = [("dense", lambda r: r["dense"]["grad_flow"], "--"),
-              (f"IMP last round (pruned solution's run)", lambda r: r["pruned"]["grad_flow"], ":")]
+              ("IMP last round (pruned solution's run)", lambda r: r["pruned"]["grad_flow"], ":")]
     series += [(name, lambda r, name=name: r["solutions"][name]["grad_flow"], "-") for name in SOLUTIONS]
     for label, get, style in series:
         flows = [get(r) for r in per_seed]
