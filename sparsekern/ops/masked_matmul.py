@@ -29,7 +29,7 @@ def masked_matmul(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> 
     check.backend_dtype(OP, backend, "x", x)
     # not reshape(-1, k): ambiguous when k == 0
     y = implementation(OP, x.device)(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, mask)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # no view: see sparse_linear
 
 
 def masked_sddmm(X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

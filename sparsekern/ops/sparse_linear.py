@@ -31,7 +31,9 @@ def sparse_linear(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     t = W.transpose_pattern() if needs_transpose else (None, None, None)
     x2 = x.reshape(math.prod(x.shape[:-1]), W.k)  # not -1: ambiguous when W.k == 0
     y = implementation(OP, x.device)(x2, W.values, W.row_ptr, W.col_idx, bias, *t)
-    return y.reshape(*x.shape[:-1], W.m)
+    # No view for 2-D x: an in-place op on a view of the output (ReLU(inplace=True)) costs autograd
+    # two extra copies (CopySlices) in backward.
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], W.m)
 
 
 def _fake(x, values, row_ptr, col_idx, bias=None, t_row_ptr=None, t_col_idx=None, t_perm=None):
