@@ -33,6 +33,38 @@ class SparseWeightMixin:
     """
 
     weight_shape: torch.Size
+    DENSE_TYPE: type  # the dense module this one mirrors (nn.Linear, nn.Conv2d)
+
+    def _copy_geometry(self, module: nn.Module) -> None:
+        """Take the dense module's arguments (features, kernel size, ...) and its weight shape."""
+        raise NotImplementedError
+
+    def _empty_dense(self) -> nn.Module:
+        """A dense module with this module's arguments."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask: Optional[torch.Tensor] = None):
+        """The sparse equivalent of ``module`` at ``mask`` (None = the weight's nonzeros)."""
+        if not isinstance(module, cls.DENSE_TYPE):
+            raise TypeError(f"{cls.__name__}.from_dense: module must be nn.{cls.DENSE_TYPE.__name__}, "
+                            f"got {type(module).__name__}")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out._copy_geometry(module)
+        weight = module.weight.detach()
+        out._init_sparse_weight(weight, weight != 0 if mask is None else mask)
+        out.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
+        return out
+
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense module (the weight is exactly 0 outside the pattern)."""
+        dense = self._empty_dense()
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
 
     def _init_sparse_weight(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
         self.values = nn.Parameter(torch.empty(0, dtype=dense.dtype, device=dense.device))

@@ -26,6 +26,8 @@ def _same_padding(kernel_size, dilation, stride):
 class SparseConv2d(SparseWeightMixin, nn.Module):
     """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight."""
 
+    DENSE_TYPE = nn.Conv2d
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", density: float = 1.0,
                  device=None, dtype=None, generator: Optional[torch.Generator] = None):
@@ -53,27 +55,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             self.padding = tuple(conv.padding)
         self.weight_shape = conv.weight.shape
 
-    @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask: Optional[torch.Tensor] = None) -> "SparseConv2d":
-        """The sparse equivalent of ``module`` at ``mask`` (None = the weight's nonzeros)."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"SparseConv2d.from_dense: module must be nn.Conv2d, got {type(module).__name__}")
-        out = cls.__new__(cls)
-        nn.Module.__init__(out)
-        out._copy_geometry(module)
-        weight = module.weight.detach()
-        out._init_sparse_weight(weight, weight != 0 if mask is None else mask)
-        out.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
-        return out
-
-    def to_dense(self) -> nn.Conv2d:
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+    def _empty_dense(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)

@@ -17,38 +17,24 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     weights, initialized as nn.Linear then masked), or from a dense layer with ``from_dense``.
     """
 
+    DENSE_TYPE = nn.Linear
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, density: float = 1.0,
                  device=None, dtype=None, generator: Optional[torch.Generator] = None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight_shape = torch.Size((out_features, in_features))
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._copy_geometry(dense)
         mask = random_mask(self.weight_shape, density, generator, device=dense.weight.device)
         self._init_sparse_weight(dense.weight.detach(), mask)
         self.bias = dense.bias
 
-    @classmethod
-    def from_dense(cls, module: nn.Linear, mask: Optional[torch.Tensor] = None) -> "SparseLinear":
-        """The sparse equivalent of ``module`` at ``mask`` (None = the weight's nonzeros)."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense: module must be nn.Linear, got {type(module).__name__}")
-        weight = module.weight.detach()
-        out = cls.__new__(cls)
-        nn.Module.__init__(out)
-        out.in_features, out.out_features = module.in_features, module.out_features
-        out.weight_shape = weight.shape
-        out._init_sparse_weight(weight, weight != 0 if mask is None else mask)
-        out.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
-        return out
+    def _copy_geometry(self, module: nn.Linear) -> None:
+        self.in_features, self.out_features = module.in_features, module.out_features
+        self.weight_shape = module.weight.shape
 
-    def to_dense(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+    def _empty_dense(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                         device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_linear(x, self.sparse_weight(), self.bias)
