@@ -39,6 +39,8 @@ TORCH_LIBRARY(sparsekern, m) {
   // Gradient of the weight's values (nnz) at its pattern.
   m.def("sparse_conv2d_backward_weight(Tensor grad_out, Tensor x, Tensor row_ptr, Tensor col_idx, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // out[i] = src[index[i]] (1-D): W^T's values through the transpose permutation, in backward.
+  m.def("gather(Tensor src, Tensor index) -> Tensor");
   // Indices (int64, ascending) of the k largest (or smallest) scores among candidates;
   // ties go to the lower index.
   m.def("topk_select(Tensor scores, int k, bool largest=True, Tensor? candidates=None) -> Tensor");

@@ -56,6 +56,10 @@ def sparse_conv2d(x, values, row_ptr, col_idx, kernel_size: Sequence[int], bias:
     return F.conv2d(x, w, bias, tuple(stride), tuple(padding), tuple(dilation))
 
 
+def gather(src, index):
+    return src[index]
+
+
 def topk_select(scores: torch.Tensor, k: int, largest: bool = True, candidates: Optional[torch.Tensor] = None):
     if bool(torch.isnan(scores if candidates is None else scores[candidates]).any()):
         raise ValueError("topk_select: scores contains NaN")

@@ -2,6 +2,7 @@
 ``sparsekern.ops.dispatch``, with autograd formulas and fake kernels registered here."""
 from . import dispatch
 from .dispatch import get_backend, set_backend
+from .gather import gather
 from .masked_matmul import masked_matmul, masked_sddmm
 from .sddmm import sddmm
 from .sparse_conv2d import sparse_conv2d
@@ -19,7 +20,7 @@ def _register_all() -> bool:
         raise
     # Not `from . import spmm`: that returns the package attribute, i.e. the function of the same name.
     import importlib
-    for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "topk_select"):
+    for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "topk_select", "gather"):
         importlib.import_module(f"{__name__}.{name}").register()
     dispatch.extension_loaded = True
     return True
@@ -27,5 +28,5 @@ def _register_all() -> bool:
 
 HAS_EXTENSION = _register_all()
 
-__all__ = ["spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select",
+__all__ = ["spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select", "gather",
            "set_backend", "get_backend", "HAS_EXTENSION"]

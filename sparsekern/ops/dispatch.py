@@ -13,7 +13,7 @@ import torch
 
 from .. import reference
 
-OPS = ("spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select")
+OPS = ("spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select", "gather")
 
 # Backends per device type, default first. Later backends (triton, cuda) add themselves here.
 _AVAILABLE: Dict[str, tuple] = {"cpu": ("cpp", "reference"), "cuda": ("reference",)}

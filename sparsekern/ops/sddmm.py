@@ -44,7 +44,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[3]:
         # Rare path (sddmm is usually itself a backward): the transpose is built here.
         t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, Y.shape[0])
-        d_Y = torch.ops.sparsekern.spmm(grad.index_select(0, t_perm), t_row_ptr, t_col_idx, X)
+        d_Y = torch.ops.sparsekern.spmm(torch.ops.sparsekern.gather(grad, t_perm), t_row_ptr, t_col_idx, X)
     return None, None, d_X, d_Y
 
 

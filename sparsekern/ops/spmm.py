@@ -40,7 +40,7 @@ def _backward(ctx, grad):
         t_row_ptr, t_col_idx, t_perm = ctx.transpose
         if t_perm is None:  # called on the op directly, without the cached transpose
             t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, B.shape[0])
-        d_B = torch.ops.sparsekern.spmm(values.index_select(0, t_perm), t_row_ptr, t_col_idx, grad)
+        d_B = torch.ops.sparsekern.spmm(torch.ops.sparsekern.gather(values, t_perm), t_row_ptr, t_col_idx, grad)
     return d_values, None, None, d_B, None, None, None
 
 

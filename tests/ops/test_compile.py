@@ -7,7 +7,7 @@ from sparsekern.nn import SparseConv2d, SparseLinear
 
 from sk_testing import assert_close, gen, has_cpu_kernel, make_input, random_mask, random_sparse
 
-LINEAR_KERNELS = ("sparse_linear", "sddmm")
+LINEAR_KERNELS = ("sparse_linear", "sddmm", "gather")
 CONV_KERNELS = ("sparse_conv2d", "sparse_conv2d_backward_input", "sparse_conv2d_backward_weight")
 
 
@@ -116,11 +116,14 @@ def _opcheck_samples(op):
     if op == "topk_select":
         scores = torch.randn(50, dtype=dt, generator=g)
         return [(scores, 10, True, None), (scores, 5, False, torch.rand(50, generator=g) < 0.5)]
+    if op == "gather":
+        src = torch.randn(30, dtype=dt, generator=g, requires_grad=True)
+        return [(src, torch.randperm(30, generator=g)), (src, torch.tensor([2, 2, 29, 0]))]
     raise AssertionError(op)
 
 
 ALL_OPS = ("spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d",
-           "sparse_conv2d_backward_input", "sparse_conv2d_backward_weight", "topk_select")
+           "sparse_conv2d_backward_input", "sparse_conv2d_backward_weight", "topk_select", "gather")
 
 
 @pytest.mark.parametrize("op", ALL_OPS)
