@@ -199,3 +199,15 @@ def test_repr_and_properties():
     assert W.mask().shape == (4, 2, 3, 3)
     rows = W.row_indices()
     assert torch.equal(rows, torch.nonzero(W.mask().reshape(4, 18))[:, 0])
+
+
+@pytest.mark.parametrize("shape,density", [((0, 5), 0.5), ((7, 0), 0.5), ((1, 9), 1.0), ((13, 17), 0.3), ((6, 6), 0.0)])
+def test_csr_from_positions_equals_csr_from_mask(shape, density):
+    from sparsekern.sparse_matrix import csr_from_mask, csr_from_positions
+    g = torch.Generator().manual_seed(sum(shape))
+    mask = torch.rand(shape, generator=g) < density
+    positions = mask.reshape(-1).nonzero().squeeze(1)
+    row_ptr, col_idx = csr_from_positions(positions, *shape)
+    expected = csr_from_mask(mask)
+    assert torch.equal(row_ptr, expected[0]) and torch.equal(col_idx, expected[1])
+    assert col_idx.dtype == torch.int32 and row_ptr.dtype == torch.int64

@@ -250,14 +250,14 @@ class DynamicSparseTraining:
         grown = topk_select(self.grow_scores(name, module), n_grow, largest=True, candidates=~new_mask)
         new_mask[grown] = True
         # source[i]: the old index of the new pattern's i-th nonzero (ascending position), -1 where grown.
-        order = torch.argsort(torch.cat([kept_pos, grown]))
+        new_pos, order = torch.sort(torch.cat([kept_pos, grown]))
         source = torch.cat([keep.nonzero().squeeze(1),
                             torch.full((n_grow,), -1, dtype=torch.int64, device=values.device)])[order]
         # Regrown: grown at a position of the old pattern (necessarily a just-dropped one).
         at = torch.searchsorted(old_pos, grown).clamp_(max=max(nnz - 1, 0))
         regrown = int((old_pos[at] == grown).sum()) if nnz else 0
         old_param = module.values
-        module.update_pattern_(new_mask.reshape(module.weight_shape), remap_entries(values, source))
+        module.update_pattern_(None, remap_entries(values, source), positions=new_pos)
         remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
         return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow, "regrown": regrown,
                 "mask_distance": n_drop + n_grow - 2 * regrown}

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..sparse_matrix import SparseMatrix, csr_from_mask, transpose_pattern
+from ..sparse_matrix import SparseMatrix, csr_from_mask, csr_from_positions, transpose_pattern
 
 _PATTERN_BUFFERS = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 
@@ -101,8 +101,12 @@ class SparseWeightMixin:
         self.row_ptr, self.col_idx = row_ptr, col_idx
         self.t_row_ptr, self.t_col_idx, self.t_perm = t_row_ptr, t_col_idx, t_perm
 
-    def update_pattern_(self, mask: torch.Tensor, values: torch.Tensor) -> None:
+    def update_pattern_(self, mask: Optional[torch.Tensor], values: torch.Tensor,
+                        positions: Optional[torch.Tensor] = None) -> None:
         """Replace the pattern by ``mask`` in place (dynamic sparse training).
+
+        Instead of a mask, ``positions`` may give the new nonzeros' flat indices (row * k + col) in
+        ascending order, which skips a scan of the dense mask (DST knows them).
 
         ``values`` are the new nonzeros in row-major order. At an unchanged nnz they are written into
         the existing ``values`` Parameter and the pattern buffers are overwritten in place, so an
@@ -111,16 +115,21 @@ class SparseWeightMixin:
         old one must be re-pointed (``sparsekern.dst.remap_optimizer_state``). The gradient of the old
         pattern means nothing in the new one: it is dropped.
         """
-        if mask.shape != self.weight_shape or mask.dtype != torch.bool:
-            raise ValueError(f"{type(self).__name__}.update_pattern_: mask must be bool of shape "
-                             f"{tuple(self.weight_shape)}, got {mask.dtype} of shape {tuple(mask.shape)}")
-        m = self.weight_shape[0]
-        mask2 = mask.reshape(m, -1).to(self.values.device)
-        row_ptr, col_idx = csr_from_mask(mask2)
+        m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        if positions is not None:
+            if mask is not None:
+                raise ValueError(f"{type(self).__name__}.update_pattern_: give mask or positions, not both")
+            row_ptr, col_idx = csr_from_positions(positions.to(self.values.device), m, k)
+        else:
+            if mask is None or mask.shape != self.weight_shape or mask.dtype != torch.bool:
+                raise ValueError(f"{type(self).__name__}.update_pattern_: mask must be bool of shape "
+                                 f"{tuple(self.weight_shape)}, got "
+                                 + ("None" if mask is None else f"{mask.dtype} of shape {tuple(mask.shape)}"))
+            row_ptr, col_idx = csr_from_mask(mask.reshape(m, k).to(self.values.device))
         if values.shape != col_idx.shape:
             raise ValueError(f"{type(self).__name__}.update_pattern_: values must have shape ({col_idx.numel()},) "
                              f"(the mask's nnz), got {tuple(values.shape)}")
-        pattern = (row_ptr, col_idx) + transpose_pattern(row_ptr, col_idx, mask2.shape[1])
+        pattern = (row_ptr, col_idx) + transpose_pattern(row_ptr, col_idx, k)
         with torch.no_grad():
             for name, new in zip(_PATTERN_BUFFERS, pattern):
                 old = getattr(self, name)
