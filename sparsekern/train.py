@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import grad_norm
+from .analysis import evaluate as analysis_evaluate, grad_norm
 
 __all__ = ["fit", "evaluate"]
 
@@ -29,22 +29,10 @@ def _correct(output: torch.Tensor, target: torch.Tensor) -> Optional[int]:
     return int((output.argmax(1) == target).sum())
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy, device=None) -> Dict[str, float]:
     """Mean loss and top-1 accuracy (None if not classification) of ``model`` over ``loader``."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in loader:
-        x, y = _to(batch, device)
-        out = model(x)
-        total_loss += float(loss_fn(out, y)) * y.shape[0]
-        c = _correct(out, y)
-        correct = None if c is None or correct is None else correct + c
-        count += y.shape[0]
-    model.train(was_training)
-    return {"loss": total_loss / max(count, 1), "accuracy": None if correct is None else correct / max(count, 1)}
+    loss, accuracy = analysis_evaluate(model, loader, loss_fn, device)
+    return {"loss": loss, "accuracy": accuracy}
 
 
 def _write(log: dict, log_path: Optional[str]) -> None:

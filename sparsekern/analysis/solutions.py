@@ -174,21 +174,25 @@ def predict_log_proba(model: nn.Module, loader: Iterable[Batch]) -> Tuple[torch.
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cross_entropy) -> Tuple[float, float]:
-    """(mean loss, accuracy) over ``loader`` in eval mode (loss averaged per example)."""
-    was_training, device = model.training, _device(model)
+def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cross_entropy,
+             device=None) -> Tuple[float, Optional[float]]:
+    """(mean loss, top-1 accuracy) over ``loader`` in eval mode (loss averaged per example); the
+    accuracy is None when the outputs are not class scores for integer labels."""
+    was_training, device = model.training, device or _device(model)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            total_loss += float(loss_fn(logits, y)) * y.shape[0]  # loss_fn returns the batch mean
-            correct += int((logits.argmax(1) == y).sum())
-            count += y.shape[0]
+        with torch.no_grad():
+            for batch in loader:
+                x, y = batch[0].to(device), batch[1].to(device)
+                logits = model(x)
+                total_loss += float(loss_fn(logits, y)) * y.shape[0]  # loss_fn returns the batch mean
+                classes = logits.dim() == 2 and y.dim() == 1 and y.dtype in (torch.int64, torch.int32)
+                correct = correct + int((logits.argmax(1) == y).sum()) if classes and correct is not None else None
+                count += y.shape[0]
     finally:
         model.train(was_training)
-    return total_loss / max(count, 1), correct / max(count, 1)
+    return total_loss / max(count, 1), None if correct is None else correct / max(count, 1)
 
 
 @dataclass
