@@ -2,9 +2,10 @@
 from . import ops
 from .ops import set_backend
 from .sparse_matrix import SparseMatrix
+from .block_sparse import BlockSparseMatrix
 from . import nn
 from . import init, sparsity, dst, train
 from .sparsity import sparsify
 
 __version__ = "0.1.0"
-__all__ = ["SparseMatrix", "ops", "nn", "set_backend", "__version__", "sparsify", "sparsity", "init", "dst", "train"]
+__all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "set_backend", "__version__", "sparsify", "sparsity", "init", "dst", "train"]

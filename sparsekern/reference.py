@@ -71,3 +71,29 @@ def topk_select(scores: torch.Tensor, k: int, largest: bool = True, candidates: 
     vals = vals + 0.0
     order = torch.sort(-vals if largest else vals, stable=True).indices[:k]
     return torch.sort(idx[order]).values
+
+
+# ---- block-sparse (BSR): values (nnzb, b, b), row_ptr (m/b + 1) and col_idx (nnzb) over blocks ----
+
+def bsr_to_dense(values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Dense (m, n_cols) matrix of a BSR matrix whose blocks are values[p] at block (row, col_idx[p])."""
+    b = values.shape[-1]
+    mb = row_ptr.numel() - 1
+    blocks = torch.zeros(mb, n_cols // b, b, b, dtype=values.dtype, device=values.device)
+    blocks = blocks.index_put((_rows(row_ptr), col_idx.long()), values)
+    return blocks.permute(0, 2, 1, 3).reshape(mb * b, n_cols)
+
+
+def bsr_linear(x, values, row_ptr, col_idx, bias=None, t_row_ptr=None, t_col_idx=None, t_perm=None):
+    """y (N, m) = x (N, k) @ W^T + bias for the BSR matrix W (m, k)."""
+    y = x @ bsr_to_dense(values, row_ptr, col_idx, x.shape[-1]).t()
+    return y if bias is None else y + bias
+
+
+def bsr_sddmm(row_ptr, col_idx, X, Y, block: int):
+    """values[p] (b, b) = X[rows of block p] @ Y[cols of block p]^T; X (m, d), Y (k, d)."""
+    b = block
+    rows, cols = _rows(row_ptr), col_idx.long()
+    Xb = X.reshape(-1, b, X.shape[-1])[rows]
+    Yb = Y.reshape(-1, b, Y.shape[-1])[cols]
+    return Xb @ Yb.transpose(1, 2)

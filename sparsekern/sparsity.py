@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .init import INITS, initialize_
-from .nn import SparseConv2d, SparseLinear, random_mask
+from .nn import FORMATS, SparseConv2d, SparseLinear, random_block_mask, random_mask
 
 __all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify"]
 
@@ -97,16 +98,16 @@ def densities(model_or_shapes: Shapes, density: float,
     return result if names is None else dict(zip(names, result))
 
 
-def _to_sparse(module: nn.Module, mask: torch.Tensor) -> nn.Module:
+def _to_sparse(module: nn.Module, mask: torch.Tensor, format: str = "csr", block: int = 32) -> nn.Module:
     cls = SparseConv2d if isinstance(module, nn.Conv2d) else SparseLinear
-    sparse = cls.from_dense(module, mask)
+    sparse = cls.from_dense(module, mask, format, block)
     sparse.values.requires_grad_(module.weight.requires_grad)
     return sparse.train(module.training)
 
 
 def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: str = "sparse",
              dense_layers: Iterable[str] = (), inplace: bool = True,
-             generator: Optional[torch.Generator] = None) -> nn.Module:
+             generator: Optional[torch.Generator] = None, format: str = "csr", block: int = 32) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) of ``model`` by its sparse module.
 
     Per-layer densities follow ``distribution`` over the replaced layers (those in ``dense_layers``,
@@ -114,6 +115,10 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     weights drawn uniformly at random from ``generator``. ``init``: ``sparse`` (per-unit scaled,
     ``sparsekern.init.sparse_init_``), ``dense`` (the dense layer's weights, masked) or ``layer``
     (the dense weights scaled by 1/sqrt(layer density)). Returns the model (a copy if not ``inplace``).
+
+    ``format="bsr"`` makes block-sparse layers (whole ``block`` x ``block`` blocks, random at the layer's
+    density over blocks) wherever both weight dims are multiples of ``block``; the other layers (a
+    stem conv of 3*3*3 columns, a 10-way classifier) stay CSR, with a warning naming them.
     """
     density = check_density("sparsify", density)
     _check_distribution("sparsify", distribution)
@@ -133,13 +138,27 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         kept = f" outside dense_layers {list(dense_layers)}" if dense_layers else ""
         raise ValueError(f"sparsify: the model has no nn.Linear or nn.Conv2d (groups=1) to sparsify{kept}")
     layer_densities = densities({n: tuple(m.weight.shape) for n, m in layers.items()}, density, distribution)
+    if format not in FORMATS:
+        raise ValueError(f"sparsify: format must be one of {FORMATS}, got {format!r}")
+    as_csr = []
     for name, module in layers.items():
         d = layer_densities[name]
-        mask = random_mask(module.weight.shape, d, generator, device=module.weight.device)
-        sparse = _to_sparse(module, mask)
+        shape = module.weight.shape
+        fmt = format
+        if fmt == "bsr" and (shape[0] % block or math.prod(shape[1:]) % block):
+            fmt = "csr"
+            as_csr.append(name)
+        if fmt == "bsr":
+            mask = random_block_mask(shape, d, block, generator, device=module.weight.device)
+        else:
+            mask = random_mask(shape, d, generator, device=module.weight.device)
+        sparse = _to_sparse(module, mask, fmt, block)
         initialize_(sparse, init, d, generator=generator)
         if name == "":
             return sparse  # the model itself was the one layer
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, sparse)
+    if as_csr:
+        warnings.warn(f"sparsify: format='bsr' needs weight dims that are multiples of block={block}; these layers "
+                      f"are CSR instead: {as_csr}", stacklevel=2)
     return model

@@ -5,12 +5,18 @@ available) against ``sparsekern.reference.<op>`` called directly, never against 
 Without the compiled extension run with ``SPARSEKERN_BACKEND=reference``; the ``cpp`` cases are
 then reported as skips with a reason, never as passes.
 """
+import os
 from typing import Tuple
 
 import pytest
 import torch
 
-import sparsekern
+# Without a GPU the Triton kernels run on CPU tensors through Triton's interpreter. The variable
+# must be set before any kernel is defined, i.e. before sparsekern (and its triton_kernels) import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sparsekern  # noqa: E402
 from sk_testing import (CONV_CASES, CPU_BACKENDS, DTYPES, LAYOUTS, MKN, SPARSITIES, _BackendState, _conv_id,
                         _dtype_id, _kernels_needed, _mkn_id, _sparsity_id, has_cpu_kernel, use_backend)
 

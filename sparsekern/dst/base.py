@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..block_sparse import expand_block_mask
 from ..nn import SparseConv2d, SparseWeightMixin
+from ..sparse_matrix import SparseMatrix
 from ..ops import topk_select
 from .optim_state import optimizer_holds, remap_entries, remap_optimizer_state
 
@@ -233,6 +235,8 @@ class DynamicSparseTraining:
 
     def _update_layer(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int) -> dict:
         nnz = module.nnz
+        if module.block > 1:
+            return self._update_layer_blocks(name, module, n_drop, n_grow)
         if n_drop == 0 and n_grow == 0:
             return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
         weight = module.sparse_weight()
@@ -261,6 +265,49 @@ class DynamicSparseTraining:
         remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
         return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow, "regrown": regrown,
                 "mask_distance": n_drop + n_grow - 2 * regrown}
+
+    def _update_layer_blocks(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int) -> dict:
+        """Block-sparse layers (format="bsr") drop and grow whole b x b blocks: drop the blocks of
+        smallest L2 norm, grow the blocks of largest L2 norm of the grow scores (counts rounded down
+        to whole blocks)."""
+        b = module.block
+        per_block = b * b
+        n_drop_b, n_grow_b = n_drop // per_block, n_grow // per_block
+        nnz = module.nnz
+        if n_drop_b == 0 and n_grow_b == 0:
+            return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
+        m, k = module.weight_shape[0], math.prod(module.weight_shape[1:])
+        mb, kb = m // b, k // b
+        values = module.values.detach()
+        # Block norms in the block order of b_row_ptr/b_col_idx (ascending block position).
+        norms = values.index_select(0, module.b_order).reshape(-1, per_block).norm(dim=1)
+        old_blocks = (SparseMatrix(module.b_row_ptr, module.b_col_idx, norms, (mb, kb),
+                                 validate=False).row_indices() * kb + module.b_col_idx.long())
+        dropped = topk_select(broadcast(norms), n_drop_b, largest=False)
+        keep = torch.ones(old_blocks.numel(), dtype=torch.bool, device=values.device)
+        keep[dropped] = False
+        new_bmask = torch.zeros(mb * kb, dtype=torch.bool, device=values.device)
+        new_bmask[old_blocks[keep]] = True
+        scores = self.grow_scores(name, module).reshape(mb, b, kb, b)
+        block_scores = scores.square().sum(dim=(1, 3)).sqrt_().reshape(-1)
+        grown = topk_select(block_scores, n_grow_b, largest=True, candidates=~new_bmask)
+        kept_bmask = new_bmask.clone()
+        new_bmask[grown] = True
+        # Element positions of the new pattern; survivors keep their value (and optimizer state),
+        # grown blocks start at zero even where a just-dropped block comes back.
+        new_mask = expand_block_mask(new_bmask.reshape(mb, kb), b).reshape(-1)
+        new_pos = new_mask.nonzero().squeeze(1)
+        weight = module.sparse_weight()
+        old_pos = weight.row_indices() * k + weight.col_idx.long()
+        kept_elem = expand_block_mask(kept_bmask.reshape(mb, kb), b).reshape(-1)[new_pos]
+        at = torch.searchsorted(old_pos, new_pos).clamp_(max=max(nnz - 1, 0))
+        source = torch.where(kept_elem, at, torch.full_like(at, -1))
+        regrown = int(torch.isin(grown, old_blocks[~keep]).sum())
+        old_param = module.values
+        module.update_pattern_(None, remap_entries(values, source), positions=new_pos)
+        remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
+        return {"nnz": module.nnz, "dropped": n_drop_b * per_block, "grown": n_grow_b * per_block,
+                "regrown": regrown * per_block, "mask_distance": (n_drop_b + n_grow_b - 2 * regrown) * per_block}
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property

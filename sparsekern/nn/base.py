@@ -8,9 +8,14 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..block_sparse import BlockSparseMatrix, block_mask_of, bsr_element_order, expand_block_mask
 from ..sparse_matrix import SparseMatrix, csr_from_mask, csr_from_positions, transpose_pattern
 
 _PATTERN_BUFFERS = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
+# format="bsr": the block pattern and where each block entry sits in ``values`` (derived from the
+# element pattern after every change, so not saved in the state_dict).
+_BLOCK_BUFFERS = ("b_row_ptr", "b_col_idx", "b_order", "b_t_row_ptr", "b_t_col_idx", "b_t_perm")
+FORMATS = ("csr", "bsr")
 
 
 def random_mask(shape: Sequence[int], density: float, generator: Optional[torch.Generator] = None,
@@ -25,12 +30,30 @@ def random_mask(shape: Sequence[int], density: float, generator: Optional[torch.
     return mask.reshape(tuple(shape)).to(device)
 
 
+def random_block_mask(shape: Sequence[int], density: float, block: int,
+                      generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+    """A block-aligned mask of ``shape`` (2-D view: dim 0 x the rest) with round(density * blocks)
+    whole b x b blocks, drawn uniformly at random."""
+    m, k = shape[0], math.prod(shape[1:])
+    blocks = random_mask((m // block, k // block), density, generator, device)
+    return expand_block_mask(blocks, block).reshape(tuple(shape))
+
+
 class SparseWeightMixin:
-    """Holds the weight of dense shape ``weight_shape`` as CSR.
+    """Holds the weight of dense shape ``weight_shape`` as CSR, or (``format="bsr"``) as a
+    block-aligned CSR whose b x b blocks the GPU kernels run as BSR.
 
     The subclass is an ``nn.Module`` that sets ``self.weight_shape`` and calls
-    ``self._init_sparse_weight(dense, mask)``.
+    ``self._init_sparse_weight(dense, mask, format, block)``.
+
+    With ``format="bsr"`` the trainable ``values`` stay in CSR (row-major) order, so DST, optimizer
+    state remapping and checkpoints treat both formats alike; ``block_weight()`` gathers them into
+    (nnzb, b, b) blocks for the BSR kernels. Patterns must then be block-aligned (DST drops and
+    grows whole blocks).
     """
+
+    format: str = "csr"
+    block: int = 1
 
     weight_shape: torch.Size
     DENSE_TYPE: type  # the dense module this one mirrors (nn.Linear, nn.Conv2d)
@@ -44,8 +67,10 @@ class SparseWeightMixin:
         raise NotImplementedError
 
     @classmethod
-    def from_dense(cls, module: nn.Module, mask: Optional[torch.Tensor] = None):
-        """The sparse equivalent of ``module`` at ``mask`` (None = the weight's nonzeros)."""
+    def from_dense(cls, module: nn.Module, mask: Optional[torch.Tensor] = None, format: str = "csr",
+                   block: int = 32):
+        """The sparse equivalent of ``module`` at ``mask`` (None = the weight's nonzeros). With
+        ``format="bsr"`` every block of ``block`` x ``block`` weights that holds any of ``mask`` is kept whole."""
         if not isinstance(module, cls.DENSE_TYPE):
             raise TypeError(f"{cls.__name__}.from_dense: module must be nn.{cls.DENSE_TYPE.__name__}, "
                             f"got {type(module).__name__}")
@@ -53,7 +78,12 @@ class SparseWeightMixin:
         nn.Module.__init__(out)
         out._copy_geometry(module)
         weight = module.weight.detach()
-        out._init_sparse_weight(weight, weight != 0 if mask is None else mask)
+        mask = weight != 0 if mask is None else mask
+        if format == "bsr":
+            _check_format(cls.__name__, out.weight_shape, format, block)
+            m, k = out.weight_shape[0], math.prod(out.weight_shape[1:])
+            mask = expand_block_mask(block_mask_of(mask.reshape(m, k), block), block).reshape(out.weight_shape)
+        out._init_sparse_weight(weight, mask, format, block)
         out.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         return out
 
@@ -66,11 +96,51 @@ class SparseWeightMixin:
                 dense.bias.copy_(self.bias)
         return dense
 
-    def _init_sparse_weight(self, dense: torch.Tensor, mask: torch.Tensor) -> None:
+    def _init_sparse_weight(self, dense: torch.Tensor, mask: torch.Tensor, format: str = "csr",
+                            block: int = 32) -> None:
+        _check_format(type(self).__name__, self.weight_shape, format, block)
+        self.format, self.block = format, (block if format == "bsr" else 1)
         self.values = nn.Parameter(torch.empty(0, dtype=dense.dtype, device=dense.device))
         for name in _PATTERN_BUFFERS:
             self.register_buffer(name, torch.empty(0, dtype=torch.int64, device=dense.device))
+        if self.format == "bsr":
+            for name in _BLOCK_BUFFERS:
+                self.register_buffer(name, torch.empty(0, dtype=torch.int64, device=dense.device), persistent=False)
         self.set_pattern(mask, dense)
+
+    def _initial_mask(self, density: float, generator, device) -> torch.Tensor:
+        _check_format(type(self).__name__, self.weight_shape, self.format, self.block)
+        if self.format == "bsr":
+            return random_block_mask(self.weight_shape, density, self.block, generator, device)
+        return random_mask(self.weight_shape, density, generator, device=device)
+
+    # -- format="bsr": the block layout of the element pattern -------------------------------
+    def _check_block_aligned(self, where: str, mask2d: torch.Tensor) -> None:
+        if self.format == "bsr" and not torch.equal(
+                expand_block_mask(block_mask_of(mask2d, self.block), self.block), mask2d):
+            raise ValueError(f"{type(self).__name__}.{where}: format='bsr' needs a mask made of whole "
+                             f"{self.block}x{self.block} blocks (see sparsekern.block_sparse.expand_block_mask)")
+
+    def _refresh_blocks(self) -> None:
+        if self.format != "bsr":
+            return
+        m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        mask2d = self.mask().reshape(m, k)
+        bmask = block_mask_of(mask2d, self.block)
+        self.b_row_ptr, self.b_col_idx = csr_from_mask(bmask)
+        self.b_order = bsr_element_order(mask2d, self.block).reshape(-1)
+        self.b_t_row_ptr, self.b_t_col_idx, self.b_t_perm = transpose_pattern(self.b_row_ptr, self.b_col_idx,
+                                                                              k // self.block)
+
+    def block_weight(self) -> BlockSparseMatrix:
+        """The weight as BSR (format="bsr"): blocks gathered from ``values``, differentiable."""
+        if self.format != "bsr":
+            raise RuntimeError(f"{type(self).__name__}.block_weight: the module's format is {self.format!r}, not 'bsr'")
+        b = self.block
+        blocks = self.values.index_select(0, self.b_order).reshape(-1, b, b)
+        return BlockSparseMatrix(self.b_row_ptr, self.b_col_idx, blocks, self.weight_shape, validate=False,
+                                 transpose=(self.b_t_row_ptr, self.b_t_col_idx, self.b_t_perm),
+                                 csr=self.sparse_weight())
 
     # -- the pattern --------------------------------------------------------------------
     @property
@@ -93,6 +163,7 @@ class SparseWeightMixin:
             dense = self.dense_weight().detach()
         m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])  # not -1: ambiguous when m == 0
         mask2 = mask.reshape(m, k).to(self.values.device)
+        self._check_block_aligned("set_pattern", mask2)
         row_ptr, col_idx = csr_from_mask(mask2)
         t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, mask2.shape[1])
         with torch.no_grad():
@@ -100,6 +171,7 @@ class SparseWeightMixin:
         self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
         self.row_ptr, self.col_idx = row_ptr, col_idx
         self.t_row_ptr, self.t_col_idx, self.t_perm = t_row_ptr, t_col_idx, t_perm
+        self._refresh_blocks()
 
     def update_pattern_(self, mask: Optional[torch.Tensor], values: torch.Tensor,
                         positions: Optional[torch.Tensor] = None) -> None:
@@ -125,6 +197,7 @@ class SparseWeightMixin:
                 raise ValueError(f"{type(self).__name__}.update_pattern_: mask must be bool of shape "
                                  f"{tuple(self.weight_shape)}, got "
                                  + ("None" if mask is None else f"{mask.dtype} of shape {tuple(mask.shape)}"))
+            self._check_block_aligned("update_pattern_", mask.reshape(m, k))
             row_ptr, col_idx = csr_from_mask(mask.reshape(m, k).to(self.values.device))
         if values.shape != col_idx.shape:
             raise ValueError(f"{type(self).__name__}.update_pattern_: values must have shape ({col_idx.numel()},) "
@@ -143,6 +216,9 @@ class SparseWeightMixin:
                 self.values.grad = None
             else:
                 self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
+        if positions is not None and self.format == "bsr":
+            self._check_block_aligned("update_pattern_", self.mask().reshape(m, k))
+        self._refresh_blocks()
 
     def sparse_weight(self) -> SparseMatrix:
         """The weight as a SparseMatrix sharing this module's values and cached transpose."""
@@ -178,7 +254,22 @@ class SparseWeightMixin:
             if prefix + name in state_dict:
                 # Validate what was loaded: a corrupt pattern must not reach the kernels.
                 self.sparse_weight()._validate()
+                self._check_block_aligned("load_state_dict", self.mask().reshape(self.weight_shape[0], -1))
+                self._refresh_blocks()
                 break
 
     def extra_repr_density(self) -> str:
-        return f"density={self.density:.4f}, nnz={self.nnz}"
+        fmt = f", format='bsr', block={self.block}" if self.format == "bsr" else ""
+        return f"density={self.density:.4f}, nnz={self.nnz}{fmt}"
+
+
+def _check_format(owner: str, weight_shape, format: str, block: int) -> None:
+    if format not in FORMATS:
+        raise ValueError(f"{owner}: format must be one of {FORMATS}, got {format!r}")
+    if format == "bsr":
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"{owner}: block must be a positive int, got {block!r}")
+        m, k = weight_shape[0], math.prod(weight_shape[1:])
+        if m % block or k % block:
+            raise ValueError(f"{owner}: format='bsr' with block={block} needs both weight dims (rows {m}, "
+                             f"columns {k}) to be multiples of {block}")

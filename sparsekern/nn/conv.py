@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import sparse_conv2d
-from .base import SparseWeightMixin, random_mask
+from ..ops import bsr_conv2d, sparse_conv2d
+from .base import SparseWeightMixin
 
 
 def _same_padding(kernel_size, dilation, stride):
@@ -24,19 +24,22 @@ def _same_padding(kernel_size, dilation, stride):
 
 
 class SparseConv2d(SparseWeightMixin, nn.Module):
-    """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight."""
+    """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight; ``format="bsr"``
+    keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``."""
 
     DENSE_TYPE = nn.Conv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", density: float = 1.0,
-                 device=None, dtype=None, generator: Optional[torch.Generator] = None):
+                 device=None, dtype=None, generator: Optional[torch.Generator] = None, format: str = "csr",
+                 block: int = 32):
         super().__init__()
         dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
         self._copy_geometry(dense)
-        mask = random_mask(self.weight_shape, density, generator, device=dense.weight.device)
-        self._init_sparse_weight(dense.weight.detach(), mask)
+        self.format, self.block = format, block  # validated by _init_sparse_weight
+        mask = self._initial_mask(density, generator, dense.weight.device)
+        self._init_sparse_weight(dense.weight.detach(), mask, format, block)
         self.bias = dense.bias
 
     def _copy_geometry(self, conv: nn.Conv2d) -> None:
@@ -60,6 +63,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
                          self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "bsr":
+            return bsr_conv2d(x, self.block_weight(), self.bias, self.stride, self.padding, self.dilation)
         return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:

@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import sparse_linear
-from .base import SparseWeightMixin, random_mask
+from ..ops import bsr_linear, sparse_linear
+from .base import SparseWeightMixin
 
 
 class SparseLinear(SparseWeightMixin, nn.Module):
@@ -15,17 +15,21 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     Built empty with ``density`` (a uniformly random pattern with round(density * numel)
     weights, initialized as nn.Linear then masked), or from a dense layer with ``from_dense``.
+    ``format="bsr"`` keeps whole ``block`` x ``block`` blocks (round(density * blocks) of them) and runs
+    the block-sparse kernels on the GPU; the module API is the same.
     """
 
     DENSE_TYPE = nn.Linear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, density: float = 1.0,
-                 device=None, dtype=None, generator: Optional[torch.Generator] = None):
+                 device=None, dtype=None, generator: Optional[torch.Generator] = None, format: str = "csr",
+                 block: int = 32):
         super().__init__()
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._copy_geometry(dense)
-        mask = random_mask(self.weight_shape, density, generator, device=dense.weight.device)
-        self._init_sparse_weight(dense.weight.detach(), mask)
+        self.format, self.block = format, block  # validated by _init_sparse_weight
+        mask = self._initial_mask(density, generator, dense.weight.device)
+        self._init_sparse_weight(dense.weight.detach(), mask, format, block)
         self.bias = dense.bias
 
     def _copy_geometry(self, module: nn.Linear) -> None:
@@ -37,6 +41,8 @@ class SparseLinear(SparseWeightMixin, nn.Module):
                          device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.format == "bsr":
+            return bsr_linear(x, self.block_weight(), self.bias)
         return sparse_linear(x, self.sparse_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -2,6 +2,7 @@
 ``sparsekern.ops.dispatch``, with autograd formulas and fake kernels registered here."""
 from . import dispatch
 from .dispatch import get_backend, set_backend
+from .bsr import bsr_conv2d, bsr_linear, bsr_sddmm
 from .gather import gather
 from .masked_matmul import masked_matmul, masked_sddmm
 from .sddmm import sddmm
@@ -26,7 +27,14 @@ def _register_all() -> bool:
     return True
 
 
+def _register_triton() -> None:
+    """Autograd formulas for the Triton ops (called by dispatch once triton_kernels has loaded)."""
+    import importlib
+    for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "gather", "bsr"):
+        importlib.import_module(f"{__name__}.{name}").register("sparsekern_triton")
+
+
 HAS_EXTENSION = _register_all()
 
-__all__ = ["spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select", "gather",
+__all__ = ["bsr_linear", "bsr_sddmm", "bsr_conv2d", "spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select", "gather",
            "set_backend", "get_backend", "HAS_EXTENSION"]

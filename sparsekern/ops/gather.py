@@ -35,6 +35,8 @@ def _backward(ctx, grad):
     return grad.new_zeros(ctx.src_size).index_add_(0, index, grad), None
 
 
-def register():
-    torch.library.register_fake("sparsekern::gather")(_fake)
-    torch.library.register_autograd("sparsekern::gather", _backward, setup_context=_setup_context)
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::gather")(_fake)
+    torch.library.register_autograd(f"{lib}::gather", _backward, setup_context=_setup_context)

@@ -4,7 +4,7 @@ import math
 import torch
 
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import get_backend, implementation, kernel_for
 
 OP = "masked_matmul"
 
@@ -66,9 +66,9 @@ def _backward(ctx, grad):
     x, weight, mask = ctx.saved_tensors
     d_x = d_weight = None
     if ctx.needs_input_grad[0]:
-        d_x = torch.ops.sparsekern.masked_matmul(grad, weight.t(), mask.t())
+        d_x = kernel_for("masked_matmul", grad)(grad, weight.t(), mask.t())
     if ctx.needs_input_grad[1]:
-        d_weight = torch.ops.sparsekern.masked_sddmm(grad.t(), x.t(), mask)
+        d_weight = kernel_for("masked_sddmm", grad)(grad.t(), x.t(), mask)
     return d_x, d_weight, None
 
 
@@ -81,15 +81,18 @@ def _backward_sddmm(ctx, grad):
     d_X = d_Y = None
     # d_X = (grad * mask) @ Y and d_Y = (grad * mask)^T @ X, both masked products.
     if ctx.needs_input_grad[0]:
-        d_X = torch.ops.sparsekern.masked_matmul(Y.t(), grad, mask).t()
+        d_X = kernel_for("masked_matmul", grad)(Y.t(), grad, mask).t()
     if ctx.needs_input_grad[1]:
-        d_Y = torch.ops.sparsekern.masked_matmul(X.t(), grad.t(), mask.t()).t()
+        d_Y = kernel_for("masked_matmul", grad)(X.t(), grad.t(), mask.t()).t()
     return d_X, d_Y, None
 
 
-def register():
-    torch.library.register_fake("sparsekern::masked_matmul")(_fake)
-    torch.library.register_autograd("sparsekern::masked_matmul", _backward, setup_context=_setup_context)
-    torch.library.register_fake("sparsekern::masked_sddmm")(_fake_sddmm)
-    torch.library.register_autograd("sparsekern::masked_sddmm", _backward_sddmm,
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::masked_matmul")(_fake)
+    torch.library.register_autograd(f"{lib}::masked_matmul", _backward, setup_context=_setup_context)
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::masked_sddmm")(_fake_sddmm)
+    torch.library.register_autograd(f"{lib}::masked_sddmm", _backward_sddmm,
                                     setup_context=_setup_context_sddmm)

@@ -3,7 +3,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix, transpose_pattern
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import get_backend, implementation, kernel_for
 
 OP = "sddmm"
 
@@ -40,14 +40,16 @@ def _backward(ctx, grad):
     row_ptr, col_idx, X, Y = ctx.saved_tensors
     d_X = d_Y = None
     if ctx.needs_input_grad[2]:
-        d_X = torch.ops.sparsekern.spmm(grad, row_ptr, col_idx, Y)
+        d_X = kernel_for("spmm", grad)(grad, row_ptr, col_idx, Y)
     if ctx.needs_input_grad[3]:
         # Rare path (sddmm is usually itself a backward): the transpose is built here.
         t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, Y.shape[0])
-        d_Y = torch.ops.sparsekern.spmm(torch.ops.sparsekern.gather(grad, t_perm), t_row_ptr, t_col_idx, X)
+        d_Y = kernel_for("spmm", grad)(kernel_for("gather", grad)(grad, t_perm), t_row_ptr, t_col_idx, X)
     return None, None, d_X, d_Y
 
 
-def register():
-    torch.library.register_fake("sparsekern::sddmm")(_fake)
-    torch.library.register_autograd("sparsekern::sddmm", _backward, setup_context=_setup_context)
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::sddmm")(_fake)
+    torch.library.register_autograd(f"{lib}::sddmm", _backward, setup_context=_setup_context)

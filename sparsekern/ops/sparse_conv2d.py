@@ -5,7 +5,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import get_backend, implementation, kernel_for
 
 OP = "sparse_conv2d"
 IntPair = Union[int, Tuple[int, int]]
@@ -80,17 +80,19 @@ def _backward(ctx, grad):
     x, values, row_ptr, col_idx = ctx.saved_tensors
     d_x = d_values = d_bias = None
     if ctx.needs_input_grad[0]:
-        d_x = torch.ops.sparsekern.sparse_conv2d_backward_input(grad, values, row_ptr, col_idx, ctx.input_size,
+        d_x = kernel_for("sparse_conv2d_backward_input", grad)(grad, values, row_ptr, col_idx, ctx.input_size,
                                                                 *ctx.geometry)
     if ctx.needs_input_grad[1]:
-        d_values = torch.ops.sparsekern.sparse_conv2d_backward_weight(grad, x, row_ptr, col_idx, *ctx.geometry)
+        d_values = kernel_for("sparse_conv2d_backward_weight", grad)(grad, x, row_ptr, col_idx, *ctx.geometry)
     if ctx.needs_input_grad[5]:
         d_bias = grad.sum((0, 2, 3))
     return d_x, d_values, None, None, None, d_bias, None, None, None
 
 
-def register():
-    torch.library.register_fake("sparsekern::sparse_conv2d")(_fake)
-    torch.library.register_fake("sparsekern::sparse_conv2d_backward_input")(_fake_backward_input)
-    torch.library.register_fake("sparsekern::sparse_conv2d_backward_weight")(_fake_backward_weight)
-    torch.library.register_autograd("sparsekern::sparse_conv2d", _backward, setup_context=_setup_context)
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::sparse_conv2d")(_fake)
+        torch.library.register_fake("sparsekern::sparse_conv2d_backward_input")(_fake_backward_input)
+        torch.library.register_fake("sparsekern::sparse_conv2d_backward_weight")(_fake_backward_weight)
+    torch.library.register_autograd(f"{lib}::sparse_conv2d", _backward, setup_context=_setup_context)

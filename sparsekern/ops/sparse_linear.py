@@ -6,7 +6,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import get_backend, implementation, kernel_for
 
 OP = "sparse_linear"
 
@@ -56,14 +56,16 @@ def _backward(ctx, grad):
             raise RuntimeError(f"{OP}: the gradient of x needs W's transpose; call sparsekern.ops.sparse_linear, "
                                "which passes the cached transpose")
         # dx = dy @ W = dy @ (W^T)^T: the same kernel over the transpose.
-        d_x = torch.ops.sparsekern.sparse_linear(grad, torch.ops.sparsekern.gather(values, t_perm), t_row_ptr, t_col_idx)
+        d_x = kernel_for("sparse_linear", grad)(grad, kernel_for("gather", grad)(values, t_perm), t_row_ptr, t_col_idx)
     if needs[1]:
-        d_values = torch.ops.sparsekern.sddmm(row_ptr, col_idx, grad.t(), x.t())
+        d_values = kernel_for("sddmm", grad)(row_ptr, col_idx, grad.t(), x.t())
     if needs[4]:
         d_bias = grad.sum(0)
     return d_x, d_values, None, None, d_bias, None, None, None
 
 
-def register():
-    torch.library.register_fake("sparsekern::sparse_linear")(_fake)
-    torch.library.register_autograd("sparsekern::sparse_linear", _backward, setup_context=_setup_context)
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::sparse_linear")(_fake)
+    torch.library.register_autograd(f"{lib}::sparse_linear", _backward, setup_context=_setup_context)

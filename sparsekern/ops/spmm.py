@@ -3,7 +3,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix, transpose_pattern
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import get_backend, implementation, kernel_for
 
 OP = "spmm"
 
@@ -35,15 +35,17 @@ def _backward(ctx, grad):
     values, row_ptr, col_idx, B = ctx.saved_tensors
     d_values = d_B = None
     if ctx.needs_input_grad[0]:
-        d_values = torch.ops.sparsekern.sddmm(row_ptr, col_idx, grad, B)
+        d_values = kernel_for("sddmm", grad)(row_ptr, col_idx, grad, B)
     if ctx.needs_input_grad[3]:
         t_row_ptr, t_col_idx, t_perm = ctx.transpose
         if t_perm is None:  # called on the op directly, without the cached transpose
             t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, B.shape[0])
-        d_B = torch.ops.sparsekern.spmm(torch.ops.sparsekern.gather(values, t_perm), t_row_ptr, t_col_idx, grad)
+        d_B = kernel_for("spmm", grad)(kernel_for("gather", grad)(values, t_perm), t_row_ptr, t_col_idx, grad)
     return d_values, None, None, d_B, None, None, None
 
 
-def register():
-    torch.library.register_fake("sparsekern::spmm")(_fake)
-    torch.library.register_autograd("sparsekern::spmm", _backward, setup_context=_setup_context)
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::spmm")(_fake)
+    torch.library.register_autograd(f"{lib}::spmm", _backward, setup_context=_setup_context)

@@ -42,5 +42,7 @@ def _fake(scores, k, largest=True, candidates=None):
     return scores.new_empty((k,), dtype=torch.int64)
 
 
-def register():
-    torch.library.register_fake("sparsekern::topk_select")(_fake)
+def register(lib: str = "sparsekern"):
+    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
+    if lib == "sparsekern":
+        torch.library.register_fake("sparsekern::topk_select")(_fake)

@@ -1,0 +1,38 @@
+"""What every Triton kernel file shares: interpreter detection, autotune that degrades to one
+config under the interpreter, and the launch wrapper that lets torch.compile trace kernels.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) kernels run on CPU tensors
+through Triton's numpy interpreter; that is how CI tests them without a GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LIB = "sparsekern_triton"  # namespace of the triton_op definitions; signatures mirror sparsekern::<op>
+
+# Floating dtypes the kernels take (fp32 accumulation for the 16-bit ones). The interpreter's
+# bfloat16 tl.dot returns garbage (Triton 3.6, numpy has no bfloat16): CPU tests skip bf16 dots.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autotune(configs, key, **kwargs):
+    """``triton.autotune``, except that the interpreter (no GPU driver to time with) gets the first config."""
+    if INTERPRET:
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=key, **kwargs)
+
+
+def launch(kernel):
+    """``kernel[grid](...)`` through ``wrap_triton`` so that a triton_op stays traceable by torch.compile."""
+    return wrap_triton(kernel)
+
+
+def tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+            torch.float64: tl.float64}[dtype]
