@@ -4,7 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch that lies on disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cpp csrc/cuda/*.cu csrc/cuda/*.h \
+             csrc/cuda/*.cuh) setup.py pyproject.toml
+# The Triton of the GPU machines (3.6); on a CPU machine its interpreter runs the Triton kernels in the tests.
+TRITON ?= triton==3.6.0
 
 .PHONY: setup run test bench clean
 
@@ -15,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel "tqdm>=4.66" "rich>=13" \
-		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4"
+		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4" "$(TRITON)"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -6,6 +6,11 @@ import sys
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.gpu:
+        from .bench import gpu as bench_gpu
+        argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
+            (["--output", args.output] if args.output else []) + (["--cases", *args.cases] if args.cases else [])
+        return bench_gpu.main(argv)
     if args.train:
         from .bench import train as bench_train
         return bench_train.main(quick=args.quick, output=args.output, threads=args.threads)
@@ -109,14 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time the sparse kernels against dense PyTorch and peers")
     bench.add_argument("--quick", action="store_true", help="fewer cases and repeats (about a minute)")
-    bench.add_argument("--cases", nargs="*", default=None, choices=("linear", "conv", "topk"),
-                       help="subset of case groups: linear conv topk (default: all)")
+    bench.add_argument("--cases", nargs="*", default=None, choices=("linear", "conv", "topk", "dst"),
+                       help="subset of case groups: linear conv topk, and dst with --gpu (default: all)")
     bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     bench.add_argument("--output", default=None, help="also write the markdown table to this file")
     bench.add_argument("--sizes", choices=("full", "tiny"), default="full",
                        help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the issue's shapes)")
     bench.add_argument("--train", action="store_true",
                        help="time whole training steps (sparse vs dense MLP and ResNet-20) instead of ops")
+    bench.add_argument("--gpu", action="store_true",
+                       help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.set_defaults(func=_bench)
 
     data_choices = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
