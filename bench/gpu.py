@@ -76,6 +76,11 @@ class Bench:
     sizes: Sizes
     rows: List[Row] = field(default_factory=list)
 
+    @property
+    def low(self) -> torch.dtype:
+        """The tensor-core dtype: bf16 (the interpreter's bf16 dot is broken, so fp16 in CPU smoke runs)."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float16
+
     def time(self, fn: Callable[[], object]) -> float:
         """Median ms of ``fn`` (CUDA events on a GPU, wall clock on the CPU smoke path)."""
         for _ in range(self.sizes.warmup):
@@ -120,6 +125,9 @@ class Bench:
 
 
 def _backends(op: str, device: torch.device) -> List[str]:
+    """The GPU backends of ``op`` present here (the CPU smoke run exercises the Triton ones)."""
+    if device.type == "cpu":
+        return ["triton"]
     return [b for b in dispatch.available(op, device.type) if b != "reference"] or ["reference"]
 
 
@@ -158,33 +166,33 @@ def linear_cases(b: Bench, densities: Sequence[float], blocks: Sequence[int]) ->
         b.add(case, "cuSPARSE CSR (torch.sparse.mm)", torch.float32, lambda: torch.sparse.mm(w_csr, x.t()).t(),
               expected, sparse_flops, "cuBLAS dense")
         # Block-sparse, bf16 (tensor cores): vs dense bf16 and torch's BSR.
-        xh = x.to(torch.bfloat16)
+        xh = x.to(b.low)
         for block in blocks:
             bmask = random_block_mask((m, m), density, block, g).to(dev)
-            wh = (torch.randn(m, m, device=dev) * bmask).to(torch.bfloat16)
+            wh = (torch.randn(m, m, device=dev) * bmask).to(b.low)
             case_b = f"linear {m}x{m} N={n} d={density} block={block}"
             expected_b = xh @ wh.t()
             flops_b = 2.0 * n * int(bmask.sum())
-            b.add(case_b, "cuBLAS dense", torch.bfloat16, lambda: xh @ wh.t(), None, dense_flops)
+            b.add(case_b, "cuBLAS dense", b.low, lambda: xh @ wh.t(), None, dense_flops)
             Wb = BlockSparseMatrix.from_dense(wh, block, bmask)
-            b.add(case_b, "sparsekern BSR (triton)", torch.bfloat16,
+            b.add(case_b, "sparsekern BSR (triton)", b.low,
                   _with_backend("bsr_linear", "triton", lambda: ops.bsr_linear(xh, Wb)), expected_b, flops_b,
                   "cuBLAS dense")
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     w_bsr = wh.to_sparse_bsr((block, block))
-                b.add(case_b, "torch BSR", torch.bfloat16, lambda: (w_bsr @ xh.t()).t(), expected_b, flops_b,
+                b.add(case_b, "torch BSR", b.low, lambda: (w_bsr @ xh.t()).t(), expected_b, flops_b,
                       "cuBLAS dense")
             except Exception as exc:
-                b.rows.append(Row(case_b, "torch BSR", "bfloat16", None, note=f"{type(exc).__name__}: {exc}"[:100]))
+                b.rows.append(Row(case_b, "torch BSR", str(b.low).replace("torch.", ""), None, note=f"{type(exc).__name__}: {exc}"[:100]))
             # The BSR target compares against torch BSR too.
             for r in b.rows:
                 if r.case == case_b and r.impl == "sparsekern BSR (triton)":
                     r.note = _vs(b, case_b, "sparsekern BSR (triton)", "torch BSR")
     # Fused masked matmul at density 1 must not lose more than 10 % to dense.
     full = torch.ones(m, m, dtype=torch.bool, device=dev)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, b.low):
         w = torch.randn(m, m, device=dev, dtype=dtype)
         x = torch.randn(n, m, device=dev, dtype=dtype)
         case = f"masked_matmul {m}x{m} N={n} d=1"
@@ -222,13 +230,13 @@ def conv_cases(b: Bench, density: float = 0.1, block: int = 32) -> None:
                   expected, dense_flops * density, "cuDNN dense")
         if cout % block == 0 and (cin * k * k) % block == 0:
             bmask = random_block_mask((cout, cin, k, k), density, block, g).to(dev)
-            xh = x.to(torch.bfloat16)
-            wh = (torch.randn(cout, cin, k, k, device=dev) * bmask).to(torch.bfloat16)
+            xh = x.to(b.low)
+            wh = (torch.randn(cout, cin, k, k, device=dev) * bmask).to(b.low)
             case_b = case + f" block={block}"
-            b.add(case_b, "cuDNN dense", torch.bfloat16, lambda: F.conv2d(xh, wh, None, stride, pad), None,
+            b.add(case_b, "cuDNN dense", b.low, lambda: F.conv2d(xh, wh, None, stride, pad), None,
                   dense_flops)
             Wb = BlockSparseMatrix.from_dense(wh, block, bmask)
-            b.add(case_b, "sparsekern BSR (triton, im2col)", torch.bfloat16,
+            b.add(case_b, "sparsekern BSR (triton, im2col)", b.low,
                   _with_backend("bsr_linear", "triton", lambda: ops.bsr_conv2d(xh, Wb, None, stride, pad)),
                   F.conv2d(xh, wh, None, stride, pad), dense_flops * float(bmask.float().mean()), "cuDNN dense")
 

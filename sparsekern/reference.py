@@ -94,6 +94,7 @@ def bsr_sddmm(row_ptr, col_idx, X, Y, block: int):
     """values[p] (b, b) = X[rows of block p] @ Y[cols of block p]^T; X (m, d), Y (k, d)."""
     b = block
     rows, cols = _rows(row_ptr), col_idx.long()
-    Xb = X.reshape(-1, b, X.shape[-1])[rows]
-    Yb = Y.reshape(-1, b, Y.shape[-1])[cols]
+    # Explicit block counts: reshape(-1, b, d) is ambiguous when d == 0 (e.g. a batch of 0 in a backward).
+    Xb = X.reshape(X.shape[0] // b, b, X.shape[-1])[rows]
+    Yb = Y.reshape(Y.shape[0] // b, b, Y.shape[-1])[cols]
     return Xb @ Yb.transpose(1, 2)

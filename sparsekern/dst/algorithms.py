@@ -67,6 +67,11 @@ class SNFS(DynamicSparseTraining):
                              "cannot follow; pass redistribute=False under DistributedDataParallel")
         super().__init__(model, optimizer, total_steps, delta_t, drop_fraction, end_fraction, schedule, grow_init,
                          generator)
+        blocky = [n for n, m in self.layers.items() if m.block > 1]
+        if redistribute and blocky:
+            # Redistribution moves single weights between layers; block layers change whole blocks only.
+            raise ValueError(f"SNFS: redistribute=True cannot keep the total nnz with block-sparse (format='bsr') "
+                             f"layers {blocky}; pass redistribute=False")
         self.momentum, self.redistribute = momentum, redistribute
         self.grad_momentum: Dict[str, torch.Tensor] = {
             name: torch.zeros(math.prod(m.weight_shape), dtype=m.values.dtype, device=m.values.device)

@@ -235,6 +235,14 @@ class SparseWeightMixin:
     # -- state_dict: nnz may differ from the module's current size ---------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if prefix + "row_ptr" in state_dict and prefix + "col_idx" in state_dict:
+            # Validate the incoming pattern before anything is copied: a rejected state dict must leave
+            # the module as it was, and a corrupt pattern must not reach the kernels.
+            row_ptr, col_idx = state_dict[prefix + "row_ptr"], state_dict[prefix + "col_idx"]
+            values = state_dict.get(prefix + "values", torch.zeros(col_idx.shape, dtype=self.values.dtype))
+            incoming = SparseMatrix(row_ptr.to(self.values.device), col_idx.to(self.values.device),
+                                    values.to(self.values.device), self.weight_shape)
+            self._check_block_aligned("load_state_dict", incoming.mask().reshape(self.weight_shape[0], -1))
         for name in ("values",) + _PATTERN_BUFFERS:
             key = prefix + name
             if key in state_dict:
@@ -250,13 +258,8 @@ class SparseWeightMixin:
                         setattr(self, name, resized)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        for name in _PATTERN_BUFFERS[:2]:
-            if prefix + name in state_dict:
-                # Validate what was loaded: a corrupt pattern must not reach the kernels.
-                self.sparse_weight()._validate()
-                self._check_block_aligned("load_state_dict", self.mask().reshape(self.weight_shape[0], -1))
-                self._refresh_blocks()
-                break
+        if prefix + "row_ptr" in state_dict:
+            self._refresh_blocks()
 
     def extra_repr_density(self) -> str:
         fmt = f", format='bsr', block={self.block}" if self.format == "bsr" else ""

@@ -1,0 +1,31 @@
+"""Smoke test of the GPU benchmark harness (bench/gpu.py): on a CPU it runs its tiny sizes through the
+Triton interpreter, so every case builds, every implementation is checked against the dense result,
+and the table renders. Not a measurement."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from sparsekern.bench import gpu  # noqa: E402
+
+
+def test_tiny_run_checks_every_implementation():
+    b = gpu.run(cases=("linear", "conv", "topk"), sizes="tiny", device="cpu")
+    impls = {r.impl for r in b.rows}
+    for expected in ("cuBLAS dense", "sparsekern CSR (triton)", "sparsekern BSR (triton)", "cuSPARSE CSR (torch.sparse.mm)",
+                     "sparsekern masked (triton)", "cuDNN dense", "torch.topk", "sparsekern topk_select (triton)"):
+        assert expected in impls, expected
+    ours = [r for r in b.rows if r.impl.startswith("sparsekern")]
+    assert ours and all(r.ms is not None and r.ms > 0 for r in ours), [(r.case, r.impl, r.note) for r in ours if not r.ms]
+    text = gpu.table(b)
+    assert "| case | implementation |" in text and "x vs cuBLAS dense" in text
+
+
+def test_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        gpu.run(sizes="tiny", device="cpu")
