@@ -67,7 +67,7 @@ class Row:
 
     @property
     def tflops(self) -> str:
-        return f"{self.flops / (self.ms * 1e-3) / 1e12:.1f}" if self.ms and self.flops else "—"
+        return f"{self.flops / (self.ms * 1e-3) / 1e12:.3g}" if self.ms and self.flops else "—"
 
 
 @dataclass
