@@ -1,5 +1,4 @@
 """BlockSparseMatrix (BSR): construction, conversions (dense, element CSR), cached block transpose, validation."""
-import math
 
 import pytest
 import torch

@@ -15,6 +15,6 @@ MODULES = ("gather", "spmm", "sddmm", "masked_matmul", "bsr", "sparse_conv2d", "
 
 def load() -> None:
     """Define every Triton op; ImportError when triton is not installed."""
-    import triton  # noqa: F401  (ImportError here means: no triton on this machine)
+    import triton  # noqa: F401 - ImportError here means no triton on this machine
     for name in MODULES:
         importlib.import_module(f"{__name__}.{name}")

@@ -20,6 +20,34 @@ LIB = "sparsekern_triton"  # namespace of the triton_op definitions; signatures 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar loaded from memory into a Python int (a loop bound:
+    ``range(row_start, row_end)``) with int() of a 1-element numpy array, which numpy >= 2.3 refuses;
+    use .item() instead. Idempotent; applied only under the interpreter."""
+    from triton.runtime import interpreter
+    if getattr(interpreter, "_sparsekern_index_fix", False):
+        return
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._sparsekern_index_fix = True
+
+
+if INTERPRET:
+    _fix_interpreter_index()
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 follows torch's matmul setting (TF32 only when allowed)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
 def autotune(configs, key, **kwargs):
     """``triton.autotune``, except that the interpreter (no GPU driver to time with) gets the first config."""
     if INTERPRET:

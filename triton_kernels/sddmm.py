@@ -18,11 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, LIB, autotune, launch
-from .spmm import fix_interpreter_index
-
-if INTERPRET:
-    fix_interpreter_index()
+from ._common import LIB, autotune, launch
 
 # First config: the interpreter's. GPU: wide d chunks for long dots (16-byte loads along d),
 # more nonzeros per program for short ones.

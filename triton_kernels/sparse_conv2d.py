@@ -35,28 +35,10 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
-from ._common import INTERPRET, LIB, autotune, launch
+from ._common import INTERPRET, LIB, autotune, launch, precision
 
 
-def _fix_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar into a loop bound with int() of a 1-element
-    numpy array, which numpy >= 2.3 refuses; use .item(). Same patch (and marker) as
-    masked_matmul.fix_interpreter_index, so applying both is harmless; belongs in _common.py."""
-    from triton.runtime import interpreter
-    if getattr(interpreter, "_sparsekern_index_fix", False):
-        return
-    patch_tensor = interpreter._patch_lang_tensor
 
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._sparsekern_index_fix = True
-
-
-if INTERPRET:
-    _fix_interpreter_index()  # range() over a loaded union-column count
 
 # ---------------------------------------------------------------------------------------------
 # Host-side packing
@@ -86,7 +68,7 @@ def _group_size(rows: int, n_cols: int, nnz: int, dtype: torch.dtype) -> int:
     rows, n_cols, nnz = _hint(rows), _hint(n_cols), _hint(nnz)
     cap = max(16, min(_MAX_GROUP, triton.next_power_of_2(max(rows, 1))))
     density = min(1.0, nnz / max(1, rows * n_cols))
-    c = 1 / 8 if _dot_precision(dtype) == "ieee" else 1 / 64
+    c = 1 / 8 if precision(dtype) == "ieee" else 1 / 64
     cost = {g: (1 - (1 - density) ** g) * (1 / g + c) for g in (16, 32, 64, 128) if g <= cap}
     best = min(cost.values())
     # Near-ties (dense-ish patterns) go to the larger group: fewer gathers of the same input.
@@ -145,14 +127,6 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     # The interpreter's numpy has no bfloat16 matmul: there bf16 tiles are upcast to fp32 (on a GPU
     # bf16 goes to the tensor cores).
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 follows torch's matmul setting like the other sparsekern kernels: exact ("ieee", FMAs)
-    by default, TF32 tensor cores after torch.set_float32_matmul_precision("high"/"medium")."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"  # fp32, or bf16 upcast in the interpreter; ignored for 16-bit tiles
 
 
 @functools.lru_cache(maxsize=None)
@@ -364,7 +338,7 @@ def _launch_conv(src: Tensor, panel: Tensor, cols: Tensor, cnt: Tensor, bias: Op
         KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1],
         TRANSPOSED=transposed, HAS_BIAS=bias is not None, DOT_F32=_dot_f32(src.dtype),
-        DOT_PREC=_dot_precision(src.dtype), BIG=big, BLOCK_CO=group,
+        DOT_PREC=precision(src.dtype), BIG=big, BLOCK_CO=group,
     )
 
 
@@ -447,6 +421,6 @@ def sparse_conv2d_backward_weight(grad_out: Tensor, x: Tensor, row_ptr: Tensor, 
         h, w, oh, ow,
         *grad_out.stride(), *x.stride(),
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1],
-        DOT_F32=_dot_f32(x.dtype), DOT_PREC=_dot_precision(x.dtype), BIG=big, BLOCK_CO=group,
+        DOT_F32=_dot_f32(x.dtype), DOT_PREC=precision(x.dtype), BIG=big, BLOCK_CO=group,
     )
     return part.sum(0).to(x.dtype)

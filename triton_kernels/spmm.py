@@ -31,28 +31,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRET, LIB, autotune, launch
+from ._common import LIB, autotune, launch
 
 
-def fix_interpreter_index() -> None:
-    """Triton 3.6's interpreter turns a loaded scalar used as a loop bound into an int with int() of a
-    1-element numpy array, which numpy >= 2.3 refuses; use .item(). Same patch and marker as
-    masked_matmul.fix_interpreter_index (applying both is harmless); belongs in _common.py."""
-    from triton.runtime import interpreter
-    if getattr(interpreter, "_sparsekern_index_fix", False):
-        return
-    patch_tensor = interpreter._patch_lang_tensor
 
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-    interpreter._sparsekern_index_fix = True
-
-
-if INTERPRET:
-    fix_interpreter_index()  # range() over a row's nonzeros, bounds loaded from row_ptr
 
 
 def _config(block_n, block_nz, rows, stages, warps):

@@ -32,10 +32,6 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import INTERPRET, LIB, launch
-from .spmm import fix_interpreter_index
-
-if INTERPRET:
-    fix_interpreter_index()
 
 # No autotuning: the host sizes the per-program buffers from BLOCK and the number of programs.
 # 4096 scores per tile and 8 warps: 16 per thread, enough loads in flight for a bandwidth-bound pass.

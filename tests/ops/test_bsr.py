@@ -4,7 +4,6 @@ On the CPU the ``cpp`` backend runs a BlockSparseMatrix through the CSR kernels 
 ``reference`` backend through sparsekern.reference; both are checked against plain dense PyTorch on the
 expanded weight, built here independently of the library.
 """
-import math
 
 import pytest
 import torch
