@@ -363,7 +363,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="density 0.1 and block 32 only")
     parser.add_argument("--output", default=None, help="also write the markdown to this file")
     args = parser.parse_args(argv)
-    b = run(args.cases, args.sizes, args.quick)
+    try:
+        b = run(args.cases, args.sizes, args.quick)
+    except RuntimeError as exc:
+        print(f"sparsekern bench --gpu: {exc}", file=sys.stderr)
+        return 2
     text = header(b, ["sparsekern", "bench", "--gpu", *(argv if argv is not None else sys.argv[1:])]) + "\n\n" + \
         table(b) + "\n\nFastest backend per kernel family: " + (fastest_backends(b) or "one backend only") + "\n"
     print(text)

@@ -29,3 +29,12 @@ def test_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         gpu.run(sizes="tiny", device="cpu")
+
+
+def test_cli_without_a_gpu_says_so(monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from sparsekern.cli import main
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["bench", "--gpu", "--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
