@@ -10,6 +10,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 from torch.library import wrap_triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,6 +47,16 @@ def precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "ieee"
     return "tf32"  # ignored for 16-bit inputs
+
+
+@triton.jit
+def grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
+    """(pid_a, pid_b) of program ``pid`` over a num_a x num_b tile grid in grouped order: GROUP tiles
+    along a sweep all of b together, so the operand they share stays in L2."""
+    per_group = GROUP * num_b
+    first_a = (pid // per_group) * GROUP
+    group = tl.minimum(num_a - first_a, GROUP)
+    return first_a + (pid % per_group) % group, (pid % per_group) // group
 
 
 def autotune(configs, key, **kwargs):

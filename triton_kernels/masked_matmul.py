@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, LIB, autotune, launch, precision
+from ._common import INTERPRET, LIB, autotune, grouped_tile, launch, precision
 
 
 
@@ -153,14 +153,7 @@ def _masked_matmul_kernel(x_ptr, w_ptr, mask_ptr, kidx_ptr, kcnt_ptr, y_ptr, N, 
                           BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP: tl.constexpr, PRECISION: tl.constexpr):
     # Grouped order: GROUP token tiles sweep the weight row blocks together, sharing x rows in L2.
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP * num_m
-    first_n = (pid // per_group) * GROUP
-    group = tl.minimum(num_n - first_n, GROUP)
-    pid_n = first_n + (pid % per_group) % group
-    pid_m = (pid % per_group) // group
+    pid_n, pid_m = grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,14 +223,7 @@ def _masked_sddmm_kernel(x_ptr, y_ptr, mask_ptr, occ_ptr, out_ptr, M, K, D, KB,
                          stride_xm, stride_xd, stride_yk, stride_yd, stride_mm, stride_mk, stride_om, stride_ok,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                          GROUP: tl.constexpr, PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP * num_k
-    first_m = (pid // per_group) * GROUP
-    group = tl.minimum(num_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % group
-    pid_k = (pid % per_group) // group
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
