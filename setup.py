@@ -3,12 +3,16 @@
 The CPU extension is always built. Hot loops reach AVX2/AVX-512 through GCC
 ``target_clones`` (see csrc/cpu/common.h), so the default build is portable;
 ``SPARSEKERN_NATIVE=1`` adds ``-march=native`` for a machine-specific build.
-The CUDA extension (csrc/cuda/) is added by ``cuda_sources()`` once it exists.
+The CUDA kernels (csrc/cuda/) are compiled into the same module when torch was built
+with CUDA and nvcc is found (CUDA_HOME); ``TORCH_CUDA_ARCH_LIST`` picks the GPU
+architectures (default "8.0;9.0"). Otherwise the CPU extension alone is built.
 """
 import glob
 import os
 
 from setuptools import setup
+import torch
+from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -26,23 +30,44 @@ def cxx_flags():
 
 
 def cuda_sources():
-    """CUDA kernels live in csrc/cuda/; none are built yet."""
-    return []
+    """The CUDA kernels (torch-free .cu files) and their launcher (csrc/cuda/launch.cpp)."""
+    return rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+
+
+def cuda_build_reason():
+    """None when the CUDA extension can be built, else why not (for the build message)."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA"
+    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        return "nvcc not found (set CUDA_HOME)"
+    if not cuda_sources():
+        return "no CUDA sources"
+    return None
+
+
+def nvcc_flags():
+    # The .cu files include no torch header: these are all the flags they need. No fast-math: the
+    # kernels must match the fp32 reference to 1e-4.
+    return ["-O3", "-lineinfo"]
 
 
 def extensions():
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
-    if cuda_sources():
-        raise NotImplementedError("CUDA build: see csrc/cuda/README.md")
-    print("sparsekern: building the CPU extension (no CUDA sources yet)"
-          + (" with -march=native" if os.environ.get("SPARSEKERN_NATIVE") == "1" else ""))
+    native = " with -march=native" if os.environ.get("SPARSEKERN_NATIVE") == "1" else ""
+    why_not = cuda_build_reason()
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    if why_not is not None:
+        print(f"sparsekern: building the CPU extension only ({why_not}){native}")
+        return [CppExtension("sparsekern._C", sources, extra_compile_args={"cxx": cxx_flags()}, **common)]
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    print(f"sparsekern: building the CPU and CUDA extension (CUDA {torch.version.cuda}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}){native}")
     return [
-        CppExtension(
+        cpp_extension.CUDAExtension(
             "sparsekern._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags()},
-            extra_link_args=["-fopenmp"],
+            sources + cuda_sources(),
+            extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
+            **common,
         )
     ]
 

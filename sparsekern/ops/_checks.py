@@ -9,7 +9,7 @@ from ..sparse_matrix import SparseMatrix
 FLOAT_DTYPES = (torch.float32, torch.float64)
 # fp16/bf16 accumulate in fp32 on the GPU backends; the CPU kernels run fp32/fp64.
 _BACKEND_DTYPES = {"cpp": FLOAT_DTYPES, "triton": (torch.float32, torch.float16, torch.bfloat16),
-                   "cuda": (torch.float32, torch.float16, torch.bfloat16)}
+                   "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 
 def tensor(op: str, name: str, t, dim=None) -> torch.Tensor:
