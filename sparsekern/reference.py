@@ -49,6 +49,12 @@ def sparse_conv2d(x, values, row_ptr, col_idx, kernel_size: Sequence[int], bias:
     kh, kw = kernel_size
     cin = x.shape[1]
     w = csr_to_dense(values, row_ptr, col_idx, cin * kh * kw).reshape(row_ptr.numel() - 1, cin, kh, kw)
+    if cin == 0:  # F.conv2d returns (N, 0, H, W) for zero input channels: the output is the bias alone
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = x.new_zeros((x.shape[0], w.shape[0], ho, wo))
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
     if w.shape[0] == 0:  # F.conv2d rejects Cout = 0: compute one zero channel, then drop it
         w = torch.cat([w, w.new_zeros((1, cin, kh, kw))])
         bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])

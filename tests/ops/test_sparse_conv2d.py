@@ -82,6 +82,16 @@ def test_int_and_pair_arguments_agree(backend):
     assert y.shape == (1, 3, 5, 5)
 
 
+def test_zero_input_channels_give_the_bias(backend):
+    """Cin = 0: no products, so every output pixel is the bias (F.conv2d itself returns 0 channels here)."""
+    from sparsekern import SparseMatrix
+    W = SparseMatrix.from_dense(torch.zeros(3, 0, 3, 3, dtype=torch.float64))
+    bias = torch.arange(3, dtype=torch.float64)
+    y = sparse_conv2d(torch.zeros(2, 0, 6, 5, dtype=torch.float64), W, bias, stride=2, padding=1)
+    assert y.shape == (2, 3, 3, 3)
+    assert torch.equal(y, bias.view(1, 3, 1, 1).expand(2, 3, 3, 3))
+
+
 @pytest.mark.kernels(*BACKWARD)
 @pytest.mark.parametrize("case", [
     (2, 2, 3, 5, 4, (3, 3), (1, 1), (1, 1), (1, 1), True),
