@@ -350,7 +350,7 @@ def run(cases: Sequence[str] = ("linear", "conv", "topk", "dst"), sizes: str = "
             conv_cases(b, block=16 if dev.type == "cpu" else 32)
         if "topk" in cases:
             topk_cases(b)
-    if "dst" in cases and dev.type == "cuda":
+    if "dst" in cases:
         dst_case(b)
     return b
 

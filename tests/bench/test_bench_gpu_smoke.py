@@ -14,13 +14,15 @@ from sparsekern.bench import gpu  # noqa: E402
 
 
 def test_tiny_run_checks_every_implementation():
-    b = gpu.run(cases=("linear", "conv", "topk"), sizes="tiny", device="cpu")
+    b = gpu.run(cases=("linear", "conv", "topk", "dst"), sizes="tiny", device="cpu")
     impls = {r.impl for r in b.rows}
     for expected in ("cuBLAS dense", "sparsekern CSR (triton)", "sparsekern BSR (triton)", "cuSPARSE CSR (torch.sparse.mm)",
                      "sparsekern masked (triton)", "cuDNN dense", "torch.topk", "sparsekern topk_select (triton)"):
         assert expected in impls, expected
     ours = [r for r in b.rows if r.impl.startswith("sparsekern")]
     assert ours and all(r.ms is not None and r.ms > 0 for r in ours), [(r.case, r.impl, r.note) for r in ours if not r.ms]
+    update = next(r for r in b.rows if r.impl == "RigL update (extra)")
+    assert "amortized at delta_t=100" in update.note
     text = gpu.table(b)
     assert "| case | implementation |" in text and "x vs cuBLAS dense" in text
 
