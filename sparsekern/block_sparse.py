@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .sparse_matrix import SparseMatrix, csr_from_mask, transpose_pattern
+from .sparse_matrix import SparseMatrix, csr_from_mask, rows_of, transpose_pattern
 
 __all__ = ["BlockSparseMatrix", "block_mask_of", "expand_block_mask", "bsr_element_order", "BLOCK_SIZES"]
 
@@ -135,8 +135,7 @@ class BlockSparseMatrix:
     def block_mask(self) -> torch.Tensor:
         b = self.block
         out = torch.zeros(self.m // b, self.k // b, dtype=torch.bool, device=self.device)
-        out[SparseMatrix(self.row_ptr, self.col_idx, self.col_idx.float(), out.shape, validate=False).row_indices(),
-            self.col_idx.long()] = True
+        out[rows_of(self.row_ptr, self.nnzb), self.col_idx.long()] = True
         return out
 
     def mask(self) -> torch.Tensor:

@@ -6,10 +6,11 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["SparseMatrix", "csr_from_mask", "csr_from_positions", "transpose_pattern"]
+__all__ = ["SparseMatrix", "csr_from_mask", "csr_from_positions", "transpose_pattern", "rows_of"]
 
 
-def _rows_of(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+def rows_of(row_ptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of each of the nnz entries of a CSR pattern."""
     counts = row_ptr[1:] - row_ptr[:-1]
     return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz)
 
@@ -38,7 +39,7 @@ def transpose_pattern(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int)
     transpose is a valid CSR with sorted indices.
     """
     nnz = col_idx.numel()
-    rows = _rows_of(row_ptr, nnz)
+    rows = rows_of(row_ptr, nnz)
     t_perm = torch.sort(col_idx.long(), stable=True).indices
     t_col_idx = rows[t_perm].to(torch.int32)
     t_row_ptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=row_ptr.device)
@@ -132,7 +133,7 @@ class SparseMatrix:
 
     # -- conversions --------------------------------------------------------------------
     def row_indices(self) -> torch.Tensor:
-        return _rows_of(self.row_ptr, self.nnz)
+        return rows_of(self.row_ptr, self.nnz)
 
     def mask(self) -> torch.Tensor:
         """Bool mask of the pattern, in the dense shape."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..block_sparse import expand_block_mask
 from ..nn import SparseConv2d, SparseWeightMixin
-from ..sparse_matrix import SparseMatrix
+from ..sparse_matrix import rows_of
 from ..ops import topk_select
 from .optim_state import optimizer_holds, remap_entries, remap_optimizer_state
 
@@ -281,8 +281,7 @@ class DynamicSparseTraining:
         values = module.values.detach()
         # Block norms in the block order of b_row_ptr/b_col_idx (ascending block position).
         norms = values.index_select(0, module.b_order).reshape(-1, per_block).norm(dim=1)
-        old_blocks = (SparseMatrix(module.b_row_ptr, module.b_col_idx, norms, (mb, kb),
-                                 validate=False).row_indices() * kb + module.b_col_idx.long())
+        old_blocks = rows_of(module.b_row_ptr, norms.numel()) * kb + module.b_col_idx.long()
         dropped = topk_select(broadcast(norms), n_drop_b, largest=False)
         keep = torch.ones(old_blocks.numel(), dtype=torch.bool, device=values.device)
         keep[dropped] = False

@@ -48,3 +48,16 @@ def backend_dtype(op: str, backend: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}, which the {backend} backend does not support "
                         f"(supported: {', '.join(str(d) for d in allowed)}; SPARSEKERN_BACKEND=reference "
                         "runs any floating dtype)")
+
+
+def linear_operands(op: str, x: torch.Tensor, W, bias) -> None:
+    """x (..., k) floating, bias (m,) or None, for a weight W of m rows and k columns (CSR or BSR)."""
+    tensor(op, "x", x)
+    floating(op, "x", x)
+    if x.dim() < 1 or x.shape[-1] != W.k:
+        raise ValueError(f"{op}: x must have last dim {W.k} (W has {W.k} columns), got shape {tuple(x.shape)}")
+    if bias is not None:
+        tensor(op, "bias", bias, dim=1)
+        if bias.shape[0] != W.m:
+            raise ValueError(f"{op}: bias must have {W.m} entries (W has {W.m} rows), got {bias.shape[0]}")
+    same(op, {"x": x, "W.values": W.values, "bias": bias})

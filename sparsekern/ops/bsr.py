@@ -31,14 +31,7 @@ def bsr_linear(x: torch.Tensor, W: BlockSparseMatrix, bias: Optional[torch.Tenso
     """``x @ W^T + bias`` for x of shape (..., k); differentiable in x, W.values and bias."""
     check.tensor(OP, "x", x)
     _check_bsr(OP, W)
-    check.floating(OP, "x", x)
-    if x.dim() < 1 or x.shape[-1] != W.k:
-        raise ValueError(f"{OP}: x must have last dim {W.k} (W has {W.k} columns), got shape {tuple(x.shape)}")
-    if bias is not None:
-        check.tensor(OP, "bias", bias, dim=1)
-        if bias.shape[0] != W.m:
-            raise ValueError(f"{OP}: bias must have {W.m} entries (W has {W.m} rows), got {bias.shape[0]}")
-    check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
+    check.linear_operands(OP, x, W, bias)
     backend = get_backend(OP, x.device)
     if backend == "cpp":
         return sparse_linear(x, W.to_csr(), bias)

@@ -15,16 +15,9 @@ def sparse_linear(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     """``x @ W^T + bias`` for x of shape (..., k); differentiable in x, W.values and bias."""
     check.tensor(OP, "x", x)
     check.sparse(OP, "W", W)
-    check.floating(OP, "x", x)
     if len(W.shape) != 2:
         raise ValueError(f"{OP}: W must be a 2-D (out_features, in_features) matrix, got shape {tuple(W.shape)}")
-    if x.dim() < 1 or x.shape[-1] != W.k:
-        raise ValueError(f"{OP}: x must have last dim {W.k} (W has {W.k} columns), got shape {tuple(x.shape)}")
-    if bias is not None:
-        check.tensor(OP, "bias", bias, dim=1)
-        if bias.shape[0] != W.m:
-            raise ValueError(f"{OP}: bias must have {W.m} entries (W has {W.m} rows), got {bias.shape[0]}")
-    check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
+    check.linear_operands(OP, x, W, bias)
     backend = get_backend(OP, x.device)
     check.backend_dtype(OP, backend, "x", x)
     needs_transpose = torch.is_grad_enabled() and x.requires_grad
