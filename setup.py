@@ -5,7 +5,7 @@ The CPU extension is always built. Hot loops reach AVX2/AVX-512 through GCC
 ``SPARSEKERN_NATIVE=1`` adds ``-march=native`` for a machine-specific build.
 The CUDA kernels (csrc/cuda/) are compiled into the same module when torch was built
 with CUDA and nvcc is found (CUDA_HOME); ``TORCH_CUDA_ARCH_LIST`` picks the GPU
-architectures (default "8.0;9.0"). Otherwise the CPU extension alone is built.
+architectures (default "8.0;9.0+PTX": PTX of the newest listed arch lets newer GPUs JIT the kernels). Otherwise the CPU extension alone is built.
 """
 import glob
 import os
@@ -16,6 +16,10 @@ from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# torch >= 2.14 headers need C++20 (std::bit_width); gcc >= 10 and nvcc >= 12 take it on torch 2.11-2.13 too.
+CXX_STD = "c++20"
+# The GPU architectures by default: cubins for sm_80 and sm_90, plus PTX of sm_90 so newer GPUs can JIT it.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def rel(pattern):
@@ -23,7 +27,7 @@ def rel(pattern):
 
 
 def cxx_flags():
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+    flags = ["-O3", f"-std={CXX_STD}", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     if os.environ.get("SPARSEKERN_NATIVE", "0") == "1":
         flags.append("-march=native")
     return flags
@@ -48,7 +52,7 @@ def cuda_build_reason():
 def nvcc_flags():
     # The .cu files include no torch header: these are all the flags they need. No fast-math: the
     # kernels must match the fp32 reference to 1e-4.
-    return ["-O3", "-lineinfo"]
+    return ["-O3", "-lineinfo", f"-std={CXX_STD}"]
 
 
 def extensions():
@@ -59,7 +63,7 @@ def extensions():
     if why_not is not None:
         print(f"sparsekern: building the CPU extension only ({why_not}){native}")
         return [CppExtension("sparsekern._C", sources, extra_compile_args={"cxx": cxx_flags()}, **common)]
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"sparsekern: building the CPU and CUDA extension (CUDA {torch.version.cuda}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}){native}")
     return [

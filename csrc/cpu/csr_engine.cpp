@@ -15,7 +15,7 @@
 #include "cpu/common.h"
 
 // The kernels below are written with explicit mul+add on GCC vectors; allow the
-// compiler to fuse them into FMAs (ISO -std=c++17 otherwise turns contraction off).
+// compiler to fuse them into FMAs (ISO -std=c++20 otherwise turns contraction off).
 #pragma GCC optimize("fp-contract=fast")
 
 namespace sparsekern {

@@ -25,7 +25,7 @@ KERNEL_FILES = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
 # As torch's CUDAExtension compiles .cu files (no fp16/bf16 operator overloads or implicit conversions).
 TORCH_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                  "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
-NVCC_FLAGS = ["-std=c++17", "-O3", "-I", str(ROOT / "csrc"), "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
+NVCC_FLAGS = ["-std=c++20", "-O3", "-I", str(ROOT / "csrc"), "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Werror",
               *TORCH_DEFINES]
 # Rough compile cost of each job, so the pool starts the long ones first.
 COST = {"sparse_conv2d.cu": 12, "spmm.cu": 10, "sddmm.cu": 8, "launch.cpp": 8, "topk_select.cu": 4}
@@ -64,7 +64,7 @@ def _launcher_cmd(tmp):
         (d / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         stub = ["-I", str(tmp / "stub")]
     inc = [f for p in incs for f in ("-I", str(p))]
-    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-Wno-c++20-extensions",
+    cmd = [CXX, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unknown-pragmas",
            *stub, "-I", str(ROOT / "csrc"), *inc, "-I", str(cuda_inc), str(CUDA_DIR / "launch.cpp")]
     return cmd, None
 

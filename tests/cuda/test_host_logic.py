@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 CXX = shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="needs a C++ compiler (g++) to build the host tests")
 
-FLAGS = ["-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc")]
+FLAGS = ["-std=c++20", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas", "-I", str(ROOT / "csrc")]
 SIM_FLAGS = FLAGS + ["-DSK_SIMT", "-I", str(HERE / "simt")]
 
 
