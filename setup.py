@@ -9,6 +9,8 @@ architectures (default "8.0;9.0+PTX": PTX of the newest listed arch lets newer G
 """
 import glob
 import os
+import re
+import shutil
 
 from setuptools import setup
 import torch
@@ -38,12 +40,34 @@ def cuda_sources():
     return rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
 
 
+def _is_toolkit(path):
+    return bool(path) and all(os.path.exists(os.path.join(path, *p)) for p in
+                              (("bin", "nvcc"), ("include", "cuda_runtime.h")))
+
+
+def find_cuda_home():
+    """A CUDA toolkit with nvcc and headers. torch guesses CUDA_HOME from `which nvcc`, which is wrong
+    when nvcc on PATH is a wrapper script (e.g. /usr/local/bin/nvcc): follow it to a real toolkit."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        with open(nvcc, "rb") as f:  # a shell wrapper names the real nvcc
+            head = f.read(4096)
+        if head.startswith(b"#!"):
+            candidates += [os.path.dirname(os.path.dirname(w.decode())) for w in re.findall(rb"(/\S+)/nvcc\b", head)]
+    return next((c for c in candidates if _is_toolkit(c)), None)
+
+
 def cuda_build_reason():
     """None when the CUDA extension can be built, else why not (for the build message)."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} has no CUDA"
-    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
-        return "nvcc not found (set CUDA_HOME)"
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return "no CUDA toolkit with nvcc and cuda_runtime.h found (set CUDA_HOME)"
+    cpp_extension.CUDA_HOME = cuda_home  # what CUDAExtension's include and library paths use
     if not cuda_sources():
         return "no CUDA sources"
     return None
@@ -64,7 +88,7 @@ def extensions():
         print(f"sparsekern: building the CPU extension only ({why_not}){native}")
         return [CppExtension("sparsekern._C", sources, extra_compile_args={"cxx": cxx_flags()}, **common)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    print(f"sparsekern: building the CPU and CUDA extension (CUDA {torch.version.cuda}, "
+    print(f"sparsekern: building the CPU and CUDA extension (CUDA {torch.version.cuda}, {cpp_extension.CUDA_HOME}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}){native}")
     return [
         cpp_extension.CUDAExtension(

@@ -6,6 +6,7 @@ from .block_sparse import BlockSparseMatrix
 from . import nn
 from . import init, sparsity, dst, train
 from .sparsity import sparsify
+from .nn.kernel_choice import explain
 
 __version__ = "0.1.0"
-__all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "set_backend", "__version__", "sparsify", "sparsity", "init", "dst", "train"]
+__all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "set_backend", "__version__", "sparsify", "explain", "sparsity", "init", "dst", "train"]

@@ -4,9 +4,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..ops import bsr_conv2d, sparse_conv2d
+from ..ops import bsr_conv2d, sparse_conv2d, sparse_linear
+from ..ops.sparse_conv2d import output_size
+from ..sparse_matrix import SparseMatrix
+from . import kernel_choice
 from .base import SparseWeightMixin
 
 
@@ -25,9 +29,17 @@ def _same_padding(kernel_size, dilation, stride):
 
 class SparseConv2d(SparseWeightMixin, nn.Module):
     """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight; ``format="bsr"``
-    keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``."""
+    keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``.
+
+    ``kernel`` picks how a CSR layer computes: ``"csr"`` (the direct sparse convolution), ``"gemm"``
+    (a CSR GEMM of the (Cout, Cin*kh*kw) weight with the input's (N*Ho*Wo, Cin*kh*kw) patches: for a
+    1x1 conv just the pixels, no copy for channels_last input), ``"dense"`` (F.conv2d on the scattered
+    weight), or ``"auto"`` (default): the fastest of them, measured once per input geometry (see
+    ``sparsekern.nn.kernel_choice``). The output has the input's memory format.
+    """
 
     DENSE_TYPE = nn.Conv2d
+    kernel = "auto"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", density: float = 1.0,
@@ -65,9 +77,52 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bsr":
             return bsr_conv2d(x, self.block_weight(), self.bias, self.stride, self.padding, self.dilation)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            return self.run_kernel("csr", x)  # the op's argument checks name what is wrong
+        return self.run_kernel(kernel_choice.resolve(self, x), x)
+
+    # -- the kernels this layer can run (sparsekern.nn.kernel_choice) ----------------------
+    def candidates(self):
+        return ("csr", "gemm", "dense")
+
+    def geometry_key(self) -> tuple:
+        return (tuple(self.kernel_size), tuple(self.stride), tuple(self.padding), tuple(self.dilation))
+
+    def dense_macs(self, x: torch.Tensor) -> int:
+        ho, wo = output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation)
+        return x.shape[0] * max(ho, 0) * max(wo, 0) * self.weight_shape.numel()
+
+    def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == "dense":
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+        if kernel == "gemm":
+            return self._conv_as_gemm(x)
         return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
+
+    def _conv_as_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """conv = (N*Ho*Wo, Cin*kh*kw) patches @ W^T: the CSR linear kernels, whose batch tiling suits
+        the many-channel, few-pixel layers (1x1 and late-stage convs) that the direct kernel does not."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        n = x.shape[0]
+        if (kh, kw) == (1, 1) and self.padding == (0, 0):
+            if (sh, sw) != (1, 1):
+                x = x[:, :, ::sh, ::sw]
+            ho, wo = x.shape[2], x.shape[3]
+            rows = x.permute(0, 2, 3, 1).reshape(n * ho * wo, self.in_channels)
+        else:
+            ho, wo = output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation)
+            if ho <= 0 or wo <= 0:  # let the conv op report it
+                return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
+            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            rows = patches.transpose(1, 2).reshape(n * ho * wo, patches.shape[1])
+        cout = self.out_channels
+        W = SparseMatrix(self.row_ptr, self.col_idx, self.values, (cout, rows.shape[1]), validate=False,
+                         transpose=(self.t_row_ptr, self.t_col_idx, self.t_perm))
+        y = sparse_linear(rows, W, self.bias).view(n, ho, wo, cout).permute(0, 3, 1, 2)
+        return y if channels_last else y.contiguous()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-                + self.extra_repr_density())
+                + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}"))

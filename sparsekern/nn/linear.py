@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import bsr_linear, sparse_linear
+from . import kernel_choice
 from .base import SparseWeightMixin
 
 
@@ -17,9 +19,14 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     weights, initialized as nn.Linear then masked), or from a dense layer with ``from_dense``.
     ``format="bsr"`` keeps whole ``block`` x ``block`` blocks (round(density * blocks) of them) and runs
     the block-sparse kernels on the GPU; the module API is the same.
+
+    ``kernel`` picks how a CSR layer computes: ``"auto"`` (default) runs the faster of ``"csr"`` (the
+    sparse kernels) and ``"dense"`` (F.linear on the scattered weight), measured once per input
+    geometry (see ``sparsekern.nn.kernel_choice``); set it to pin one.
     """
 
     DENSE_TYPE = nn.Linear
+    kernel = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, density: float = 1.0,
                  device=None, dtype=None, generator: Optional[torch.Generator] = None, format: str = "csr",
@@ -43,8 +50,23 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bsr":
             return bsr_linear(x, self.block_weight(), self.bias)
+        return self.run_kernel(kernel_choice.resolve(self, x), x)
+
+    # -- the kernels this layer can run (sparsekern.nn.kernel_choice) ----------------------
+    def candidates(self):
+        return ("csr", "dense")
+
+    def geometry_key(self) -> tuple:
+        return ()
+
+    def dense_macs(self, x: torch.Tensor) -> int:
+        return (x.numel() // max(self.in_features, 1)) * self.in_features * self.out_features
+
+    def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        if kernel == "dense":
+            return F.linear(x, self.dense_weight(), self.bias)
         return sparse_linear(x, self.sparse_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                + self.extra_repr_density())
+                + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}"))

@@ -1,0 +1,248 @@
+"""Per-layer kernel choice: every sparse layer runs the fastest of its candidate kernels.
+
+A sparse layer can compute the same result several ways (``csr``: its sparse op; ``gemm``: a conv as a
+CSR GEMM over channels x positions; ``dense``: the dense op on the scattered weight). Which is fastest
+depends on shape, density, batch geometry, dtype, thread count and the CPU's vector width, so it is
+measured, not modelled: on the first call of a geometry each candidate runs forward (+ backward when
+training) on the layer's real input, the fastest wins, and the choice is cached under a key of all
+those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choice stays valid through
+training; pruning changes nnz and so measures anew.
+
+Overrides: ``layer.kernel = "dense"`` (or ``"csr"``, ``"gemm"``) pins one layer; ``SPARSEKERN_KERNEL``
+pins every layer left at ``"auto"``; ``set_autotune(False)`` (or ``SPARSEKERN_AUTOTUNE=0``) makes
+``"auto"`` mean ``"csr"``. ``explain(model, x)`` prints the choices.
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+KERNELS = ("csr", "gemm", "dense")
+CHOICES = ("auto",) + KERNELS
+DEFAULT = "csr"
+# Below this many dense multiply-adds (forward) a layer takes ~0.1 ms: a wrong choice costs little and
+# measuring would cost more than it saves.
+MIN_TUNE_MACS = 1 << 24
+WARMUP, REPEATS = 1, 3
+# A candidate whose warm-up run is this much slower than the best median so far is not timed further.
+GIVE_UP_RATIO = 3.0
+
+_autotune: bool = os.environ.get("SPARSEKERN_AUTOTUNE", "1") != "0"
+_forced: Optional[str] = os.environ.get("SPARSEKERN_KERNEL") or None
+if _forced is not None and _forced not in CHOICES:
+    raise ValueError(f"SPARSEKERN_KERNEL must be one of {CHOICES}, got {_forced!r}")
+
+
+@dataclass
+class Choice:
+    """The kernel chosen for one key, and why: candidate -> median ms (empty when not measured)."""
+    kernel: str
+    times_ms: Dict[str, float] = field(default_factory=dict)
+    reason: str = "measured"
+
+
+_choices: Dict[tuple, Choice] = {}
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn measuring on or off for layers whose ``kernel`` is ``"auto"`` (off: they run ``csr``)."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def set_kernel(name: Optional[str]) -> None:
+    """Pin every ``"auto"`` layer to kernel ``name`` (None: measure again); per layer: ``layer.kernel``."""
+    global _forced
+    if name is not None and name not in CHOICES:
+        raise ValueError(f"set_kernel: name must be one of {CHOICES} or None, got {name!r}")
+    _forced = None if name == "auto" else name
+
+
+def clear_cache() -> None:
+    """Forget every measured choice (they are measured again on the next call)."""
+    _choices.clear()
+
+
+def cached_choices() -> Dict[tuple, Choice]:
+    """A copy of the measured choices, by key."""
+    return dict(_choices)
+
+
+def check_kernel_name(owner: str, name: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{owner}: kernel must be one of {CHOICES}, got {name!r}")
+    return name
+
+
+def _needs_backward(module: nn.Module, x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def choice_key(module: nn.Module, x: torch.Tensor) -> tuple:
+    """Everything the speed of a layer's kernels depends on."""
+    autocast = (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)) \
+        if x.device.type in ("cpu", "cuda") else None
+    layout = "channels_last" if (x.dim() == 4 and not x.is_contiguous()
+                                 and x.is_contiguous(memory_format=torch.channels_last)) else \
+        ("contiguous" if x.is_contiguous() else "strided")
+    return (type(module).__name__, tuple(module.weight_shape), module.nnz, module.geometry_key(),
+            module.bias is not None, module.values.dtype, tuple(x.shape), x.dtype, layout, x.device.type,
+            _needs_backward(module, x), autocast, torch.get_num_threads())
+
+
+def resolve(module: nn.Module, x: torch.Tensor) -> str:
+    """The kernel ``module`` runs for input ``x`` (measuring it first if needed)."""
+    name = check_kernel_name(type(module).__name__, module.kernel)
+    if name != "auto":
+        if name not in module.candidates():
+            raise ValueError(f"{type(module).__name__}: kernel {name!r} is not one of this layer's kernels "
+                             f"{module.candidates()}")
+        return name
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        return DEFAULT  # the op reports the bad argument
+    if _forced is not None:
+        return _forced if _forced in module.candidates() else DEFAULT
+    if not _autotune or _tracing():
+        return DEFAULT
+    key = choice_key(module, x)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _measure(module, x)
+        _choices[key] = choice
+    return choice.kernel
+
+
+def lookup(module: nn.Module, x: torch.Tensor) -> Optional[Choice]:
+    return _choices.get(choice_key(module, x))
+
+
+def _tracing() -> bool:
+    compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(compiling is not None and compiling()) or torch.jit.is_tracing()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timer(module: nn.Module, x: torch.Tensor, kernel: str) -> Callable[[], None]:
+    """One call of ``kernel`` on ``x``: forward, and backward when the layer is training. The gradients
+    are returned by autograd.grad, never accumulated into ``.grad``."""
+    backward = _needs_backward(module, x)
+    xs = x.detach().requires_grad_(x.requires_grad)
+    params = [p for p in module.parameters() if p.requires_grad]
+    inputs = params + ([xs] if xs.requires_grad else [])
+
+    def run():
+        with torch.enable_grad() if backward else torch.no_grad():
+            y = module.run_kernel(kernel, xs)
+            if backward:
+                torch.autograd.grad(y, inputs, grad_outputs=torch.ones_like(y), allow_unused=True)
+    return run
+
+
+def _measure(module: nn.Module, x: torch.Tensor) -> Choice:
+    candidates = module.candidates()
+    if len(candidates) == 1:
+        return Choice(candidates[0], reason="only candidate")
+    if module.dense_macs(x) < MIN_TUNE_MACS:
+        return Choice(DEFAULT, reason=f"below {MIN_TUNE_MACS:.1e} MACs: not measured")
+    times: Dict[str, float] = {}
+    best = math.inf
+    for kernel in candidates:
+        run = _timer(module, x, kernel)
+        samples = []
+        for i in range(WARMUP + REPEATS):
+            _sync(x.device)
+            t0 = time.perf_counter()
+            run()
+            _sync(x.device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+            if i == 0 and samples[0] > GIVE_UP_RATIO * best:
+                break
+        median = statistics.median(samples[WARMUP:] or samples)
+        times[kernel] = median
+        best = min(best, median)
+    return Choice(min(times, key=times.get), times)
+
+
+# -- explain ---------------------------------------------------------------------------------------
+def explain(model: nn.Module, *example_inputs, backward: bool = True, print_table: bool = True,
+            forward: Optional[Callable] = None) -> List[dict]:
+    """Run ``model`` once on ``example_inputs`` (forward, and backward of the summed outputs when
+    ``backward``; no ``.grad`` is touched) and report, per sparse layer: name, shape, density, input shape, chosen kernel, and
+    the measured time of each candidate (ms; the ``dense`` column is the layer's dense twin).
+
+    Returns the rows as dicts; prints them as a table when ``print_table``. ``forward(model, *inputs)``
+    replaces ``model(*inputs)`` for models whose outputs are not tensors or tuples of tensors."""
+    from .base import SparseWeightMixin
+    seen: List[Tuple[str, nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, mod, args[0])))
+             for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)]
+    try:
+        with torch.enable_grad() if backward else torch.no_grad():
+            out = forward(model, *example_inputs) if forward is not None else model(*example_inputs)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if backward and params:
+                torch.autograd.grad(_sum_outputs(out), params, allow_unused=True)  # leaves .grad alone
+    finally:
+        for h in hooks:
+            h.remove()
+    rows, done = [], set()
+    for name, mod, x in seen:
+        if name in done:
+            continue
+        done.add(name)
+        choice = lookup(mod, x) if mod.kernel == "auto" and mod.format == "csr" else None
+        kernel = mod.kernel if mod.kernel != "auto" else (choice.kernel if choice else DEFAULT)
+        reason = ("pinned" if mod.kernel != "auto" else
+                  "format='bsr'" if mod.format != "csr" else (choice.reason if choice else "not measured"))
+        rows.append(dict(name=name, type=type(mod).__name__, shape=tuple(mod.weight_shape), density=mod.density,
+                         input=tuple(x.shape), kernel=kernel, reason=reason,
+                         times_ms=dict(choice.times_ms) if choice else {}))
+    if print_table:
+        print_rows(rows)
+    return rows
+
+
+def _sum_outputs(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.float().sum()
+    if isinstance(out, dict):
+        out = list(out.values())
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (list, tuple)):
+        parts = [_sum_outputs(o) for o in out if isinstance(o, (torch.Tensor, list, tuple, dict))]
+        if parts:
+            return sum(parts)
+    raise TypeError(f"explain: cannot sum a model output of type {type(out).__name__}; pass forward=... that "
+                    "returns a tensor")
+
+
+def print_rows(rows: Sequence[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="sparsekern kernel choice per layer (ms: forward+backward on the example input)")
+    for col in ("layer", "shape", "density", "input", "kernel", "csr", "gemm", "dense", "vs dense"):
+        table.add_column(col, justify="left" if col in ("layer", "kernel") else "right")
+    for r in rows:
+        t = r["times_ms"]
+        chosen, dense = t.get(r["kernel"]), t.get("dense")
+        ratio = f"{dense / chosen:.2f}x" if chosen and dense else "-"
+        cells = [f"{t[k]:.2f}" if k in t else "-" for k in KERNELS]
+        table.add_row(r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
+                      "x".join(map(str, r["input"])), f"{r['kernel']} ({r['reason']})" if r["reason"] != "measured"
+                      else r["kernel"], *cells, ratio)
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: wide enough that no column wraps
+        console = Console(width=180)
+    console.print(table)

@@ -1,0 +1,219 @@
+"""Per-layer kernel choice: every kernel of a layer computes the same thing, the choice is measured once
+per key and cached, and overrides work."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseConv2d, SparseLinear, kernel_choice as kc
+
+from sk_testing import assert_close, gen, random_mask
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    kc.clear_cache()
+    monkeypatch.setattr(kc, "_autotune", True)
+    monkeypatch.setattr(kc, "_forced", None)
+    yield
+    kc.clear_cache()
+
+
+def _grads(module, x, kernel):
+    module.kernel = kernel
+    xs = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    y = module(xs)
+    g = torch.randn(y.shape, generator=gen(7), dtype=y.dtype)
+    y.backward(g)
+    out = (y.detach(), xs.grad, module.values.grad.clone(), None if module.bias is None else module.bias.grad.clone())
+    module.kernel = "auto"
+    return out
+
+
+def _close(got, want, what):
+    if want is None:
+        assert got is None, what
+    else:
+        assert got is not None, what
+        assert_close(got, want, scale=10.0)
+
+
+def _dense_twin_grads(module, x):
+    dense = module.to_dense()
+    xs = x.detach().clone().requires_grad_(True)
+    y = dense(xs)
+    y.backward(torch.randn(y.shape, generator=gen(7), dtype=y.dtype))
+    mask = module.mask()
+    return y.detach(), xs.grad, dense.weight.grad[mask], None if dense.bias is None else dense.bias.grad
+
+
+# (cin, cout, kernel, stride, padding, dilation, hw)
+CONV_GEOMETRIES = [
+    (8, 6, 1, 1, 0, 1, 5),     # 1x1: pixels are the GEMM's rows
+    (8, 6, 1, 2, 0, 1, 7),     # 1x1 stride 2: a strided view first
+    (5, 4, 3, 1, 1, 1, 6),     # 3x3 padded: im2col
+    (4, 7, 3, 2, 1, 1, 9),     # stride 2, odd size
+    (3, 5, 7, 2, 3, 1, 12),    # the ResNet stem's shape
+    (4, 3, 3, 1, 2, 2, 8),     # dilation
+    (6, 4, (1, 3), (2, 1), (0, 1), 1, 7),  # rectangular
+]
+
+
+@pytest.mark.parametrize("geometry", CONV_GEOMETRIES, ids=str)
+@pytest.mark.parametrize("density,empty_rows", [(0.0, False), (0.3, True), (1.0, False)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("kernel", ["csr", "gemm", "dense"])
+def test_conv_kernels_match_dense_twin(geometry, density, empty_rows, layout, kernel):
+    cin, cout, k, s, p, d, hw = geometry
+    torch.manual_seed(hash((geometry, density)) % 2**31)
+    dense = nn.Conv2d(cin, cout, k, s, p, d, dtype=torch.float64)
+    mask = random_mask(dense.weight.shape, density, gen(3), empty_rows)
+    layer = SparseConv2d.from_dense(dense, mask)
+    x = torch.randn(2, cin, hw, hw + 1, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(2, cin, hw, 2 * (hw + 1), dtype=torch.float64)[..., ::2]
+    got = _grads(layer, x, kernel)
+    want = _dense_twin_grads(layer, x)
+    for g, w, what in zip(got, want, ("y", "dx", "d_values", "d_bias")):
+        _close(g, w, f"{kernel} {what}")
+    if layout == "channels_last" and kernel != "csr":
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("x_shape", [(5, 12), (2, 3, 12), (0, 12)], ids=str)
+@pytest.mark.parametrize("kernel", ["csr", "dense"])
+def test_linear_kernels_match_dense_twin(x_shape, kernel):
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 9, dtype=torch.float64)
+    layer = SparseLinear.from_dense(dense, random_mask((9, 12), 0.3, gen(1), True))
+    x = torch.randn(x_shape, dtype=torch.float64)
+    for g, w, what in zip(_grads(layer, x, kernel), _dense_twin_grads(layer, x), ("y", "dx", "d_values", "d_bias")):
+        _close(g, w, f"{kernel} {what}")
+
+
+def _measuring(monkeypatch):
+    """Measure every layer, however small, and count the measurements."""
+    calls = []
+    real = kc._measure
+    monkeypatch.setattr(kc, "MIN_TUNE_MACS", 0)
+    monkeypatch.setattr(kc, "_measure", lambda m, x: calls.append(m) or real(m, x))
+    return calls
+
+
+def test_auto_measures_once_per_key_and_caches(monkeypatch):
+    calls = _measuring(monkeypatch)
+    a = SparseConv2d(8, 8, 3, padding=1, density=0.2)
+    b = SparseConv2d(8, 8, 3, padding=1, density=0.2)  # same key: shares a's measurement
+    x = torch.randn(2, 8, 6, 6)
+    a(x), a(x), b(x)
+    assert len(calls) == 1
+    choice = kc.lookup(a, x)
+    assert set(choice.times_ms) <= {"csr", "gemm", "dense"} and "csr" in choice.times_ms
+    assert choice.kernel == min(choice.times_ms, key=choice.times_ms.get)
+    a(torch.randn(3, 8, 6, 6))  # another batch: another key
+    assert len(calls) == 2
+    with torch.no_grad():  # forward only: another key
+        a(x)
+    assert len(calls) == 3
+
+
+def test_choice_survives_dst_but_not_pruning(monkeypatch):
+    calls = _measuring(monkeypatch)
+    layer = SparseLinear(16, 16, density=0.25)
+    x = torch.randn(4, 16)
+    layer(x)
+    # A DST step: same nnz, another pattern -> the cached choice holds.
+    mask = random_mask((16, 16), 0.25, gen(9))
+    layer.update_pattern_(mask, torch.randn(int(mask.sum())))
+    layer(x)
+    assert len(calls) == 1
+    layer.set_pattern(random_mask((16, 16), 0.1, gen(9)))  # pruning: fewer nonzeros
+    layer(x)
+    assert len(calls) == 2
+
+
+def test_measurement_leaves_no_gradient(monkeypatch):
+    _measuring(monkeypatch)
+    layer = SparseLinear(16, 8, density=0.5)
+    x = torch.randn(4, 16, requires_grad=True)
+    y = layer(x)
+    assert layer.values.grad is None and layer.bias.grad is None and x.grad is None
+    y.sum().backward()
+    reference = layer.to_dense()
+    x2 = x.detach().clone().requires_grad_(True)
+    reference(x2).sum().backward()
+    assert_close(layer.values.grad, reference.weight.grad[layer.mask()])
+    assert_close(x.grad, x2.grad)
+
+
+def test_small_layers_are_not_measured():
+    layer = SparseLinear(8, 8, density=0.5)
+    x = torch.randn(2, 8)
+    layer(x)
+    choice = kc.lookup(layer, x)
+    assert choice.kernel == kc.DEFAULT and choice.times_ms == {} and "not measured" in choice.reason
+
+
+def test_overrides(monkeypatch):
+    calls = _measuring(monkeypatch)
+    layer = SparseConv2d(4, 4, 1, density=0.5)
+    x = torch.randn(1, 4, 3, 3)
+    layer.kernel = "gemm"
+    layer(x)
+    assert "kernel='gemm'" in repr(layer)
+    layer.kernel = "auto"
+    kc.set_kernel("dense")
+    try:
+        layer(x)
+        lin = SparseLinear(4, 4)
+        lin(torch.randn(2, 4))
+    finally:
+        kc.set_kernel(None)
+    kc.set_autotune(False)
+    try:
+        layer(x)
+    finally:
+        kc.set_autotune(True)
+    assert calls == []
+
+
+@pytest.mark.parametrize("bad", ["fast", "gemm"])
+def test_bad_kernel_names_raise(bad):
+    layer = SparseLinear(4, 4)
+    layer.kernel = bad
+    with pytest.raises(ValueError, match="kernel"):
+        layer(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="set_kernel"):
+        kc.set_kernel("fast")
+
+
+def test_conv_rejects_wrong_channels_before_choosing():
+    layer = SparseConv2d(4, 4, 3)
+    with pytest.raises(ValueError, match=r"sparse_conv2d: x must have 4 channels"):
+        layer(torch.randn(1, 5, 8, 8))
+
+
+def test_explain_reports_every_sparse_layer(monkeypatch, capsys):
+    _measuring(monkeypatch)
+    model = nn.Sequential(SparseConv2d(3, 8, 3, padding=1, density=0.5), nn.ReLU(), nn.Flatten(),
+                          SparseLinear(8 * 6 * 6, 10, density=0.1))
+    rows = sparsekern.explain(model, torch.randn(2, 3, 6, 6))
+    assert [r["name"] for r in rows] == ["0", "3"]
+    assert rows[0]["kernel"] in ("csr", "gemm", "dense") and set(rows[0]["times_ms"]) >= {"csr"}
+    assert rows[1]["shape"] == (10, 288) and abs(rows[1]["density"] - 0.1) < 0.01
+    assert all(p.grad is None for p in model.parameters())  # explain leaves the model's gradients alone
+    out = capsys.readouterr().out
+    assert "kernel choice" in out and "vs dense" in out
+
+
+def test_compiled_model_uses_default_kernel(monkeypatch):
+    calls = _measuring(monkeypatch)
+    layer = SparseLinear(16, 8, density=0.5)
+    compiled = torch.compile(layer, backend="eager", fullgraph=False)
+    x = torch.randn(4, 16)
+    assert_close(compiled(x), F.linear(x, layer.dense_weight(), layer.bias))
+    assert calls == []
