@@ -8,12 +8,14 @@ training) on the layer's real input, the fastest wins, and the choice is cached 
 those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choice stays valid through
 training; pruning changes nnz and so measures anew.
 
-Overrides: ``layer.kernel = "dense"`` (or ``"csr"``, ``"gemm"``) pins one layer; ``SPARSEKERN_KERNEL``
+``SPARSEKERN_KERNEL_CACHE=path.json`` keeps the measured choices across processes (loaded at import,
+written after each new measurement). Overrides: ``layer.kernel = "dense"`` (or ``"csr"``, ``"gemm"``) pins one layer; ``SPARSEKERN_KERNEL``
 pins every layer left at ``"auto"``; ``set_autotune(False)`` (or ``SPARSEKERN_AUTOTUNE=0``) makes
 ``"auto"`` mean ``"csr"``. ``explain(model, x)`` prints the choices.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -49,6 +51,30 @@ class Choice:
 
 
 _choices: Dict[tuple, Choice] = {}
+_cache_file: Optional[str] = os.environ.get("SPARSEKERN_KERNEL_CACHE") or None
+_stored: Dict[str, dict] = {}  # the cache file's entries, by repr(key)
+
+
+def _load_cache_file() -> None:
+    if _cache_file and os.path.exists(_cache_file):
+        try:
+            with open(_cache_file) as f:
+                _stored.update(json.load(f))
+        except (OSError, ValueError) as exc:  # a broken cache only costs a new measurement
+            print(f"sparsekern: ignoring the kernel cache {_cache_file}: {exc}")
+
+
+def _store(key: tuple, choice: Choice) -> None:
+    if not _cache_file or not choice.times_ms:
+        return
+    _stored[repr(key)] = dict(kernel=choice.kernel, times_ms=choice.times_ms, reason=choice.reason)
+    tmp = f"{_cache_file}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_stored, f, indent=0, sort_keys=True)
+    os.replace(tmp, _cache_file)  # atomic: a concurrent reader sees the old or the new file
+
+
+_load_cache_file()
 
 
 def set_autotune(enabled: bool) -> None:
@@ -94,7 +120,14 @@ def choice_key(module: nn.Module, x: torch.Tensor) -> tuple:
         ("contiguous" if x.is_contiguous() else "strided")
     return (type(module).__name__, tuple(module.weight_shape), module.nnz, module.geometry_key(),
             module.bias is not None, module.values.dtype, tuple(x.shape), x.dtype, layout, x.device.type,
-            _needs_backward(module, x), autocast, torch.get_num_threads())
+            _needs_backward(module, x), autocast, torch.get_num_threads(), _machine(x.device))
+
+
+def _machine(device: torch.device) -> str:
+    """What the kernels' speed depends on beyond the call: the vector ISA (CPU) or the GPU model."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def resolve(module: nn.Module, x: torch.Tensor) -> str:
@@ -114,7 +147,12 @@ def resolve(module: nn.Module, x: torch.Tensor) -> str:
     key = choice_key(module, x)
     choice = _choices.get(key)
     if choice is None:
-        choice = _measure(module, x)
+        stored = _stored.get(repr(key))
+        if stored is not None and stored.get("kernel") in module.candidates():
+            choice = Choice(stored["kernel"], dict(stored.get("times_ms", {})), "cached on disk")
+        else:
+            choice = _measure(module, x)
+            _store(key, choice)
         _choices[key] = choice
     return choice.kernel
 

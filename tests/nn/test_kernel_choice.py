@@ -217,3 +217,25 @@ def test_compiled_model_uses_default_kernel(monkeypatch):
     x = torch.randn(4, 16)
     assert_close(compiled(x), F.linear(x, layer.dense_weight(), layer.bias))
     assert calls == []
+
+
+def test_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
+    calls = _measuring(monkeypatch)
+    path = tmp_path / "kernels.json"
+    monkeypatch.setattr(kc, "_cache_file", str(path))
+    monkeypatch.setattr(kc, "_stored", {})
+    layer = SparseLinear(16, 8, density=0.5)
+    x = torch.randn(4, 16)
+    layer(x)
+    assert len(calls) == 1 and path.exists()
+    kc.clear_cache()  # a new process: the file answers, nothing is measured
+    monkeypatch.setattr(kc, "_stored", {})
+    kc._load_cache_file()
+    layer(x)
+    assert len(calls) == 1 and kc.lookup(layer, x).reason == "cached on disk"
+    path.write_text("{not json")  # a broken file costs a measurement, not an error
+    monkeypatch.setattr(kc, "_stored", {})
+    kc.clear_cache()
+    kc._load_cache_file()
+    layer(x)
+    assert len(calls) == 2
