@@ -3,6 +3,10 @@ config under the interpreter, and the launch wrapper that lets torch.compile tra
 
 Under ``TRITON_INTERPRET=1`` (set before this module is imported) kernels run on CPU tensors
 through Triton's numpy interpreter; that is how CI tests them without a GPU.
+
+A load/store mask never combines a block with a scalar comparison (``ok & (count != 0)``): the
+interpreter broadcasts that scalar as an integer array, which Triton >= 3.9 rejects ("mask has
+unsupported dtype"). Compare the block against a scalar bound instead (``offs < tl.where(...)``).
 """
 from __future__ import annotations
 

@@ -246,8 +246,10 @@ def _masked_sddmm_kernel(x_ptr, y_ptr, mask_ptr, occ_ptr, out_ptr, M, K, D, KB,
         acc = tl.dot(x, yt, acc, input_precision=PRECISION)
 
     out_ok = m_ok[:, None] & k_ok[None, :]
+    # An empty block reads no mask: a row bound of 0, not `out_ok & (occupied != 0)` (see _common).
+    read_ok = (offs_m < tl.where(occupied != 0, M, 0))[:, None] & k_ok[None, :]
     keep = tl.load(mask_ptr + offs_m.to(tl.int64)[:, None] * stride_mm + offs_k[None, :] * stride_mk,
-                   mask=out_ok & (occupied != 0), other=0)
+                   mask=read_ok, other=0)
     acc = tl.where(keep != 0, acc, tl.zeros_like(acc))  # exactly 0 off the mask, even where acc is NaN
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :] * stride_ok
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_ok)

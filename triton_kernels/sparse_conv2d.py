@@ -317,7 +317,8 @@ def _wgrad_kernel(
     # Scatter the tile's pattern entries to this split's row of the partial sums.
     idx = tl.load(idx_ptr + (g.to(tl.int64) * KC + offs_k)[None, :] * BLOCK_CO + offs_co[:, None],
                   mask=k_mask[None, :], other=-1)
-    tl.store(part_ptr + split.to(tl.int64) * NNZ + idx, acc, mask=(idx >= 0) & (m_hi > m_lo))
+    # Every split has rows (m_lo < M) and a tile past cnt has idx -1: each entry of part is written once.
+    tl.store(part_ptr + split.to(tl.int64) * NNZ + idx, acc, mask=idx >= 0)
 
 
 # ---------------------------------------------------------------------------------------------
