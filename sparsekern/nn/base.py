@@ -232,6 +232,23 @@ class SparseWeightMixin:
     def mask(self) -> torch.Tensor:
         return self.sparse_weight().mask()
 
+    # -- drop-in for code written against nn.Linear / nn.Conv2d, which reads ``.weight`` -----
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight materialized from the CSR (zeros outside the pattern), differentiable in
+        ``values``: a read-only view for code that reads ``.weight`` (its dtype, device, shape).
+
+        Each read builds a new tensor, so writing into it changes nothing: the trainable tensor is
+        ``values`` and the pattern changes through ``set_pattern``."""
+        return self.dense_weight()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # nn.Module would store it beside the CSR, which the forward ignores
+            raise AttributeError(f"{type(self).__name__}.weight is read-only (a dense view built from the CSR): "
+                                 "write the trainable `values` (the nonzeros, in CSR order) or change the "
+                                 "pattern with set_pattern(mask, dense)")
+        super().__setattr__(name, value)
+
     # -- state_dict: nnz may differ from the module's current size ---------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
