@@ -9,9 +9,10 @@ from torch import nn
 from .mlp import MLP, LeNet5
 from .resnet_cifar import CifarResNet, WideResNet, resnet20, resnet32, wrn_22_2
 from .resnet_imagenet import ImageNetResNet, resnet18, resnet50
+from .transformer import BertEncoder, VisionTransformer
 
 __all__ = ["MLP", "LeNet5", "CifarResNet", "WideResNet", "ImageNetResNet", "resnet20", "resnet32", "wrn_22_2",
-           "resnet18", "resnet50", "get_model", "MODELS"]
+           "resnet18", "resnet50", "BertEncoder", "VisionTransformer", "get_model", "MODELS"]
 
 
 def _mlp(num_classes: int, in_channels: int, image_size: int, **kwargs) -> nn.Module:
@@ -28,6 +29,14 @@ def _no_size(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
                                                                         in_channels=in_channels, **kwargs)
 
 
+def _bert(num_classes: int, in_channels, image_size, **kwargs) -> nn.Module:
+    return BertEncoder(num_classes, **kwargs)  # token ids in: no channels, no image size
+
+
+def _vit(num_classes: int, in_channels: int, image_size: int, **kwargs) -> nn.Module:
+    return VisionTransformer(num_classes, in_channels, image_size, **kwargs)
+
+
 # name -> (builder, default in_channels, default image_size)
 MODELS: Dict[str, tuple] = {
     "mlp": (_mlp, 1, 28),
@@ -37,6 +46,8 @@ MODELS: Dict[str, tuple] = {
     "wrn-22-2": (_no_size(wrn_22_2), 3, 32),
     "resnet18": (_no_size(resnet18), 3, 224),
     "resnet50": (_no_size(resnet50), 3, 224),
+    "bert-small": (_bert, None, None),
+    "vit-s16": (_vit, 3, 224),
 }
 
 
@@ -45,8 +56,9 @@ def get_model(name: str, num_classes: int = 10, in_channels: Optional[int] = Non
     """Build model ``name`` (one of MODELS) for inputs (in_channels, image_size, image_size).
 
     ``None`` takes the model's usual input (1x28x28 for mlp, 1x32x32 for lenet5, 3x32x32
-    for the CIFAR nets, 3x224x224 for the ImageNet nets); extra keyword arguments go to
-    the model (e.g. ``hidden=(100,)`` for mlp, ``shortcut='B'`` for resnet20).
+    for the CIFAR nets, 3x224x224 for the ImageNet nets and vit-s16); extra keyword arguments go to
+    the model (e.g. ``hidden=(100,)`` for mlp, ``shortcut='B'`` for resnet20). bert-small takes token
+    ids (batch, seq) and ignores ``in_channels`` and ``image_size``.
     """
     key = name.lower().replace("_", "-")
     if key not in MODELS:

@@ -1,0 +1,206 @@
+"""sparsify, training, RigL and checkpoints on real Hugging Face models built from tiny configs (no
+weights, offline): code written for nn.Linear / nn.Conv2d must keep working with the sparse modules."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsekern
+from sparsekern.models import BertEncoder, VisionTransformer
+from sparsekern.nn import SparseWeightMixin
+from sparsekern.sparsity import sparsifiable_layers
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[models]'")
+
+BATCH, CLASSES = 4, 3
+
+
+def _resnet():
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1],
+                                       layer_type="bottleneck", num_labels=CLASSES)
+    return transformers.ResNetForImageClassification(config), {"pixel_values": (BATCH, 3, 32, 32)}
+
+
+def _convnext():
+    config = transformers.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                         num_labels=CLASSES)
+    return transformers.ConvNextForImageClassification(config), {"pixel_values": (BATCH, 3, 32, 32)}
+
+
+def _vit():
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, intermediate_size=64, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0, num_labels=CLASSES)
+    return transformers.ViTForImageClassification(config), {"pixel_values": (BATCH, 3, 32, 32)}
+
+
+def _bert_config():
+    return transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                   attention_probs_dropout_prob=0.0, num_labels=CLASSES)
+
+
+def _bert():
+    return transformers.BertModel(_bert_config()), {"input_ids": (BATCH, 12)}
+
+
+def _bert_classifier():
+    return transformers.BertForSequenceClassification(_bert_config()), {"input_ids": (BATCH, 12)}
+
+
+MODELS = {"resnet": _resnet, "convnext": _convnext, "vit": _vit, "bert": _bert, "bert-classifier": _bert_classifier}
+
+
+def _inputs(spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randint(0, 60, shape, generator=g) if name == "input_ids" else torch.randn(shape, generator=g)
+            for name, shape in spec.items()}
+
+
+def _loss(model, inputs):
+    out = model(**inputs)
+    if hasattr(out, "logits"):
+        return F.cross_entropy(out.logits, torch.arange(BATCH) % CLASSES)
+    # BertModel: regress both outputs (hidden states and pooler) onto fixed targets
+    g = torch.Generator().manual_seed(1)
+    return sum(F.mse_loss(t, torch.randn(t.shape, generator=g)) for t in (out.last_hidden_state, out.pooler_output))
+
+
+def _build(name, seed=0, density=0.1):
+    torch.manual_seed(seed)
+    model, spec = MODELS[name]()
+    n_layers = len(sparsifiable_layers(model))
+    sparsekern.sparsify(model, density, "erk", generator=torch.Generator().manual_seed(seed))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseWeightMixin)}
+    assert len(layers) == n_layers > 0
+    return model, spec, layers
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_step(name):
+    model, spec, layers = _build(name)
+    inputs = _inputs(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(6):
+        optimizer.zero_grad(set_to_none=True)
+        loss = _loss(model.train(), inputs)
+        loss.backward()
+        if step == 0:
+            for layer_name, m in layers.items():
+                g = m.values.grad
+                assert g is not None and g.shape == m.values.shape, layer_name
+                assert torch.isfinite(g).all() and g.abs().sum() > 0, layer_name
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    total = sum(m.nnz for m in layers.values())
+    numel = sum(m.weight.numel() for m in layers.values())  # the read-only dense view
+    assert total / numel == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_rigl_update_then_checkpoint_round_trip(name, tmp_path):
+    model, spec, layers = _build(name)
+    inputs = _inputs(spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    algo = sparsekern.dst.RigL(model, optimizer, total_steps=8, delta_t=2, drop_fraction=0.5)
+    nnz = {n: m.nnz for n, m in layers.items()}
+    masks = {n: m.mask().clone() for n, m in layers.items()}
+    changed = False
+    for _ in range(2):
+        optimizer.zero_grad(set_to_none=True)
+        _loss(model.train(), inputs).backward()
+        optimizer.step()
+        changed |= algo.step()
+    assert changed and len(algo.history) == 1
+    assert {n: m.nnz for n, m in layers.items()} == nnz
+    assert any(not torch.equal(m.mask(), masks[n]) for n, m in layers.items())
+    # training goes on after the update (the optimizer holds the remapped values)
+    optimizer.zero_grad(set_to_none=True)
+    _loss(model, inputs).backward()
+    assert all(torch.isfinite(m.values.grad).all() for m in layers.values())
+    optimizer.step()
+
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    fresh, _, fresh_layers = _build(name, seed=1, density=0.2)  # other pattern, other nnz
+    fresh.load_state_dict(torch.load(path))
+    for n, m in layers.items():
+        assert torch.equal(fresh_layers[n].mask(), m.mask()) and torch.equal(fresh_layers[n].values, m.values)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        expected, got = model(**inputs), fresh(**inputs)
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_vit_reads_the_projection_weight():
+    # ViTModel.forward casts the pixels to projection.weight.dtype: the sparse conv must answer it
+    model, spec, _ = _build("vit")
+    assert isinstance(model.vit.embeddings.patch_embeddings.projection, SparseWeightMixin)
+    assert model.vit.embeddings.patch_embeddings.projection.weight.dtype == torch.float32
+    model.double()
+    out = model(pixel_values=_inputs(spec)["pixel_values"])  # float32 pixels, cast by the model
+    assert out.logits.dtype == torch.float64
+
+
+def test_convnext_keeps_depthwise_convs_dense():
+    model, _, _ = _build("convnext")
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert depthwise and all(not isinstance(m, SparseWeightMixin) for m in depthwise)
+
+
+# -- our encoders compute what the Hugging Face definitions compute ---------------------------------
+
+_BERT_NAMES = [(r"^bert\.embeddings\.word_embeddings\.", "word."),
+               (r"^bert\.embeddings\.position_embeddings\.", "position."),
+               (r"^bert\.embeddings\.token_type_embeddings\.", "segment."),
+               (r"^bert\.embeddings\.LayerNorm\.", "norm."),
+               (r"^bert\.encoder\.layer\.(\d+)\.", r"layers.\1."), (r"attention\.self\.", "attn."),
+               (r"attention\.output\.dense\.", "attn.out."), (r"attention\.output\.LayerNorm\.", "norm1."),
+               (r"intermediate\.dense\.", "fc1."), (r"output\.dense\.", "fc2."), (r"output\.LayerNorm\.", "norm2."),
+               (r"^bert\.pooler\.dense\.", "pooler.")]
+# transformers 4.x and 5.x names of the ViT layers
+_VIT_NAMES = [(r"^vit\.embeddings\.cls_token$", "cls_token"), (r"^vit\.embeddings\.position_embeddings$", "position"),
+              (r"^vit\.embeddings\.patch_embeddings\.projection\.", "patch."),
+              (r"^vit\.(?:encoder\.layer|layers)\.(\d+)\.", r"layers.\1."),
+              (r"attention\.(?:attention\.query|q_proj)\.", "attn.query."),
+              (r"attention\.(?:attention\.key|k_proj)\.", "attn.key."),
+              (r"attention\.(?:attention\.value|v_proj)\.", "attn.value."),
+              (r"attention\.(?:output\.dense|o_proj)\.", "attn.out."), (r"layernorm_before\.", "norm1."),
+              (r"layernorm_after\.", "norm2."), (r"(?:intermediate\.dense|mlp\.fc1)\.", "fc1."),
+              (r"(?:output\.dense|mlp\.fc2)\.", "fc2."), (r"^vit\.layernorm\.", "norm."), (r"^classifier\.", "head.")]
+
+
+def _renamed(state, rules):
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def test_bert_encoder_matches_hf_bert():
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(_bert_config()).eval()
+    ours = BertEncoder(CLASSES, vocab_size=60, hidden=32, layers=2, heads=2, ffn=64, max_len=16).eval()
+    ours.load_state_dict(_renamed(hf.state_dict(), _BERT_NAMES))
+    ids = _inputs({"input_ids": (BATCH, 12)})["input_ids"]
+    mask = (torch.arange(12) < torch.tensor([[12], [9], [5], [12]])).long()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask), hf(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_vision_transformer_matches_hf_vit():
+    torch.manual_seed(0)
+    hf = _vit()[0].eval()
+    ours = VisionTransformer(CLASSES, 3, 32, patch_size=8, hidden=32, layers=2, heads=2, mlp=64,
+                             eps=hf.config.layer_norm_eps).eval()
+    ours.load_state_dict(_renamed(hf.state_dict(), _VIT_NAMES))
+    x = _inputs({"pixel_values": (BATCH, 3, 32, 32)})["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits)
