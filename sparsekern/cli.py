@@ -11,6 +11,10 @@ def _bench(args: argparse.Namespace) -> int:
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
             (["--output", args.output] if args.output else []) + (["--cases", *args.cases] if args.cases else [])
         return bench_gpu.main(argv)
+    if args.models is not None:
+        from .bench import models as bench_models
+        return bench_models.main(models=args.models, quick=args.quick, output=args.output, threads=args.threads,
+                                 sizes=args.sizes)
     if args.train:
         from .bench import train as bench_train
         return bench_train.main(quick=args.quick, output=args.output, threads=args.threads)
@@ -122,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the issue's shapes)")
     bench.add_argument("--train", action="store_true",
                        help="time whole training steps (sparse vs dense MLP and ResNet-20) instead of ops")
+    bench.add_argument("--models", nargs="*", default=None, metavar="MODEL",
+                       choices=("resnet50", "resnet18", "bert", "vit", "mlp"),
+                       help="time training steps of whole networks dense vs 90%% sparse (ERK, uniform), with the "
+                            "FLOP bound and every sparse layer: resnet50 resnet18 bert vit mlp (none named: all)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.set_defaults(func=_bench)

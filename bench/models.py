@@ -1,0 +1,401 @@
+"""Time training steps of real networks dense against sparse, with the bound their FLOPs allow and
+every sparse layer timed alone on its real input.
+
+A step is forward, cross-entropy, backward and an SGD step (momentum 0.9, weight decay), as in
+``bench.train``. Each model is built once, copied and ``sparsify``-ed at density 0.1 with ERK and with
+uniform per-layer densities (``init="dense"``: the dense model's weights, masked); dense and sparse run
+in one process, each after warm-up steps (first-call caches and tuning are not timed), timed by
+``bench.timing.measure`` (medians). Per model and distribution the report gives:
+
+- the step time dense and sparse, the speedup, and the peak tensor memory of a step;
+- the bound: ``share`` is the dense step's time spent in the layers that become sparse (each such layer's
+  fwd+bwd timed alone on its input, captured by a forward hook, summed, over the step), ``flop fraction``
+  the sparse layers' MACs over the dense layers' MACs; bound = 1 / ((1 - share) + share * flop fraction),
+  and "of bound" is the part of the bound's time saving achieved;
+- per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input.
+
+``sparsekern bench --models [resnet50 resnet18 bert vit mlp] [--quick] [--threads N] [--output FILE]``,
+or ``python -m sparsekern.bench.models`` with the same options; ``--sizes tiny`` is for the smoke test.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import gc
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern.models import BertEncoder, ImageNetResNet, VisionTransformer, get_model
+from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
+from sparsekern.nn import SparseWeightMixin
+from sparsekern.sparsity import sparsifiable_layers
+
+from .ops import _backends
+from .report import command_line, cpu_model
+from .timing import Budget, Timing, measure, train_step_fn
+from .train import _optimizer, _step_fn
+
+MODELS = ("resnet50", "resnet18", "bert", "vit", "mlp")
+DENSITY = 0.1
+DISTRIBUTIONS = ("erk", "uniform")
+
+
+@dataclass(frozen=True)
+class Settings:
+    step: Budget
+    layer: Budget
+    warmup: int  # steps per model before timing; a layer, already run by those steps, gets one call
+
+
+SETTINGS = {"full": Settings(Budget(2.0, 8.0), Budget(0.2, 1.0), 3),
+            "quick": Settings(Budget(0.3, 1.5), Budget(0.02, 0.1), 2),
+            "tiny": Settings(Budget(0.002, 0.02), Budget(0.001, 0.005), 1)}
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # one of MODELS
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], torch.Tensor]
+    num_classes: int
+    quick: bool = True  # also run with --quick
+
+
+def _images(batch: int, size: int, channels: int = 3):
+    return lambda g: torch.randn(batch, channels, size, size, generator=g)
+
+
+def _tokens(batch: int, seq: int, vocab: int):
+    return lambda g: torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def cases(sizes: str) -> List[Case]:
+    if sizes == "tiny":  # smoke tests: the same code paths, small widths
+        return [Case("resnet50", "resnet50-style [1,1,1,1] 32x32 batch 2",
+                     lambda: ImageNetResNet(Bottleneck, [1, 1, 1, 1], 10), _images(2, 32), 10),
+                Case("resnet18", "resnet18-style [1,1,1,1] 32x32 batch 2",
+                     lambda: ImageNetResNet(BasicBlock, [1, 1, 1, 1], 10), _images(2, 32), 10),
+                Case("bert", "bert 1x32 seq 8 batch 2",
+                     lambda: BertEncoder(2, vocab_size=50, hidden=32, layers=1, heads=2, ffn=64, max_len=8),
+                     _tokens(2, 8, 50), 2),
+                Case("vit", "vit 1x32 32x32 batch 2",
+                     lambda: VisionTransformer(10, 3, 32, hidden=32, layers=1, heads=2, mlp=64), _images(2, 32), 10),
+                Case("mlp", "mlp 49-32-10 batch 4", lambda: get_model("mlp", image_size=7, hidden=(32,)),
+                     _images(4, 7, 1), 10)]
+    return [Case("resnet50", "ResNet-50 112x112 batch 16", lambda: get_model("resnet50", 1000), _images(16, 112), 1000),
+            Case("resnet50", "ResNet-50 224x224 batch 8", lambda: get_model("resnet50", 1000), _images(8, 224), 1000,
+                 quick=False),
+            Case("resnet18", "ResNet-18 224x224 batch 16", lambda: get_model("resnet18", 1000), _images(16, 224), 1000),
+            Case("bert", "BERT-Small (4 layers, 512, FFN 2048, 8 heads) seq 128 batch 16",
+                 lambda: get_model("bert-small", 2), _tokens(16, 128, 30522), 2),
+            Case("vit", "ViT-S/16 112x112 batch 16", lambda: get_model("vit-s16", 1000, image_size=112),
+                 _images(16, 112), 1000),
+            Case("mlp", "MLP 784-1024-1024-10 batch 256", lambda: get_model("mlp", hidden=(1024, 1024)),
+                 _images(256, 28, 1), 10)]
+
+
+# -- one layer alone on its real input -------------------------------------------------------------
+
+@dataclass
+class Capture:
+    x: torch.Tensor  # the layer's input in the dense step, detached
+    requires_grad: bool  # whether the step computes its gradient (not for the first layer)
+    out_shape: Tuple[int, ...]
+
+
+def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> Dict[str, Capture]:
+    """Each named layer's input and output shape in one training-mode forward of ``model`` (first call)."""
+    captured: Dict[str, Capture] = {}
+
+    def hook(name):
+        def record(module, args, out):
+            if name not in captured:
+                captured[name] = Capture(args[0].detach().clone(), args[0].requires_grad, tuple(out.shape))
+        return record
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in captured]
+    if missing:
+        raise RuntimeError(f"bench.models: the forward did not call these layers: {missing}")
+    return captured
+
+
+def _geometry(module: nn.Module) -> tuple:
+    if hasattr(module, "kernel_size"):
+        return (module.stride, module.padding, module.dilation)
+    return ()
+
+
+def _weight_params(module: nn.Module) -> List[torch.Tensor]:
+    weight = module.values if isinstance(module, SparseWeightMixin) else module.weight
+    return [weight] + ([module.bias] if module.bias is not None else [])
+
+
+def time_layer(module: nn.Module, cap: Capture, settings: Settings, cache: dict) -> Timing:
+    """fwd+bwd of ``module`` on its captured input; layers alike in kind, shape, input and nnz are timed once."""
+    shape = tuple(module.weight_shape if isinstance(module, SparseWeightMixin) else module.weight.shape)
+    nnz = module.nnz if isinstance(module, SparseWeightMixin) else None
+    key = (type(module).__name__, shape, _geometry(module), tuple(cap.x.shape), cap.requires_grad,
+           module.bias is None, nnz)
+    if key not in cache:
+        x = cap.x.clone().requires_grad_(cap.requires_grad)
+        grad_out = torch.randn(cap.out_shape, generator=torch.Generator().manual_seed(1))
+        run = train_step_fn(module, [x], _weight_params(module), grad_out)
+        run()
+        cache[key] = measure(run, settings.layer, type(module).__name__)
+    return cache[key]
+
+
+# -- peak memory of a step ---------------------------------------------------------------------------
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def step_peak_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> Optional[int]:
+    """Tensor memory at the step's peak: what the model and optimizer hold at its start (parameters, buffers,
+    optimizer state) plus the most the step allocates on top (activations, gradients, workspaces), from the
+    allocation events of torch's profiler (``profile_memory``); None where this torch does not expose them."""
+    # The profiler does not see blocks freed that were allocated before it started: drop the old
+    # gradients first, so the step frees none and its new gradients count once.
+    optimizer.zero_grad(set_to_none=True)
+    held = _tensor_bytes([*model.parameters(), *model.buffers(),
+                          *(v for state in optimizer.state.values() for v in state.values())])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:
+        return None
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return held + peak
+
+
+# -- a model -----------------------------------------------------------------------------------------
+
+@dataclass
+class LayerRow:
+    name: str
+    weight: str
+    input: str
+    macs: int
+    dense: Timing
+    density: Dict[str, float] = field(default_factory=dict)  # distribution ->
+    sparse: Dict[str, Timing] = field(default_factory=dict)
+
+
+@dataclass
+class ModelResult:
+    case: Case
+    dense: Timing
+    dense_peak: Optional[int]
+    sparse: Dict[str, Timing]
+    sparse_peak: Dict[str, Optional[int]]
+    layers: List[LayerRow]
+
+    @property
+    def share(self) -> float:
+        return sum(r.dense.median for r in self.layers) / self.dense.median
+
+    def flop_fraction(self, dist: str) -> float:
+        return sum(r.density[dist] * r.macs for r in self.layers) / sum(r.macs for r in self.layers)
+
+    def bound(self, dist: str) -> float:
+        share = min(self.share, 1.0)
+        return 1.0 / ((1.0 - share) + share * self.flop_fraction(dist))
+
+    def speedup(self, dist: str) -> float:
+        return self.dense.median / self.sparse[dist].median
+
+    def of_bound(self, dist: str) -> float:
+        """(dense - sparse) / (dense - bound time): 1 at the bound, 0 at dense speed, < 0 when slower."""
+        saving = 1.0 - 1.0 / self.bound(dist)
+        return (1.0 - 1.0 / self.speedup(dist)) / saving if saving > 0 else math.nan
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DISTRIBUTIONS) -> ModelResult:
+    torch.manual_seed(0)
+    dense = case.build().train()
+    names = list(sparsifiable_layers(dense))
+    sparse = {d: sparsekern.sparsify(copy.deepcopy(dense), DENSITY, d, init="dense",
+                                     generator=torch.Generator().manual_seed(0)) for d in distributions}
+    gen = torch.Generator().manual_seed(0)
+    x = case.inputs(gen)
+    y = torch.randint(0, case.num_classes, (x.shape[0],), generator=gen)
+
+    steps, optimizers = {}, {}
+    for key, model in [("dense", dense), *sparse.items()]:
+        optimizers[key] = _optimizer(model)
+        steps[key] = _step_fn(model, optimizers[key], x, y)
+        for _ in range(settings.warmup):
+            steps[key]()
+    timings = {key: measure(step, settings.step, key) for key, step in steps.items()}
+    peaks = {key: step_peak_bytes(model, optimizers[key], steps[key])
+             for key, model in [("dense", dense), *sparse.items()]}
+
+    captured = capture_inputs(dense, names, x)
+    cache: dict = {}
+    rows = []
+    for name in names:
+        layer, cap = dense.get_submodule(name), captured[name]
+        stride = getattr(layer, "stride", (1, 1))
+        macs = math.prod(cap.out_shape) * math.prod(layer.weight.shape[1:])
+        row = LayerRow(name, _dims(layer.weight.shape),
+                       _dims(cap.x.shape) + (f" /{stride[0]}" if stride != (1, 1) else ""), macs,
+                       time_layer(layer, cap, settings, cache))
+        for d, model in sparse.items():
+            module = model.get_submodule(name)
+            row.density[d] = module.density
+            row.sparse[d] = time_layer(module, cap, settings, cache)
+        rows.append(row)
+    return ModelResult(case, timings["dense"], peaks["dense"], {d: timings[d] for d in sparse},
+                       {d: peaks[d] for d in sparse}, rows)
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+def _line(cells) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _table(headers, rows) -> List[str]:
+    return [_line(headers), _line(["---"] * len(headers)), *(_line(r) for r in rows)]
+
+
+def _mb(n: Optional[int]) -> str:
+    return "n/a" if n is None else f"{n / 2 ** 20:.3g}" if n < 100 * 2 ** 20 else f"{n / 2 ** 20:.0f}"
+
+
+SUMMARY_HEADERS = ("model", "distribution", "sparse layers", "FLOP fraction", "share", "dense step ms",
+                   "sparse step ms", "speedup", "bound", "of bound", "dense peak MB", "sparse peak MB",
+                   "layers slower than dense")
+
+
+def summary_rows(results: Sequence[ModelResult]) -> List[list]:
+    rows = []
+    for r in results:
+        for d in r.sparse:
+            slower = sum(row.sparse[d].median > row.dense.median for row in r.layers)
+            rows.append([r.case.name, d, len(r.layers), f"{r.flop_fraction(d):.3f}", f"{r.share:.0%}",
+                         f"{r.dense.median * 1e3:.1f}", f"{r.sparse[d].median * 1e3:.1f}", f"{r.speedup(d):.2f}x",
+                         f"{r.bound(d):.2f}x", f"{r.of_bound(d):.0%}", _mb(r.dense_peak), _mb(r.sparse_peak[d]),
+                         f"{slower} of {len(r.layers)}"])
+    return rows
+
+
+def layer_rows(result: ModelResult) -> Tuple[List[str], List[list]]:
+    dists = list(result.sparse)
+    headers = ["layer", "weight", "input", "dense ms"]
+    for d in dists:
+        headers += [f"{d} density", f"{d} ms", f"{d} speedup"]
+    rows = []
+    for row in result.layers:
+        cells = [row.name, row.weight, row.input, f"{row.dense.median * 1e3:.3f}"]
+        for d in dists:
+            cells += [f"{row.density[d]:.3f}", f"{row.sparse[d].median * 1e3:.3f}",
+                      f"{row.dense.median / row.sparse[d].median:.2f}x"]
+        rows.append(cells)
+    return headers, rows
+
+
+LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Linear and groups=1 Conv2d), "
+          "per-layer densities by ERK or uniform; init='dense'. Step: forward, cross-entropy, backward, SGD "
+          "(momentum 0.9, weight decay); median ms. FLOP fraction: MACs of the sparse layers / MACs of the "
+          "same layers dense. Share: the dense step's time in those layers (each timed alone, fwd+bwd, on its "
+          "input captured by a forward hook) / the dense step. Bound: 1 / ((1 - share) + share * FLOP "
+          "fraction). Of bound: (dense - sparse) / (dense - dense / bound), 100 % = at the bound, below 0 = "
+          "slower than dense. Peak MB: tensor memory at a step's peak (the model's parameters, buffers and "
+          "optimizer state, plus the most the step allocates on top: activations, gradients, workspaces; from the "
+          "allocation events of torch.profiler with profile_memory; memory a kernel takes outside torch's "
+          "allocator is not seen). Per-layer speedup: dense fwd+bwd / sparse fwd+bwd on the same input "
+          "(gradients into the weights and bias, and into the input where the step needs it); layers alike in "
+          "kind, shape, input and nnz are timed once.")
+
+
+def isa_flags() -> str:
+    """The vector ISA of the host (from /proc/cpuinfo): ratios do not carry between AVX2 and AVX-512 hosts."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return ", ".join(f"{name} {'yes' if any(fl.startswith(name) for fl in flags) else 'no'}"
+                     for name in ("avx2", "avx512f", "amx"))
+
+
+def markdown(results: Sequence[ModelResult], meta: Dict[str, str]) -> str:
+    lines = ["# sparsekern model bench", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
+    lines += _table(SUMMARY_HEADERS, summary_rows(results)) + ["", LEGEND, ""]
+    for r in results:
+        headers, rows = layer_rows(r)
+        lines += [f"## {r.case.name}: every sparse layer", ""] + _table(headers, rows) + [""]
+    return "\n".join(lines)
+
+
+def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Optional[str] = None,
+         threads: Optional[int] = None, sizes: str = "full") -> int:
+    models = tuple(models) if models else MODELS
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"sparsekern bench --models: names must be among {MODELS}, got {unknown}")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    mode = "tiny" if sizes == "tiny" else "quick" if quick else "full"
+    settings = SETTINGS[mode]
+    selected = [c for c in cases(sizes) if c.model in models and (c.quick or mode != "quick")]
+    results = []
+    for i, case in enumerate(selected, 1):
+        print(f"[{i}/{len(selected)}] {case.name}", file=sys.stderr, flush=True)
+        results.append(run_case(case, settings))
+        gc.collect()
+    meta = {"command": f"`{command_line('sparsekern.bench.models')}`",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores; {isa_flags()})",
+            "threads": str(torch.get_num_threads()), "torch": torch.__version__, "sparsekern backend": _backends(),
+            "timing": (f"{settings.warmup} warm-up steps per model (1 call per layer), then "
+                       f"torch.utils.benchmark.Timer.adaptive_autorange "
+                       f"(steps: min_run_time={settings.step.min_run_time}, max_run_time="
+                       f"{settings.step.max_run_time}; layers: min_run_time={settings.layer.min_run_time}, "
+                       f"max_run_time={settings.layer.max_run_time}), median")}
+    text = markdown(results, meta)
+    print(text)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def _cli(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m sparsekern.bench.models``: the options of ``sparsekern bench --models``."""
+    from sparsekern.cli import build_parser
+    args = build_parser().parse_args(["bench", "--models", *(sys.argv[1:] if argv is None else argv)])
+    return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

@@ -1,0 +1,79 @@
+"""Smoke test of the model bench: tiny networks, reference backend, one thread. Checks the report's
+structure and that every ratio is a real number, not the timings."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import sparsekern
+from sparsekern.bench.models import DENSITY, DISTRIBUTIONS, MODELS, cases
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tables(markdown: str):
+    """Every markdown table, as (title above it, rows as dicts)."""
+    tables, title, lines = [], None, markdown.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("## "):
+            title = line[3:]
+        if line.startswith("| ") and (i == 0 or not lines[i - 1].startswith("| ")):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            body = []
+            for row in lines[i + 2:]:
+                if not row.startswith("| "):
+                    break
+                body.append(dict(zip(header, (c.strip() for c in row.strip("|").split("|")))))
+            tables.append((title, body))
+    return tables
+
+
+def _ratio(cell: str) -> float:
+    value = float(cell.rstrip("x%"))
+    assert math.isfinite(value) and value > 0, cell
+    return value
+
+
+def _sparse_layer_count(case) -> int:
+    torch.manual_seed(0)
+    model = sparsekern.sparsify(case.build(), DENSITY, "erk")
+    return sum(isinstance(m, sparsekern.nn.SparseWeightMixin) for m in model.modules())
+
+
+def test_bench_models_tiny(tmp_path):
+    output = tmp_path / "models.md"
+    env = {**os.environ, "SPARSEKERN_BACKEND": "reference"}
+    proc = subprocess.run([sys.executable, "-m", "bench.models", "--sizes", "tiny", "--threads", "1",
+                           "--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = output.read_text()
+    for key in ("command:", "date:", "CPU:", "avx2", "avx512f", "amx", "threads: 1", "torch:",
+                "sparsekern backend: reference"):
+        assert key in text
+
+    (_, summary), *per_layer = _tables(text)
+    tiny = cases("tiny")
+    assert [c.model for c in tiny] == list(MODELS)
+    assert [(r["model"], r["distribution"]) for r in summary] == [(c.name, d) for c in tiny for d in DISTRIBUTIONS]
+    assert [title for title, _ in per_layer] == [f"{c.name}: every sparse layer" for c in tiny]
+    for case, (_, layers) in zip(tiny, per_layer):
+        n_sparse = _sparse_layer_count(case)
+        assert len(layers) == n_sparse
+        for row in (r for r in summary if r["model"] == case.name):
+            assert int(row["sparse layers"]) == n_sparse
+            for column in ("dense step ms", "sparse step ms", "speedup", "bound", "dense peak MB", "sparse peak MB"):
+                _ratio(row[column])
+            assert 0 < float(row["FLOP fraction"]) <= 1 and 0 < _ratio(row["share"]) <= 150
+            assert _ratio(row["bound"]) >= 1
+            assert math.isfinite(float(row["of bound"].rstrip("%")))
+            assert row["layers slower than dense"].endswith(f"of {n_sparse}")
+        for layer in layers:
+            for d in DISTRIBUTIONS:
+                assert 0 < float(layer[f"{d} density"]) <= 1
+                _ratio(layer[f"{d} ms"])
+                _ratio(layer[f"{d} speedup"])
+        # uniform: every layer at the requested density (up to rounding of nnz)
+        assert all(abs(float(layer["uniform density"]) - DENSITY) < 0.01 for layer in layers)
