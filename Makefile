@@ -87,5 +87,28 @@ gpu-check:
 	if $(PYTHON) -c "import sparsekern" 2>/dev/null; then $(PYTHON) -m sparsekern.cli gpu-check $$args $(GPU_CHECK_ARGS); \
 	else $(PYTHON) sparsekern/gpu_check.py $$args $(GPU_CHECK_ARGS); fi
 
+# On a GPU machine (no venv: its own torch, Triton and nvcc): build the extension for this GPU's arch only,
+# then `sparsekern gpu-check` (env, build, GPU tests, GPU benchmark, targets; about 7 minutes).
+# GPU_CHECK_OUT gets report.md, report.json and the logs; GPU_CHECK_ARGS goes to the check (budgets, ...).
+GPU_CHECK_OUT  ?= results/gpu-check
+GPU_CHECK_ARGS ?=
+GPU_ARCH_PY := import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; \
+	print("%d.%d" % c if c else "")
+
+.PHONY: gpu-check
+gpu-check:
+	@mkdir -p $(GPU_CHECK_OUT)
+	@arch=$$($(PYTHON) -c '$(GPU_ARCH_PY)' 2>/dev/null); \
+	if [ -n "$$arch" ]; then export TORCH_CUDA_ARCH_LIST="$$arch"; fi; \
+	echo "gpu-check: pip install -e . for TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-(setup.py default: no GPU seen)}," \
+		"log: $(GPU_CHECK_OUT)/install.log"; \
+	start=$$(date +%s); \
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e . > $(GPU_CHECK_OUT)/install.log 2>&1; rc=$$?; \
+	secs=$$(( $$(date +%s) - start )); \
+	[ $$rc -eq 0 ] || { echo "gpu-check: pip install failed ($$rc); the check reports it"; tail -n 15 $(GPU_CHECK_OUT)/install.log; }; \
+	args="--out $(GPU_CHECK_OUT) --install-log $(GPU_CHECK_OUT)/install.log --install-rc $$rc --install-seconds $$secs"; \
+	if $(PYTHON) -c "import sparsekern" 2>/dev/null; then $(PYTHON) -m sparsekern.cli gpu-check $$args $(GPU_CHECK_ARGS); \
+	else $(PYTHON) sparsekern/gpu_check.py $$args $(GPU_CHECK_ARGS); fi
+
 clean:
 	rm -rf build $(VENV) sparsekern/*.so *.egg-info

@@ -112,14 +112,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    from . import gpu_check
+    return gpu_check.run_check(args, ["sparsekern", *sys.argv[1:]])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekern", description="Fast unstructured-sparse training for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="time the sparse kernels against dense PyTorch and peers")
     bench.add_argument("--quick", action="store_true", help="fewer cases and repeats (about a minute)")
-    bench.add_argument("--cases", nargs="*", default=None, choices=("linear", "conv", "topk", "dst"),
-                       help="subset of case groups: linear conv topk, and dst with --gpu (default: all)")
+    bench.add_argument("--cases", nargs="*", default=None,
+                       choices=("linear", "conv", "topk", "dst", "spmm", "sddmm", "bsr", "masked", "resnet-dense",
+                                "resnet-csr", "resnet-bsr"),
+                       help="subset of case groups: linear conv topk; with --gpu also spmm sddmm bsr masked "
+                            "resnet-dense resnet-csr resnet-bsr dst (default: all)")
     bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     bench.add_argument("--output", default=None, help="also write the markdown table to this file")
     bench.add_argument("--sizes", choices=("full", "tiny"), default="full",
@@ -176,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="results")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
+
+    from .gpu_check import add_arguments as gpu_check_arguments
+    gpu_check = gpu_check_arguments(sub.add_parser(
+        "gpu-check", help="on a GPU machine: environment, build, GPU tests, GPU benchmark and the targets, "
+                          "in stages with time budgets (about 7 minutes); report.md + report.json"))
+    gpu_check.set_defaults(func=_gpu_check)
     return parser
 
 
