@@ -46,7 +46,9 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
 
 
 def weight_grad(module: SparseWeightMixin, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """The dense gradient of the loss in the layer's weight, from its input and its output's gradient."""
+    """The dense gradient of the loss in the layer's weight, from its input and its output's gradient,
+    in the dtype of the master values (under autocast x and grad_out may differ: fp32 and bf16)."""
+    x, grad_out = x.to(module.values.dtype), grad_out.to(module.values.dtype)
     if isinstance(module, SparseConv2d):
         return torch.nn.grad.conv2d_weight(x, module.weight_shape, grad_out, module.stride, module.padding,
                                            module.dilation)

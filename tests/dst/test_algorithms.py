@@ -177,3 +177,16 @@ def test_passes_within_paused_do_not_reach_the_dense_gradient():
         nn.functional.cross_entropy(model(x * 2), y).backward()  # a measurement pass
     for name in algo.layers:
         torch.testing.assert_close(algo.layer_dense_grad(name), expected[name])
+
+
+def test_dense_gradient_in_the_master_dtype_when_input_and_grad_differ():
+    # Under autocast a layer's input may be fp32 while its output gradient is bf16.
+    conv = sparsekern.nn.SparseConv2d(3, 4, 3, padding=1, density=0.5)
+    lin = sparsekern.nn.SparseLinear(6, 5, density=0.5)
+    x, gy = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    got = dst_base.weight_grad(conv, x, gy.bfloat16())
+    want = torch.nn.grad.conv2d_weight(x, conv.weight_shape, gy.bfloat16().float(), 1, 1)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-4)
+    xl, gl = torch.randn(7, 6).bfloat16(), torch.randn(7, 5)
+    got = dst_base.weight_grad(lin, xl, gl)
+    assert got.dtype == torch.float32 and torch.allclose(got, gl.t() @ xl.float(), atol=1e-4)
