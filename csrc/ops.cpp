@@ -1,6 +1,6 @@
 // Every sparsekern op schema, declared once. Kernels register against these
 // names per dispatch key (csrc/cpu/<op>.cpp for CPU, csrc/cuda/ later); the
-// autograd formulas and fake kernels live in sparsekern/ops/.
+// autograd formulas, fake kernels and autocast rules live in sparsekern/ops/.
 //
 // CSR convention: a logical (m, k) matrix is row_ptr (int64, m+1), col_idx
 // (int32, nnz, sorted within rows), values (nnz). The optional t_* arguments

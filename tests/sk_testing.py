@@ -136,6 +136,49 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, scale: float = 1.
     torch.testing.assert_close(actual, expected, rtol=t["rtol"], atol=t["atol"] * max(1.0, scale))
 
 
+# 16-bit dtypes: one rounding's relative error (half an ulp). Their kernels accumulate in float32, so
+# a result is within a few roundings of the exact value *relative to the magnitude* of its terms
+# (the op on |inputs|), not to the value: check_low_precision bounds errors by that.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def assert_within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor, eps: float) -> None:
+    """|actual - expected| <= eps * bound elementwise (and a 1e-6 floor), same shape."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).abs()
+    limit = eps * bound.double() + 1e-6
+    bad = err > limit
+    if bad.any():
+        worst = int((err - limit).argmax())
+        got, want, size = (t.flatten()[worst].item() for t in (actual, expected, bound))
+        raise AssertionError(f"{int(bad.sum())} of {err.numel()} entries off by more than {eps:g} x the magnitude; "
+                             f"worst: got {got}, expected {want}, magnitude {size}")
+
+
+def check_low_precision(fn, ref, inputs, g: torch.Generator, dtype: torch.dtype = torch.bfloat16,
+                        roundings: int = 4):
+    """``fn(*inputs)`` (16-bit inputs, or float32 ones that autocast casts to ``dtype``) against ``ref``
+    on float64 copies of the inputs: the output and the gradients of the inputs that require grad are
+    within ``roundings`` unit roundoffs of ``dtype`` times the magnitude (``ref`` on |inputs|, and its
+    gradients for |grad_out|; exact for ops linear in each input). Returns (output, gradients)."""
+    out = fn(*inputs)
+    exact = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    absolute = [None if t is None else t.detach().double().abs().requires_grad_(t.requires_grad) for t in inputs]
+    expected, bound = ref(*exact), ref(*absolute)
+    eps = roundings * UNIT_ROUNDOFF[dtype]
+    assert_within(out, expected, bound, eps)
+    wrt = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    if not wrt:
+        return out, []
+    grad_out = make_input(out.shape, out.dtype, g)
+    got = grads(out, [inputs[i] for i in wrt], grad_out)
+    want = grads(expected, [exact[i] for i in wrt], grad_out.double())
+    bounds = grads(bound, [absolute[i] for i in wrt], grad_out.double().abs())
+    for a, e, b in zip(got, want, bounds):
+        assert_within(a, e, b, eps)
+    return out, got
+
+
 # ----------------------------------------------------------------------------------------
 # Builders
 # ----------------------------------------------------------------------------------------

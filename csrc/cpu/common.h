@@ -28,4 +28,10 @@ inline void check_float(const at::Tensor& t, const char* name, const char* op) {
               op, ": ", name, " must be float32 or float64 on the CPU, got ", t.scalar_type());
 }
 
+// The matmul-like kernels also run bfloat16 (float32 accumulation; see bf16.h).
+inline void check_float_or_bf16(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
+              op, ": ", name, " must be float32, float64 or bfloat16 on the CPU, got ", t.scalar_type());
+}
+
 }  // namespace sparsekern

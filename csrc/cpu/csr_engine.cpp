@@ -10,8 +10,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/bf16.h"
 #include "cpu/common.h"
 
 // The kernels below are written with explicit mul+add on GCC vectors; allow the
@@ -48,10 +50,17 @@ template <typename S> SK_INLINE void vstore(S* p, typename Vec<S>::v x) { *(type
 SK_INLINE vf vbcast(float s) { return __builtin_shuffle(vf{s}, vi32{}); }
 SK_INLINE vd vbcast(double s) { return __builtin_shuffle(vd{s}, vi64{}); }
 
-// dst[r * ldd + c] = src[c * lds + r] for an L x L block (register transpose).
-SK_INLINE void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  const vf r0 = vload(src), r1 = vload(src + lds), r2 = vload(src + 2 * lds), r3 = vload(src + 3 * lds);
-  const vf r4 = vload(src + 4 * lds), r5 = vload(src + 5 * lds), r6 = vload(src + 6 * lds), r7 = vload(src + 7 * lds);
+// L contiguous elements as one vector of the compute type (bf16 is widened to float32).
+SK_INLINE vf vload_wide(const float* p) { return vload(p); }
+SK_INLINE vd vload_wide(const double* p) { return vload(p); }
+SK_INLINE vf vload_wide(const c10::BFloat16* p) { return bf16::load8(p); }
+
+// dst[r * ldd + c] = src[c * lds + r] for an L x L block (register transpose); a bf16 source is widened.
+template <typename I>
+SK_INLINE void transpose_block(const I* src, int64_t lds, float* dst, int64_t ldd) {
+  const vf r0 = vload_wide(src), r1 = vload_wide(src + lds), r2 = vload_wide(src + 2 * lds);
+  const vf r3 = vload_wide(src + 3 * lds), r4 = vload_wide(src + 4 * lds), r5 = vload_wide(src + 5 * lds);
+  const vf r6 = vload_wide(src + 6 * lds), r7 = vload_wide(src + 7 * lds);
   const vi32 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
   const vf t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
   const vf t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
@@ -107,18 +116,19 @@ SK_INLINE vd reduce_lanes(const vd* a) {
 
 // ---------------------------------------------------------------------------
 // Packing: dst (rows j0..j1 of a k x T tile) = src[j, b0 + c] for c < nc, 0 for nc <= c < T.
-// src is a strided (rows, cols) view: element (j, c) at base[j * s0 + c * s1].
-template <typename S>
-SK_INLINE void pack_impl(S* dst, int64_t T, const S* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
+// src is a strided (rows, cols) view: element (j, c) at base[j * s0 + c * s1]. A bf16 source is
+// widened to float32 here, so the SpMM/SDDMM loops run on float32 tiles.
+template <typename I, typename S = typename bf16::Acc<I>::type>
+SK_INLINE void pack_impl(S* dst, int64_t T, const I* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
                          int64_t b0, int64_t nc) {
   constexpr int L = Vec<S>::L;
   if (s1 == 1) {
     for (int64_t j = j0; j < j1; ++j) {
-      const S* s = base + j * s0 + b0;
+      const I* s = base + j * s0 + b0;
       S* d = dst + j * T;
       int64_t c = 0;
-      for (; c + L <= nc; c += L) vstore(d + c, vload(s + c));
-      for (; c < nc; ++c) d[c] = s[c];
+      for (; c + L <= nc; c += L) vstore(d + c, vload_wide(s + c));
+      for (; c < nc; ++c) d[c] = bf16::widen(s[c]);
       for (; c < T; ++c) d[c] = S(0);
     }
     return;
@@ -131,20 +141,20 @@ SK_INLINE void pack_impl(S* dst, int64_t T, const S* base, int64_t s0, int64_t s
       for (int64_t c = 0; c < cfull; c += L) transpose_block(base + j + (b0 + c) * s1, s1, dst + j * T + c, T);
       for (int64_t r = 0; r < L; ++r) {
         S* d = dst + (j + r) * T;
-        for (int64_t c = cfull; c < nc; ++c) d[c] = base[(j + r) + (b0 + c) * s1];
+        for (int64_t c = cfull; c < nc; ++c) d[c] = bf16::widen(base[(j + r) + (b0 + c) * s1]);
         for (int64_t c = nc; c < T; ++c) d[c] = S(0);
       }
     }
     for (; j < j1; ++j) {
       S* d = dst + j * T;
-      for (int64_t c = 0; c < nc; ++c) d[c] = base[j + (b0 + c) * s1];
+      for (int64_t c = 0; c < nc; ++c) d[c] = bf16::widen(base[j + (b0 + c) * s1]);
       for (int64_t c = nc; c < T; ++c) d[c] = S(0);
     }
     return;
   }
   for (int64_t j = j0; j < j1; ++j) {
     S* d = dst + j * T;
-    for (int64_t c = 0; c < nc; ++c) d[c] = base[j * s0 + (b0 + c) * s1];
+    for (int64_t c = 0; c < nc; ++c) d[c] = bf16::widen(base[j * s0 + (b0 + c) * s1]);
     for (int64_t c = nc; c < T; ++c) d[c] = S(0);
   }
 }
@@ -157,6 +167,10 @@ SK_CLONES void pack_f64(double* dst, int64_t T, const double* base, int64_t s0, 
                         int64_t b0, int64_t nc) {
   pack_impl<double>(dst, T, base, s0, s1, j0, j1, b0, nc);
 }
+SK_CLONES void pack_bf16(float* dst, int64_t T, const c10::BFloat16* base, int64_t s0, int64_t s1, int64_t j0,
+                         int64_t j1, int64_t b0, int64_t nc) {
+  pack_impl<c10::BFloat16>(dst, T, base, s0, s1, j0, j1, b0, nc);
+}
 inline void pack(float* d, int64_t T, const float* b, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
                  int64_t nc) {
   pack_f32(d, T, b, s0, s1, j0, j1, b0, nc);
@@ -165,15 +179,20 @@ inline void pack(double* d, int64_t T, const double* b, int64_t s0, int64_t s1, 
                  int64_t nc) {
   pack_f64(d, T, b, s0, s1, j0, j1, b0, nc);
 }
+inline void pack(float* d, int64_t T, const c10::BFloat16* b, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
+                 int64_t b0, int64_t nc) {
+  pack_bf16(d, T, b, s0, s1, j0, j1, b0, nc);
+}
 
 // ---------------------------------------------------------------------------
-// SpMM core: rows r0..r1 of out[:, b0:b0+nc] from one packed tile Bp (k x T).
-template <typename S> struct SpmmJob {
+// SpMM core: rows r0..r1 of out[:, b0:b0+nc] from one packed tile Bp (k x T). S is the compute
+// type (vals, Bp, bias), O the output's (bf16 output: S = float, rounded on store).
+template <typename S, typename O = S> struct SpmmJob {
   const S* vals;
   const int64_t* rp;
   const int32_t* ci;
   const S* Bp;  // packed tile, k x T
-  S* out;
+  O* out;
   int64_t os0, os1;
   int64_t b0, nc;
   const S* bias;  // per row, or nullptr
@@ -212,8 +231,38 @@ SK_INLINE void store_group(const SpmmJob<S>& J, const S* buf, int64_t g0, int64_
   }
 }
 
-template <typename S, int NV>
-SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
+// The same for a bf16 output: each float32 result rounded once.
+template <typename S, int T>
+SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int64_t g0, int64_t rows) {
+  constexpr int L = Vec<S>::L;
+  const int64_t nc = J.nc;
+  if (J.os1 == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      c10::BFloat16* o = J.out + (g0 + r) * J.os0 + J.b0;
+      const S* s = buf + r * T;
+      int64_t c = 0;
+      for (; c + L <= nc; c += L) bf16::store8(o + c, vload(s + c));
+      for (; c < nc; ++c) o[c] = bf16::from_f32(s[c]);
+    }
+  } else if (J.os0 == 1 && rows == L) {
+    c10::BFloat16* o = J.out + g0 + J.b0 * J.os1;
+    const int64_t cfull = nc / L * L;
+    alignas(32) S t[L * L];
+    for (int64_t c = 0; c < cfull; c += L) {
+      transpose_block(buf + c, T, t, L);
+      for (int q = 0; q < L; ++q) bf16::store8(o + (c + q) * J.os1, vload(t + q * L));
+    }
+    for (int64_t c = cfull; c < nc; ++c)
+      for (int r = 0; r < L; ++r) o[c * J.os1 + r] = bf16::from_f32(buf[r * T + c]);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < nc; ++c)
+        J.out[(g0 + r) * J.os0 + (J.b0 + c) * J.os1] = bf16::from_f32(buf[r * T + c]);
+  }
+}
+
+template <typename S, int NV, typename O = S>
+SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
   using v = typename Vec<S>::v;
   constexpr int L = Vec<S>::L, T = NV * L;
   // Independent accumulator sets so that FMA latency is hidden (8 chains in flight).
@@ -259,36 +308,36 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S>& J, int64_t r0, int64_t r1) {
   }
 }
 
-#define SK_SPMM_CLONE(S, NAME, NV) \
-  SK_CLONES void spmm_rows_##NAME##_##NV(const SpmmJob<S>& J, int64_t r0, int64_t r1) { spmm_rows_impl<S, NV>(J, r0, r1); }
-SK_SPMM_CLONE(float, f32, 1)
-SK_SPMM_CLONE(float, f32, 2)
-SK_SPMM_CLONE(float, f32, 4)
-SK_SPMM_CLONE(double, f64, 1)
-SK_SPMM_CLONE(double, f64, 2)
-SK_SPMM_CLONE(double, f64, 4)
-
-inline void spmm_rows(int NV, const SpmmJob<float>& J, int64_t r0, int64_t r1) {
-  switch (NV) {
-    case 1: return spmm_rows_f32_1(J, r0, r1);
-    case 2: return spmm_rows_f32_2(J, r0, r1);
-    default: return spmm_rows_f32_4(J, r0, r1);
+// The clones of a core (spmm, sddmm): one per compute type S, element type I and tile width NV,
+// and CORE_rows(NV, job, r0, r1), which picks the tile width's.
+#define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)                                           \
+  SK_CLONES void CORE##_rows_##NAME##_##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    CORE##_rows_impl<S, NV, I>(J, r0, r1);                                                 \
   }
-}
-inline void spmm_rows(int NV, const SpmmJob<double>& J, int64_t r0, int64_t r1) {
-  switch (NV) {
-    case 1: return spmm_rows_f64_1(J, r0, r1);
-    case 2: return spmm_rows_f64_2(J, r0, r1);
-    default: return spmm_rows_f64_4(J, r0, r1);
+#define SK_ROWS_TYPE(CORE, JOB, S, I, NAME)                                    \
+  SK_ROWS_CLONE(CORE, JOB, S, I, NAME, 1)                                      \
+  SK_ROWS_CLONE(CORE, JOB, S, I, NAME, 2)                                      \
+  SK_ROWS_CLONE(CORE, JOB, S, I, NAME, 4)                                      \
+  inline void CORE##_rows(int NV, const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    switch (NV) {                                                              \
+      case 1: return CORE##_rows_##NAME##_1(J, r0, r1);                        \
+      case 2: return CORE##_rows_##NAME##_2(J, r0, r1);                        \
+      default: return CORE##_rows_##NAME##_4(J, r0, r1);                       \
+    }                                                                          \
   }
-}
+#define SK_ROWS_CLONES(CORE, JOB)                   \
+  SK_ROWS_TYPE(CORE, JOB, float, float, f32)        \
+  SK_ROWS_TYPE(CORE, JOB, double, double, f64)      \
+  SK_ROWS_TYPE(CORE, JOB, float, c10::BFloat16, bf16)
+SK_ROWS_CLONES(spmm, SpmmJob)
 
 // ---------------------------------------------------------------------------
 // SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).
-template <typename S> struct SddmmJob {
+// X is read in its own type XI (bf16: widened as its rows are gathered; vals stay float32).
+template <typename S, typename XI = S> struct SddmmJob {
   const int64_t* rp;
   const int32_t* ci;
-  const S* X;
+  const XI* X;
   int64_t xs0, xs1;
   const S* Yp;
   int64_t b0, nc;
@@ -321,12 +370,12 @@ SK_INLINE void sddmm_chunk(const typename Vec<S>::v* x, const S* __restrict Yp, 
   }
 }
 
-template <typename S, int NV>
-SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
+template <typename S, int NV, typename XI = S>
+SK_INLINE void sddmm_rows_impl(const SddmmJob<S, XI>& J, int64_t r0, int64_t r1) {
   using v = typename Vec<S>::v;
   constexpr int L = Vec<S>::L, T = NV * L;
   alignas(64) S buf[L * T];
-  const bool direct = J.xs1 == 1 && J.nc == T;
+  const bool direct = std::is_same<XI, S>::value && J.xs1 == 1 && J.nc == T;
   const int32_t* __restrict ci = J.ci;
   const int64_t nc = J.nc;
   for (int64_t g0 = r0; g0 < r1; g0 += L) {
@@ -335,14 +384,14 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
       // Gather X[g0:g0+rows, b0:b0+nc] into buf (zero-padded to T columns).
       if (J.xs0 == 1 && rows == L) {
         const int64_t cfull = nc / L * L;
-        const S* src = J.X + g0 + J.b0 * J.xs1;
+        const XI* src = J.X + g0 + J.b0 * J.xs1;
         for (int64_t c = 0; c < cfull; c += L) transpose_block(src + c * J.xs1, J.xs1, buf + c, T);
         for (int r = 0; r < L; ++r)
-          for (int64_t c = cfull; c < T; ++c) buf[r * T + c] = c < nc ? src[r + c * J.xs1] : S(0);
+          for (int64_t c = cfull; c < T; ++c) buf[r * T + c] = c < nc ? bf16::widen(src[r + c * J.xs1]) : S(0);
       } else {
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t c = 0; c < T; ++c)
-            buf[r * T + c] = c < nc ? J.X[(g0 + r) * J.xs0 + (J.b0 + c) * J.xs1] : S(0);
+            buf[r * T + c] = c < nc ? bf16::widen(J.X[(g0 + r) * J.xs0 + (J.b0 + c) * J.xs1]) : S(0);
       }
     }
     for (int64_t r = 0; r < rows; ++r) {
@@ -350,7 +399,7 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
       int64_t p = J.rp[i];
       const int64_t e = J.rp[i + 1];
       if (p == e) continue;
-      const S* xr = direct ? J.X + i * J.xs0 + J.b0 : buf + r * T;
+      const S* xr = direct ? reinterpret_cast<const S*>(J.X + i * J.xs0 + J.b0) : buf + r * T;
       v x[NV];
       for (int u = 0; u < NV; ++u) x[u] = vload(xr + u * L);
       for (; p + L <= e; p += L) sddmm_chunk<S, NV>(x, J.Yp, ci + p, L, J.vals + p, J.first, J.last - p);
@@ -359,31 +408,7 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S>& J, int64_t r0, int64_t r1) {
   }
 }
 
-#define SK_SDDMM_CLONE(S, NAME, NV)                                                      \
-  SK_CLONES void sddmm_rows_##NAME##_##NV(const SddmmJob<S>& J, int64_t r0, int64_t r1) { \
-    sddmm_rows_impl<S, NV>(J, r0, r1);                                                   \
-  }
-SK_SDDMM_CLONE(float, f32, 1)
-SK_SDDMM_CLONE(float, f32, 2)
-SK_SDDMM_CLONE(float, f32, 4)
-SK_SDDMM_CLONE(double, f64, 1)
-SK_SDDMM_CLONE(double, f64, 2)
-SK_SDDMM_CLONE(double, f64, 4)
-
-inline void sddmm_rows(int NV, const SddmmJob<float>& J, int64_t r0, int64_t r1) {
-  switch (NV) {
-    case 1: return sddmm_rows_f32_1(J, r0, r1);
-    case 2: return sddmm_rows_f32_2(J, r0, r1);
-    default: return sddmm_rows_f32_4(J, r0, r1);
-  }
-}
-inline void sddmm_rows(int NV, const SddmmJob<double>& J, int64_t r0, int64_t r1) {
-  switch (NV) {
-    case 1: return sddmm_rows_f64_1(J, r0, r1);
-    case 2: return sddmm_rows_f64_2(J, r0, r1);
-    default: return sddmm_rows_f64_4(J, r0, r1);
-  }
-}
+SK_ROWS_CLONES(sddmm, SddmmJob)
 
 // ---------------------------------------------------------------------------
 // Helpers shared by both cores.
@@ -482,42 +507,54 @@ at::Tensor scatter_dense(const at::Tensor& values, const int64_t* rp, const int3
   return dense;
 }
 
-template <typename S>
+// I: the element type of the operands and the output; S: the compute type (bf16 computes in
+// float32: values and bias converted once, B widened as it is packed, out rounded on store).
+template <typename I>
 void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
                 const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+  using S = typename bf16::Acc<I>::type;
+  constexpr bool widened = !std::is_same<I, S>::value;
+  constexpr auto kS = c10::CppTypeToScalarType<S>::value;
   constexpr int L = Vec<S>::L;
   const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = B.size(1);
   if (m == 0 || n == 0) return;
-  S* o = out.data_ptr<S>();
+  I* o = out.data_ptr<I>();
   const int64_t os0 = out.stride(0), os1 = out.stride(1);
   at::Tensor bias_c;
   const S* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    bias_c = bias->contiguous();
+    bias_c = widened ? bias->to(kS).contiguous() : bias->contiguous();
     bp = bias_c.data_ptr<S>();
   }
   const int64_t nnz = col_idx.numel();
   if (nnz == 0 || k == 0) {
     at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
-        const S val = bp ? bp[i] : S(0);
+        const I val = bp ? static_cast<I>(bp[i]) : I(0);
         for (int64_t c = 0; c < n; ++c) o[i * os0 + c * os1] = val;
       }
     });
     return;
   }
+  const at::Tensor vals_c = widened ? values.to(kS).contiguous() : values;
   if (use_dense(nnz, m, k)) {
-    at::mm_out(const_cast<at::Tensor&>(out), scatter_dense<S>(values, row_ptr.data_ptr<int64_t>(),
-                                                              col_idx.data_ptr<int32_t>(), m, k), B);
-    if (bp) const_cast<at::Tensor&>(out).add_(bias_c.unsqueeze(1));
+    const at::Tensor W = scatter_dense<S>(vals_c, row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), m, k);
+    if constexpr (widened) {  // a float32 GEMM, rounded once into out
+      at::Tensor r = at::mm(W, B.to(kS));
+      if (bp) r.add_(bias_c.unsqueeze(1));
+      const_cast<at::Tensor&>(out).copy_(r);
+    } else {
+      at::mm_out(const_cast<at::Tensor&>(out), W, B);
+      if (bp) const_cast<at::Tensor&>(out).add_(bias_c.unsqueeze(1));
+    }
     return;
   }
   const int NV = tile_vectors(n, sizeof(S));
   const int64_t T = NV * L;
   const int64_t ntiles = (n + T - 1) / T;
-  at::Tensor Bp = at::empty({ntiles * k * T}, B.options().memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor Bp = at::empty({ntiles * k * T}, B.options().dtype(kS).memory_format(c10::MemoryFormat::Contiguous));
   S* bpk = Bp.data_ptr<S>();
-  const S* bsrc = B.data_ptr<S>();
+  const I* bsrc = B.data_ptr<I>();
   const int64_t bs0 = B.stride(0), bs1 = B.stride(1);
   const int64_t KC = 256;  // rows per packing job
   const int64_t kchunks = (k + KC - 1) / KC;
@@ -529,34 +566,40 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   });
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const S* vals = values.data_ptr<S>();
+  const S* vals = vals_c.data_ptr<S>();
   const int64_t align = 2 * L;
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
   auto run = [&](int64_t part) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      const SpmmJob<S> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
+      const SpmmJob<S, I> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
       spmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };
   run_parts(parts, run);
 }
 
-template <typename S>
+// As spmm_typed: bf16 accumulates every value in float32 (across batch tiles too) and rounds once.
+template <typename I>
 void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
                  const at::Tensor& vals_t) {
+  using S = typename bf16::Acc<I>::type;
+  constexpr bool widened = !std::is_same<I, S>::value;
+  constexpr auto kS = c10::CppTypeToScalarType<S>::value;
   constexpr int L = Vec<S>::L;
   const int64_t m = row_ptr.numel() - 1, k = Y.size(0), d = X.size(1);
   const int64_t nnz = col_idx.numel();
-  S* vals = vals_t.data_ptr<S>();
   if (nnz == 0) return;
   if (d == 0) {
-    std::fill(vals, vals + nnz, S(0));
+    const_cast<at::Tensor&>(vals_t).zero_();
     return;
   }
+  const at::Tensor vals_s = widened ? at::empty({nnz}, vals_t.options().dtype(kS)) : vals_t;
+  S* vals = vals_s.data_ptr<S>();
   if (use_dense(nnz, m, k)) {
-    at::Tensor D = dense_workspace(m, k, X.options());
-    at::mm_out(D, X, Y.t());
+    at::Tensor D = dense_workspace(m, k, X.options().dtype(kS));
+    if constexpr (widened) at::mm_out(D, X.to(kS), Y.to(kS).t());
+    else at::mm_out(D, X, Y.t());
     const S* dp = D.data_ptr<S>();
     const int64_t* rp = row_ptr.data_ptr<int64_t>();
     const int32_t* ci = col_idx.data_ptr<int32_t>();
@@ -564,14 +607,15 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t p = rp[i]; p < rp[i + 1]; ++p) vals[p] = dp[i * k + ci[p]];
     });
+    if constexpr (widened) const_cast<at::Tensor&>(vals_t).copy_(vals_s);
     return;
   }
   const int NV = tile_vectors(d, sizeof(S));
   const int64_t T = NV * L;
   const int64_t ntiles = (d + T - 1) / T;
-  at::Tensor Yp_t = at::empty({ntiles * k * T}, Y.options().memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor Yp_t = at::empty({ntiles * k * T}, Y.options().dtype(kS).memory_format(c10::MemoryFormat::Contiguous));
   S* yp = Yp_t.data_ptr<S>();
-  const S* ysrc = Y.data_ptr<S>();
+  const I* ysrc = Y.data_ptr<I>();
   const int64_t ys0 = Y.stride(0), ys1 = Y.stride(1);
   const int64_t KC = 256;
   const int64_t kchunks = (k + KC - 1) / KC;
@@ -583,18 +627,20 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   });
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const S* x = X.data_ptr<S>();
+  const I* x = X.data_ptr<I>();
   const int64_t xs0 = X.stride(0), xs1 = X.stride(1);
   const int64_t align = 2 * L;
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
   auto run = [&](int64_t part) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      const SddmmJob<S> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0, nnz - 1};
+      const SddmmJob<S, I> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0,
+                             nnz - 1};
       sddmm_rows(NV, J, bounds[part], bounds[part + 1]);
     }
   };
   run_parts(parts, run);
+  if constexpr (widened) const_cast<at::Tensor&>(vals_t).copy_(vals_s);
 }
 
 // Positions of the nonzero bytes of p[0:len), in order, passed to f(index).
@@ -683,7 +729,7 @@ void check_cpu(const at::Tensor& t, const char* name, const char* op) {
 
 void check_dense(const at::Tensor& t, const char* name, int64_t dim, const char* op) {
   check_cpu(t, name, op);
-  check_float(t, name, op);
+  check_float_or_bf16(t, name, op);
   TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
@@ -710,7 +756,7 @@ Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   c.m = row_ptr.numel() - 1;
   if (values.defined()) {
     check_cpu(values, "values", op);
-    check_float(values, "values", op);
+    check_float_or_bf16(values, "values", op);
     TORCH_CHECK(values.dim() == 1, op, ": values must be 1-D, got shape ", values.sizes());
     TORCH_CHECK(values.numel() == col_idx.numel(), op, ": values and col_idx must have the same length, got ",
                 values.numel(), " and ", col_idx.numel());
@@ -723,12 +769,14 @@ Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
 void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
           const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
   if (B.scalar_type() == at::kFloat) spmm_typed<float>(values, row_ptr, col_idx, B, bias, out);
+  else if (B.scalar_type() == at::kBFloat16) spmm_typed<c10::BFloat16>(values, row_ptr, col_idx, B, bias, out);
   else spmm_typed<double>(values, row_ptr, col_idx, B, bias, out);
 }
 
 void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
            const at::Tensor& vals) {
   if (X.scalar_type() == at::kFloat) sddmm_typed<float>(row_ptr, col_idx, X, Y, vals);
+  else if (X.scalar_type() == at::kBFloat16) sddmm_typed<c10::BFloat16>(row_ptr, col_idx, X, Y, vals);
   else sddmm_typed<double>(row_ptr, col_idx, X, Y, vals);
 }
 
@@ -777,6 +825,8 @@ Compacted compact(const at::Tensor& weight, const at::Tensor& mask_in) {
     c.values = at::empty({nnz}, weight.options().memory_format(c10::MemoryFormat::Contiguous));
     if (weight.scalar_type() == at::kFloat)
       fill_values<float>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<float>());
+    else if (weight.scalar_type() == at::kBFloat16)
+      fill_values<c10::BFloat16>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<c10::BFloat16>());
     else
       fill_values<double>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<double>());
   } else {

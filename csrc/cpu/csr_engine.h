@@ -13,6 +13,8 @@
 // Rows are cut into a few nnz-balanced parts per thread (cost nnz + a per-row term), handed
 // out dynamically; a part walks all batch tiles (rows: int32 column indices, software
 // prefetch of the packed rows 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
+// bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
+// and bias converted once, results rounded to bf16 on store (SDDMM: once, after all tiles).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -30,7 +32,7 @@ void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t
 
 // Argument checks shared by the ops; each message names the op and the argument.
 void check_cpu(const at::Tensor& t, const char* name, const char* op);
-void check_dense(const at::Tensor& t, const char* name, int64_t dim, const char* op);  // CPU, float32/64, dim
+void check_dense(const at::Tensor& t, const char* name, int64_t dim, const char* op);  // CPU, float32/64/bf16, dim
 void check_same_dtype(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn, const char* op);
 void check_mask(const at::Tensor& mask, int64_t rows, int64_t cols, const char* op);
 

@@ -40,12 +40,12 @@ at::Tensor gather_cpu(const at::Tensor& src, const at::Tensor& index) {
   TORCH_CHECK_VALUE(src.dim() == 1, op, ": src must be 1-D, got ", src.dim(), " dims");
   TORCH_CHECK_VALUE(index.dim() == 1 && index.scalar_type() == at::kLong, op,
                     ": index must be a 1-D int64 tensor, got ", index.scalar_type(), " of dim ", index.dim());
-  check_float(src, "src", op);
+  check_float_or_bf16(src, "src", op);
   const at::Tensor s = src.contiguous(), idx = index.contiguous();
   at::Tensor out = at::empty({idx.numel()}, s.options());
   const int64_t n = idx.numel(), n_src = s.numel();
   std::atomic<int64_t> bad{-1};
-  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "gather", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, s.scalar_type(), "gather", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const int64_t* ip = idx.data_ptr<int64_t>();
     scalar_t* op_ = out.data_ptr<scalar_t>();

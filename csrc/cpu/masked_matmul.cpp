@@ -61,6 +61,7 @@ at::Tensor masked_sddmm_cpu(const at::Tensor& X, const at::Tensor& Y, const at::
   csr::sddmm(P.row_ptr, P.col_idx, X, Y, vals);
   at::Tensor out = at::empty({X.size(0), Y.size(0)}, X.options().memory_format(c10::MemoryFormat::Contiguous));
   if (X.scalar_type() == at::kFloat) scatter_rows<float>(out, P, vals);
+  else if (X.scalar_type() == at::kBFloat16) scatter_rows<c10::BFloat16>(out, P, vals);
   else scatter_rows<double>(out, P, vals);
   return out;
 }

@@ -25,8 +25,10 @@
 #include <climits>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/sparse_conv2d_impl.h"
 
@@ -51,6 +53,13 @@ SK_CLONES void gather_rows_f64(const double* src, const int32_t* offs, const dou
   conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
                                    scratch);
 }
+// bf16 output (forward, grad input): float32 source, weights and accumulators, rounded on store.
+SK_CLONES void gather_rows_bf16(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+                                int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias,
+                                c10::BFloat16* out, int64_t out_plane, int64_t cstride, float* scratch) {
+  conv2d_impl::gather_rows<float, c10::BFloat16>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,
+                                                 cstride, scratch);
+}
 SK_CLONES void wgrad_rows_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                               const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
   conv2d_impl::wgrad_rows<float>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
@@ -70,6 +79,11 @@ inline void gather_rows(const double* src, const int32_t* offs, const double* ws
                         int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias, double* out,
                         int64_t out_plane, int64_t cstride, double* scratch) {
   gather_rows_f64(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
+}
+inline void gather_rows(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+                        int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias,
+                        c10::BFloat16* out, int64_t out_plane, int64_t cstride, float* scratch) {
+  gather_rows_bf16(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
 }
 inline void wgrad_rows(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                        const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
@@ -136,9 +150,10 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
   return g;
 }
 
-// dst[c][q][i][m] = x[c][i - ph][m*sw + q - pw], 0 outside x; then kSlack zeros.
-template <class T>
-void pack_padded(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t H, int64_t W, int64_t ph,
+// dst[c][q][i][m] = x[c][i - ph][m*sw + q - pw], 0 outside x; then kSlack zeros. A bf16 source (I)
+// is widened to the float32 buffer here.
+template <class T, class I = T>
+void pack_padded(const I* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int64_t H, int64_t W, int64_t ph,
                  int64_t pw, int64_t sw, int64_t Hp, int64_t Wq, T* dst) {
   for (int64_t c = 0; c < C; ++c) {
     for (int64_t q = 0; q < sw; ++q) {
@@ -149,20 +164,20 @@ void pack_padded(const T* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int6
           std::memset(d, 0, sizeof(T) * Wq);
           continue;
         }
-        const T* s = x + c * sC + h * sH;
+        const I* s = x + c * sC + h * sH;
         if (sw == 1) {
           const int64_t lo = std::min(pw, Wq), hi = std::min(pw + W, Wq);
           std::memset(d, 0, sizeof(T) * lo);
-          if (sW == 1) {
+          if (sW == 1 && std::is_same<I, T>::value) {
             std::memcpy(d + lo, s, sizeof(T) * (hi - lo));
           } else {
-            for (int64_t m = lo; m < hi; ++m) d[m] = s[(m - pw) * sW];
+            for (int64_t m = lo; m < hi; ++m) d[m] = bf16::widen(s[(m - pw) * sW]);
           }
           std::memset(d + hi, 0, sizeof(T) * (Wq - hi));
         } else {
           for (int64_t m = 0; m < Wq; ++m) {
             const int64_t w = m * sw + q - pw;
-            d[m] = (w >= 0 && w < W) ? s[w * sW] : T(0);
+            d[m] = (w >= 0 && w < W) ? bf16::widen(s[w * sW]) : T(0);
           }
         }
       }
@@ -302,15 +317,17 @@ int64_t fwd_planes_per_block(const Geom& g) {
   return planes_per_block<T>(rows, cols);
 }
 
-template <class T>
+// I: the element type of x and y; T: the compute type of values, bias and the packed image
+// (float32 for a bf16 I).
+template <class I, class T = typename bf16::Acc<I>::type>
 void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                   const std::vector<int32_t>& offs, const std::vector<int32_t>& plane_of, const T* bias,
                   at::Tensor& y) {
-  const T* xp = x.data_ptr<T>();
+  const I* xp = x.data_ptr<I>();
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const T* ws = values.data_ptr<T>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
-  T* yp = y.data_ptr<T>();
+  I* yp = y.data_ptr<I>();
   const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
   const std::vector<Pos> pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
   const int64_t ntiles = static_cast<int64_t>(pos.size()) / NACC;
@@ -349,8 +366,8 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
   const char* op = "sparse_conv2d";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, Cin, H, W), got shape ", x.sizes());
-  check_float(x, "x", op);
-  check_float(values, "values", op);
+  check_float_or_bf16(x, "x", op);
+  check_float_or_bf16(values, "values", op);
   TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": values must have the dtype of x (", x.scalar_type(),
               "), got ", values.scalar_type());
   check_csr(row_ptr, col_idx, op);
@@ -370,6 +387,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
   forward_offsets(op, g, col_idx, offs, plane_of);
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
+  if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
+    const at::Tensor v32 = values.to(at::kFloat).contiguous();
+    const at::Tensor b32 = b.defined() ? b.to(at::kFloat) : b;
+    forward_impl<c10::BFloat16>(g, x, v32, row_ptr, offs, plane_of, b32.defined() ? b32.data_ptr<float>() : nullptr,
+                                y);
+    return y;
+  }
   const at::Tensor vc = values.contiguous();
   if (x.scalar_type() == at::kFloat)
     forward_impl<float>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<float>() : nullptr, y);
@@ -383,7 +407,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
 // r*dh = a (mod sh) contribute, from output row m - (r*dh)/sh; likewise along W. So
 // per phase (a, c) it is a stride-1 correlation of dY (zero bordered) with those taps.
 
-template <class T>
+template <class I, class T = typename bf16::Acc<I>::type>
 void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, at::Tensor& dx) {
   const int64_t nph = g.sh * g.sw, K = g.kh * g.kw;
@@ -397,7 +421,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t nnz = col_idx.numel();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* cidx = col_idx.data_ptr<int32_t>();
-  const T* vals = values.data_ptr<T>();
+  const I* vals = values.data_ptr<I>();
   const int64_t nrows = nph * g.Cin;
   std::vector<int64_t> trp(nrows + 1, 0);
   std::vector<int32_t> key(nnz);
@@ -417,7 +441,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
         const int64_t col = cidx[j], r = (col % K) / g.kw, s = col % g.kw;
         const int64_t p = fill[key[j]]++;
         toffs[p] = static_cast<int32_t>(co * dplane - ((r * g.dh) / g.sh) * Wd - (s * g.dw) / g.sw);
-        tws[p] = vals[j];
+        tws[p] = bf16::widen(vals[j]);
         tplane[p] = static_cast<int32_t>(co);
       }
     }
@@ -441,9 +465,9 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t bsize = planes_per_block<T>(tile_rows<T>((g.W + g.sw - 1) / g.sw) + Ptop,
                                             std::min<int64_t>(Wd, NACC * (32 / sizeof(T)) + Pleft));
   const std::vector<int64_t> bp = block_ptr(nrows, trp.data(), tplane.data(), g.Cout, bsize, nb);
-  const T* dyp = dy.data_ptr<T>();
+  const I* dyp = dy.data_ptr<I>();
   const int64_t sN = dy.stride(0), sC = dy.stride(1), sH = dy.stride(2), sW = dy.stride(3);
-  T* dxp = dx.data_ptr<T>();
+  I* dxp = dx.data_ptr<I>();
   const int64_t xplane = g.H * g.W, ximg = g.Cin * xplane;
   auto image = [&](const T* src, int64_t b, int64_t r0, int64_t r1, T* scratch) {
     for (int64_t ph = 0; ph < nph; ++ph) {
@@ -485,8 +509,8 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
   const char* op = "sparse_conv2d_backward_input";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries (N, Cin, H, W), got ", input_size);
   TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, Cout, OH, OW), got shape ", grad_out.sizes());
-  check_float(grad_out, "grad_out", op);
-  check_float(values, "values", op);
+  check_float_or_bf16(grad_out, "grad_out", op);
+  check_float_or_bf16(values, "values", op);
   TORCH_CHECK(values.scalar_type() == grad_out.scalar_type(), op, ": values must have the dtype of grad_out (",
               grad_out.scalar_type(), "), got ", values.scalar_type());
   check_csr(row_ptr, col_idx, op);
@@ -507,6 +531,8 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
   const at::Tensor vc = values.contiguous();
   if (grad_out.scalar_type() == at::kFloat)
     backward_input_impl<float>(g, grad_out, vc, row_ptr, col_idx, dx);
+  else if (grad_out.scalar_type() == at::kBFloat16)
+    backward_input_impl<c10::BFloat16>(g, grad_out, vc, row_ptr, col_idx, dx);
   else
     backward_input_impl<double>(g, grad_out, vc, row_ptr, col_idx, dx);
   return dx;
@@ -515,16 +541,27 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
 // ---------------------------------------------------------------------------
 // Grad weight (values at the pattern): g[j] = sum_b sum_pos dY[b, co(j), pos] * xpack_b[off_j + pos].
 
-template <class T>
+// gv has the compute type T (float32 for a bf16 I; the caller rounds it).
+template <class I, class T = typename bf16::Acc<I>::type>
 void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                           const std::vector<int32_t>& offs, const std::vector<int32_t>& plane_of, at::Tensor& gv) {
-  const T* xp = x.data_ptr<T>();
+  const I* xp = x.data_ptr<I>();
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
-  const T* dyp = dy.data_ptr<T>();  // contiguous
+  const I* dyp = dy.data_ptr<I>();  // contiguous
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   T* gp = gv.data_ptr<T>();
   const int64_t nnz = offs.size();
   const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
+  // dY of image b in the compute type: a bf16 image is widened once into `tmp` (yimg entries).
+  auto dy_image = [&](int64_t b, std::vector<T>& tmp) -> const T* {
+    if constexpr (std::is_same<I, T>::value) {
+      return dyp + b * yimg;
+    } else {
+      tmp.resize(yimg);
+      for (int64_t i = 0; i < yimg; ++i) tmp[i] = bf16::widen(dyp[b * yimg + i]);
+      return tmp.data();
+    }
+  };
   const std::vector<Pos> pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
   const int64_t ntiles = static_cast<int64_t>(pos.size()) / NACC;
   const int64_t psize = g.xpack_size();
@@ -535,10 +572,11 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
     std::vector<T> parts(nth * nnz, T(0));
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
       T* acc = parts.data() + at::get_thread_num() * nnz;
-      std::vector<T> buf(psize);
+      std::vector<T> buf(psize), dyw;
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
-        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dyp + b * yimg, oplane, acc);
+        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dy_image(b, dyw), oplane,
+                   acc);
       }
     });
     at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -549,12 +587,13 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       }
     });
   } else {
-    std::vector<T> buf(psize);
+    std::vector<T> buf(psize), dyw;
     const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
+      const T* d = dy_image(b, dyw);
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, dyp + b * yimg, oplane, gp);
+        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, d, oplane, gp);
       });
     }
   }
@@ -568,8 +607,8 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
   const char* op = "sparse_conv2d_backward_weight";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, Cin, H, W), got shape ", x.sizes());
   TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, Cout, OH, OW), got shape ", grad_out.sizes());
-  check_float(x, "x", op);
-  check_float(grad_out, "grad_out", op);
+  check_float_or_bf16(x, "x", op);
+  check_float_or_bf16(grad_out, "grad_out", op);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (",
               x.scalar_type(), "), got ", grad_out.scalar_type());
   const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
@@ -583,6 +622,11 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
   at::Tensor gv = at::zeros({col_idx.numel()}, x.options());
   if (col_idx.numel() == 0 || g.N == 0) return gv;
   const at::Tensor dyc = grad_out.contiguous();
+  if (x.scalar_type() == at::kBFloat16) {  // summed over the batch in float32, rounded once
+    at::Tensor gv32 = at::zeros({col_idx.numel()}, x.options().dtype(at::kFloat));
+    backward_weight_impl<c10::BFloat16>(g, dyc, x, row_ptr, offs, plane_of, gv32);
+    return gv32.to(at::kBFloat16);
+  }
   if (x.scalar_type() == at::kFloat)
     backward_weight_impl<float>(g, dyc, x, row_ptr, offs, plane_of, gv);
   else

@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include <type_traits>
+
+#include "cpu/bf16.h"
 #include "cpu/common.h"
 
 namespace sparsekern {
@@ -46,19 +49,22 @@ SK_INLINE void storeu(T* p, typename VecOf<T>::type v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// Destination of a tile: plane `out`, positions `pos`, columns `cstride` apart.
+// Destination of a tile: plane `out`, positions `pos`, columns `cstride` apart; a bf16 output (O)
+// is rounded from the float32 accumulators here.
 // (Element access through v[l], never the address of an accumulator, so they stay in registers.)
-template <class T>
-SK_INLINE void store_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, T* out, int64_t cstride) {
+template <class T, class O = T>
+SK_INLINE void store_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, O* out, int64_t cstride) {
   constexpr int VW = sizeof(typename VecOf<T>::type) / sizeof(T);
 #pragma GCC unroll 16
   for (int k = 0; k < NACC; ++k) {
     const Pos& q = pos[k];
-    T* o = out + q.out_off;
+    O* o = out + q.out_off;
     if (__builtin_expect(q.hi == VW && cstride == 1, 1)) {
-      storeu(o, acc[k]);  // lanes below lo rewrite identical values
+      // lanes below lo rewrite identical values
+      if constexpr (std::is_same<O, T>::value) storeu(o, acc[k]);
+      else bf16::store8(o, acc[k]);
     } else {
-      for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = acc[k][l];
+      for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = static_cast<O>(acc[k][l]);
     }
   }
 }
@@ -71,10 +77,10 @@ SK_INLINE void store_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, 
 // whatever the tile's shape); the last block writes it to `out`.
 //
 // out[pos] = init + sum_j ws[j] * src[offs[j] + pos.in_off] for tiles [t0, t1), rows [r0, r1).
-template <class T>
+template <class T, class O = T>
 SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
                            const int64_t* bp, int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0,
-                           int64_t t1, const T* bias, T* __restrict out, int64_t out_plane, int64_t cstride,
+                           int64_t t1, const T* bias, O* __restrict out, int64_t out_plane, int64_t cstride,
                            T* __restrict scratch) {
   typedef typename VecOf<T>::type V;
   constexpr int VW = sizeof(V) / sizeof(T);
@@ -106,7 +112,7 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
           for (int k = 0; k < NACC; ++k) acc[k] += w * loadu(p + io[k]);
         }
         if (last) {
-          store_tile<T>(acc, tp, out + r * out_plane, cstride);
+          store_tile<T, O>(acc, tp, out + r * out_plane, cstride);
         } else {
 #pragma GCC unroll 16
           for (int k = 0; k < NACC; ++k) storeu(sc + k * VW, acc[k]);

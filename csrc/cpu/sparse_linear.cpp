@@ -23,7 +23,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   const char* op = "sparse_linear";
   check_dense(x, "x", 2, op);
   check_cpu(values, "values", op);
-  check_float(values, "values", op);
+  check_float_or_bf16(values, "values", op);
   check_same_dtype(x, "x", values, "values", op);
   const csr::Csr W = csr::checked_csr(values, row_ptr, col_idx, x.size(1),
                                       "x has " + std::to_string(x.size(1)) + " columns; x must have W's columns", op);

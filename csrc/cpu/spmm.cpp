@@ -20,7 +20,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   const char* op = "spmm";
   check_dense(B, "B", 2, op);
   check_cpu(values, "values", op);
-  check_float(values, "values", op);
+  check_float_or_bf16(values, "values", op);
   check_same_dtype(values, "values", B, "B", op);
   const csr::Csr A = csr::checked_csr(values, row_ptr, col_idx, B.size(0),
                                       "B has " + std::to_string(B.size(0)) + " rows", op);

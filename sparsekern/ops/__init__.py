@@ -1,6 +1,6 @@
 """The ops of sparsekern: one contract each (schemas in csrc/ops.cpp), dispatched by
-``sparsekern.ops.dispatch``, with autograd formulas and fake kernels registered here."""
-from . import dispatch
+``sparsekern.ops.dispatch``, with autograd formulas, fake kernels and autocast rules registered here."""
+from . import _autocast, dispatch
 from .dispatch import get_backend, set_backend
 from .bsr import bsr_conv2d, bsr_linear, bsr_sddmm
 from .gather import gather
@@ -23,6 +23,7 @@ def _register_all() -> bool:
     import importlib
     for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "topk_select", "gather"):
         importlib.import_module(f"{__name__}.{name}").register()
+    _autocast.register("sparsekern")
     dispatch.extension_loaded = True
     return True
 
@@ -32,6 +33,7 @@ def _register_triton() -> None:
     import importlib
     for name in ("spmm", "sddmm", "sparse_linear", "masked_matmul", "sparse_conv2d", "gather", "bsr"):
         importlib.import_module(f"{__name__}.{name}").register("sparsekern_triton")
+    _autocast.register("sparsekern_triton")
 
 
 HAS_EXTENSION = _register_all()

@@ -5,11 +5,23 @@ from __future__ import annotations
 import torch
 
 from ..sparse_matrix import SparseMatrix
+from . import _autocast
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
-# fp16/bf16 accumulate in fp32 on the GPU backends; the CPU kernels run fp32/fp64.
-_BACKEND_DTYPES = {"cpp": FLOAT_DTYPES, "triton": (torch.float32, torch.float16, torch.bfloat16),
+# fp16/bf16 accumulate in fp32; the CPU kernels run bf16 (not fp16).
+_BACKEND_DTYPES = {"cpp": FLOAT_DTYPES + (torch.bfloat16,), "triton": (torch.float32, torch.float16, torch.bfloat16),
                    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+_OP_BACKEND_DTYPES = {("topk_select", "cpp"): FLOAT_DTYPES}  # exact selection: no bf16 kernel
+
+
+def _run_dtype(op: str, t: torch.Tensor) -> torch.dtype:
+    """The dtype t enters op's kernels with (the autocast dtype where autocast casts it)."""
+    return _autocast.effective_dtype(t) if op in _autocast.OPS else t.dtype
+
+
+def _dtype_of(op: str, t: torch.Tensor) -> str:
+    dtype = _run_dtype(op, t)
+    return str(t.dtype) if dtype == t.dtype else f"{t.dtype} ({dtype} under autocast)"
 
 
 def tensor(op: str, name: str, t, dim=None) -> torch.Tensor:
@@ -32,20 +44,21 @@ def sparse(op: str, name: str, W) -> SparseMatrix:
 
 
 def same(op: str, tensors: dict) -> None:
-    """All named tensors share one dtype and one device."""
+    """All named tensors share one device and one dtype (the dtype they run in: under autocast,
+    float32 and the autocast dtype mix, as in F.linear)."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
     n0, t0 = items[0]
     for n, t in items[1:]:
         if t.device != t0.device:
             raise ValueError(f"{op}: {n} is on {t.device} but {n0} is on {t0.device}")
-        if t.dtype != t0.dtype:
-            raise TypeError(f"{op}: {n} has dtype {t.dtype} but {n0} has {t0.dtype}")
+        if _run_dtype(op, t) != _run_dtype(op, t0):
+            raise TypeError(f"{op}: {n} has dtype {_dtype_of(op, t)} but {n0} has {_dtype_of(op, t0)}")
 
 
 def backend_dtype(op: str, backend: str, name: str, t: torch.Tensor) -> None:
-    allowed = _BACKEND_DTYPES.get(backend)
-    if allowed is not None and t.dtype not in allowed:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}, which the {backend} backend does not support "
+    allowed = _OP_BACKEND_DTYPES.get((op, backend), _BACKEND_DTYPES.get(backend))
+    if allowed is not None and _run_dtype(op, t) not in allowed:
+        raise TypeError(f"{op}: {name} has dtype {_dtype_of(op, t)}, which the {backend} backend does not support "
                         f"(supported: {', '.join(str(d) for d in allowed)}; SPARSEKERN_BACKEND=reference "
                         "runs any floating dtype)")
 

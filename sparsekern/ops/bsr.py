@@ -11,10 +11,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import reference
 from ..block_sparse import BlockSparseMatrix
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for
+from .dispatch import get_backend, implementation, kernel_for, reference_kernel
 from .sparse_conv2d import _pair, output_size, sparse_conv2d
 from .sparse_linear import sparse_linear
 
@@ -58,7 +57,7 @@ def bsr_sddmm(row_ptr: torch.Tensor, col_idx: torch.Tensor, X: torch.Tensor, Y: 
                          f"and row_ptr must have X.shape[0]/block + 1 entries, got {row_ptr.numel()}")
     backend = get_backend(op, X.device)
     if backend == "cpp":  # no CPU kernel of its own: CPU training takes the CSR path (bsr_linear)
-        return reference.bsr_sddmm(row_ptr, col_idx, X, Y, block)
+        return reference_kernel(op, X.device.type)(row_ptr, col_idx, X, Y, block)
     check.backend_dtype(op, backend, "X", X)
     return implementation(op, X.device)(row_ptr, col_idx, X, Y, block)
 

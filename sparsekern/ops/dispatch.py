@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .. import reference
+from . import _autocast
 
 OPS = ("spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select", "gather",
        "bsr_linear", "bsr_sddmm")
@@ -125,11 +126,24 @@ def get_backend(op: str, device: torch.device) -> str:
     return name
 
 
+_references: Dict[Tuple[str, str], Callable] = {}
+
+
+def reference_kernel(op: str, device_type: str) -> Callable:
+    """The reference function of ``op``, under the autocast rule of the ops (``_autocast``)."""
+    if op not in _autocast.OPS:
+        return getattr(reference, op)
+    key = (op, device_type)
+    if key not in _references:
+        _references[key] = _autocast.reference(getattr(reference, op), device_type)
+    return _references[key]
+
+
 def implementation(op: str, device: torch.device) -> Callable:
     """The callable that runs ``op`` for tensors on ``device``, with the op schema's signature."""
     name = get_backend(op, device)
     if name == "reference":
-        return getattr(reference, op)
+        return reference_kernel(op, device.type)
     if name == "triton":
         return getattr(torch.ops.sparsekern_triton, op)
     return getattr(torch.ops.sparsekern, op)  # cpp and cuda: the dispatcher picks the device's kernel

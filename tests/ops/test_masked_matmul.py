@@ -115,10 +115,11 @@ def test_bad_input(backend, make, exc, match):
         masked_matmul(x, weight, mask)
 
 
-def test_bfloat16_on_cpp_is_a_type_error():
-    x, w = torch.randn(2, 4, dtype=torch.bfloat16), torch.randn(3, 4, dtype=torch.bfloat16)
+def test_float16_on_cpp_is_a_type_error():
+    # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
+    x, w = torch.randn(2, 4, dtype=torch.float16), torch.randn(3, 4, dtype=torch.float16)
     with use_backend("cpp"):
-        with pytest.raises(TypeError, match=r"masked_matmul: x has dtype torch.bfloat16, which the cpp backend"):
+        with pytest.raises(TypeError, match=r"masked_matmul: x has dtype torch.float16, which the cpp backend"):
             masked_matmul(x, w, torch.ones(3, 4, dtype=torch.bool))
 
 
@@ -186,10 +187,11 @@ def test_sddmm_bad_input(backend, make, exc, match):
         masked_sddmm(X, Y, mask)
 
 
-def test_sddmm_bfloat16_on_cpp_is_a_type_error():
-    X, Y = torch.randn(3, 2, dtype=torch.bfloat16), torch.randn(4, 2, dtype=torch.bfloat16)
+def test_sddmm_float16_on_cpp_is_a_type_error():
+    # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
+    X, Y = torch.randn(3, 2, dtype=torch.float16), torch.randn(4, 2, dtype=torch.float16)
     with use_backend("cpp"):
-        with pytest.raises(TypeError, match=r"masked_sddmm: X has dtype torch.bfloat16, which the cpp backend"):
+        with pytest.raises(TypeError, match=r"masked_sddmm: X has dtype torch.float16, which the cpp backend"):
             masked_sddmm(X, Y, torch.ones(3, 4, dtype=torch.bool))
 
 
