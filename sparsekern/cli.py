@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     bench.add_argument("--output", default=None, help="also write the markdown table to this file")
     bench.add_argument("--sizes", choices=("full", "tiny"), default="full",
-                       help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the issue's shapes)")
+                       help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the benchmark shapes)")
     bench.add_argument("--train", action="store_true",
                        help="time whole training steps (sparse vs dense MLP and ResNet-20) instead of ops")
     bench.add_argument("--models", nargs="*", default=None, metavar="MODEL",
