@@ -43,7 +43,10 @@ def transpose_pattern(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int)
     t_perm = torch.sort(col_idx.long(), stable=True).indices
     t_col_idx = rows[t_perm].to(torch.int32)
     t_row_ptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=row_ptr.device)
-    t_row_ptr[1:] = torch.bincount(col_idx.long(), minlength=n_cols).cumsum(0)
+    # index_add, not bincount: its size is n_cols whatever the data, which tracing (torch 2.11) needs.
+    counts = torch.zeros(n_cols, dtype=torch.int64, device=row_ptr.device)
+    counts.index_add_(0, col_idx.long(), torch.ones(nnz, dtype=torch.int64, device=row_ptr.device))
+    t_row_ptr[1:] = counts.cumsum(0)
     return t_row_ptr, t_col_idx, t_perm
 
 

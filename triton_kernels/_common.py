@@ -71,8 +71,10 @@ def autotune(configs, key, **kwargs):
 
 
 def launch(kernel):
-    """``kernel[grid](...)`` through ``wrap_triton`` so that a triton_op stays traceable by torch.compile."""
-    return wrap_triton(kernel)
+    """``kernel[grid](...)`` through ``wrap_triton`` so that a triton_op stays traceable by torch.compile.
+    The interpreter's kernels launch as they are: torch >= 2.12 does so itself, and torch 2.11's
+    wrap_triton rejects an interpreted ``triton.jit`` function."""
+    return kernel if INTERPRET else wrap_triton(kernel)
 
 
 def tl_dtype(dtype: torch.dtype):
