@@ -16,9 +16,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Modules run their `csr` kernels in the tests (deterministic coverage of the sparse ops); the per-layer
+# measured choice has its own tests (tests/nn/test_kernel_choice.py), which turn it on.
+os.environ.setdefault("SPARSEKERN_AUTOTUNE", "0")
+
 import sparsekern  # noqa: E402
-from sk_testing import (CONV_CASES, CPU_BACKENDS, DTYPES, LAYOUTS, MKN, SPARSITIES, _BackendState, _conv_id,
-                        _dtype_id, _kernels_needed, _mkn_id, _sparsity_id, has_cpu_kernel, use_backend)
+from sk_testing import (CONV_CASES, CPU_BACKENDS, DTYPES, LAYOUTS, MKN, SPARSITIES, _conv_id, _dtype_id,
+                        _kernels_needed, _mkn_id, _sparsity_id, has_cpu_kernel)
 
 
 def pytest_configure(config):
@@ -63,12 +67,12 @@ def backend(request):
         if missing:
             pytest.skip("cpp backend: no CPU kernel registered yet for "
                         + ", ".join(f"sparsekern::{op}" for op in missing))
-    with use_backend(name):
+    with sparsekern.backend(name):
         yield name
 
 
 @pytest.fixture(autouse=True)
 def _restore_backend_state():
     """No test may leak a set_backend() override into the next."""
-    with _BackendState():
+    with sparsekern.backend(None):  # restores on exit whatever set_backend() did inside
         yield

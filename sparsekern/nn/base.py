@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..block_sparse import BlockSparseMatrix, block_mask_of, bsr_element_order, expand_block_mask
-from ..sparse_matrix import SparseMatrix, csr_from_mask, csr_from_positions, transpose_pattern
+from ..sparse_matrix import SparseMatrix, csr_from_mask, csr_from_positions, rows_of, transpose_pattern
 
 _PATTERN_BUFFERS = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
 # format="bsr": the block pattern and where each block entry sits in ``values`` (derived from the
@@ -226,8 +226,26 @@ class SparseWeightMixin:
                             transpose=(self.t_row_ptr, self.t_col_idx, self.t_perm))
 
     def dense_weight(self) -> torch.Tensor:
-        """Dense weight (zeros outside the pattern), differentiable in ``values``."""
-        return self.sparse_weight().to_dense()
+        """Dense weight (zeros outside the pattern), differentiable in ``values``. It is the operand of
+        the ``dense`` kernel every step, so the scatter index is cached per pattern version, and a full
+        pattern (CSR order is then row-major order) is a view of ``values``."""
+        numel = math.prod(self.weight_shape)
+        if self.nnz == numel:
+            return self.values.reshape(self.weight_shape)
+        flat = torch.zeros(numel, dtype=self.values.dtype, device=self.values.device)
+        return flat.index_put((self._flat_index(),), self.values).reshape(self.weight_shape)
+
+    def _flat_index(self) -> torch.Tensor:
+        """row * k + col of every nonzero, rebuilt when a pattern buffer is replaced or written."""
+        k = math.prod(self.weight_shape[1:])
+        if torch.compiler.is_compiling():  # fake tensors have no data_ptr; the graph is built once anyway
+            return rows_of(self.row_ptr, self.col_idx.numel()) * k + self.col_idx.long()
+        version = tuple((t.data_ptr(), t._version, t.numel()) for t in (self.row_ptr, self.col_idx))
+        cached = self.__dict__.get("_flat_index_cache")
+        if cached is None or cached[0] != version:
+            index = rows_of(self.row_ptr, self.col_idx.numel()) * k + self.col_idx.long()
+            self.__dict__["_flat_index_cache"] = cached = (version, index)
+        return cached[1]
 
     def mask(self) -> torch.Tensor:
         return self.sparse_weight().mask()

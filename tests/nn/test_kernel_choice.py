@@ -239,3 +239,17 @@ def test_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
     kc._load_cache_file()
     layer(x)
     assert len(calls) == 2
+
+
+def test_dense_weight_caches_its_index_per_pattern_version():
+    layer = SparseLinear(6, 5, density=0.4)
+    first = layer.dense_weight()
+    assert torch.equal(first, layer.sparse_weight().to_dense())
+    mask = random_mask((5, 6), 0.4, gen(2))
+    layer.update_pattern_(mask, torch.arange(int(mask.sum()), dtype=torch.float32))  # written in place
+    assert torch.equal(layer.dense_weight(), layer.sparse_weight().to_dense())
+    full = SparseLinear(6, 5, density=1.0)
+    w = full.dense_weight()
+    assert w.data_ptr() == full.values.data_ptr()  # a full pattern is a view of the values
+    w.sum().backward()
+    assert torch.equal(full.values.grad, torch.ones(30))
