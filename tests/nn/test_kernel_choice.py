@@ -113,7 +113,9 @@ def test_auto_measures_once_per_key_and_caches(monkeypatch):
     assert len(calls) == 1
     choice = kc.lookup(a, x)
     assert set(choice.times_ms) <= {"csr", "gemm", "dense"} and "csr" in choice.times_ms
-    assert choice.kernel == min(choice.times_ms, key=choice.times_ms.get)
+    t = choice.times_ms
+    fastest = min(t, key=t.get)
+    assert choice.kernel == ("dense" if t["dense"] <= (1 + kc.DENSE_MARGIN) * t[fastest] else fastest)
     a(torch.randn(3, 8, 6, 6))  # another batch: another key
     assert len(calls) == 2
     with torch.no_grad():  # forward only: another key
@@ -253,3 +255,20 @@ def test_dense_weight_caches_its_index_per_pattern_version():
     assert w.data_ptr() == full.values.data_ptr()  # a full pattern is a view of the values
     w.sum().backward()
     assert torch.equal(full.values.grad, torch.ones(30))
+
+
+@pytest.mark.parametrize("times,expected", [({"csr": 1.0, "gemm": 2.0, "dense": 3.0}, "csr"),
+                                            ({"csr": 1.0, "gemm": 0.5, "dense": 3.0}, "gemm"),
+                                            ({"csr": 1.0, "gemm": 2.0, "dense": 1.04}, "dense"),
+                                            ({"csr": 1.0, "gemm": 2.0, "dense": 0.5}, "dense")], ids=str)
+def test_the_fastest_wins_and_near_ties_go_to_dense(monkeypatch, times, expected):
+    layer = SparseConv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    monkeypatch.setattr(kc, "MIN_TUNE_MACS", 0)
+    clock = [0.0]  # a fake clock that each call advances by the kernel's time: no timing noise
+
+    def timer(module, x, kernel):
+        return lambda: clock.__setitem__(0, clock[0] + times[kernel] / 1e3)
+    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    monkeypatch.setattr(kc, "_timer", timer)
+    assert kc._measure(layer, x).kernel == expected
