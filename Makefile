@@ -18,7 +18,8 @@ $(VENV)/.deps: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel "tqdm>=4.66" "rich>=13" \
-		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4" "$(TRITON)"
+		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4" "$(TRITON)" \
+		"transformers>=4.40"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
@@ -40,18 +41,21 @@ test: setup
 # The newest torch and Triton releases (CUDA builds of torch: they run on a CPU machine, and nvcc builds
 # and links the CUDA kernels against them), so a new release cannot silently break installation.
 # The environment is cached outside the clone and upgraded only when a newer release appears.
-SK_CACHE   ?= $(HOME)/.cache/sparsekern
-NEWEST     := $(SK_CACHE)/venv-newest
-NEWEST_SRC := $(SK_CACHE)/newest-src
+# Another release line: `make test-newest NEWEST_NAME=torch2.11 NEWEST_SPEC="torch==2.11.0 triton==3.6.0"`.
+SK_CACHE    ?= $(HOME)/.cache/sparsekern
+NEWEST_NAME ?= newest
+NEWEST_SPEC ?= torch triton
+NEWEST      := $(SK_CACHE)/venv-$(NEWEST_NAME)
+NEWEST_SRC  := $(SK_CACHE)/$(NEWEST_NAME)-src
 # PIP_CONFIG_FILE=/dev/null: a machine-wide pip constraint may cap torch below the newest release.
 NEWEST_PIP := PIP_CONFIG_FILE=/dev/null $(NEWEST)/bin/pip
 
 newest-env:
 	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
-	$(NEWEST_PIP) install -q --upgrade pip torch triton "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel \
+	$(NEWEST_PIP) install -q --upgrade pip $(NEWEST_SPEC) "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel \
 		"tqdm>=4.66" "rich>=13" "pytest>=8" "hypothesis>=6.100" expecttest && touch $(NEWEST)/.ok \
 		|| { test -f $(NEWEST)/.ok && echo "newest-env: the registry did not answer; using the cached environment"; }
-	$(NEWEST)/bin/python -c "import torch, triton; print('newest:', 'torch', torch.__version__, 'triton', triton.__version__)"
+	$(NEWEST)/bin/python -c "import torch, triton; print('$(NEWEST_NAME):', 'torch', torch.__version__, 'triton', triton.__version__)"
 
 # Builds a copy of the work tree (so the .venv build stays) with the CPU+CUDA extension, then runs the op,
 # module, Triton and linked-build tests on it.
@@ -63,29 +67,6 @@ test-newest: newest-env
 
 bench: setup $(VENV)/.bench
 	$(BIN)/sparsekern bench
-
-# On a GPU machine (no venv: its own torch, Triton and nvcc): build the extension for this GPU's arch only,
-# then `sparsekern gpu-check` (env, build, GPU tests, GPU benchmark, targets; about 7 minutes).
-# GPU_CHECK_OUT gets report.md, report.json and the logs; GPU_CHECK_ARGS goes to the check (budgets, ...).
-GPU_CHECK_OUT  ?= results/gpu-check
-GPU_CHECK_ARGS ?=
-GPU_ARCH_PY := import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else None; \
-	print("%d.%d" % c if c else "")
-
-.PHONY: gpu-check
-gpu-check:
-	@mkdir -p $(GPU_CHECK_OUT)
-	@arch=$$($(PYTHON) -c '$(GPU_ARCH_PY)' 2>/dev/null); \
-	if [ -n "$$arch" ]; then export TORCH_CUDA_ARCH_LIST="$$arch"; fi; \
-	echo "gpu-check: pip install -e . for TORCH_CUDA_ARCH_LIST=$${TORCH_CUDA_ARCH_LIST:-(setup.py default: no GPU seen)}," \
-		"log: $(GPU_CHECK_OUT)/install.log"; \
-	start=$$(date +%s); \
-	$(PYTHON) -m pip install --no-build-isolation --no-deps -e . > $(GPU_CHECK_OUT)/install.log 2>&1; rc=$$?; \
-	secs=$$(( $$(date +%s) - start )); \
-	[ $$rc -eq 0 ] || { echo "gpu-check: pip install failed ($$rc); the check reports it"; tail -n 15 $(GPU_CHECK_OUT)/install.log; }; \
-	args="--out $(GPU_CHECK_OUT) --install-log $(GPU_CHECK_OUT)/install.log --install-rc $$rc --install-seconds $$secs"; \
-	if $(PYTHON) -c "import sparsekern" 2>/dev/null; then $(PYTHON) -m sparsekern.cli gpu-check $$args $(GPU_CHECK_ARGS); \
-	else $(PYTHON) sparsekern/gpu_check.py $$args $(GPU_CHECK_ARGS); fi
 
 # On a GPU machine (no venv: its own torch, Triton and nvcc): build the extension for this GPU's arch only,
 # then `sparsekern gpu-check` (env, build, GPU tests, GPU benchmark, targets; about 7 minutes).
