@@ -179,11 +179,8 @@ def _backends(op: str, device: torch.device) -> List[str]:
 
 def _with_backend(op: str, name: str, fn: Callable) -> Callable:
     def run():
-        dispatch.set_backend(name, op=op)
-        try:
+        with dispatch.backend(name, op=op):
             return fn()
-        finally:
-            dispatch.set_backend(None, op=op)
     return run
 
 
@@ -510,7 +507,7 @@ def header_info(b: Bench) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": tv,
             "cuda_kernels_built": dispatch.cuda_kernels_built(), "cases": b.cases,
             "sizes_name": next((k for k, v in SIZES.items() if v == b.sizes), None), "sizes": asdict(b.sizes),
-            "cuda_order": {op: list(order) for op, order in dispatch._CUDA_ORDER.items()}}
+            "cuda_order": {op: list(order) for op, order in dispatch.CUDA_ORDER.items()}}
 
 
 def header(b: Bench, argv: Sequence[str]) -> str:

@@ -1,6 +1,6 @@
 """sparsekern: fast unstructured-sparse training for PyTorch."""
 from . import ops
-from .ops import set_backend
+from .ops import backend, set_backend
 from .sparse_matrix import SparseMatrix
 from .block_sparse import BlockSparseMatrix
 from . import nn
@@ -9,4 +9,4 @@ from .sparsity import sparsify
 from .nn.kernel_choice import explain
 
 __version__ = "0.1.0"
-__all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "set_backend", "__version__", "sparsify", "explain", "sparsity", "init", "dst", "train"]
+__all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "backend", "set_backend", "__version__", "sparsify", "explain", "sparsity", "init", "dst", "train"]

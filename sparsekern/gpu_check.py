@@ -8,7 +8,7 @@ Stages, each in its own subprocess with its own time budget, so that a hang lose
 4. ``bench``  bench/gpu.py, case by case (a case that hangs is stopped and the next one runs);
 5. ``report`` ``report.md`` and ``report.json`` in ``--out``: each stage's status, duration and results,
    the project's GPU targets against the measured figures, and the backend that won each op
-   (a suggested ``dispatch._CUDA_ORDER``).
+   (a suggested ``cuda_order`` for each op's declaration).
 
 Default budgets sum to 7 minutes. Without a GPU the check runs what it can (the benchmark harness at
 tiny sizes under TRITON_INTERPRET=1) and says what it skipped and why.
@@ -353,11 +353,11 @@ def build_stage(install_log: Optional[str] = None, install_rc: Optional[int] = N
         results["extension"] = f"does not import: {type(exc).__name__}: {exc}"
         return {"status": "failed", "reason": "; ".join(problems + [results["extension"]]), "results": results}
     has = torch._C._dispatch_has_kernel_for_dispatch_key
-    names = _op_names(torch, "sparsekern", [*dispatch.OPS, *dispatch._PARENT])
+    names = _op_names(torch, "sparsekern", [*dispatch.OPS, *dispatch.PARTS])
     results["ops"] = {n: {"CPU": has(n, "CPU"), "CUDA": has(n, "CUDA")} for n in names}
     missing = [n for n in names if not has(n, "CUDA")]
     if dispatch.triton_loaded():
-        results["triton_ops"] = _op_names(torch, "sparsekern_triton", [*dispatch.OPS, *dispatch._PARENT])
+        results["triton_ops"] = _op_names(torch, "sparsekern_triton", [*dispatch.OPS, *dispatch.PARTS])
     else:
         results["triton_ops"] = f"Triton kernels not loaded: {dispatch._triton_error}"
     if torch.version.cuda is None:
@@ -396,14 +396,12 @@ def _launch_check(torch, sparsekern, ops, dispatch) -> str:
     B = torch.randn(45, 33, generator=g).cuda()
     A = sparsekern.SparseMatrix.from_dense(dense, mask.cuda())
     try:
-        dispatch.set_backend("cuda", op="spmm")
-        err = (ops.spmm(A, B) - dense @ B).abs().max().item()
-        torch.cuda.synchronize()
+        with dispatch.backend("cuda", op="spmm"):
+            err = (ops.spmm(A, B) - dense @ B).abs().max().item()
+            torch.cuda.synchronize()
         return f"ok (max abs err {err:.1e})" if err < 1e-3 else f"wrong (max abs err {err:.1e})"
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc)[:150]}"
-    finally:
-        dispatch.set_backend(None, op="spmm")
 
 
 def child_stage(name: str, args: argparse.Namespace) -> dict:
@@ -573,7 +571,7 @@ class Check:
         lines = ["", "sparsekern gpu-check: " + ", ".join(f"{n} {s['status']}" for n, s in r["stages"].items())]
         lines += [f"  target {t['status']:>12}: {t['name']} ({t['threshold']}" +
                   (f"; measured {t['measured']})" if t["measured"] else ")") for t in r["targets"]]
-        lines += ["Suggested dispatch._CUDA_ORDER (not applied):", r["suggested_cuda_order_text"],
+        lines += ["Suggested per-op CUDA order (the cuda_order of each op's declaration; not applied):", r["suggested_cuda_order_text"],
                   f"Report: {self.out / 'report.md'} and {self.out / 'report.json'}"]
         return "\n".join(lines)
 
@@ -699,7 +697,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {op} | {b} | {w['wins']}/{w['cases']} | {w['relative']:.2f}x |")
     else:
         lines.append("No op was measured on two backends on a GPU: the order below is the current one.")
-    lines += ["", "Suggested `_CUDA_ORDER` (sparsekern/ops/dispatch.py; not applied):", "", "```python",
+    lines += ["", "Suggested per-op CUDA order (`cuda_order` in each op's declaration, sparsekern/ops/<op>.py; not applied):", "", "```python",
               report["suggested_cuda_order_text"], "```"]
     if report["problems"]:
         lines += ["", "## Problems (sparsekern rows without a time)", ""]

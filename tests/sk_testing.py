@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, settings
 
 import sparsekern
 from sparsekern import SparseMatrix
-from sparsekern.ops import dispatch
 
 # Tiny shapes on a shared 2-core machine: with 2 intra-op threads the OpenMP workers spin
 # against other processes and a 16x33 matmul takes ~30 ms instead of ~0.1 ms. The suite runs
@@ -301,28 +300,3 @@ def _kernels_needed(request) -> Tuple[str, ...]:
         return tuple(marker.args)
     op = getattr(request.module, "OP", None)
     return (op,) if op else ()
-
-
-class _BackendState:
-    """Saves and restores the dispatch overrides (global and per op)."""
-
-    def __enter__(self):
-        self.saved = (dispatch._global, dict(dispatch._per_op))
-        return self
-
-    def __exit__(self, *exc):
-        dispatch._global = self.saved[0]
-        dispatch._per_op.clear()
-        dispatch._per_op.update(self.saved[1])
-
-
-def use_backend(name: Optional[str]):
-    """Context manager: ``sparsekern.set_backend(name)`` inside, the previous state restored after."""
-    class _Ctx(_BackendState):
-        def __enter__(self):
-            super().__enter__()
-            sparsekern.set_backend(name)
-            return name
-    return _Ctx()
-
-

@@ -9,12 +9,12 @@ Import this package as ``sparsekern.triton_kernels``, never as a top-level ``tri
 two module names for one file would define each op twice.
 """
 import importlib
+from typing import Iterable
 
-MODULES = ("gather", "spmm", "sddmm", "masked_matmul", "bsr", "sparse_conv2d", "topk_select")
 
-
-def load() -> None:
-    """Define every Triton op; ImportError when triton is not installed."""
+def load(modules: Iterable[str]) -> None:
+    """Define the Triton ops of ``modules`` (the ``triton`` fields of the op declarations, so this
+    package keeps no list of its own); ImportError when triton is not installed."""
     import triton  # noqa: F401 - ImportError here means no triton on this machine
-    for name in MODULES:
+    for name in modules:
         importlib.import_module(f"{__name__}.{name}")

@@ -13,12 +13,10 @@ fixed one), and the same cast around the reference functions (``dispatch.impleme
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-# bsr_conv2d is a composition (sparse_conv2d on the CPU, unfold + bsr_linear on the GPU).
-OPS = ("spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "bsr_linear", "bsr_sddmm")
 DEVICE_TYPES = ("cpu", "cuda")
 _KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _libraries = []  # a registration lives as long as its Library
@@ -55,14 +53,12 @@ def _kernel(op, device_type: str) -> Callable:
     return kernel
 
 
-def register(lib: str) -> None:
-    """Autocast kernels (CPU and CUDA) for the ops of ``OPS`` that namespace ``lib`` defines."""
+def register(lib: str, names: Sequence[str]) -> None:
+    """Autocast kernels (CPU and CUDA) for the ops ``names`` of namespace ``lib`` (the ops declared
+    with ``autocast=True``, see ``dispatch.Op``)."""
     library = torch.library.Library(lib, "IMPL")
-    for name in OPS:
-        try:
-            op = getattr(getattr(torch.ops, lib), name).default
-        except AttributeError:  # e.g. bsr_linear has no C++ schema
-            continue
+    for name in names:
+        op = getattr(getattr(torch.ops, lib), name).default
         for device_type in DEVICE_TYPES:
             library.impl(name, _kernel(op, device_type), _KEYS[device_type], with_keyset=True)
     _libraries.append(library)

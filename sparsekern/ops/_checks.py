@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..sparse_matrix import SparseMatrix
-from . import _autocast
+from . import _autocast, dispatch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 # fp16/bf16 accumulate in fp32; the CPU kernels run bf16 (not fp16).
@@ -16,7 +16,7 @@ _OP_BACKEND_DTYPES = {("topk_select", "cpp"): FLOAT_DTYPES}  # exact selection: 
 
 def _run_dtype(op: str, t: torch.Tensor) -> torch.dtype:
     """The dtype t enters op's kernels with (the autocast dtype where autocast casts it)."""
-    return _autocast.effective_dtype(t) if op in _autocast.OPS else t.dtype
+    return _autocast.effective_dtype(t) if dispatch.autocasts(op) else t.dtype
 
 
 def _dtype_of(op: str, t: torch.Tensor) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..block_sparse import BlockSparseMatrix
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for, reference_kernel
+from .dispatch import Op, declare, get_backend, implementation, kernel_for, reference_kernel
 from .sparse_conv2d import _pair, output_size, sparse_conv2d
 from .sparse_linear import sparse_linear
 
@@ -106,7 +106,8 @@ def _backward(ctx, grad):
     return d_x, d_values, None, None, d_bias, None, None, None
 
 
-def register(lib: str = "sparsekern"):
-    """Autograd of the Triton bsr_linear (no C++ schema: the CPU runs the CSR ops)."""
-    if lib != "sparsekern":
-        torch.library.register_autograd(f"{lib}::bsr_linear", _backward, setup_context=_setup_context)
+# No C++ schemas: the CPU runs the CSR ops (see above), the GPU the Triton kernels.
+declare(Op(OP, bsr_linear, schema=False, backward=_backward, setup_context=_setup_context, autocast=True,
+           triton="bsr"))
+declare(Op("bsr_sddmm", bsr_sddmm, schema=False, differentiable=False, autocast=True, triton="bsr"))
+declare(Op("bsr_conv2d", bsr_conv2d, dispatched=False))  # follows bsr_linear's backend

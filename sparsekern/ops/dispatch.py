@@ -1,60 +1,124 @@
-"""The one place that decides which implementation of an op runs.
+"""The op registry and the one place that decides which implementation of an op runs.
 
-Order of precedence: ``set_backend(name, op=...)`` for one op, ``set_backend(name)``
-for all ops, the ``SPARSEKERN_BACKEND`` environment variable, then the default of
-the tensor's device (per op on CUDA). ``reference`` (pure PyTorch) is available everywhere.
+Registry: each op file of ``sparsekern/ops`` declares its ops once, at its end, with
+``declare(Op(...))``: the public function, whether a C++ schema exists (with its fake kernel), the
+autograd formula, the autocast rule, the ``triton_kernels`` module that defines its Triton kernel and
+its default order on CUDA tensors. ``sparsekern.ops`` imports every op file it finds; everything else
+is derived from these declarations: ``OPS`` (the dispatch table), ``PARTS``, ``CUDA_ORDER``, the
+exports of ``sparsekern.ops``, the fake, autograd and autocast registrations of both namespaces
+(``sparsekern`` and ``sparsekern_triton``) and the Triton modules to load. The reference of an op is
+``sparsekern.reference.<name>``.
+
+Backend choice, in order of precedence: ``backend(name, op=...)`` / ``set_backend(name, op=...)`` for
+one op, ``backend(name)`` / ``set_backend(name)`` for all ops, the ``SPARSEKERN_BACKEND`` environment
+variable, then the default of the tensor's device (per op on CUDA). ``backend`` is a context manager
+that restores every override on exit; ``set_backend`` changes them until changed again.
 
 Backends: ``cpp`` (csrc/cpu, CPU tensors), ``cuda`` (csrc/cuda, CUDA tensors, when the CUDA
 extension was built), ``triton`` (triton_kernels/: CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU), ``reference``.
+``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU), ``reference`` (pure
+PyTorch, everywhere).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 
 from .. import reference
 from . import _autocast
 
-OPS = ("spmm", "sddmm", "sparse_linear", "masked_matmul", "masked_sddmm", "sparse_conv2d", "topk_select", "gather",
-       "bsr_linear", "bsr_sddmm")
-# Kernels that exist only as a part of another op (its backward) follow that op's backend.
-_PARENT = {"sparse_conv2d_backward_input": "sparse_conv2d", "sparse_conv2d_backward_weight": "sparse_conv2d"}
-_ALL = ("cpp", "cuda", "triton", "reference")
+BACKENDS = ("cpp", "cuda", "triton", "reference")
 
-# Default order on CUDA tensors, best first, among the backends present. To be set from
-# `sparsekern bench --gpu` on a lent GPU; no GPU has measured it yet, so Triton comes first
-# everywhere: its kernels' logic runs in CI (interpreter), the CUDA C++ kernels' only compiles.
-# The Sputnik-style CUDA kernels are expected to win unstructured SpMM/SDDMM/top-k (Gale et al.,
-# SC'20): swap those entries once a GPU confirms it.
-_CUDA_ORDER: Dict[str, Tuple[str, ...]] = {op: ("triton", "cuda") for op in OPS}
-_CUDA_ORDER.update({"bsr_linear": ("triton",), "bsr_sddmm": ("triton",)})
-# Ops without a kernel of the C++ extension: `cpp` on the CPU means their CSR-engine composition.
-_NO_CUDA_KERNEL = ("bsr_linear", "bsr_sddmm")
 
-# Read once: the env var is the process default, set_backend() changes it at run time
-# (reading os.environ inside a traced op would put it in torch.compile's guards).
-_global: Optional[str] = os.environ.get("SPARSEKERN_BACKEND") or None
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """The declaration of one op, written once in its op file."""
+    name: str  # sparsekern::<name>, sparsekern_triton::<name>, reference.<name>, sparsekern.ops.<name>
+    function: Callable  # the public entry point (argument checks, then ``implementation(name, device)``)
+    schema: bool = True  # a C++ schema in csrc/ops.cpp with CPU (and CUDA) kernels
+    fake: Optional[Callable] = None  # the fake kernel of the C++ schema (a triton_op traces its own)
+    backward: Optional[Callable] = None  # autograd formula over other ops, required unless not differentiable
+    setup_context: Optional[Callable] = None
+    differentiable: bool = True  # False: no autograd formula on its kernels (indices, or itself a backward)
+    parts: Mapping[str, Callable] = dataclasses.field(default_factory=dict)  # sub-kernels (its backward) and
+    # their fake kernels: they follow this op's backend
+    autocast: bool = False  # runs in the autocast dtype under torch.autocast (see _autocast)
+    triton: Optional[str] = None  # the triton_kernels module that defines sparsekern_triton::<name>
+    # Default order on CUDA tensors, best first, among the backends present. To be set from
+    # `sparsekern bench --gpu` on a lent GPU; no GPU has measured it yet, so Triton comes first:
+    # its kernels' logic runs in CI (interpreter), the CUDA C++ kernels' only compiles.
+    cuda_order: Tuple[str, ...] = ("triton", "cuda")
+    dispatched: bool = True  # False: a composition of other ops, exported but without kernels of its own
+
+    def __post_init__(self):
+        if not self.schema:  # no C++ schema, so no CUDA C++ kernel either
+            object.__setattr__(self, "cuda_order", tuple(b for b in self.cuda_order if b != "cuda"))
+
+
+REGISTRY: Dict[str, Op] = {}  # name -> declaration, in the order the op files declared them
+OPS: Tuple[str, ...] = ()  # the ops with kernels, i.e. what set_backend(op=...) accepts
+PARTS: Dict[str, str] = {}  # sub-kernel -> the op whose backend it follows
+CUDA_ORDER: Dict[str, Tuple[str, ...]] = {}
+
+
+def declare(op: Op) -> Op:
+    """Add ``op`` to the registry (called once per op, at the end of its op file)."""
+    global OPS
+    if op.name in REGISTRY or op.name in PARTS:
+        raise ValueError(f"declare: op {op.name!r} is declared twice")
+    if op.function.__name__ != op.name:
+        raise ValueError(f"declare: the function of op {op.name!r} is named {op.function.__name__!r}")
+    if op.dispatched and op.differentiable and (op.backward is None or op.setup_context is None):
+        raise ValueError(f"declare: op {op.name!r} needs backward and setup_context, or differentiable=False")
+    if op.dispatched and op.schema and (op.fake is None or None in op.parts.values()):
+        raise ValueError(f"declare: op {op.name!r} has a C++ schema, so it needs a fake kernel for it and its parts")
+    REGISTRY[op.name] = op
+    if op.dispatched:
+        OPS = OPS + (op.name,)
+        CUDA_ORDER[op.name] = op.cuda_order
+        PARTS.update({part: op.name for part in op.parts})
+    return op
+
+
+def register(lib: str) -> None:
+    """Fake kernels, autograd formulas and autocast rules of the declared ops that namespace ``lib``
+    defines: ``sparsekern`` (the C++ schemas) or ``sparsekern_triton`` (the Triton ops)."""
+    defined = [op for op in REGISTRY.values()
+               if op.dispatched and (op.schema if lib == "sparsekern" else op.triton is not None)]
+    for op in defined:
+        if lib == "sparsekern":
+            for name, fake in {op.name: op.fake, **op.parts}.items():
+                torch.library.register_fake(f"sparsekern::{name}")(fake)
+        if op.backward is not None:
+            torch.library.register_autograd(f"{lib}::{op.name}", op.backward, setup_context=op.setup_context)
+    _autocast.register(lib, [op.name for op in defined if op.autocast])
+
+
+# The env var is read once, as the process default (reading os.environ inside a traced op would put
+# it in torch.compile's guards); backend() and set_backend() override it at run time.
+_env: Optional[str] = os.environ.get("SPARSEKERN_BACKEND") or None
+_global: Optional[str] = None
 _per_op: Dict[str, str] = {}
 extension_loaded = False  # set by sparsekern.ops once sparsekern._C has registered the kernels
 _triton_state: Optional[bool] = None  # None: not tried yet
 _triton_error = ""
 
 
-def _check_name(name: str) -> None:
-    if name not in _ALL:
-        raise ValueError(f"sparsekern backend must be one of {_ALL}, got {name!r}")
+def _check_name(caller: str, argument: str, name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{caller}: {argument} must be one of {BACKENDS}, got {name!r}")
 
 
-def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
-    """Force backend ``name`` for ``op`` (or for every op); ``None`` restores the default."""
+def _override(caller: str, name: Optional[str], op: Optional[str]) -> None:
     global _global
     if op is not None and op not in OPS:
-        raise ValueError(f"set_backend: op must be one of {OPS}, got {op!r}")
+        raise ValueError(f"{caller}: op must be one of {OPS}, got {op!r}")
     if name is not None:
-        _check_name(name)
+        _check_name(caller, "name", name)
     if op is None:
         _global = name
         if name is None:
@@ -65,6 +129,37 @@ def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
         _per_op[op] = name
 
 
+def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
+    """Force backend ``name`` for ``op`` (or for every op) until changed again; ``None`` removes the
+    override of ``op`` (or every override), back to ``SPARSEKERN_BACKEND`` or the device default."""
+    _override("set_backend", name, op)
+
+
+@contextlib.contextmanager
+def backend(name: Optional[str], op: Optional[str] = None) -> Iterator[None]:
+    """``with sparsekern.backend("reference"): ...`` runs the block on backend ``name`` (for ``op``
+    only if given; ``None``: without overrides); on exit, even by an exception, every override is what
+    it was on entry. Nests."""
+    saved = (_global, dict(_per_op))
+    _override("backend", name, op)
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+def _restore(saved) -> None:
+    global _global
+    _global = saved[0]
+    _per_op.clear()
+    _per_op.update(saved[1])
+
+
+def _chosen(op: str) -> Optional[str]:
+    """The backend forced for ``op`` (override or env var), None for the device default."""
+    return _per_op.get(op) or _global or _env
+
+
 def triton_loaded() -> bool:
     """Import the Triton kernels once (lazily: importing triton is slow and needs TRITON_INTERPRET
     decided beforehand) and register their autograd formulas."""
@@ -72,12 +167,11 @@ def triton_loaded() -> bool:
     if _triton_state is None:
         try:
             from .. import triton_kernels
-            triton_kernels.load()
+            triton_kernels.load(sorted({op.triton for op in REGISTRY.values() if op.triton}))
         except ImportError as exc:
             _triton_state, _triton_error = False, str(exc)
         else:
-            from . import _register_triton
-            _register_triton()
+            register("sparsekern_triton")
             _triton_state = True
     return _triton_state
 
@@ -88,24 +182,22 @@ def cuda_kernels_built() -> bool:
 
 def available(op: str, device_type: str) -> Tuple[str, ...]:
     """The backends that can run ``op`` on ``device_type`` tensors, the default first."""
-    op = _PARENT.get(op, op)
+    op = PARTS.get(op, op)
     if device_type == "cuda":
-        present = {"cuda": cuda_kernels_built() and op not in _NO_CUDA_KERNEL,
-                   "triton": triton_loaded()}
-        return tuple(b for b in _CUDA_ORDER[op] if present[b]) + ("reference",)
+        present = {"cuda": cuda_kernels_built() and REGISTRY[op].schema, "triton": triton_loaded()}
+        return tuple(b for b in CUDA_ORDER[op] if present[b]) + ("reference",)
     if device_type == "cpu":
         interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        extra = ("triton",) if (_per_op.get(op) == "triton" or _global == "triton") and interp and triton_loaded() \
-            else ()
+        extra = ("triton",) if _chosen(op) == "triton" and interp and triton_loaded() else ()
         return ("cpp",) + extra + ("reference",)
     return ("reference",)
 
 
 def get_backend(op: str, device: torch.device) -> str:
-    op = _PARENT.get(op, op)
-    name = _per_op.get(op) or _global
+    op = PARTS.get(op, op)
+    name = _chosen(op)
     if name is not None:
-        _check_name(name)
+        _check_name(f"sparsekern.{op}", "the backend (SPARSEKERN_BACKEND)", name)
     if name == "cpp" and not extension_loaded:
         raise RuntimeError(f"sparsekern.{op}: the cpp backend needs the compiled extension sparsekern._C, which "
                            "is not built; run `pip install --no-build-isolation -e .` or use the reference backend")
@@ -119,11 +211,16 @@ def get_backend(op: str, device: torch.device) -> str:
                    " (on CPU tensors the Triton kernels run only under TRITON_INTERPRET=1, set before import)")
         elif name == "cuda":
             why = " (the CUDA kernels of sparsekern._C were not built: needs a CUDA torch and nvcc at install time)"
+        elif name == "cpp":
+            why = " (the cpp backend runs CPU tensors only)"
         raise RuntimeError(f"sparsekern.{op}: backend {name!r} is not available for {device.type} tensors"
                            f"{why}; available: {', '.join(avail)}")
-    if name == "cpp" and device.type != "cpu":
-        raise RuntimeError(f"sparsekern.{op}: the cpp backend runs CPU tensors only, got {device.type}")
     return name
+
+
+def autocasts(op: str) -> bool:
+    """Whether ``op`` runs in the autocast dtype (declared ``autocast=True``; its backward parts do not)."""
+    return op in REGISTRY and REGISTRY[op].autocast
 
 
 _references: Dict[Tuple[str, str], Callable] = {}
@@ -131,7 +228,7 @@ _references: Dict[Tuple[str, str], Callable] = {}
 
 def reference_kernel(op: str, device_type: str) -> Callable:
     """The reference function of ``op``, under the autocast rule of the ops (``_autocast``)."""
-    if op not in _autocast.OPS:
+    if not autocasts(op):
         return getattr(reference, op)
     key = (op, device_type)
     if key not in _references:
@@ -147,7 +244,6 @@ def implementation(op: str, device: torch.device) -> Callable:
     if name == "triton":
         return getattr(torch.ops.sparsekern_triton, op)
     return getattr(torch.ops.sparsekern, op)  # cpp and cuda: the dispatcher picks the device's kernel
-
 
 
 def kernel_for(op: str, like: torch.Tensor) -> Callable:

@@ -2,7 +2,7 @@
 import torch
 
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import Op, declare, get_backend, implementation
 
 OP = "gather"
 
@@ -35,8 +35,4 @@ def _backward(ctx, grad):
     return grad.new_zeros(ctx.src_size).index_add_(0, index, grad), None
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::gather")(_fake)
-    torch.library.register_autograd(f"{lib}::gather", _backward, setup_context=_setup_context)
+declare(Op(OP, gather, fake=_fake, backward=_backward, setup_context=_setup_context, triton="gather"))

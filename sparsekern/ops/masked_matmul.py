@@ -4,7 +4,7 @@ import math
 import torch
 
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for
+from .dispatch import Op, declare, get_backend, implementation, kernel_for
 
 OP = "masked_matmul"
 
@@ -87,12 +87,7 @@ def _backward_sddmm(ctx, grad):
     return d_X, d_Y, None
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::masked_matmul")(_fake)
-    torch.library.register_autograd(f"{lib}::masked_matmul", _backward, setup_context=_setup_context)
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::masked_sddmm")(_fake_sddmm)
-    torch.library.register_autograd(f"{lib}::masked_sddmm", _backward_sddmm,
-                                    setup_context=_setup_context_sddmm)
+declare(Op(OP, masked_matmul, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True,
+           triton="masked_matmul"))
+declare(Op("masked_sddmm", masked_sddmm, fake=_fake_sddmm, backward=_backward_sddmm,
+           setup_context=_setup_context_sddmm, autocast=True, triton="masked_matmul"))

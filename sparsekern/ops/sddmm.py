@@ -3,7 +3,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix, transpose_pattern
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for
+from .dispatch import Op, declare, get_backend, implementation, kernel_for
 
 OP = "sddmm"
 
@@ -48,8 +48,4 @@ def _backward(ctx, grad):
     return None, None, d_X, d_Y
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::sddmm")(_fake)
-    torch.library.register_autograd(f"{lib}::sddmm", _backward, setup_context=_setup_context)
+declare(Op(OP, sddmm, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True, triton="sddmm"))

@@ -5,7 +5,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for
+from .dispatch import Op, declare, get_backend, implementation, kernel_for
 
 OP = "sparse_conv2d"
 IntPair = Union[int, Tuple[int, int]]
@@ -89,10 +89,6 @@ def _backward(ctx, grad):
     return d_x, d_values, None, None, None, d_bias, None, None, None
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::sparse_conv2d")(_fake)
-        torch.library.register_fake("sparsekern::sparse_conv2d_backward_input")(_fake_backward_input)
-        torch.library.register_fake("sparsekern::sparse_conv2d_backward_weight")(_fake_backward_weight)
-    torch.library.register_autograd(f"{lib}::sparse_conv2d", _backward, setup_context=_setup_context)
+declare(Op(OP, sparse_conv2d, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True,
+           triton="sparse_conv2d", parts={"sparse_conv2d_backward_input": _fake_backward_input,
+                                          "sparse_conv2d_backward_weight": _fake_backward_weight}))

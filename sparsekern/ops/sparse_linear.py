@@ -6,7 +6,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for
+from .dispatch import Op, declare, get_backend, implementation, kernel_for
 
 OP = "sparse_linear"
 
@@ -57,8 +57,5 @@ def _backward(ctx, grad):
     return d_x, d_values, None, None, d_bias, None, None, None
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::sparse_linear")(_fake)
-    torch.library.register_autograd(f"{lib}::sparse_linear", _backward, setup_context=_setup_context)
+declare(Op(OP, sparse_linear, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True,
+           triton="spmm"))

@@ -3,7 +3,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix, transpose_pattern
 from . import _checks as check
-from .dispatch import get_backend, implementation, kernel_for
+from .dispatch import Op, declare, get_backend, implementation, kernel_for
 
 OP = "spmm"
 
@@ -44,8 +44,4 @@ def _backward(ctx, grad):
     return d_values, None, None, d_B, None, None, None
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::spmm")(_fake)
-    torch.library.register_autograd(f"{lib}::spmm", _backward, setup_context=_setup_context)
+declare(Op(OP, spmm, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True, triton="spmm"))

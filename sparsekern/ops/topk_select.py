@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 
 from . import _checks as check
-from .dispatch import get_backend, implementation
+from .dispatch import Op, declare, get_backend, implementation
 
 OP = "topk_select"
 
@@ -42,7 +42,4 @@ def _fake(scores, k, largest=True, candidates=None):
     return scores.new_empty((k,), dtype=torch.int64)
 
 
-def register(lib: str = "sparsekern"):
-    """Fake kernels (C++ schemas only: a triton_op traces its own) and autograd formulas for ``lib``."""
-    if lib == "sparsekern":
-        torch.library.register_fake("sparsekern::topk_select")(_fake)
+declare(Op(OP, topk_select, fake=_fake, differentiable=False, triton="topk_select"))

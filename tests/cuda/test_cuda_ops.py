@@ -11,7 +11,7 @@ import sparsekern
 from sparsekern import reference
 from sparsekern.ops import dispatch
 
-from sk_testing import gen, make_input, random_sparse, seed_of, use_backend
+from sk_testing import gen, make_input, random_sparse, seed_of
 
 
 def _cuda_kernels_built() -> bool:
@@ -128,7 +128,7 @@ def test_sparse_linear_backward(sparsity, dtype):
     W = random_sparse((150, 90), sparsity[0], dtype, g, sparsity[1], requires_grad=True).to(DEV)
     x = make_input((70, 90), dtype, g).to(DEV).requires_grad_(True)
     bias = make_input((150,), dtype, g).to(DEV).requires_grad_(True)
-    with use_backend("cuda"):
+    with sparsekern.backend("cuda"):
         y = sparsekern.ops.sparse_linear(x, W, bias)
         gy = torch.randn_like(y)
         got = torch.autograd.grad(y, [x, W.values, bias], gy)
@@ -146,7 +146,7 @@ def test_spmm_backward(dtype):
     g = gen(seed_of("spmmbw"))
     A = random_sparse((80, 120), 0.3, dtype, g, True, requires_grad=True).to(DEV)
     B = make_input((120, 50), dtype, g).to(DEV).requires_grad_(True)
-    with use_backend("cuda"):
+    with sparsekern.backend("cuda"):
         out = sparsekern.ops.spmm(A, B)
         go = torch.randn_like(out)
         got = torch.autograd.grad(out, [A.values, B], go)

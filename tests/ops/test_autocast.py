@@ -7,6 +7,7 @@ import torch._dynamo
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.block_sparse import BlockSparseMatrix
 from sparsekern.nn import SparseConv2d, SparseLinear
@@ -14,7 +15,7 @@ from sparsekern.ops import (bsr_conv2d, bsr_linear, bsr_sddmm, masked_matmul, ma
                             sparse_linear, spmm)
 
 from sk_testing import (check_low_precision, gen, has_cpu_kernel, make_input, random_mask, random_sparse, seed_of,
-                        threads, use_backend)
+                        threads)
 
 BF16 = torch.bfloat16
 LINEAR = ("sparse_linear", "sddmm", "gather")
@@ -300,7 +301,7 @@ def test_float16_autocast_on_cpp_is_a_type_error():
     if not has_cpu_kernel("sparse_linear"):
         pytest.skip("needs the compiled CPU kernels")
     W = random_sparse((4, 6), 0.5, torch.float32, gen(65))
-    with use_backend("cpp"), cpu_autocast(torch.float16):
+    with sparsekern.backend("cpp"), cpu_autocast(torch.float16):
         with pytest.raises(TypeError, match=r"sparse_linear: x has dtype torch.float32 \(torch.float16 under "
                                             r"autocast\), which the cpp backend does not support"):
             sparse_linear(torch.randn(2, 6), W)
@@ -309,7 +310,7 @@ def test_float16_autocast_on_cpp_is_a_type_error():
 def test_float16_autocast_on_reference():
     W = random_sparse((4, 6), 0.5, torch.float32, gen(66))
     x = torch.randn(2, 6)
-    with use_backend("reference"), cpu_autocast(torch.float16):
+    with sparsekern.backend("reference"), cpu_autocast(torch.float16):
         assert sparse_linear(x, W).dtype == F.linear(x, W.to_dense()).dtype == torch.float16
 
 

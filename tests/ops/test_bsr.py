@@ -13,7 +13,7 @@ import sparsekern
 from sparsekern import BlockSparseMatrix, SparseMatrix
 from sparsekern.ops import bsr_conv2d, bsr_linear, bsr_sddmm
 
-from sk_testing import assert_close, gen, grads, make_input, random_mask, seed_of, use_backend
+from sk_testing import assert_close, gen, grads, make_input, random_mask, seed_of
 
 LINEAR_KERNELS = ("sparse_linear", "sddmm", "gather")
 CONV_KERNELS = ("sparse_conv2d", "sparse_conv2d_backward_input", "sparse_conv2d_backward_weight")
@@ -128,7 +128,7 @@ def test_linear_backends_agree(dtype):
     grad_out = make_input((5, 16), dtype, g)
     out = {}
     for name in ("cpp", "reference"):
-        with use_backend(name):
+        with sparsekern.backend(name):
             y = bsr_linear(x, W, bias)
             out[name] = (y,) + tuple(grads(y, [x, W.values, bias], grad_out))
     for a, c in zip(out["cpp"], out["reference"]):
@@ -147,7 +147,7 @@ def test_linear_gradcheck_cpp():
     def f(x, values, bias):
         return bsr_linear(x, BlockSparseMatrix(W.row_ptr, W.col_idx, values, W.shape), bias)
 
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         assert torch.autograd.gradcheck(f, (x, values, bias))
 
 
@@ -243,7 +243,7 @@ def test_conv2d_gradcheck_cpp():
     def f(x, values, bias):
         return bsr_conv2d(x, BlockSparseMatrix(W.row_ptr, W.col_idx, values, W.shape), bias, 1, 1)
 
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         assert torch.autograd.gradcheck(f, (x, values, bias))
 
 

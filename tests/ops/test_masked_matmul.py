@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.ops import masked_matmul, masked_sddmm
 
-from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_mask, seed_of,
-                      use_backend)
+from sk_testing import DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_mask, seed_of
 
 OP = "masked_matmul"
 BACKWARD = ("masked_matmul", "masked_sddmm")
@@ -118,7 +118,7 @@ def test_bad_input(backend, make, exc, match):
 def test_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     x, w = torch.randn(2, 4, dtype=torch.float16), torch.randn(3, 4, dtype=torch.float16)
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"masked_matmul: x has dtype torch.float16, which the cpp backend"):
             masked_matmul(x, w, torch.ones(3, 4, dtype=torch.bool))
 
@@ -190,7 +190,7 @@ def test_sddmm_bad_input(backend, make, exc, match):
 def test_sddmm_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     X, Y = torch.randn(3, 2, dtype=torch.float16), torch.randn(4, 2, dtype=torch.float16)
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"masked_sddmm: X has dtype torch.float16, which the cpp backend"):
             masked_sddmm(X, Y, torch.ones(3, 4, dtype=torch.bool))
 

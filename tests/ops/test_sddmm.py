@@ -3,11 +3,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.ops import sddmm
 
-from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
-                      use_backend)
+from sk_testing import DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of
 
 OP = "sddmm"
 BACKWARD = ("sddmm", "spmm")
@@ -106,7 +106,7 @@ def test_bad_input(backend, make, exc, match):
 def test_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     X, Y = torch.randn(3, 2, dtype=torch.float16), torch.randn(4, 2, dtype=torch.float16)
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"sddmm: X has dtype torch.float16, which the cpp backend does not support"):
             sddmm(_P(), X, Y)
 

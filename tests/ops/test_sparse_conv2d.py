@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, strategies as st
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.ops import sparse_conv2d
 
-from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of,
-                      use_backend)
+from sk_testing import DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of
 
 OP = "sparse_conv2d"
 BACKWARD = ("sparse_conv2d", "sparse_conv2d_backward_input", "sparse_conv2d_backward_weight")
@@ -154,7 +154,7 @@ def test_bad_input(backend, make, exc, match):
 def test_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     x = torch.randn(2, 3, 8, 8, dtype=torch.float16)
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"sparse_conv2d: x has dtype torch.float16, which the cpp backend"):
             sparse_conv2d(x, _W(torch.float16))
 

@@ -3,11 +3,12 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.ops import sparse_linear
 
 from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, has_cpu_kernel, make_input, random_sparse,
-                        seed_of, use_backend)
+                        seed_of)
 
 OP = "sparse_linear"
 BACKWARD = ("sparse_linear", "sddmm")
@@ -155,7 +156,7 @@ def test_bad_input(backend, make, exc, match):
 def test_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     x = torch.randn(2, 4, dtype=torch.float16)
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"sparse_linear: x has dtype torch.float16, which the cpp backend"):
             sparse_linear(x, _W(torch.float16))
 

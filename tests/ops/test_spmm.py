@@ -3,11 +3,12 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.ops import spmm
 
 from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, has_cpu_kernel, make_input, random_sparse,
-                        seed_of, use_backend)
+                        seed_of)
 
 OP = "spmm"
 BACKWARD = ("spmm", "sddmm")
@@ -118,7 +119,7 @@ def test_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     A = _A(torch.float16)
     B = torch.randn(4, 2, dtype=torch.float16)
-    with use_backend("cpp"):  # the wrapper rejects the dtype before any kernel runs
+    with sparsekern.backend("cpp"):  # the wrapper rejects the dtype before any kernel runs
         with pytest.raises(TypeError, match=r"spmm: B has dtype torch.float16, which the cpp backend does not support"):
             spmm(A, B)
 
@@ -126,7 +127,7 @@ def test_float16_on_cpp_is_a_type_error():
 def test_bfloat16_on_reference():
     A = _A(torch.bfloat16)
     B = torch.randn(4, 2, dtype=torch.bfloat16, generator=gen(14))
-    with use_backend("reference"):
+    with sparsekern.backend("reference"):
         out = spmm(A, B)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), A.to_dense().float() @ B.float(), rtol=2e-2, atol=2e-2)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.ops import topk_select
 
-from sk_testing import DTYPES, FUZZ, gen, make_input, seed_of, threads, use_backend
+from sk_testing import DTYPES, FUZZ, gen, make_input, seed_of, threads
 
 OP = "topk_select"
 
@@ -184,13 +185,13 @@ def test_nan_scores_raise(backend, where, dtype):
 
 
 def test_bfloat16_on_cpp_is_a_type_error():
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"topk_select: scores has dtype torch.bfloat16, which the cpp backend"):
             topk_select(torch.randn(8, dtype=torch.bfloat16), 2)
 
 
 def test_float16_on_cpp_is_a_type_error():
-    with use_backend("cpp"):
+    with sparsekern.backend("cpp"):
         with pytest.raises(TypeError, match=r"topk_select: scores has dtype torch.float16"):
             topk_select(torch.randn(8).half(), 2)
 

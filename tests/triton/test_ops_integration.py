@@ -1,4 +1,4 @@
-"""The Triton backend behind the op contracts: each public op with ``set_backend("triton")``, forward
+"""The Triton backend behind the op contracts: each public op under ``sparsekern.backend("triton")``, forward
 and backward (the autograd formulas registered on the sparsekern_triton ops), against the reference
 backend on the same inputs; the modules on it; and the dispatch rules that choose it."""
 import pytest
@@ -16,9 +16,8 @@ DT = torch.float32
 
 @pytest.fixture
 def triton_backend():
-    sparsekern.set_backend("triton")
-    yield
-    sparsekern.set_backend(None)
+    with sparsekern.backend("triton"):
+        yield
 
 
 def _run(fn, *inputs):
@@ -26,16 +25,13 @@ def _run(fn, *inputs):
     then under the reference backend (fresh leaves each time)."""
     results = []
     for backend in ("triton", "reference"):
-        sparsekern.set_backend(backend)
-        try:
+        with sparsekern.backend(backend):
             leaves = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
                       for t in inputs]
             out = fn(*leaves)
             grads = torch.autograd.grad(out, [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad],
                                         torch.ones_like(out)) if out.requires_grad else ()
             results.append((out.detach(), grads))
-        finally:
-            sparsekern.set_backend(None)
     (out, grads), (ref, ref_grads) = results
     assert_close(out, ref, DT)
     assert len(grads) == len(ref_grads)
@@ -118,11 +114,8 @@ def test_topk_select_and_gather():
     candidates = torch.rand(300, device=DEVICE) < 0.6
     picks = {}
     for backend in ("triton", "reference"):
-        sparsekern.set_backend(backend)
-        try:
+        with sparsekern.backend(backend):
             picks[backend] = ops.topk_select(scores, 40, largest=False, candidates=candidates)
-        finally:
-            sparsekern.set_backend(None)
     assert torch.equal(picks["triton"], picks["reference"])
     src = torch.randn(50, device=DEVICE, requires_grad=True)
     index = torch.randint(0, 50, (80,), device=DEVICE)
@@ -138,9 +131,9 @@ def test_module_training_step_matches_cpu_kernels(fmt, triton_backend):
     x, img = torch.randn(6, 32, device=DEVICE), torch.randn(2, 16, 6, 6, device=DEVICE)
     grads = []
     for backend in ("triton", "reference"):
-        sparsekern.set_backend(backend)
-        lin.zero_grad(), conv.zero_grad()
-        (lin(x).square().mean() + conv(img).square().mean()).backward()
+        with sparsekern.backend(backend):
+            lin.zero_grad(), conv.zero_grad()
+            (lin(x).square().mean() + conv(img).square().mean()).backward()
         grads.append([p.grad.clone() for p in (lin.values, lin.bias, conv.values, conv.bias)])
     for g, r in zip(*grads):
         assert_close(g, r, DT)
@@ -150,28 +143,19 @@ def test_dispatch_rules(monkeypatch):
     cpu = torch.device("cpu")
     # On CPU tensors the C++ kernels stay the default even where the interpreter could run Triton.
     assert dispatch.get_backend("spmm", cpu) == "cpp"
-    sparsekern.set_backend("triton", op="spmm")
-    try:
+    with sparsekern.backend("triton", op="spmm"):
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # (on a GPU machine the kernels are compiled, not interpreted)
         assert dispatch.get_backend("spmm", cpu) == "triton"
         assert dispatch.get_backend("sddmm", cpu) == "cpp"  # per op
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
             dispatch.get_backend("spmm", cpu)
-    finally:
-        sparsekern.set_backend(None)
-    sparsekern.set_backend("cuda", op="spmm")
-    try:
+    with sparsekern.backend("cuda", op="spmm"):
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available for cpu tensors"):
             dispatch.get_backend("spmm", cpu)
-    finally:
-        sparsekern.set_backend(None)
     # The backward kernels of conv follow the conv's choice.
-    sparsekern.set_backend("reference", op="sparse_conv2d")
-    try:
+    with sparsekern.backend("reference", op="sparse_conv2d"):
         assert dispatch.get_backend("sparse_conv2d_backward_input", cpu) == "reference"
-    finally:
-        sparsekern.set_backend(None)
     with pytest.raises(ValueError, match="op must be one of"):
         sparsekern.set_backend("triton", op="nope")
 
@@ -190,10 +174,7 @@ def test_cuda_default_and_compile():
     assert dispatch.get_backend("spmm", dev) in ("cuda", "triton")
     lin = SparseLinear(256, 512, density=0.1, format="bsr", block=32, device=dev)
     x = torch.randn(128, 256, device=dev)
-    sparsekern.set_backend("triton")
-    try:
+    with sparsekern.backend("triton"):
         eager = lin(x)
         compiled = torch.compile(lin, fullgraph=True)(x)
-    finally:
-        sparsekern.set_backend(None)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

@@ -9,12 +9,13 @@ import torch
 
 from triton_testing import DEVICE
 
+import sparsekern
 from sparsekern import reference
 from sparsekern.block_sparse import BlockSparseMatrix
 from sparsekern.nn import SparseLinear
 from sparsekern.ops import (bsr_linear, masked_matmul, masked_sddmm, sddmm, sparse_conv2d, sparse_linear, spmm)
 
-from sk_testing import check_low_precision, gen, make_input, random_mask, random_sparse, seed_of, use_backend
+from sk_testing import check_low_precision, gen, make_input, random_mask, random_sparse, seed_of
 
 F32 = torch.float32
 # Kernels whose bfloat16 path goes through tl.dot on bfloat16 tiles.
@@ -93,7 +94,7 @@ CASES = [(op, dtype) for op in _cases() for dtype in _dtypes(op)]
 def test_triton_op_under_autocast(op, dtype):
     g = gen(seed_of("triton autocast", op))
     fn, ref, inputs = _cases()[op](g)
-    with use_backend("triton"), torch.autocast(DEVICE.type, dtype=dtype):
+    with sparsekern.backend("triton"), torch.autocast(DEVICE.type, dtype=dtype):
         out, got = check_low_precision(fn, ref, inputs, g, dtype)
     assert out.dtype == dtype
     assert [d.dtype for d in got] == [F32] * len(got)
@@ -105,7 +106,7 @@ def test_triton_sparse_linear_module_under_autocast(dtype):
     torch.manual_seed(0)
     module = SparseLinear(48, 24, density=0.3, device=DEVICE)
     x = torch.randn(7, 48, device=DEVICE, requires_grad=True)
-    with use_backend("triton"):
+    with sparsekern.backend("triton"):
         with torch.autocast(DEVICE.type, dtype=dtype):
             y = module(x)
             assert y.dtype == torch.nn.functional.linear(x, module.dense_weight(), module.bias).dtype == dtype
