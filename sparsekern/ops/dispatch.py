@@ -44,13 +44,15 @@ class Op:
     backward: Optional[Callable] = None  # autograd formula over other ops, required unless not differentiable
     setup_context: Optional[Callable] = None
     differentiable: bool = True  # False: no autograd formula on its kernels (indices, or itself a backward)
-    parts: Mapping[str, Callable] = dataclasses.field(default_factory=dict)  # sub-kernels (its backward) and
-    # their fake kernels: they follow this op's backend
+    # Kernels that exist only as a part of this op (its backward), with their fake kernels: they follow
+    # this op's backend.
+    parts: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     autocast: bool = False  # runs in the autocast dtype under torch.autocast (see _autocast)
     triton: Optional[str] = None  # the triton_kernels module that defines sparsekern_triton::<name>
     # Default order on CUDA tensors, best first, among the backends present. To be set from
-    # `sparsekern bench --gpu` on a lent GPU; no GPU has measured it yet, so Triton comes first:
-    # its kernels' logic runs in CI (interpreter), the CUDA C++ kernels' only compiles.
+    # `sparsekern bench --gpu`; no GPU has measured it yet, so Triton comes first: its kernels' logic
+    # runs in CI (interpreter), the CUDA C++ kernels' only compiles. The Sputnik-style CUDA kernels are
+    # expected to win unstructured SpMM/SDDMM/top-k (Gale et al., SC'20): swap once a GPU confirms it.
     cuda_order: Tuple[str, ...] = ("triton", "cuda")
     dispatched: bool = True  # False: a composition of other ops, exported but without kernels of its own
 
