@@ -13,6 +13,15 @@
 #endif
 #define SK_INLINE inline __attribute__((always_inline))
 
+// The 512-bit instances of the CSR loops: compiled for one target and picked at run time
+// (csr::isa()), not by ifunc, so that SPARSEKERN_ISA=avx2 can keep 32-byte loops on an AVX-512 host.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SK_HAVE_AVX512 1
+#define SK_AVX512 __attribute__((target("arch=x86-64-v4")))
+#else
+#define SK_HAVE_AVX512 0
+#endif
+
 namespace sparsekern {
 
 inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {

@@ -13,6 +13,8 @@
 // Rows are cut into a few nnz-balanced parts per thread (cost nnz + a per-row term), handed
 // out dynamically; a part walks all batch tiles (rows: int32 column indices, software
 // prefetch of the packed rows 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
+// On AVX-512 hosts the SpMM and SDDMM loops can run on 64-byte vectors (same templates, same tiles
+// and packing, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
 // and bias converted once, results rounded to bf16 on store (SDDMM: once, after all tiles).
 #pragma once
@@ -54,6 +56,16 @@ void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor&
 // vals (nnz, contiguous) [p] = dot(X[i, :], Y[j, :]), X (m, d), Y (k, d) strided views.
 void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X,
            const at::Tensor& Y, const at::Tensor& vals);
+
+// The vector width of the SpMM / SDDMM loops: avx2 = the portable 32-byte loops (AVX2 clone, SSE on
+// older x86, generic elsewhere), avx512 = 64-byte loops (AVX-512F/BW/DQ/VL hosts only). Set once at
+// load from SPARSEKERN_ISA=auto|avx2|avx512 (auto: the faster width measured on this CPU family);
+// set_isa changes it at run time (tests, benchmarks: torch.ops.sparsekern._set_isa).
+enum class Isa { avx2, avx512 };
+Isa isa();
+const char* isa_name(Isa isa);
+bool isa_supported(const std::string& name);  // false for unknown names
+std::string set_isa(const std::string& name);  // "auto" | "avx2" | "avx512"; returns the ISA now in effect
 
 struct Compacted {
   at::Tensor row_ptr;  // int64 (m + 1)

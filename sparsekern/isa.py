@@ -1,0 +1,49 @@
+"""The vector width of the CPU CSR kernels (sparse_linear, spmm, sddmm, masked_matmul).
+
+``avx2`` runs the portable 32-byte loops (AVX2 on x86-64-v3, SSE on older x86, generic elsewhere);
+``avx512`` runs the same loops on 64-byte vectors, on CPUs with AVX-512F/BW/DQ/VL only. The
+environment variable ``SPARSEKERN_ISA=auto|avx2|avx512`` is read once, when the extension loads;
+``auto`` (the default) picks the width measured faster on this CPU family. ``set``/``use`` change
+it at run time, for tests and benchmarks: the choice is process-wide, not per thread.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+NAMES = ("auto", "avx2", "avx512")
+
+
+def _op(name: str):
+    # Registered by sparsekern._C (csrc/cpu/csr_engine.cpp), which `import sparsekern` loads.
+    try:
+        return getattr(torch.ops.sparsekern, name)
+    except (AttributeError, RuntimeError):
+        raise RuntimeError("sparsekern.isa: the compiled extension sparsekern._C is not built") from None
+
+
+def get() -> str:
+    """The ISA the CSR kernels run now: ``"avx2"`` or ``"avx512"``."""
+    return _op("_isa")()
+
+
+def supported(name: str) -> bool:
+    """Whether ``set(name)`` would succeed on this CPU and build."""
+    return bool(_op("_isa_supported")(name))
+
+
+def set(name: str) -> str:  # noqa: A001 (module-level function, used as sparsekern.isa.set)
+    """Run the CSR kernels with ``name`` (``auto``, ``avx2`` or ``avx512``); returns the ISA now in effect."""
+    return _op("_set_isa")(name)
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[str]:
+    """``set(name)`` for the duration of a with-block, then the previous ISA again."""
+    before = get()
+    try:
+        yield set(name)
+    finally:
+        set(before)
