@@ -34,7 +34,7 @@ MIN_TUNE_MACS = 1 << 16
 WARMUP, REPEATS = 1, 3
 # A sparse kernel must beat the dense one by more than this fraction to be chosen.
 DENSE_MARGIN = 0.05
-# A candidate whose warm-up run is this much slower than the best median so far is not timed further.
+# A candidate this much slower than the best after one round is not timed further.
 GIVE_UP_RATIO = 3.0
 
 _autotune: bool = os.environ.get("SPARSEKERN_AUTOTUNE", "1") != "0"
@@ -196,23 +196,30 @@ def _measure(module: nn.Module, x: torch.Tensor) -> Choice:
         return Choice(candidates[0], reason="only candidate")
     if module.dense_macs(x) < MIN_TUNE_MACS:
         return Choice(DEFAULT, reason=f"below {MIN_TUNE_MACS:.1e} MACs: not measured")
-    times: Dict[str, float] = {}
-    best = math.inf
-    for kernel in candidates:
-        run = _timer(module, x, kernel)
-        samples = []
-        for i in range(WARMUP + REPEATS):
-            _sync(x.device)
-            t0 = _clock()
-            run()
-            _sync(x.device)
-            samples.append((_clock() - t0) * 1e3)
-            if i == 0 and samples[0] > GIVE_UP_RATIO * best:  # clearly slower: not worth timing further
-                break
-        # The minimum, not the median: interference from other processes only ever adds time.
-        fastest = min(samples[WARMUP:] or samples)
-        times[kernel] = fastest
-        best = min(best, fastest)
+    runs = {kernel: _timer(module, x, kernel) for kernel in candidates}
+
+    def timed(kernel: str) -> float:
+        _sync(x.device)
+        t0 = _clock()
+        runs[kernel]()
+        _sync(x.device)
+        return (_clock() - t0) * 1e3
+
+    for _ in range(WARMUP):
+        for kernel in candidates:
+            timed(kernel)
+    # Rounds over the candidates, not one candidate after another: the machine's state drifts (fresh
+    # pages, caches, other processes) and must not favour whichever ran last. The minimum per
+    # candidate, not the median: interference only ever adds time.
+    samples: Dict[str, List[float]] = {kernel: [] for kernel in candidates}
+    active = list(candidates)
+    for r in range(REPEATS):
+        for kernel in active:
+            samples[kernel].append(timed(kernel))
+        if r == 0:  # clearly slower after one round: not worth timing further
+            best = min(min(v) for v in samples.values())
+            active = [k for k in active if min(samples[k]) <= GIVE_UP_RATIO * best]
+    times = {kernel: min(v) for kernel, v in samples.items()}
     fastest = min(times, key=times.get)
     if "dense" in times and times["dense"] <= (1 + DENSE_MARGIN) * times[fastest]:
         fastest = "dense"  # a near tie is within the noise: the dense kernel is never the wrong bet
