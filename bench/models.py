@@ -14,7 +14,7 @@ in one process, each after warm-up steps (first-call caches and tuning are not t
   and "of bound" is the part of the bound's time saving achieved;
 - per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input.
 
-``sparsekern bench --models [resnet50 resnet18 bert vit mlp] [--quick] [--threads N] [--output FILE]``,
+``sparsekern bench --models [resnet50 resnet18 bert vit convnext mlp] [--quick] [--threads N] [--output FILE]``,
 or ``python -m sparsekern.bench.models`` with the same options; ``--sizes tiny`` is for the smoke test.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import sparsekern
-from sparsekern.models import BertEncoder, ImageNetResNet, VisionTransformer, get_model
+from sparsekern.models import BertEncoder, ConvNeXt, ImageNetResNet, VisionTransformer, get_model
 from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
 from sparsekern.nn import SparseWeightMixin
 from sparsekern.sparsity import sparsifiable_layers
@@ -42,7 +42,7 @@ from .report import command_line, cpu_model
 from .timing import Budget, Timing, measure, train_step_fn
 from .train import _optimizer, _step_fn
 
-MODELS = ("resnet50", "resnet18", "bert", "vit", "mlp")
+MODELS = ("resnet50", "resnet18", "bert", "vit", "convnext", "mlp")
 DENSITY = 0.1
 DISTRIBUTIONS = ("erk", "uniform")
 
@@ -88,6 +88,8 @@ def cases(sizes: str) -> List[Case]:
                      _tokens(2, 8, 50), 2),
                 Case("vit", "vit 1x32 32x32 batch 2",
                      lambda: VisionTransformer(10, 3, 32, hidden=32, layers=1, heads=2, mlp=64), _images(2, 32), 10),
+                Case("convnext", "convnext 1-1 8-16 32x32 batch 2", lambda: ConvNeXt(10, depths=(1, 1), dims=(8, 16)),
+                     _images(2, 32), 10),
                 Case("mlp", "mlp 49-32-10 batch 4", lambda: get_model("mlp", image_size=7, hidden=(32,)),
                      _images(4, 7, 1), 10)]
     return [Case("resnet50", "ResNet-50 112x112 batch 16", lambda: get_model("resnet50", 1000), _images(16, 112), 1000),
@@ -98,6 +100,7 @@ def cases(sizes: str) -> List[Case]:
                  lambda: get_model("bert-small", 2), _tokens(16, 128, 30522), 2),
             Case("vit", "ViT-S/16 112x112 batch 16", lambda: get_model("vit-s16", 1000, image_size=112),
                  _images(16, 112), 1000),
+            Case("convnext", "ConvNeXt-T 64x64 batch 8", lambda: get_model("convnext-tiny", 1000), _images(8, 64), 1000),
             Case("mlp", "MLP 784-1024-1024-10 batch 256", lambda: get_model("mlp", hidden=(1024, 1024)),
                  _images(256, 28, 1), 10)]
 

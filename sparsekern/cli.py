@@ -135,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--train", action="store_true",
                        help="time whole training steps (sparse vs dense MLP and ResNet-20) instead of ops")
     bench.add_argument("--models", nargs="*", default=None, metavar="MODEL",
-                       choices=("resnet50", "resnet18", "bert", "vit", "mlp"),
+                       choices=("resnet50", "resnet18", "bert", "vit", "convnext", "mlp"),
                        help="time training steps of whole networks dense vs 90%% sparse (ERK, uniform), with the "
-                            "FLOP bound and every sparse layer: resnet50 resnet18 bert vit mlp (none named: all)")
+                            "FLOP bound and every sparse layer: resnet50 resnet18 bert vit convnext mlp (none named: all)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.set_defaults(func=_bench)

@@ -6,13 +6,15 @@ from typing import Callable, Dict, Optional
 
 from torch import nn
 
+from .convnext import ConvNeXt, convnext_tiny
 from .mlp import MLP, LeNet5
 from .resnet_cifar import CifarResNet, WideResNet, resnet20, resnet32, wrn_22_2
 from .resnet_imagenet import ImageNetResNet, resnet18, resnet50
 from .transformer import BertEncoder, VisionTransformer
 
 __all__ = ["MLP", "LeNet5", "CifarResNet", "WideResNet", "ImageNetResNet", "resnet20", "resnet32", "wrn_22_2",
-           "resnet18", "resnet50", "BertEncoder", "VisionTransformer", "get_model", "MODELS"]
+           "resnet18", "resnet50", "BertEncoder", "VisionTransformer", "ConvNeXt", "convnext_tiny", "get_model",
+           "MODELS"]
 
 
 def _mlp(num_classes: int, in_channels: int, image_size: int, **kwargs) -> nn.Module:
@@ -48,6 +50,7 @@ MODELS: Dict[str, tuple] = {
     "resnet50": (_no_size(resnet50), 3, 224),
     "bert-small": (_bert, None, None),
     "vit-s16": (_vit, 3, 224),
+    "convnext-tiny": (_no_size(convnext_tiny), 3, 224),
 }
 
 

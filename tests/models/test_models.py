@@ -50,6 +50,20 @@ def test_lenet_on_upsampled_digits_and_registry_errors():
 
 def test_only_groups_one_convs():
     for name in MODELS:
-        if name == "resnet50":
-            continue  # same block code as resnet18's stages, and slower to build
+        if name in ("resnet50", "convnext-tiny"):
+            continue  # resnet50: resnet18's block code, slower to build; ConvNeXt: below
         assert all(m.groups == 1 for m in get_model(name).modules() if isinstance(m, nn.Conv2d))
+
+
+def test_convnext_tiny_matches_the_published_model_and_keeps_depthwise_convs_dense():
+    import sparsekern
+    model = get_model("convnext-tiny", 1000)
+    assert sum(p.numel() for p in model.parameters()) == 28_589_128  # ConvNeXt-T, torchvision/timm
+    small = sparsekern.models.ConvNeXt(10, depths=(1, 1), dims=(8, 16))
+    x = torch.randn(2, 3, 32, 32)
+    assert small(x).shape == (2, 10)
+    sparsekern.sparsify(small, 0.5, "uniform", init="dense")
+    kinds = [type(m).__name__ for m in small.modules()]
+    assert kinds.count("SparseLinear") == 5 and kinds.count("SparseConv2d") == 2  # pointwise + head; stem + down
+    assert all(m.groups == m.in_channels for m in small.modules() if type(m) is nn.Conv2d)  # depthwise, dense
+    small(x).sum().backward()
