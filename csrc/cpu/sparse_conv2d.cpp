@@ -131,6 +131,20 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
   TORCH_CHECK(g.sh >= 1 && g.sw >= 1, op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(g.ph >= 0 && g.pw >= 0, op, ": padding must be >= 0, got ", padding);
   TORCH_CHECK(g.dh >= 1 && g.dw >= 1, op, ": dilation must be >= 1, got ", dilation);
+  // Every extent below must fit the kernels' int32 offsets; checked in 128 bits, so that no product or
+  // sum of the caller's numbers can wrap before it is compared.
+  const __int128 ext_h = static_cast<__int128>(g.dh) * (g.kh - 1) + 1;
+  const __int128 ext_w = static_cast<__int128>(g.dw) * (g.kw - 1) + 1;
+  const __int128 padded_h = static_cast<__int128>(H) + 2 * static_cast<__int128>(g.ph);
+  const __int128 padded_w = static_cast<__int128>(W) + 2 * static_cast<__int128>(g.pw) + g.sw;
+  const __int128 taps = static_cast<__int128>(Cin) * g.kh * g.kw;
+  TORCH_CHECK(ext_h < INT32_MAX && ext_w < INT32_MAX, op, ": kernel_size ", kernel_size, " with dilation ", dilation,
+              " spans more than 2^31 - 1 input positions");
+  TORCH_CHECK(padded_h < INT32_MAX && padded_w < INT32_MAX && g.sh < INT32_MAX && g.sw < INT32_MAX, op,
+              ": input size (", H, ", ", W, ") with padding ", padding, " and stride ", stride,
+              " exceeds 2^31 - 1 positions per dimension");
+  TORCH_CHECK(taps < INT32_MAX, op, ": Cin * kh * kw = ", Cin, " * ", g.kh, " * ", g.kw,
+              " exceeds 2^31 - 1 weight columns");
   // W has Cin*kh*kw columns; col_idx is checked against that when the offsets are built.
   g.OH = (H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.OW = (W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
@@ -139,8 +153,8 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
               g.ph, ", ", g.pw, ") and dilation (", g.dh, ", ", g.dw, ")");
   g.Hp = H + 2 * g.ph;
   g.Wq = (W + 2 * g.pw + g.sw - 1) / g.sw;
-  TORCH_CHECK(g.xpack_size() < INT32_MAX, op, ": one image is too large for this kernel (", Cin, " x ", H, " x ", W,
-              ")");
+  TORCH_CHECK(static_cast<__int128>(Cin) * g.sw * g.Hp * g.Wq + kSlack < INT32_MAX, op,
+              ": one image is too large for this kernel (", Cin, " x ", H, " x ", W, ")");
   // row_ptr: 0 = rp[0] <= ... <= rp[Cout] = nnz.
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == col_idx.numel(), op, ": row_ptr must start at 0 and end at nnz = ",
@@ -414,8 +428,9 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t Ptop = ((g.kh - 1) * g.dh) / g.sh, Pleft = ((g.kw - 1) * g.dw) / g.sw;
   const int64_t Mmax = (g.H - 1 + g.ph) / g.sh + 1, Nmax = (g.W - 1 + g.pw) / g.sw + 1;
   const int64_t Hd = Ptop + std::max(g.OH, Mmax), Wd = Pleft + std::max(g.OW, Nmax);
+  TORCH_CHECK(static_cast<__int128>(g.Cout) * Hd * Wd + kSlack < INT32_MAX,
+              "sparse_conv2d_backward_input: one grad_out image is too large for this kernel");
   const int64_t dplane = Hd * Wd, psize = g.Cout * dplane + kSlack;
-  TORCH_CHECK(psize < INT32_MAX, "sparse_conv2d_backward_input: one grad_out image is too large for this kernel");
 
   // Transposed lists, rows (phase, ci), entries (dY offset, value), co ascending.
   const int64_t nnz = col_idx.numel();
