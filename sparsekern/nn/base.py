@@ -191,6 +191,11 @@ class SparseWeightMixin:
         if positions is not None:
             if mask is not None:
                 raise ValueError(f"{type(self).__name__}.update_pattern_: give mask or positions, not both")
+            self._check_positions(positions, m * k)
+            if self.format == "bsr":  # checked before any buffer is written, so a bad call changes nothing
+                mask_flat = torch.zeros(m * k, dtype=torch.bool, device=positions.device)
+                mask_flat[positions.long()] = True
+                self._check_block_aligned("update_pattern_", mask_flat.reshape(m, k))
             row_ptr, col_idx = csr_from_positions(positions.to(self.values.device), m, k)
         else:
             if mask is None or mask.shape != self.weight_shape or mask.dtype != torch.bool:
@@ -216,9 +221,25 @@ class SparseWeightMixin:
                 self.values.grad = None
             else:
                 self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
-        if positions is not None and self.format == "bsr":
-            self._check_block_aligned("update_pattern_", self.mask().reshape(m, k))
         self._refresh_blocks()
+
+    def _check_positions(self, positions: torch.Tensor, numel: int) -> None:
+        where = f"{type(self).__name__}.update_pattern_"
+        if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype.is_complex \
+                or positions.dtype == torch.bool:
+            raise ValueError(f"{where}: positions must be a 1-D integer tensor, got {positions.dtype} "
+                             f"of shape {tuple(positions.shape)}")
+        if positions.numel() == 0:
+            return
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= numel:
+            raise ValueError(f"{where}: positions must lie in [0, {numel}) (row * k + col of a "
+                             f"{tuple(self.weight_shape)} weight), got values in [{lo}, {hi}]")
+        steps = positions[1:] - positions[:-1]
+        if steps.numel() and int(steps.min()) <= 0:
+            first = int(torch.nonzero(steps <= 0)[0])
+            raise ValueError(f"{where}: positions must be strictly ascending, got positions[{first}] = "
+                             f"{int(positions[first])} followed by {int(positions[first + 1])}")
 
     def sparse_weight(self) -> SparseMatrix:
         """The weight as a SparseMatrix sharing this module's values and cached transpose."""
