@@ -214,6 +214,7 @@ class DynamicSparseTraining:
     # -- the skeleton -----------------------------------------------------------------------
     def step(self) -> bool:
         """Advance one training step; on an update step change the patterns. True if a pattern changed."""
+        self._check_gradients(self.step_count + 1)
         self.step_count += 1
         try:
             self._on_step()
@@ -223,6 +224,19 @@ class DynamicSparseTraining:
         finally:
             for pairs in self._captured.values():
                 pairs.clear()
+
+    def _check_gradients(self, t: int) -> None:
+        """Every layer whose dense gradient step t needs must have one, checked before any layer (or
+        the step count) changes: a step that fails half-way would leave the layers out of step."""
+        if self.dense_grad is None or (self.dense_grad == "update" and not self.is_update_step(t)):
+            return
+        missing = [name for name, pairs in self._captured.items() if not pairs]
+        if missing:
+            raise RuntimeError(
+                f"{type(self).__name__}.step: no gradient reached sparse layer(s) {missing} since the last step "
+                f"(step {t} needs every sparse layer's dense gradient); nothing was changed. Call step() after "
+                "loss.backward() through every sparse layer, or leave layers outside the loss dense "
+                "(sparsify(..., dense_layers=[...]))")
 
     @torch.no_grad()
     def _update(self) -> bool:
