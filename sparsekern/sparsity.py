@@ -46,6 +46,20 @@ def sparsifiable_layers(model: nn.Module, dense_layers: Iterable[str] = ()) -> D
     return {name: m for name, m in model.named_modules() if _is_sparsifiable(m) and not _under(name, dense_layers)}
 
 
+def _check_shared_consistently_dense(model: nn.Module, dense_layers: Sequence[str]) -> None:
+    """A layer registered under several names is one layer: dense_layers must name all of them or none."""
+    names_of: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if _is_sparsifiable(module):
+            names_of.setdefault(id(module), []).append(name)
+    for names in names_of.values():
+        dense = [n for n in names if _under(n, dense_layers)]
+        if dense and len(dense) < len(names):
+            raise ValueError(f"sparsify: dense_layers must name all or none of the names of a shared layer: "
+                             f"{names} are one module, got dense {dense} but sparse "
+                             f"{[n for n in names if n not in dense]}")
+
+
 def _erdos_renyi(shapes: List[Sequence[int]], density: float, include_kernel: bool) -> List[float]:
     """google-research/rigl ``get_sparsities_erdos_renyi``, as densities: layer i keeps eps * raw_i of its
     weights, eps solved so the kept total is density * total; a layer whose eps * raw exceeds 1 is made
@@ -127,10 +141,11 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
     dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
-    names = {name for name, _ in model.named_modules()}
+    names = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unknown = [d for d in dense_layers if d not in names]
     if unknown:
         raise ValueError(f"sparsify: dense_layers names no module of the model: {unknown}")
+    _check_shared_consistently_dense(model, dense_layers)
     if not inplace:
         model = copy.deepcopy(model)
     layers = sparsifiable_layers(model, dense_layers)
@@ -141,6 +156,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     if format not in FORMATS:
         raise ValueError(f"sparsify: format must be one of {FORMATS}, got {format!r}")
     as_csr = []
+    sparse_of: Dict[int, nn.Module] = {}  # id of a dense layer -> its sparse module
     for name, module in layers.items():
         d = layer_densities[name]
         shape = module.weight.shape
@@ -156,8 +172,13 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         initialize_(sparse, init, d, generator=generator)
         if name == "":
             return sparse  # the model itself was the one layer
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, sparse)
+        sparse_of[id(module)] = sparse
+    # Every place a dense layer is registered gets its one sparse module, so a module used twice
+    # (tied) stays tied; named_modules() lists such a module under its first name only.
+    for parent in list(model.modules()):
+        for child, module in list(parent._modules.items()):
+            if module is not None and id(module) in sparse_of:
+                setattr(parent, child, sparse_of[id(module)])
     if as_csr:
         warnings.warn(f"sparsify: format='bsr' needs weight dims that are multiples of block={block}; these layers "
                       f"are CSR instead: {as_csr}", stacklevel=2)

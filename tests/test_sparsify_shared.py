@@ -1,0 +1,72 @@
+"""sparsify keeps a layer used in several places (tied) one layer: one sparse module wherever it appears."""
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseConv2d, SparseLinear
+
+
+class TiedMLP(nn.Module):
+    """The same Linear registered as ``first`` and ``again`` and applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.again = self.first
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.again(torch.relu(self.first(x)))))
+
+
+def test_a_shared_linear_becomes_one_sparse_linear():
+    model = sparsekern.sparsify(TiedMLP(), 0.5, generator=torch.Generator().manual_seed(0))
+    assert isinstance(model.first, SparseLinear)
+    assert model.again is model.first
+    assert sum(isinstance(m, SparseLinear) for m in model.modules()) == 2  # first and head
+
+
+def test_a_shared_linear_in_a_copy_stays_shared():
+    dense = TiedMLP()
+    model = sparsekern.sparsify(dense, 0.5, inplace=False, generator=torch.Generator().manual_seed(0))
+    assert model.again is model.first and isinstance(model.first, SparseLinear)
+    assert dense.again is dense.first and isinstance(dense.first, nn.Linear)
+
+
+def test_a_shared_conv_in_two_containers_becomes_one_sparse_conv():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.ModuleDict({"a": nn.Sequential(conv, nn.ReLU()), "b": nn.Sequential(nn.ReLU(), conv)})
+    sparsekern.sparsify(model, 0.5, generator=torch.Generator().manual_seed(0))
+    assert isinstance(model["a"][0], SparseConv2d)
+    assert model["b"][1] is model["a"][0]
+
+
+def test_a_training_step_updates_the_shared_layer_once():
+    model = sparsekern.sparsify(TiedMLP(), 0.5, init="dense", generator=torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    assert sum(p is model.first.values for p in params) == 1
+    # Reference: the same tied network with dense masked weights; its gradient sums both uses.
+    reference = TiedMLP()
+    with torch.no_grad():
+        for dense, sparse in ((reference.first, model.first), (reference.head, model.head)):
+            dense.weight.copy_(sparse.dense_weight())
+            dense.bias.copy_(sparse.bias)
+    x, y = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    nn.functional.cross_entropy(reference(x), y).backward()
+    mask = model.first.mask()
+    expected = (reference.first.weight - 0.1 * reference.first.weight.grad).detach()[mask]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    torch.testing.assert_close(model.first.values.detach(), expected)
+
+
+def test_dense_layers_must_name_every_name_of_a_shared_layer():
+    model = TiedMLP()
+    with pytest.raises(ValueError, match=r"dense_layers must name all or none.*\['first', 'again'\]"):
+        sparsekern.sparsify(model, 0.5, dense_layers=["again"])
+    assert isinstance(model.first, nn.Linear) and isinstance(model.head, nn.Linear)  # nothing replaced
+    sparsekern.sparsify(model, 0.5, dense_layers=["first", "again"])
+    assert model.again is model.first and isinstance(model.first, nn.Linear)
+    assert isinstance(model.head, SparseLinear)
