@@ -32,6 +32,47 @@ def csr_from_positions(positions: torch.Tensor, m: int, k: int) -> Tuple[torch.T
     return row_ptr, (positions - rows * k).to(torch.int32)
 
 
+def check_csr_pattern(owner: str, rp: torch.Tensor, ci: torch.Tensor, m: int, k: int, shape_note: str = "") -> None:
+    """ValueError naming the argument unless (row_ptr ``rp``, col_idx ``ci``) is a valid CSR pattern of an
+    (m, k) matrix: int64 row_ptr of m+1 non-decreasing entries from 0 to nnz, int32 col_idx in [0, k),
+    strictly increasing within each row."""
+    for name, t in (("row_ptr", rp), ("col_idx", ci)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{owner}: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(t.shape)}")
+    if rp.dtype != torch.int64:
+        raise ValueError(f"{owner}: row_ptr must be int64, got {rp.dtype}")
+    if ci.dtype != torch.int32:
+        raise ValueError(f"{owner}: col_idx must be int32, got {ci.dtype}")
+    if rp.device != ci.device:
+        raise ValueError(f"{owner}: row_ptr ({rp.device}) and col_idx ({ci.device}) must be on one device")
+    if rp.numel() != m + 1:
+        raise ValueError(f"{owner}: row_ptr must have m+1 = {m + 1} entries{shape_note}, got {rp.numel()}")
+    if int(rp[0]) != 0:
+        raise ValueError(f"{owner}: row_ptr[0] must be 0, got {int(rp[0])}")
+    if int(rp[-1]) != ci.numel():
+        raise ValueError(f"{owner}: row_ptr[-1] = {int(rp[-1])} must equal nnz = {ci.numel()} (col_idx entries)")
+    steps = rp[1:] - rp[:-1]
+    if m and bool((steps < 0).any()):
+        row = int((steps < 0).nonzero()[0])
+        raise ValueError(f"{owner}: row_ptr must be non-decreasing, but row_ptr[{row + 1}] < row_ptr[{row}]")
+    if ci.numel():
+        lo, hi = int(ci.min()), int(ci.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"{owner}: col_idx must lie in [0, {k}), got values in [{lo}, {hi}]")
+        # Strictly increasing within each row: a non-increase may only happen at a row start.
+        non_increasing = ci[1:] <= ci[:-1]
+        row_starts = torch.zeros(ci.numel(), dtype=torch.bool, device=ci.device)
+        starts = rp[1:-1]
+        row_starts[starts[starts < ci.numel()]] = True
+        bad = non_increasing & ~row_starts[1:]
+        if bool(bad.any()):
+            p = int(bad.nonzero()[0]) + 1
+            raise ValueError(f"{owner}: col_idx must be strictly increasing within each row "
+                             f"(sorted, no duplicates); violated at position {p}")
+
+
 def transpose_pattern(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int):
     """CSR pattern of the transpose: (t_row_ptr, t_col_idx, t_perm) with t_values = values[t_perm].
 
@@ -176,48 +217,20 @@ class SparseMatrix:
 
     # -- validation ---------------------------------------------------------------------
     def _validate(self) -> None:
-        rp, ci, v = self.row_ptr, self.col_idx, self.values
-        for name, t in (("row_ptr", rp), ("col_idx", ci), ("values", v)):
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"SparseMatrix: {name} must be a tensor, got {type(t).__name__}")
-            if t.dim() != 1:
-                raise ValueError(f"SparseMatrix: {name} must be 1-D, got shape {tuple(t.shape)}")
+        v = self.values
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"SparseMatrix: values must be a tensor, got {type(v).__name__}")
+        if v.dim() != 1:
+            raise ValueError(f"SparseMatrix: values must be 1-D, got shape {tuple(v.shape)}")
         if len(self.shape) < 1 or any(s < 0 for s in self.shape):
             raise ValueError(f"SparseMatrix: shape must be non-empty with non-negative sizes, got {tuple(self.shape)}")
-        if rp.dtype != torch.int64:
-            raise ValueError(f"SparseMatrix: row_ptr must be int64, got {rp.dtype}")
-        if ci.dtype != torch.int32:
-            raise ValueError(f"SparseMatrix: col_idx must be int32, got {ci.dtype}")
         if not v.is_floating_point():
             raise ValueError(f"SparseMatrix: values must be floating point, got {v.dtype}")
+        check_csr_pattern("SparseMatrix", self.row_ptr, self.col_idx, self.m, self.k,
+                          f" for shape {tuple(self.shape)}")
+        rp, ci = self.row_ptr, self.col_idx
         if not (rp.device == ci.device == v.device):
             raise ValueError(f"SparseMatrix: row_ptr ({rp.device}), col_idx ({ci.device}) and values ({v.device}) "
                              "must be on one device")
-        m, k = self.m, self.k
-        if rp.numel() != m + 1:
-            raise ValueError(f"SparseMatrix: row_ptr must have m+1 = {m + 1} entries for shape {tuple(self.shape)}, "
-                             f"got {rp.numel()}")
         if ci.numel() != v.numel():
             raise ValueError(f"SparseMatrix: col_idx has {ci.numel()} entries but values has {v.numel()}")
-        if int(rp[0]) != 0:
-            raise ValueError(f"SparseMatrix: row_ptr[0] must be 0, got {int(rp[0])}")
-        if int(rp[-1]) != ci.numel():
-            raise ValueError(f"SparseMatrix: row_ptr[-1] = {int(rp[-1])} must equal nnz = {ci.numel()}")
-        steps = rp[1:] - rp[:-1]
-        if m and bool((steps < 0).any()):
-            row = int((steps < 0).nonzero()[0])
-            raise ValueError(f"SparseMatrix: row_ptr must be non-decreasing, but row_ptr[{row + 1}] < row_ptr[{row}]")
-        if ci.numel():
-            lo, hi = int(ci.min()), int(ci.max())
-            if lo < 0 or hi >= k:
-                raise ValueError(f"SparseMatrix: col_idx must lie in [0, {k}), got values in [{lo}, {hi}]")
-            # Strictly increasing within each row: a non-increase may only happen at a row start.
-            non_increasing = ci[1:] <= ci[:-1]
-            row_starts = torch.zeros(ci.numel(), dtype=torch.bool, device=ci.device)
-            starts = rp[1:-1]
-            row_starts[starts[starts < ci.numel()]] = True
-            bad = non_increasing & ~row_starts[1:]
-            if bool(bad.any()):
-                p = int(bad.nonzero()[0]) + 1
-                raise ValueError(f"SparseMatrix: col_idx must be strictly increasing within each row "
-                                 f"(sorted, no duplicates); violated at position {p}")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..block_sparse import BlockSparseMatrix
+from ..sparse_matrix import check_csr_pattern
 from . import _checks as check
 from .dispatch import Op, declare, get_backend, implementation, kernel_for, reference_kernel
 from .sparse_conv2d import _pair, output_size, sparse_conv2d
@@ -52,9 +53,13 @@ def bsr_sddmm(row_ptr: torch.Tensor, col_idx: torch.Tensor, X: torch.Tensor, Y: 
     check.same(op, {"X": X, "Y": Y})
     if X.shape[1] != Y.shape[1]:
         raise ValueError(f"{op}: X and Y must share their second dim, got {tuple(X.shape)} and {tuple(Y.shape)}")
-    if X.shape[0] % block or Y.shape[0] % block or row_ptr.numel() != X.shape[0] // block + 1:
-        raise ValueError(f"{op}: X rows ({X.shape[0]}) and Y rows ({Y.shape[0]}) must be multiples of block={block} "
-                         f"and row_ptr must have X.shape[0]/block + 1 entries, got {row_ptr.numel()}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"{op}: block must be an int >= 1, got {block!r}")
+    if X.shape[0] % block or Y.shape[0] % block:
+        raise ValueError(f"{op}: X rows ({X.shape[0]}) and Y rows ({Y.shape[0]}) must be multiples of block={block}")
+    # The kernels trust the pattern: a bad one reads out of range or returns blocks it does not hold.
+    check_csr_pattern(op, row_ptr, col_idx, X.shape[0] // block, Y.shape[0] // block,
+                      f" (X.shape[0]/block + 1 for X of {X.shape[0]} rows, block={block})")
     backend = get_backend(op, X.device)
     if backend == "cpp":  # no CPU kernel of its own: CPU training takes the CSR path (bsr_linear)
         return reference_kernel(op, X.device.type)(row_ptr, col_idx, X, Y, block)

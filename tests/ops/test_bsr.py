@@ -301,9 +301,42 @@ def test_sddmm_bad_inputs_raise():
         bsr_sddmm(W.row_ptr, W.col_idx, X, torch.randn(6, 4), 2)
     with pytest.raises(ValueError, match="multiples of block=2"):
         bsr_sddmm(W.row_ptr, W.col_idx, torch.randn(5, 5), Y, 2)
-    with pytest.raises(ValueError, match="row_ptr must have X.shape\\[0\\]/block \\+ 1 entries, got 3"):
+    with pytest.raises(ValueError, match=r"row_ptr must have m\+1 = 5 entries \(X.shape\[0\]/block \+ 1 .*\), got 3"):
         bsr_sddmm(W.row_ptr, W.col_idx, torch.randn(8, 5), torch.randn(6, 5), 2)
     with pytest.raises(TypeError, match="Y has dtype torch.float64"):
         bsr_sddmm(W.row_ptr, W.col_idx, X, Y.double(), 2)
     with pytest.raises(ValueError, match="X must be 2-D"):
         bsr_sddmm(W.row_ptr, W.col_idx, X[None], Y, 2)
+
+
+def _i64(v):
+    return torch.tensor(v, dtype=torch.int64)
+
+
+def _i32(v):
+    return torch.tensor(v, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("row_ptr, col_idx, block, match", [
+    (_i64([0, 2, 3]), _i32([0]), 2, r"row_ptr\[-1\] = 3 must equal nnz = 1"),  # claims 3 blocks, holds 1
+    (_i64([0, 2, 1]), _i32([0]), 2, r"row_ptr must be non-decreasing, but row_ptr\[2\] < row_ptr\[1\]"),
+    (_i64([1, 1, 1]), _i32([0]), 2, r"row_ptr\[0\] must be 0, got 1"),
+    (_i64([0, 1, 2]), _i32([0, 3]), 2, r"col_idx must lie in \[0, 3\), got values in \[0, 3\]"),
+    (_i64([0, 1, 2]), _i32([-1, 0]), 2, r"col_idx must lie in \[0, 3\), got values in \[-1, 0\]"),
+    (_i64([0, 2, 2]), _i32([1, 1]), 2, r"col_idx must be strictly increasing within each row"),
+    (_i64([0, 1, 2]), _i64([0, 1]), 2, r"col_idx must be int32, got torch.int64"),
+    (_i64([0, 1, 2]), _i32([0, 1]), 0, r"block must be an int >= 1, got 0"),
+    (_i64([0, 1, 2]), _i32([0, 1]), -1, r"block must be an int >= 1, got -1"),
+    (_i64([0, 1, 2]), _i32([0, 1]), 2.0, r"block must be an int >= 1, got 2.0"),
+])
+def test_sddmm_bad_block_pattern_raises_naming_the_argument(row_ptr, col_idx, block, match):
+    X, Y = torch.randn(4, 5), torch.randn(6, 5)  # a 2 x 3 grid of 2x2 blocks
+    with pytest.raises(ValueError, match="bsr_sddmm: " + match):
+        bsr_sddmm(row_ptr, col_idx, X, Y, block)
+
+
+def test_sddmm_checked_pattern_still_runs():
+    X, Y = torch.randn(4, 5), torch.randn(6, 5)
+    out = bsr_sddmm(_i64([0, 1, 2]), _i32([2, 0]), X, Y, 2)
+    assert_close(out[0], X[0:2] @ Y[4:6].t(), scale=5)
+    assert_close(out[1], X[2:4] @ Y[0:2].t(), scale=5)
