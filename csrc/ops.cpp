@@ -3,10 +3,10 @@
 // autograd formulas, fake kernels and autocast rules live in sparsekern/ops/.
 //
 // CSR convention: a logical (m, k) matrix is row_ptr (int64, m+1), col_idx
-// (int32, nnz, sorted within rows), values (nnz). The optional t_* arguments
-// carry the cached transpose (t_row_ptr (k+1), t_col_idx (nnz, int32),
-// t_perm (int64, nnz) with transpose.values = values[t_perm]) so that the
-// backward pass is a CSR product too.
+// (int32, nnz, strictly increasing within rows: duplicates are an error), values (nnz).
+// The optional t_* arguments carry the cached transpose (t_row_ptr (k+1), t_col_idx
+// (nnz, int32), t_perm (int64, nnz) with transpose.values = values[t_perm]) so that the
+// backward pass is a CSR product too; the kernels check them (csr::check_transpose).
 #include <Python.h>
 #include <torch/library.h>
 

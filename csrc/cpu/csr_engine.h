@@ -27,8 +27,9 @@ namespace sparsekern {
 namespace csr {
 
 // Checks (op-named): row_ptr starts at 0, is non-decreasing, ends at nnz = col_idx.numel();
-// every column index lies in [0, ncols) (`what` says where ncols comes from, e.g. "x has 512
-// columns"). One cheap parallel pass over row_ptr and col_idx.
+// column indices are strictly increasing within each row (no duplicates) and lie in [0, ncols)
+// (`what` says where ncols comes from, e.g. "x has 512 columns"). One parallel pass over row_ptr
+// and col_idx.
 void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols, const std::string& what,
                    const char* op);
 
@@ -40,13 +41,21 @@ void check_mask(const at::Tensor& mask, int64_t rows, int64_t cols, const char* 
 
 // A validated CSR (contiguous row_ptr / col_idx / values) of `ncols` columns; values may be
 // undefined (pattern only). Checks dtypes, sizes (row_ptr.numel() - 1 rows,
-// values.numel() == col_idx.numel() == row_ptr[-1]) and the index ranges.
+// values.numel() == col_idx.numel() == row_ptr[-1]), the index ranges and their order (check_pattern).
 struct Csr {
   at::Tensor values, row_ptr, col_idx;
   int64_t m;
 };
 Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols,
                 const std::string& what, const char* op);
+
+// The cached transpose (t_row_ptr, t_col_idx, t_perm) that spmm and sparse_linear take for their
+// backward: none, or all three, the transpose of the checked CSR `a` of k columns as
+// sparse_matrix.transpose_pattern builds it (a wrong one would give a wrong gradient silently).
+// Checks dtypes, sizes, t_row_ptr in full and each column's first and last entry: O(k), not O(nnz).
+void check_transpose(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t_row_ptr,
+                     const c10::optional<at::Tensor>& t_col_idx, const c10::optional<at::Tensor>& t_perm,
+                     const char* op);
 
 // out (m, n) = A (m, k) @ B (k, n) (+ bias[i] on row i). B and out are strided views
 // (e.g. x.t() and y.t() for sparse_linear); out is fully overwritten.

@@ -1,5 +1,5 @@
 // sparse_linear: y (N, m) = x (N, k) @ W^T + bias, W the (m, k) CSR matrix. The t_* arguments
-// (cached transpose, used by autograd) are ignored. The shared CSR tile engine computes
+// (cached transpose, used by autograd) are checked, not used. The shared CSR tile engine computes
 // y^T = W @ x^T: x^T is packed into batch tiles once, y is written through a register transpose.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,9 +17,9 @@ using namespace csr;
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const c10::optional<at::Tensor>& bias,
-                             const c10::optional<at::Tensor>& /*t_row_ptr*/,
-                             const c10::optional<at::Tensor>& /*t_col_idx*/,
-                             const c10::optional<at::Tensor>& /*t_perm*/) {
+                             const c10::optional<at::Tensor>& t_row_ptr,
+                             const c10::optional<at::Tensor>& t_col_idx,
+                             const c10::optional<at::Tensor>& t_perm) {
   const char* op = "sparse_linear";
   check_dense(x, "x", 2, op);
   check_cpu(values, "values", op);
@@ -27,6 +27,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
   check_same_dtype(x, "x", values, "values", op);
   const csr::Csr W = csr::checked_csr(values, row_ptr, col_idx, x.size(1),
                                       "x has " + std::to_string(x.size(1)) + " columns; x must have W's columns", op);
+  csr::check_transpose(W, x.size(1), t_row_ptr, t_col_idx, t_perm, op);
   if (bias.has_value() && bias->defined()) {
     check_dense(*bias, "bias", 1, op);
     check_same_dtype(x, "x", *bias, "bias", op);
