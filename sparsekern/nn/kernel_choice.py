@@ -16,7 +16,6 @@ pins every layer left at ``"auto"``; ``set_autotune(False)`` (or ``SPARSEKERN_AU
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
