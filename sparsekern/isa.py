@@ -17,7 +17,7 @@ NAMES = ("auto", "avx2", "avx512")
 
 
 def _op(name: str):
-    # Registered by sparsekern._C (csrc/cpu/csr_engine.cpp), which `import sparsekern` loads.
+    # Registered by sparsekern._C (csrc/cpu/csr_isa.cpp), which `import sparsekern` loads.
     try:
         return getattr(torch.ops.sparsekern, name)
     except (AttributeError, RuntimeError):

@@ -17,6 +17,9 @@
 // and packing, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
 // and bias converted once, results rounded to bf16 on store (SDDMM: once, after all tiles).
+// From a density of dense_above() (default 0.3) on, the products run as one dense GEMM instead
+// (csr_dense.cpp).
+// The engine's files are listed in csr_internal.h.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
@@ -75,6 +78,12 @@ Isa isa();
 const char* isa_name(Isa isa);
 bool isa_supported(const std::string& name);  // false for unknown names
 std::string set_isa(const std::string& name);  // "auto" | "avx2" | "avx512"; returns the ISA now in effect
+
+// The density (nnz / (m k)) from which spmm and sddmm run the dense fallback: set once at load by the
+// Python layer from SPARSEKERN_DENSE_ABOVE (0 runs every product dense, above 1 none), default 0.3;
+// torch.ops.sparsekern._set_dense_above changes it at run time (process-wide).
+double dense_above();
+double set_dense_above(double threshold);  // returns the threshold now in effect
 
 struct Compacted {
   at::Tensor row_ptr;  // int64 (m + 1)

@@ -1,0 +1,149 @@
+// Internals of the CSR tile engine (csr_engine.h has the design and the public entry points),
+// shared by its files:
+//   csr_spmm.cpp       the SpMM core          csr_sddmm.cpp    the SDDMM core
+//   csr_pack.cpp       batch-tile packing     csr_partition.cpp  tile width and row partitions
+//   csr_dense.cpp      the dense fallback     csr_isa.cpp      the vector width (SPARSEKERN_ISA)
+//   csr_compact.cpp    (weight, mask) -> CSR  csr_checks.cpp   argument and pattern checks
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace sparsekern {
+namespace csr {
+namespace detail {
+
+// ---------------------------------------------------------------------------
+// Tuning constants, each with why it has its value.
+
+// Software prefetch distance (nonzeros) for the packed rows the SpMM loop will read: about the
+// L2 -> L1 latency covered by the FMAs of 16 nonzeros.
+constexpr int64_t PREFETCH = 16;
+// Rows per SpMM chunk: a chunk's results are buffered (64 rows x 128 B = 8 KB, in L1), then stored,
+// through a register transpose when the output is column-major.
+constexpr int64_t CHUNK = 64;
+// Rows of the dense operand per packing job: 256 rows x 128 B = 32 KB per job, enough to amortise a
+// job's dispatch, while a 4096-row operand still gives 16 jobs per tile to spread over the threads.
+constexpr int64_t PACK_ROWS = 256;
+// Work parts per thread: a few (nnz-balanced), handed out dynamically, so that a thread slowed down
+// by another process on its core (or by uneven rows) does not hold up the op.
+constexpr int64_t PARTS_PER_THREAD = 6;
+// at::parallel_for grains (elements per task) of the light loops: below these a task's share of
+// the parallel region's start-up (a few microseconds) outweighs its work.
+constexpr int64_t FILL_GRAIN = 16384;         // output elements written per task (empty A or k = 0)
+constexpr int64_t DENSE_ROW_GRAIN = 64;       // rows of a k-wide dense matrix scattered or gathered per task
+constexpr int64_t COMPACT_COUNT_GRAIN = 65536;  // mask bytes counted per task (row-major mask)
+constexpr int64_t COMPACT_FILL_GRAIN = 32768;   // mask bytes scanned per task while filling (row-major)
+// Rows per task of a column-major mask: a task walks all k columns, so its per-row counters
+// (4096 x 4 or 8 B, 16-32 KB) must stay L1-sized.
+constexpr int64_t COMPACT_COLMAJOR_ROWS = 4096;
+constexpr int64_t CHECK_ROW_PTR_GRAIN = 1 << 20;  // row_ptr entries per task of the monotonicity check
+constexpr int64_t CHECK_NNZ_GRAIN = 1 << 18;      // nonzeros per task of the column-order check
+// The density (nnz / (m k)) from which the dense fallback runs, unless set_dense_above changed it.
+// The CSR loops do one L2 load per FMA and lose to a dense GEMM on the scattered weight above
+// about 0.3: measured on Zen 3 (4096x4096, batch 256, 2 threads) CSR forward is 0.76x dense at
+// density 0.5 and 2.2x at 0.2.
+constexpr double DEFAULT_DENSE_ABOVE = 0.3;
+
+// ---------------------------------------------------------------------------
+// Tiles and parallel parts (csr_partition.cpp).
+
+// Tile width in bytes for a batch of n columns of elem_size bytes: 32, 64 or 128 (the same for
+// both ISAs, so both widths read the same packed tiles).
+int tile_bytes(int64_t n, int64_t elem_size);
+
+// Row boundaries of `parts` ranges of about equal cost (nnz + row_cost per row), aligned to `align` rows.
+std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align);
+
+// Number of work parts for m rows cut at multiples of `align` rows: 1 on one thread.
+int64_t num_parts(int64_t m, int64_t align);
+
+// Rows per parallel task for about `target` nonzeros of a pattern of m rows and nnz nonzeros.
+int64_t row_grain(int64_t m, int64_t nnz, int64_t target);
+
+// Runs run(part) for every part on the intra-op threads, parts taken from a shared counter.
+template <typename F>
+void run_parts(int64_t parts, const F& run) {
+  if (parts == 1) {
+    run(0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), parts);
+  at::parallel_for(0, workers, 1, [&](int64_t a, int64_t z) {
+    for (int64_t w = a; w < z; ++w)
+      for (int64_t part = next++; part < parts; part = next++) run(part);
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Packing (csr_pack.cpp): the randomly accessed operand src (rows, cols), a strided view, as
+// ceil(cols / T) tiles of rows x T elements of the compute type (bf16 widened to float32), tile t
+// holding columns t*T .. t*T+T (zero-padded) at offset t * rows * T. Parallel over tiles and row blocks.
+at::Tensor pack_tiles(const at::Tensor& src, int64_t T);
+
+// ---------------------------------------------------------------------------
+// Dense fallback (csr_dense.cpp).
+
+// Whether a product with an (m, k) pattern of nnz nonzeros runs as a dense GEMM (density >= dense_above()).
+bool use_dense(int64_t nnz, int64_t m, int64_t k);
+// out = A @ B (+ bias[i] on row i) through a GEMM on A scattered into a reused dense workspace.
+// vals and bias (undefined: none) in the compute type; B and out in the element type.
+void spmm_dense(const at::Tensor& vals, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+                const at::Tensor& bias, const at::Tensor& out);
+// vals (compute type) [p] = (X @ Y^T)[i, j] at the pattern, through a GEMM into the dense workspace.
+void sddmm_dense(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+                 const at::Tensor& vals);
+
+}  // namespace detail
+}  // namespace csr
+}  // namespace sparsekern
+
+// ---------------------------------------------------------------------------
+// The instances of a core (spmm, sddmm): per compute type S and element type I, the 32-byte
+// loops at 1, 2, 4 vectors per tile row (target_clones), the 64-byte loops at 1, 2 (SK_AVX512),
+// and CORE_rows(tile_bytes, wide, job, r0, r1), which picks one. Tiles of 32 bytes always run the
+// 32-byte loop, so both widths read the same packed tiles. Used inside the core's namespace, after
+// CORE_rows_impl<S, NV, I, W>.
+#define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)                                           \
+  SK_CLONES void CORE##_rows_##NAME##_##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    CORE##_rows_impl<S, NV, I>(J, r0, r1);                                                 \
+  }
+#if SK_HAVE_AVX512
+#define SK_ROWS_WIDE(CORE, JOB, S, I, NAME, NV)                                             \
+  SK_AVX512 void CORE##_rows_##NAME##_w##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    CORE##_rows_impl<S, NV, I, 64>(J, r0, r1);                                              \
+  }
+#define SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME) \
+  SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 1)         \
+  SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 2)
+#define SK_ROWS_WIDE_PICK(CORE, NAME)                                                      \
+  if (wide && tile_bytes >= 64)                                                            \
+    return tile_bytes == 64 ? CORE##_rows_##NAME##_w1(J, r0, r1) : CORE##_rows_##NAME##_w2(J, r0, r1);
+#else
+#define SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME)
+#define SK_ROWS_WIDE_PICK(CORE, NAME)
+#endif
+#define SK_ROWS_TYPE(CORE, JOB, S, I, NAME)                                                        \
+  SK_ROWS_CLONE(CORE, JOB, S, I, NAME, 1)                                                          \
+  SK_ROWS_CLONE(CORE, JOB, S, I, NAME, 2)                                                          \
+  SK_ROWS_CLONE(CORE, JOB, S, I, NAME, 4)                                                          \
+  SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME)                                                         \
+  inline void CORE##_rows(int tile_bytes, bool wide, const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    SK_ROWS_WIDE_PICK(CORE, NAME)                                                                  \
+    switch (tile_bytes) {                                                                          \
+      case 32: return CORE##_rows_##NAME##_1(J, r0, r1);                                           \
+      case 64: return CORE##_rows_##NAME##_2(J, r0, r1);                                           \
+      default: return CORE##_rows_##NAME##_4(J, r0, r1);                                           \
+    }                                                                                              \
+  }
+#define SK_ROWS_CLONES(CORE, JOB)              \
+  SK_ROWS_TYPE(CORE, JOB, float, float, f32)   \
+  SK_ROWS_TYPE(CORE, JOB, double, double, f64) \
+  SK_ROWS_TYPE(CORE, JOB, float, c10::BFloat16, bf16)

@@ -1,0 +1,167 @@
+// The CSR tile engine's SDDMM core (csr_engine.h): vals[p] = dot(X[i, :], Y[j, :]) at the CSR
+// pattern. Y is packed into batch tiles once (csr_pack.cpp); nnz-balanced row parts
+// (csr_partition.cpp) walk every tile, accumulating each nonzero's partial dot product; dense
+// enough patterns run the dense fallback (csr_dense.cpp).
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/bf16.h"
+#include "cpu/common.h"
+#include "cpu/csr_engine.h"
+#include "cpu/csr_internal.h"
+#include "cpu/simd.h"
+
+// The loops are written with explicit mul+add on GCC vectors; allow the compiler to fuse them into
+// FMAs (ISO -std=c++20 otherwise turns contraction off).
+#pragma GCC optimize("fp-contract=fast")
+
+namespace sparsekern {
+namespace csr {
+namespace {
+
+using namespace simd;
+using namespace detail;
+
+// SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).
+// X is read in its own type XI (bf16: widened as its rows are gathered; vals stay float32).
+template <typename S, typename XI = S> struct SddmmJob {
+  const int64_t* rp;
+  const int32_t* ci;
+  const XI* X;
+  int64_t xs0, xs1;
+  const S* Yp;
+  int64_t b0, nc;
+  S* vals;
+  bool first;    // first tile: store, else accumulate
+  int64_t last;  // nnz - 1 (prefetch clamp)
+};
+
+// G = 32-byte lanes nonzeros at a time: G dot products of NV W-byte vectors, each folded to 32
+// bytes, reduced together by one 32-byte transpose-add.
+template <typename S, int NV, int W = 32>
+SK_INLINE void sddmm_chunk(const typename Vec<S, W>::v* x, const S* __restrict Yp, const int32_t* j, int cnt, S* out,
+                           bool first, int64_t ahead) {
+  using v = typename Vec<S>::v;
+  constexpr int L = Vec<S, W>::L, T = NV * L, G = Vec<S>::L;
+  // Prefetch the packed rows of the chunk after next (L2-resident, randomly addressed) into L1.
+  for (int q = 0; q < G; ++q) {
+    const S* pf = Yp + (int64_t)j[std::min<int64_t>(2 * G + q, ahead)] * T;
+    for (int c = 0; c < T * (int)sizeof(S); c += 64) __builtin_prefetch((const char*)pf + c);
+  }
+  v acc[G];
+  for (int q = 0; q < G; ++q) {
+    const S* y = Yp + (int64_t)j[q < cnt ? q : cnt - 1] * T;
+    typename Vec<S, W>::v a = x[0] * vload<W>(y);
+    for (int u = 1; u < NV; ++u) a += x[u] * vload<W>(y + u * L);
+    acc[q] = fold<W, S>(a);
+  }
+  const v s = reduce_lanes(acc);
+  if (cnt == G) {
+    vstore(out, first ? s : vload(out) + s);
+  } else {
+    for (int q = 0; q < cnt; ++q) out[q] = first ? s[q] : out[q] + s[q];
+  }
+}
+
+template <typename S, int NV, typename XI = S, int W = 32>
+SK_INLINE void sddmm_rows_impl(const SddmmJob<S, XI>& J, int64_t r0, int64_t r1) {
+  using v = typename Vec<S, W>::v;
+  constexpr int L = Vec<S, W>::L, T = NV * L;
+  constexpr int G = Vec<S>::L;  // rows per gathered group, nonzeros per chunk (32-byte transposes)
+  alignas(64) S buf[G * T];
+  const bool direct = std::is_same<XI, S>::value && J.xs1 == 1 && J.nc == T;
+  const int32_t* __restrict ci = J.ci;
+  const int64_t nc = J.nc;
+  for (int64_t g0 = r0; g0 < r1; g0 += G) {
+    const int64_t rows = std::min<int64_t>(G, r1 - g0);
+    if (!direct) {
+      // Gather X[g0:g0+rows, b0:b0+nc] into buf (zero-padded to T columns).
+      if (J.xs0 == 1 && rows == G) {
+        const int64_t cfull = nc / G * G;
+        const XI* src = J.X + g0 + J.b0 * J.xs1;
+        for (int64_t c = 0; c < cfull; c += G) transpose_block(src + c * J.xs1, J.xs1, buf + c, T);
+        for (int r = 0; r < G; ++r)
+          for (int64_t c = cfull; c < T; ++c) buf[r * T + c] = c < nc ? bf16::widen(src[r + c * J.xs1]) : S(0);
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < T; ++c)
+            buf[r * T + c] = c < nc ? bf16::widen(J.X[(g0 + r) * J.xs0 + (J.b0 + c) * J.xs1]) : S(0);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = g0 + r;
+      int64_t p = J.rp[i];
+      const int64_t e = J.rp[i + 1];
+      if (p == e) continue;
+      const S* xr = direct ? reinterpret_cast<const S*>(J.X + i * J.xs0 + J.b0) : buf + r * T;
+      v x[NV];
+      for (int u = 0; u < NV; ++u) x[u] = vload<W>(xr + u * L);
+      for (; p + G <= e; p += G) sddmm_chunk<S, NV, W>(x, J.Yp, ci + p, G, J.vals + p, J.first, J.last - p);
+      if (p < e) sddmm_chunk<S, NV, W>(x, J.Yp, ci + p, (int)(e - p), J.vals + p, J.first, J.last - p);
+    }
+  }
+}
+
+// The SDDMM loops per type and width (the SK_ROWS_* macros: csr_internal.h).
+SK_ROWS_CLONES(sddmm, SddmmJob)
+
+// As spmm_typed: bf16 accumulates every value in float32 (across batch tiles too) and rounds once.
+template <typename I>
+void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+                 const at::Tensor& vals_t) {
+  using S = typename bf16::Acc<I>::type;
+  constexpr bool widened = !std::is_same<I, S>::value;
+  constexpr auto kS = c10::CppTypeToScalarType<S>::value;
+  constexpr int L = Vec<S>::L;
+  const int64_t m = row_ptr.numel() - 1, k = Y.size(0), d = X.size(1);
+  const int64_t nnz = col_idx.numel();
+  if (nnz == 0) return;
+  if (d == 0) {
+    const_cast<at::Tensor&>(vals_t).zero_();
+    return;
+  }
+  const at::Tensor vals_s = widened ? at::empty({nnz}, vals_t.options().dtype(kS)) : vals_t;
+  if (use_dense(nnz, m, k)) {
+    sddmm_dense(row_ptr, col_idx, X, Y, vals_s);
+  } else {
+    S* vals = vals_s.data_ptr<S>();
+    const int TB = tile_bytes(d, sizeof(S));
+    const bool wide = isa() == Isa::avx512;
+    const int64_t T = TB / int64_t(sizeof(S));
+    const int64_t ntiles = (d + T - 1) / T;
+    const at::Tensor Yp_t = pack_tiles(Y, T);
+    const S* yp = Yp_t.data_ptr<S>();
+    const int64_t* rp = row_ptr.data_ptr<int64_t>();
+    const int32_t* ci = col_idx.data_ptr<int32_t>();
+    const I* x = X.data_ptr<I>();
+    const int64_t xs0 = X.stride(0), xs1 = X.stride(1);
+    const int64_t align = 2 * L;
+    const int64_t parts = num_parts(m, align);
+    const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
+    auto run = [&](int64_t part) {
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const SddmmJob<S, I> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0,
+                               nnz - 1};
+        sddmm_rows(TB, wide, J, bounds[part], bounds[part + 1]);
+      }
+    };
+    run_parts(parts, run);
+  }
+  if constexpr (widened) const_cast<at::Tensor&>(vals_t).copy_(vals_s);
+}
+
+}  // namespace
+
+void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+           const at::Tensor& vals) {
+  if (X.scalar_type() == at::kFloat) sddmm_typed<float>(row_ptr, col_idx, X, Y, vals);
+  else if (X.scalar_type() == at::kBFloat16) sddmm_typed<c10::BFloat16>(row_ptr, col_idx, X, Y, vals);
+  else sddmm_typed<double>(row_ptr, col_idx, X, Y, vals);
+}
+
+}  // namespace csr
+}  // namespace sparsekern

@@ -1,0 +1,217 @@
+// The CSR tile engine's SpMM core (csr_engine.h): out (m, n) = A (m, k) @ B (k, n) [+ bias[i]].
+// B is packed into batch tiles once (csr_pack.cpp); nnz-balanced row parts (csr_partition.cpp) walk
+// every tile, each nonzero adding w times one packed row; dense enough patterns run the dense
+// fallback (csr_dense.cpp).
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/bf16.h"
+#include "cpu/common.h"
+#include "cpu/csr_engine.h"
+#include "cpu/csr_internal.h"
+#include "cpu/simd.h"
+
+// The loops are written with explicit mul+add on GCC vectors; allow the compiler to fuse them into
+// FMAs (ISO -std=c++20 otherwise turns contraction off).
+#pragma GCC optimize("fp-contract=fast")
+
+namespace sparsekern {
+namespace csr {
+namespace {
+
+using namespace simd;
+using namespace detail;
+
+// SpMM core: rows r0..r1 of out[:, b0:b0+nc] from one packed tile Bp (k x T). S is the compute
+// type (vals, Bp, bias), O the output's (bf16 output: S = float, rounded on store).
+template <typename S, typename O = S> struct SpmmJob {
+  const S* vals;
+  const int64_t* rp;
+  const int32_t* ci;
+  const S* Bp;  // packed tile, k x T
+  O* out;
+  int64_t os0, os1;
+  int64_t b0, nc;
+  const S* bias;  // per row, or nullptr
+  int64_t last;   // nnz - 1 (prefetch clamp)
+};
+
+// Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
+template <typename S, int T>
+SK_INLINE void store_group(const SpmmJob<S>& J, const S* buf, int64_t g0, int64_t rows) {
+  constexpr int L = Vec<S>::L;
+  const int64_t nc = J.nc;
+  if (J.os1 == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      S* o = J.out + (g0 + r) * J.os0 + J.b0;
+      const S* s = buf + r * T;
+      if (nc == T) {
+        for (int q = 0; q < T; q += L) vstore(o + q, vload(s + q));
+      } else {
+        for (int64_t c = 0; c < nc; ++c) o[c] = s[c];
+      }
+    }
+  } else if (J.os0 == 1 && rows == L) {
+    S* o = J.out + g0 + J.b0 * J.os1;
+    const int64_t cfull = nc / L * L;
+    for (int64_t c = 0; c < cfull; c += L) transpose_block(buf + c, T, o + c * J.os1, J.os1);
+    for (int64_t c = cfull; c < nc; ++c)
+      for (int r = 0; r < L; ++r) o[c * J.os1 + r] = buf[r * T + c];
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < nc; ++c) J.out[(g0 + r) * J.os0 + (J.b0 + c) * J.os1] = buf[r * T + c];
+  }
+}
+
+// The same for a bf16 output: each float32 result rounded once.
+template <typename S, int T>
+SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int64_t g0, int64_t rows) {
+  constexpr int L = Vec<S>::L;
+  const int64_t nc = J.nc;
+  if (J.os1 == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      c10::BFloat16* o = J.out + (g0 + r) * J.os0 + J.b0;
+      const S* s = buf + r * T;
+      int64_t c = 0;
+      for (; c + L <= nc; c += L) bf16::store8(o + c, vload(s + c));
+      for (; c < nc; ++c) o[c] = bf16::from_f32(s[c]);
+    }
+  } else if (J.os0 == 1 && rows == L) {
+    c10::BFloat16* o = J.out + g0 + J.b0 * J.os1;
+    const int64_t cfull = nc / L * L;
+    alignas(32) S t[L * L];
+    for (int64_t c = 0; c < cfull; c += L) {
+      transpose_block(buf + c, T, t, L);
+      for (int q = 0; q < L; ++q) bf16::store8(o + (c + q) * J.os1, vload(t + q * L));
+    }
+    for (int64_t c = cfull; c < nc; ++c)
+      for (int r = 0; r < L; ++r) o[c * J.os1 + r] = bf16::from_f32(buf[r * T + c]);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < nc; ++c)
+        J.out[(g0 + r) * J.os0 + (J.b0 + c) * J.os1] = bf16::from_f32(buf[r * T + c]);
+  }
+}
+
+// NV vectors of W bytes per packed row (T = NV * L elements); W = 64 only in SK_AVX512 functions.
+template <typename S, int NV, typename O = S, int W = 32>
+SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
+  using v = typename Vec<S, W>::v;
+  constexpr int L = Vec<S, W>::L, T = NV * L;
+  constexpr int G = Vec<S>::L;  // rows per stored group: the 32-byte register transpose
+  // Independent accumulator sets so that FMA latency is hidden (8 chains in flight).
+  constexpr int SETS = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
+  alignas(64) S cbuf[CHUNK * T];
+  const S* __restrict vals = J.vals;
+  const int32_t* __restrict ci = J.ci;
+  const S* __restrict Bp = J.Bp;
+  const int64_t last = J.last;
+  for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
+    const int64_t c1 = std::min(c0 + CHUNK, r1);
+    for (int64_t i = c0; i < c1; ++i) {
+      v acc[SETS][NV];
+      const v init = vsplat<W>(J.bias ? J.bias[i] : S(0));
+      for (int q = 0; q < NV; ++q) acc[0][q] = init;
+      for (int s = 1; s < SETS; ++s)
+        for (int q = 0; q < NV; ++q) acc[s][q] = v{};
+      int64_t p = J.rp[i];
+      const int64_t e = J.rp[i + 1];
+      for (; p + SETS <= e; p += SETS) {
+        for (int s = 0; s < SETS; ++s) {
+          // The packed rows are L2-resident but randomly addressed: prefetch them into L1.
+          const S* pf = Bp + (int64_t)ci[std::min(p + s + PREFETCH, last)] * T;
+          for (int c = 0; c < T * (int)sizeof(S); c += 64) __builtin_prefetch((const char*)pf + c);
+        }
+        for (int s = 0; s < SETS; ++s) {
+          const v w = vsplat<W>(vals[p + s]);
+          const S* bq = Bp + (int64_t)ci[p + s] * T;
+          for (int q = 0; q < NV; ++q) acc[s][q] += w * vload<W>(bq + q * L);
+        }
+      }
+      for (; p < e; ++p) {
+        const v w = vsplat<W>(vals[p]);
+        const S* bq = Bp + (int64_t)ci[p] * T;
+        for (int q = 0; q < NV; ++q) acc[0][q] += w * vload<W>(bq + q * L);
+      }
+      for (int s = 1; s < SETS; ++s)
+        for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
+      for (int q = 0; q < NV; ++q) vstore<W>(cbuf + (i - c0) * T + q * L, acc[0][q]);
+    }
+    for (int64_t g0 = c0; g0 < c1; g0 += G)
+      store_group<S, T>(J, cbuf + (g0 - c0) * T, g0, std::min<int64_t>(G, c1 - g0));
+  }
+}
+
+// The SpMM loops per type and width (the SK_ROWS_* macros: csr_internal.h).
+SK_ROWS_CLONES(spmm, SpmmJob)
+
+// I: the element type of the operands and the output; S: the compute type (bf16 computes in
+// float32: values and bias converted once, B widened as it is packed, out rounded on store).
+template <typename I>
+void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+                const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+  using S = typename bf16::Acc<I>::type;
+  constexpr bool widened = !std::is_same<I, S>::value;
+  constexpr auto kS = c10::CppTypeToScalarType<S>::value;
+  constexpr int L = Vec<S>::L;
+  const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = B.size(1);
+  if (m == 0 || n == 0) return;
+  I* o = out.data_ptr<I>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  at::Tensor bias_c;
+  const S* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bias_c = widened ? bias->to(kS).contiguous() : bias->contiguous();
+    bp = bias_c.data_ptr<S>();
+  }
+  const int64_t nnz = col_idx.numel();
+  if (nnz == 0 || k == 0) {
+    at::parallel_for(0, m, std::max<int64_t>(1, FILL_GRAIN / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const I val = bp ? static_cast<I>(bp[i]) : I(0);
+        for (int64_t c = 0; c < n; ++c) o[i * os0 + c * os1] = val;
+      }
+    });
+    return;
+  }
+  const at::Tensor vals_c = widened ? values.to(kS).contiguous() : values;
+  if (use_dense(nnz, m, k)) {
+    spmm_dense(vals_c, row_ptr, col_idx, B, bias_c, out);
+    return;
+  }
+  const int TB = tile_bytes(n, sizeof(S));
+  const bool wide = isa() == Isa::avx512;
+  const int64_t T = TB / int64_t(sizeof(S));
+  const int64_t ntiles = (n + T - 1) / T;
+  const at::Tensor Bp = pack_tiles(B, T);
+  const S* bpk = Bp.data_ptr<S>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const S* vals = vals_c.data_ptr<S>();
+  const int64_t align = 2 * L;
+  const int64_t parts = num_parts(m, align);
+  const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
+  auto run = [&](int64_t part) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const SpmmJob<S, I> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
+      spmm_rows(TB, wide, J, bounds[part], bounds[part + 1]);
+    }
+  };
+  run_parts(parts, run);
+}
+
+}  // namespace
+
+void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+          const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+  if (B.scalar_type() == at::kFloat) spmm_typed<float>(values, row_ptr, col_idx, B, bias, out);
+  else if (B.scalar_type() == at::kBFloat16) spmm_typed<c10::BFloat16>(values, row_ptr, col_idx, B, bias, out);
+  else spmm_typed<double>(values, row_ptr, col_idx, B, bias, out);
+}
+
+}  // namespace csr
+}  // namespace sparsekern
