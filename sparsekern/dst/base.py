@@ -15,10 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..block_sparse import expand_block_mask
-from ..nn import SparseConv2d, SparseWeightMixin
-from ..sparse_matrix import rows_of
+from ..nn import SparseWeightMixin
 from ..ops import topk_select
-from .optim_state import optimizer_holds, remap_entries, remap_optimizer_state
+from .optim_state import check_optimizer_state, optimizer_holds, remap_optimizer_state
 
 __all__ = ["DynamicSparseTraining", "SCHEDULES", "GROW_INITS"]
 
@@ -48,12 +47,7 @@ def broadcast(t: torch.Tensor) -> torch.Tensor:
 def weight_grad(module: SparseWeightMixin, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """The dense gradient of the loss in the layer's weight, from its input and its output's gradient,
     in the dtype of the master values (under autocast x and grad_out may differ: fp32 and bf16)."""
-    x, grad_out = x.to(module.values.dtype), grad_out.to(module.values.dtype)
-    if isinstance(module, SparseConv2d):
-        return torch.nn.grad.conv2d_weight(x, module.weight_shape, grad_out, module.stride, module.padding,
-                                           module.dilation)
-    m, k = module.weight_shape
-    return grad_out.reshape(-1, m).t() @ x.reshape(-1, k)
+    return module.weight_grad(x.to(module.values.dtype), grad_out.to(module.values.dtype))
 
 
 def _check_int(where: str, name: str, value, minimum: int) -> int:
@@ -89,6 +83,14 @@ def _capture_hook(algorithm_ref, name: str):
     def hook(module, inputs, output):
         algorithm = algorithm_ref()
         return None if algorithm is None else algorithm._capture(name, module, inputs, output)
+    return hook
+
+
+def _check_state_hook(algorithm_ref):
+    def hook(optimizer, args, kwargs):
+        algorithm = algorithm_ref()
+        if algorithm is not None:
+            check_optimizer_state(optimizer, algorithm.layers)
     return hook
 
 
@@ -144,11 +146,13 @@ class DynamicSparseTraining:
         self.history: List[dict] = []
         self._captured: Dict[str, List[Tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in self.layers}
         self._paused = False
-        self._hooks = []
+        # Before every optimizer step: the optimizer's per-weight state must match each layer's nnz (a
+        # checkpoint of another nnz loaded into the model after the optimizer was built fails here, clearly).
+        self._hooks = [optimizer.register_step_pre_hook(_check_state_hook(weakref.ref(self)))]
         if self.dense_grad is not None:
-            self._hooks = [m.register_forward_hook(_capture_hook(weakref.ref(self), n)) for n, m in self.layers.items()]
-            # The hooks hold the algorithm weakly: a discarded algorithm stops capturing and its hooks go.
-            weakref.finalize(self, _remove_all, list(self._hooks))
+            self._hooks += [m.register_forward_hook(_capture_hook(weakref.ref(self), n)) for n, m in self.layers.items()]
+        # The hooks hold the algorithm weakly: a discarded algorithm stops capturing and its hooks go.
+        weakref.finalize(self, _remove_all, list(self._hooks))
 
     # -- schedule -----------------------------------------------------------------------
     def drop_rate(self, t: int) -> float:
@@ -215,6 +219,7 @@ class DynamicSparseTraining:
     def step(self) -> bool:
         """Advance one training step; on an update step change the patterns. True if a pattern changed."""
         self._check_gradients(self.step_count + 1)
+        check_optimizer_state(self.optimizer, self.layers)
         self.step_count += 1
         try:
             self._on_step()
@@ -255,16 +260,15 @@ class DynamicSparseTraining:
             return self._update_layer_blocks(name, module, n_drop, n_grow)
         if n_drop == 0 and n_grow == 0:
             return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
-        weight = module.sparse_weight()
-        # Flat positions of the nonzeros, ascending (CSR order): no dense mask to scan.
-        old_pos = weight.row_indices() * weight.k + weight.col_idx.long()
+        m, k = module.weight_shape[0], math.prod(module.weight_shape[1:])
+        old_pos = module.pattern.positions()  # ascending (CSR order): no dense mask to scan
         values = module.values.detach()
         # Drop: the n_drop active weights of smallest magnitude.
         dropped = topk_select(broadcast(values.abs()), n_drop, largest=False)
         keep = torch.ones(nnz, dtype=torch.bool, device=values.device)
         keep[dropped] = False
         kept_pos = old_pos[keep]
-        new_mask = torch.zeros(weight.m * weight.k, dtype=torch.bool, device=values.device)
+        new_mask = torch.zeros(m * k, dtype=torch.bool, device=values.device)
         new_mask[kept_pos] = True
         # Grow: the n_grow best scores among the weights not kept (a just-dropped one may come back, at 0).
         grown = topk_select(self.grow_scores(name, module), n_grow, largest=True, candidates=~new_mask)
@@ -277,7 +281,7 @@ class DynamicSparseTraining:
         at = torch.searchsorted(old_pos, grown).clamp_(max=max(nnz - 1, 0))
         regrown = int((old_pos[at] == grown).sum()) if nnz else 0
         old_param = module.values
-        module.update_pattern_(None, remap_entries(values, source), positions=new_pos)
+        module.replace_pattern(new_pos, source)
         remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
         return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow, "regrown": regrown,
                 "mask_distance": n_drop + n_grow - 2 * regrown}
@@ -295,9 +299,9 @@ class DynamicSparseTraining:
         m, k = module.weight_shape[0], math.prod(module.weight_shape[1:])
         mb, kb = m // b, k // b
         values = module.values.detach()
-        # Block norms in the block order of b_row_ptr/b_col_idx (ascending block position).
-        norms = values.index_select(0, module.b_order).reshape(-1, per_block).norm(dim=1)
-        old_blocks = rows_of(module.b_row_ptr, norms.numel()) * kb + module.b_col_idx.long()
+        # Block norms in ascending block position.
+        norms = module.pattern.blocks(values).reshape(-1, per_block).norm(dim=1)
+        old_blocks = module.pattern.block_positions()
         dropped = topk_select(broadcast(norms), n_drop_b, largest=False)
         keep = torch.ones(old_blocks.numel(), dtype=torch.bool, device=values.device)
         keep[dropped] = False
@@ -312,14 +316,13 @@ class DynamicSparseTraining:
         # grown blocks start at zero even where a just-dropped block comes back.
         new_mask = expand_block_mask(new_bmask.reshape(mb, kb), b).reshape(-1)
         new_pos = new_mask.nonzero().squeeze(1)
-        weight = module.sparse_weight()
-        old_pos = weight.row_indices() * k + weight.col_idx.long()
+        old_pos = module.pattern.positions()
         kept_elem = expand_block_mask(kept_bmask.reshape(mb, kb), b).reshape(-1)[new_pos]
         at = torch.searchsorted(old_pos, new_pos).clamp_(max=max(nnz - 1, 0))
         source = torch.where(kept_elem, at, torch.full_like(at, -1))
         regrown = int(torch.isin(grown, old_blocks[~keep]).sum())
         old_param = module.values
-        module.update_pattern_(None, remap_entries(values, source), positions=new_pos)
+        module.replace_pattern(new_pos, source)
         remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
         return {"nnz": module.nnz, "dropped": n_drop_b * per_block, "grown": n_grow_b * per_block,
                 "regrown": regrown * per_block, "mask_distance": (n_drop_b + n_grow_b - 2 * regrown) * per_block}

@@ -14,17 +14,31 @@ themselves and needs nothing: a grown weight is 0, so it decays nothing.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
-__all__ = ["remap_entries", "remap_optimizer_state", "optimizer_holds"]
+from ..nn.pattern import remap_entries
+
+__all__ = ["remap_entries", "remap_optimizer_state", "optimizer_holds", "check_optimizer_state"]
 
 
-def remap_entries(old: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``old[source]`` with zeros where ``source`` is -1."""
-    gathered = old[source.clamp(min=0)]
-    return torch.where(source >= 0, gathered, torch.zeros((), dtype=old.dtype, device=old.device))
+def check_optimizer_state(optimizer: torch.optim.Optimizer, layers: Mapping[str, torch.nn.Module]) -> None:
+    """RuntimeError if the optimizer's per-weight state of a sparse layer's ``values`` no longer has the
+    layer's nnz: the layer was loaded from a checkpoint of another nnz (``load_state_dict`` resizes
+    ``values`` in place) after the optimizer took steps. Checked before every optimizer step of a DST
+    run, where otherwise the optimizer would fail with a bare size mismatch."""
+    for name, module in layers.items():
+        state = optimizer.state.get(module.values)
+        if not state:
+            continue
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != module.values.shape:
+                raise RuntimeError(
+                    f"sparse layer {name!r}: the optimizer's {key!r} has {value.numel()} entries but the layer "
+                    f"has nnz {module.nnz} (it was loaded from a checkpoint of another pattern after the optimizer "
+                    "took steps); load the optimizer's state from the same checkpoint, or rebuild the optimizer "
+                    "(or remap its state with sparsekern.dst.remap_optimizer_state)")
 
 
 def optimizer_holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:

@@ -1,5 +1,5 @@
-"""What SparseLinear and SparseConv2d share: a CSR weight whose values are the
-trainable Parameter and whose pattern (and cached transpose) lives in buffers."""
+"""What SparseLinear and SparseConv2d share: a weight whose nonzeros ``values`` are the trainable
+Parameter and whose pattern is one ``SparsePattern`` (``self.pattern``: CSR, cached transpose, BSR view)."""
 from __future__ import annotations
 
 import math
@@ -8,14 +8,16 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..block_sparse import BlockSparseMatrix, block_mask_of, bsr_element_order, expand_block_mask
-from ..sparse_matrix import SparseMatrix, csr_from_mask, csr_from_positions, rows_of, transpose_pattern
+from ..block_sparse import BlockSparseMatrix, block_mask_of, expand_block_mask
+from ..sparse_matrix import SparseMatrix
+from .pattern import SparsePattern, check_block_aligned, check_positions, positions_mask, remap_entries
+from .weight_view import SparseWeightView
 
-_PATTERN_BUFFERS = ("row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm")
-# format="bsr": the block pattern and where each block entry sits in ``values`` (derived from the
-# element pattern after every change, so not saved in the state_dict).
-_BLOCK_BUFFERS = ("b_row_ptr", "b_col_idx", "b_order", "b_t_row_ptr", "b_t_col_idx", "b_t_perm")
 FORMATS = ("csr", "bsr")
+# What a checkpoint holds besides the bias; older checkpoints also hold the transpose, which is
+# derived, so it is rebuilt and those keys are ignored.
+_SAVED = ("values", "row_ptr", "col_idx")
+_LEGACY_DERIVED = ("t_row_ptr", "t_col_idx", "t_perm")
 
 
 def random_mask(shape: Sequence[int], density: float, generator: Optional[torch.Generator] = None,
@@ -39,17 +41,25 @@ def random_block_mask(shape: Sequence[int], density: float, block: int,
     return expand_block_mask(blocks, block).reshape(tuple(shape))
 
 
+def check_module_density(owner: str, density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+        raise ValueError(f"{owner}: density must be a number in [0, 1], got {density!r}")
+    return float(density)
+
+
 class SparseWeightMixin:
-    """Holds the weight of dense shape ``weight_shape`` as CSR, or (``format="bsr"``) as a
-    block-aligned CSR whose b x b blocks the GPU kernels run as BSR.
+    """Holds the weight of dense shape ``weight_shape`` as ``values`` (the nonzeros, in CSR order: the
+    trainable Parameter) on ``self.pattern`` (a ``SparsePattern``). With ``format="bsr"`` the pattern
+    is made of whole b x b blocks and also keeps their block view, which the GPU kernels run as BSR;
+    ``values`` stay in CSR order, so DST, optimizer state and checkpoints treat both formats alike.
 
     The subclass is an ``nn.Module`` that sets ``self.weight_shape`` and calls
     ``self._init_sparse_weight(dense, mask, format, block)``.
 
-    With ``format="bsr"`` the trainable ``values`` stay in CSR (row-major) order, so DST, optimizer
-    state remapping and checkpoints treat both formats alike; ``block_weight()`` gathers them into
-    (nnzb, b, b) blocks for the BSR kernels. Patterns must then be block-aligned (DST drops and
-    grows whole blocks).
+    The pattern changes through one entry point, ``replace_pattern(positions, source)`` (what DST
+    calls); ``set_pattern(mask, dense)`` and ``update_pattern_(mask, values, positions)`` are the same
+    change given a mask or new values. A checkpoint holds ``values``, ``row_ptr`` (int32 where it fits)
+    and ``col_idx`` (int32) and the bias; loading validates all of it before anything changes.
     """
 
     format: str = "csr"
@@ -66,6 +76,11 @@ class SparseWeightMixin:
         """A dense module with this module's arguments."""
         raise NotImplementedError
 
+    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """The dense gradient of the loss in the weight (dense shape) from the layer's input and its
+        output's gradient."""
+        raise NotImplementedError
+
     @classmethod
     def from_dense(cls, module: nn.Module, mask: Optional[torch.Tensor] = None, format: str = "csr",
                    block: int = 32):
@@ -78,9 +93,14 @@ class SparseWeightMixin:
         nn.Module.__init__(out)
         out._copy_geometry(module)
         weight = module.weight.detach()
-        mask = weight != 0 if mask is None else mask
+        if mask is None:
+            mask = weight != 0
+        elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{cls.__name__}.from_dense: mask must be a bool tensor of the weight's shape "
+                             f"{tuple(weight.shape)}, got {got}")
+        _check_format(cls.__name__, out.weight_shape, format, block)
         if format == "bsr":
-            _check_format(cls.__name__, out.weight_shape, format, block)
             m, k = out.weight_shape[0], math.prod(out.weight_shape[1:])
             mask = expand_block_mask(block_mask_of(mask.reshape(m, k), block), block).reshape(out.weight_shape)
         out._init_sparse_weight(weight, mask, format, block)
@@ -94,55 +114,47 @@ class SparseWeightMixin:
             dense.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 dense.bias.copy_(self.bias)
-        return dense
+        dense.weight.requires_grad_(self.values.requires_grad)
+        if self.bias is not None:
+            dense.bias.requires_grad_(self.bias.requires_grad)
+        return dense.train(self.training)
 
     def _init_sparse_weight(self, dense: torch.Tensor, mask: torch.Tensor, format: str = "csr",
                             block: int = 32) -> None:
         _check_format(type(self).__name__, self.weight_shape, format, block)
         self.format, self.block = format, (block if format == "bsr" else 1)
-        self.values = nn.Parameter(torch.empty(0, dtype=dense.dtype, device=dense.device))
-        for name in _PATTERN_BUFFERS:
-            self.register_buffer(name, torch.empty(0, dtype=torch.int64, device=dense.device))
-        if self.format == "bsr":
-            for name in _BLOCK_BUFFERS:
-                self.register_buffer(name, torch.empty(0, dtype=torch.int64, device=dense.device), persistent=False)
-        self.set_pattern(mask, dense)
+        m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        mask2 = mask.reshape(m, k).to(dense.device)
+        check_block_aligned(type(self).__name__, mask2, self._pattern_block())
+        self.pattern = SparsePattern.from_mask(self.weight_shape, mask2, self._pattern_block())
+        self.values = nn.Parameter(dense.reshape(m, k)[mask2].clone())
+
+    def _pattern_block(self) -> Optional[int]:
+        return self.block if self.format == "bsr" else None
 
     def _initial_mask(self, density: float, generator, device) -> torch.Tensor:
-        _check_format(type(self).__name__, self.weight_shape, self.format, self.block)
+        owner = type(self).__name__
+        density = check_module_density(owner, density)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{owner}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+        _check_format(owner, self.weight_shape, self.format, self.block)
         if self.format == "bsr":
             return random_block_mask(self.weight_shape, density, self.block, generator, device)
         return random_mask(self.weight_shape, density, generator, device=device)
 
-    # -- format="bsr": the block layout of the element pattern -------------------------------
-    def _check_block_aligned(self, where: str, mask2d: torch.Tensor) -> None:
-        if self.format == "bsr" and not torch.equal(
-                expand_block_mask(block_mask_of(mask2d, self.block), self.block), mask2d):
-            raise ValueError(f"{type(self).__name__}.{where}: format='bsr' needs a mask made of whole "
-                             f"{self.block}x{self.block} blocks (see sparsekern.block_sparse.expand_block_mask)")
-
-    def _refresh_blocks(self) -> None:
-        if self.format != "bsr":
-            return
-        m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        mask2d = self.mask().reshape(m, k)
-        bmask = block_mask_of(mask2d, self.block)
-        self.b_row_ptr, self.b_col_idx = csr_from_mask(bmask)
-        self.b_order = bsr_element_order(mask2d, self.block).reshape(-1)
-        self.b_t_row_ptr, self.b_t_col_idx, self.b_t_perm = transpose_pattern(self.b_row_ptr, self.b_col_idx,
-                                                                              k // self.block)
+    # -- the pattern's tensors, as the ops take them -------------------------------------------
+    row_ptr = property(lambda self: self.pattern.row_ptr, doc="CSR row pointers (m+1, int64).")
+    col_idx = property(lambda self: self.pattern.col_idx, doc="CSR column indices (nnz, int32).")
+    t_row_ptr = property(lambda self: self.pattern.t_row_ptr, doc="Row pointers of W^T (derived).")
+    t_col_idx = property(lambda self: self.pattern.t_col_idx, doc="Column indices of W^T (derived).")
+    t_perm = property(lambda self: self.pattern.t_perm, doc="values[t_perm] are W^T's values (derived).")
 
     def block_weight(self) -> BlockSparseMatrix:
         """The weight as BSR (format="bsr"): blocks gathered from ``values``, differentiable."""
         if self.format != "bsr":
             raise RuntimeError(f"{type(self).__name__}.block_weight: the module's format is {self.format!r}, not 'bsr'")
-        b = self.block
-        blocks = self.values.index_select(0, self.b_order).reshape(-1, b, b)
-        return BlockSparseMatrix(self.b_row_ptr, self.b_col_idx, blocks, self.weight_shape, validate=False,
-                                 transpose=(self.b_t_row_ptr, self.b_t_col_idx, self.b_t_perm),
-                                 csr=self.sparse_weight())
+        return self.pattern.bsr(self.values)
 
-    # -- the pattern --------------------------------------------------------------------
     @property
     def nnz(self) -> int:
         return self.values.numel()
@@ -151,171 +163,218 @@ class SparseWeightMixin:
     def density(self) -> float:
         return self.nnz / math.prod(self.weight_shape)
 
+    # -- changing the pattern: validated first, then applied whole --------------------------
+    def replace_pattern(self, positions: torch.Tensor, source: torch.Tensor) -> None:
+        """Make the pattern the entries at ``positions`` (flat row * k + col, strictly ascending); the
+        i-th new value is the old ``values[source[i]]``, or 0 where ``source[i]`` is -1 (a grown
+        entry). What DST calls; the optimizer's state follows with
+        ``sparsekern.dst.remap_optimizer_state(optimizer, old_values, source, new_param=module.values)``."""
+        where = f"{type(self).__name__}.replace_pattern"
+        if not isinstance(source, torch.Tensor) or source.dim() != 1 or source.dtype.is_floating_point \
+                or source.dtype == torch.bool:
+            raise ValueError(f"{where}: source must be a 1-D integer tensor, got "
+                             + (f"{source.dtype} of shape {tuple(source.shape)}" if isinstance(source, torch.Tensor)
+                                else type(source).__name__))
+        if isinstance(positions, torch.Tensor) and source.shape != positions.shape:
+            raise ValueError(f"{where}: source must have one entry per position ({tuple(positions.shape)}), "
+                             f"got shape {tuple(source.shape)}")
+        if source.numel() and (int(source.min()) < -1 or int(source.max()) >= self.nnz):
+            raise ValueError(f"{where}: source must lie in [-1, {self.nnz}) (an old index or -1), got values in "
+                             f"[{int(source.min())}, {int(source.max())}]")
+        self._replace(where, positions, lambda: remap_entries(self.values.detach(), source.to(self.values.device)))
+
     def set_pattern(self, mask: torch.Tensor, dense: Optional[torch.Tensor] = None) -> None:
-        """Replace the pattern by ``mask``; values come from ``dense`` (default: the current
-        weight, zero where newly active). Rebuilds the cached transpose."""
-        if mask.shape != self.weight_shape:
-            raise ValueError(f"{type(self).__name__}.set_pattern: mask must have shape {tuple(self.weight_shape)}, "
-                             f"got {tuple(mask.shape)}")
-        if mask.dtype != torch.bool:
-            raise ValueError(f"{type(self).__name__}.set_pattern: mask must be bool, got {mask.dtype}")
-        if dense is None:
-            dense = self.dense_weight().detach()
-        m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])  # not -1: ambiguous when m == 0
-        mask2 = mask.reshape(m, k).to(self.values.device)
-        self._check_block_aligned("set_pattern", mask2)
-        row_ptr, col_idx = csr_from_mask(mask2)
-        t_row_ptr, t_col_idx, t_perm = transpose_pattern(row_ptr, col_idx, mask2.shape[1])
-        with torch.no_grad():
-            values = dense.reshape(m, k).to(self.values.device, self.values.dtype)[mask2].clone()
-        self.values = nn.Parameter(values, requires_grad=self.values.requires_grad)
-        self.row_ptr, self.col_idx = row_ptr, col_idx
-        self.t_row_ptr, self.t_col_idx, self.t_perm = t_row_ptr, t_col_idx, t_perm
-        self._refresh_blocks()
+        """Replace the pattern by ``mask``; values come from ``dense`` (default: the current weight, zero
+        where newly active)."""
+        where = f"{type(self).__name__}.set_pattern"
+        positions = self._mask_positions(where, mask)
+        if dense is not None and (not isinstance(dense, torch.Tensor) or dense.shape != self.weight_shape):
+            raise ValueError(f"{where}: dense must be a tensor of shape {tuple(self.weight_shape)}, got "
+                             + (f"shape {tuple(dense.shape)}" if isinstance(dense, torch.Tensor) else type(dense).__name__))
+
+        def values():
+            source = self.dense_weight().detach() if dense is None else dense.detach()
+            return source.reshape(-1).to(self.values.device, self.values.dtype)[positions]
+        self._replace(where, positions, values)
 
     def update_pattern_(self, mask: Optional[torch.Tensor], values: torch.Tensor,
                         positions: Optional[torch.Tensor] = None) -> None:
-        """Replace the pattern by ``mask`` in place (dynamic sparse training).
+        """Replace the pattern by ``mask`` (or by the flat ``positions`` of the new nonzeros, ascending)
+        with the new nonzeros ``values`` in CSR order.
 
-        Instead of a mask, ``positions`` may give the new nonzeros' flat indices (row * k + col) in
-        ascending order, which skips a scan of the dense mask (DST knows them).
+        At an unchanged nnz ``values`` are written into the existing Parameter (an optimizer or DDP
+        holding it stays valid); if nnz changed, ``values`` becomes a new Parameter and whoever holds
+        the old one must be re-pointed (``sparsekern.dst.remap_optimizer_state``). The gradient of the
+        old pattern means nothing in the new one: it is dropped."""
+        where = f"{type(self).__name__}.update_pattern_"
+        if positions is not None and mask is not None:
+            raise ValueError(f"{where}: give mask or positions, not both")
+        if positions is None:
+            positions = self._mask_positions(where, mask)
+        check_positions(where, positions, math.prod(self.weight_shape), self.weight_shape)
+        if not isinstance(values, torch.Tensor) or values.shape != positions.shape:
+            raise ValueError(f"{where}: values must have shape ({positions.numel()},) (the new pattern's nnz), got "
+                             + (f"{tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__))
+        self._replace(where, positions, lambda: values.detach())
 
-        ``values`` are the new nonzeros in row-major order. At an unchanged nnz they are written into
-        the existing ``values`` Parameter and the pattern buffers are overwritten in place, so an
-        optimizer or DDP holding these tensors stays valid. If nnz changed, ``values`` becomes a new
-        Parameter (resizing a leaf in place breaks autograd graphs still alive) and whoever holds the
-        old one must be re-pointed (``sparsekern.dst.remap_optimizer_state``). The gradient of the old
-        pattern means nothing in the new one: it is dropped.
-        """
+    def _mask_positions(self, where: str, mask) -> torch.Tensor:
+        if not isinstance(mask, torch.Tensor) or mask.shape != self.weight_shape or mask.dtype != torch.bool:
+            raise ValueError(f"{where}: mask must be a bool tensor of shape {tuple(self.weight_shape)}, got "
+                             + (f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                                else type(mask).__name__))
+        return mask.to(self.values.device).reshape(-1).nonzero().squeeze(1)
+
+    def _replace(self, where: str, positions: torch.Tensor, new_values) -> None:
+        """The one place a pattern changes: check ``positions`` (and block alignment), compute the new
+        values, then write pattern and values."""
         m, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
-        if positions is not None:
-            if mask is not None:
-                raise ValueError(f"{type(self).__name__}.update_pattern_: give mask or positions, not both")
-            self._check_positions(positions, m * k)
-            if self.format == "bsr":  # checked before any buffer is written, so a bad call changes nothing
-                mask_flat = torch.zeros(m * k, dtype=torch.bool, device=positions.device)
-                mask_flat[positions.long()] = True
-                self._check_block_aligned("update_pattern_", mask_flat.reshape(m, k))
-            row_ptr, col_idx = csr_from_positions(positions.to(self.values.device), m, k)
-        else:
-            if mask is None or mask.shape != self.weight_shape or mask.dtype != torch.bool:
-                raise ValueError(f"{type(self).__name__}.update_pattern_: mask must be bool of shape "
-                                 f"{tuple(self.weight_shape)}, got "
-                                 + ("None" if mask is None else f"{mask.dtype} of shape {tuple(mask.shape)}"))
-            self._check_block_aligned("update_pattern_", mask.reshape(m, k))
-            row_ptr, col_idx = csr_from_mask(mask.reshape(m, k).to(self.values.device))
-        if values.shape != col_idx.shape:
-            raise ValueError(f"{type(self).__name__}.update_pattern_: values must have shape ({col_idx.numel()},) "
-                             f"(the mask's nnz), got {tuple(values.shape)}")
-        pattern = (row_ptr, col_idx) + transpose_pattern(row_ptr, col_idx, k)
+        check_positions(where, positions, m * k, self.weight_shape)
+        positions = positions.to(self.values.device)
+        if self.format == "bsr":
+            check_block_aligned(where, positions_mask(positions, m, k), self.block)
+        values = new_values()
+        if values.shape != positions.shape or not values.is_floating_point():
+            raise ValueError(f"{where}: the new values must be floating point of shape {tuple(positions.shape)}, "
+                             f"got {values.dtype} of shape {tuple(values.shape)}")
+        values = values.to(self.values.device, self.values.dtype)
         with torch.no_grad():
-            for name, new in zip(_PATTERN_BUFFERS, pattern):
-                old = getattr(self, name)
-                if old.shape == new.shape and old.dtype == new.dtype:
-                    old.copy_(new)
-                else:
-                    setattr(self, name, new)
-            values = values.to(self.values.device, self.values.dtype)
             if self.values.shape == values.shape:
                 self.values.copy_(values)
                 self.values.grad = None
-            else:
+            else:  # a new Parameter: resizing a leaf in place breaks autograd graphs still alive
                 self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
-        self._refresh_blocks()
+        self.pattern.replace(positions)
 
-    def _check_positions(self, positions: torch.Tensor, numel: int) -> None:
-        where = f"{type(self).__name__}.update_pattern_"
-        if positions.dim() != 1 or positions.dtype.is_floating_point or positions.dtype.is_complex \
-                or positions.dtype == torch.bool:
-            raise ValueError(f"{where}: positions must be a 1-D integer tensor, got {positions.dtype} "
-                             f"of shape {tuple(positions.shape)}")
-        if positions.numel() == 0:
-            return
-        lo, hi = int(positions.min()), int(positions.max())
-        if lo < 0 or hi >= numel:
-            raise ValueError(f"{where}: positions must lie in [0, {numel}) (row * k + col of a "
-                             f"{tuple(self.weight_shape)} weight), got values in [{lo}, {hi}]")
-        steps = positions[1:] - positions[:-1]
-        if steps.numel() and int(steps.min()) <= 0:
-            first = int(torch.nonzero(steps <= 0)[0])
-            raise ValueError(f"{where}: positions must be strictly ascending, got positions[{first}] = "
-                             f"{int(positions[first])} followed by {int(positions[first + 1])}")
-
+    # -- views of the weight ------------------------------------------------------------------
     def sparse_weight(self) -> SparseMatrix:
         """The weight as a SparseMatrix sharing this module's values and cached transpose."""
-        return SparseMatrix(self.row_ptr, self.col_idx, self.values, self.weight_shape, validate=False,
-                            transpose=(self.t_row_ptr, self.t_col_idx, self.t_perm))
+        return self.pattern.csr(self.values)
 
     def dense_weight(self) -> torch.Tensor:
-        """Dense weight (zeros outside the pattern), differentiable in ``values``. It is the operand of
-        the ``dense`` kernel every step, so the scatter index is cached per pattern version, and a full
-        pattern (CSR order is then row-major order) is a view of ``values``."""
+        """Dense weight (zeros outside the pattern), differentiable in ``values``; a full pattern (CSR
+        order is then row-major order) is a view of ``values``."""
         numel = math.prod(self.weight_shape)
         if self.nnz == numel:
             return self.values.reshape(self.weight_shape)
         flat = torch.zeros(numel, dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self._flat_index(),), self.values).reshape(self.weight_shape)
-
-    def _flat_index(self) -> torch.Tensor:
-        """row * k + col of every nonzero, rebuilt when a pattern buffer is replaced or written."""
-        k = math.prod(self.weight_shape[1:])
-        if torch.compiler.is_compiling():  # fake tensors have no data_ptr; the graph is built once anyway
-            return rows_of(self.row_ptr, self.col_idx.numel()) * k + self.col_idx.long()
-        version = tuple((t.data_ptr(), t._version, t.numel()) for t in (self.row_ptr, self.col_idx))
-        cached = self.__dict__.get("_flat_index_cache")
-        if cached is None or cached[0] != version:
-            index = rows_of(self.row_ptr, self.col_idx.numel()) * k + self.col_idx.long()
-            self.__dict__["_flat_index_cache"] = cached = (version, index)
-        return cached[1]
+        return flat.index_put((self.pattern.positions(),), self.values).reshape(self.weight_shape)
 
     def mask(self) -> torch.Tensor:
-        return self.sparse_weight().mask()
+        return self.pattern.mask()
+
+    def _write_dense(self, dense: torch.Tensor, where: str) -> None:
+        """Store a dense weight into ``values``: it must be zero outside the pattern (else ValueError,
+        nothing written)."""
+        owner = f"{type(self).__name__}.{where}"
+        if not isinstance(dense, torch.Tensor) or dense.shape != self.weight_shape:
+            raise ValueError(f"{owner}: expected a tensor of shape {tuple(self.weight_shape)}, got "
+                             + (f"shape {tuple(dense.shape)}" if isinstance(dense, torch.Tensor) else type(dense).__name__))
+        flat = dense.detach().reshape(-1).to(self.values.device, self.values.dtype)
+        kept = flat[self.pattern.positions()]
+        outside = int(torch.count_nonzero(flat)) - int(torch.count_nonzero(kept))
+        if outside:
+            raise ValueError(f"{owner}: {outside} entries outside the sparse pattern (nnz {self.nnz} of "
+                             f"{flat.numel()}) would be nonzero; a sparse layer stores only its pattern. Change "
+                             "the pattern with set_pattern(mask, dense), or sparsekern.densify(model) first")
+        with torch.no_grad():
+            self.values.copy_(kept)
 
     # -- drop-in for code written against nn.Linear / nn.Conv2d, which reads ``.weight`` -----
     @property
     def weight(self) -> torch.Tensor:
-        """The dense weight materialized from the CSR (zeros outside the pattern), differentiable in
-        ``values``: a read-only view for code that reads ``.weight`` (its dtype, device, shape).
-
-        Each read builds a new tensor, so writing into it changes nothing: the trainable tensor is
-        ``values`` and the pattern changes through ``set_pattern``."""
-        return self.dense_weight()
+        """The dense weight as code written for nn.Linear / nn.Conv2d expects it: its shape, dtype,
+        device and requires_grad are read without building it; using its data builds it
+        (differentiable in ``values``); in-place writes (``copy_``, ``mul_``, ``w[:] = t``, also through
+        ``.data``) store into ``values`` and raise if they would leave a nonzero outside the pattern."""
+        return SparseWeightView(self)
 
     def __setattr__(self, name: str, value) -> None:
-        if name == "weight":  # nn.Module would store it beside the CSR, which the forward ignores
-            raise AttributeError(f"{type(self).__name__}.weight is read-only (a dense view built from the CSR): "
-                                 "write the trainable `values` (the nonzeros, in CSR order) or change the "
-                                 "pattern with set_pattern(mask, dense)")
+        if name == "weight":  # nn.Module would store it beside the pattern, where the forward never looks
+            if not isinstance(value, torch.Tensor):
+                raise AttributeError(f"{type(self).__name__}.weight can only be assigned a tensor of shape "
+                                     f"{tuple(self.weight_shape)} (written into the sparse values), got "
+                                     f"{type(value).__name__}")
+            dense = value.materialize() if isinstance(value, SparseWeightView) else value
+            self._write_dense(dense, "weight")
+            if isinstance(value, nn.Parameter):
+                self.values.requires_grad_(value.requires_grad)
+            return
         super().__setattr__(name, value)
 
-    # -- state_dict: nnz may differ from the module's current size ---------------------
+    # -- state_dict: values, row_ptr, col_idx (and bias); derived data is rebuilt ------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "row_ptr"] = self.pattern.compact_row_ptr()
+        destination[prefix + "col_idx"] = self.pattern.col_idx if keep_vars else self.pattern.col_idx.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        if prefix + "row_ptr" in state_dict and prefix + "col_idx" in state_dict:
-            # Validate the incoming pattern before anything is copied: a rejected state dict must leave
-            # the module as it was, and a corrupt pattern must not reach the kernels.
-            row_ptr, col_idx = state_dict[prefix + "row_ptr"], state_dict[prefix + "col_idx"]
-            values = state_dict.get(prefix + "values", torch.zeros(col_idx.shape, dtype=self.values.dtype))
-            incoming = SparseMatrix(row_ptr.to(self.values.device), col_idx.to(self.values.device),
-                                    values.to(self.values.device), self.weight_shape)
-            self._check_block_aligned("load_state_dict", incoming.mask().reshape(self.weight_shape[0], -1))
-        for name in ("values",) + _PATTERN_BUFFERS:
-            key = prefix + name
-            if key in state_dict:
-                current = getattr(self, name)
-                incoming = state_dict[key]
-                if current.shape != incoming.shape:
-                    resized = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
-                    if name == "values":
-                        # Keep the Parameter object: an optimizer built before loading holds it.
-                        self.values.data = resized
-                        self.values.grad = None
-                    else:
-                        setattr(self, name, resized)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if prefix + "row_ptr" in state_dict:
-            self._refresh_blocks()
+        """All or nothing: every entry of this layer is checked (pattern valid for this weight shape,
+        values and bias sizes) before any is applied; a rejected state leaves the layer as it was."""
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        owner = f"{type(self).__name__} ({prefix[:-1] or 'root'})"
+        errors = []
+        got = {name: state_dict[prefix + name] for name in _SAVED + ("bias",) if prefix + name in state_dict}
+        for name, t in got.items():
+            if not isinstance(t, torch.Tensor):
+                errors.append(f'While copying the parameter named "{prefix}{name}", expected torch.Tensor from '
+                              f"checkpoint but received {type(t)}")
+        new_pattern = None
+        if not errors and ("row_ptr" in got) != ("col_idx" in got):
+            have, lack = ("row_ptr", "col_idx") if "row_ptr" in got else ("col_idx", "row_ptr")
+            errors.append(f"{owner}: the checkpoint has {prefix}{have} but not {prefix}{lack}; the pattern loads "
+                          "whole")
+        elif not errors and "row_ptr" in got:
+            try:
+                new_pattern = SparsePattern.from_csr(f"{owner}: checkpoint pattern", self.weight_shape,
+                                                     got["row_ptr"], got["col_idx"], self._pattern_block(),
+                                                     self.values.device)
+            except ValueError as exc:
+                errors.append(str(exc))
+        changes_pattern = new_pattern is not None and not self.pattern.same_as(new_pattern)
+        nnz = new_pattern.nnz if new_pattern is not None else self.nnz
+        if not errors:
+            values = got.get("values")
+            if values is not None:
+                if values.shape != (nnz,):
+                    what = "the checkpoint's pattern" if new_pattern is not None else "the layer's pattern (kept)"
+                    errors.append(f"size mismatch for {prefix}values: copying a param with shape "
+                                  f"{tuple(values.shape)} from checkpoint, the shape in current model is ({nnz},) "
+                                  f"(nnz of {what})")
+                elif not values.is_floating_point():
+                    errors.append(f"{owner}: {prefix}values must be floating point, got {values.dtype}")
+            elif changes_pattern:
+                errors.append(f"{owner}: the checkpoint changes the pattern but has no {prefix}values; the "
+                              "pattern and its values load together")
+        bias = got.get("bias")
+        if bias is not None and self.bias is not None and not errors and bias.shape != self.bias.shape:
+            errors.append(f"size mismatch for {prefix}bias: copying a param with shape {tuple(bias.shape)} from "
+                          f"checkpoint, the shape in current model is {tuple(self.bias.shape)}")
+        for name in _SAVED + (("bias",) if self.bias is not None else ()):
+            if name not in got:
+                missing_keys.append(prefix + name)
+        known = set(_SAVED) | set(_LEGACY_DERIVED) | ({"bias"} if self.bias is not None else set())
+        for key in state_dict:
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                if rest not in known and rest.split(".", 1)[0] not in self._modules:
+                    unexpected_keys.append(key)
+        if errors:
+            error_msgs.extend(errors)
+            return
+        with torch.no_grad():
+            if "values" in got:
+                values = got["values"].to(self.values.device, self.values.dtype)
+                if values.shape == self.values.shape:
+                    self.values.copy_(values)
+                else:  # keep the Parameter object: an optimizer built before loading holds it
+                    self.values.data = values.clone()
+                    self.values.grad = None
+            if bias is not None and self.bias is not None:
+                self.bias.copy_(bias)
+        if changes_pattern:
+            self.pattern.load_(new_pattern)
 
     def extra_repr_density(self) -> str:
         fmt = f", format='bsr', block={self.block}" if self.format == "bsr" else ""

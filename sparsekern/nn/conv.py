@@ -70,6 +70,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             self.padding = tuple(conv.padding)
         self.weight_shape = conv.weight.shape
 
+    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_weight(x, self.weight_shape, grad_out, self.stride, self.padding, self.dilation)
+
     def _empty_dense(self) -> nn.Conv2d:
         return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                          self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
@@ -79,7 +82,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             return bsr_conv2d(x, self.block_weight(), self.bias, self.stride, self.padding, self.dilation)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             return self.run_kernel("csr", x)  # the op's argument checks name what is wrong
-        return self.run_kernel(kernel_choice.resolve(self, x), x)
+        return kernel_choice.run(self, x)
 
     # -- the kernels this layer can run (sparsekern.nn.kernel_choice) ----------------------
     def candidates(self):
@@ -117,8 +120,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
             rows = patches.transpose(1, 2).reshape(n * ho * wo, patches.shape[1])
         cout = self.out_channels
-        W = SparseMatrix(self.row_ptr, self.col_idx, self.values, (cout, rows.shape[1]), validate=False,
-                         transpose=(self.t_row_ptr, self.t_col_idx, self.t_perm))
+        p = self.pattern
+        W = SparseMatrix(p.row_ptr, p.col_idx, self.values, (cout, rows.shape[1]), validate=False,
+                         transpose=p.transpose())
         y = sparse_linear(rows, W, self.bias).view(n, ho, wo, cout).permute(0, 3, 1, 2)
         return y if channels_last else y.contiguous()
 

@@ -159,6 +159,51 @@ def resolve(module: nn.Module, x: torch.Tensor) -> str:
     return choice.kernel
 
 
+def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s forward on ``x`` through the kernel ``resolve`` picks. The dense kernel multiplies
+    every input entry by the scattered weight, zeros included, so a NaN/Inf where the weight stores
+    nothing would spread (0 * inf = NaN) where the sparse kernels never read it: a call with a non-finite
+    input runs the sparse kernel instead, and so does its input gradient when the output's gradient is
+    non-finite. Results thus never depend on the kernel chosen."""
+    kernel = resolve(module, x)
+    if kernel != "dense" or _tracing() or not isinstance(x, torch.Tensor):
+        return module.run_kernel(kernel, x)
+    if not bool(torch.isfinite(x).all()):
+        return module.run_kernel(DEFAULT, x)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return module.run_kernel("dense", x)
+    box: dict = {}
+    y = module.run_kernel("dense", _SparseInputGrad.apply(x, module, box))
+    y.register_hook(lambda grad: _note_non_finite(box, grad))
+    return y
+
+
+def _note_non_finite(box: dict, grad: torch.Tensor) -> None:
+    if not bool(torch.isfinite(grad).all()):
+        box["grad_out"] = grad
+
+
+class _SparseInputGrad(torch.autograd.Function):
+    """Identity on the layer's input whose backward replaces the dense kernel's input gradient by the
+    sparse kernel's when the output's gradient was non-finite (noted by the hook on the output)."""
+
+    @staticmethod
+    def forward(ctx, x, module, box):
+        ctx.module, ctx.box = module, box
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x):
+        grad_out = ctx.box.pop("grad_out", None)
+        if grad_out is not None:
+            (x,) = ctx.saved_tensors
+            with torch.enable_grad():
+                xs = x.detach().requires_grad_(True)
+                (grad_x,) = torch.autograd.grad(ctx.module.run_kernel(DEFAULT, xs), xs, grad_out)
+        return grad_x, None, None
+
+
 def lookup(module: nn.Module, x: torch.Tensor) -> Optional[Choice]:
     return _choices.get(choice_key(module, x))
 

@@ -43,6 +43,9 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         self.in_features, self.out_features = module.in_features, module.out_features
         self.weight_shape = module.weight.shape
 
+    def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        return grad_out.reshape(-1, self.out_features).t() @ x.reshape(-1, self.in_features)
+
     def _empty_dense(self) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                          device=self.values.device, dtype=self.values.dtype)
@@ -50,7 +53,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bsr":
             return bsr_linear(x, self.block_weight(), self.bias)
-        return self.run_kernel(kernel_choice.resolve(self, x), x)
+        return kernel_choice.run(self, x)
 
     # -- the kernels this layer can run (sparsekern.nn.kernel_choice) ----------------------
     def candidates(self):

@@ -241,12 +241,12 @@ def test_load_state_dict_rejects_a_non_aligned_pattern():
     csr = SparseLinear(16, 8, density=0.5, generator=gen(7))
     layer = SparseLinear(16, 8, density=0.5, format="bsr", block=4, generator=gen(8))
     assert not torch.equal(expand_block_mask(block_mask_of(csr.mask(), 4), 4), csr.mask())
-    mask, values, order = layer.mask().clone(), layer.values.detach().clone(), layer.b_order.clone()
-    with pytest.raises(ValueError, match=r"load_state_dict: format='bsr' needs a mask made of whole 4x4 blocks"):
+    mask, values, order = layer.mask().clone(), layer.values.detach().clone(), layer.pattern.b_order.clone()
+    with pytest.raises(RuntimeError, match=r"checkpoint pattern: format='bsr' needs a mask made of whole 4x4 blocks"):
         layer.load_state_dict(csr.state_dict())
     # Rejected before anything was copied: the module is as it was.
     assert torch.equal(layer.mask(), mask) and torch.equal(layer.values.detach(), values)
-    assert torch.equal(layer.b_order, order)
+    assert torch.equal(layer.pattern.b_order, order)
 
 
 @pytest.mark.kernels(*(LINEAR_KERNELS + CONV_KERNELS))
@@ -260,7 +260,7 @@ def test_to_float64(backend):
         layer64 = layer.to(torch.float64)
         assert layer64.values.dtype == torch.float64 and layer64.bias.dtype == torch.float64
         assert layer64.row_ptr.dtype == torch.int64 and layer64.col_idx.dtype == torch.int32
-        assert layer64.b_order.dtype == torch.int64  # index buffers are not converted
+        assert layer64.pattern.b_order.dtype == torch.int64  # index buffers are not converted
         assert torch.equal(layer64.mask(), mask) and torch.equal(layer64.values.detach(), values.double())
         assert layer64.block_weight().dtype == torch.float64
         assert_block_aligned(layer64)
