@@ -18,7 +18,7 @@
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
 // and bias converted once, results rounded to bf16 on store (SDDMM: once, after all tiles).
 // From a density of dense_above() (default 0.3) on, the products run as one dense GEMM instead
-// (csr_dense.cpp).
+// (csr_dense.cpp), except an SpMM whose B has a NaN or Inf: results never depend on the path taken.
 // The engine's files are listed in csr_internal.h.
 #pragma once
 #include <ATen/core/Tensor.h>
@@ -62,12 +62,12 @@ void check_transpose(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t
 
 // out (m, n) = A (m, k) @ B (k, n) (+ bias[i] on row i). B and out are strided views
 // (e.g. x.t() and y.t() for sparse_linear); out is fully overwritten.
-void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-          const at::Tensor& B, const c10::optional<at::Tensor>& bias, const at::Tensor& out);
+void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+          const c10::optional<at::Tensor>& bias, const at::Tensor& out);
 
 // vals (nnz, contiguous) [p] = dot(X[i, :], Y[j, :]), X (m, d), Y (k, d) strided views.
-void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X,
-           const at::Tensor& Y, const at::Tensor& vals);
+void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+           const at::Tensor& vals);
 
 // The vector width of the SpMM / SDDMM loops: avx2 = the portable 32-byte loops (AVX2 clone, SSE on
 // older x86, generic elsewhere), avx512 = 64-byte loops (AVX-512F/BW/DQ/VL hosts only). Set once at

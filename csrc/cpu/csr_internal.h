@@ -93,6 +93,10 @@ at::Tensor pack_tiles(const at::Tensor& src, int64_t T);
 
 // Whether a product with an (m, k) pattern of nnz nonzeros runs as a dense GEMM (density >= dense_above()).
 bool use_dense(int64_t nnz, int64_t m, int64_t k);
+// Whether every element of t (float32/64 or bf16, any strides) is finite. The dense GEMM multiplies
+// the implicit zeros of A by every element of B, so a NaN or Inf in B would reach outputs that the
+// sparse loops (and torch.sparse) leave finite: spmm runs the sparse loops when B is not all finite.
+bool all_finite(const at::Tensor& t);
 // out = A @ B (+ bias[i] on row i) through a GEMM on A scattered into a reused dense workspace.
 // vals and bias (undefined: none) in the compute type; B and out in the element type.
 void spmm_dense(const at::Tensor& vals, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
@@ -111,20 +115,20 @@ void sddmm_dense(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
 // and CORE_rows(tile_bytes, wide, job, r0, r1), which picks one. Tiles of 32 bytes always run the
 // 32-byte loop, so both widths read the same packed tiles. Used inside the core's namespace, after
 // CORE_rows_impl<S, NV, I, W>.
-#define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)                                           \
+#define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)                                         \
   SK_CLONES void CORE##_rows_##NAME##_##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
-    CORE##_rows_impl<S, NV, I>(J, r0, r1);                                                 \
+    CORE##_rows_impl<S, NV, I>(J, r0, r1);                                               \
   }
 #if SK_HAVE_AVX512
-#define SK_ROWS_WIDE(CORE, JOB, S, I, NAME, NV)                                             \
+#define SK_ROWS_WIDE(CORE, JOB, S, I, NAME, NV)                                           \
   SK_AVX512 void CORE##_rows_##NAME##_w##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
-    CORE##_rows_impl<S, NV, I, 64>(J, r0, r1);                                              \
+    CORE##_rows_impl<S, NV, I, 64>(J, r0, r1);                                            \
   }
 #define SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME) \
   SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 1)         \
   SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 2)
-#define SK_ROWS_WIDE_PICK(CORE, NAME)                                                      \
-  if (wide && tile_bytes >= 64)                                                            \
+#define SK_ROWS_WIDE_PICK(CORE, NAME) \
+  if (wide && tile_bytes >= 64)       \
     return tile_bytes == 64 ? CORE##_rows_##NAME##_w1(J, r0, r1) : CORE##_rows_##NAME##_w2(J, r0, r1);
 #else
 #define SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME)

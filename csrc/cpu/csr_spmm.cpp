@@ -92,8 +92,7 @@ SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int
       for (int r = 0; r < L; ++r) o[c * J.os1 + r] = bf16::from_f32(buf[r * T + c]);
   } else {
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = 0; c < nc; ++c)
-        J.out[(g0 + r) * J.os0 + (J.b0 + c) * J.os1] = bf16::from_f32(buf[r * T + c]);
+      for (int64_t c = 0; c < nc; ++c) J.out[(g0 + r) * J.os0 + (J.b0 + c) * J.os1] = bf16::from_f32(buf[r * T + c]);
   }
 }
 
@@ -179,7 +178,8 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
     return;
   }
   const at::Tensor vals_c = widened ? values.to(kS).contiguous() : values;
-  if (use_dense(nnz, m, k)) {
+  // all_finite: a NaN or Inf in B would reach every output through the GEMM's implicit zeros.
+  if (use_dense(nnz, m, k) && all_finite(B)) {
     spmm_dense(vals_c, row_ptr, col_idx, B, bias_c, out);
     return;
   }
