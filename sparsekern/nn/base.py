@@ -64,6 +64,8 @@ class SparseWeightMixin:
 
     format: str = "csr"
     block: int = 1
+    # State version 2: the checkpoint's metadata records the weight shape (see _save_to_state_dict).
+    _version = 2
 
     weight_shape: torch.Size
     DENSE_TYPE: type  # the dense module this one mirrors (nn.Linear, nn.Conv2d)
@@ -303,6 +305,11 @@ class SparseWeightMixin:
 
     # -- state_dict: values, row_ptr, col_idx (and bias); derived data is rebuilt ------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # The weight shape goes into the layer's metadata (kept by torch.save with the state dict): a
+        # 12-column pattern is also a valid 16-column one, so only the shape tells them apart.
+        metadata = getattr(destination, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata[prefix[:-1]]["weight_shape"] = tuple(self.weight_shape)
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "row_ptr"] = self.pattern.compact_row_ptr()
         destination[prefix + "col_idx"] = self.pattern.col_idx if keep_vars else self.pattern.col_idx.detach()
@@ -321,6 +328,10 @@ class SparseWeightMixin:
                 errors.append(f'While copying the parameter named "{prefix}{name}", expected torch.Tensor from '
                               f"checkpoint but received {type(t)}")
         new_pattern = None
+        saved_shape = local_metadata.get("weight_shape")
+        if saved_shape is not None and tuple(saved_shape) != tuple(self.weight_shape):
+            errors.append(f"size mismatch for {prefix}row_ptr/col_idx/values: the checkpoint holds a weight of shape "
+                          f"{tuple(saved_shape)}, the shape in current model is {tuple(self.weight_shape)}")
         if not errors and ("row_ptr" in got) != ("col_idx" in got):
             have, lack = ("row_ptr", "col_idx") if "row_ptr" in got else ("col_idx", "row_ptr")
             errors.append(f"{owner}: the checkpoint has {prefix}{have} but not {prefix}{lack}; the pattern loads "

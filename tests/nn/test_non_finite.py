@@ -1,0 +1,90 @@
+"""A NaN/Inf where the weight stores nothing gives the same result whichever kernel runs the layer: the
+dense kernel (0 * NaN = NaN) hands such calls, forward and input gradient, to the sparse kernel."""
+import pytest
+import torch
+
+from sparsekern.nn import SparseConv2d, SparseLinear, kernel_choice
+
+from sk_testing import gen
+
+
+def _linear():
+    """A layer that stores nothing in input column 0."""
+    layer = SparseLinear(10, 6, density=0.5, generator=gen(1))
+    mask = layer.mask().clone()
+    mask[:, 0] = False
+    layer.set_pattern(mask)
+    return layer, torch.randn(4, 10, generator=gen(2)), (slice(None), 0)
+
+
+def _conv():
+    """A conv that stores nothing for input channel 0."""
+    layer = SparseConv2d(3, 4, 3, padding=1, density=0.5, generator=gen(3))
+    mask = layer.mask().clone()
+    mask[:, 0] = False
+    layer.set_pattern(mask)
+    return layer, torch.randn(2, 3, 5, 5, generator=gen(4)), (slice(None), 0, 2, 2)
+
+
+def _run(layer, x, kernel, grad_out=None):
+    layer.kernel = kernel
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.ones_like(y) if grad_out is None else grad_out
+    dx, dv = torch.autograd.grad(y, (x, layer.values), g)
+    layer.kernel = "auto"
+    return y.detach(), dx, dv
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+def test_non_finite_input_where_nothing_is_stored(make, value):
+    layer, x, where = make()
+    x[where] = value
+    want = _run(layer, x, "csr")
+    assert torch.isfinite(want[0]).all() and torch.isfinite(want[1]).all()  # the sparse kernel never reads it
+    for kernel in layer.candidates():
+        got = _run(layer, x, kernel)
+        for a, b, what in zip(got, want, ("output", "input gradient", "values gradient")):
+            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{kernel} {what}: {m}")
+
+
+@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+def test_non_finite_output_gradient_where_nothing_is_stored(make):
+    layer, x, _ = make()
+    y = layer(x)
+    g = torch.randn(y.shape, generator=gen(5))
+    # Output 0's row of the weight made empty: its NaN gradient reaches no input under the sparse kernel.
+    mask = layer.mask().clone()
+    mask[0] = False
+    layer.set_pattern(mask)
+    g[(slice(None), 0)] = float("nan")
+    want = _run(layer, x, "csr", g)
+    assert torch.isfinite(want[1]).all()
+    for kernel in layer.candidates():
+        got = _run(layer, x, kernel, g)
+        torch.testing.assert_close(got[1], want[1], equal_nan=True, msg=lambda m: f"{kernel} input gradient: {m}")
+
+
+@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+def test_forced_dense_everywhere_gives_the_sparse_answer(make, monkeypatch):
+    monkeypatch.setattr(kernel_choice, "_forced", None)
+    layer, x, where = make()
+    x[where] = float("nan")
+    want = _run(layer, x, "csr")
+    kernel_choice.set_kernel("dense")
+    try:
+        got = _run(layer, x, "auto")
+    finally:
+        kernel_choice.set_kernel(None)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_finite_inputs_keep_the_dense_kernel(monkeypatch):
+    layer, x, _ = _linear()
+    calls = []
+    run = layer.run_kernel
+    monkeypatch.setattr(layer, "run_kernel", lambda kernel, inp: calls.append(kernel) or run(kernel, inp))
+    _run(layer, x, "dense")
+    assert calls == ["dense"]
