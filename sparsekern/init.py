@@ -8,7 +8,7 @@ import torch
 
 from .nn import SparseConv2d, SparseWeightMixin
 
-__all__ = ["INITS", "sparse_init_", "initialize_"]
+__all__ = ["INITS", "sparse_init_", "initialize_", "he_normal_"]
 
 INITS = ("sparse", "dense", "layer")
 _MODES = ("fan_in", "fan_out")
@@ -32,6 +32,19 @@ def _fans(module: SparseWeightMixin, mode: str) -> torch.Tensor:
     channel = col_idx.long() // per_channel
     counts = torch.bincount(channel, minlength=module.weight_shape[1])
     return counts[channel]
+
+
+@torch.no_grad()
+def he_normal_(model: torch.nn.Module) -> torch.nn.Module:
+    """He normal (fan-in, ReLU gain) on every dense ``nn.Linear`` / ``nn.Conv2d`` weight, zero biases: the
+    dense init the studies share, so dense and sparsity-aware inits differ only in which fan-in scales it.
+    Returns the model."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                m.bias.zero_()
+    return model
 
 
 @torch.no_grad()

@@ -13,59 +13,27 @@ solution the mask came from: the last trained network with the final mask applie
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .analysis import evaluate, grad_norm
+from .analysis.layers import layer_weights, masks_of, prunable_layers
 from .init import sparse_init_
 from .nn import SparseConv2d, SparseLinear, SparseWeightMixin
-from .sparsity import sparsifiable_layers
 
-__all__ = ["SCOPES", "LR_SCHEDULES", "Masks", "prunable_layers", "layer_weights", "masks_of", "mask_density",
+__all__ = ["SCOPES", "Masks", "prunable_layers", "layer_weights", "masks_of", "mask_density",
            "magnitude_prune", "one_shot_prune", "prune_schedule", "apply_masks", "to_dense_model", "random_masks",
-           "reinitialize", "rewind", "SGDTrainer", "TrainResult", "LotteryTicket", "lottery_ticket"]
+           "reinitialize", "rewind", "LotteryTicket", "lottery_ticket"]
 
 SCOPES = ("global", "layerwise")
-LR_SCHEDULES = ("constant", "cosine", "step")
 Masks = Dict[str, torch.Tensor]
 
 
 # -- layers and masks --------------------------------------------------------------------------
-def prunable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> Dict[str, nn.Module]:
-    """Layers whose weights pruning may remove: ``nn.Linear``, ``nn.Conv2d`` (groups = 1) and the sparse
-    modules, by qualified name, less those named in ``ignore`` (a name also covers what lies under it)."""
-    ignore = (ignore,) if isinstance(ignore, str) else tuple(ignore)
-    dense = sparsifiable_layers(model, ignore)
-    skip = lambda name: any(name == p or name.startswith(p + ".") for p in ignore)  # noqa: E731
-    return {name: m for name, m in model.named_modules()
-            if name in dense or (isinstance(m, SparseWeightMixin) and not skip(name))}
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    return module.dense_weight() if isinstance(module, SparseWeightMixin) else module.weight
-
-
-@torch.no_grad()
-def layer_weights(model: nn.Module, ignore: Iterable[str] = ()) -> Dict[str, torch.Tensor]:
-    """{layer name: its dense weight (zeros outside a sparse layer's pattern)}, detached copies."""
-    return {name: _weight(m).detach().clone() for name, m in prunable_layers(model, ignore).items()}
-
-
-def masks_of(model: nn.Module, ignore: Iterable[str] = ()) -> Masks:
-    """The current masks: a sparse layer's pattern, all-True for a dense layer."""
-    return {name: m.mask() if isinstance(m, SparseWeightMixin) else torch.ones_like(m.weight, dtype=torch.bool)
-            for name, m in prunable_layers(model, ignore).items()}
-
-
 def mask_density(masks: Masks) -> float:
     """Kept weights over all weights of the masked layers."""
     total = sum(m.numel() for m in masks.values())
@@ -231,113 +199,6 @@ def rewind(dense_model: nn.Module, state: Dict[str, torch.Tensor], masks: Masks)
     return apply_masks(model, masks, inplace=True)
 
 
-# -- training by steps ---------------------------------------------------------------------------
-@dataclass
-class TrainResult:
-    """What one ``SGDTrainer`` call did: gradient flow every ``grad_flow_every`` steps (step, loss,
-    active and dense norms), the final held-out accuracy, seconds per step, and the dense state_dict
-    at ``snapshot_step`` (None if that step was not crossed)."""
-    grad_flow: List[dict]
-    accuracy: Optional[float]
-    loss: Optional[float]
-    seconds_per_step: float
-    snapshot: Optional[Dict[str, torch.Tensor]] = None
-
-
-@dataclass
-class SGDTrainer:
-    """Trains a model for steps ``[start_step, steps)`` with SGD (momentum, weight decay) on a
-    seeded data order that depends only on ``seed`` and the step, so a run rewound to step k sees the
-    same batches k..steps-1 as the run it was rewound from.
-
-    ``dataset`` yields a whole batch for a list of indices (``sparsekern.data.ArrayDataset``).
-    Gradient flow (``sparsekern.analysis.grad_norm``, no weight decay) is measured on ``held_out``
-    every ``grad_flow_every`` steps and after the last step; ``eval_loader`` gives the final accuracy.
-    The learning rate follows ``lr_schedule`` over the whole run of ``steps``: ``constant``, ``cosine``
-    (to 0) or ``step`` (x0.1 at 50 % and 75 %).
-    """
-    dataset: object
-    steps: int
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"
-    seed: int = 0
-    held_out: Optional[tuple] = None
-    grad_flow_every: int = 0
-    eval_loader: Optional[Iterable] = None
-    progress: bool = True
-    loss_fn: Callable = field(default=F.cross_entropy)
-
-    def __post_init__(self):
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"SGDTrainer: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"SGDTrainer: steps must be an int >= 0, got {self.steps!r}")
-
-    def lr_at(self, step: int) -> float:
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(self.steps, 1)))
-        if self.lr_schedule == "step":
-            return self.lr * (0.01 if step >= 0.75 * self.steps else 0.1 if step >= 0.5 * self.steps else 1.0)
-        return self.lr
-
-    def batch_indices(self, step: int) -> List[int]:
-        """The indices of the batch of ``step``: epoch e's order is a permutation seeded by (seed, e)."""
-        n = len(self.dataset)
-        per_epoch = max(n // self.batch_size, 1)  # drop the last partial batch
-        epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        return perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
-
-    def measure(self, model: nn.Module, step: int) -> dict:
-        g = grad_norm(model, self.held_out, self.loss_fn)
-        return {"step": step, "loss": g.loss, "active": g.active, "dense": g.dense}
-
-    def __call__(self, model: nn.Module, start_step: int = 0, snapshot_step: Optional[int] = None,
-                 desc: str = "train", dst_factory: Optional[Callable] = None) -> TrainResult:
-        """Train ``model`` in place; ``dst_factory(model, optimizer, total_steps)`` may return a
-        ``sparsekern.dst`` algorithm stepped after every optimizer step."""
-        device = next(model.parameters()).device
-        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr_at(start_step), momentum=self.momentum,
-                                    weight_decay=self.weight_decay)
-        dst = dst_factory(model, optimizer, max(self.steps - start_step, 1)) if dst_factory else None
-        grad_flow, snapshot = [], None
-        if snapshot_step == start_step:
-            snapshot = _dense_state(model)
-        model.train()
-        elapsed = 0.0  # training steps only, not the measurements
-        for step in tqdm(range(start_step, self.steps), desc=desc, disable=not self.progress, leave=False):
-            if self.held_out is not None and self.grad_flow_every and step % self.grad_flow_every == 0:
-                with dst.paused() if dst is not None else contextlib.nullcontext():  # not in RigL's gradient
-                    grad_flow.append(self.measure(model, step))
-            start = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = self.lr_at(step)
-            x, y = self.dataset[self.batch_indices(step)]
-            loss = self.loss_fn(model(x.to(device)), y.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if dst is not None:
-                dst.step()
-            elapsed += time.perf_counter() - start
-            if snapshot_step is not None and step + 1 == snapshot_step:
-                snapshot = _dense_state(model)
-        if dst is not None:
-            dst.remove_hooks()
-        if self.held_out is not None and self.grad_flow_every:
-            grad_flow.append(self.measure(model, self.steps))
-        self.last_dst = dst
-        loss, accuracy = evaluate(model, self.eval_loader) if self.eval_loader is not None else (None, None)
-        return TrainResult(grad_flow, accuracy, loss, elapsed / max(self.steps - start_step, 1), snapshot)
-
-
-def _dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in to_dense_model(model).state_dict().items()}
-
-
 # -- lottery tickets ----------------------------------------------------------------------------
 @dataclass
 class LotteryTicket:
@@ -375,13 +236,14 @@ class LotteryTicket:
         return rewind(self.init, self.rewind_state, random_masks(self.masks, torch.Generator().manual_seed(seed)))
 
 
-def lottery_ticket(model: nn.Module, trainer: Callable[..., TrainResult], rounds: int = 1,
+def lottery_ticket(model: nn.Module, trainer: Callable, rounds: int = 1,
                    prune_fraction: Optional[float] = 0.2, density: Optional[float] = None, scope: str = "global",
                    rewind_step: int = 0, ignore: Sequence[str] = ()) -> LotteryTicket:
     """Find a lottery ticket of the dense ``model`` (left unchanged) by IMP.
 
-    ``trainer(model, start_step=, snapshot_step=, desc=)`` trains in place and returns a ``TrainResult``
-    (``SGDTrainer``). Round 0 trains the dense network and keeps its weights at ``rewind_step``; each of
+    ``trainer(model, start_step=, snapshot_step=, desc=)`` trains in place and returns a
+    ``sparsekern.train.TrainResult`` (``sparsekern.train.Trainer``). Round 0 trains the dense network and
+    keeps its weights at ``rewind_step``; each of
     ``rounds`` rounds prunes ``prune_fraction`` of the remaining weights (``density`` instead sets it to
     1 - density ** (1 / rounds), so ``rounds=1`` is one-shot pruning to ``density``) of the network the
     round before trained. Rounds 1..rounds-1 retrain the rewound network; the last mask is the ticket's,

@@ -1,27 +1,271 @@
-"""A thin training loop the studies and the CLI share: not a framework."""
+"""The one training loop of sparsekern: ``train_steps``. Two drivers run it:
+
+- ``Trainer``: a number of SGD steps on a seeded batch order that depends only on (seed, step), so a run
+  rewound to step k sees the same batches as the run it came from (the studies, the demo, IMP);
+- ``fit``: epochs over a ``DataLoader`` with a scheduler, per-epoch validation and a JSON log (the CLI).
+
+Every step: forward, loss, backward, optimizer step, then the DST algorithm's ``step()`` if any. Hooks:
+gradient flow recorded at chosen steps (``GradFlowProbe``), a callback per step, checkpoints every N steps.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analysis import evaluate as analysis_evaluate, grad_norm
+from .analysis import Evaluation, evaluate, grad_norm
+from .lottery import to_dense_model
+from .nn import SparseWeightMixin
 
-__all__ = ["fit", "evaluate"]
+__all__ = ["LR_SCHEDULES", "GradFlowProbe", "StepInfo", "train_steps", "Trainer", "TrainResult", "fit", "evaluate",
+           "Evaluation", "save_checkpoint", "load_checkpoint", "dense_state"]
+
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
-def _to(batch, device):
-    x, y = batch[0], batch[1]
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+def _check_int(where: str, name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
 
 
+# -- hooks ---------------------------------------------------------------------------------------
+@dataclass
+class GradFlowProbe:
+    """Records the gradient flow (``sparsekern.analysis.grad_norm``, no weight decay) at chosen steps:
+    every ``every`` steps from step 0 (0: never) and at the steps in ``at``; on ``batch``, or on the current
+    training batch when ``batch`` is None. A record holds step, loss, active and dense norms, and with
+    ``per_param`` the norms of every parameter too. While it measures, the DST algorithm is paused (the
+    probe's backward must not enter RigL's dense gradient)."""
+    batch: Optional[tuple] = None
+    every: int = 0
+    at: Sequence[int] = ()
+    per_param: bool = False
+    loss_fn: Callable = field(default=F.cross_entropy)
+    records: List[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check_int("GradFlowProbe", "every", self.every, 0)
+
+    def wants(self, step: int) -> bool:
+        return bool(self.every and step % self.every == 0) or step in self.at
+
+    def record(self, model: nn.Module, step: int, batch: Optional[tuple] = None, dst=None) -> dict:
+        with dst.paused() if dst is not None else contextlib.nullcontext():
+            g = grad_norm(model, self.batch if self.batch is not None else batch, self.loss_fn)
+        rec = {"step": step, **g.to_dict()} if self.per_param else \
+            {"step": step, "loss": g.loss, "active": g.active, "dense": g.dense}
+        self.records.append(rec)
+        return rec
+
+
+@dataclass
+class StepInfo:
+    """What ``train_steps`` passes to ``on_step`` after each step (``step`` counts steps done)."""
+    step: int
+    loss: float
+    output: torch.Tensor
+    target: torch.Tensor
+    pattern_changed: bool
+    lr: float
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, dst=None,
+                    step: int = 0, **extra) -> Path:
+    """Write model, optimizer and DST state (a sparse layer's pattern is in its state_dict) at ``step``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), **extra,
+             "optimizer": optimizer.state_dict() if optimizer is not None else None,
+             "dst": dst.state_dict() if dst is not None else None}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # never a half-written checkpoint
+    return path
+
+
+def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, dst=None) -> int:
+    """Restore what ``save_checkpoint`` wrote into ``model`` (and ``optimizer``, ``dst``); returns the step."""
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
+    model.load_state_dict(state["model"])
+    for name, obj in (("optimizer", optimizer), ("dst", dst)):
+        if obj is not None:
+            if state[name] is None:
+                raise ValueError(f"load_checkpoint: {path} holds no {name} state, but a {name} was given")
+            obj.load_state_dict(state[name])
+    return int(state["step"])
+
+
+# -- the loop ------------------------------------------------------------------------------------
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, start_step: int = 0,
+                lr_at: Optional[Callable[[int], float]] = None, scheduler=None, dst=None,
+                grad_flow: Optional[GradFlowProbe] = None, on_step: Optional[Callable[[StepInfo], None]] = None,
+                checkpoint_every: int = 0, checkpoint_path=None, loss_fn: Callable = F.cross_entropy,
+                progress: bool = True, desc: str = "train", total: Optional[int] = None, log_every: int = 50,
+                device=None) -> float:
+    """Train ``model`` in place on ``batches`` (each an (x, y) pair), numbering steps from ``start_step``;
+    return the seconds spent in training steps (measurements and checkpoints not counted).
+
+    Per step: gradient flow first if ``grad_flow`` wants this step (it sees the weights the step starts
+    from); the learning rate ``lr_at(step)`` if given; forward, ``loss_fn``, backward, ``optimizer.step()``,
+    ``dst.step()``, ``scheduler.step()`` (per step) if given; ``on_step(StepInfo)``; a checkpoint every
+    ``checkpoint_every`` steps to ``checkpoint_path``.
+    """
+    _check_int("train_steps", "checkpoint_every", checkpoint_every, 0)
+    if checkpoint_every and checkpoint_path is None:
+        raise ValueError("train_steps: checkpoint_every needs a checkpoint_path, got None")
+    device = device or next(model.parameters()).device
+    model.train()
+    step, elapsed = start_step, 0.0
+    bar = tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)
+    for batch in bar:
+        if grad_flow is not None and grad_flow.wants(step):
+            grad_flow.record(model, step, batch, dst)
+            model.train()
+        start = time.perf_counter()
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        out = model(x)
+        loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        changed = bool(dst.step()) if dst is not None else False
+        if scheduler is not None:
+            scheduler.step()
+        elapsed += time.perf_counter() - start
+        step += 1
+        if on_step is not None or (progress and log_every and step % log_every == 0):
+            loss_value = loss.item()
+            if on_step is not None:
+                on_step(StepInfo(step, loss_value, out.detach(), y, changed, lr))
+            if progress and log_every and step % log_every == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+        if checkpoint_every and step % checkpoint_every == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, dst, step)
+    return elapsed
+
+
+def dense_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state_dict as a dense model would hold it (a sparse layer's weight dense, zeros outside
+    its pattern): what IMP rewinds to."""
+    if not any(isinstance(m, SparseWeightMixin) for m in model.modules()):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in to_dense_model(model).state_dict().items()}
+
+
+# -- driver 1: steps on a seeded order (studies, demo, IMP) ---------------------------------------------
+@dataclass
+class TrainResult:
+    """What one ``Trainer`` call did: gradient flow every ``grad_flow_every`` steps (step, loss, active and
+    dense norms), the final held-out accuracy and loss, seconds per step, and the dense state_dict at
+    ``snapshot_step`` (None if that step was not crossed)."""
+    grad_flow: List[dict]
+    accuracy: Optional[float]
+    loss: Optional[float]
+    seconds_per_step: float
+    snapshot: Optional[Dict[str, torch.Tensor]] = None
+
+
+@dataclass
+class Trainer:
+    """Trains a model for steps ``[start_step, steps)`` with SGD (momentum, weight decay) on a seeded data
+    order that depends only on ``seed`` and the step, so a run rewound to step k sees the same batches
+    k..steps-1 as the run it was rewound from.
+
+    ``dataset`` yields a whole batch for a list of indices (``sparsekern.data.ArrayDataset``). Gradient flow
+    is measured on ``held_out`` every ``grad_flow_every`` steps and after the last step; ``eval_loader``
+    gives the final accuracy. The learning rate follows ``lr_schedule`` over the whole run of ``steps``:
+    ``constant``, ``cosine`` (to 0) or ``step`` (x0.1 at 50 % and 75 %). With ``checkpoint_every`` the
+    model, optimizer and DST state go to ``checkpoint_path`` every that many steps.
+    """
+    dataset: object
+    steps: int
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    seed: int = 0
+    held_out: Optional[tuple] = None
+    grad_flow_every: int = 0
+    eval_loader: Optional[Iterable] = None
+    progress: bool = True
+    loss_fn: Callable = field(default=F.cross_entropy)
+    checkpoint_every: int = 0
+    checkpoint_path: Optional[str] = None
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Trainer: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        _check_int("Trainer", "steps", self.steps, 0)
+        _check_int("Trainer", "batch_size", self.batch_size, 1)
+        _check_int("Trainer", "grad_flow_every", self.grad_flow_every, 0)
+        self.last_dst = None
+
+    def lr_at(self, step: int) -> float:
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(self.steps, 1)))
+        if self.lr_schedule == "step":
+            return self.lr * (0.01 if step >= 0.75 * self.steps else 0.1 if step >= 0.5 * self.steps else 1.0)
+        return self.lr
+
+    def batch_indices(self, step: int) -> List[int]:
+        """The indices of the batch of ``step``: epoch e's order is a permutation seeded by (seed, e)."""
+        n = len(self.dataset)
+        per_epoch = max(n // self.batch_size, 1)  # drop the last partial batch
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        return perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+
+    def __call__(self, model: nn.Module, start_step: int = 0, snapshot_step: Optional[int] = None,
+                 desc: str = "train", dst_factory: Optional[Callable] = None) -> TrainResult:
+        """Train ``model`` in place; ``dst_factory(model, optimizer, total_steps)`` may return a
+        ``sparsekern.dst`` algorithm stepped after every optimizer step (kept as ``self.last_dst``)."""
+        optimizer = torch.optim.SGD(model.parameters(), lr=self.lr_at(start_step), momentum=self.momentum,
+                                    weight_decay=self.weight_decay)
+        dst = dst_factory(model, optimizer, max(self.steps - start_step, 1)) if dst_factory else None
+        probe = None
+        if self.held_out is not None and self.grad_flow_every:
+            probe = GradFlowProbe(self.held_out, self.grad_flow_every, loss_fn=self.loss_fn)
+        snapshot = dense_state(model) if snapshot_step == start_step else None
+
+        def on_step(info: StepInfo) -> None:
+            nonlocal snapshot
+            if info.step == snapshot_step:
+                snapshot = dense_state(model)
+
+        batches = (self.dataset[self.batch_indices(step)] for step in range(start_step, self.steps))
+        elapsed = train_steps(model, optimizer, batches, start_step=start_step, lr_at=self.lr_at, dst=dst,
+                              grad_flow=probe, on_step=on_step if snapshot_step is not None else None,
+                              checkpoint_every=self.checkpoint_every, checkpoint_path=self.checkpoint_path,
+                              loss_fn=self.loss_fn, progress=self.progress, desc=desc,
+                              total=max(self.steps - start_step, 0), log_every=0)
+        if dst is not None:
+            dst.remove_hooks()
+        if probe is not None:
+            probe.record(model, self.steps)
+        self.last_dst = dst
+        loss, accuracy = (evaluate(model, self.eval_loader, self.loss_fn) if self.eval_loader is not None
+                          else (None, None))
+        return TrainResult(probe.records if probe else [], accuracy, loss,
+                           elapsed / max(self.steps - start_step, 1), snapshot)
+
+
+# -- driver 2: epochs over a DataLoader (the CLI) -------------------------------------------------------
 def _correct(output: torch.Tensor, target: torch.Tensor) -> Optional[int]:
     """Number of correct top-1 predictions, or None where the task is not classification."""
     if output.dim() != 2 or target.dim() != 1 or target.dtype not in (torch.int64, torch.int32):
@@ -29,13 +273,7 @@ def _correct(output: torch.Tensor, target: torch.Tensor) -> Optional[int]:
     return int((output.argmax(1) == target).sum())
 
 
-def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable = F.cross_entropy, device=None) -> Dict[str, float]:
-    """Mean loss and top-1 accuracy (None if not classification) of ``model`` over ``loader``."""
-    loss, accuracy = analysis_evaluate(model, loader, loss_fn, device)
-    return {"loss": loss, "accuracy": accuracy}
-
-
-def _write(log: dict, log_path: Optional[str]) -> None:
+def _write(log: dict, log_path) -> None:
     if log_path is not None:
         path = Path(log_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,62 +282,60 @@ def _write(log: dict, log_path: Optional[str]) -> None:
 
 def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable], epochs: int,
         optimizer: torch.optim.Optimizer, scheduler=None, dst=None, loss_fn: Callable = F.cross_entropy,
-        log_every: int = 50, grad_flow_every: int = 0, log_path: Optional[str] = None,
-        scheduler_interval: str = "epoch", progress: bool = True, device=None) -> dict:
-    """Train ``model`` for ``epochs`` epochs; return the log (also written as JSON to ``log_path``).
+        log_every: int = 50, grad_flow_every: int = 0, log_path=None, scheduler_interval: str = "epoch",
+        progress: bool = True, device=None, checkpoint_every: int = 0, checkpoint_path=None) -> dict:
+    """Train ``model`` for ``epochs`` epochs with ``train_steps``; return the log (also written as JSON to
+    ``log_path``).
 
-    Each step: forward, ``loss_fn``, backward, ``optimizer.step()``, then ``dst.step()`` if given.
-    ``scheduler`` steps once per epoch (or per step with ``scheduler_interval="step"``). The log holds
-    the loss every ``log_every`` steps; every ``grad_flow_every`` steps (0: never, else from step 0)
-    the gradient flow (``sparsekern.analysis.grad_norm``) on the first validation batch (the current
-    training batch without a validation loader); and per epoch the train and validation loss and
-    accuracy and the number of pattern updates that changed a pattern.
+    ``scheduler`` steps once per epoch (or per step with ``scheduler_interval="step"``). The log holds the
+    loss every ``log_every`` steps; every ``grad_flow_every`` steps (0: never, else from step 0) the gradient
+    flow (``sparsekern.analysis.grad_norm``, per parameter too) on the first validation batch (the current
+    training batch without a validation loader); and per epoch the train and validation loss and accuracy
+    and the number of pattern updates that changed a pattern. ``checkpoint_every`` steps (and after each
+    epoch, when set) model, optimizer and DST state go to ``checkpoint_path``.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"fit: epochs must be an int >= 0, got {epochs!r}")
+    _check_int("fit", "epochs", epochs, 0)
+    _check_int("fit", "log_every", log_every, 0)
+    _check_int("fit", "grad_flow_every", grad_flow_every, 0)
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     device = device or next(model.parameters()).device
     log = {"steps": [], "grad_flow": [], "epochs": []}
+    held_out = next(iter(val_loader)) if val_loader is not None and grad_flow_every else None
+    probe = GradFlowProbe(held_out, grad_flow_every, per_param=True, loss_fn=loss_fn, records=log["grad_flow"])
     step = 0
     for epoch in range(epochs):
-        model.train()
         start = time.perf_counter()
-        total_loss, correct, count, updates = 0.0, 0, 0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for batch in bar:
-            if grad_flow_every and step % grad_flow_every == 0:
-                held_out = next(iter(val_loader)) if val_loader is not None else batch
-                with dst.paused() if dst is not None else contextlib.nullcontext():  # not in RigL's gradient
-                    log["grad_flow"].append({"step": step, **grad_norm(model, held_out, loss_fn).to_dict()})
-            x, y = _to(batch, device)
-            out = model(x)
-            loss = loss_fn(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            step += 1
-            optimizer.step()
-            if dst is not None and dst.step():
-                updates += 1
-            if scheduler is not None and scheduler_interval == "step":
-                scheduler.step()
-            loss_value = loss.item()
-            total_loss += loss_value * y.shape[0]
-            c = _correct(out, y)
-            correct = None if c is None or correct is None else correct + c
-            count += y.shape[0]
-            if log_every and step % log_every == 0:
-                log["steps"].append({"step": step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+        totals = {"loss": 0.0, "correct": 0, "count": 0, "updates": 0, "step": step}
+
+        def on_step(info: StepInfo, totals=totals) -> None:
+            n = info.target.shape[0]
+            totals["loss"] += info.loss * n
+            c = _correct(info.output, info.target)
+            totals["correct"] = None if c is None or totals["correct"] is None else totals["correct"] + c
+            totals["count"] += n
+            totals["updates"] += info.pattern_changed
+            totals["step"] = info.step
+            if log_every and info.step % log_every == 0:
+                log["steps"].append({"step": info.step, "loss": info.loss, "lr": optimizer.param_groups[0]["lr"]})
+
+        train_steps(model, optimizer, train_loader, start_step=step,
+                    scheduler=scheduler if scheduler_interval == "step" else None, dst=dst, grad_flow=probe,
+                    on_step=on_step, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path,
+                    loss_fn=loss_fn, progress=progress, desc=f"epoch {epoch + 1}/{epochs}", log_every=log_every,
+                    device=device)
+        step = totals["step"]
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
-        record = {"epoch": epoch + 1, "step": step, "train_loss": total_loss / max(count, 1),
-                  "train_accuracy": None if correct is None else correct / max(count, 1),
-                  "pattern_updates": updates, "seconds": time.perf_counter() - start}
+        record = {"epoch": epoch + 1, "step": step, "train_loss": totals["loss"] / max(totals["count"], 1),
+                  "train_accuracy": None if totals["correct"] is None else totals["correct"] / max(totals["count"], 1),
+                  "pattern_updates": totals["updates"], "seconds": time.perf_counter() - start}
         if val_loader is not None:
             val = evaluate(model, val_loader, loss_fn, device)
-            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         log["epochs"].append(record)
+        if checkpoint_path is not None and checkpoint_every:
+            save_checkpoint(checkpoint_path, model, optimizer, dst, step, epoch=epoch + 1)
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         _write(log, log_path)

