@@ -19,7 +19,7 @@ $(VENV)/.deps: pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel "tqdm>=4.66" "rich>=13" \
 		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4" "$(TRITON)" \
-		"transformers>=4.40"
+		"transformers>=4.40" "mlxtend>=0.23"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
