@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import bsr_conv2d, sparse_conv2d, sparse_linear
+from ..ops import bsr_conv2d, sparse_conv2d
 from ..ops.sparse_conv2d import output_size
 from ..sparse_matrix import SparseMatrix
 from . import kernel_choice
 from .base import SparseWeightMixin
+from .conv_gemm import conv2d_gemm
 
 
 def _same_padding(kernel_size, dilation, stride):
@@ -32,8 +33,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``.
 
     ``kernel`` picks how a CSR layer computes: ``"csr"`` (the direct sparse convolution), ``"gemm"``
-    (a CSR GEMM of the (Cout, Cin*kh*kw) weight with the input's (N*Ho*Wo, Cin*kh*kw) patches: for a
-    1x1 conv just the pixels, no copy for channels_last input), ``"dense"`` (F.conv2d on the scattered
+    (a CSR GEMM of the (Cout, Cin*kh*kw) weight with the input's patches, for a 1x1 conv just the pixels:
+    built channels first from NCHW, as rows from channels_last, see ``conv_gemm``), ``"dense"`` (F.conv2d on the scattered
     weight), or ``"auto"`` (default): the fastest of them, measured once per input geometry (see
     ``sparsekern.nn.kernel_choice``). The output has the input's memory format.
     """
@@ -80,7 +81,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bsr":
             return bsr_conv2d(x, self.block_weight(), self.bias, self.stride, self.padding, self.dilation)
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels \
+                or min(output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding,
+                                   self.dilation)) <= 0:
             return self.run_kernel("csr", x)  # the op's argument checks name what is wrong
         return kernel_choice.run(self, x)
 
@@ -103,28 +106,16 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
 
     def _conv_as_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """conv = (N*Ho*Wo, Cin*kh*kw) patches @ W^T: the CSR linear kernels, whose batch tiling suits
-        the many-channel, few-pixel layers (1x1 and late-stage convs) that the direct kernel does not."""
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        n = x.shape[0]
-        if (kh, kw) == (1, 1) and self.padding == (0, 0):
-            if (sh, sw) != (1, 1):
-                x = x[:, :, ::sh, ::sw]
-            ho, wo = x.shape[2], x.shape[3]
-            rows = x.permute(0, 2, 3, 1).reshape(n * ho * wo, self.in_channels)
-        else:
-            ho, wo = output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation)
-            if ho <= 0 or wo <= 0:  # let the conv op report it
-                return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
-            patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-            rows = patches.transpose(1, 2).reshape(n * ho * wo, patches.shape[1])
-        cout = self.out_channels
+        """The conv as one CSR matrix product over channels x (batch * pixels) (``conv2d_gemm``): batch
+        tiles that suit the many-channel, few-pixel layers (1x1 and late-stage convs) the direct kernel does not."""
+        ho, wo = output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation)
+        if ho <= 0 or wo <= 0:  # let the conv op report it
+            return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
         p = self.pattern
-        W = SparseMatrix(p.row_ptr, p.col_idx, self.values, (cout, rows.shape[1]), validate=False,
+        k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        W = SparseMatrix(p.row_ptr, p.col_idx, self.values, (self.out_channels, k), validate=False,
                          transpose=p.transpose())
-        y = sparse_linear(rows, W, self.bias).view(n, ho, wo, cout).permute(0, 3, 1, 2)
-        return y if channels_last else y.contiguous()
+        return conv2d_gemm(x, W, self.bias, self.kernel_size, self.stride, self.padding, self.dilation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
