@@ -5,7 +5,7 @@ from .sparse_matrix import SparseMatrix
 from .block_sparse import BlockSparseMatrix
 from . import nn
 from . import init, sparsity, dst, train
-from .sparsity import sparsify
+from .sparsity import densify, sparsify
 from .nn.kernel_choice import explain
 
 __version__ = "0.1.0"

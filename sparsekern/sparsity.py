@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .init import INITS, initialize_
-from .nn import FORMATS, SparseConv2d, SparseLinear, random_block_mask, random_mask
+from .nn import FORMATS, SparseConv2d, SparseLinear, SparseWeightMixin, random_block_mask, random_mask
 
-__all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify"]
+__all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify", "densify"]
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 Shapes = Union[nn.Module, Mapping[str, Sequence[int]], Sequence[Sequence[int]]]
@@ -140,6 +140,12 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         raise ValueError(f"sparsify: init must be one of {INITS}, got {init!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ValueError(f"sparsify: format must be one of {FORMATS}, got {format!r}")
+    if format == "bsr" and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise ValueError(f"sparsify: block must be a positive int, got {block!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"sparsify: generator must be a torch.Generator or None, got {type(generator).__name__}")
     dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
     names = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unknown = [d for d in dense_layers if d not in names]
@@ -153,8 +159,6 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         kept = f" outside dense_layers {list(dense_layers)}" if dense_layers else ""
         raise ValueError(f"sparsify: the model has no nn.Linear or nn.Conv2d (groups=1) to sparsify{kept}")
     layer_densities = densities({n: tuple(m.weight.shape) for n, m in layers.items()}, density, distribution)
-    if format not in FORMATS:
-        raise ValueError(f"sparsify: format must be one of {FORMATS}, got {format!r}")
     as_csr = []
     sparse_of: Dict[int, nn.Module] = {}  # id of a dense layer -> its sparse module
     for name, module in layers.items():
@@ -182,4 +186,25 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     if as_csr:
         warnings.warn(f"sparsify: format='bsr' needs weight dims that are multiples of block={block}; these layers "
                       f"are CSR instead: {as_csr}", stacklevel=2)
+    return model
+
+
+def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Replace every sparse module of ``model`` by the plain ``nn.Linear`` / ``nn.Conv2d`` it stands for
+    (``to_dense``: the weight is 0 outside the pattern; bias, requires_grad and train/eval mode kept).
+    A sparse module registered under several names becomes one dense module (tied stays tied).
+    Returns the model (a copy if not ``inplace``); a sparse module passed alone is returned dense."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"densify: model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, SparseWeightMixin):
+        return model.to_dense()
+    dense_of: Dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for child, module in list(parent._modules.items()):
+            if isinstance(module, SparseWeightMixin):
+                if id(module) not in dense_of:
+                    dense_of[id(module)] = module.to_dense()
+                setattr(parent, child, dense_of[id(module)])
     return model

@@ -70,3 +70,32 @@ def test_dense_layers_must_name_every_name_of_a_shared_layer():
     sparsekern.sparsify(model, 0.5, dense_layers=["first", "again"])
     assert model.again is model.first and isinstance(model.first, nn.Linear)
     assert isinstance(model.head, SparseLinear)
+
+
+def test_densify_turns_the_model_back_into_plain_modules_tied_stays_tied():
+    model = sparsekern.sparsify(TiedMLP(), 0.5, generator=torch.Generator().manual_seed(1))
+    model.head.values.requires_grad_(False)
+    model.eval()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    want = model(x)
+    masks = {"first": model.first.mask(), "head": model.head.mask()}
+    assert sparsekern.densify(model) is model
+    assert type(model.first) is nn.Linear and type(model.head) is nn.Linear and model.again is model.first
+    assert not any(isinstance(m, sparsekern.nn.SparseWeightMixin) for m in model.modules())
+    torch.testing.assert_close(model(x), want)
+    assert not model.first.weight[~masks["first"]].any() and not model.head.weight[~masks["head"]].any()
+    assert not model.head.weight.requires_grad and model.first.weight.requires_grad and not model.first.training
+
+
+def test_densify_a_copy_or_a_lone_layer():
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1, bias=False)
+    model = sparsekern.sparsify(nn.Sequential(conv, nn.ReLU()), 0.5, generator=torch.Generator().manual_seed(3))
+    dense = sparsekern.densify(model, inplace=False)
+    assert isinstance(model[0], SparseConv2d) and type(dense[0]) is nn.Conv2d and dense[0].bias is None
+    assert (dense[0].stride, dense[0].padding) == ((2, 2), (1, 1))
+    img = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(dense(img), model(img))
+    lone = sparsekern.densify(model[0])
+    assert type(lone) is nn.Conv2d and torch.equal(lone.weight, model[0].dense_weight())
+    with pytest.raises(TypeError, match="densify: model must be an nn.Module, got dict"):
+        sparsekern.densify({})

@@ -165,8 +165,10 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     nothing would spread (0 * inf = NaN) where the sparse kernels never read it: a call with a non-finite
     input runs the sparse kernel instead, and so does its input gradient when the output's gradient is
     non-finite. Results thus never depend on the kernel chosen."""
+    if _unexpected_input(module, x):
+        return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
     kernel = resolve(module, x)
-    if kernel != "dense" or _tracing() or not isinstance(x, torch.Tensor):
+    if kernel != "dense" or _tracing():
         return module.run_kernel(kernel, x)
     if not _all_finite(x):
         return module.run_kernel(DEFAULT, x)
@@ -176,6 +178,15 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = module.run_kernel("dense", _SparseInputGrad.apply(x, module, box))
     y.register_hook(lambda grad: _note_non_finite(box, grad))
     return y
+
+
+def _unexpected_input(module: nn.Module, x) -> bool:
+    """An input no kernel accepts (not a floating tensor on the layer's device in its dtype, autocast
+    aside); the layer checks its own geometry before calling ``run``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.device != module.values.device:
+        return True
+    return x.dtype != module.values.dtype and not (x.device.type in ("cpu", "cuda")
+                                                   and torch.is_autocast_enabled(x.device.type))
 
 
 def _all_finite(t: torch.Tensor) -> bool:

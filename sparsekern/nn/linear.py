@@ -53,6 +53,8 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bsr":
             return bsr_linear(x, self.block_weight(), self.bias)
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            return self.run_kernel("csr", x)  # the op's argument checks name what is wrong
         return kernel_choice.run(self, x)
 
     # -- the kernels this layer can run (sparsekern.nn.kernel_choice) ----------------------

@@ -1,4 +1,6 @@
 """A DST step that cannot complete raises before any layer, optimizer state or the step count changes."""
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -54,3 +56,62 @@ def test_rigl_off_update_steps_needs_no_gradient():
     assert algo.step() is False  # step 1 is no update step: no dense gradient needed
     assert algo.step_count == 1
     algo.remove_hooks()
+
+
+def _bsr_mlp():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    return sparsekern.sparsify(model, 0.5, format="bsr", block=4, generator=torch.Generator().manual_seed(0))
+
+
+def _with(call):
+    """call(model, optimizer) on a fresh sparse MLP and an SGD over its parameters."""
+    def run():
+        model = tiny_mlp()
+        return call(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    return run
+
+
+# (id, call, error type, substring naming the argument), in the style of OpInfo error inputs.
+CONSTRUCTOR_CASES = [
+    ("total_steps-zero", _with(lambda m, o: sparsekern.dst.RigL(m, o, total_steps=0)), ValueError,
+     "RigL: total_steps must be an int >= 1, got 0"),
+    ("total_steps-float", _with(lambda m, o: sparsekern.dst.SET(m, o, total_steps=10.0)), ValueError,
+     "SET: total_steps must be an int >= 1, got 10.0"),
+    ("delta_t-zero", _with(lambda m, o: sparsekern.dst.SET(m, o, 10, delta_t=0)), ValueError,
+     "SET: delta_t must be an int >= 1, got 0"),
+    ("drop_fraction", _with(lambda m, o: sparsekern.dst.RigL(m, o, 10, drop_fraction=1.5)), ValueError,
+     "RigL: drop_fraction must lie in [0, 1], got 1.5"),
+    ("drop_fraction-nan", _with(lambda m, o: sparsekern.dst.RigL(m, o, 10, drop_fraction=float("nan"))), ValueError,
+     "drop_fraction must lie in [0, 1], got nan"),
+    ("end_fraction", _with(lambda m, o: sparsekern.dst.RigL(m, o, 10, end_fraction=0.0)), ValueError,
+     "RigL: end_fraction must lie in (0, 1], got 0.0"),
+    ("schedule", _with(lambda m, o: sparsekern.dst.SET(m, o, 10, schedule="step")), ValueError,
+     "SET: schedule must be one of ('cosine', 'linear', 'constant'), got 'step'"),
+    ("grow_init", _with(lambda m, o: sparsekern.dst.SET(m, o, 10, grow_init="random")), ValueError,
+     "SET: grow_init must be one of ('zero',), got 'random'"),
+    ("optimizer-type", _with(lambda m, o: sparsekern.dst.RigL(m, [o], 10)), TypeError,
+     "RigL: optimizer must be a torch.optim.Optimizer, got list"),
+    ("optimizer-without-values", _with(lambda m, o: sparsekern.dst.RigL(m, torch.optim.SGD([m[0].bias], lr=0.1), 10)),
+     ValueError, "RigL: the optimizer does not hold the values of sparse layer '0'"),
+    ("no-sparse-layers", lambda: sparsekern.dst.SET(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1),
+                                                    10), ValueError, "SET: the model has no sparse layers"),
+    ("snfs-momentum", _with(lambda m, o: sparsekern.dst.SNFS(m, o, 10, momentum=1.0)), ValueError,
+     "SNFS: momentum must lie in [0, 1), got 1.0"),
+    ("optimizer-of-another-model", lambda: sparsekern.dst.SNFS(_bsr_mlp(), torch.optim.SGD(_bsr_mlp().parameters(), lr=1), 10),
+     ValueError, "SNFS: the optimizer does not hold"),
+    ("create-name", _with(lambda m, o: sparsekern.dst.create("gmp", m, o, 10)), ValueError,
+     "sparsekern.dst: algorithm must be one of ('static', 'set', 'snfs', 'rigl'), got 'gmp'"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CONSTRUCTOR_CASES], ids=[c[0] for c in CONSTRUCTOR_CASES])
+def test_constructor_errors(call, error, match):
+    with pytest.raises(error, match=re.escape(match)):
+        call()
+
+
+def test_snfs_redistribution_with_block_layers_is_rejected():
+    model = _bsr_mlp()
+    with pytest.raises(ValueError, match=re.escape("SNFS: redistribute=True cannot keep the total nnz with "
+                                                   "block-sparse (format='bsr') layers ['0', '2']")):
+        sparsekern.dst.SNFS(model, torch.optim.SGD(model.parameters(), lr=0.1), 10)

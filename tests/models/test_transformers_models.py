@@ -204,3 +204,19 @@ def test_vision_transformer_matches_hf_vit():
     x = _inputs({"pixel_values": (BATCH, 3, 32, 32)})["pixel_values"]
     with torch.no_grad():
         torch.testing.assert_close(ours(x), hf(pixel_values=x).logits)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_densify_gives_back_plain_modules_with_the_same_outputs(name):
+    model, spec, layers = _build(name)
+    inputs = _inputs(spec)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs)
+    dense = sparsekern.densify(model, inplace=False)
+    assert not any(isinstance(m, SparseWeightMixin) for m in dense.modules())
+    assert len(sparsifiable_layers(dense)) == len(layers)
+    with torch.no_grad():
+        got = dense(**inputs)
+    for key in expected.keys():
+        torch.testing.assert_close(got[key], expected[key])
