@@ -5,7 +5,7 @@
 """
 from .algorithms import SET, SNFS, RigL, Static
 from .base import DynamicSparseTraining
-from .optim_state import remap_entries, remap_optimizer_state
+from .optim_state import check_optimizer_state, remap_entries, remap_optimizer_state
 
 ALGORITHMS = {"static": Static, "set": SET, "snfs": SNFS, "rigl": RigL}
 
@@ -19,4 +19,4 @@ def create(name: str, model, optimizer, total_steps: int, **kwargs) -> DynamicSp
 
 
 __all__ = ["Static", "SET", "SNFS", "RigL", "DynamicSparseTraining", "ALGORITHMS", "create", "remap_entries",
-           "remap_optimizer_state"]
+           "remap_optimizer_state", "check_optimizer_state"]
