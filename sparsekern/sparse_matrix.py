@@ -127,6 +127,9 @@ class SparseMatrix:
                              + (f" of dim {dense.dim()}" if isinstance(dense, torch.Tensor) else ""))
         if mask is None:
             mask = dense != 0
+        elif not isinstance(mask, torch.Tensor):
+            raise TypeError(f"SparseMatrix.from_dense: mask must be a bool torch.Tensor of dense's shape "
+                            f"{tuple(dense.shape)}, got {type(mask).__name__}")
         elif mask.shape != dense.shape:
             raise ValueError(f"SparseMatrix.from_dense: mask shape {tuple(mask.shape)} does not match "
                              f"dense shape {tuple(dense.shape)}")

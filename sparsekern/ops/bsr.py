@@ -79,10 +79,10 @@ def bsr_conv2d(x: torch.Tensor, W: BlockSparseMatrix, bias: Optional[torch.Tenso
     cout, cin, kh, kw = W.shape
     if x.shape[1] != cin:
         raise ValueError(f"{op}: x must have {cin} channels (W is {tuple(W.shape)}), got {x.shape[1]}")
-    if get_backend(OP, x.device) == "cpp":
-        return sparse_conv2d(x, W.to_csr(), bias, stride, padding, dilation)
     stride, padding, dilation = _pair(op, "stride", stride, 1), _pair(op, "padding", padding, 0), \
         _pair(op, "dilation", dilation, 1)
+    if get_backend(OP, x.device) == "cpp":
+        return sparse_conv2d(x, W.to_csr(), bias, stride, padding, dilation)
     n, _, h, w = x.shape
     ho, wo = output_size(h, w, (kh, kw), stride, padding, dilation)
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, Cin*kh*kw, L)

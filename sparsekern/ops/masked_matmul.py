@@ -43,6 +43,8 @@ def masked_sddmm(X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor) -> torch.
         raise TypeError(f"{op}: mask must be a bool tensor, got {mask.dtype}")
     if mask.shape != (X.shape[0], Y.shape[0]):
         raise ValueError(f"{op}: mask must have shape ({X.shape[0]}, {Y.shape[0]}), got {tuple(mask.shape)}")
+    if mask.device != X.device:
+        raise ValueError(f"{op}: mask is on {mask.device} but X is on {X.device}")
     if X.shape[1] != Y.shape[1]:
         raise ValueError(f"{op}: X and Y must have the same number of columns, got {X.shape[1]} and {Y.shape[1]}")
     check.same(op, {"X": X, "Y": Y})

@@ -11,10 +11,22 @@ OP = "sparse_conv2d"
 IntPair = Union[int, Tuple[int, int]]
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(p, int) for p in pair) or min(pair) < minimum:
-        raise ValueError(f"{op}: {name} must be an int or a pair of ints >= {minimum}, got {v!r}")
+    """v as (int, int); TypeError when v is not an int or a tuple/list of ints (1.5, "1", None, True),
+    ValueError for a wrong length or a value below minimum."""
+    message = f"{op}: {name} must be an int or a pair of ints >= {minimum}, got {v!r}"
+    if _is_int(v):
+        pair = (v, v)
+    elif isinstance(v, (tuple, list)) and all(_is_int(p) for p in v):
+        pair = tuple(v)
+    else:
+        raise TypeError(message)
+    if len(pair) != 2 or min(pair) < minimum:
+        raise ValueError(message)
     return pair
 
 

@@ -20,6 +20,8 @@ def topk_select(scores: torch.Tensor, k: int, largest: bool = True,
     check.floating(OP, "scores", scores)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{OP}: k must be an int, got {type(k).__name__}")
+    if not isinstance(largest, bool):
+        raise TypeError(f"{OP}: largest must be a bool, got {type(largest).__name__}")
     n_candidates = scores.numel()
     if candidates is not None:
         check.tensor(OP, "candidates", candidates, dim=1)

@@ -55,7 +55,7 @@ def test_backward(backend, conv_case, sparsity, dtype, layout):
     got = grads(y, inputs, grad_out)
     exp = grads(_ref(x, W, bias, stride, padding, dilation), inputs, grad_out)
     n_out = y.shape[0] * y.shape[2] * y.shape[3]
-    for name, a, e, s in zip(["x", "values", "bias"], got, exp, [W.m * 9, n_out, n_out]):
+    for a, e, s in zip(got, exp, [W.m * 9, n_out, n_out]):  # x, values, bias
         assert_close(a, e, scale=s)
 
 
@@ -124,21 +124,32 @@ def _x(*shape, **kw):
     [
         (lambda: ((_x(3, 8, 8), _W()), {}), ValueError, r"sparse_conv2d: x must be 4-D, got shape \(3, 8, 8\)"),
         (lambda: ((_x(), _W().to_dense()), {}), TypeError, r"sparse_conv2d: W must be a sparsekern.SparseMatrix"),
-        (lambda: ((_x(dtype=torch.float64).int(), _W()), {}), TypeError, r"sparse_conv2d: x must be a floating-point tensor, got torch.int32"),
+        (lambda: ((_x(dtype=torch.float64).int(), _W()), {}), TypeError,
+         r"sparse_conv2d: x must be a floating-point tensor, got torch.int32"),
         (lambda: ((_x(), _W()), {"groups": 3}), ValueError, r"sparse_conv2d: only groups=1 is supported, got groups=3"),
-        (lambda: ((_x(), _W(shape=(4, 27))), {}), ValueError, r"sparse_conv2d: W must have the dense shape \(Cout, Cin, kh, kw\), got \(4, 27\)"),
-        (lambda: ((_x(2, 2, 8, 8), _W()), {}), ValueError, r"sparse_conv2d: x must have 3 channels \(W has shape \(4, 3, 3, 3\)\), got 2"),
-        (lambda: ((_x(), _W()), {"stride": 0}), ValueError, r"sparse_conv2d: stride must be an int or a pair of ints >= 1, got 0"),
+        (lambda: ((_x(), _W(shape=(4, 27))), {}), ValueError,
+         r"sparse_conv2d: W must have the dense shape \(Cout, Cin, kh, kw\), got \(4, 27\)"),
+        (lambda: ((_x(2, 2, 8, 8), _W()), {}), ValueError,
+         r"sparse_conv2d: x must have 3 channels \(W has shape \(4, 3, 3, 3\)\), got 2"),
+        (lambda: ((_x(), _W()), {"stride": 0}), ValueError,
+         r"sparse_conv2d: stride must be an int or a pair of ints >= 1, got 0"),
         (lambda: ((_x(), _W()), {"stride": (1, 2, 3)}), ValueError, r"sparse_conv2d: stride must be an int or a pair"),
-        (lambda: ((_x(), _W()), {"padding": -1}), ValueError, r"sparse_conv2d: padding must be an int or a pair of ints >= 0, got -1"),
-        (lambda: ((_x(), _W()), {"padding": "same"}), ValueError, r"sparse_conv2d: padding must be an int or a pair"),
-        (lambda: ((_x(), _W()), {"dilation": (1, 0)}), ValueError, r"sparse_conv2d: dilation must be an int or a pair of ints >= 1, got \(1, 0\)"),
-        (lambda: ((_x(2, 3, 2, 8), _W()), {}), ValueError, r"sparse_conv2d: input of size \(2, 8\) is too small for kernel \(3, 3\)"),
-        (lambda: ((_x(2, 3, 5, 5), _W()), {"dilation": 3}), ValueError, r"sparse_conv2d: input of size \(5, 5\) is too small"),
+        (lambda: ((_x(), _W()), {"padding": -1}), ValueError,
+         r"sparse_conv2d: padding must be an int or a pair of ints >= 0, got -1"),
+        (lambda: ((_x(), _W()), {"padding": "same"}), TypeError, r"sparse_conv2d: padding must be an int or a pair"),
+        (lambda: ((_x(), _W()), {"dilation": (1, 0)}), ValueError,
+         r"sparse_conv2d: dilation must be an int or a pair of ints >= 1, got \(1, 0\)"),
+        (lambda: ((_x(2, 3, 2, 8), _W()), {}), ValueError,
+         r"sparse_conv2d: input of size \(2, 8\) is too small for kernel \(3, 3\)"),
+        (lambda: ((_x(2, 3, 5, 5), _W()), {"dilation": 3}), ValueError,
+         r"sparse_conv2d: input of size \(5, 5\) is too small"),
         (lambda: ((_x(), _W(), torch.randn(1, 4)), {}), ValueError, r"sparse_conv2d: bias must be 1-D"),
-        (lambda: ((_x(), _W(), torch.randn(3)), {}), ValueError, r"sparse_conv2d: bias must have 4 entries \(W has 4 output channels\), got 3"),
-        (lambda: ((_x(), _W(), torch.randn(4, dtype=torch.float64)), {}), TypeError, r"sparse_conv2d: bias has dtype torch.float64 but x has torch.float32"),
-        (lambda: ((_x(), _W(torch.float64)), {}), TypeError, r"sparse_conv2d: W.values has dtype torch.float64 but x has torch.float32"),
+        (lambda: ((_x(), _W(), torch.randn(3)), {}), ValueError,
+         r"sparse_conv2d: bias must have 4 entries \(W has 4 output channels\), got 3"),
+        (lambda: ((_x(), _W(), torch.randn(4, dtype=torch.float64)), {}), TypeError,
+         r"sparse_conv2d: bias has dtype torch.float64 but x has torch.float32"),
+        (lambda: ((_x(), _W(torch.float64)), {}), TypeError,
+         r"sparse_conv2d: W.values has dtype torch.float64 but x has torch.float32"),
         (lambda: ((_x(device="meta"), _W()), {}), ValueError, r"sparse_conv2d: W.values is on cpu but x is on meta"),
     ],
     ids=["x-3d", "W-dense", "x-int", "groups", "W-2d", "channels", "stride-0", "stride-triple", "padding-neg",
