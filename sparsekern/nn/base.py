@@ -287,7 +287,10 @@ class SparseWeightMixin:
         """The dense weight as code written for nn.Linear / nn.Conv2d expects it: its shape, dtype,
         device and requires_grad are read without building it; using its data builds it
         (differentiable in ``values``); in-place writes (``copy_``, ``mul_``, ``w[:] = t``, also through
-        ``.data``) store into ``values`` and raise if they would leave a nonzero outside the pattern."""
+        ``.data``) store into ``values`` and raise if they would leave a nonzero outside the pattern.
+        Under torch.compile it is the dense weight itself (traceable; the graph builds it if used)."""
+        if torch.compiler.is_compiling():
+            return self.dense_weight()
         return SparseWeightView(self)
 
     def __setattr__(self, name: str, value) -> None:

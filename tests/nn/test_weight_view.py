@@ -149,3 +149,16 @@ def test_storage_changes_through_weight_raise():
     lin = SparseLinear(12, 7, density=0.3, generator=gen(12))
     with pytest.raises(RuntimeError, match="cannot change the storage of a sparse weight"):
         lin.weight.data = torch.zeros(7, 12)
+
+
+def test_reading_weight_under_torch_compile_is_traced_whole():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = SparseLinear(16, 8, density=0.5, generator=gen(13))
+
+        def forward(self, x):  # what Hugging Face models do: cast to the weight's dtype
+            return F.linear(x.to(self.lin.weight.dtype), self.lin.weight, self.lin.bias) * self.lin.weight.shape[0]
+
+    model, x = Model(), torch.randn(4, 16, generator=gen(14))
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x))
