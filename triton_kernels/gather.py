@@ -8,7 +8,6 @@ from torch import Tensor
 
 from ._common import LIB, launch
 
-
 # Memory-bound and trivial: one fixed config (autotuning keyed on n would re-benchmark for every nnz).
 _BLOCK = 1024
 

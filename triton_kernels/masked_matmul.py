@@ -18,8 +18,8 @@ transposed (OCC_BLOCK is square).
 The occupancy map and compacted list are computed with torch ops (no host sync: sort, not nonzero)
 and cached per mask pattern, keyed on (device, data_ptr, _version, shape, strides, block): in-place
 edits of the mask (or of any view or detach() of it) bump _version and miss the cache; an edit
-through ``mask.data`` does not (its own version counter) and needs clear_cache(). A weak reference to the mask's base tensor keeps
-a freed mask's reused address from hitting a stale entry.
+through ``mask.data`` does not (its own version counter) and needs clear_cache(). A weak reference to the mask's
+base tensor keeps a freed mask's reused address from hitting a stale entry.
 """
 from __future__ import annotations
 
@@ -33,13 +33,10 @@ import triton.language as tl
 
 from ._common import INTERPRET, LIB, autotune, grouped_tile, launch, precision
 
-
-
-
 # Weight rows x k (masked_matmul) = output rows x cols (masked_sddmm) per tile and occupancy block.
 OCC_BLOCK: Tuple[int, int] = (32, 32) if INTERPRET else (64, 64)
 _CACHE_SIZE = 8  # a model's few masks (and their transposes) between pattern updates
-_cache: "OrderedDict[tuple, dict]" = OrderedDict()
+_cache: OrderedDict[tuple, dict] = OrderedDict()
 cache_stats = {"hits": 0, "misses": 0}
 
 

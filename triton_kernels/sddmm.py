@@ -73,7 +73,9 @@ def sddmm(row_ptr: Tensor, col_idx: Tensor, X: Tensor, Y: Tensor) -> Tensor:
     if d > 1 and Y.stride(1) != 1:
         Y = Y.contiguous()
     out = torch.empty((nnz,), dtype=X.dtype, device=X.device)
-    grid = lambda meta: (triton.cdiv(nnz, meta["BLOCK_P"]),)
+    def grid(meta):
+        return (triton.cdiv(nnz, meta["BLOCK_P"]),)
+
     launch(_sddmm_kernel)[grid](row_ptr, col_idx, X, Y, out, m, nnz, d, int(m).bit_length(),
                                 X.stride(0), X.stride(1), Y.stride(0), Y.stride(1))
     return out

@@ -37,9 +37,6 @@ from torch.library import triton_op
 
 from ._common import INTERPRET, LIB, autotune, launch, precision
 
-
-
-
 # ---------------------------------------------------------------------------------------------
 # Host-side packing
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +126,7 @@ def _dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRET and dtype == torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -34,9 +34,6 @@ from torch import Tensor
 from ._common import LIB, autotune, launch
 
 
-
-
-
 def _config(block_n, block_nz, rows, stages, warps):
     return triton.Config({"BLOCK_N": block_n, "BLOCK_NZ": block_nz, "ROWS": rows, "STAGES": stages},
                          num_warps=warps, num_stages=stages)
@@ -107,7 +104,9 @@ def _csr_times_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, B: Tensor
         B = B.contiguous()  # coalesced gathers (see the module docstring)
     lengths = row_ptr[1:] - row_ptr[:-1]
     order = torch.argsort(lengths, descending=True, stable=True)
-    grid = lambda meta: (triton.cdiv(m, meta["ROWS"]), triton.cdiv(n, meta["BLOCK_N"]))
+    def grid(meta):
+        return (triton.cdiv(m, meta["ROWS"]), triton.cdiv(n, meta["BLOCK_N"]))
+
     launch(_csr_rows_kernel)[grid](
         values, row_ptr, col_idx, order, B, bias if bias is not None else values, out,
         m, n, B.stride(0), B.stride(1), out_strides[0], out_strides[1],

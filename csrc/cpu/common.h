@@ -25,22 +25,22 @@
 namespace sparsekern {
 
 inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {
-  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong,
-              op, ": row_ptr must be a 1-D int64 tensor, got ", row_ptr.scalar_type(), " of dim ", row_ptr.dim());
-  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt,
-              op, ": col_idx must be a 1-D int32 tensor, got ", col_idx.scalar_type(), " of dim ", col_idx.dim());
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong, op,
+              ": row_ptr must be a 1-D int64 tensor, got ", row_ptr.scalar_type(), " of dim ", row_ptr.dim());
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt, op, ": col_idx must be a 1-D int32 tensor, got ",
+              col_idx.scalar_type(), " of dim ", col_idx.dim());
   TORCH_CHECK(row_ptr.numel() >= 1, op, ": row_ptr must have m+1 >= 1 entries");
 }
 
 inline void check_float(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              op, ": ", name, " must be float32 or float64 on the CPU, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64 on the CPU, got ", t.scalar_type());
 }
 
 // The matmul-like kernels also run bfloat16 (float32 accumulation; see bf16.h).
 inline void check_float_or_bf16(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16,
-              op, ": ", name, " must be float32, float64 or bfloat16 on the CPU, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kBFloat16, op,
+              ": ", name, " must be float32, float64 or bfloat16 on the CPU, got ", t.scalar_type());
 }
 
 }  // namespace sparsekern

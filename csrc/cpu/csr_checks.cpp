@@ -18,8 +18,7 @@ using namespace detail;
 
 void atomic_min(std::atomic<int64_t>& a, int64_t v) {
   int64_t cur = a.load();
-  while (v < cur && !a.compare_exchange_weak(cur, v)) {
-  }
+  while (v < cur && !a.compare_exchange_weak(cur, v)) {}
 }
 
 // The first i in [0, n) with p[i + 1] < p[i], or n.
@@ -40,8 +39,8 @@ void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t nnz = col_idx.numel();
   TORCH_CHECK(rp[0] == 0, op, ": row_ptr[0] must be 0, got ", rp[0]);
-  TORCH_CHECK(rp[m] == nnz, op, ": row_ptr[-1] must equal the number of nonzeros (col_idx has ", nnz,
-              " entries), got ", rp[m]);
+  TORCH_CHECK(rp[m] == nnz, op, ": row_ptr[-1] must equal the number of nonzeros (col_idx has ", nnz, " entries), got ",
+              rp[m]);
   const int64_t i = first_decrease(rp, m);
   TORCH_CHECK(i == m, op, ": row_ptr must be non-decreasing, got row_ptr[", i, "] = ", rp[i], " > row_ptr[", i + 1,
               "] = ", rp[i + 1]);
@@ -97,8 +96,8 @@ void check_transpose(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t
   TORCH_CHECK(trp[0] == 0, op, ": t_row_ptr[0] must be 0, got ", trp[0]);
   TORCH_CHECK(trp[k] == nnz, op, ": t_row_ptr[-1] must equal nnz = ", nnz, ", got ", trp[k]);
   const int64_t jr = first_decrease(trp, k);
-  TORCH_CHECK(jr == k, op, ": t_row_ptr must be non-decreasing, got t_row_ptr[", jr, "] = ", trp[jr],
-              " > t_row_ptr[", jr + 1, "] = ", trp[jr + 1]);
+  TORCH_CHECK(jr == k, op, ": t_row_ptr must be non-decreasing, got t_row_ptr[", jr, "] = ", trp[jr], " > t_row_ptr[",
+              jr + 1, "] = ", trp[jr + 1]);
   const int64_t* rp = a.row_ptr.data_ptr<int64_t>();
   const int32_t* ci = a.col_idx.data_ptr<int32_t>();
   const int32_t* tci = t_col_idx.data_ptr<int32_t>();
@@ -110,7 +109,8 @@ void check_transpose(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t
   auto check_entry = [&](int64_t j, int64_t q, int what) {
     const int64_t p = perm[q];
     if (what == 0)
-      TORCH_CHECK(p >= 0 && p < nnz, op, ": t_perm entries must lie in [0, nnz = ", nnz, "), got t_perm[", q, "] = ", p);
+      TORCH_CHECK(p >= 0 && p < nnz, op, ": t_perm entries must lie in [0, nnz = ", nnz, "), got t_perm[", q,
+                  "] = ", p);
     if (what == 1)
       TORCH_CHECK(ci[p] == j, op, ": t_perm and t_row_ptr must list column ", j, "'s nonzeros at t_perm[", trp[j], ":",
                   trp[j + 1], "], got t_perm[", q, "] = ", p, ", a nonzero of column ", ci[p]);
@@ -130,8 +130,8 @@ void check_transpose(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t
       check_entry(j, q1 - 1, what);
     }
     TORCH_CHECK(q1 - q0 == 1 || perm[q0] < perm[q1 - 1], op, ": t_perm must be increasing within each column (rows ",
-                "ascending in the transpose), got t_perm[", q0, "] = ", perm[q0], " and t_perm[", q1 - 1, "] = ",
-                perm[q1 - 1], " in column ", j);
+                "ascending in the transpose), got t_perm[", q0, "] = ", perm[q0], " and t_perm[", q1 - 1,
+                "] = ", perm[q1 - 1], " in column ", j);
     check_entry(j, q0, 2);
     check_entry(j, q1 - 1, 2);
   }

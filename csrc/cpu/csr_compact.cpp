@@ -41,7 +41,8 @@ void fill_values(const at::Tensor& weight, const uint8_t* mp, int64_t ms0, int64
   const S* w = vals ? weight.data_ptr<S>() : nullptr;
   const int64_t ws0 = vals ? weight.stride(0) : 0, ws1 = vals ? weight.stride(1) : 0;
   if (!colmajor) {
-    at::parallel_for(0, m, std::max<int64_t>(1, COMPACT_FILL_GRAIN / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+    const int64_t grain = std::max<int64_t>(1, COMPACT_FILL_GRAIN / std::max<int64_t>(k, 1));
+    at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         int64_t pos = rp[i];
         const S* wr = w ? w + i * ws0 : nullptr;
@@ -87,7 +88,8 @@ Compacted compact(const at::Tensor& weight, const at::Tensor& mask_in) {
   int64_t* rp = c.row_ptr.data_ptr<int64_t>();
   rp[0] = 0;
   if (!colmajor) {
-    at::parallel_for(0, m, std::max<int64_t>(1, COMPACT_COUNT_GRAIN / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+    const int64_t grain = std::max<int64_t>(1, COMPACT_COUNT_GRAIN / std::max<int64_t>(k, 1));
+    at::parallel_for(0, m, grain, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const uint8_t* p = mp + i * ms0;
         int64_t cnt = 0;
@@ -116,14 +118,12 @@ Compacted compact(const at::Tensor& weight, const at::Tensor& mask_in) {
       fill_values<float>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<float>());
     else if (weight.scalar_type() == at::kBFloat16)
       fill_values<c10::BFloat16>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<c10::BFloat16>());
-    else
-      fill_values<double>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<double>());
+    else fill_values<double>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, c.values.data_ptr<double>());
   } else {
     fill_values<float>(weight, mp, ms0, ms1, colmajor, m, k, rp, ci, nullptr);
   }
   return c;
 }
-
 
 }  // namespace csr
 }  // namespace sparsekern

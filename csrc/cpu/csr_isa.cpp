@@ -44,8 +44,10 @@ std::atomic<Isa> current_isa{[] {
   const char* env = std::getenv("SPARSEKERN_ISA");
   Isa isa = auto_isa();
   if (env && *env && !parse_isa(env, &isa))
-    TORCH_WARN("SPARSEKERN_ISA=", env, " ignored: expected auto, avx2 or avx512 (avx512 only on a CPU with "
-               "AVX-512F/BW/DQ/VL); using ", isa_name(isa));
+    TORCH_WARN("SPARSEKERN_ISA=", env,
+               " ignored: expected auto, avx2 or avx512 (avx512 only on a CPU with "
+               "AVX-512F/BW/DQ/VL); using ",
+               isa_name(isa));
   return isa;
 }()};
 
@@ -65,7 +67,7 @@ std::string set_isa(const std::string& name) {
   TORCH_CHECK(name == "auto" || name == "avx2" || name == "avx512",
               "_set_isa: isa must be 'auto', 'avx2' or 'avx512', got '", name, "'");
   TORCH_CHECK(parse_isa(name, &isa), "_set_isa: isa 'avx512' needs a CPU with AVX-512F/BW/DQ/VL (and an x86-64 "
-              "GCC build); this one has none");
+                                     "GCC build); this one has none");
   current_isa.store(isa);
   return isa_name(isa);
 }
@@ -76,6 +78,7 @@ std::string set_isa(const std::string& name) {
 // Private ops for tests and benchmarks (wrapped by sparsekern/isa.py); not part of the op contract.
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_isa() -> str", [] { return std::string(sparsekern::csr::isa_name(sparsekern::csr::isa())); });
-  m.def("_isa_supported(str isa) -> bool", [](const std::string& name) { return sparsekern::csr::isa_supported(name); });
+  m.def("_isa_supported(str isa) -> bool",
+        [](const std::string& name) { return sparsekern::csr::isa_supported(name); });
   m.def("_set_isa(str isa) -> str", [](const std::string& name) { return sparsekern::csr::set_isa(name); });
 }

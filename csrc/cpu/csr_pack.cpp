@@ -23,8 +23,8 @@ using namespace simd;
 // src is a strided (rows, cols) view: element (j, c) at base[j * s0 + c * s1]. A bf16 source is
 // widened to float32 here, so the SpMM/SDDMM loops run on float32 tiles.
 template <typename I, typename S = typename bf16::Acc<I>::type>
-SK_INLINE void pack_impl(S* dst, int64_t T, const I* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
-                         int64_t b0, int64_t nc) {
+SK_INLINE void pack_impl(S* dst, int64_t T, const I* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+                         int64_t nc) {
   constexpr int L = Vec<S>::L;
   if (s1 == 1) {
     for (int64_t j = j0; j < j1; ++j) {
@@ -87,7 +87,6 @@ inline void pack(float* d, int64_t T, const c10::BFloat16* b, int64_t s0, int64_
                  int64_t b0, int64_t nc) {
   pack_bf16(d, T, b, s0, s1, j0, j1, b0, nc);
 }
-
 
 // Every tile is cut into blocks of PACK_ROWS rows; the (tile, block) jobs run in parallel.
 template <typename I, typename S = typename bf16::Acc<I>::type>

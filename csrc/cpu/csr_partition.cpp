@@ -29,7 +29,8 @@ std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts,
     int64_t lo = 0, hi = m;  // first row i with cost(i) >= target
     while (lo < hi) {
       const int64_t mid = (lo + hi) / 2;
-      if (double(rp[mid] - rp[0]) + double(row_cost) * mid < target) lo = mid + 1; else hi = mid;
+      if (double(rp[mid] - rp[0]) + double(row_cost) * mid < target) lo = mid + 1;
+      else hi = mid;
     }
     int64_t r = (lo + align / 2) / align * align;
     b[t] = std::min(m, std::max(b[t - 1], r));

@@ -144,8 +144,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
     auto run = [&](int64_t part) {
       for (int64_t t = 0; t < ntiles; ++t) {
-        const SddmmJob<S, I> J{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0,
-                               nnz - 1};
+        const SddmmJob<S, I> J{rp,   ci,     x,      xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T),
+                               vals, t == 0, nnz - 1};
         sddmm_rows(TB, wide, J, bounds[part], bounds[part + 1]);
       }
     };

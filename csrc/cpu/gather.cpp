@@ -52,8 +52,8 @@ at::Tensor gather_cpu(const at::Tensor& src, const at::Tensor& index) {
     at::parallel_for(0, n, 1 << 14, [&](int64_t p0, int64_t p1) { gather_range(sp, ip, op_, n_src, p0, p1, bad); });
   });
   const int64_t p = bad.load();
-  TORCH_CHECK_VALUE(p < 0, op, ": index[", p, "] = ", idx.data_ptr<int64_t>()[p], " is out of range for src of ",
-                    n_src, " entries");
+  TORCH_CHECK_VALUE(p < 0, op, ": index[", p, "] = ", idx.data_ptr<int64_t>()[p], " is out of range for src of ", n_src,
+                    " entries");
   return out;
 }
 

@@ -53,8 +53,8 @@ at::Tensor masked_sddmm_cpu(const at::Tensor& X, const at::Tensor& Y, const at::
   check_dense(X, "X", 2, op);
   check_dense(Y, "Y", 2, op);
   check_same_dtype(X, "X", Y, "Y", op);
-  TORCH_CHECK(X.size(1) == Y.size(1), op, ": X and Y must have the same number of columns, got ", X.size(1),
-              " and ", Y.size(1));
+  TORCH_CHECK(X.size(1) == Y.size(1), op, ": X and Y must have the same number of columns, got ", X.size(1), " and ",
+              Y.size(1));
   check_mask(mask, X.size(0), Y.size(0), op);
   const csr::Compacted P = csr::compact(at::Tensor(), mask);
   at::Tensor vals = at::empty({P.col_idx.numel()}, X.options().memory_format(c10::MemoryFormat::Contiguous));

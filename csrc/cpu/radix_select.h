@@ -30,9 +30,7 @@ SK_HOST_DEVICE inline uint32_t key_flip32(bool largest) { return largest ? 0u : 
 SK_HOST_DEVICE inline uint64_t key_flip64(bool largest) { return largest ? 0ull : ~0ull; }
 
 SK_HOST_DEVICE inline bool bits_is_nan(uint32_t u) { return (u & 0x7fffffffu) > 0x7f800000u; }
-SK_HOST_DEVICE inline bool bits_is_nan(uint64_t u) {
-  return (u & 0x7fffffffffffffffull) > 0x7ff0000000000000ull;
-}
+SK_HOST_DEVICE inline bool bits_is_nan(uint64_t u) { return (u & 0x7fffffffffffffffull) > 0x7ff0000000000000ull; }
 
 // u: the raw IEEE bits of a non-NaN float32.
 SK_HOST_DEVICE inline uint32_t bits_to_key(uint32_t u, uint32_t flip) {
@@ -48,10 +46,14 @@ SK_HOST_DEVICE inline uint64_t bits_to_key(uint64_t u, uint64_t flip) {
 
 // ---- digits ---------------------------------------------------------------
 template <typename K>
-SK_HOST_DEVICE constexpr int key_bits() { return (int)(sizeof(K) * 8); }
+SK_HOST_DEVICE constexpr int key_bits() {
+  return (int)(sizeof(K) * 8);
+}
 // Number of digit levels: 3 for 32-bit keys (11, 11, 10), 6 for 64-bit keys.
 template <typename K>
-SK_HOST_DEVICE constexpr int num_levels() { return (key_bits<K>() + kRadixBits - 1) / kRadixBits; }
+SK_HOST_DEVICE constexpr int num_levels() {
+  return (key_bits<K>() + kRadixBits - 1) / kRadixBits;
+}
 template <typename K>
 SK_HOST_DEVICE inline int level_shift(int level) {
   const int s = key_bits<K>() - kRadixBits * (level + 1);

@@ -15,18 +15,16 @@ namespace {
 
 using namespace csr;
 
-at::Tensor sddmm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X,
-                     const at::Tensor& Y) {
+at::Tensor sddmm_cpu(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y) {
   const char* op = "sddmm";
   check_dense(X, "X", 2, op);
   check_dense(Y, "Y", 2, op);
   check_same_dtype(X, "X", Y, "Y", op);
-  const csr::Csr P = csr::checked_csr(at::Tensor(), row_ptr, col_idx, Y.size(0),
-                                      "Y has " + std::to_string(Y.size(0)) + " rows", op);
-  TORCH_CHECK(X.size(0) == P.m, op, ": X must have ", P.m, " rows (the pattern has ", P.m, " rows), got ",
-              X.size(0));
-  TORCH_CHECK(X.size(1) == Y.size(1), op, ": X and Y must have the same number of columns, got ", X.size(1),
-              " and ", Y.size(1));
+  const csr::Csr P =
+      csr::checked_csr(at::Tensor(), row_ptr, col_idx, Y.size(0), "Y has " + std::to_string(Y.size(0)) + " rows", op);
+  TORCH_CHECK(X.size(0) == P.m, op, ": X must have ", P.m, " rows (the pattern has ", P.m, " rows), got ", X.size(0));
+  TORCH_CHECK(X.size(1) == Y.size(1), op, ": X and Y must have the same number of columns, got ", X.size(1), " and ",
+              Y.size(1));
   at::Tensor vals = at::empty({P.col_idx.numel()}, X.options().memory_format(c10::MemoryFormat::Contiguous));
   csr::sddmm(P.row_ptr, P.col_idx, X, Y, vals);
   return vals;

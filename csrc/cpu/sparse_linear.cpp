@@ -17,8 +17,7 @@ using namespace csr;
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const c10::optional<at::Tensor>& bias,
-                             const c10::optional<at::Tensor>& t_row_ptr,
-                             const c10::optional<at::Tensor>& t_col_idx,
+                             const c10::optional<at::Tensor>& t_row_ptr, const c10::optional<at::Tensor>& t_col_idx,
                              const c10::optional<at::Tensor>& t_perm) {
   const char* op = "sparse_linear";
   check_dense(x, "x", 2, op);

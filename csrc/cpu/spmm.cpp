@@ -14,16 +14,16 @@ namespace {
 
 using namespace csr;
 
-at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                    const at::Tensor& B, const c10::optional<at::Tensor>& t_row_ptr,
-                    const c10::optional<at::Tensor>& t_col_idx, const c10::optional<at::Tensor>& t_perm) {
+at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+                    const c10::optional<at::Tensor>& t_row_ptr, const c10::optional<at::Tensor>& t_col_idx,
+                    const c10::optional<at::Tensor>& t_perm) {
   const char* op = "spmm";
   check_dense(B, "B", 2, op);
   check_cpu(values, "values", op);
   check_float_or_bf16(values, "values", op);
   check_same_dtype(values, "values", B, "B", op);
-  const csr::Csr A = csr::checked_csr(values, row_ptr, col_idx, B.size(0),
-                                      "B has " + std::to_string(B.size(0)) + " rows", op);
+  const csr::Csr A =
+      csr::checked_csr(values, row_ptr, col_idx, B.size(0), "B has " + std::to_string(B.size(0)) + " rows", op);
   csr::check_transpose(A, B.size(0), t_row_ptr, t_col_idx, t_perm, op);
   at::Tensor out = at::empty({A.m, B.size(1)}, B.options().memory_format(c10::MemoryFormat::Contiguous));
   csr::spmm(A.values, A.row_ptr, A.col_idx, B, c10::nullopt, out);

@@ -208,21 +208,28 @@ SK_INLINE void output_body(const F* x, const bool* cand, int64_t lo, int64_t hi,
 }
 
 // ---- per-dtype entry points (ISA clones) ---------------------------------
-#define SK_FP(C, M, P) return float_pass_body<FT, KT, C, M, P>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp)
-#define SK_FLOAT_PASS(F, K)                                                                                \
+#define SK_FP(C, M, P) \
+  return float_pass_body<FT, KT, C, M, P>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp)
+#define SK_FLOAT_PASS(F, K)                                                                                  \
   SK_CLONES bool float_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K prefix, K pmask, \
-                            int shift, K dmask, uint32_t* hist, K* comp, bool sparse) {                    \
-    using FT = F;                                                                                          \
-    using KT = K;                                                                                          \
-    if (!cand && !comp && pmask == 0) SK_FP(false, kAll, false);                                          \
-    if (sparse) {                                                                                          \
-      if (cand) { if (comp) SK_FP(true, kSparse, true); SK_FP(true, kSparse, false); }                     \
-      if (comp) SK_FP(false, kSparse, true);                                                               \
-      SK_FP(false, kSparse, false);                                                                        \
-    }                                                                                                      \
-    if (cand) { if (comp) SK_FP(true, kDense, true); SK_FP(true, kDense, false); }                         \
-    if (comp) SK_FP(false, kDense, true);                                                                  \
-    SK_FP(false, kDense, false);                                                                           \
+                            int shift, K dmask, uint32_t* hist, K* comp, bool sparse) {                      \
+    using FT = F;                                                                                            \
+    using KT = K;                                                                                            \
+    if (!cand && !comp && pmask == 0) SK_FP(false, kAll, false);                                             \
+    if (sparse) {                                                                                            \
+      if (cand) {                                                                                            \
+        if (comp) SK_FP(true, kSparse, true);                                                                \
+        SK_FP(true, kSparse, false);                                                                         \
+      }                                                                                                      \
+      if (comp) SK_FP(false, kSparse, true);                                                                 \
+      SK_FP(false, kSparse, false);                                                                          \
+    }                                                                                                        \
+    if (cand) {                                                                                              \
+      if (comp) SK_FP(true, kDense, true);                                                                   \
+      SK_FP(true, kDense, false);                                                                            \
+    }                                                                                                        \
+    if (comp) SK_FP(false, kDense, true);                                                                    \
+    SK_FP(false, kDense, false);                                                                             \
   }
 SK_FLOAT_PASS(float, uint32_t)
 SK_FLOAT_PASS(double, uint64_t)
@@ -230,24 +237,27 @@ SK_FLOAT_PASS(double, uint64_t)
 #undef SK_FP
 
 #define SK_KP(M, P) return key_pass_body<KT, M, P>(src, m, prefix, pmask, shift, dmask, hist, comp)
-#define SK_KEY_PASS(K)                                                                                      \
-  SK_CLONES void key_pass(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist,   \
-                          K* comp, bool sparse) {                                                           \
-    using KT = K;                                                                                           \
-    if (sparse) { if (comp) SK_KP(kSparse, true); SK_KP(kSparse, false); }                                 \
-    if (comp) SK_KP(kDense, true);                                                                         \
-    SK_KP(kDense, false);                                                                                  \
+#define SK_KEY_PASS(K)                                                                                             \
+  SK_CLONES void key_pass(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist, K* comp, \
+                          bool sparse) {                                                                           \
+    using KT = K;                                                                                                  \
+    if (sparse) {                                                                                                  \
+      if (comp) SK_KP(kSparse, true);                                                                              \
+      SK_KP(kSparse, false);                                                                                       \
+    }                                                                                                              \
+    if (comp) SK_KP(kDense, true);                                                                                 \
+    SK_KP(kDense, false);                                                                                          \
   }
 SK_KEY_PASS(uint32_t)
 SK_KEY_PASS(uint64_t)
 #undef SK_KEY_PASS
 #undef SK_KP
 
-#define SK_OUTPUT_PASS(F, K)                                                                                \
-  SK_CLONES void output_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K T,             \
-                             int64_t eq_take, int64_t* out, int64_t nout) {                                 \
-    if (cand) output_body<F, K, true>(x, cand, lo, hi, flip, T, eq_take, out, nout);                        \
-    else output_body<F, K, false>(x, cand, lo, hi, flip, T, eq_take, out, nout);                            \
+#define SK_OUTPUT_PASS(F, K)                                                                                     \
+  SK_CLONES void output_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K T, int64_t eq_take, \
+                             int64_t* out, int64_t nout) {                                                       \
+    if (cand) output_body<F, K, true>(x, cand, lo, hi, flip, T, eq_take, out, nout);                             \
+    else output_body<F, K, false>(x, cand, lo, hi, flip, T, eq_take, out, nout);                                 \
   }
 SK_OUTPUT_PASS(float, uint32_t)
 SK_OUTPUT_PASS(double, uint64_t)
@@ -311,7 +321,8 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
         std::fill(h, h + kHistBlock, 0u);
         K* comp = compact ? buf[nxt].get() + new_off[j] : nullptr;
         if (cur < 0) {
-          nan_seen[j] = float_pass(x, cand, block_lo(j), block_lo(j + 1), flip, prefix, pmask, shift, dmask, h, comp, sparse);
+          nan_seen[j] =
+              float_pass(x, cand, block_lo(j), block_lo(j + 1), flip, prefix, pmask, shift, dmask, h, comp, sparse);
         } else {
           key_pass(buf[cur].get() + reg_off[j], reg_len[j], prefix, pmask, shift, dmask, h, comp, sparse);
         }
@@ -336,13 +347,11 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
     if (level == 0) {
       bool any_nan = false;
       for (int64_t j = 0; j < nb; ++j) any_nan |= nan_seen[j] != 0;
-      if (any_nan) {
-        TORCH_CHECK_VALUE(false, "topk_select: scores contains NaN at index ", first_nan<F>(x, cand, n));
-      }
+      if (any_nan) { TORCH_CHECK_VALUE(false, "topk_select: scores contains NaN at index ", first_nan<F>(x, cand, n)); }
       uint64_t ncand = 0;
       for (uint32_t b = 0; b < nbk; ++b) ncand += total[b];
-      TORCH_CHECK((uint64_t)k <= ncand, "topk_select: k (", k, ") is larger than the number of candidates (",
-                  ncand, ")");
+      TORCH_CHECK((uint64_t)k <= ncand, "topk_select: k (", k, ") is larger than the number of candidates (", ncand,
+                  ")");
       if (k == 0) return at::empty({0}, scores.options().dtype(at::kLong));
       if ((uint64_t)k == ncand) {
         // All candidates: every candidate key is > 0 (the "threshold" 0 no valid key reaches).
@@ -398,8 +407,8 @@ at::Tensor select_impl(const at::Tensor& scores, const bool* cand, int64_t k, bo
 
 at::Tensor topk_select_cpu(const at::Tensor& scores_in, int64_t k, bool largest,
                            const std::optional<at::Tensor>& candidates) {
-  TORCH_CHECK(scores_in.dim() == 1, "topk_select: scores must be a 1-D tensor, got dim ", scores_in.dim(),
-              " (shape ", scores_in.sizes(), ")");
+  TORCH_CHECK(scores_in.dim() == 1, "topk_select: scores must be a 1-D tensor, got dim ", scores_in.dim(), " (shape ",
+              scores_in.sizes(), ")");
   check_float(scores_in, "scores", "topk_select");
   const int64_t n = scores_in.size(0);
   TORCH_CHECK(k >= 0, "topk_select: k must be >= 0, got k = ", k);
@@ -408,8 +417,8 @@ at::Tensor topk_select_cpu(const at::Tensor& scores_in, int64_t k, bool largest,
     cand = *candidates;
     TORCH_CHECK(cand.scalar_type() == at::kBool, "topk_select: candidates must be a bool tensor, got ",
                 cand.scalar_type());
-    TORCH_CHECK(cand.dim() == 1 && cand.size(0) == n,
-                "topk_select: candidates must be 1-D with the size of scores (", n, "), got shape ", cand.sizes());
+    TORCH_CHECK(cand.dim() == 1 && cand.size(0) == n, "topk_select: candidates must be 1-D with the size of scores (",
+                n, "), got shape ", cand.sizes());
     TORCH_CHECK(cand.device() == scores_in.device(), "topk_select: candidates is on ", cand.device(),
                 " but scores is on ", scores_in.device());
     cand = cand.contiguous();

@@ -30,7 +30,7 @@
 #define SK_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::simt::dynamic_smem())
 #else
 #define SK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#define SK_DYNAMIC_SMEM(T, name)                              \
+#define SK_DYNAMIC_SMEM(T, name)                            \
   extern __shared__ __align__(16) unsigned char sk_smem_[]; \
   T* name = reinterpret_cast<T*>(sk_smem_)
 #endif
@@ -114,9 +114,7 @@ template <class S> using AccOf = typename Elem<S>::Acc;
 // Kernels compiled once for fp32, fp16 and bf16 (the dtype a runtime argument of their load code)
 // read the 16-bit types as raw bits and convert with a runtime choice, so one copy of the load code
 // serves both: fp16 through the hardware conversion, bf16 as the top half of an fp32.
-struct Bits16 {
-  uint16_t u;
-};
+struct Bits16 { uint16_t u; };
 template <class S>
 struct Cvt {
   bool bf16;

@@ -12,9 +12,9 @@ namespace {
 constexpr int kThreads = 256, kPerThread = 4;
 
 template <class T>
-__global__ void __launch_bounds__(kThreads) gather_kernel(const T* __restrict__ src, int64_t src_stride,
-                                                           int64_t n_src, const int64_t* __restrict__ index,
-                                                           int64_t index_stride, int64_t n, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    gather_kernel(const T* __restrict__ src, int64_t src_stride, int64_t n_src, const int64_t* __restrict__ index,
+                  int64_t index_stride, int64_t n, T* __restrict__ out) {
   const int64_t step = (int64_t)gridDim.x * kThreads * kPerThread;
   for (int64_t base = (int64_t)blockIdx.x * kThreads * kPerThread + threadIdx.x; base < n; base += step) {
     int64_t j[kPerThread];
@@ -22,8 +22,9 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(const T* __restrict__ 
     for (int u = 0; u < kPerThread; ++u) {
       const int64_t i = base + (int64_t)u * kThreads;
       j[u] = i < n ? index[i * index_stride] : 0;
-      SK_DEVICE_CHECK(j[u] >= 0 && j[u] < n_src, "sparsekern.gather: index[%lld] = %lld is out of range for src of %lld entries\n",
-                      (long long)i, (long long)j[u], (long long)n_src);
+      SK_DEVICE_CHECK(j[u] >= 0 && j[u] < n_src,
+                      "sparsekern.gather: index[%lld] = %lld is out of range for src of %lld entries\n", (long long)i,
+                      (long long)j[u], (long long)n_src);
     }
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {

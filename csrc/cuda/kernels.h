@@ -78,8 +78,8 @@ cudaError_t conv2d_forward(DType dt, const Csr& W, const void* x, const void* bi
 // dx = conv2d's input gradient. Wt is W's transpose regrouped by input channel (see tiling.h:
 // row ci holds the nonzeros (co, ci, r, s) at column (r*KW + s)*Co + co, sorted), m = C,
 // k = KH*KW*Co (launch.cpp builds it from the transpose permutation).
-cudaError_t conv2d_backward_input(DType dt, const Csr& Wt, const void* dy, void* dx, const ConvGeom& g,
-                                  void* workspace, cudaStream_t stream);
+cudaError_t conv2d_backward_input(DType dt, const Csr& Wt, const void* dy, void* dx, const ConvGeom& g, void* workspace,
+                                  cudaStream_t stream);
 // dvals[p] = sum over images and output positions of dy[n, co, oh, ow] * x[n, ci, ih, iw] for the
 // p-th nonzero (co, (ci, r, s)) of W's pattern.
 cudaError_t conv2d_backward_weight(DType dt, const int64_t* row_ptr, const int32_t* col_idx, int64_t nnz,

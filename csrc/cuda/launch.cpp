@@ -65,8 +65,8 @@ CsrArg csr_arg(const at::Tensor& values, const at::Tensor& row_ptr, const at::Te
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong && row_ptr.numel() >= 1, op,
               ": row_ptr must be a 1-D int64 tensor with m+1 >= 1 entries, got ", row_ptr.scalar_type(), " of shape ",
               row_ptr.sizes());
-  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt, op,
-              ": col_idx must be a 1-D int32 tensor, got ", col_idx.scalar_type(), " of shape ", col_idx.sizes());
+  TORCH_CHECK(col_idx.dim() == 1 && col_idx.scalar_type() == at::kInt, op, ": col_idx must be a 1-D int32 tensor, got ",
+              col_idx.scalar_type(), " of shape ", col_idx.sizes());
   check_cuda(row_ptr, "row_ptr", op, device);
   check_cuda(col_idx, "col_idx", op, device);
   TORCH_CHECK(ncols <= INT32_MAX, op, ": the matrix has ", ncols, " columns; int32 column indices allow at most ",
@@ -81,8 +81,13 @@ CsrArg csr_arg(const at::Tensor& values, const at::Tensor& row_ptr, const at::Te
                 col_idx.numel());
     a.values = values;
   }
-  a.csr = Csr{values.defined() ? values.data_ptr() : nullptr, values.defined() ? values.stride(0) : 0, nullptr,
-              a.row_ptr.data_ptr<int64_t>(), a.col_idx.data_ptr<int32_t>(), row_ptr.numel() - 1, ncols,
+  a.csr = Csr{values.defined() ? values.data_ptr() : nullptr,
+              values.defined() ? values.stride(0) : 0,
+              nullptr,
+              a.row_ptr.data_ptr<int64_t>(),
+              a.col_idx.data_ptr<int32_t>(),
+              row_ptr.numel() - 1,
+              ncols,
               col_idx.numel()};
   return a;
 }
@@ -136,8 +141,8 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
     check_dim(*bias, 1, "bias", op);
     check_cuda(*bias, "bias", op, x.device());
     check_same_dtype(x, "x", *bias, "bias", op);
-    TORCH_CHECK(bias->size(0) == W.csr.m, op, ": bias must have ", W.csr.m, " entries (W has ", W.csr.m,
-                " rows), got ", bias->size(0));
+    TORCH_CHECK(bias->size(0) == W.csr.m, op, ": bias must have ", W.csr.m, " entries (W has ", W.csr.m, " rows), got ",
+                bias->size(0));
   }
   // y^T (m, N) = W @ x^T: both transposed views, no copies (the panel kernel stages x^T transposed and
   // writes y^T through a shared-memory transpose).
@@ -146,8 +151,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   return y;
 }
 
-at::Tensor sddmm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X,
-                      const at::Tensor& Y) {
+at::Tensor sddmm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y) {
   const char* op = "sddmm";
   check_dim(X, 2, "X", op);
   check_dim(Y, 2, "Y", op);
@@ -157,8 +161,8 @@ at::Tensor sddmm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
   const DType dt = dtype_of(X, "X", op);
   check_same_dtype(X, "X", Y, "Y", op);
   const CsrArg P = csr_arg(at::Tensor(), row_ptr, col_idx, Y.size(0), op, X.device());
-  TORCH_CHECK(X.size(0) == P.csr.m, op, ": X must have ", P.csr.m, " rows (the pattern has ", P.csr.m,
-              " rows), got ", X.size(0));
+  TORCH_CHECK(X.size(0) == P.csr.m, op, ": X must have ", P.csr.m, " rows (the pattern has ", P.csr.m, " rows), got ",
+              X.size(0));
   TORCH_CHECK(X.size(1) == Y.size(1), op, ": X and Y must have the same number of columns, got ", X.size(1), " and ",
               Y.size(1));
   at::Tensor vals = at::empty({P.csr.nnz}, X.options().memory_format(at::MemoryFormat::Contiguous));
@@ -169,9 +173,7 @@ at::Tensor sddmm_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx, cons
 }
 
 // ---- masked ops: the mask compacted to CSR with torch, then the kernels above ------------------
-struct Compacted {
-  at::Tensor row_ptr, col_idx;
-};
+struct Compacted { at::Tensor row_ptr, col_idx; };
 Compacted compact(const at::Tensor& mask) {
   const int64_t m = mask.size(0);
   const at::Tensor nz = at::nonzero(mask);  // row-major order: sorted by row, then column
@@ -240,10 +242,21 @@ int64_t pair_at(at::IntArrayRef v, int i, const char* op, const char* name) {
 
 ConvGeom conv_geom(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, int64_t Co, at::IntArrayRef kernel_size,
                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-  ConvGeom g{N, C, H, W, Co, pair_at(kernel_size, 0, op, "kernel_size"), pair_at(kernel_size, 1, op, "kernel_size"),
-             pair_at(stride, 0, op, "stride"), pair_at(stride, 1, op, "stride"), pair_at(padding, 0, op, "padding"),
-             pair_at(padding, 1, op, "padding"), pair_at(dilation, 0, op, "dilation"),
-             pair_at(dilation, 1, op, "dilation"), 0, 0};
+  ConvGeom g{N,
+             C,
+             H,
+             W,
+             Co,
+             pair_at(kernel_size, 0, op, "kernel_size"),
+             pair_at(kernel_size, 1, op, "kernel_size"),
+             pair_at(stride, 0, op, "stride"),
+             pair_at(stride, 1, op, "stride"),
+             pair_at(padding, 0, op, "padding"),
+             pair_at(padding, 1, op, "padding"),
+             pair_at(dilation, 0, op, "dilation"),
+             pair_at(dilation, 1, op, "dilation"),
+             0,
+             0};
   TORCH_CHECK(g.KH >= 1 && g.KW >= 1, op, ": kernel_size must be >= 1, got ", kernel_size);
   TORCH_CHECK(g.SH >= 1 && g.SW >= 1, op, ": stride must be >= 1, got ", stride);
   TORCH_CHECK(g.PH >= 0 && g.PW >= 0, op, ": padding must be >= 0, got ", padding);
@@ -257,8 +270,9 @@ ConvGeom conv_geom(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, i
 }
 
 at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                              const at::Tensor& col_idx, at::IntArrayRef kernel_size, const std::optional<at::Tensor>& bias,
-                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                              const at::Tensor& col_idx, at::IntArrayRef kernel_size,
+                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                              at::IntArrayRef dilation) {
   const char* op = "sparse_conv2d";
   check_dim(x, 4, "x", op);
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got a tensor on ", x.device());
@@ -287,7 +301,8 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& values, con
 at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_out, const at::Tensor& values,
                                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                              at::IntArrayRef input_size, at::IntArrayRef kernel_size,
-                                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation) {
   const char* op = "sparse_conv2d_backward_input";
   check_dim(grad_out, 4, "grad_out", op);
   TORCH_CHECK(grad_out.is_cuda(), op, ": grad_out must be a CUDA tensor, got a tensor on ", grad_out.device());
@@ -315,8 +330,14 @@ at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_out, const a
   at::Tensor t_row_ptr = at::zeros({g.C * KK + 1}, cols.options());
   if (g.C * KK > 0) t_row_ptr.slice(0, 1).copy_(at::bincount(cols, {}, g.C * KK).cumsum(0));
   const at::Tensor trp = t_row_ptr.slice(0, 0, g.C * KK + 1, KK).contiguous();  // rows ci*KK: C + 1 entries
-  Csr Wt{values.data_ptr(), values.stride(0), perm.data_ptr<int64_t>(), trp.data_ptr<int64_t>(),
-         tcol.data_ptr<int32_t>(), g.C, KK * g.Co, W.csr.nnz};
+  Csr Wt{values.data_ptr(),
+         values.stride(0),
+         perm.data_ptr<int64_t>(),
+         trp.data_ptr<int64_t>(),
+         tcol.data_ptr<int32_t>(),
+         g.C,
+         KK * g.Co,
+         W.csr.nnz};
   const at::Tensor dyc = grad_out.contiguous();
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor ws = workspace(conv2d_workspace_bytes(dt, W.csr.nnz, g), grad_out);
@@ -324,10 +345,10 @@ at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_out, const a
   return dx;
 }
 
-at::Tensor sparse_conv2d_backward_weight_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& row_ptr,
-                                              const at::Tensor& col_idx, at::IntArrayRef kernel_size,
-                                              at::IntArrayRef stride, at::IntArrayRef padding,
-                                              at::IntArrayRef dilation) {
+at::Tensor sparse_conv2d_backward_weight_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                              at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = "sparse_conv2d_backward_weight";
   check_dim(grad_out, 4, "grad_out", op);
   check_dim(x, 4, "x", op);

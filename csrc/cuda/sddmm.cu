@@ -121,8 +121,8 @@ SK_DEVICE int64_t lower_bound_col(const int32_t* col, int64_t lo, int64_t hi, in
 
 template <class A>
 __global__ void __launch_bounds__(kSddmmThreads, 2)
-    sddmm_tile_kernel(DType dt, const int64_t* __restrict__ rp, const int32_t* __restrict__ col, int64_t m,
-                      int64_t k, int64_t d, TileSrc X, TileSrc Y, void* __restrict__ vals) {
+    sddmm_tile_kernel(DType dt, const int64_t* __restrict__ rp, const int32_t* __restrict__ col, int64_t m, int64_t k,
+                      int64_t d, TileSrc X, TileSrc Y, void* __restrict__ vals) {
   constexpr int NT = kSddmmThreads, R = kSddmmRows, C = kSddmmCols, DC = kSddmmChunk, NS = kSddmmSlots;
   constexpr int LD = tile_ld<A>();
   static_assert(R <= 256 && C <= 256, "slots pack (row, col) in 8 bits each");

@@ -50,8 +50,8 @@ cudaError_t forward_typed(DType dt, const Csr& W, const void* x, const void* bia
   const int64_t K = g.C * g.KH * g.KW, cols = g.N * g.OH * g.OW;
   if (K > kPanelMaxK) return cudaErrorInvalidValue;
   Nz<A>* nz = static_cast<Nz<A>*>(ws);
-  cudaError_t err = launch_pack<S>(static_cast<const S*>(W.values), W.values_stride, W.perm, W.row_ptr, W.col_idx,
-                                   g.Co, K, W.nnz, sizeof(A) == 8 ? 10 : 9, nz, stream);
+  cudaError_t err = launch_pack<S>(static_cast<const S*>(W.values), W.values_stride, W.perm, W.row_ptr, W.col_idx, g.Co,
+                                   K, W.nnz, sizeof(A) == 8 ? 10 : 9, nz, stream);
   if (err != cudaSuccess) return err;
   Im2colRow* tab = reinterpret_cast<Im2colRow*>(static_cast<char*>(ws) + round_up(W.nnz * sizeof(Nz<A>)));
   if ((err = fill_rowtab(g, false, K, tab, stream)) != cudaSuccess) return err;
@@ -71,8 +71,8 @@ cudaError_t backward_input_typed(DType dt, const Csr& Wt, const void* dy, void* 
   const int64_t K = g.KH * g.KW * g.Co, cols = g.N * g.H * g.W;
   if (K > kPanelMaxK) return cudaErrorInvalidValue;
   Nz<A>* nz = static_cast<Nz<A>*>(ws);
-  cudaError_t err = launch_pack<S>(static_cast<const S*>(Wt.values), Wt.values_stride, Wt.perm, Wt.row_ptr,
-                                   Wt.col_idx, g.C, K, Wt.nnz, sizeof(A) == 8 ? 10 : 9, nz, stream);
+  cudaError_t err = launch_pack<S>(static_cast<const S*>(Wt.values), Wt.values_stride, Wt.perm, Wt.row_ptr, Wt.col_idx,
+                                   g.C, K, Wt.nnz, sizeof(A) == 8 ? 10 : 9, nz, stream);
   if (err != cudaSuccess) return err;
   Im2colRow* tab = reinterpret_cast<Im2colRow*>(static_cast<char*>(ws) + round_up(Wt.nnz * sizeof(Nz<A>)));
   if ((err = fill_rowtab(g, true, K, tab, stream)) != cudaSuccess) return err;
@@ -109,13 +109,13 @@ size_t conv2d_workspace_bytes(DType dt, int64_t nnz, const ConvGeom& g) {
   return round_up(b) + round_up((size_t)rows * sizeof(Im2colRow));
 }
 
-#define SK_CONV_DISPATCH(fn, ...)                                         \
-  switch (dt) {                                                           \
-    case DType::kF32: return fn<float>(__VA_ARGS__);                      \
-    case DType::kF64: return fn<double>(__VA_ARGS__);                     \
-    case DType::kF16: return fn<__half>(__VA_ARGS__);                     \
-    case DType::kBF16: return fn<__nv_bfloat16>(__VA_ARGS__);             \
-  }                                                                       \
+#define SK_CONV_DISPATCH(fn, ...)                             \
+  switch (dt) {                                               \
+    case DType::kF32: return fn<float>(__VA_ARGS__);          \
+    case DType::kF64: return fn<double>(__VA_ARGS__);         \
+    case DType::kF16: return fn<__half>(__VA_ARGS__);         \
+    case DType::kBF16: return fn<__nv_bfloat16>(__VA_ARGS__); \
+  }                                                           \
   return cudaErrorInvalidValue
 
 cudaError_t conv2d_forward(DType dt, const Csr& W, const void* x, const void* bias, int64_t bias_stride, void* y,
@@ -124,8 +124,8 @@ cudaError_t conv2d_forward(DType dt, const Csr& W, const void* x, const void* bi
   SK_CONV_DISPATCH(forward_typed, dt, W, x, bias, bias_stride, y, g, workspace, stream);
 }
 
-cudaError_t conv2d_backward_input(DType dt, const Csr& Wt, const void* dy, void* dx, const ConvGeom& g,
-                                  void* workspace, cudaStream_t stream) {
+cudaError_t conv2d_backward_input(DType dt, const Csr& Wt, const void* dy, void* dx, const ConvGeom& g, void* workspace,
+                                  cudaStream_t stream) {
   if (g.C == 0 || g.N * g.H * g.W == 0) return cudaSuccess;
   SK_CONV_DISPATCH(backward_input_typed, dt, Wt, dy, dx, g, workspace, stream);
 }

@@ -26,8 +26,8 @@ namespace {
 // arbitrary order, which changes no result (rows are computed independently).
 constexpr int kSwizzleThreads = 1024;
 
-__global__ void __launch_bounds__(kSwizzleThreads) row_swizzle_kernel(const int64_t* __restrict__ rp, int64_t m,
-                                                                       int32_t* __restrict__ order) {
+__global__ void __launch_bounds__(kSwizzleThreads)
+    row_swizzle_kernel(const int64_t* __restrict__ rp, int64_t m, int32_t* __restrict__ order) {
   __shared__ unsigned hist[kSwizzleBuckets];
   __shared__ unsigned warp_tot[kSwizzleThreads / kWarp];
   const int tid = threadIdx.x;
@@ -150,8 +150,8 @@ cudaError_t launch_rows(const Nz<AccOf<S>>* nz, const int64_t* rp, const int32_t
 }
 
 template <class S, int V>
-cudaError_t launch_rows_v(const Nz<AccOf<S>>* nz, const int64_t* rp, const int32_t* order, int64_t m,
-                          const Dense& B, const PanelOut& O, cudaStream_t stream) {
+cudaError_t launch_rows_v(const Nz<AccOf<S>>* nz, const int64_t* rp, const int32_t* order, int64_t m, const Dense& B,
+                          const PanelOut& O, cudaStream_t stream) {
   switch (rows_column_lanes(B.cols, V)) {
     case 1: return launch_rows<S, V, 1>(nz, rp, order, m, B, O, stream);
     case 4: return launch_rows<S, V, 4>(nz, rp, order, m, B, O, stream);
@@ -182,8 +182,8 @@ cudaError_t spmm_typed(const Csr& A, const Dense& B, const DenseOut& out, const 
   const bool col_major = B.s0 == 1 && B.s1 != 1;
   const int path = g_path_override >= 0 ? g_path_override : choose_spmm_path(m, A.k, n, A.nnz, col_major);
   const bool panel = path == kPathPanel && (B.s1 == 1 || B.s0 == 1) && A.k <= kPanelMaxK;
-  cudaError_t err = launch_pack<S>(static_cast<const S*>(A.values), A.values_stride, A.perm, A.row_ptr, A.col_idx,
-                                   m, A.k, A.nnz, panel ? panel_colx_shift<Acc>() : 0, nz, stream);
+  cudaError_t err = launch_pack<S>(static_cast<const S*>(A.values), A.values_stride, A.perm, A.row_ptr, A.col_idx, m,
+                                   A.k, A.nnz, panel ? panel_colx_shift<Acc>() : 0, nz, stream);
   if (err != cudaSuccess) return err;
   const PanelOut O{kOutDense, out.data, out.rows, out.cols, out.s0, out.s1, 0, bias, bias_stride};
   const S* b = static_cast<const S*>(B.data);

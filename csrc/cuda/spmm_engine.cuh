@@ -15,11 +15,10 @@ namespace cuda {
 // entries are in [0, nnz); and writes packed (col, value) pairs when out is not null.
 // colx_shift != 0 packs the panel kernel's column form instead of the column (panel_colx).
 template <class S>
-__global__ void __launch_bounds__(256) pack_nz_kernel(const S* __restrict__ values, int64_t vstride,
-                                                      const int64_t* __restrict__ perm,
-                                                      const int64_t* __restrict__ rp,
-                                                      const int32_t* __restrict__ col, int64_t m, int64_t k,
-                                                      int64_t nnz, int colx_shift, Nz<AccOf<S>>* __restrict__ out) {
+__global__ void __launch_bounds__(256)
+    pack_nz_kernel(const S* __restrict__ values, int64_t vstride, const int64_t* __restrict__ perm,
+                   const int64_t* __restrict__ rp, const int32_t* __restrict__ col, int64_t m, int64_t k, int64_t nnz,
+                   int colx_shift, Nz<AccOf<S>>* __restrict__ out) {
   using A = AccOf<S>;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = (int64_t)gridDim.x * (blockDim.x / kWarp);
@@ -43,8 +42,8 @@ __global__ void __launch_bounds__(256) pack_nz_kernel(const S* __restrict__ valu
         int64_t src = p;
         if (perm != nullptr) {
           src = perm[p];
-          SK_DEVICE_CHECK(src >= 0 && src < nnz, "sparsekern: invalid permutation entry %lld at %lld\n",
-                          (long long)src, (long long)p);
+          SK_DEVICE_CHECK(src >= 0 && src < nnz, "sparsekern: invalid permutation entry %lld at %lld\n", (long long)src,
+                          (long long)p);
         }
         Nz<A> z;
         if constexpr (sizeof(Nz<A>) == 16) z.pad_ = 0;
@@ -59,8 +58,8 @@ __global__ void __launch_bounds__(256) pack_nz_kernel(const S* __restrict__ valu
 // Validates the pattern, and packs when out is not null (then values is required).
 template <class S>
 inline cudaError_t launch_pack(const S* values, int64_t vstride, const int64_t* perm, const int64_t* rp,
-                               const int32_t* col, int64_t m, int64_t k, int64_t nnz, int colx_shift,
-                               Nz<AccOf<S>>* out, cudaStream_t stream) {
+                               const int32_t* col, int64_t m, int64_t k, int64_t nnz, int colx_shift, Nz<AccOf<S>>* out,
+                               cudaStream_t stream) {
   if (m == 0) return cudaSuccess;
   const int64_t blocks = ceil_div(m, 8) < 4096 ? ceil_div(m, 8) : 4096;
   auto* kern = &pack_nz_kernel<S>;

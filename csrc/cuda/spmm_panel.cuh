@@ -124,8 +124,7 @@ SK_DEVICE void fetch_dense(const PanelB& B, A (&r)[kStageElems], int64_t k0, int
 // Conv modes: the thread's column (tid % T) is fixed and decoded once per column tile (PanelCol);
 // its rows, every 2nd of the chunk, take their part of the index map from the precomputed table.
 template <class S, class A>
-SK_DEVICE void fetch_conv(const PanelB& B, const PanelCol& pc, A (&r)[kStageElems], int64_t k0, int64_t k,
-                          Cvt<S> cvt) {
+SK_DEVICE void fetch_conv(const PanelB& B, const PanelCol& pc, A (&r)[kStageElems], int64_t k0, int64_t k, Cvt<S> cvt) {
   constexpr int T = kPanelCols;
   const S* src = static_cast<const S*>(B.data);
   const int tid = threadIdx.x;
@@ -168,8 +167,8 @@ SK_DEVICE void fetch_conv(const PanelB& B, const PanelCol& pc, A (&r)[kStageElem
 }
 
 template <int MODES, class S, class A>
-SK_DEVICE void fetch_typed(const PanelB& B, const PanelCol& pc, A (&r)[kStageElems], int64_t k0, int64_t c0,
-                           int64_t k, int64_t n, Cvt<S> cvt) {
+SK_DEVICE void fetch_typed(const PanelB& B, const PanelCol& pc, A (&r)[kStageElems], int64_t k0, int64_t c0, int64_t k,
+                           int64_t n, Cvt<S> cvt) {
   if constexpr (MODES == kPanelDense) {
     (void)pc;
     fetch_dense<S, A>(B, r, k0, c0, k, n, cvt);
@@ -217,8 +216,8 @@ SK_DEVICE void store_stage(int mode, A* buf, const A (&r)[kStageElems]) {
 }
 
 template <int MODES, class A>
-SK_DEVICE void panel_fetch(DType dt, const PanelB& B, const PanelCol& pc, A (&r)[kStageElems], int64_t k0,
-                           int64_t c0, int64_t k, int64_t n) {
+SK_DEVICE void panel_fetch(DType dt, const PanelB& B, const PanelCol& pc, A (&r)[kStageElems], int64_t k0, int64_t c0,
+                           int64_t k, int64_t n) {
   if constexpr (sizeof(A) == 8) {
     fetch_typed<MODES, double, A>(B, pc, r, k0, c0, k, n, Cvt<double>{false});
   } else {
@@ -398,7 +397,7 @@ __global__ void __launch_bounds__(kPanelThreads, 2)
 
 template <int MODES>
 cudaError_t launch_panel_modes(DType dt, const void* nz, const int32_t* col, const int64_t* rp, int64_t m, int64_t k,
-                         int64_t n, const PanelB& b, const PanelOut& out, cudaStream_t stream) {
+                               int64_t n, const PanelB& b, const PanelOut& out, cudaStream_t stream) {
   if (m == 0 || n == 0) return cudaSuccess;
   const int64_t tiles = ceil_div(n, kPanelCols);
   const unsigned gy = (unsigned)(tiles < 65535 ? tiles : 65535);
@@ -419,7 +418,6 @@ cudaError_t launch_panel_modes(DType dt, const void* nz, const int32_t* col, con
   }
   return last_error();
 }
-
 
 }  // namespace cuda
 }  // namespace sparsekern

@@ -123,8 +123,7 @@ SK_HOST_DEVICE inline int prefix_find(const P* prefix, int n, int64_t q) {
 
 // Tile order: groups of kSddmmGroup row tiles walk the column tiles together, so the X rows of the
 // group and the Y rows of a column tile are read from DRAM about once and then hit in L2.
-SK_HOST_DEVICE inline void sddmm_tile_of(int64_t pid, int64_t row_tiles, int64_t col_tiles, int64_t* rt,
-                                         int64_t* ct) {
+SK_HOST_DEVICE inline void sddmm_tile_of(int64_t pid, int64_t row_tiles, int64_t col_tiles, int64_t* rt, int64_t* ct) {
   const int64_t per_group = (int64_t)kSddmmGroup * col_tiles;
   const int64_t g = pid / per_group, r = pid % per_group;
   const int64_t first = g * kSddmmGroup;
@@ -135,9 +134,7 @@ SK_HOST_DEVICE inline void sddmm_tile_of(int64_t pid, int64_t row_tiles, int64_t
 
 // ---- convolution index maps ---------------------------------------------------------------------
 // NCHW tensors, groups = 1. The weight is the CSR of (Co, C*KH*KW) with column j = (ci*KH + r)*KW + s.
-struct ConvGeom {
-  int64_t N, C, H, W, Co, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW;
-};
+struct ConvGeom { int64_t N, C, H, W, Co, KH, KW, SH, SW, PH, PW, DH, DW, OH, OW; };
 
 SK_HOST_DEVICE inline int64_t conv_out_size(int64_t in, int64_t k, int64_t s, int64_t p, int64_t d) {
   const int64_t span = in + 2 * p - d * (k - 1) - 1;

@@ -55,7 +55,9 @@ struct Bits<double> {
   static SK_DEVICE uint64_t of(double x) { return (uint64_t)__double_as_longlong(x); }
 };
 
-SK_DEVICE bool is_candidate(const bool* cand, int64_t cstride, int64_t i) { return cand == nullptr || cand[i * cstride]; }
+SK_DEVICE bool is_candidate(const bool* cand, int64_t cstride, int64_t i) {
+  return cand == nullptr || cand[i * cstride];
+}
 
 template <class K>
 __global__ void topk_init_kernel(State<K>* st, ull* hist, TopkStatus* status, int64_t k) {
@@ -72,8 +74,8 @@ __global__ void topk_init_kernel(State<K>* st, ull* hist, TopkStatus* status, in
 template <class F>
 __global__ void __launch_bounds__(kHistThreads)
     topk_hist_kernel(const F* __restrict__ scores, int64_t stride, const bool* __restrict__ cand, int64_t cstride,
-                     int64_t n, typename Bits<F>::K flip, int level, const State<typename Bits<F>::K>* st,
-                     ull* hist, TopkStatus* status) {
+                     int64_t n, typename Bits<F>::K flip, int level, const State<typename Bits<F>::K>* st, ull* hist,
+                     TopkStatus* status) {
   using K = typename Bits<F>::K;
   __shared__ unsigned h[kRadixSize];
   if (st->done) return;  // uniform
@@ -94,8 +96,7 @@ __global__ void __launch_bounds__(kHistThreads)
     const K key = radix::bits_to_key(u, flip);
     if ((key & pmask) == prefix) atomicAdd(&h[(unsigned)((key >> shift) & dmask)], 1u);
   }
-  if (level == 0 && first_nan != INT64_MAX)
-    atomicMin(reinterpret_cast<ull*>(&status->nan_index), (ull)first_nan);
+  if (level == 0 && first_nan != INT64_MAX) atomicMin(reinterpret_cast<ull*>(&status->nan_index), (ull)first_nan);
   __syncthreads();
   for (int b = threadIdx.x; b < nbk; b += kHistThreads)
     if (h[b]) atomicAdd(&hist[b], (ull)h[b]);
@@ -262,8 +263,8 @@ cudaError_t topk_typed(const F* scores, int64_t stride, const bool* cand, int64_
   auto* hk = &topk_hist_kernel<F>;
   auto* sk = &topk_select_kernel<K>;
   for (int level = 0; level < radix::num_levels<K>(); ++level) {
-    SK_LAUNCH(hk, dim3((unsigned)hb), dim3(kHistThreads), 0, stream, scores, stride, cand, cstride, n, flip, level,
-              st, hist, status);
+    SK_LAUNCH(hk, dim3((unsigned)hb), dim3(kHistThreads), 0, stream, scores, stride, cand, cstride, n, flip, level, st,
+              hist, status);
     SK_LAUNCH(sk, dim3(1), dim3(kSelectThreads), 0, stream, st, hist, status, level, k);
     if ((err = last_error()) != cudaSuccess) return err;
   }
@@ -292,14 +293,14 @@ cudaError_t topk_select(DType dt, const void* scores, int64_t stride, const bool
       return topk_typed(static_cast<const float*>(scores), stride, candidates, cand_stride, n, k, largest, out, status,
                         workspace, stream);
     case DType::kF64:
-      return topk_typed(static_cast<const double*>(scores), stride, candidates, cand_stride, n, k, largest, out,
-                        status, workspace, stream);
+      return topk_typed(static_cast<const double*>(scores), stride, candidates, cand_stride, n, k, largest, out, status,
+                        workspace, stream);
     case DType::kF16:
-      return topk_typed(static_cast<const __half*>(scores), stride, candidates, cand_stride, n, k, largest, out,
-                        status, workspace, stream);
+      return topk_typed(static_cast<const __half*>(scores), stride, candidates, cand_stride, n, k, largest, out, status,
+                        workspace, stream);
     case DType::kBF16:
-      return topk_typed(static_cast<const __nv_bfloat16*>(scores), stride, candidates, cand_stride, n, k, largest,
-                        out, status, workspace, stream);
+      return topk_typed(static_cast<const __nv_bfloat16*>(scores), stride, candidates, cand_stride, n, k, largest, out,
+                        status, workspace, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -48,7 +48,8 @@ def _close(got, want, scale, dtype):
     err = (got.double().cpu() - want.double().cpu()).abs()
     bound = RTOL[dtype] * (scale.double().cpu() + want.double().cpu().abs()) + 1e-30
     bad = ~(err <= bound)
-    assert not bool(bad.any()), (f"{int(bad.sum())} of {bad.numel()} entries off; worst {float((err - bound).max()):.3g}"
+    assert not bool(bad.any()), (f"{int(bad.sum())} of {bad.numel()} entries off; "
+                                 f"worst {float((err - bound).max()):.3g}"
                                  f" at {tuple(int(i) for i in (bad.nonzero()[0] if bad.any() else []))}")
 
 

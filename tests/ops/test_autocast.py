@@ -11,11 +11,28 @@ import sparsekern
 from sparsekern import reference
 from sparsekern.block_sparse import BlockSparseMatrix
 from sparsekern.nn import SparseConv2d, SparseLinear
-from sparsekern.ops import (bsr_conv2d, bsr_linear, bsr_sddmm, masked_matmul, masked_sddmm, sddmm, sparse_conv2d,
-                            sparse_linear, spmm)
+from sparsekern.ops import (
+    bsr_conv2d,
+    bsr_linear,
+    bsr_sddmm,
+    masked_matmul,
+    masked_sddmm,
+    sddmm,
+    sparse_conv2d,
+    sparse_linear,
+    spmm,
+)
 
-from sk_testing import (check_low_precision, gen, has_cpu_kernel, make_input, random_mask, random_sparse, seed_of,
-                        threads)
+from sk_testing import (
+    check_low_precision,
+    gen,
+    has_cpu_kernel,
+    make_input,
+    random_mask,
+    random_sparse,
+    seed_of,
+    threads,
+)
 
 BF16 = torch.bfloat16
 LINEAR = ("sparse_linear", "sddmm", "gather")

@@ -10,9 +10,10 @@ from sk_testing import has_cpu_kernel
 BIG = (2**64 + 2) // 3  # fits int64; times 3 does not
 
 CALLS = {
-    "sparse_conv2d": "torch.ops.sparsekern.sparse_conv2d(torch.randn(1, 1, 8, 8), v, rp, ci, [4, 1], None, {s}, {p}, {d})",
-    "sparse_conv2d_backward_input": ("torch.ops.sparsekern.sparse_conv2d_backward_input(torch.randn(1, 1, 5, 8), v, rp, "
-                                     "ci, [1, 1, 8, 8], [4, 1], {s}, {p}, {d})"),
+    "sparse_conv2d": ("torch.ops.sparsekern.sparse_conv2d(torch.randn(1, 1, 8, 8), v, rp, ci, [4, 1], None, "
+                      "{s}, {p}, {d})"),
+    "sparse_conv2d_backward_input": ("torch.ops.sparsekern.sparse_conv2d_backward_input(torch.randn(1, 1, 5, 8), "
+                                     "v, rp, ci, [1, 1, 8, 8], [4, 1], {s}, {p}, {d})"),
     "sparse_conv2d_backward_weight": ("torch.ops.sparsekern.sparse_conv2d_backward_weight(torch.randn(1, 1, 5, 8), "
                                       "torch.randn(1, 1, 8, 8), rp, ci, [4, 1], {s}, {p}, {d})"),
 }

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 import sparsekern
-from sparsekern import isa as sk_isa
-from sparsekern import reference
+from sparsekern import isa as sk_isa, reference
 from sparsekern.ops import sddmm, sparse_linear, spmm
 
 from sk_testing import assert_close, gen, grads, has_cpu_kernel, make_input, random_sparse, seed_of

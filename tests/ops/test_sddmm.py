@@ -83,16 +83,24 @@ def _P():
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: (_P().to_dense(), torch.randn(3, 2), torch.randn(4, 2)), TypeError, r"sddmm: pattern must be a sparsekern.SparseMatrix"),
+        (lambda: (_P().to_dense(), torch.randn(3, 2), torch.randn(4, 2)), TypeError,
+         r"sddmm: pattern must be a sparsekern.SparseMatrix"),
         (lambda: (_P(), torch.randn(3), torch.randn(4, 2)), ValueError, r"sddmm: X must be 2-D"),
         (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 2, 1)), ValueError, r"sddmm: Y must be 2-D"),
-        (lambda: (_P(), torch.randn(2, 2), torch.randn(4, 2)), ValueError, r"sddmm: X must have 3 rows \(pattern is 3x4\), got 2"),
-        (lambda: (_P(), torch.randn(3, 2), torch.randn(5, 2)), ValueError, r"sddmm: Y must have 4 rows \(pattern is 3x4\), got 5"),
-        (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 3)), ValueError, r"sddmm: X and Y must have the same number of columns, got 2 and 3"),
-        (lambda: (_P(), torch.ones(3, 2, dtype=torch.int32), torch.ones(4, 2, dtype=torch.int32)), TypeError, r"sddmm: X must be a floating-point tensor, got torch.int32"),
-        (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 2, dtype=torch.float64)), TypeError, r"sddmm: Y has dtype torch.float64 but X has torch.float32"),
-        (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 2, device="meta")), ValueError, r"sddmm: Y is on meta but X is on cpu"),
-        (lambda: (_P(), torch.randn(3, 2, device="meta"), torch.randn(4, 2, device="meta")), ValueError, r"sddmm: pattern is on cpu but X is on meta"),
+        (lambda: (_P(), torch.randn(2, 2), torch.randn(4, 2)), ValueError,
+         r"sddmm: X must have 3 rows \(pattern is 3x4\), got 2"),
+        (lambda: (_P(), torch.randn(3, 2), torch.randn(5, 2)), ValueError,
+         r"sddmm: Y must have 4 rows \(pattern is 3x4\), got 5"),
+        (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 3)), ValueError,
+         r"sddmm: X and Y must have the same number of columns, got 2 and 3"),
+        (lambda: (_P(), torch.ones(3, 2, dtype=torch.int32), torch.ones(4, 2, dtype=torch.int32)), TypeError,
+         r"sddmm: X must be a floating-point tensor, got torch.int32"),
+        (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 2, dtype=torch.float64)), TypeError,
+         r"sddmm: Y has dtype torch.float64 but X has torch.float32"),
+        (lambda: (_P(), torch.randn(3, 2), torch.randn(4, 2, device="meta")), ValueError,
+         r"sddmm: Y is on meta but X is on cpu"),
+        (lambda: (_P(), torch.randn(3, 2, device="meta"), torch.randn(4, 2, device="meta")), ValueError,
+         r"sddmm: pattern is on cpu but X is on meta"),
     ],
     ids=["pattern-dense", "X-1d", "Y-3d", "X-rows", "Y-rows", "cols-mismatch", "int", "dtype-mismatch",
          "device-mismatch", "pattern-device"],
@@ -107,7 +115,8 @@ def test_float16_on_cpp_is_a_type_error():
     # bfloat16 runs on the CPU kernels (tests/ops/test_autocast.py); float16 does not.
     X, Y = torch.randn(3, 2, dtype=torch.float16), torch.randn(4, 2, dtype=torch.float16)
     with sparsekern.backend("cpp"):
-        with pytest.raises(TypeError, match=r"sddmm: X has dtype torch.float16, which the cpp backend does not support"):
+        match = r"sddmm: X has dtype torch.float16, which the cpp backend does not support"
+        with pytest.raises(TypeError, match=match):
             sddmm(_P(), X, Y)
 
 

@@ -7,8 +7,18 @@ import sparsekern
 from sparsekern import reference
 from sparsekern.ops import sparse_linear
 
-from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, has_cpu_kernel, make_input, random_sparse,
-                        seed_of)
+from sk_testing import (
+    DTYPES,
+    FUZZ,
+    LAYOUTS,
+    assert_close,
+    gen,
+    grads,
+    has_cpu_kernel,
+    make_input,
+    random_sparse,
+    seed_of,
+)
 
 OP = "sparse_linear"
 BACKWARD = ("sparse_linear", "sddmm")
@@ -131,17 +141,26 @@ def _W(dtype=torch.float32, shape=(3, 4)):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: (torch.randn(2, 4), _W().to_dense(), None), TypeError, r"sparse_linear: W must be a sparsekern.SparseMatrix"),
-        (lambda: (torch.randn(2, 4), _W(shape=(3, 1, 2, 2)), None), ValueError, r"sparse_linear: W must be a 2-D \(out_features, in_features\) matrix"),
-        (lambda: (torch.randn(2, 5), _W(), None), ValueError, r"sparse_linear: x must have last dim 4 \(W has 4 columns\), got shape \(2, 5\)"),
+        (lambda: (torch.randn(2, 4), _W().to_dense(), None), TypeError,
+         r"sparse_linear: W must be a sparsekern.SparseMatrix"),
+        (lambda: (torch.randn(2, 4), _W(shape=(3, 1, 2, 2)), None), ValueError,
+         r"sparse_linear: W must be a 2-D \(out_features, in_features\) matrix"),
+        (lambda: (torch.randn(2, 5), _W(), None), ValueError,
+         r"sparse_linear: x must have last dim 4 \(W has 4 columns\), got shape \(2, 5\)"),
         (lambda: (torch.tensor(1.0), _W(), None), ValueError, r"sparse_linear: x must have last dim 4"),
-        (lambda: (torch.ones(2, 4, dtype=torch.int64), _W(), None), TypeError, r"sparse_linear: x must be a floating-point tensor, got torch.int64"),
+        (lambda: (torch.ones(2, 4, dtype=torch.int64), _W(), None), TypeError,
+         r"sparse_linear: x must be a floating-point tensor, got torch.int64"),
         (lambda: (torch.randn(2, 4), _W(), torch.randn(1, 3)), ValueError, r"sparse_linear: bias must be 1-D"),
-        (lambda: (torch.randn(2, 4), _W(), torch.randn(4)), ValueError, r"sparse_linear: bias must have 3 entries \(W has 3 rows\), got 4"),
-        (lambda: (torch.randn(2, 4), _W(), torch.randn(3, dtype=torch.float64)), TypeError, r"sparse_linear: bias has dtype torch.float64 but x has torch.float32"),
-        (lambda: (torch.randn(2, 4, dtype=torch.float64), _W(), None), TypeError, r"sparse_linear: W.values has dtype torch.float32 but x has torch.float64"),
-        (lambda: (torch.randn(2, 4, device="meta"), _W(), None), ValueError, r"sparse_linear: W.values is on cpu but x is on meta"),
-        (lambda: (torch.randn(2, 4), _W(), torch.randn(3, device="meta")), ValueError, r"sparse_linear: bias is on meta but x is on cpu"),
+        (lambda: (torch.randn(2, 4), _W(), torch.randn(4)), ValueError,
+         r"sparse_linear: bias must have 3 entries \(W has 3 rows\), got 4"),
+        (lambda: (torch.randn(2, 4), _W(), torch.randn(3, dtype=torch.float64)), TypeError,
+         r"sparse_linear: bias has dtype torch.float64 but x has torch.float32"),
+        (lambda: (torch.randn(2, 4, dtype=torch.float64), _W(), None), TypeError,
+         r"sparse_linear: W.values has dtype torch.float32 but x has torch.float64"),
+        (lambda: (torch.randn(2, 4, device="meta"), _W(), None), ValueError,
+         r"sparse_linear: W.values is on cpu but x is on meta"),
+        (lambda: (torch.randn(2, 4), _W(), torch.randn(3, device="meta")), ValueError,
+         r"sparse_linear: bias is on meta but x is on cpu"),
         (lambda: ([[1.0] * 4], _W(), None), TypeError, r"sparse_linear: x must be a torch.Tensor, got list"),
     ],
     ids=["W-dense", "W-4d", "x-lastdim", "x-0d", "x-int", "bias-2d", "bias-size", "bias-dtype", "W-dtype", "x-device",

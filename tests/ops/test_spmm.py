@@ -7,8 +7,18 @@ import sparsekern
 from sparsekern import reference
 from sparsekern.ops import spmm
 
-from sk_testing import (DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, has_cpu_kernel, make_input, random_sparse,
-                        seed_of)
+from sk_testing import (
+    DTYPES,
+    FUZZ,
+    LAYOUTS,
+    assert_close,
+    gen,
+    grads,
+    has_cpu_kernel,
+    make_input,
+    random_sparse,
+    seed_of,
+)
 
 OP = "spmm"
 BACKWARD = ("spmm", "sddmm")
@@ -98,12 +108,15 @@ def _A(dtype=torch.float32):
 @pytest.mark.parametrize(
     "make,exc,match",
     [
-        (lambda: (_A().to_dense(), torch.randn(4, 2)), TypeError, r"spmm: A must be a sparsekern.SparseMatrix, got Tensor"),
+        (lambda: (_A().to_dense(), torch.randn(4, 2)), TypeError,
+         r"spmm: A must be a sparsekern.SparseMatrix, got Tensor"),
         (lambda: (_A(), torch.randn(4)), ValueError, r"spmm: B must be 2-D, got shape \(4,\)"),
         (lambda: (_A(), torch.randn(4, 2, 1)), ValueError, r"spmm: B must be 2-D"),
         (lambda: (_A(), torch.randn(5, 2)), ValueError, r"spmm: B must have 4 rows \(A is 3x4\), got 5"),
-        (lambda: (_A(), torch.ones(4, 2, dtype=torch.int64)), TypeError, r"spmm: B must be a floating-point tensor, got torch.int64"),
-        (lambda: (_A(torch.float64), torch.randn(4, 2)), TypeError, r"spmm: B has dtype torch.float32 but A.values has torch.float64"),
+        (lambda: (_A(), torch.ones(4, 2, dtype=torch.int64)), TypeError,
+         r"spmm: B must be a floating-point tensor, got torch.int64"),
+        (lambda: (_A(torch.float64), torch.randn(4, 2)), TypeError,
+         r"spmm: B has dtype torch.float32 but A.values has torch.float64"),
         (lambda: (_A(), torch.randn(4, 2, device="meta")), ValueError, r"spmm: B is on meta but A.values is on cpu"),
         (lambda: (_A(), [[1.0]] * 4), TypeError, r"spmm: B must be a torch.Tensor, got list"),
     ],
