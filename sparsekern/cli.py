@@ -131,13 +131,9 @@ def _study(args: argparse.Namespace) -> int:
     _check_data(args.parser, data, args.data_dir)
     names = ("gradient-flow", "dst", "lottery") if args.study == "all" else (args.study,)
     configs = [_study_config(args, name) for name in names]  # every setting checked before any run
-    import time
-
     results = {}
     for name, (module, config) in zip(names, configs):
-        start = time.perf_counter()
         results[name] = module.run(config)
-        results[name]["seconds"] = time.perf_counter() - start
         if args.study != "all":
             print((Path(results[name]["dir"]) / "summary.md").read_text())
             print(f"results: {results[name]['dir']}")

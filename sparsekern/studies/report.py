@@ -10,7 +10,7 @@ from typing import Dict
 
 import torch
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "load_run"]
 
 _TITLES = {"gradient-flow": "1. Gradient flow at initialization (dense vs sparsity-aware init)",
            "dst": "2. Dynamic sparse training vs static sparse training",
@@ -30,11 +30,19 @@ def _machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def load_run(run_dir) -> dict:
+    """What a study's ``run`` returned, read back from its directory (results.json), for ``write_report``."""
+    run_dir = Path(run_dir)
+    result = json.loads((run_dir / "results.json").read_text())
+    result["dir"] = str(run_dir)
+    return result
+
+
 def write_report(results: Dict[str, dict], dest) -> Path:
     """Copy each study's summary, results.json, config.json and plots to ``dest/<study>/`` and write
     ``dest/README.md``: per study the setting, the verdicts (linked to the JSON record each number comes
     from), the plots, and the wall time. ``results`` maps a study's name to what its ``run`` returned
-    (plus ``seconds``, its wall time, where measured)."""
+    (``load_run`` reads it back from a run directory); ``seconds`` is its wall time."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     lines = ["# The paper's three findings, reproduced", "",
