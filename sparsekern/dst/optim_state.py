@@ -5,8 +5,8 @@ the index of the same weight in the old values, or -1 for a grown weight. Surviv
 their weight; grown entries start at zero.
 
 At a fixed nnz per layer (Static, SET, RigL) the optimizer keeps holding the same ``values`` Parameter
-(``update_pattern_`` writes into it in place), so only its per-parameter state is rewritten here. Where
-nnz changed (SNFS's redistribution), ``update_pattern_`` makes a new Parameter and this helper also
+(``replace_pattern`` writes into it in place), so only its per-parameter state is rewritten here. Where
+nnz changed (SNFS's redistribution), ``replace_pattern`` makes a new Parameter and this helper also
 re-points the optimizer's param_groups and state to it. Every per-element state tensor (SGD ``momentum_buffer``, with or
 without nesterov; Adam/AdamW ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``; any optimizer with
 element-wise state) is remapped; scalar state (``step``) is kept. Weight decay acts on the values
@@ -51,7 +51,7 @@ def remap_optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor,
     """Rewrite ``optimizer``'s state of ``param`` (still of its old size) for the new pattern ``source``.
 
     ``new_param``: the Parameter that replaces ``param`` where nnz changed (see
-    ``SparseWeightMixin.update_pattern_``); the optimizer's param_groups and state are re-pointed to it.
+    ``SparseWeightMixin.replace_pattern``); the optimizer's param_groups and state are re-pointed to it.
     """
     old_shape = param.shape
     if new_param is not None and new_param is not param:
