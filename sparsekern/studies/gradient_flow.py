@@ -33,10 +33,10 @@ from .common import (
     write_json,
 )
 
-PAPER = ("**The paper, beside ours:** the paper reports (sec. 3, its Fig. 2 on LeNet-5 / LeNet-300-100 on "
-              "MNIST) that with the dense init the gradient norm at init falls as sparsity grows, and that the scaled "
-              "(sparsity-aware) init brings it back to about the dense network's; it reports this as a shape, "
-              "which is the comparison above (ratio of norms at init, per density).")
+PAPER = ("**The paper, beside ours:** in its MNIST experiments (LeNet-5 and LeNet-300-100, among other "
+         "settings) the paper reports that with the dense init the gradient norm at init shrinks as sparsity grows, "
+         "and that the sparsity-aware scaled init (its 'Liu et al. scaled') increases it. It states this as a "
+         "qualitative shape, not as numbers to copy: ours are the ratios of norms at init above, per density.")
 STUDY = "gradient-flow"
 INITS = ("dense", "sparse")
 SUBSET_STEPS = 200  # dense LeNet-5 and LeNet-300-100 converge on the 3,500-image subset (7 epochs): loss_curve.png

@@ -40,12 +40,12 @@ from .common import (
     write_json,
 )
 
-PAPER = ("**The paper, beside ours:** the paper reports (sec. 5, LeNet-5 / LeNet-300-100 on MNIST) that "
-              "lottery tickets have no better gradient flow than the same mask trained from a random init, and that "
-              "they end much closer to the pruning solution than scratch does, in the same basin (no loss barrier "
-              "on the linear path between them), with more similar predictions and a smaller gain from ensembling "
-              "with it. It reports these as comparisons, not as numbers we could copy; ours are the comparisons "
-              "above and `interpolation.png`.")
+PAPER = ("**The paper, beside ours:** the paper reports (MNIST among other settings) that lottery tickets do "
+         "not improve gradient flow over the same mask from a random init, and that they re-learn the pruning "
+         "solution they came from: they end much closer to it in weight space than scratch does, in the same "
+         "basin (no loss barrier on the linear path), with more similar predictions and a smaller gain from "
+         "ensembling with it. It states these as comparisons, not as numbers to copy: ours are the comparisons "
+         "above and `interpolation.png`.")
 STUDY = "lottery"
 SOLUTIONS = ("ticket", "scratch", "random_mask")
 SUBSET_STEPS = 200

@@ -52,7 +52,8 @@ def write_report(results: Dict[str, dict], dest) -> Path:
              "ratio, for gradient norms and distances) with its 95 % confidence interval from the paired t-test, "
              "the exact sign-flip permutation p-value, and the effect size d_z; *supported* when the interval "
              "lies wholly on the side the paper predicts, *contradicted* when wholly on the other, else "
-             "*inconclusive*. With 5 seeds the exact sign-flip test cannot go below p = 0.0625 (two-sided).", "",
+             "*inconclusive*. Each interval is at 95 % on its own (no correction for the number of comparisons). "
+             "With 5 seeds the exact sign-flip test cannot go below p = 0.0625 (two-sided).", "",
              f"Machine: {_machine()}.", ""]
     overview = ["| study | setting | supported | contradicted | inconclusive | wall time |",
                 "|---|---|---|---|---|---|"]
