@@ -210,3 +210,46 @@ def test_reversed_columns_are_caught(op):
         bad[q0], bad[q1 - 1] = t_perm[q1 - 1], t_perm[q0]
         with pytest.raises(RuntimeError, match=rf"{op}: t_perm must be increasing within each column .* in column {j}"):
             _call(op, row_ptr, col_idx, k, (t_row_ptr, t_col_idx, bad))
+
+
+# -- the other raw CPU kernels: what the Python layer checks, the kernel checks again ------------
+def _bool(*shape):
+    return torch.ones(*shape, dtype=torch.bool)
+
+
+_RP1, _CI1 = torch.tensor([0, 1]), torch.tensor([0], dtype=torch.int32)  # one row, one nonzero at column 0
+RAW_CASES = {
+    "masked_matmul-mask-float": ("masked_matmul", lambda: torch.ops.sparsekern.masked_matmul(
+        torch.randn(2, 4), torch.randn(3, 4), torch.ones(3, 4)),
+        r"masked_matmul: mask must be a bool tensor, got Float"),
+    "masked_matmul-mask-shape": ("masked_matmul", lambda: torch.ops.sparsekern.masked_matmul(
+        torch.randn(2, 4), torch.randn(3, 4), _bool(4, 3)),
+        r"masked_matmul: mask must have shape \(3, 4\), got \[4, 3\]"),
+    "masked_matmul-x-cols": ("masked_matmul", lambda: torch.ops.sparsekern.masked_matmul(
+        torch.randn(2, 5), torch.randn(3, 4), _bool(3, 4)), r"masked_matmul: x must have 4 columns .*, got 5"),
+    "masked_sddmm-cols": ("masked_sddmm", lambda: torch.ops.sparsekern.masked_sddmm(
+        torch.randn(3, 2), torch.randn(4, 3), _bool(3, 4)),
+        r"masked_sddmm: X and Y must have the same number of columns, got 2 and 3"),
+    "topk_select-k-negative": ("topk_select", lambda: torch.ops.sparsekern.topk_select(torch.randn(5), -1),
+                               r"topk_select: k must be >= 0, got k = -1"),
+    "topk_select-k-too-large": ("topk_select", lambda: torch.ops.sparsekern.topk_select(torch.randn(5), 6),
+                                r"topk_select: k \(6\) is larger than the number of candidates \(5\)"),
+    "topk_select-scores-int": ("topk_select", lambda: torch.ops.sparsekern.topk_select(torch.arange(5), 1),
+                               r"topk_select: scores must be float32 or float64 on the CPU, got Long"),
+    "topk_select-candidates-size": ("topk_select", lambda: torch.ops.sparsekern.topk_select(
+        torch.randn(5), 1, True, _bool(4)), r"topk_select: candidates must be 1-D with the size of scores \(5\)"),
+    "sparse_conv2d-x-3d": ("sparse_conv2d", lambda: torch.ops.sparsekern.sparse_conv2d(
+        torch.randn(1, 8, 8), torch.randn(1), _RP1, _CI1, [1, 1], None, [1, 1], [0, 0], [1, 1]),
+        r"sparse_conv2d: x must be 4-D"),
+    "sparse_conv2d-bias-size": ("sparse_conv2d", lambda: torch.ops.sparsekern.sparse_conv2d(
+        torch.randn(1, 1, 8, 8), torch.randn(1), _RP1, _CI1, [1, 1], torch.randn(3), [1, 1], [0, 0], [1, 1]),
+        r"sparse_conv2d: bias must have shape \(1\) .*, got \[3\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_other_raw_ops_name_the_argument(case):
+    op, call, match = RAW_CASES[case]
+    _skip_without(op)
+    with pytest.raises(RuntimeError, match=match):
+        call()
