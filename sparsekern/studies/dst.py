@@ -113,6 +113,7 @@ def run(config: DSTConfig) -> dict:
                "runs": runs, "table": table, "verdict": verdict}
     results["paper"] = PAPER
     results["seconds"] = time.perf_counter() - started  # wall time, plots and summary not counted
+    results["threads"] = torch.get_num_threads()
     write_json(out / "results.json", results)
     _plot(config, runs, out)
     (out / "summary.md").write_text(_summary(config, splits, steps, delta_t, table, verdict))

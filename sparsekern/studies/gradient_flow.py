@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Tuple
 
+import torch
 from tqdm.auto import tqdm
 
 from ..train import Trainer
@@ -79,6 +80,7 @@ def run(config: GradientFlowConfig) -> dict:
                "table": table, "verdict": verdict}
     results["paper"] = PAPER
     results["seconds"] = time.perf_counter() - started  # wall time, plots and summary not counted
+    results["threads"] = torch.get_num_threads()
     write_json(out / "results.json", results)
     _plot(config, runs, table, out)
     (out / "summary.md").write_text(_summary(config, splits, steps, table, verdict))

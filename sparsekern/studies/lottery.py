@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Tuple
 
+import torch
 from tqdm.auto import tqdm
 
 from ..analysis import compare_predictions, evaluate, interpolation_curve, weight_distance
@@ -116,6 +117,7 @@ def run(config: LotteryConfig) -> dict:
                "per_seed": per_seed, "table": table, "verdict": verdict}
     results["paper"] = PAPER
     results["seconds"] = time.perf_counter() - started  # wall time, plots and summary not counted
+    results["threads"] = torch.get_num_threads()
     write_json(out / "results.json", results)
     _plot(config, per_seed, out)
     (out / "summary.md").write_text(_summary(config, splits, steps, per_seed, table, verdict))

@@ -3,6 +3,7 @@ statistics, its plots, and where every number sits in its results.json."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 from pathlib import Path
@@ -18,7 +19,7 @@ _TITLES = {"gradient-flow": "1. Gradient flow at initialization (dense vs sparsi
 _COPIED = ("summary.md", "results.json", "config.json")
 
 
-def _machine() -> str:
+def _machine(results: Dict[str, dict]) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -27,7 +28,9 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    threads = sorted({r["threads"] for r in results.values() if "threads" in r})
+    runs = f"; the runs used {' / '.join(map(str, threads))} torch thread(s)" if threads else ""
+    return f"{cpu} ({os.cpu_count()} cores), torch {torch.__version__}{runs}"
 
 
 def load_run(run_dir) -> dict:
@@ -54,7 +57,7 @@ def write_report(results: Dict[str, dict], dest) -> Path:
              "lies wholly on the side the paper predicts, *contradicted* when wholly on the other, else "
              "*inconclusive*. Each interval is at 95 % on its own (no correction for the number of comparisons). "
              "With 5 seeds the exact sign-flip test cannot go below p = 0.0625 (two-sided).", "",
-             f"Machine: {_machine()}.", ""]
+             f"Machine: {_machine(results)}.", ""]
     overview = ["| study | setting | supported | contradicted | inconclusive | wall time |",
                 "|---|---|---|---|---|---|"]
     sections = []
