@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one study, or all three and one report")
     study.add_argument("--quick", action="store_true", help="a tiny setting on digits (seconds) for smoke tests")
     study.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=None,
-                       help="training seeds (default: 0 1 2 3 4)")
+                       help="training seeds (default: 0 to 9)")
     study.add_argument("--densities", type=_DENSITY, nargs="+", default=None,
                        help="densities (fraction of weights kept); lottery: the one ticket density")
     study.add_argument("--model", nargs="+", default=None,

@@ -56,7 +56,8 @@ def write_report(results: Dict[str, dict], dest) -> Path:
              "the exact sign-flip permutation p-value, and the effect size d_z; *supported* when the interval "
              "lies wholly on the side the paper predicts, *contradicted* when wholly on the other, else "
              "*inconclusive*. Each interval is at 95 % on its own (no correction for the number of comparisons). "
-             "With 5 seeds the exact sign-flip test cannot go below p = 0.0625 (two-sided).", "",
+             "With n seeds the exact sign-flip test cannot go below p = 2 / 2^n (two-sided): 0.0625 for 5, "
+             "0.002 for 10.", "",
              f"Machine: {_machine(results)}.", ""]
     overview = ["| study | setting | supported | contradicted | inconclusive | wall time |",
                 "|---|---|---|---|---|---|"]
