@@ -11,6 +11,7 @@ from torch import nn
 
 from .init import INITS, initialize_
 from .nn import FORMATS, SparseConv2d, SparseLinear, SparseWeightMixin, random_block_mask, random_mask
+from .nn.base import load_all_or_nothing
 
 __all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify", "densify"]
 
@@ -186,6 +187,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     if as_csr:
         warnings.warn(f"sparsify: format='bsr' needs weight dims that are multiples of block={block}; these layers "
                       f"are CSR instead: {as_csr}", stacklevel=2)
+    if not getattr(model, "_sparsekern_checks_loads", False):  # one whole-model check per load
+        model.register_load_state_dict_pre_hook(load_all_or_nothing)
+        model._sparsekern_checks_loads = True
     return model
 
 

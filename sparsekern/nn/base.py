@@ -3,7 +3,7 @@ Parameter and whose pattern is one ``SparsePattern`` (``self.pattern``: CSR, cac
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -317,12 +317,14 @@ class SparseWeightMixin:
         destination[prefix + "row_ptr"] = self.pattern.compact_row_ptr()
         destination[prefix + "col_idx"] = self.pattern.col_idx if keep_vars else self.pattern.col_idx.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        """All or nothing: every entry of this layer is checked (pattern valid for this weight shape,
-        values and bias sizes) before any is applied; a rejected state leaves the layer as it was."""
-        for hook in self._load_state_dict_pre_hooks.values():
-            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def check_state(self, state_dict, prefix: str = "", local_metadata: Optional[dict] = None) -> List[str]:
+        """The errors loading this layer's entries of ``state_dict`` (under ``prefix``) would raise, without
+        loading anything: what ``load_state_dict`` of a whole model checks for every sparse layer before
+        it loads any (see ``check_model_state``)."""
+        return self._plan_load(state_dict, prefix, local_metadata or {})[0]
+
+    def _plan_load(self, state_dict, prefix, local_metadata):
+        """(errors, entries found, new pattern or None, whether it changes the pattern)."""
         owner = f"{type(self).__name__} ({prefix[:-1] or 'root'})"
         errors = []
         got = {name: state_dict[prefix + name] for name in _SAVED + ("bias",) if prefix + name in state_dict}
@@ -365,6 +367,16 @@ class SparseWeightMixin:
         if bias is not None and self.bias is not None and not errors and bias.shape != self.bias.shape:
             errors.append(f"size mismatch for {prefix}bias: copying a param with shape {tuple(bias.shape)} from "
                           f"checkpoint, the shape in current model is {tuple(self.bias.shape)}")
+        return errors, got, new_pattern, changes_pattern
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """All or nothing: every entry of this layer is checked (pattern valid for this weight shape,
+        values and bias sizes) before any is applied; a rejected state leaves the layer as it was."""
+        for hook in self._load_state_dict_pre_hooks.values():
+            hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        errors, got, new_pattern, changes_pattern = self._plan_load(state_dict, prefix, local_metadata)
+        bias = got.get("bias")
         for name in _SAVED + (("bias",) if self.bias is not None else ()):
             if name not in got:
                 missing_keys.append(prefix + name)
@@ -405,3 +417,36 @@ def _check_format(owner: str, weight_shape, format: str, block: int) -> None:
         if m % block or k % block:
             raise ValueError(f"{owner}: format='bsr' with block={block} needs both weight dims (rows {m}, "
                              f"columns {k}) to be multiples of {block}")
+
+
+def check_model_state(model: nn.Module, state_dict, prefix: str = "") -> List[str]:
+    """Every error ``model.load_state_dict(state_dict)`` would report for its sparse layers (invalid or
+    mismatched pattern, values or bias) and for the shapes of its other parameters and buffers, found
+    without loading anything. ``prefix``: where the model's entries start in ``state_dict``."""
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    errors: List[str] = []
+    for name, module in model.named_modules(prefix=prefix[:-1]):
+        at = f"{name}." if name else ""
+        if isinstance(module, SparseWeightMixin):
+            errors += module.check_state(state_dict, at, metadata.get(name, {}))
+            continue
+        for key, t in list(module._parameters.items()) + [
+                (k, b) for k, b in module._buffers.items() if k not in module._non_persistent_buffers_set]:
+            got = state_dict.get(at + key)
+            if t is None or not isinstance(got, torch.Tensor) or torch.nn.parameter.is_lazy(t):
+                continue
+            if got.shape != t.shape:
+                errors.append(f"size mismatch for {at}{key}: copying a param with shape {tuple(got.shape)} "
+                              f"from checkpoint, the shape in current model is {tuple(t.shape)}")
+    return errors
+
+
+def load_all_or_nothing(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    """A load_state_dict pre-hook (``sparsify`` puts it on the model it returns): checks the whole state
+    dict before any module loads, so a bad entry anywhere leaves every layer as it was (torch alone
+    loads module by module and reports the errors at the end)."""
+    errors = check_model_state(module, state_dict, prefix)
+    if errors:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__} (nothing was loaded):\n\t"
+                           + "\n\t".join(errors))

@@ -187,3 +187,62 @@ def test_reloading_another_nnz_under_an_optimizer_with_momentum_fails_clearly():
         optimizer.step()
     with pytest.raises(RuntimeError, match="rebuild the optimizer"):
         algo.step()
+
+
+# -- a whole model: sparsify puts a check of the whole state dict before any layer loads ------------------
+
+def _model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12),
+                                torch.nn.Linear(12, 4))
+    return sparsekern.sparsify(model, 0.5, "uniform", dense_layers=["2"])
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", ["last sparse values", "dense weight", "sparse pattern"])
+def test_a_bad_entry_anywhere_loads_nothing(bad):
+    model, other = _model(), _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    state = other.state_dict()
+    if bad == "last sparse values":
+        state["3.values"] = torch.randn(state["3.values"].numel() + 1)
+    elif bad == "dense weight":
+        state["2.weight"] = torch.randn(12, 15)
+    else:
+        state["3.col_idx"] = state["3.col_idx"].flip(0)  # unsorted within rows
+    before = _snapshot(model)
+    with pytest.raises(RuntimeError, match=r"nothing was loaded"):
+        model.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"nothing was loaded"):
+        model.load_state_dict(state, strict=False)
+    after = _snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a layer loaded before the bad entry was found"
+    good = other.state_dict()
+    model.load_state_dict(good)
+    assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_check_runs_for_a_sparsified_model_inside_another():
+    inner = _model()
+    outer = torch.nn.Sequential(inner, torch.nn.Linear(4, 2))
+    state = outer.state_dict()
+    state["0.3.values"] = torch.randn(3)
+    before = _snapshot(outer)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 0\.3\.values"):
+        outer.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(outer).items())
+
+
+def test_check_model_state_reports_without_loading():
+    from sparsekern.nn.base import check_model_state
+    model = _model()
+    state = model.state_dict()
+    assert check_model_state(model, state) == []
+    state["0.row_ptr"] = state["0.row_ptr"][:-1]
+    errors = check_model_state(model, state)
+    assert len(errors) == 1 and "row_ptr" in errors[0]
