@@ -2,18 +2,22 @@
 
 The CPU extension is always built. Hot loops reach AVX2/AVX-512 through GCC
 ``target_clones`` (see csrc/cpu/common.h), so the default build is portable;
-``SPARSEKERN_NATIVE=1`` adds ``-march=native`` for a machine-specific build.
+``SPARSEKERN_NATIVE=1`` adds ``-march=native`` for a machine-specific build;
+``SPARSEKERN_SANITIZE=1`` builds the C++ code with AddressSanitizer and UndefinedBehaviorSanitizer
+(``make sanitize``: it then needs libasan and libubsan preloaded into Python).
+The C++ sources are every csrc/cpu/*.cpp (one file per op, and the CSR engine's files) and csrc/ops.cpp.
 The CUDA kernels (csrc/cuda/) are compiled into the same module when torch was built
 with CUDA and nvcc is found (CUDA_HOME); ``TORCH_CUDA_ARCH_LIST`` picks the GPU
-architectures (default "8.0;9.0+PTX": PTX of the newest listed arch lets newer GPUs JIT the kernels). Otherwise the CPU extension alone is built.
+architectures (default "8.0;9.0+PTX": PTX of the newest listed arch lets newer GPUs JIT the kernels).
+Otherwise the CPU extension alone is built.
 """
 import glob
 import os
 import re
 import shutil
 
-from setuptools import setup
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
@@ -28,10 +32,20 @@ def rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+# SPARSEKERN_SANITIZE=1: ASan + UBSan on the C++ code (compile and link); the CUDA device code is untouched.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+
+
+def sanitize():
+    return os.environ.get("SPARSEKERN_SANITIZE", "0") == "1"
+
+
 def cxx_flags():
     flags = ["-O3", f"-std={CXX_STD}", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
     if os.environ.get("SPARSEKERN_NATIVE", "0") == "1":
         flags.append("-march=native")
+    if sanitize():
+        flags += SANITIZE_FLAGS
     return flags
 
 
@@ -82,8 +96,10 @@ def nvcc_flags():
 def extensions():
     sources = ["csrc/ops.cpp"] + rel("csrc/cpu/*.cpp")
     native = " with -march=native" if os.environ.get("SPARSEKERN_NATIVE") == "1" else ""
+    native += " with ASan+UBSan (SPARSEKERN_SANITIZE=1)" if sanitize() else ""
     why_not = cuda_build_reason()
-    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    link_args = ["-fopenmp"] + (SANITIZE_FLAGS if sanitize() else [])
+    common = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link_args)
     if why_not is not None:
         print(f"sparsekern: building the CPU extension only ({why_not}){native}")
         return [CppExtension("sparsekern._C", sources, extra_compile_args={"cxx": cxx_flags()}, **common)]

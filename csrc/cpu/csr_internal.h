@@ -36,8 +36,8 @@ constexpr int64_t PACK_ROWS = 256;
 constexpr int64_t PARTS_PER_THREAD = 6;
 // at::parallel_for grains (elements per task) of the light loops: below these a task's share of
 // the parallel region's start-up (a few microseconds) outweighs its work.
-constexpr int64_t FILL_GRAIN = 16384;         // output elements written per task (empty A or k = 0)
-constexpr int64_t DENSE_ROW_GRAIN = 64;       // rows of a k-wide dense matrix scattered or gathered per task
+constexpr int64_t FILL_GRAIN = 16384;           // output elements written per task (empty A or k = 0)
+constexpr int64_t DENSE_ROW_GRAIN = 64;         // rows of a k-wide dense matrix scattered or gathered per task
 constexpr int64_t COMPACT_COUNT_GRAIN = 65536;  // mask bytes counted per task (row-major mask)
 constexpr int64_t COMPACT_FILL_GRAIN = 32768;   // mask bytes scanned per task while filling (row-major)
 // Rows per task of a column-major mask: a task walks all k columns, so its per-row counters

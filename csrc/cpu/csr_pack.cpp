@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/csr_internal.h"
 #include "cpu/simd.h"

@@ -9,7 +9,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
 #include "cpu/csr_internal.h"

@@ -4,6 +4,11 @@
 // A kernel written with explicit mul+add on these vectors wants `#pragma GCC optimize("fp-contract=fast")`
 // after its includes: ISO -std=c++20 otherwise keeps the multiply and the add apart (no FMA).
 #pragma once
+// 32- and 64-byte vector types appear in always_inline helpers (here and in bf16.h) that the baseline
+// clone inlines too: their ABI note does not apply. Set before the includes: a file that gets bf16.h
+// through this header compiles without -Wpsabi notes.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
@@ -11,9 +16,6 @@
 
 #include "cpu/bf16.h"
 #include "cpu/common.h"
-
-// 64-byte vector types appear in always_inline templates that only SK_AVX512 functions instantiate.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace sparsekern {
 namespace simd {
