@@ -42,16 +42,14 @@ using conv2d_impl::Pos;
 // Hot loops: one non-template clone set per dtype.
 
 SK_CLONES void gather_rows_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
-                               int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias, float* out,
-                               int64_t out_plane, int64_t cstride, float* scratch) {
-  conv2d_impl::gather_rows<float>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
-                                  scratch);
+                               int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias,
+                               float* out, int64_t out_plane, int64_t cstride, float* scratch) {
+  conv2d_impl::gather_rows<float>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
 }
-SK_CLONES void gather_rows_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp,
-                               int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias,
+SK_CLONES void gather_rows_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
+                               int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias,
                                double* out, int64_t out_plane, int64_t cstride, double* scratch) {
-  conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
-                                   scratch);
+  conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
 }
 // bf16 output (forward, grad input): float32 source, weights and accumulators, rounded on store.
 SK_CLONES void gather_rows_bf16(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
@@ -60,14 +58,15 @@ SK_CLONES void gather_rows_bf16(const float* src, const int32_t* offs, const flo
   conv2d_impl::gather_rows<float, c10::BFloat16>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,
                                                  cstride, scratch);
 }
-SK_CLONES void wgrad_rows_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                              const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
-  conv2d_impl::wgrad_rows<float>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+SK_CLONES void wgrad_rows_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
+                              int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane,
+                              float* g, bool grouped) {
+  conv2d_impl::wgrad_rows<float>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
 }
-SK_CLONES void wgrad_rows_f64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                              const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane,
-                              double* g) {
-  conv2d_impl::wgrad_rows<double>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+SK_CLONES void wgrad_rows_f64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
+                              int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane,
+                              double* g, bool grouped) {
+  conv2d_impl::wgrad_rows<double>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
 }
 
 inline void gather_rows(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
@@ -86,12 +85,14 @@ inline void gather_rows(const float* src, const int32_t* offs, const float* ws, 
   gather_rows_bf16(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
 }
 inline void wgrad_rows(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                       const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g) {
-  wgrad_rows_f32(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+                       const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g,
+                       bool grouped) {
+  wgrad_rows_f32(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
 }
 inline void wgrad_rows(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                       const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane, double* g) {
-  wgrad_rows_f64(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g);
+                       const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane, double* g,
+                       bool grouped) {
+  wgrad_rows_f64(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
 }
 
 // ---------------------------------------------------------------------------
@@ -113,11 +114,14 @@ int64_t pair_at(at::IntArrayRef v, int i, const char* op, const char* name) {
 
 // Checks the weight pattern and the geometry; N, Cin, H, W come from the caller.
 Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, const at::Tensor& row_ptr,
-               const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-               at::IntArrayRef padding, at::IntArrayRef dilation) {
+               const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+               at::IntArrayRef dilation) {
   check_csr(row_ptr, col_idx, op);
   Geom g;
-  g.N = N; g.Cin = Cin; g.H = H; g.W = W;
+  g.N = N;
+  g.Cin = Cin;
+  g.H = H;
+  g.W = W;
   g.Cout = row_ptr.numel() - 1;
   g.kh = pair_at(kernel_size, 0, op, "kernel_size");
   g.kw = pair_at(kernel_size, 1, op, "kernel_size");
@@ -157,8 +161,8 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
               ": one image is too large for this kernel (", Cin, " x ", H, " x ", W, ")");
   // row_ptr: 0 = rp[0] <= ... <= rp[Cout] = nnz.
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == col_idx.numel(), op, ": row_ptr must start at 0 and end at nnz = ",
-              col_idx.numel(), ", got ", rp[0], " and ", rp[g.Cout]);
+  TORCH_CHECK(rp[0] == 0 && rp[g.Cout] == col_idx.numel(), op,
+              ": row_ptr must start at 0 and end at nnz = ", col_idx.numel(), ", got ", rp[0], " and ", rp[g.Cout]);
   for (int64_t r = 0; r < g.Cout; ++r)
     TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr must be non-decreasing (row ", r, ")");
   return g;
@@ -216,11 +220,17 @@ std::vector<Pos> build_positions(int64_t M, int64_t Nc, int64_t in_base, int64_t
       const int64_t n = v * VW;
       int64_t start, lo, hi;
       if (Nc < VW) {
-        start = 0; lo = 0; hi = Nc;
+        start = 0;
+        lo = 0;
+        hi = Nc;
       } else if (n + VW > Nc) {
-        start = Nc - VW; lo = n - start; hi = VW;
+        start = Nc - VW;
+        lo = n - start;
+        hi = VW;
       } else {
-        start = n; lo = 0; hi = VW;
+        start = n;
+        lo = 0;
+        hi = VW;
       }
       Pos p;
       p.in_off = static_cast<int32_t>(in_base + m * in_row + start);
@@ -248,8 +258,8 @@ void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, s
   plane_of.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
-    TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ",
-                g.Cin, " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
+    TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", g.Cin,
+                " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
                 " columns (col_idx ", col, " is input channel ", col / K, ")");
     const int64_t c = col / K, r = (col % K) / g.kw, s = col % g.kw;
     const int64_t sd = s * g.dw;
@@ -283,8 +293,8 @@ constexpr int64_t min_per_block() { return 24; }
 // bp[r*(nb+1) + k]: first entry of row r whose plane is >= k*bsize (planes ascend within rows).
 // Blocks cost a reload and a store of the output tile, so a row averages at least
 // min_per_block() entries per block.
-std::vector<int64_t> block_ptr(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_t nplanes,
-                               int64_t bsize, int64_t& nb) {
+std::vector<int64_t> block_ptr(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_t nplanes, int64_t bsize,
+                               int64_t& nb) {
   const int64_t max_nb = std::max<int64_t>(1, rp[R] / std::max<int64_t>(1, R * min_per_block()));
   nb = std::max<int64_t>(1, (nplanes + bsize - 1) / bsize);
   if (nb > max_nb) {
@@ -354,8 +364,8 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
       std::vector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
-        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias,
-                    yp + b * yimg, oplane, 1, scratch.data());
+        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias, yp + b * yimg,
+                    oplane, 1, scratch.data());
       }
     });
   } else {
@@ -391,10 +401,10 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.Cout, op, ": bias must have shape (", g.Cout,
-                ") (W has ", g.Cout, " output channels), got ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (", x.scalar_type(),
-                "), got ", b.scalar_type());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == g.Cout, op, ": bias must have shape (", g.Cout, ") (W has ", g.Cout,
+                " output channels), got ", b.sizes());
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": bias must have the dtype of x (", x.scalar_type(), "), got ",
+                b.scalar_type());
     b = b.contiguous();
   }
   std::vector<int32_t> offs, plane_of;
@@ -404,15 +414,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
   if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
     const at::Tensor v32 = values.to(at::kFloat).contiguous();
     const at::Tensor b32 = b.defined() ? b.to(at::kFloat) : b;
-    forward_impl<c10::BFloat16>(g, x, v32, row_ptr, offs, plane_of, b32.defined() ? b32.data_ptr<float>() : nullptr,
-                                y);
+    forward_impl<c10::BFloat16>(g, x, v32, row_ptr, offs, plane_of, b32.defined() ? b32.data_ptr<float>() : nullptr, y);
     return y;
   }
   const at::Tensor vc = values.contiguous();
   if (x.scalar_type() == at::kFloat)
     forward_impl<float>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<float>() : nullptr, y);
-  else
-    forward_impl<double>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<double>() : nullptr, y);
+  else forward_impl<double>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<double>() : nullptr, y);
   return y;
 }
 
@@ -471,8 +479,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
       const int64_t n0 = (g.pw - c) <= 0 ? 0 : (g.pw - c + g.sw - 1) / g.sw;
       const int64_t n1 = (g.W - 1 + g.pw - c) >= 0 ? (g.W - 1 + g.pw - c) / g.sw : -1;
       pos[a * g.sw + c] = build_positions<T>(m1 - m0c + 1, n1 - n0 + 1, (m0c + Ptop) * Wd + n0 + Pleft, Wd,
-                                             (a + g.sh * m0c - g.ph) * g.W + (c + g.sw * n0 - g.pw), g.sh * g.W,
-                                             g.sw);
+                                             (a + g.sh * m0c - g.ph) * g.W + (c + g.sw * n0 - g.pw), g.sh * g.W, g.sw);
     }
   }
   // Blocks of output channels: a tile reads tile_rows + Ptop rows of each dY plane.
@@ -489,8 +496,8 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
       const std::vector<Pos>& pp = pos[ph];
       if (pp.empty()) continue;
       gather_rows(src, toffs.data(), tws.data(), bp.data() + ph * g.Cin * (nb + 1), nb, r0, r1, pp.data(), 0,
-                  static_cast<int64_t>(pp.size()) / NACC, static_cast<const T*>(nullptr), dxp + b * ximg, xplane,
-                  g.sw, scratch);
+                  static_cast<int64_t>(pp.size()) / NACC, static_cast<const T*>(nullptr), dxp + b * ximg, xplane, g.sw,
+                  scratch);
     }
   };
   const int64_t nth = num_threads();
@@ -518,8 +525,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
 at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
                                             const at::Tensor& row_ptr_, const at::Tensor& col_idx_,
                                             at::IntArrayRef input_size, at::IntArrayRef kernel_size,
-                                            at::IntArrayRef stride, at::IntArrayRef padding,
-                                            at::IntArrayRef dilation) {
+                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
   const char* op = "sparse_conv2d_backward_input";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries (N, Cin, H, W), got ", input_size);
@@ -544,12 +550,10 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
   if (dx.numel() == 0) return dx;
   const at::Tensor vc = values.contiguous();
-  if (grad_out.scalar_type() == at::kFloat)
-    backward_input_impl<float>(g, grad_out, vc, row_ptr, col_idx, dx);
+  if (grad_out.scalar_type() == at::kFloat) backward_input_impl<float>(g, grad_out, vc, row_ptr, col_idx, dx);
   else if (grad_out.scalar_type() == at::kBFloat16)
     backward_input_impl<c10::BFloat16>(g, grad_out, vc, row_ptr, col_idx, dx);
-  else
-    backward_input_impl<double>(g, grad_out, vc, row_ptr, col_idx, dx);
+  else backward_input_impl<double>(g, grad_out, vc, row_ptr, col_idx, dx);
   return dx;
 }
 
@@ -582,6 +586,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
   const int64_t psize = g.xpack_size();
   int64_t nb;
   const std::vector<int64_t> bp = block_ptr(g.Cout, rp, plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), nb);
+  const bool grouped = g.kh * g.kw > 1;  // see wgrad_rows
   const int64_t nth = num_threads();
   if (g.N >= nth && nth > 1) {
     std::vector<T> parts(nth * nnz, T(0));
@@ -591,7 +596,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
         wgrad_rows(buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dy_image(b, dyw), oplane,
-                   acc);
+                   acc, grouped);
       }
     });
     at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -608,7 +613,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
       const T* d = dy_image(b, dyw);
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, d, oplane, gp);
+        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, d, oplane, gp, grouped);
       });
     }
   }
@@ -624,8 +629,8 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
   TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D (N, Cout, OH, OW), got shape ", grad_out.sizes());
   check_float_or_bf16(x, "x", op);
   check_float_or_bf16(grad_out, "grad_out", op);
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (",
-              x.scalar_type(), "), got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out must have the dtype of x (", x.scalar_type(),
+              "), got ", grad_out.scalar_type());
   const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
                            padding, dilation);
   TORCH_CHECK(grad_out.size(0) == g.N && grad_out.size(1) == g.Cout && grad_out.size(2) == g.OH &&
@@ -642,10 +647,8 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
     backward_weight_impl<c10::BFloat16>(g, dyc, x, row_ptr, offs, plane_of, gv32);
     return gv32.to(at::kBFloat16);
   }
-  if (x.scalar_type() == at::kFloat)
-    backward_weight_impl<float>(g, dyc, x, row_ptr, offs, plane_of, gv);
-  else
-    backward_weight_impl<double>(g, dyc, x, row_ptr, offs, plane_of, gv);
+  if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, row_ptr, offs, plane_of, gv);
+  else backward_weight_impl<double>(g, dyc, x, row_ptr, offs, plane_of, gv);
   return gv;
 }
 
