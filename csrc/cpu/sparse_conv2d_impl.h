@@ -9,21 +9,21 @@
 // loaded at that shift. Accumulators stay in registers across the whole weight row.
 #pragma once
 #include <cstdint>
-#include <cstring>
 
 #include <type_traits>
 
 #include "cpu/bf16.h"
 #include "cpu/common.h"
+#include "cpu/simd.h"
 
 namespace sparsekern {
 namespace conv2d_impl {
 
 constexpr int NACC = 8;  // vector accumulators per tile (8 of the 16 ymm registers)
 
-template <class T> struct VecOf;
-template <> struct VecOf<float> { typedef float type __attribute__((vector_size(32))); };
-template <> struct VecOf<double> { typedef double type __attribute__((vector_size(32))); };
+// The 32-byte vector of T (simd.h).
+template <class T>
+using VecOf = typename simd::Vec<T>::v;
 
 // One vector position of a tile: VW consecutive output positions of one row.
 // in_off: offset of its first element in the packed source (for a zero weight offset);
@@ -37,31 +37,19 @@ struct Pos {
   int64_t out_off;
 };
 
-template <class T>
-SK_INLINE typename VecOf<T>::type loadu(const T* p) {
-  typename VecOf<T>::type v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <class T>
-SK_INLINE void storeu(T* p, typename VecOf<T>::type v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 // Destination of a tile: plane `out`, positions `pos`, columns `cstride` apart; a bf16 output (O)
 // is rounded from the float32 accumulators here.
 // (Element access through v[l], never the address of an accumulator, so they stay in registers.)
 template <class T, class O = T>
-SK_INLINE void store_tile(typename VecOf<T>::type (&acc)[NACC], const Pos* pos, O* out, int64_t cstride) {
-  constexpr int VW = sizeof(typename VecOf<T>::type) / sizeof(T);
+SK_INLINE void store_tile(VecOf<T> (&acc)[NACC], const Pos* pos, O* out, int64_t cstride) {
+  constexpr int VW = sizeof(VecOf<T>) / sizeof(T);
 #pragma GCC unroll 16
   for (int k = 0; k < NACC; ++k) {
     const Pos& q = pos[k];
     O* o = out + q.out_off;
     if (__builtin_expect(q.hi == VW && cstride == 1, 1)) {
       // lanes below lo rewrite identical values
-      if constexpr (std::is_same<O, T>::value) storeu(o, acc[k]);
+      if constexpr (std::is_same<O, T>::value) simd::vstore(o, acc[k]);
       else bf16::store8(o, acc[k]);
     } else {
       for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = static_cast<O>(acc[k][l]);
@@ -82,7 +70,7 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
                            const int64_t* bp, int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0,
                            int64_t t1, const T* bias, O* __restrict out, int64_t out_plane, int64_t cstride,
                            T* __restrict scratch) {
-  typedef typename VecOf<T>::type V;
+  typedef VecOf<T> V;
   constexpr int VW = sizeof(V) / sizeof(T);
   for (int64_t t = t0; t < t1; ++t) {
     const Pos* tp = pos + t * NACC;
@@ -103,19 +91,19 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
           continue;
         } else {
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) acc[k] = loadu(sc + k * VW);
+          for (int k = 0; k < NACC; ++k) acc[k] = simd::vload(sc + k * VW);
         }
         for (int64_t j = b; j < e; ++j) {
           const T* p = src + offs[j];
           const T w = ws[j];
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) acc[k] += w * loadu(p + io[k]);
+          for (int k = 0; k < NACC; ++k) acc[k] += w * simd::vload(p + io[k]);
         }
         if (last) {
           store_tile<T, O>(acc, tp, out + r * out_plane, cstride);
         } else {
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) storeu(sc + k * VW, acc[k]);
+          for (int k = 0; k < NACC; ++k) simd::vstore(sc + k * VW, acc[k]);
         }
       }
     }
@@ -156,12 +144,12 @@ SK_INLINE auto hsum(V v) {
 // nonzeros in flight fill both pipes.
 template <class V, class T>
 SK_INLINE V tile_dot(const V (&dv)[NACC], const T* p, const int64_t (&io)[NACC]) {
-  V s0 = dv[0] * loadu(p + io[0]);
-  V s1 = dv[1] * loadu(p + io[1]);
+  V s0 = dv[0] * simd::vload(p + io[0]);
+  V s1 = dv[1] * simd::vload(p + io[1]);
 #pragma GCC unroll 16
   for (int k = 2; k < NACC; k += 2) {
-    s0 += dv[k] * loadu(p + io[k]);
-    s1 += dv[k + 1] * loadu(p + io[k + 1]);
+    s0 += dv[k] * simd::vload(p + io[k]);
+    s1 += dv[k + 1] * simd::vload(p + io[k + 1]);
   }
   return s0 + s1;
 }
@@ -175,7 +163,7 @@ template <class T>
 SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict offs, const int64_t* bp, int64_t nb,
                           int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const T* __restrict dy,
                           int64_t out_plane, T* __restrict g, bool grouped) {
-  typedef typename VecOf<T>::type V;
+  typedef VecOf<T> V;
   constexpr int VW = sizeof(V) / sizeof(T);
   for (int64_t t = t0; t < t1; ++t) {
     const Pos* tp = pos + t * NACC;
@@ -192,7 +180,7 @@ SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict off
         for (int k = 0; k < NACC; ++k) {
           const Pos& q = tp[k];
           if (__builtin_expect(q.lo == 0 && q.hi == VW, 1)) {
-            dv[k] = loadu(d + q.out_off);
+            dv[k] = simd::vload(d + q.out_off);
           } else {
             V v = V{};
             for (int l = q.lo; l < q.hi; ++l) v[l] = d[q.out_off + l];
