@@ -100,7 +100,8 @@ def cases(sizes: str) -> List[Case]:
                  lambda: get_model("bert-small", 2), _tokens(16, 128, 30522), 2),
             Case("vit", "ViT-S/16 112x112 batch 16", lambda: get_model("vit-s16", 1000, image_size=112),
                  _images(16, 112), 1000),
-            Case("convnext", "ConvNeXt-T 64x64 batch 8", lambda: get_model("convnext-tiny", 1000), _images(8, 64), 1000),
+            Case("convnext", "ConvNeXt-T 64x64 batch 8", lambda: get_model("convnext-tiny", 1000), _images(8, 64),
+                 1000),
             Case("mlp", "MLP 784-1024-1024-10 batch 256", lambda: get_model("mlp", hidden=(1024, 1024)),
                  _images(256, 28, 1), 10)]
 

@@ -23,8 +23,18 @@ from sparsekern.nn import random_mask
 
 from . import peers
 from .peers import DENSE, SPARSEKERN, SPARSEPROP, TORCH_SPARSE, Impl
-from .report import (FAILED, NO_BACKWARD, NOT_APPLICABLE, UNAVAILABLE, WRONG, Row, command_line, cpu_model, markdown,
-                     print_table)
+from .report import (
+    FAILED,
+    NO_BACKWARD,
+    NOT_APPLICABLE,
+    UNAVAILABLE,
+    WRONG,
+    Row,
+    command_line,
+    cpu_model,
+    markdown,
+    print_table,
+)
 from .timing import Budget, Timing, forward_fn, measure, train_step_fn
 
 GROUPS = ("linear", "conv", "topk")
@@ -205,7 +215,9 @@ def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
 def _backends() -> str:
     cpu = torch.device("cpu")
     names = {op: sparsekern.ops.get_backend(op, cpu) for op in ("sparse_linear", "sparse_conv2d", "topk_select")}
-    return next(iter(names.values())) if len(set(names.values())) == 1 else ", ".join(f"{k}={v}" for k, v in names.items())
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    return ", ".join(f"{k}={v}" for k, v in names.items())
 
 
 def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Optional[str] = None,

@@ -83,9 +83,10 @@ def _load_sparseprop():
     if _sparseprop is None:
         try:
             # sparseprop/__init__ does `import backend` (a top-level extension module it installs).
+            from importlib.metadata import version
+
             import sparseprop.modules as modules
             import sparseprop.modules.utils as utils
-            from importlib.metadata import version
             _sparseprop = (modules, utils, version("sparseprop"))
         except Exception as exc:  # not installed, or its extension fails to load
             _sparseprop = f"{type(exc).__name__}: {exc}"

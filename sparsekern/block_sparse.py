@@ -67,7 +67,7 @@ class BlockSparseMatrix:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, block: int, mask: Optional[torch.Tensor] = None) -> "BlockSparseMatrix":
+    def from_dense(cls, dense: torch.Tensor, block: int, mask: Optional[torch.Tensor] = None) -> BlockSparseMatrix:
         """Blocks of ``dense`` where ``mask`` (default: ``dense != 0``) has any nonzero; a kept block
         holds all of its b*b entries of ``dense`` (values outside ``mask`` in a kept block included)."""
         if not isinstance(dense, torch.Tensor) or dense.dim() < 2:
@@ -85,12 +85,12 @@ class BlockSparseMatrix:
         return cls(row_ptr, col_idx, values, dense.shape, validate=False)
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, block: int, dtype=torch.float32) -> "BlockSparseMatrix":
+    def from_mask(cls, mask: torch.Tensor, block: int, dtype=torch.float32) -> BlockSparseMatrix:
         """Zero-valued blocks wherever ``mask`` has any nonzero."""
         return cls.from_dense(torch.zeros(mask.shape, dtype=dtype, device=mask.device), block, mask)
 
     @classmethod
-    def from_csr(cls, A: SparseMatrix, block: int) -> "BlockSparseMatrix":
+    def from_csr(cls, A: SparseMatrix, block: int) -> BlockSparseMatrix:
         """The blocks that hold any of ``A``'s nonzeros (zeros fill the rest of a kept block)."""
         return cls.from_dense(A.to_dense().detach(), block, A.mask())
 
@@ -165,7 +165,7 @@ class BlockSparseMatrix:
             self._transpose = transpose_pattern(self.row_ptr, self.col_idx, self.k // self.block)
         return self._transpose
 
-    def to(self, *args, **kwargs) -> "BlockSparseMatrix":
+    def to(self, *args, **kwargs) -> BlockSparseMatrix:
         values = self.values.to(*args, **kwargs)
         dev = values.device
         tr = None if self._transpose is None else tuple(t.to(dev) for t in self._transpose)

@@ -298,7 +298,7 @@ def env_stage() -> dict:
                 torch_arch_list=torch.cuda.get_arch_list() if torch.version.cuda else [])
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability="%d.%d" % torch.cuda.get_device_capability(0),
+        info.update(gpu=props.name, capability="{}.{}".format(*torch.cuda.get_device_capability(0)),
                     gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), device_count=torch.cuda.device_count(),
                     driver=_command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
     nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
@@ -571,7 +571,8 @@ class Check:
         lines = ["", "sparsekern gpu-check: " + ", ".join(f"{n} {s['status']}" for n, s in r["stages"].items())]
         lines += [f"  target {t['status']:>12}: {t['name']} ({t['threshold']}" +
                   (f"; measured {t['measured']})" if t["measured"] else ")") for t in r["targets"]]
-        lines += ["Suggested per-op CUDA order (the cuda_order of each op's declaration; not applied):", r["suggested_cuda_order_text"],
+        lines += ["Suggested per-op CUDA order (the cuda_order of each op's declaration; not applied):",
+                  r["suggested_cuda_order_text"],
                   f"Report: {self.out / 'report.md'} and {self.out / 'report.json'}"]
         return "\n".join(lines)
 
@@ -637,7 +638,7 @@ def run_bench(base_cmd: Sequence[str], cases: Optional[Sequence[str]], budget: f
         cmd = [*base_cmd, "--json", str(path), "--output", str(out / f"bench-{attempt}.md")] + \
             (["--cases", *pending] if pending is not None else [])
 
-        def watch() -> Optional[str]:
+        def watch(path=path) -> Optional[str]:
             progress = _read_json(path)
             current = (progress or {}).get("current") or {}
             if current.get("case") and time.time() - current.get("started", time.time()) > case_timeout:
@@ -697,7 +698,8 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {op} | {b} | {w['wins']}/{w['cases']} | {w['relative']:.2f}x |")
     else:
         lines.append("No op was measured on two backends on a GPU: the order below is the current one.")
-    lines += ["", "Suggested per-op CUDA order (`cuda_order` in each op's declaration, sparsekern/ops/<op>.py; not applied):", "", "```python",
+    lines += ["", "Suggested per-op CUDA order (`cuda_order` in each op's declaration, sparsekern/ops/<op>.py; "
+              "not applied):", "", "```python",
               report["suggested_cuda_order_text"], "```"]
     if report["problems"]:
         lines += ["", "## Problems (sparsekern rows without a time)", ""]

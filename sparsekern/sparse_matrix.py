@@ -120,10 +120,11 @@ class SparseMatrix:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, mask: Optional[torch.Tensor] = None) -> "SparseMatrix":
+    def from_dense(cls, dense: torch.Tensor, mask: Optional[torch.Tensor] = None) -> SparseMatrix:
         """CSR of ``dense`` at ``mask`` (bool, same shape; None = the nonzeros of ``dense``)."""
         if not isinstance(dense, torch.Tensor) or dense.dim() < 1:
-            raise ValueError(f"SparseMatrix.from_dense: dense must be a tensor with >= 1 dims, got {type(dense).__name__}"
+            raise ValueError("SparseMatrix.from_dense: dense must be a tensor with >= 1 dims, got "
+                             f"{type(dense).__name__}"
                              + (f" of dim {dense.dim()}" if isinstance(dense, torch.Tensor) else ""))
         if mask is None:
             mask = dense != 0
@@ -194,10 +195,11 @@ class SparseMatrix:
         index = self.row_indices() * self.k + self.col_idx.long()
         return flat.index_put((index,), self.values).reshape(self.shape)
 
-    def with_values(self, values: torch.Tensor) -> "SparseMatrix":
+    def with_values(self, values: torch.Tensor) -> SparseMatrix:
         """Same pattern (and cached transpose), other values."""
         if values.shape != self.values.shape:
-            raise ValueError(f"SparseMatrix.with_values: values must have shape ({self.nnz},), got {tuple(values.shape)}")
+            raise ValueError(f"SparseMatrix.with_values: values must have shape ({self.nnz},), got "
+                             f"{tuple(values.shape)}")
         return SparseMatrix(self.row_ptr, self.col_idx, values, self.shape, validate=False, transpose=self._transpose)
 
     def transpose_pattern(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,12 +208,12 @@ class SparseMatrix:
             self._transpose = transpose_pattern(self.row_ptr, self.col_idx, self.k)
         return self._transpose
 
-    def t(self) -> "SparseMatrix":
+    def t(self) -> SparseMatrix:
         """The (k, m) transpose; its values are ``self.values[t_perm]``."""
         t_row_ptr, t_col_idx, t_perm = self.transpose_pattern()
         return SparseMatrix(t_row_ptr, t_col_idx, self.values.index_select(0, t_perm), (self.k, self.m), validate=False)
 
-    def to(self, *args, **kwargs) -> "SparseMatrix":
+    def to(self, *args, **kwargs) -> SparseMatrix:
         values = self.values.to(*args, **kwargs)
         device = values.device
         tr = None if self._transpose is None else tuple(t.to(device) for t in self._transpose)

@@ -21,8 +21,21 @@ if not torch.cuda.is_available():
 os.environ.setdefault("SPARSEKERN_AUTOTUNE", "0")
 
 import sparsekern  # noqa: E402
-from sk_testing import (CONV_CASES, CPU_BACKENDS, DTYPES, LAYOUTS, MKN, SPARSITIES, _conv_id, _dtype_id,
-                        _kernels_needed, _mkn_id, _sparsity_id, has_cpu_kernel)
+
+from sk_testing import (
+    CONV_CASES,
+    CPU_BACKENDS,
+    DTYPES,
+    LAYOUTS,
+    MKN,
+    SPARSITIES,
+    _conv_id,
+    _dtype_id,
+    _kernels_needed,
+    _mkn_id,
+    _sparsity_id,
+    has_cpu_kernel,
+)
 
 
 def pytest_configure(config):

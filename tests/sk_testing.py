@@ -107,7 +107,8 @@ CONV_CASES = (
 
 def _conv_id(c):
     n, cin, cout, h, w, k, s, p, d, b = c
-    return f"N{n}-{cin}to{cout}-{h}x{w}-k{k[0]}x{k[1]}-s{s[0]}{s[1]}-p{p[0]}{p[1]}-d{d[0]}{d[1]}" + ("-bias" if b else "")
+    bias = "-bias" if b else ""
+    return f"N{n}-{cin}to{cout}-{h}x{w}-k{k[0]}x{k[1]}-s{s[0]}{s[1]}-p{p[0]}{p[1]}-d{d[0]}{d[1]}{bias}"
 
 
 # ----------------------------------------------------------------------------------------

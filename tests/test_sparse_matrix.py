@@ -115,7 +115,7 @@ def test_with_values():
     assert torch.equal(W2.mask(), W.mask())
     assert torch.equal(W2.to_dense()[W.mask()], v)
     assert not torch.equal(W.values, v) or W.nnz == 0
-    with pytest.raises(ValueError, match=r"with_values: values must have shape \(%d,\)" % W.nnz):
+    with pytest.raises(ValueError, match=rf"with_values: values must have shape \({W.nnz},\)"):
         W.with_values(torch.zeros(W.nnz + 1))
 
 
@@ -144,7 +144,8 @@ def test_valid_csr_passes():
         (_csr([0, 2, 2, 3], [0, 4, 1]), r"col_idx must lie in \[0, 4\)"),
         (_csr([0, 2, 2, 3], [0, -1, 1]), r"col_idx must lie in \[0, 4\)"),
         (_csr([0, 2, 2, 3], [3, 0, 1]), r"col_idx must be strictly increasing within each row.*position 1"),
-        (_csr([0, 2, 2, 3], [2, 2, 1]), r"col_idx must be strictly increasing within each row \(sorted, no duplicates\)"),
+        (_csr([0, 2, 2, 3], [2, 2, 1]),
+         r"col_idx must be strictly increasing within each row \(sorted, no duplicates\)"),
         (_csr([0, 3, 3, 4], [0, 2, 2, 1]), r"strictly increasing.*position 2"),
         (_csr([0, 2, 3], [0, 3, 1]), r"row_ptr must have m\+1 = 4 entries"),
         (_csr([0, 2, 2, 3], [0, 3, 1], values=torch.ones(2)), r"col_idx has 3 entries but values has 2"),

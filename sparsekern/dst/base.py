@@ -150,7 +150,8 @@ class DynamicSparseTraining:
         # checkpoint of another nnz loaded into the model after the optimizer was built fails here, clearly).
         self._hooks = [optimizer.register_step_pre_hook(_check_state_hook(weakref.ref(self)))]
         if self.dense_grad is not None:
-            self._hooks += [m.register_forward_hook(_capture_hook(weakref.ref(self), n)) for n, m in self.layers.items()]
+            self._hooks += [m.register_forward_hook(_capture_hook(weakref.ref(self), n))
+                            for n, m in self.layers.items()]
         # The hooks hold the algorithm weakly: a discarded algorithm stops capturing and its hooks go.
         weakref.finalize(self, _remove_all, list(self._hooks))
 

@@ -2,8 +2,9 @@
 from . import kernel_choice
 from .base import FORMATS, SparseWeightMixin, random_block_mask, random_mask
 from .conv import SparseConv2d
+from .linear import SparseLinear
 from .pattern import SparsePattern
 from .weight_view import SparseWeightView
-from .linear import SparseLinear
 
-__all__ = ["SparseLinear", "SparseConv2d", "SparseWeightMixin", "SparsePattern", "SparseWeightView", "random_mask", "random_block_mask", "FORMATS", "kernel_choice"]
+__all__ = ["SparseLinear", "SparseConv2d", "SparseWeightMixin", "SparsePattern", "SparseWeightView", "random_mask",
+           "random_block_mask", "FORMATS", "kernel_choice"]

@@ -98,7 +98,8 @@ class SparseWeightMixin:
         if mask is None:
             mask = weight != 0
         elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
-            got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            got = (f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                   else type(mask).__name__)
             raise ValueError(f"{cls.__name__}.from_dense: mask must be a bool tensor of the weight's shape "
                              f"{tuple(weight.shape)}, got {got}")
         _check_format(cls.__name__, out.weight_shape, format, block)
@@ -192,7 +193,8 @@ class SparseWeightMixin:
         positions = self._mask_positions(where, mask)
         if dense is not None and (not isinstance(dense, torch.Tensor) or dense.shape != self.weight_shape):
             raise ValueError(f"{where}: dense must be a tensor of shape {tuple(self.weight_shape)}, got "
-                             + (f"shape {tuple(dense.shape)}" if isinstance(dense, torch.Tensor) else type(dense).__name__))
+                             + (f"shape {tuple(dense.shape)}" if isinstance(dense, torch.Tensor)
+                                else type(dense).__name__))
 
         def values():
             source = self.dense_weight().detach() if dense is None else dense.detach()
@@ -216,7 +218,8 @@ class SparseWeightMixin:
         check_positions(where, positions, math.prod(self.weight_shape), self.weight_shape)
         if not isinstance(values, torch.Tensor) or values.shape != positions.shape:
             raise ValueError(f"{where}: values must have shape ({positions.numel()},) (the new pattern's nnz), got "
-                             + (f"{tuple(values.shape)}" if isinstance(values, torch.Tensor) else type(values).__name__))
+                             + (f"{tuple(values.shape)}" if isinstance(values, torch.Tensor)
+                                else type(values).__name__))
         self._replace(where, positions, lambda: values.detach())
 
     def _mask_positions(self, where: str, mask) -> torch.Tensor:
@@ -270,7 +273,8 @@ class SparseWeightMixin:
         owner = f"{type(self).__name__}.{where}"
         if not isinstance(dense, torch.Tensor) or dense.shape != self.weight_shape:
             raise ValueError(f"{owner}: expected a tensor of shape {tuple(self.weight_shape)}, got "
-                             + (f"shape {tuple(dense.shape)}" if isinstance(dense, torch.Tensor) else type(dense).__name__))
+                             + (f"shape {tuple(dense.shape)}" if isinstance(dense, torch.Tensor)
+                                else type(dense).__name__))
         flat = dense.detach().reshape(-1).to(self.values.device, self.values.dtype)
         kept = flat[self.pattern.positions()]
         outside = int(torch.count_nonzero(flat)) - int(torch.count_nonzero(kept))

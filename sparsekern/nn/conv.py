@@ -34,8 +34,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
 
     ``kernel`` picks how a CSR layer computes: ``"csr"`` (the direct sparse convolution), ``"gemm"``
     (a CSR GEMM of the (Cout, Cin*kh*kw) weight with the input's patches, for a 1x1 conv just the pixels:
-    built channels first from NCHW, as rows from channels_last, see ``conv_gemm``), ``"dense"`` (F.conv2d on the scattered
-    weight), or ``"auto"`` (default): the fastest of them, measured once per input geometry (see
+    built channels first from NCHW, as rows from channels_last, see ``conv_gemm``), ``"dense"`` (F.conv2d on
+    the scattered weight), or ``"auto"`` (default): the fastest of them, measured once per input geometry (see
     ``sparsekern.nn.kernel_choice``). The output has the input's memory format.
     """
 

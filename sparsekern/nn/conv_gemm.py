@@ -26,7 +26,7 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
     """``F.conv2d(x, W.to_dense().view(Cout, Cin, kh, kw), bias, stride, padding, dilation)`` for a 4-D x and a
     CSR weight W of shape (Cout, Cin*kh*kw), whose output is at least 1x1. An NCHW x gives a contiguous
     NCHW result, a channels_last x a channels_last one. Differentiable in x, W.values and bias."""
-    n, cin = x.shape[0], x.shape[1]
+    n = x.shape[0]
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     pointwise = tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0)
     if pointwise:

@@ -9,7 +9,8 @@ those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choi
 training; pruning changes nnz and so measures anew.
 
 ``SPARSEKERN_KERNEL_CACHE=path.json`` keeps the measured choices across processes (loaded at import,
-written after each new measurement). Overrides: ``layer.kernel = "dense"`` (or ``"csr"``, ``"gemm"``) pins one layer; ``SPARSEKERN_KERNEL``
+written after each new measurement). Overrides: ``layer.kernel = "dense"`` (or ``"csr"``, ``"gemm"``) pins one
+layer; ``SPARSEKERN_KERNEL``
 pins every layer left at ``"auto"``; ``set_autotune(False)`` (or ``SPARSEKERN_AUTOTUNE=0``) makes
 ``"auto"`` mean ``"csr"``. ``explain(model, x)`` prints the choices.
 """
@@ -291,7 +292,8 @@ def _measure(module: nn.Module, x: torch.Tensor) -> Choice:
 def explain(model: nn.Module, *example_inputs, backward: bool = True, print_table: bool = True,
             forward: Optional[Callable] = None) -> List[dict]:
     """Run ``model`` once on ``example_inputs`` (forward, and backward of the summed outputs when
-    ``backward``; no ``.grad`` is touched) and report, per sparse layer: name, shape, density, input shape, chosen kernel, and
+    ``backward``; no ``.grad`` is touched) and report, per sparse layer: name, shape, density, input shape, chosen
+    kernel, and
     the measured time of each candidate (ms; the ``dense`` column is the layer's dense twin).
 
     Returns the rows as dicts; prints them as a table when ``print_table``. ``forward(model, *inputs)``

@@ -14,8 +14,14 @@ import torch
 from torch import nn
 
 from ..block_sparse import BlockSparseMatrix, block_mask_of, bsr_element_order, expand_block_mask
-from ..sparse_matrix import SparseMatrix, check_csr_pattern, csr_from_mask, csr_from_positions, rows_of, \
-    transpose_pattern
+from ..sparse_matrix import (
+    SparseMatrix,
+    check_csr_pattern,
+    csr_from_mask,
+    csr_from_positions,
+    rows_of,
+    transpose_pattern,
+)
 
 __all__ = ["SparsePattern", "remap_entries"]
 
@@ -62,13 +68,13 @@ class SparsePattern(nn.Module):
         return self.col_idx.numel()
 
     @classmethod
-    def from_mask(cls, shape: Sequence[int], mask: torch.Tensor, block: Optional[int] = None) -> "SparsePattern":
+    def from_mask(cls, shape: Sequence[int], mask: torch.Tensor, block: Optional[int] = None) -> SparsePattern:
         shape = torch.Size(shape)
         return cls(shape, *csr_from_mask(mask.reshape(shape[0], math.prod(shape[1:]))), block)
 
     @classmethod
     def from_csr(cls, owner: str, shape: Sequence[int], row_ptr, col_idx, block: Optional[int] = None,
-                 device=None) -> "SparsePattern":
+                 device=None) -> SparsePattern:
         """A pattern from (possibly untrusted) row_ptr and col_idx of any integer dtype, checked once:
         sizes, row_ptr from 0 non-decreasing to nnz, col_idx in range, sorted and unique within rows,
         made of whole blocks when ``block`` is given. ValueError naming the argument otherwise."""
@@ -98,7 +104,7 @@ class SparsePattern(nn.Module):
         place, so whoever holds them (DDP, a compiled graph) stays valid."""
         self._install(*csr_from_positions(positions.to(self.row_ptr.device), self.m, self.k))
 
-    def load_(self, other: "SparsePattern") -> None:
+    def load_(self, other: SparsePattern) -> None:
         """Take ``other``'s pattern (already validated and built)."""
         self._install(other.row_ptr.to(self.row_ptr.device), other.col_idx.to(self.row_ptr.device))
 
@@ -173,17 +179,19 @@ class SparsePattern(nn.Module):
         """row_ptr as saved: int32 where nnz fits (4 bytes per row instead of 8)."""
         return self.row_ptr.to(torch.int32) if self.nnz < 2 ** 31 else self.row_ptr
 
-    def same_as(self, other: "SparsePattern") -> bool:
+    def same_as(self, other: SparsePattern) -> bool:
         dev = self.row_ptr.device
         return (self.nnz == other.nnz and torch.equal(self.row_ptr, other.row_ptr.to(dev))
                 and torch.equal(self.col_idx, other.col_idx.to(dev)))
 
     def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, nnz={self.nnz}" + (f", block={self.block}" if self.block is not None else "")
+        block = f", block={self.block}" if self.block is not None else ""
+        return f"shape={tuple(self.shape)}, nnz={self.nnz}{block}"
 
 
 def check_block_aligned(owner: str, mask2d: torch.Tensor, block: Optional[int]) -> None:
-    if block is not None and block > 1 and not torch.equal(expand_block_mask(block_mask_of(mask2d, block), block), mask2d):
+    if block is not None and block > 1 and \
+            not torch.equal(expand_block_mask(block_mask_of(mask2d, block), block), mask2d):
         raise ValueError(f"{owner}: format='bsr' needs a mask made of whole {block}x{block} blocks "
                          "(see sparsekern.block_sparse.expand_block_mask)")
 

@@ -20,14 +20,15 @@ def test_tiny_run_checks_every_implementation():
     b = gpu.run(cases=cases, sizes="tiny", device=device)
     assert b.done == cases
     impls = {r.impl for r in b.rows}
-    for expected in ("cuBLAS dense", "sparsekern CSR (triton)", "sparsekern BSR (triton)", "cuSPARSE CSR (torch.sparse.mm)",
-                     "cuSPARSE CSR (sampled_addmm)", "sparsekern masked (triton)", "cuDNN dense", "torch.topk",
-                     "sparsekern topk_select (triton)"):
+    for expected in ("cuBLAS dense", "sparsekern CSR (triton)", "sparsekern BSR (triton)",
+                     "cuSPARSE CSR (torch.sparse.mm)", "cuSPARSE CSR (sampled_addmm)", "sparsekern masked (triton)",
+                     "cuDNN dense", "torch.topk", "sparsekern topk_select (triton)"):
         assert expected in impls, expected
     assert {r.op for r in b.rows if r.impl.startswith("sparsekern") and r.op} >= {
         "spmm", "sparse_linear", "sddmm", "bsr_linear", "masked_matmul", "sparse_conv2d", "topk_select"}
     ours = [r for r in b.rows if r.impl.startswith("sparsekern")]
-    assert ours and all(r.ms is not None and r.ms > 0 for r in ours), [(r.case, r.impl, r.note) for r in ours if not r.ms]
+    assert ours and all(r.ms is not None and r.ms > 0 for r in ours), \
+        [(r.case, r.impl, r.note) for r in ours if not r.ms]
     update = next(r for r in b.rows if r.impl == "RigL update (extra)")
     assert "amortized at delta_t=100" in update.note
     text = gpu.table(b)

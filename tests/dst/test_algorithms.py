@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from dst_helpers import tiny_data, tiny_mlp, train_step
 from torch import nn
 
 import sparsekern
 from sparsekern.dst import base as dst_base
 from sparsekern.dst.algorithms import _share
-from dst_helpers import tiny_data, tiny_mlp, train_step
 
 
 def _sgd(model):

@@ -153,7 +153,7 @@ def test_block_dst_invariants(algorithm, optimizer_name):
     nnz0 = {name: layer.nnz for name, layer in algo.layers.items()}
     assert {name: layer.format for name, layer in algo.layers.items()} == {"0": "bsr", "2": "bsr", "4": "csr"}
     changes, block_changes = 0, 0
-    for step in range(N_STEPS):
+    for _ in range(N_STEPS):
         due = algo.is_update_step(algo.step_count + 1)
         # RigL's grow score: |dense gradient| of this step's loss at the weights before optimizer.step().
         dense_grads = _dense_weight_grads(model, x, y) if due and algorithm == "rigl" else None

@@ -3,9 +3,9 @@ import io
 
 import pytest
 import torch
+from dst_helpers import tiny_data, tiny_mlp, train_step
 
 import sparsekern
-from dst_helpers import tiny_data, tiny_mlp, train_step
 
 TOTAL, SPLIT = 120, 55
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dst_helpers import tiny_data, tiny_mlp
 from torch.nn.parallel import DistributedDataParallel
 
 import sparsekern
-from dst_helpers import tiny_data, tiny_mlp
 
 WORLD, STEPS = 2, 40
 ALGORITHMS = ("RigL", "SET")

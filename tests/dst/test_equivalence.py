@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dst_helpers import tiny_data, tiny_mlp, train_step
 
 import sparsekern
-from dst_helpers import tiny_data, tiny_mlp, train_step
 
 STEPS, DELTA_T, TOTAL = 240, 20, 300
 DTYPE = torch.float64  # both runs do the same math; float64 keeps near-ties from flipping a selection

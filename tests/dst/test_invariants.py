@@ -1,9 +1,9 @@
 """Invariants of RigL on compressed weights over 2,000 steps, with SGD (momentum, weight decay) and AdamW."""
 import pytest
 import torch
+from dst_helpers import tiny_data, tiny_mlp, train_step
 
 import sparsekern
-from dst_helpers import tiny_data, tiny_mlp, train_step
 
 OPTIMIZERS = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4),
@@ -99,7 +99,7 @@ def test_other_algorithms_keep_total_nnz_and_grow_at_zero(algorithm, optimizer_n
                 for state in after[name][2].values():
                     assert bool((state[grown] == 0).all())
             assert sum(layer.nnz for layer in algo.layers.values()) == total
-            for name, layer in algo.layers.items():  # the optimizer follows a replaced Parameter (SNFS)
+            for layer in algo.layers.values():  # the optimizer follows a replaced Parameter (SNFS)
                 assert any(p is layer.values for g in optimizer.param_groups for p in g["params"])
                 for value in optimizer.state[layer.values].values():
                     assert value.dim() == 0 or value.shape == (layer.nnz,)

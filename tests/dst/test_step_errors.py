@@ -3,10 +3,10 @@ import re
 
 import pytest
 import torch
+from dst_helpers import tiny_data, tiny_mlp, train_step
 from torch import nn
 
 import sparsekern
-from dst_helpers import tiny_data, tiny_mlp, train_step
 
 
 def _state(model, optimizer, algo):
@@ -93,18 +93,21 @@ CONSTRUCTOR_CASES = [
      "RigL: optimizer must be a torch.optim.Optimizer, got list"),
     ("optimizer-without-values", _with(lambda m, o: sparsekern.dst.RigL(m, torch.optim.SGD([m[0].bias], lr=0.1), 10)),
      ValueError, "RigL: the optimizer does not hold the values of sparse layer '0'"),
-    ("no-sparse-layers", lambda: sparsekern.dst.SET(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1),
-                                                    10), ValueError, "SET: the model has no sparse layers"),
+    ("no-sparse-layers",
+     lambda: sparsekern.dst.SET(nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1), 10),
+     ValueError, "SET: the model has no sparse layers"),
     ("snfs-momentum", _with(lambda m, o: sparsekern.dst.SNFS(m, o, 10, momentum=1.0)), ValueError,
      "SNFS: momentum must lie in [0, 1), got 1.0"),
-    ("optimizer-of-another-model", lambda: sparsekern.dst.SNFS(_bsr_mlp(), torch.optim.SGD(_bsr_mlp().parameters(), lr=1), 10),
-     ValueError, "SNFS: the optimizer does not hold"),
+    ("optimizer-of-another-model",
+     lambda: sparsekern.dst.SNFS(_bsr_mlp(), torch.optim.SGD(_bsr_mlp().parameters(), lr=1), 10), ValueError,
+     "SNFS: the optimizer does not hold"),
     ("create-name", _with(lambda m, o: sparsekern.dst.create("gmp", m, o, 10)), ValueError,
      "sparsekern.dst: algorithm must be one of ('static', 'set', 'snfs', 'rigl'), got 'gmp'"),
 ]
 
 
-@pytest.mark.parametrize("call, error, match", [c[1:] for c in CONSTRUCTOR_CASES], ids=[c[0] for c in CONSTRUCTOR_CASES])
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CONSTRUCTOR_CASES],
+                         ids=[c[0] for c in CONSTRUCTOR_CASES])
 def test_constructor_errors(call, error, match):
     with pytest.raises(error, match=re.escape(match)):
         call()

@@ -326,7 +326,7 @@ def test_sparsify_bsr_small_net(block):
     torch.manual_seed(10)
     model = SmallNet()
     layer_densities = densities(model, 0.2, "erk")
-    with pytest.warns(UserWarning, match=r"block=%d; these layers are CSR instead: \['stem', 'fc2'\]" % block):
+    with pytest.warns(UserWarning, match=rf"block={block}; these layers are CSR instead: \['stem', 'fc2'\]"):
         sparsekern.sparsify(model, 0.2, generator=gen(block), format="bsr", block=block)
     formats = {name: (m.format, m.block) for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)}
     assert formats == {"stem": ("csr", 1), "conv": ("bsr", block), "fc1": ("bsr", block), "fc2": ("csr", 1)}

@@ -15,14 +15,18 @@ from sk_testing import gen
 CONSTRUCTOR_CASES = [
     ("density-string", lambda: SparseLinear(8, 4, density="0.5"), ValueError,
      "SparseLinear: density must be a number in [0, 1], got '0.5'"),
-    ("density-negative", lambda: SparseLinear(8, 4, density=-0.5), ValueError, "density must be a number in [0, 1], got -0.5"),
-    ("density-nan", lambda: SparseLinear(8, 4, density=float("nan")), ValueError, "density must be a number in [0, 1], got nan"),
+    ("density-negative", lambda: SparseLinear(8, 4, density=-0.5),
+     ValueError, "density must be a number in [0, 1], got -0.5"),
+    ("density-nan", lambda: SparseLinear(8, 4, density=float("nan")),
+     ValueError, "density must be a number in [0, 1], got nan"),
     ("density-above-one", lambda: SparseConv2d(3, 4, 3, density=2), ValueError,
      "SparseConv2d: density must be a number in [0, 1], got 2"),
-    ("density-bool", lambda: SparseLinear(8, 4, density=True), ValueError, "density must be a number in [0, 1], got True"),
-    ("from-dense-bsr-mask-shape", lambda: SparseLinear.from_dense(nn.Linear(64, 64), torch.ones(10, 10, dtype=torch.bool),
-                                                                   format="bsr", block=32),
-     ValueError, "SparseLinear.from_dense: mask must be a bool tensor of the weight's shape (64, 64), got torch.bool of shape (10, 10)"),
+    ("density-bool", lambda: SparseLinear(8, 4, density=True),
+     ValueError, "density must be a number in [0, 1], got True"),
+    ("from-dense-bsr-mask-shape",
+     lambda: SparseLinear.from_dense(nn.Linear(64, 64), torch.ones(10, 10, dtype=torch.bool), format="bsr", block=32),
+     ValueError, "SparseLinear.from_dense: mask must be a bool tensor of the weight's shape (64, 64), "
+     "got torch.bool of shape (10, 10)"),
     ("from-dense-mask-dtype", lambda: SparseConv2d.from_dense(nn.Conv2d(2, 3, 3), torch.ones(3, 2, 3, 3)), ValueError,
      "SparseConv2d.from_dense: mask must be a bool tensor of the weight's shape (3, 2, 3, 3), got torch.float32"),
     ("from-dense-mask-not-a-tensor", lambda: SparseLinear.from_dense(nn.Linear(4, 4), [[True] * 4] * 4), ValueError,
@@ -31,13 +35,18 @@ CONSTRUCTOR_CASES = [
      "SparseLinear.from_dense: module must be nn.Linear, got Conv2d"),
     ("from-dense-format", lambda: SparseLinear.from_dense(nn.Linear(4, 4), format="csc"), ValueError,
      "SparseLinear: format must be one of ('csr', 'bsr'), got 'csc'"),
-    ("format", lambda: SparseLinear(16, 8, format="coo"), ValueError, "format must be one of ('csr', 'bsr'), got 'coo'"),
-    ("block-zero", lambda: SparseLinear(16, 8, format="bsr", block=0), ValueError, "block must be a positive int, got 0"),
-    ("block-negative", lambda: SparseLinear(16, 8, format="bsr", block=-1), ValueError, "block must be a positive int, got -1"),
-    ("block-float", lambda: SparseLinear(16, 8, format="bsr", block=4.0), ValueError, "block must be a positive int, got 4.0"),
+    ("format", lambda: SparseLinear(16, 8, format="coo"),
+     ValueError, "format must be one of ('csr', 'bsr'), got 'coo'"),
+    ("block-zero", lambda: SparseLinear(16, 8, format="bsr", block=0),
+     ValueError, "block must be a positive int, got 0"),
+    ("block-negative", lambda: SparseLinear(16, 8, format="bsr", block=-1),
+     ValueError, "block must be a positive int, got -1"),
+    ("block-float", lambda: SparseLinear(16, 8, format="bsr", block=4.0),
+     ValueError, "block must be a positive int, got 4.0"),
     ("block-not-dividing", lambda: SparseLinear(10, 8, format="bsr", block=4), ValueError,
      "format='bsr' with block=4 needs both weight dims (rows 8, columns 10) to be multiples of 4"),
-    ("conv-groups", lambda: SparseConv2d(4, 4, 3, groups=2), ValueError, "SparseConv2d: only groups=1 is supported, got groups=2"),
+    ("conv-groups", lambda: SparseConv2d(4, 4, 3, groups=2),
+     ValueError, "SparseConv2d: only groups=1 is supported, got groups=2"),
     ("conv-padding-mode", lambda: SparseConv2d(4, 4, 3, padding_mode="reflect"), ValueError,
      "only padding_mode='zeros' is supported, got 'reflect'"),
     ("generator", lambda: SparseLinear(8, 4, generator=5), TypeError,
@@ -45,7 +54,8 @@ CONSTRUCTOR_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, error, match", [c[1:] for c in CONSTRUCTOR_CASES], ids=[c[0] for c in CONSTRUCTOR_CASES])
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CONSTRUCTOR_CASES],
+                         ids=[c[0] for c in CONSTRUCTOR_CASES])
 def test_constructor_errors(call, error, match):
     with pytest.raises(error, match=re.escape(match)):
         call()
@@ -62,14 +72,16 @@ def _conv():
 FORWARD_CASES = [
     ("linear-last-dim", _linear, lambda: torch.randn(4, 63), ValueError, "sparse_linear: x must have last dim 64"),
     ("linear-scalar", _linear, lambda: torch.tensor(1.0), ValueError, "sparse_linear: x must have last dim 64"),
-    ("linear-not-a-tensor", _linear, lambda: [0.0] * 64, TypeError, "sparse_linear: x must be a torch.Tensor, got list"),
+    ("linear-not-a-tensor", _linear, lambda: [0.0] * 64,
+     TypeError, "sparse_linear: x must be a torch.Tensor, got list"),
     ("linear-int", _linear, lambda: torch.ones(4, 64, dtype=torch.long), TypeError,
      "sparse_linear: x must be a floating-point tensor, got torch.int64"),
     ("linear-dtype", _linear, lambda: torch.randn(4, 64, dtype=torch.float64), TypeError,
      "sparse_linear: W.values has dtype torch.float32 but x has torch.float64"),
     ("linear-device", _linear, lambda: torch.randn(4, 64, device="meta"), ValueError,
      "sparse_linear: W.values is on cpu but x is on meta"),
-    ("conv-3d", _conv, lambda: torch.randn(3, 16, 16), ValueError, "sparse_conv2d: x must be 4-D, got shape (3, 16, 16)"),
+    ("conv-3d", _conv, lambda: torch.randn(3, 16, 16),
+     ValueError, "sparse_conv2d: x must be 4-D, got shape (3, 16, 16)"),
     ("conv-channels", _conv, lambda: torch.randn(2, 4, 16, 16), ValueError, "sparse_conv2d: x must have 3 channels"),
     ("conv-int", _conv, lambda: torch.ones(2, 3, 16, 16, dtype=torch.int32), TypeError,
      "sparse_conv2d: x must be a floating-point tensor, got torch.int32"),
@@ -77,7 +89,8 @@ FORWARD_CASES = [
      "sparse_conv2d: W.values has dtype torch.float32 but x has torch.float64"),
     ("conv-device", _conv, lambda: torch.randn(2, 3, 16, 16, device="meta"), ValueError,
      "sparse_conv2d: W.values is on cpu but x is on meta"),
-    ("conv-too-small", _conv, lambda: torch.randn(2, 3, 2, 2), ValueError, "sparse_conv2d: input of size (2, 2) is too small"),
+    ("conv-too-small", _conv, lambda: torch.randn(2, 3, 2, 2),
+     ValueError, "sparse_conv2d: input of size (2, 2) is too small"),
 ]
 
 
@@ -97,7 +110,8 @@ def test_forward_errors_name_the_argument_whatever_the_kernel(make, x, error, ma
 def test_bad_kernel_name():
     layer = _linear()
     layer.kernel = "fast"
-    with pytest.raises(ValueError, match=re.escape("SparseLinear: kernel must be one of ('auto', 'csr', 'gemm', 'dense'), got 'fast'")):
+    message = "SparseLinear: kernel must be one of ('auto', 'csr', 'gemm', 'dense'), got 'fast'"
+    with pytest.raises(ValueError, match=re.escape(message)):
         layer(torch.randn(2, 64))
     layer.kernel = "gemm"
     with pytest.raises(ValueError, match="kernel 'gemm' is not one of this layer's kernels"):

@@ -46,7 +46,7 @@ def test_non_finite_input_where_nothing_is_stored(make, value):
     for kernel in layer.candidates():
         got = _run(layer, x, kernel)
         for a, b, what in zip(got, want, ("output", "input gradient", "values gradient")):
-            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{kernel} {what}: {m}")
+            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, k=kernel, w=what: f"{k} {w}: {m}")
 
 
 @pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
@@ -63,7 +63,7 @@ def test_non_finite_output_gradient_where_nothing_is_stored(make):
     assert torch.isfinite(want[1]).all()
     for kernel in layer.candidates():
         got = _run(layer, x, kernel, g)
-        torch.testing.assert_close(got[1], want[1], equal_nan=True, msg=lambda m: f"{kernel} input gradient: {m}")
+        torch.testing.assert_close(got[1], want[1], equal_nan=True, msg=lambda m, k=kernel: f"{k} input gradient: {m}")
 
 
 @pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])

@@ -66,8 +66,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from sparsekern.triton_kernels import (_common, bsr, gather, masked_matmul, sddmm, sparse_conv2d,  # noqa: E402
-                                       spmm, topk_select)
+from sparsekern.triton_kernels import _common, bsr, gather, masked_matmul, sddmm, sparse_conv2d, spmm, topk_select  # noqa: E402
 
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in max per block (bytes)
 FLOATS = ("fp16", "bf16", "fp32")

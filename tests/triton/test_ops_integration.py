@@ -3,7 +3,6 @@ and backward (the autograd formulas registered on the sparsekern_triton ops), ag
 backend on the same inputs; the modules on it; and the dispatch rules that choose it."""
 import pytest
 import torch
-
 from triton_testing import DEVICE, assert_close, needs_gpu
 
 import sparsekern

@@ -6,14 +6,13 @@ for the kernels without a bfloat16 tl.dot (the interpreter's is wrong: triton_ke
 """
 import pytest
 import torch
-
 from triton_testing import DEVICE
 
 import sparsekern
 from sparsekern import reference
 from sparsekern.block_sparse import BlockSparseMatrix
 from sparsekern.nn import SparseLinear
-from sparsekern.ops import (bsr_linear, masked_matmul, masked_sddmm, sddmm, sparse_conv2d, sparse_linear, spmm)
+from sparsekern.ops import bsr_linear, masked_matmul, masked_sddmm, sddmm, sparse_conv2d, sparse_linear, spmm
 
 from sk_testing import check_low_precision, gen, make_input, random_mask, random_sparse, seed_of
 

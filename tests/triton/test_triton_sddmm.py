@@ -5,7 +5,6 @@ BLOCK_D=32): shapes cross both tiles (nnz and d not multiples of 32).
 """
 import pytest
 import torch
-
 from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
 
 import sparsekern.triton_kernels.sddmm as sddmm_mod

@@ -6,7 +6,6 @@ longer than 16, an odd number of rows).
 """
 import pytest
 import torch
-
 from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
 
 import sparsekern.triton_kernels.gather  # noqa: F401  (registers sparsekern_triton::gather)

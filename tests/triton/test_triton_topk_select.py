@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from triton_testing import DEVICE, needs_gpu
 
 import sparsekern.triton_kernels.topk_select as topk_mod
