@@ -59,7 +59,7 @@ def write_report(results: Dict[str, dict], dest) -> Path:
              "With n seeds the exact sign-flip test cannot go below p = 2 / 2^n (two-sided): 0.0625 for 5, "
              "0.002 for 10.", "",
              f"Machine: {_machine(results)}.", ""]
-    overview = ["| study | setting | supported | contradicted | inconclusive | wall time |",
+    overview = ["| study | setting | supported | contradicted | inconclusive | wall time (threads) |",
                 "|---|---|---|---|---|---|"]
     sections = []
     for name, result in results.items():
@@ -77,7 +77,8 @@ def write_report(results: Dict[str, dict], dest) -> Path:
         setting = (f"{', '.join(models)} on {result.get('data', config['data'])}, {result['steps']} steps, "
                    f"{len(config['seeds'])} seeds")
         seconds = result.get("seconds")
-        wall = "n/a" if seconds is None else f"{seconds / 60:.1f} min"
+        wall = "n/a" if seconds is None else f"{seconds / 60:.1f} min" + (
+            f" ({result['threads']})" if "threads" in result else "")
         overview.append(f"| [{name}](#{name}) | {setting} | {counts[0]} | {counts[1]} | {counts[2]} | {wall} |")
         sections += [f"<a id=\"{name}\"></a>", "", f"## {_TITLES.get(name, name)}", "",
                      f"Setting: {setting} (config hash `{config['hash']}`; [config]({name}/config.json)). "
@@ -93,7 +94,8 @@ def write_report(results: Dict[str, dict], dest) -> Path:
             sections += [result["paper"], ""]
         for png in sorted(p.name for p in src.glob("*.png")):
             sections += [f"![{name}: {png}]({name}/{png})", ""]
-    lines += overview + [""] + sections
+    lines += overview + ["", "Wall time: the study's training and analysis (not its plots), as measured where it ran; "
+                         "on a machine shared with other jobs it is an upper bound.", ""] + sections
     report = dest / "README.md"
     report.write_text("\n".join(lines))
     return report
