@@ -40,7 +40,7 @@ PAPER = ("**The paper, beside ours:** in its MNIST experiments (LeNet-5 and LeNe
          "qualitative shape, not as numbers to copy: ours are the ratios of norms at init above, per density.")
 STUDY = "gradient-flow"
 INITS = ("dense", "sparse")
-SUBSET_STEPS = 200  # dense LeNet-5 and LeNet-300-100 converge on the 3,500-image subset (7 epochs): loss_curve.png
+SUBSET_STEPS = 400  # dense LeNet-5 and LeNet-300-100 converge on the 3,500-image subset (15 epochs): loss_curve.png
 
 
 @dataclass

@@ -49,7 +49,7 @@ PAPER = ("**The paper, beside ours:** the paper reports (MNIST among other setti
          "above and `interpolation.png`.")
 STUDY = "lottery"
 SOLUTIONS = ("ticket", "scratch", "random_mask")
-SUBSET_STEPS = 200
+SUBSET_STEPS = 400
 
 
 @dataclass
