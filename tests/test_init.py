@@ -9,7 +9,6 @@ import sparsekern
 from sparsekern.init import sparse_init_
 from sparsekern.nn import SparseConv2d, SparseLinear
 
-
 N_IN, N_OUT, DRAWS, BATCH = 1024, 64, 200, 512
 
 

@@ -7,6 +7,7 @@ the mask changed; mean ± std over seeds.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -67,9 +68,11 @@ def run(config: DSTConfig) -> dict:
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"dst study: methods must be among {METHODS}, got {unknown}")
+    # The step count in the config before it is hashed: a new default is a new run directory.
+    steps = scaled_steps(config, SUBSET_STEPS)
+    config = dataclasses.replace(config, steps=steps)
     out = run_dir(STUDY, config)
     splits = load_splits(config.data, config.data_dir)
-    steps = scaled_steps(config, SUBSET_STEPS)
     delta_t = config.delta_t or (100 if steps >= 5000 else 20)
     held_out = held_out_batch(splits)
     _, _, test_loader = splits.loaders(config.batch_size)

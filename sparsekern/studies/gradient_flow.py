@@ -8,6 +8,7 @@ final test accuracy.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Tuple
@@ -55,9 +56,11 @@ class GradientFlowConfig(TrainingConfig):
 
 def run(config: GradientFlowConfig) -> dict:
     started = time.perf_counter()
+    # The step count in the config before it is hashed: a new default is a new run directory.
+    steps = scaled_steps(config, SUBSET_STEPS)
+    config = dataclasses.replace(config, steps=steps)
     out = run_dir(STUDY, config)
     splits = load_splits(config.data, config.data_dir)
-    steps = scaled_steps(config, SUBSET_STEPS)
     held_out = held_out_batch(splits)
     _, _, test_loader = splits.loaders(config.batch_size)
     jobs = [(name, d, init, seed) for name in config.models for d in config.densities

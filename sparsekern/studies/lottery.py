@@ -11,6 +11,7 @@ ensembling with it. The verdicts are paired comparisons of ticket and scratch ov
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -66,9 +67,11 @@ class LotteryConfig(TrainingConfig):
 
 def run(config: LotteryConfig) -> dict:
     started = time.perf_counter()
+    # The step count in the config before it is hashed: a new default is a new run directory.
+    steps = scaled_steps(config, SUBSET_STEPS)
+    config = dataclasses.replace(config, steps=steps)
     out = run_dir(STUDY, config)
     splits = load_splits(config.data, config.data_dir)
-    steps = scaled_steps(config, SUBSET_STEPS)
     held_out = held_out_batch(splits)
     train_loader, _, test_loader = splits.loaders(config.batch_size)
     per_seed = []

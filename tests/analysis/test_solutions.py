@@ -5,8 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from sparsekern.analysis import (compare_predictions, ensemble_accuracy, evaluate, interpolate, interpolation_curve,
-                                 js_divergence, weight_distance)
+from sparsekern.analysis import (
+    compare_predictions,
+    ensemble_accuracy,
+    evaluate,
+    interpolate,
+    interpolation_curve,
+    js_divergence,
+    weight_distance,
+)
 from sparsekern.data import make_synthetic
 from sparsekern.nn import SparseConv2d, SparseLinear
 
