@@ -120,3 +120,15 @@ def test_grad_flow_probe_records_at_chosen_steps():
     assert probe.records[0]["dense"] >= probe.records[0]["active"] > 0
     with pytest.raises(ValueError, match="every must be an int >= 0"):
         GradFlowProbe(every=-1)
+
+
+def test_warmup_ramps_the_learning_rate_then_follows_the_schedule():
+    data = None  # lr_at needs no data
+    plain = Trainer(data, steps=100, lr=0.1, lr_schedule="cosine")
+    warm = Trainer(data, steps=100, lr=0.1, lr_schedule="cosine", warmup_steps=10)
+    assert warm.lr_at(0) == pytest.approx(plain.lr_at(0) / 10)
+    assert warm.lr_at(4) == pytest.approx(plain.lr_at(4) / 2)
+    assert all(warm.lr_at(s) < warm.lr_at(s + 1) for s in range(9))
+    assert all(warm.lr_at(s) == plain.lr_at(s) for s in range(9, 100))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        Trainer(data, steps=100, warmup_steps=-1)

@@ -45,6 +45,7 @@ class TrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_schedule: str = "cosine"
+    warmup: float = 0.05  # the first 5 % of steps ramp the learning rate up linearly (see Trainer)
     grad_flow_every: int = 20
     quick: bool = False
     out: str = "results"

@@ -83,7 +83,7 @@ def run(config: DSTConfig) -> dict:
     for density, method, seed in tqdm(jobs, desc=STUDY, disable=not config.progress):
         trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
                           config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
-                          progress=config.progress)
+                          progress=config.progress, warmup_steps=int(config.warmup * steps))
         model = study_model(config.model, splits, seed, density, config.distribution, "sparse")
         before = masks_of(model)
         factory = None

@@ -69,7 +69,7 @@ def run(config: GradientFlowConfig) -> dict:
     for name, density, init, seed in tqdm(jobs, desc=STUDY, disable=not config.progress):
         trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
                           config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
-                          progress=config.progress)
+                          progress=config.progress, warmup_steps=int(config.warmup * steps))
         model = study_model(name, splits, seed, density, config.distribution, init)
         result = trainer(model, desc=f"{name} d={density} {init} init s={seed}")
         runs.append({"model": name, "density": density, "init": init, "seed": seed,

@@ -78,7 +78,7 @@ def run(config: LotteryConfig) -> dict:
     for seed in tqdm(config.seeds, desc=STUDY, disable=not config.progress):
         trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
                           config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
-                          progress=config.progress)
+                          progress=config.progress, warmup_steps=int(config.warmup * steps))
         model = study_model(config.model, splits, seed)  # the same dense init as the other studies
         found = lottery_ticket(model, trainer, rounds=config.rounds, prune_fraction=config.prune_fraction,
                                scope=config.scope, rewind_step=config.rewind_step)
