@@ -125,5 +125,27 @@ SK_INLINE vd reduce_lanes(const vd* a) {
   return __builtin_shuffle(x, y, l) + __builtin_shuffle(x, y, h);
 }
 
+// Horizontal sums of 4 accumulators: lanes 0..3 of the result are the lane sums of a[0..3] (float32:
+// lanes 4..7 unspecified). For reductions that come four at a time (sparse_conv2d's weight gradient).
+SK_INLINE vf reduce_lanes4(const vf* a) {
+  const vi32 e = {0, 8, 2, 10, 4, 12, 6, 14}, o = {1, 9, 3, 11, 5, 13, 7, 15};
+  const vf x = __builtin_shuffle(a[0], a[1], e) + __builtin_shuffle(a[0], a[1], o);
+  const vf y = __builtin_shuffle(a[2], a[3], e) + __builtin_shuffle(a[2], a[3], o);
+  const vi32 p = {0, 1, 8, 9, 4, 5, 12, 13}, q = {2, 3, 10, 11, 6, 7, 14, 15};
+  const vf u = __builtin_shuffle(x, y, p) + __builtin_shuffle(x, y, q);
+  const vi32 swap = {4, 5, 6, 7, 0, 1, 2, 3};
+  return u + __builtin_shuffle(u, swap);
+}
+SK_INLINE vd reduce_lanes4(const vd* a) { return reduce_lanes(a); }
+
+// The sum of one vector's lanes, in lane order (as a scalar loop would add them).
+template <typename V> SK_INLINE auto lane_sum(const V& v) {
+  constexpr int L = sizeof(V) / sizeof(v[0]);
+  auto sum = v[0];
+#pragma GCC unroll 16
+  for (int l = 1; l < L; ++l) sum += v[l];
+  return sum;
+}
+
 }  // namespace simd
 }  // namespace sparsekern

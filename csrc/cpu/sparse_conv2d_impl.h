@@ -110,36 +110,6 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
   }
 }
 
-// Lanes 0..3 of the result hold the lane sums of a, b, c and d (the rest is unspecified):
-// a transpose-and-add tree, so four nonzeros share one horizontal reduction.
-template <class V>
-SK_INLINE V sum4(V a, V b, V c, V d) {
-  if constexpr (sizeof(V) / sizeof(a[0]) == 8) {
-    const V ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
-                 __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
-    const V cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14) +
-                 __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
-    const V abcd = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
-                   __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
-    return abcd + __builtin_shufflevector(abcd, abcd, 4, 5, 6, 7, 0, 1, 2, 3);
-  } else {
-    static_assert(sizeof(V) / sizeof(a[0]) == 4, "sum4: 4 or 8 lanes");
-    const V ab = __builtin_shufflevector(a, b, 0, 4, 2, 6) + __builtin_shufflevector(a, b, 1, 5, 3, 7);
-    const V cd = __builtin_shufflevector(c, d, 0, 4, 2, 6) + __builtin_shufflevector(c, d, 1, 5, 3, 7);
-    return __builtin_shufflevector(ab, cd, 0, 1, 4, 5) + __builtin_shufflevector(ab, cd, 2, 3, 6, 7);
-  }
-}
-
-// Sum of the lanes, in order (as an accumulating loop would add them).
-template <class V>
-SK_INLINE auto hsum(V v) {
-  constexpr int VW = sizeof(V) / sizeof(v[0]);
-  auto sum = v[0];
-#pragma GCC unroll 8
-  for (int l = 1; l < VW; ++l) sum += v[l];
-  return sum;
-}
-
 // dot(dv tile, source window at p) as one vector, in two chains so that the FMAs of the four
 // nonzeros in flight fill both pipes.
 template <class V, class T>
@@ -156,7 +126,7 @@ SK_INLINE V tile_dot(const V (&dv)[NACC], const T* p, const int64_t (&io)[NACC])
 
 // Weight gradient: g[j] += sum_pos dy[pos] * src[offs[j] + pos.in_off] over tiles [t0, t1)
 // and rows [r0, r1), dy planes out_plane apart; blocks as in gather_rows. With `grouped`, nonzeros
-// go four at a time through one sum4 (reduced lane by lane, each costs about as much as its FMAs):
+// go four at a time through one simd::reduce_lanes4 (reduced lane by lane, each costs about as much as its FMAs):
 // measured 1.1-1.5x faster for 3x3 layers, whose neighbouring nonzeros (taps of one channel) read
 // the same lines, but 10-25 % slower for 1x1 layers, whose four reads in flight hit four planes.
 template <class T>
@@ -189,20 +159,22 @@ SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict off
         }
         int64_t j = b;
         if (!grouped) {
-          for (; j < e; ++j) g[j] += hsum(tile_dot(dv, src + offs[j], io));
+          for (; j < e; ++j) g[j] += simd::lane_sum(tile_dot(dv, src + offs[j], io));
           continue;
         }
         for (; j + 4 <= e; j += 4) {
-          const V s = sum4(tile_dot(dv, src + offs[j], io), tile_dot(dv, src + offs[j + 1], io),
-                           tile_dot(dv, src + offs[j + 2], io), tile_dot(dv, src + offs[j + 3], io));
+          const V part[4] = {tile_dot(dv, src + offs[j], io), tile_dot(dv, src + offs[j + 1], io),
+                             tile_dot(dv, src + offs[j + 2], io), tile_dot(dv, src + offs[j + 3], io)};
+          const V s = simd::reduce_lanes4(part);
 #pragma GCC unroll 4
           for (int l = 0; l < 4; ++l) g[j + l] += s[l];
         }
         if (j < e) {  // 1 to 3 left: zero vectors fill the group
           const int64_t left = e - j;
           const V z = V{};
-          const V s = sum4(tile_dot(dv, src + offs[j], io), left > 1 ? tile_dot(dv, src + offs[j + 1], io) : z,
-                           left > 2 ? tile_dot(dv, src + offs[j + 2], io) : z, z);
+          const V part[4] = {tile_dot(dv, src + offs[j], io), left > 1 ? tile_dot(dv, src + offs[j + 1], io) : z,
+                             left > 2 ? tile_dot(dv, src + offs[j + 2], io) : z, z};
+          const V s = simd::reduce_lanes4(part);
           for (int64_t l = 0; l < left; ++l) g[j + l] += s[l];
         }
       }
