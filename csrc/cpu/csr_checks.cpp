@@ -177,7 +177,7 @@ Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
                 values.numel(), " and ", col_idx.numel());
     c.values = values.contiguous();
   }
-  check_pattern(c.row_ptr, c.col_idx, ncols, what, op);
+  check_pattern_once(c.row_ptr, c.col_idx, ncols, what, op);
   return c;
 }
 

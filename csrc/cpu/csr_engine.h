@@ -36,6 +36,20 @@ namespace csr {
 void check_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols, const std::string& what,
                    const char* op);
 
+// check_pattern, skipped when these very tensors (same data, unchanged since) passed it against ncols
+// before: a pattern registered by trust_pattern, or re-checked after an in-place write (csr_trust.cpp).
+void check_pattern_once(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols, const std::string& what,
+                        const char* op);
+
+// Validates a pattern (and its transpose, when given) once and registers it: the ops trust it after
+// that while its tensors are unchanged. The sparse modules call it whenever their pattern changes.
+void trust_pattern(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ncols,
+                   const c10::optional<at::Tensor>& t_row_ptr, const c10::optional<at::Tensor>& t_col_idx,
+                   const c10::optional<at::Tensor>& t_perm);
+// The debug switch: true = check every call, trusted or not. Returns the previous setting.
+bool set_check_patterns(bool every_call);
+bool check_patterns();
+
 // Argument checks shared by the ops; each message names the op and the argument.
 void check_cpu(const at::Tensor& t, const char* name, const char* op);
 void check_dense(const at::Tensor& t, const char* name, int64_t dim, const char* op);  // CPU, float32/64/bf16, dim
@@ -59,6 +73,11 @@ Csr checked_csr(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
 void check_transpose(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t_row_ptr,
                      const c10::optional<at::Tensor>& t_col_idx, const c10::optional<at::Tensor>& t_perm,
                      const char* op);
+
+// check_transpose, skipped for a transpose registered with its pattern (trust_pattern) and unchanged.
+void check_transpose_once(const Csr& a, int64_t k, const c10::optional<at::Tensor>& t_row_ptr,
+                          const c10::optional<at::Tensor>& t_col_idx, const c10::optional<at::Tensor>& t_perm,
+                          const char* op);
 
 // out (m, n) = A (m, k) @ B (k, n) (+ bias[i] on row i). B and out are strided views
 // (e.g. x.t() and y.t() for sparse_linear); out is fully overwritten.

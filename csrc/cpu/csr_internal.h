@@ -4,6 +4,7 @@
 //   csr_pack.cpp       batch-tile packing     csr_partition.cpp  tile width and row partitions
 //   csr_dense.cpp      the dense fallback     csr_isa.cpp      the vector width (SPARSEKERN_ISA)
 //   csr_compact.cpp    (weight, mask) -> CSR  csr_checks.cpp   argument and pattern checks
+//   csr_trust.cpp      validated patterns the checks skip (sparse modules register theirs)
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

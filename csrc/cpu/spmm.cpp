@@ -24,7 +24,7 @@ at::Tensor spmm_cpu(const at::Tensor& values, const at::Tensor& row_ptr, const a
   check_same_dtype(values, "values", B, "B", op);
   const csr::Csr A =
       csr::checked_csr(values, row_ptr, col_idx, B.size(0), "B has " + std::to_string(B.size(0)) + " rows", op);
-  csr::check_transpose(A, B.size(0), t_row_ptr, t_col_idx, t_perm, op);
+  csr::check_transpose_once(A, B.size(0), t_row_ptr, t_col_idx, t_perm, op);
   at::Tensor out = at::empty({A.m, B.size(1)}, B.options().memory_format(c10::MemoryFormat::Contiguous));
   csr::spmm(A.values, A.row_ptr, A.col_idx, B, c10::nullopt, out);
   return out;

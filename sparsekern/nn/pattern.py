@@ -125,6 +125,19 @@ class SparsePattern(nn.Module):
                 else:
                     self._buffers[name] = tensor
         self._positions = None
+        self._trust()
+
+    def _trust(self) -> None:
+        """Validate the CSR and its transpose once and register them: the CPU kernels then skip the
+        per-call pattern check while these buffers are unchanged (an in-place write is seen and checked
+        again; SPARSEKERN_CHECK_PATTERNS=1 checks every call)."""
+        if self.row_ptr.device.type == "cpu" and not torch.compiler.is_compiling():
+            torch.ops.sparsekern._trust_pattern(self.row_ptr, self.col_idx, self.k, *self.transpose())
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._trust()  # .to() / .cpu() may have made new buffers
+        return out
 
     # -- derived views -----------------------------------------------------------------------
     def positions(self) -> torch.Tensor:

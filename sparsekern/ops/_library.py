@@ -25,3 +25,17 @@ def _apply_dense_above(env: str) -> None:
 
 if os.environ.get("SPARSEKERN_DENSE_ABOVE"):
     _apply_dense_above(os.environ["SPARSEKERN_DENSE_ABOVE"])
+
+
+def _apply_check_patterns(env: str) -> None:
+    """SPARSEKERN_CHECK_PATTERNS=1: the CPU CSR ops check every pattern on every call, including the
+    patterns sparse modules validated once and registered (a debugging aid: writes that bypass the
+    version counter, e.g. through ``.data``, are not seen otherwise). 0 or unset: trust registered ones."""
+    if env not in ("0", "1"):
+        warnings.warn(f"SPARSEKERN_CHECK_PATTERNS={env!r} ignored (use 0 or 1)", stacklevel=2)
+        return
+    torch.ops.sparsekern._set_check_patterns(env == "1")
+
+
+if os.environ.get("SPARSEKERN_CHECK_PATTERNS"):
+    _apply_check_patterns(os.environ["SPARSEKERN_CHECK_PATTERNS"])
