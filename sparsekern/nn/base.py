@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..block_sparse import BlockSparseMatrix, block_mask_of, expand_block_mask
-from ..sparse_matrix import SparseMatrix
+from ..sparse_matrix import SparseMatrix, scatter_dense
 from .pattern import SparsePattern, check_block_aligned, check_positions, positions_mask, remap_entries
 from .weight_view import SparseWeightView
 
@@ -261,8 +261,7 @@ class SparseWeightMixin:
         numel = math.prod(self.weight_shape)
         if self.nnz == numel:
             return self.values.reshape(self.weight_shape)
-        flat = torch.zeros(numel, dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self.pattern.positions(),), self.values).reshape(self.weight_shape)
+        return scatter_dense(self.values, self.pattern.positions(), numel).reshape(self.weight_shape)
 
     def mask(self) -> torch.Tensor:
         return self.pattern.mask()

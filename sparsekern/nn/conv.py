@@ -41,6 +41,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
 
     DENSE_TYPE = nn.Conv2d
     kernel = "auto"
+    feature_dim = -3  # channels: dim -3 of (N, C, H, W) and (C, H, W)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", density: float = 1.0,

@@ -165,19 +165,26 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     every input entry by the scattered weight, zeros included, so a NaN/Inf where the weight stores
     nothing would spread (0 * inf = NaN) where the sparse kernels never read it: a call with a non-finite
     input runs the sparse kernel instead, and so does its input gradient when the output's gradient is
-    non-finite. Results thus never depend on the kernel chosen."""
+    non-finite. Results thus never depend on the kernel chosen.
+
+    The checks read one feature of the dense kernel's results, not the tensors it read: each output
+    feature of the dense kernel multiplies every input feature over its receptive field (a zero weight
+    too: 0 * NaN = NaN), so output channel 0 is non-finite whenever any input entry it reads is, and
+    input-gradient channel 0 whenever any output-gradient entry is (a finite input that overflows only
+    costs a sparse call). A full pattern stores every weight: both kernels read the same entries."""
     if _unexpected_input(module, x):
         return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
     kernel = resolve(module, x)
-    if kernel != "dense" or _tracing():
+    if kernel != "dense" or _tracing() or module.nnz == module.weight_shape.numel():
         return module.run_kernel(kernel, x)
-    if not _all_finite(x):
-        return module.run_kernel(DEFAULT, x)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return module.run_kernel("dense", x)
+        y = module.run_kernel("dense", x)
+        return y if _feature_finite(y, module.feature_dim) else module.run_kernel(DEFAULT, x)
     box: dict = {}
     y = module.run_kernel("dense", _SparseInputGrad.apply(x, module, box))
-    y.register_hook(lambda grad: _note_non_finite(box, grad))
+    if not _feature_finite(y, module.feature_dim):
+        return module.run_kernel(DEFAULT, x)
+    y.register_hook(lambda grad: box.__setitem__("grad_out", grad))
     return y
 
 
@@ -196,14 +203,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum()))
 
 
-def _note_non_finite(box: dict, grad: torch.Tensor) -> None:
-    if not _all_finite(grad):
-        box["grad_out"] = grad
+def _feature_finite(t: torch.Tensor, dim: int) -> bool:
+    """No NaN or Inf in feature 0 of ``t`` along ``dim`` (``t`` has no features: nothing to check)."""
+    return t.size(dim) == 0 or _all_finite(t.narrow(dim, 0, 1))
 
 
 class _SparseInputGrad(torch.autograd.Function):
     """Identity on the layer's input whose backward replaces the dense kernel's input gradient by the
-    sparse kernel's when the output's gradient was non-finite (noted by the hook on the output)."""
+    sparse kernel's when the output's gradient (kept by the hook on the output) was non-finite."""
 
     @staticmethod
     def forward(ctx, x, module, box):
@@ -214,7 +221,7 @@ class _SparseInputGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_x):
         grad_out = ctx.box.pop("grad_out", None)
-        if grad_out is not None:
+        if grad_out is not None and not _feature_finite(grad_x, ctx.module.feature_dim):
             (x,) = ctx.saved_tensors
             with torch.enable_grad():
                 xs = x.detach().requires_grad_(True)

@@ -27,6 +27,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     DENSE_TYPE = nn.Linear
     kernel = "auto"
+    feature_dim = -1  # features: the last dim of x and y
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, density: float = 1.0,
                  device=None, dtype=None, generator: Optional[torch.Generator] = None, format: str = "csr",

@@ -8,22 +8,36 @@ from sparsekern.nn import SparseConv2d, SparseLinear, kernel_choice
 from sk_testing import gen
 
 
-def _linear():
-    """A layer that stores nothing in input column 0."""
-    layer = SparseLinear(10, 6, density=0.5, generator=gen(1))
+def _linear(out_features=6):
+    """A layer that stores nothing in input column 0 (6 outputs: the output is the smaller tensor the
+    dense kernel's check reads, 20: the input)."""
+    layer = SparseLinear(10, out_features, density=0.5, generator=gen(1))
     mask = layer.mask().clone()
     mask[:, 0] = False
     layer.set_pattern(mask)
     return layer, torch.randn(4, 10, generator=gen(2)), (slice(None), 0)
 
 
-def _conv():
-    """A conv that stores nothing for input channel 0."""
-    layer = SparseConv2d(3, 4, 3, padding=1, density=0.5, generator=gen(3))
+def _conv(out_channels=4):
+    """A conv that stores nothing for input channel 0 (4 output channels: the input is the smaller
+    tensor, 2: the output)."""
+    layer = SparseConv2d(3, out_channels, 3, padding=1, density=0.5, generator=gen(3))
     mask = layer.mask().clone()
     mask[:, 0] = False
     layer.set_pattern(mask)
     return layer, torch.randn(2, 3, 5, 5, generator=gen(4)), (slice(None), 0, 2, 2)
+
+
+def _linear_wide():
+    return _linear(20)
+
+
+def _conv_narrow():
+    return _conv(2)
+
+
+MAKERS = [_linear, _linear_wide, _conv, _conv_narrow]
+IDS = ["linear", "linear-wide", "conv", "conv-narrow"]
 
 
 def _run(layer, x, kernel, grad_out=None):
@@ -37,7 +51,7 @@ def _run(layer, x, kernel, grad_out=None):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
-@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+@pytest.mark.parametrize("make", MAKERS, ids=IDS)
 def test_non_finite_input_where_nothing_is_stored(make, value):
     layer, x, where = make()
     x[where] = value
@@ -49,7 +63,7 @@ def test_non_finite_input_where_nothing_is_stored(make, value):
             torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, k=kernel, w=what: f"{k} {w}: {m}")
 
 
-@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+@pytest.mark.parametrize("make", MAKERS, ids=IDS)
 def test_non_finite_output_gradient_where_nothing_is_stored(make):
     layer, x, _ = make()
     y = layer(x)
@@ -88,3 +102,17 @@ def test_finite_inputs_keep_the_dense_kernel(monkeypatch):
     monkeypatch.setattr(layer, "run_kernel", lambda kernel, inp: calls.append(kernel) or run(kernel, inp))
     _run(layer, x, "dense")
     assert calls == ["dense"]
+
+
+@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+def test_a_full_pattern_runs_dense_unchecked_and_agrees(make, monkeypatch):
+    layer, x, where = make()
+    layer.set_pattern(torch.ones_like(layer.mask()))  # every weight stored: the sparse kernels read all of x
+    x[where] = float("nan")
+    want = _run(layer, x, "csr")
+    checks = []
+    monkeypatch.setattr(kernel_choice, "_all_finite", lambda t: checks.append(t) or True)
+    got = _run(layer, x, "dense")
+    assert checks == []
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
