@@ -6,9 +6,12 @@ training step runs them).
 """
 from __future__ import annotations
 
+import gc
 import math
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Dict, Mapping, Sequence
 
 import torch
 from torch.utils.benchmark import Timer
@@ -42,6 +45,48 @@ def measure(fn: Callable[[], object], budget: Budget, label: str = "") -> Timing
     m = timer.adaptive_autorange(threshold=budget.threshold, min_run_time=budget.min_run_time,
                                  max_run_time=budget.max_run_time)
     return Timing(m.median, m.iqr, len(m.times))
+
+
+def measure_interleaved(fns: Mapping[str, Callable[[], object]], budget: Budget,
+                        min_rounds: int = 5) -> Dict[str, Timing]:
+    """Median (and IQR) of each closure, timed in rounds that call every closure once, in an order
+    rotated each round: what a ratio of two of them compares was measured side by side, so a machine
+    that speeds up or slows down over the run (frequency, other tenants) moves both alike. Rounds go on
+    until every closure has ``min_run_time`` of samples and IQR / median below the threshold, or any has
+    ``max_run_time``. Single calls are timed (meant for closures of a millisecond or more); garbage
+    collection is off while timing, as in ``timeit``."""
+    keys = list(fns)
+    samples: Dict[str, list] = {k: [] for k in keys}
+
+    def settled() -> bool:
+        if len(samples[keys[0]]) < min_rounds:
+            return False
+        if any(sum(v) >= budget.max_run_time for v in samples.values()):
+            return True
+        for v in samples.values():
+            q = statistics.quantiles(v, n=4)
+            if sum(v) < budget.min_run_time or (q[2] - q[0]) > budget.threshold * statistics.median(v):
+                return False
+        return True
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        r = 0
+        while not settled():
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                t0 = time.perf_counter()
+                fns[k]()
+                samples[k].append(time.perf_counter() - t0)
+            r += 1
+    finally:
+        if was_enabled:
+            gc.enable()
+    out = {}
+    for k, v in samples.items():
+        q = statistics.quantiles(v, n=4)
+        out[k] = Timing(statistics.median(v), q[2] - q[0], len(v))
+    return out
 
 
 def forward_fn(forward: Callable, inputs: Sequence[torch.Tensor]) -> Callable[[], object]:
