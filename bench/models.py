@@ -97,6 +97,8 @@ def cases(sizes: str) -> List[Case]:
     return [Case("resnet50", "ResNet-50 112x112 batch 16", lambda: get_model("resnet50", 1000), _images(16, 112), 1000),
             Case("resnet50", "ResNet-50 224x224 batch 8", lambda: get_model("resnet50", 1000), _images(8, 224), 1000,
                  quick=False),
+            Case("resnet50", "ResNet-50 64x64 batch 8", lambda: get_model("resnet50", 1000), _images(8, 64), 1000,
+                 quick=False),
             Case("resnet18", "ResNet-18 224x224 batch 16", lambda: get_model("resnet18", 1000), _images(16, 224), 1000),
             Case("bert", "BERT-Small (4 layers, 512, FFN 2048, 8 heads) seq 128 batch 16",
                  lambda: get_model("bert-small", 2), _tokens(16, 128, 30522), 2),
