@@ -9,10 +9,11 @@ those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choi
 training; pruning changes nnz and so measures anew.
 
 ``SPARSEKERN_KERNEL_CACHE=path.json`` keeps the measured choices across processes (loaded at import,
-written after each new measurement). Overrides: ``layer.kernel = "dense"`` (or ``"csr"``, ``"gemm"``) pins one
-layer; ``SPARSEKERN_KERNEL``
-pins every layer left at ``"auto"``; ``set_autotune(False)`` (or ``SPARSEKERN_AUTOTUNE=0``) makes
-``"auto"`` mean ``"csr"``. ``explain(model, x)`` prints the choices.
+written after each new measurement), tagged with the sparsekern and torch versions and the CPU model:
+a file from another of these is ignored, never trusted. Overrides: ``layer.kernel = "dense"`` (or
+``"csr"``, ``"gemm"``) pins one layer; ``SPARSEKERN_KERNEL`` pins every layer left at ``"auto"``;
+``set_autotune(False)`` (or ``SPARSEKERN_AUTOTUNE=0``) makes ``"auto"`` mean ``"csr"``.
+``explain(model, x)`` prints the choices.
 """
 from __future__ import annotations
 
@@ -58,13 +59,39 @@ _cache_file: Optional[str] = os.environ.get("SPARSEKERN_KERNEL_CACHE") or None
 _stored: Dict[str, dict] = {}  # the cache file's entries, by repr(key)
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def file_tag() -> Dict[str, str]:
+    """What a cache file's measurements are valid for: the kernels (sparsekern's and torch's, whose
+    dense kernels are the competition) and the CPU model (two AVX-512 CPUs can differ 2x in a ratio).
+    A file written under another tag is not used, and is replaced on the next measurement."""
+    from .. import __version__
+    return {"sparsekern": __version__, "torch": torch.__version__, "cpu": _cpu_model()}
+
+
 def _load_cache_file() -> None:
     if _cache_file and os.path.exists(_cache_file):
         try:
             with open(_cache_file) as f:
-                _stored.update(json.load(f))
+                data = json.load(f)
         except (OSError, ValueError) as exc:  # a broken cache only costs a new measurement
             print(f"sparsekern: ignoring the kernel cache {_cache_file}: {exc}")
+            return
+        if not isinstance(data, dict) or data.get("tag") != file_tag() or not isinstance(data.get("choices"), dict):
+            print(f"sparsekern: ignoring the kernel cache {_cache_file}: written by another version or CPU "
+                  f"(this is {file_tag()})")
+            return
+        _stored.update(data["choices"])
 
 
 def _store(key: tuple, choice: Choice) -> None:
@@ -73,7 +100,7 @@ def _store(key: tuple, choice: Choice) -> None:
     _stored[repr(key)] = dict(kernel=choice.kernel, times_ms=choice.times_ms, reason=choice.reason)
     tmp = f"{_cache_file}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(_stored, f, indent=0, sort_keys=True)
+        json.dump({"tag": file_tag(), "choices": _stored}, f, indent=0, sort_keys=True)
     os.replace(tmp, _cache_file)  # atomic: a concurrent reader sees the old or the new file
 
 

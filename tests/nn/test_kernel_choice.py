@@ -1,5 +1,7 @@
 """Per-layer kernel choice: every kernel of a layer computes the same thing, the choice is measured once
 per key and cached, and overrides work."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,12 +237,25 @@ def test_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
     kc._load_cache_file()
     layer(x)
     assert len(calls) == 1 and kc.lookup(layer, x).reason == "cached on disk"
+    stale = json.loads(path.read_text())
+    stale["tag"]["sparsekern"] = "0.0.0"  # another version's (or CPU's) file: not used
+    path.write_text(json.dumps(stale))
+    monkeypatch.setattr(kc, "_stored", {})
+    kc.clear_cache()
+    kc._load_cache_file()
+    assert kc._stored == {}
+    layer(x)
+    assert len(calls) == 2 and json.loads(path.read_text())["tag"] == kc.file_tag()
     path.write_text("{not json")  # a broken file costs a measurement, not an error
     monkeypatch.setattr(kc, "_stored", {})
     kc.clear_cache()
     kc._load_cache_file()
     layer(x)
-    assert len(calls) == 2
+    assert len(calls) == 3
+    path.write_text('{"a": 1}')  # the old untagged format: ignored too
+    monkeypatch.setattr(kc, "_stored", {})
+    kc._load_cache_file()
+    assert kc._stored == {}
 
 
 def test_dense_weight_caches_its_index_per_pattern_version():
