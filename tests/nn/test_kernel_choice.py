@@ -287,3 +287,28 @@ def test_the_fastest_wins_and_near_ties_go_to_dense(monkeypatch, times, expected
     monkeypatch.setattr(kc, "_clock", lambda: clock[0])
     monkeypatch.setattr(kc, "_timer", timer)
     assert kc._measure(layer, x).kernel == expected
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
+def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias):
+    """A layer on the dense kernel (scattered weight, NaN/Inf routing): gradcheck in x, values and bias,
+    and gradgradcheck."""
+    if kind.startswith("linear"):
+        layer = SparseLinear(5, 4, bias=bias, density=0.5, generator=gen(11), dtype=torch.float64)
+        x = torch.randn((2, 3, 5) if kind == "linear-3d" else (3, 5), dtype=torch.float64, generator=gen(12))
+    else:
+        layer = SparseConv2d(3, 4, 3, stride=2, padding=1, bias=bias, density=0.5, generator=gen(13),
+                             dtype=torch.float64)
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen(14))
+        if kind == "conv-channels-last":
+            x = x.to(memory_format=torch.channels_last)
+    layer.kernel = "dense"
+    names = ("values", "bias") if bias else ("values",)
+    inputs = (x.requires_grad_(),) + tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
+
+    def g(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    torch.autograd.gradcheck(g, inputs)
+    torch.autograd.gradgradcheck(g, inputs)
