@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Union
+
+from sparsekern.isa import cpu_model  # noqa: F401  (re-exported: the bench modules take it from here)
 
 from .peers import COLUMNS, DENSE, SPARSEKERN, SPARSEPROP
 from .timing import Timing
@@ -46,17 +47,6 @@ class Row:
 
 def _time_cell(t: Union[Timing, str]) -> str:
     return f"{t.median * 1e3:.3f} [{t.iqr * 1e3:.3f}]" if isinstance(t, Timing) else t
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

@@ -24,6 +24,19 @@ def _op(name: str):
         raise RuntimeError("sparsekern.isa: the compiled extension sparsekern._C is not built") from None
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), what its speed ratios and measured kernel choices hold for."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
+
+
 def get() -> str:
     """The ISA the CSR kernels run now: ``"avx2"`` or ``"avx512"``."""
     return _op("_isa")()

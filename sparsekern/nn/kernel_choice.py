@@ -59,24 +59,13 @@ _cache_file: Optional[str] = os.environ.get("SPARSEKERN_KERNEL_CACHE") or None
 _stored: Dict[str, dict] = {}  # the cache file's entries, by repr(key)
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
-
-
 def file_tag() -> Dict[str, str]:
     """What a cache file's measurements are valid for: the kernels (sparsekern's and torch's, whose
     dense kernels are the competition) and the CPU model (two AVX-512 CPUs can differ 2x in a ratio).
     A file written under another tag is not used, and is replaced on the next measurement."""
     from .. import __version__
-    return {"sparsekern": __version__, "torch": torch.__version__, "cpu": _cpu_model()}
+    from ..isa import cpu_model
+    return {"sparsekern": __version__, "torch": torch.__version__, "cpu": cpu_model()}
 
 
 def _load_cache_file() -> None:
