@@ -13,6 +13,7 @@
 //   grad weight  per nonzero, dot(dY[co] tile, xpack[off + tile]) summed over images
 // Threads: over images (each thread packs its own image into a private buffer,
 // which stays in L2); a batch smaller than the thread count splits output channels.
+// A 1x1 conv without padding goes to its own kernels (conv_pointwise.cpp): tiles along whole planes.
 #pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
 
 #include <ATen/Parallel.h>
@@ -30,6 +31,7 @@
 
 #include "cpu/bf16.h"
 #include "cpu/common.h"
+#include "cpu/conv_pointwise.h"
 #include "cpu/sparse_conv2d_impl.h"
 
 namespace sparsekern {
@@ -407,6 +409,11 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
                 b.scalar_type());
     b = b.contiguous();
   }
+  if (pointwise::applies(g.kh, g.kw, g.ph, g.pw)) {
+    at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
+    pointwise::forward(x, values, row_ptr, col_idx, b, g.sh, g.sw, y);
+    return y;
+  }
   std::vector<int32_t> offs, plane_of;
   forward_offsets(op, g, col_idx, offs, plane_of);
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
@@ -543,6 +550,11 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
                   grad_out.size(3) == g.OW,
               op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
               grad_out.sizes());
+  if (pointwise::applies(g.kh, g.kw, g.ph, g.pw)) {
+    at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
+    pointwise::backward_input(grad_out, values, row_ptr, col_idx, g.sh, g.sw, dx);
+    return dx;
+  }
   {
     std::vector<int32_t> offs, plane_of;
     forward_offsets(op, g, col_idx, offs, plane_of);  // checks col_idx
@@ -637,11 +649,17 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
                   grad_out.size(3) == g.OW,
               op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
               grad_out.sizes());
+  const at::Tensor dyc = grad_out.contiguous();
+  if (pointwise::applies(g.kh, g.kw, g.ph, g.pw)) {
+    const bool bf = x.scalar_type() == at::kBFloat16;  // summed over the batch in float32, rounded once
+    at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
+    pointwise::backward_weight(dyc, x, row_ptr, col_idx, g.sh, g.sw, gv);
+    return bf ? gv.to(at::kBFloat16) : gv;
+  }
   std::vector<int32_t> offs, plane_of;
   forward_offsets(op, g, col_idx, offs, plane_of);
   at::Tensor gv = at::zeros({col_idx.numel()}, x.options());
   if (col_idx.numel() == 0 || g.N == 0) return gv;
-  const at::Tensor dyc = grad_out.contiguous();
   if (x.scalar_type() == at::kBFloat16) {  // summed over the batch in float32, rounded once
     at::Tensor gv32 = at::zeros({col_idx.numel()}, x.options().dtype(at::kFloat));
     backward_weight_impl<c10::BFloat16>(g, dyc, x, row_ptr, offs, plane_of, gv32);

@@ -170,6 +170,71 @@ def test_float16_on_cpp_is_a_type_error():
             sparse_conv2d(x, _W(torch.float16))
 
 
+# -- pointwise (1x1, unpadded) convs: their own kernels (csrc/cpu/conv_pointwise.cpp) -----------
+
+# (N, Cin, Cout, H, W, stride): each exercises one way those kernels read a batch.
+POINTWISE = (
+    (2, 19, 37, 9, 9, (1, 1)),      # flat, read in place: 81 pixels end in an overlapping vector
+    (3, 8, 12, 10, 10, (1, 1)),     # flat, 100 pixels: two tiles of 7 and 6 vectors
+    (2, 6, 5, 17, 15, (2, 2)),      # stride 2: packed, 9x8 outputs, dx zero between them
+    (5, 7, 9, 4, 4, (1, 1)),        # 4x4 planes, four images side by side and one alone
+    (3, 5, 6, 7, 7, (1, 2)),        # 7x4 planes from stride (1, 2), grouped
+    (1, 33, 70, 2, 3, (1, 1)),      # one image of 6 pixels: less than a vector, rows split over threads
+    (1, 16, 40, 12, 12, (1, 1)),    # one image, flat: rows split over threads
+    (4, 3, 4, 1, 1, (1, 1)),        # 1x1 planes
+)
+
+
+@pytest.mark.kernels(*BACKWARD)
+@pytest.mark.parametrize("case", POINTWISE, ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-s{c[5][0]}{c[5][1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sparsity", [(0.0, False), (0.9, False), (0.9, True), (1.0, False)], ids=str)
+def test_pointwise(backend, case, dtype, sparsity, layout):
+    n, cin, cout, h, w, stride = case
+    full = (n, cin, cout, h, w, (1, 1), stride, (0, 0), (1, 1), True)
+    x, W, bias, *_ = _setup(full, sparsity, dtype, layout, seed_of(OP, "pw", case, sparsity, dtype, layout), True)
+    y = sparse_conv2d(x, W, bias, stride)
+    expected = _ref(x, W, bias, stride, (0, 0), (1, 1))
+    grad_out = make_input(y.shape, dtype, gen(seed_of(OP, "pw-grad", case)), layout)
+    inputs = [x, W.values, bias]
+    if dtype == torch.bfloat16:  # float32 accumulation, rounded once: against the float64 reference
+        ref = [t.detach().double().requires_grad_() for t in (x, W.values, bias)]
+        W64 = sparsekern.SparseMatrix(W.row_ptr, W.col_idx, ref[1], W.shape)
+        exp64 = _ref(ref[0], W64, ref[2], stride, (0, 0), (1, 1))
+        torch.testing.assert_close(y.double(), exp64, rtol=2e-2, atol=2e-2 * max(1, W.k) ** 0.5)
+        for a, e in zip(grads(y, inputs, grad_out), grads(exp64, ref, grad_out.double())):
+            torch.testing.assert_close(a.double(), e, rtol=3e-2, atol=3e-2 * max(1, n * h * w) ** 0.5)
+        return
+    assert_close(y, expected, scale=W.k)
+    n_out = y.shape[0] * y.shape[2] * y.shape[3]
+    for a, e, s in zip(grads(y, inputs, grad_out), grads(expected, inputs, grad_out), [W.m, n_out, n_out]):
+        assert_close(a, e, scale=s)
+
+
+@pytest.mark.parametrize("hw", [(9, 9), (3, 3)], ids=str)
+def test_pointwise_non_finite(hw):
+    """NaN and Inf reach exactly the results that read them, nonzero by nonzero: the overlapped end of a 9x9
+    plane and the pad lanes of grouped 3x3 planes must not spread them (nor turn 0 * Inf into NaN)."""
+    h, w = hw
+    g = gen(7)
+    W = random_sparse((6, 5, 1, 1), 0.6, torch.float64, g, False, "contiguous")
+    x = torch.randn(3, 5, h, w, generator=g, dtype=torch.float64)
+    x[1, 2, h - 1, w - 1] = float("inf")
+    x[0, 4, 0, 1] = float("nan")
+    dy = torch.randn(3, 6, h, w, generator=g, dtype=torch.float64)
+    dy[2, 1, h - 1, 0] = float("inf")
+    rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
+    cols, v = W.col_idx.long(), W.values.view(1, -1, 1, 1)
+    ops = torch.ops.sparsekern
+    y = ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [1, 1], None, [1, 1], [0, 0], [1, 1])
+    torch.testing.assert_close(y, x.new_zeros(3, 6, h, w).index_add_(1, rows, x[:, cols] * v), equal_nan=True)
+    dx = ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), [1, 1], [1, 1], [0, 0],
+                                          [1, 1])
+    torch.testing.assert_close(dx, x.new_zeros(x.shape).index_add_(1, cols, dy[:, rows] * v), equal_nan=True)
+    dv = ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, [1, 1], [1, 1], [0, 0], [1, 1])
+    torch.testing.assert_close(dv, (dy[:, rows] * x[:, cols]).sum((0, 2, 3)), equal_nan=True)
+
+
 # -- property-based fuzz -----------------------------------------------------------------
 
 @pytest.mark.kernels(*BACKWARD)
