@@ -1,11 +1,7 @@
 // Pointwise sparse_conv2d on the CPU: a 1x1 conv without padding is, per image, the CSR GEMM
-// Y (Cout, P) = W X (Cin, P) over its P = OH*OW output pixels, so a tile can run along the whole plane,
-// flat, instead of along one output row as the direct kernel's do (a 14x14 row fills 14 of 16 lanes, a
-// 4x4 one 4 of 8), with its vectors at compile-time offsets. A tile is up to NMAX vectors of consecutive
-// pixels; for every nonzero of a weight row, broadcast its value and FMA the tile's vectors of its source
-// plane into accumulators that stay in registers for the whole row; tiles outside, rows inside, so the
-// tile's window of every source plane is reused by all rows while it is in cache. (Measured on Zen 4:
-// ~2x the direct kernel's rate on ResNet-50's 1x1 layers.)
+// Y (Cout, P) = W X (Cin, P) over its P = OH*OW output pixels, so its tiles (conv_tiles.h) run along the
+// whole plane, flat, instead of along one output row as the direct kernel's do (a 14x14 row fills 14 of 16
+// lanes, a 4x4 one 4 of 8). Measured on Zen 4: 2-3x the direct kernel on ResNet-50's 1x1 layers.
 //
 // How a batch is read and written:
 //  flat    P >= one vector and one image at a time: the tiles cover the plane, and a plane whose size is not
@@ -31,201 +27,14 @@
 
 #include "cpu/bf16.h"
 #include "cpu/common.h"
-#include "cpu/simd.h"
+#include "cpu/conv_tiles.h"
 
 namespace sparsekern {
 namespace pointwise {
 namespace {
 
-constexpr int NMAX = 8;  // vectors per tile: 8 accumulators of the 16 ymm registers
-constexpr int64_t kAhead = 4;  // rows of dY the weight gradient prefetches ahead
-
-template <class T>
-using Vt = typename simd::Vec<T>::v;
-template <class T>
-using Vi = typename simd::Vec<T>::vi;
-template <class T>
-constexpr int64_t vwidth() {
-  return 32 / sizeof(T);
-}
-
-// A tile: vectors at base + k*VW (k < nv - 1) and its last at base + last; lanes below `skip` of the last
-// repeat columns of the vector before it (a plane's overlapped end).
-struct Tile {
-  int64_t base, last;
-  int32_t nv, skip;
-};
-
-// Tiles over `cols` columns, at most NMAX vectors each, balanced; when cols is not a whole number of
-// vectors (cols >= VW then) the last vector ends at cols.
-template <class T>
-std::vector<Tile> make_tiles(int64_t cols) {
-  constexpr int64_t vw = vwidth<T>();
-  const int64_t nvec = (cols + vw - 1) / vw;
-  const int64_t ntiles = (nvec + NMAX - 1) / NMAX;
-  std::vector<Tile> tiles;
-  int64_t v = 0;
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const int64_t nv = (nvec - v + (ntiles - t) - 1) / (ntiles - t);
-    Tile tl;
-    tl.base = v * vw;
-    tl.nv = static_cast<int32_t>(nv);
-    int64_t last = (v + nv - 1) * vw;
-    tl.skip = 0;
-    if (last + vw > cols) {
-      tl.skip = static_cast<int32_t>(last - (cols - vw));
-      last = cols - vw;
-    }
-    tl.last = last - tl.base;
-    tiles.push_back(tl);
-    v += nv;
-  }
-  return tiles;
-}
-
-// ---------------------------------------------------------------------------
-// Hot loops.
-
-// out[r*ostride + c] = init_r + sum over row r of ws[j] * src[offs[j] + c], for the columns c of one tile
-// and rows [r0, r1).
-template <class T, int NV>
-SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
-                           const int64_t* __restrict rp, int64_t r0, int64_t r1, const Tile& tl, const T* bias,
-                           T* __restrict out, int64_t ostride) {
-  typedef Vt<T> V;
-  constexpr int64_t vw = vwidth<T>();
-  const T* s = src + tl.base;
-  T* o = out + tl.base;
-  const int64_t last = tl.last;
-  for (int64_t r = r0; r < r1; ++r) {
-    const T init = bias ? bias[r] : T(0);
-    V acc[NV];
-#pragma GCC unroll 8
-    for (int k = 0; k < NV; ++k) acc[k] = V{} + init;
-    const int64_t e = rp[r + 1];
-    for (int64_t j = rp[r]; j < e; ++j) {
-      const T* p = s + offs[j];
-      const T w = ws[j];
-#pragma GCC unroll 8
-      for (int k = 0; k < NV - 1; ++k) acc[k] += w * simd::vload(p + k * vw);
-      acc[NV - 1] += w * simd::vload(p + last);
-    }
-    T* q = o + r * ostride;
-#pragma GCC unroll 8
-    for (int k = 0; k < NV - 1; ++k) simd::vstore(q + k * vw, acc[k]);
-    simd::vstore(q + last, acc[NV - 1]);
-  }
-}
-
-// g[j] += sum over the tile's columns c of dy[r*dstride + c] * src[offs[j] + c], rows [r0, r1). The dY
-// tile stays in registers; per nonzero, two FMA chains and one horizontal sum.
-template <class T, int NV>
-SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict offs, const int64_t* __restrict rp,
-                          int64_t r0, int64_t r1, const Tile& tl, const T* __restrict dy, int64_t dstride,
-                          T* __restrict g) {
-  typedef Vt<T> V;
-  typedef Vi<T> VI;
-  constexpr int64_t vw = vwidth<T>();
-  const T* s = src + tl.base;
-  const T* d = dy + tl.base;
-  const int64_t last = tl.last;
-  VI keep;  // all-ones in the lanes the last vector owns
-  for (int l = 0; l < vw; ++l) keep[l] = l >= tl.skip ? -1 : 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t b = rp[r], e = rp[r + 1];
-    if (b == e) continue;
-    const T* dr = d + r * dstride;
-    // dY is read once, row by row down the tile, a plane apart: without a prefetch every row waits on its
-    // first touch (measured 2-4x slower when dY is not in cache).
-    const T* ahead = dr + kAhead * dstride;
-#pragma GCC unroll 8
-    for (int k = 0; k < NV; k += 2) __builtin_prefetch(ahead + k * vw);
-    V dv[NV];
-#pragma GCC unroll 8
-    for (int k = 0; k < NV - 1; ++k) dv[k] = simd::vload(dr + k * vw);
-    dv[NV - 1] = (V)((VI)simd::vload(dr + last) & keep);
-    for (int64_t j = b; j < e; ++j) {
-      const T* p = s + offs[j];
-      V c0 = dv[NV - 1] * simd::vload(p + last), c1 = V{};
-#pragma GCC unroll 8
-      for (int k = 0; k < NV - 1; ++k) {
-        if (k & 1) c1 += dv[k] * simd::vload(p + k * vw);
-        else c0 += dv[k] * simd::vload(p + k * vw);
-      }
-      g[j] += simd::tree_sum(c0 + c1);
-    }
-  }
-}
-
-#define SK_NV_CASES(CALL)    \
-  switch (tl.nv) {           \
-    case 1: CALL(1); break;  \
-    case 2: CALL(2); break;  \
-    case 3: CALL(3); break;  \
-    case 4: CALL(4); break;  \
-    case 5: CALL(5); break;  \
-    case 6: CALL(6); break;  \
-    case 7: CALL(7); break;  \
-    default: CALL(8); break; \
-  }
-
-template <class T>
-SK_INLINE void gather(const T* src, const int32_t* offs, const T* ws, const int64_t* rp, int64_t r0, int64_t r1,
-                      const Tile* tiles, int64_t ntiles, const T* bias, T* out, int64_t ostride) {
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const Tile& tl = tiles[t];
-#define SK_GATHER(n) gather_tile<T, n>(src, offs, ws, rp, r0, r1, tl, bias, out, ostride)
-    SK_NV_CASES(SK_GATHER)
-#undef SK_GATHER
-  }
-}
-
-template <class T>
-SK_INLINE void wgrad(const T* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1, const Tile* tiles,
-                     int64_t ntiles, const T* dy, int64_t dstride, T* g) {
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const Tile& tl = tiles[t];
-#define SK_WGRAD(n) wgrad_tile<T, n>(src, offs, rp, r0, r1, tl, dy, dstride, g)
-    SK_NV_CASES(SK_WGRAD)
-#undef SK_WGRAD
-  }
-}
-#undef SK_NV_CASES
-
-SK_CLONES void gather_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* rp, int64_t r0,
-                          int64_t r1, const Tile* tiles, int64_t ntiles, const float* bias, float* out,
-                          int64_t ostride) {
-  gather<float>(src, offs, ws, rp, r0, r1, tiles, ntiles, bias, out, ostride);
-}
-SK_CLONES void gather_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* rp, int64_t r0,
-                          int64_t r1, const Tile* tiles, int64_t ntiles, const double* bias, double* out,
-                          int64_t ostride) {
-  gather<double>(src, offs, ws, rp, r0, r1, tiles, ntiles, bias, out, ostride);
-}
-SK_CLONES void wgrad_f32(const float* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1,
-                         const Tile* tiles, int64_t ntiles, const float* dy, int64_t dstride, float* g) {
-  wgrad<float>(src, offs, rp, r0, r1, tiles, ntiles, dy, dstride, g);
-}
-SK_CLONES void wgrad_f64(const double* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1,
-                         const Tile* tiles, int64_t ntiles, const double* dy, int64_t dstride, double* g) {
-  wgrad<double>(src, offs, rp, r0, r1, tiles, ntiles, dy, dstride, g);
-}
-inline void gather_any(const float* src, const int32_t* offs, const float* ws, const int64_t* rp, int64_t r0,
-                       int64_t r1, const std::vector<Tile>& tiles, const float* bias, float* out, int64_t ostride) {
-  gather_f32(src, offs, ws, rp, r0, r1, tiles.data(), tiles.size(), bias, out, ostride);
-}
-inline void gather_any(const double* src, const int32_t* offs, const double* ws, const int64_t* rp, int64_t r0,
-                       int64_t r1, const std::vector<Tile>& tiles, const double* bias, double* out, int64_t ostride) {
-  gather_f64(src, offs, ws, rp, r0, r1, tiles.data(), tiles.size(), bias, out, ostride);
-}
-inline void wgrad_any(const float* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1,
-                      const std::vector<Tile>& tiles, const float* dy, int64_t dstride, float* g) {
-  wgrad_f32(src, offs, rp, r0, r1, tiles.data(), tiles.size(), dy, dstride, g);
-}
-inline void wgrad_any(const double* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1,
-                      const std::vector<Tile>& tiles, const double* dy, int64_t dstride, double* g) {
-  wgrad_f64(src, offs, rp, r0, r1, tiles.data(), tiles.size(), dy, dstride, g);
-}
+using conv_tiles::NMAX;
+using conv_tiles::Tile;
 
 // ---------------------------------------------------------------------------
 // Batch layout.
@@ -234,6 +43,11 @@ int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 // How the images of one call are read: one at a time (flat tiles over the P pixels) or G at a time,
 // side by side in a packed row of L columns.
+template <class T>
+constexpr int64_t vwidth() {
+  return 32 / sizeof(T);
+}
+
 template <class T>
 struct Layout {
   int64_t N, P, G, L, groups;
@@ -247,7 +61,7 @@ struct Layout {
     L = (G * P + vw - 1) / vw * vw;
     if ((L * int64_t(sizeof(T))) % 4096 == 0) L += vw;  // rows 4 KB apart would share L1 sets
     groups = (N + G - 1) / G;
-    tiles = make_tiles<T>(flat ? P : L);
+    tiles = conv_tiles::make_tiles(flat ? P : L, sizeof(T));
   }
   int64_t images(int64_t grp) const { return std::min(G, N - grp * G); }
 };
@@ -367,7 +181,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* r
       std::vector<T> sbuf, obuf;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T* s = source(grp, sbuf);
-        gather_any(s, offs.data(), ws, rp, 0, R, lay.tiles, bias, dest(grp, obuf), o_stride);
+        conv_tiles::gather(s, offs.data(), ws, rp, 0, R, lay.tiles, bias, dest(grp, obuf), o_stride);
         finish(grp, obuf);
       }
     });
@@ -379,7 +193,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* r
     const T* s = source(grp, sbuf);
     T* d = dest(grp, obuf);
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      gather_any(s, offs.data(), ws, rp, r0, r1, lay.tiles, bias, d, o_stride);
+      conv_tiles::gather(s, offs.data(), ws, rp, r0, r1, lay.tiles, bias, d, o_stride);
     });
     finish(grp, obuf);
   }
@@ -463,7 +277,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T *xs, *ds;
         sources(grp, xb, db, xs, ds);
-        wgrad_any(xs, offs.data(), rp, 0, Cout, lay.tiles, ds, d_stride, acc);
+        conv_tiles::wgrad(xs, offs.data(), rp, 0, Cout, lay.tiles, ds, d_stride, acc);
       }
     });
     at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -481,7 +295,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     const T *xs, *ds;
     sources(grp, xb, db, xs, ds);
     at::parallel_for(0, Cout, grain, [&](int64_t r0, int64_t r1) {
-      wgrad_any(xs, offs.data(), rp, r0, r1, lay.tiles, ds, d_stride, gp);
+      conv_tiles::wgrad(xs, offs.data(), rp, r0, r1, lay.tiles, ds, d_stride, gp);
     });
   }
 }
