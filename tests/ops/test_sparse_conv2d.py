@@ -235,6 +235,70 @@ def test_pointwise_non_finite(hw):
     torch.testing.assert_close(dv, (dy[:, rows] * x[:, cols]).sum((0, 2, 3)), equal_nan=True)
 
 
+# -- stride-1 convs on small planes: the batch-innermost kernels (csrc/cpu/conv_batched.cpp) -------------
+
+# (N, Cin, Cout, H, W, kernel, padding, dilation): planes of at most 64 outputs, rows of N*OW >= 8 elements.
+BATCHED = (
+    (16, 5, 7, 7, 7, (3, 3), (1, 1), (1, 1)),   # ResNet's 7x7 layers: rows of 112, two tiles
+    (3, 4, 6, 5, 5, (3, 3), (1, 1), (1, 1)),    # rows of 15: the last vector overlaps
+    (2, 3, 4, 6, 7, (3, 5), (1, 2), (1, 1)),    # rectangular kernel and padding
+    (4, 2, 3, 6, 6, (3, 3), (2, 2), (2, 2)),    # dilation 2
+    (8, 3, 5, 4, 4, (3, 3), (0, 0), (1, 1)),    # no padding: 2x2 outputs
+    (2, 6, 3, 8, 8, (2, 2), (1, 0), (1, 1)),    # even kernel, padding on one axis
+)
+
+
+@pytest.mark.kernels(*BACKWARD)
+@pytest.mark.parametrize("case", BATCHED, ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-p{c[6]}-d{c[7]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sparsity", [(0.0, False), (0.9, False), (0.9, True), (1.0, False)], ids=str)
+def test_batched(backend, case, dtype, sparsity, layout):
+    n, cin, cout, h, w, ks, padding, dilation = case
+    full = (n, cin, cout, h, w, ks, (1, 1), padding, dilation, True)
+    x, W, bias, *_ = _setup(full, sparsity, dtype, layout, seed_of(OP, "bt", case, sparsity, dtype, layout), True)
+    y = sparse_conv2d(x, W, bias, 1, padding, dilation)
+    assert y.shape[2] * y.shape[3] <= 64 and y.shape[0] * y.shape[3] >= 8  # the kernels this test is for
+    grad_out = make_input(y.shape, dtype, gen(seed_of(OP, "bt-grad", case)), layout)
+    inputs = [x, W.values, bias]
+    if dtype == torch.bfloat16:  # float32 accumulation, rounded once: against the float64 reference
+        ref = [t.detach().double().requires_grad_() for t in (x, W.values, bias)]
+        W64 = sparsekern.SparseMatrix(W.row_ptr, W.col_idx, ref[1], W.shape)
+        exp64 = _ref(ref[0], W64, ref[2], (1, 1), padding, dilation)
+        torch.testing.assert_close(y.double(), exp64, rtol=2e-2, atol=2e-2 * max(1, W.k) ** 0.5)
+        for a, e in zip(grads(y, inputs, grad_out), grads(exp64, ref, grad_out.double())):
+            torch.testing.assert_close(a.double(), e, rtol=3e-2, atol=3e-2 * max(1, n * h * w) ** 0.5)
+        return
+    expected = _ref(x, W, bias, (1, 1), padding, dilation)
+    assert_close(y, expected, scale=W.k)
+    n_out = y.shape[0] * y.shape[2] * y.shape[3]
+    for a, e, s in zip(grads(y, inputs, grad_out), grads(expected, inputs, grad_out), [W.m * 9, n_out, n_out]):
+        assert_close(a, e, scale=s)
+
+
+def test_batched_non_finite():
+    """NaN and Inf reach exactly the results that read them, nonzero by nonzero (zero borders read as 0):
+    the batch-innermost layout, its borders and overlapped row ends must not spread them."""
+    g = gen(11)
+    W = random_sparse((6, 5, 3, 3), 0.4, torch.float64, g, False, "contiguous")
+    x = torch.randn(3, 5, 5, 5, generator=g, dtype=torch.float64)
+    x[1, 2, 4, 4], x[0, 4, 0, 1] = float("inf"), float("nan")
+    dy = torch.randn(3, 6, 5, 5, generator=g, dtype=torch.float64)
+    dy[2, 1, 4, 0] = float("inf")
+    rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
+    cols, v = W.col_idx.long(), W.values.view(1, -1, 1)
+    ops, geo = torch.ops.sparsekern, ([3, 3], [1, 1], [1, 1], [1, 1])
+    xc = F.unfold(x, 3, padding=1)  # (N, Cin*9, 25): column j of W reads row cols[j]
+    y = ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo[1:])
+    exp = x.new_zeros(3, 6, 25).index_add_(1, rows, xc[:, cols] * v).view(3, 6, 5, 5)
+    torch.testing.assert_close(y, exp, equal_nan=True)
+    dyf = dy.view(3, 6, 25)
+    dx = ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), *geo)
+    dcols = x.new_zeros(3, 45, 25).index_add_(1, cols, dyf[:, rows] * v)
+    torch.testing.assert_close(dx, F.fold(dcols, (5, 5), 3, padding=1), equal_nan=True)
+    dv = ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, *geo)
+    torch.testing.assert_close(dv, (dyf[:, rows] * xc[:, cols]).sum((0, 2)), equal_nan=True)
+
+
 # -- property-based fuzz -----------------------------------------------------------------
 
 @pytest.mark.kernels(*BACKWARD)
