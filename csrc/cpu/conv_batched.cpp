@@ -100,18 +100,18 @@ std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t
 // conv_tiles::gather over every tile and rows [0, R), threads over tiles (which share no output) when
 // there are enough of them, else over rows.
 template <class T>
-void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, const int64_t* rp, int64_t R,
+void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, const conv_tiles::Blocks& blk, int64_t R,
                  const std::vector<Tile>& tiles, const T* bias, T* out, int64_t ostride) {
   const int64_t nt = static_cast<int64_t>(tiles.size()), nth = num_threads();
   if (nt >= 2 * nth || R < 2 * nth) {
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       const std::vector<Tile> part(tiles.begin() + t0, tiles.begin() + t1);
-      conv_tiles::gather(src, offs.data(), ws, rp, 0, R, part, bias, out, ostride);
+      conv_tiles::gather(src, offs.data(), ws, blk, 0, R, part, bias, out, ostride);
     });
     return;
   }
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    conv_tiles::gather(src, offs.data(), ws, rp, r0, r1, tiles, bias, out, ostride);
+    conv_tiles::gather(src, offs.data(), ws, blk, r0, r1, tiles, bias, out, ostride);
   });
 }
 
@@ -122,17 +122,26 @@ void check_col(const char* op, int64_t j, int64_t col, int64_t Cin, int64_t kh, 
               col, " is input channel ", col / K, ")");
 }
 
-// Packed-input offset of every nonzero (forward and grad weight); checks col_idx.
+// What one plane adds to a tile's window: kernel-height rows of a tile's run plus the kernel's reach.
+template <class T>
+int64_t window_bytes(int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t N) {
+  return ((kh - 1) * dh + 1) * (conv_tiles::NMAX * (32 / int64_t(sizeof(T))) + (kw - 1) * dw * N) * int64_t(sizeof(T));
+}
+
+// Packed-input offset and input channel of every nonzero (forward and grad weight); checks col_idx.
 std::vector<int32_t> tap_offsets(const char* op, const at::Tensor& col_idx, int64_t Cin, int64_t kh, int64_t kw,
-                                 int64_t dh, int64_t dw, int64_t Wp, int64_t N, int64_t plane) {
+                                 int64_t dh, int64_t dw, int64_t Wp, int64_t N, int64_t plane,
+                                 std::vector<int32_t>& plane_of) {
   const int64_t nnz = col_idx.numel(), K = kh * kw;
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   std::vector<int32_t> offs(nnz);
+  plane_of.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
     check_col(op, j, col, Cin, kh, kw);
     const int64_t c = col / K, r = (col % K) / kw, s = col % kw;
     offs[j] = static_cast<int32_t>(c * plane + (r * dh * Wp + s * dw) * N);
+    plane_of[j] = static_cast<int32_t>(c);
   }
   return offs;
 }
@@ -143,11 +152,14 @@ void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, c
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = y.size(1), OH = y.size(2), OW = y.size(3);
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, plane = Hp * Wp * N;
-  const std::vector<int32_t> offs = tap_offsets("sparse_conv2d", col_idx, Cin, kh, kw, dh, dw, Wp, N, plane);
+  std::vector<int32_t> plane_of;
+  const std::vector<int32_t> offs = tap_offsets("sparse_conv2d", col_idx, Cin, kh, kw, dh, dw, Wp, N, plane, plane_of);
+  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), Cin,
+                                                         window_bytes<T>(kh, kw, dh, dw, N));
   at::Tensor xp = scratch<T>(Cin * plane), yb = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, Hp, Wp, xp.data_ptr<T>());
-  gather_grid<T>(xp.data_ptr<T>(), offs, ws, row_ptr.data_ptr<int64_t>(), Cout,
-                 grid_tiles(OH, OW * N, Wp * N, OW * N, sizeof(T)), bias, yb.data_ptr<T>(), OH * OW * N);
+  gather_grid<T>(xp.data_ptr<T>(), offs, ws, blk, Cout, grid_tiles(OH, OW * N, Wp * N, OW * N, sizeof(T)), bias,
+                 yb.data_ptr<T>(), OH * OW * N);
   unpack<I, T>(yb.data_ptr<T>(), y);
 }
 
@@ -169,7 +181,7 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
     ++trp[ci[j] / K + 1];
   }
   for (int64_t c = 0; c < Cin; ++c) trp[c + 1] += trp[c];
-  std::vector<int32_t> toffs(nnz);
+  std::vector<int32_t> toffs(nnz), tplane(nnz);
   std::vector<T> tws(nnz);
   {
     std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
@@ -179,12 +191,15 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
         const int64_t p = fill[col / K]++;
         toffs[p] = static_cast<int32_t>(co * plane + ((kh - 1 - r) * dh * Wd + (kw - 1 - s) * dw) * N);
         tws[p] = bf16::widen(vals[j]);
+        tplane[p] = static_cast<int32_t>(co);
       }
     }
   }
+  const conv_tiles::Blocks blk =
+      conv_tiles::make_blocks(Cin, trp.data(), tplane.data(), Cout, window_bytes<T>(kh, kw, dh, dw, N));
   at::Tensor dyp = scratch<T>(Cout * plane), dxb = scratch<T>(Cin * H * W * N);
   pack<I, T>(dy, PT, PL, Hd, Wd, dyp.data_ptr<T>());
-  gather_grid<T>(dyp.data_ptr<T>(), toffs, tws.data(), trp.data(), Cin, grid_tiles(H, W * N, Wd * N, W * N, sizeof(T)),
+  gather_grid<T>(dyp.data_ptr<T>(), toffs, tws.data(), blk, Cin, grid_tiles(H, W * N, Wd * N, W * N, sizeof(T)),
                  nullptr, dxb.data_ptr<T>(), H * W * N);
   unpack<I, T>(dxb.data_ptr<T>(), dx);
 }
@@ -196,16 +211,18 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, plane = Hp * Wp * N;
+  std::vector<int32_t> plane_of;
   const std::vector<int32_t> offs =
-      tap_offsets("sparse_conv2d_backward_weight", col_idx, Cin, kh, kw, dh, dw, Wp, N, plane);
+      tap_offsets("sparse_conv2d_backward_weight", col_idx, Cin, kh, kw, dh, dw, Wp, N, plane, plane_of);
   at::Tensor xp = scratch<T>(Cin * plane), dyc = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, Hp, Wp, xp.data_ptr<T>());
   pack<I, T>(dy, 0, 0, OH, OW, dyc.data_ptr<T>());
   const std::vector<Tile> tiles = grid_tiles(OH, OW * N, Wp * N, OW * N, sizeof(T));
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), Cin,
+                                                         window_bytes<T>(kh, kw, dh, dw, N));
   T* g = gv.data_ptr<T>();
   at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
-    conv_tiles::wgrad(xp.data_ptr<T>(), offs.data(), rp, r0, r1, tiles, dyc.data_ptr<T>(), OH * OW * N, g);
+    conv_tiles::wgrad(xp.data_ptr<T>(), offs.data(), blk, r0, r1, tiles, dyc.data_ptr<T>(), OH * OW * N, g);
   });
 }
 

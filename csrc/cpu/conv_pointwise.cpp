@@ -158,6 +158,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* r
   std::vector<int32_t> offs(nnz);
   for (int64_t j = 0; j < nnz; ++j) offs[j] = static_cast<int32_t>(src_rows[j] * s_stride);
   const int64_t o_stride = dst_direct ? P : lay.L;
+  const conv_tiles::Blocks blk = conv_tiles::make_blocks(R, rp, src_rows.data(), Cs, NMAX * 32);
   const I* ip = in.data_ptr<I>();
   I* op = out.data_ptr<I>();
   const int64_t out_img = R * out.size(2) * out.size(3);
@@ -181,7 +182,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* r
       std::vector<T> sbuf, obuf;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T* s = source(grp, sbuf);
-        conv_tiles::gather(s, offs.data(), ws, rp, 0, R, lay.tiles, bias, dest(grp, obuf), o_stride);
+        conv_tiles::gather(s, offs.data(), ws, blk, 0, R, lay.tiles, bias, dest(grp, obuf), o_stride);
         finish(grp, obuf);
       }
     });
@@ -193,7 +194,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* r
     const T* s = source(grp, sbuf);
     T* d = dest(grp, obuf);
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      conv_tiles::gather(s, offs.data(), ws, rp, r0, r1, lay.tiles, bias, d, o_stride);
+      conv_tiles::gather(s, offs.data(), ws, blk, r0, r1, lay.tiles, bias, d, o_stride);
     });
     finish(grp, obuf);
   }
@@ -249,6 +250,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   for (int64_t j = 0; j < nnz; ++j) offs[j] = static_cast<int32_t>(rows[j] * x_stride);
   const int64_t d_stride = dy_direct ? dy.stride(1) : lay.L;
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, rp, rows.data(), Cin, NMAX * 32);
   const I* xp = x.data_ptr<I>();
   const I* dp = dy.data_ptr<I>();
   auto sources = [&](int64_t grp, std::vector<T>& xb, std::vector<T>& db, const T*& xs, const T*& ds) {
@@ -277,7 +279,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T *xs, *ds;
         sources(grp, xb, db, xs, ds);
-        conv_tiles::wgrad(xs, offs.data(), rp, 0, Cout, lay.tiles, ds, d_stride, acc);
+        conv_tiles::wgrad(xs, offs.data(), blk, 0, Cout, lay.tiles, ds, d_stride, acc);
       }
     });
     at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -295,7 +297,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     const T *xs, *ds;
     sources(grp, xb, db, xs, ds);
     at::parallel_for(0, Cout, grain, [&](int64_t r0, int64_t r1) {
-      conv_tiles::wgrad(xs, offs.data(), rp, r0, r1, lay.tiles, ds, d_stride, gp);
+      conv_tiles::wgrad(xs, offs.data(), blk, r0, r1, lay.tiles, ds, d_stride, gp);
     });
   }
 }

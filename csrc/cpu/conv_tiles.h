@@ -22,22 +22,34 @@ struct Tile {
   int32_t nv, skip;
 };
 
+// The entries of each CSR row cut into blocks of source planes (input channels for the forward), so that
+// a tile's window of one block of planes stays in L1 while every row uses it: row r's entries in block k are
+// [bp[r*(nb+1) + k], bp[r*(nb+1) + k + 1]). Blocks are merged until a row averages enough entries per block
+// to pay for parking its partial sums between blocks; nb == 1 is the plain CSR.
+struct Blocks {
+  std::vector<int64_t> bp;
+  int64_t nb = 1;
+};
+// plane_of[j]: the source plane of entry j, ascending within each row; window_bytes: what one plane
+// contributes to a tile's window.
+Blocks make_blocks(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_t nplanes, int64_t window_bytes);
+
 // Tiles over a run of `cols` columns (cols >= VW = 32 / elem_size when not a whole number of vectors):
 // at most NMAX vectors each, balanced, the last vector ending at cols; bases 0.
 std::vector<Tile> make_tiles(int64_t cols, int64_t elem_size);
 
 // out[r*ostride + obase + c] = init_r + sum over row r of ws[j] * src[offs[j] + sbase + c] for the columns c
 // of every tile, rows [r0, r1); init_r = bias[r] or 0.
-void gather(const float* src, const int32_t* offs, const float* ws, const int64_t* rp, int64_t r0, int64_t r1,
+void gather(const float* src, const int32_t* offs, const float* ws, const Blocks& blk, int64_t r0, int64_t r1,
             const std::vector<Tile>& tiles, const float* bias, float* out, int64_t ostride);
-void gather(const double* src, const int32_t* offs, const double* ws, const int64_t* rp, int64_t r0, int64_t r1,
+void gather(const double* src, const int32_t* offs, const double* ws, const Blocks& blk, int64_t r0, int64_t r1,
             const std::vector<Tile>& tiles, const double* bias, double* out, int64_t ostride);
 
 // g[j] += sum over the columns c of every tile of dy[r*dstride + obase + c] * src[offs[j] + sbase + c], rows
 // [r0, r1) (j in row r); overlapped lanes count once.
-void wgrad(const float* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1,
+void wgrad(const float* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
            const std::vector<Tile>& tiles, const float* dy, int64_t dstride, float* g);
-void wgrad(const double* src, const int32_t* offs, const int64_t* rp, int64_t r0, int64_t r1,
+void wgrad(const double* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
            const std::vector<Tile>& tiles, const double* dy, int64_t dstride, double* g);
 
 }  // namespace conv_tiles
