@@ -115,11 +115,31 @@ void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, co
   });
 }
 
-void check_col(const char* op, int64_t j, int64_t col, int64_t Cin, int64_t kh, int64_t kw) {
+[[noreturn]] void bad_col(const char* op, int64_t j, int64_t col, int64_t Cin, int64_t kh, int64_t kw) {
   const int64_t K = kh * kw;
-  TORCH_CHECK(col >= 0 && col < Cin * K, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", Cin,
+  TORCH_CHECK(false, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", Cin,
               " channels, so W must have Cin*kh*kw = ", Cin, "*", kh, "*", kw, " = ", Cin * K, " columns (col_idx ",
               col, " is input channel ", col / K, ")");
+}
+
+// Per weight column (c, r, s): its input channel and its tap's offset in a packed source whose rows are
+// Wrow*N apart (flip: the input gradient's flipped taps). A table over the Cin*kh*kw columns makes the
+// per-nonzero work a lookup: the divisions cost as much as the forward's multiply-adds at 4x4 planes.
+struct Columns { std::vector<int32_t> chan, tap; };
+Columns columns(int64_t Cin, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t Wrow, int64_t N, bool flip) {
+  Columns t;
+  t.chan.resize(Cin * kh * kw);
+  t.tap.resize(Cin * kh * kw);
+  for (int64_t c = 0, col = 0; c < Cin; ++c) {
+    for (int64_t r = 0; r < kh; ++r) {
+      for (int64_t s = 0; s < kw; ++s, ++col) {
+        const int64_t rr = flip ? kh - 1 - r : r, ss = flip ? kw - 1 - s : s;
+        t.chan[col] = static_cast<int32_t>(c);
+        t.tap[col] = static_cast<int32_t>((rr * dh * Wrow + ss * dw) * N);
+      }
+    }
+  }
+  return t;
 }
 
 // What one plane adds to a tile's window: kernel-height rows of a tile's run plus the kernel's reach.
@@ -132,16 +152,16 @@ int64_t window_bytes(int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t N) 
 std::vector<int32_t> tap_offsets(const char* op, const at::Tensor& col_idx, int64_t Cin, int64_t kh, int64_t kw,
                                  int64_t dh, int64_t dw, int64_t Wp, int64_t N, int64_t plane,
                                  std::vector<int32_t>& plane_of) {
-  const int64_t nnz = col_idx.numel(), K = kh * kw;
+  const int64_t nnz = col_idx.numel(), ncols = Cin * kh * kw;
   const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const Columns t = columns(Cin, kh, kw, dh, dw, Wp, N, false);
   std::vector<int32_t> offs(nnz);
   plane_of.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
-    check_col(op, j, col, Cin, kh, kw);
-    const int64_t c = col / K, r = (col % K) / kw, s = col % kw;
-    offs[j] = static_cast<int32_t>(c * plane + (r * dh * Wp + s * dw) * N);
-    plane_of[j] = static_cast<int32_t>(c);
+    if (__builtin_expect(col < 0 || col >= ncols, 0)) bad_col(op, j, col, Cin, kh, kw);
+    plane_of[j] = t.chan[col];
+    offs[j] = static_cast<int32_t>(t.chan[col] * plane + t.tap[col]);
   }
   return offs;
 }
@@ -175,10 +195,12 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const I* vals = values.data_ptr<I>();
+  const Columns t = columns(Cin, kh, kw, dh, dw, Wd, N, true);
   std::vector<int64_t> trp(Cin + 1, 0);
   for (int64_t j = 0; j < nnz; ++j) {
-    check_col("sparse_conv2d_backward_input", j, ci[j], Cin, kh, kw);
-    ++trp[ci[j] / K + 1];
+    const int64_t col = ci[j];
+    if (__builtin_expect(col < 0 || col >= Cin * K, 0)) bad_col("sparse_conv2d_backward_input", j, col, Cin, kh, kw);
+    ++trp[t.chan[col] + 1];
   }
   for (int64_t c = 0; c < Cin; ++c) trp[c + 1] += trp[c];
   std::vector<int32_t> toffs(nnz), tplane(nnz);
@@ -187,9 +209,9 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
     std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
     for (int64_t co = 0; co < Cout; ++co) {
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        const int64_t col = ci[j], r = (col % K) / kw, s = col % kw;
-        const int64_t p = fill[col / K]++;
-        toffs[p] = static_cast<int32_t>(co * plane + ((kh - 1 - r) * dh * Wd + (kw - 1 - s) * dw) * N);
+        const int64_t col = ci[j];
+        const int64_t p = fill[t.chan[col]]++;
+        toffs[p] = static_cast<int32_t>(co * plane + t.tap[col]);
         tws[p] = bf16::widen(vals[j]);
         tplane[p] = static_cast<int32_t>(co);
       }

@@ -266,6 +266,17 @@ void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, s
   const int64_t nnz = col_idx.numel();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const int64_t K = g.kh * g.kw, ncols = g.Cin * K, plane = g.Hp * g.Wq;
+  // A table over the columns (c, r, s), not divisions per nonzero: those cost as much as a small layer's FMAs.
+  std::vector<int32_t> col_off(ncols), col_chan(ncols);
+  for (int64_t c = 0, col = 0; c < g.Cin; ++c) {
+    for (int64_t r = 0; r < g.kh; ++r) {
+      for (int64_t s = 0; s < g.kw; ++s, ++col) {
+        const int64_t sd = s * g.dw;
+        col_off[col] = static_cast<int32_t>(c * g.sw * plane + (sd % g.sw) * plane + r * g.dh * g.Wq + sd / g.sw);
+        col_chan[col] = static_cast<int32_t>(c);
+      }
+    }
+  }
   offs.resize(nnz);
   plane_of.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
@@ -273,10 +284,8 @@ void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, s
     TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", g.Cin,
                 " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
                 " columns (col_idx ", col, " is input channel ", col / K, ")");
-    const int64_t c = col / K, r = (col % K) / g.kw, s = col % g.kw;
-    const int64_t sd = s * g.dw;
-    offs[j] = static_cast<int32_t>(c * g.sw * plane + (sd % g.sw) * plane + r * g.dh * g.Wq + sd / g.sw);
-    plane_of[j] = static_cast<int32_t>(c);
+    offs[j] = col_off[col];
+    plane_of[j] = col_chan[col];
   }
 }
 
@@ -470,10 +479,19 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t nrows = nph * g.Cin;
   std::vector<int64_t> trp(nrows + 1, 0);
   std::vector<int32_t> key(nnz);
+  // Per column (c, r, s), tabled (not divided out per nonzero): its row (phase, c) of W^T and its dY shift.
+  std::vector<int32_t> col_key(g.Cin * K), col_shift(g.Cin * K);
+  for (int64_t c = 0, col = 0; c < g.Cin; ++c) {
+    for (int64_t r = 0; r < g.kh; ++r) {
+      for (int64_t s = 0; s < g.kw; ++s, ++col) {
+        col_key[col] = static_cast<int32_t>((((r * g.dh) % g.sh) * g.sw + (s * g.dw) % g.sw) * g.Cin + c);
+        col_shift[col] = static_cast<int32_t>(-((r * g.dh) / g.sh) * Wd - (s * g.dw) / g.sw);
+      }
+    }
+  }
   for (int64_t j = 0; j < nnz; ++j) {
-    const int64_t col = cidx[j], c = col / K, r = (col % K) / g.kw, s = col % g.kw;
-    const int64_t k = (((r * g.dh) % g.sh) * g.sw + (s * g.dw) % g.sw) * g.Cin + c;
-    key[j] = static_cast<int32_t>(k);
+    const int32_t k = col_key[cidx[j]];
+    key[j] = k;
     ++trp[k + 1];
   }
   for (int64_t k = 0; k < nrows; ++k) trp[k + 1] += trp[k];
@@ -483,9 +501,8 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
     std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
     for (int64_t co = 0; co < g.Cout; ++co) {
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        const int64_t col = cidx[j], r = (col % K) / g.kw, s = col % g.kw;
         const int64_t p = fill[key[j]]++;
-        toffs[p] = static_cast<int32_t>(co * dplane - ((r * g.dh) / g.sh) * Wd - (s * g.dw) / g.sw);
+        toffs[p] = static_cast<int32_t>(co * dplane + col_shift[cidx[j]]);
         tws[p] = bf16::widen(vals[j]);
         tplane[p] = static_cast<int32_t>(co);
       }
