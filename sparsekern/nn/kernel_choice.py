@@ -17,6 +17,8 @@ a file from another of these is ignored, never trusted. Overrides: ``layer.kerne
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
@@ -60,12 +62,25 @@ _stored: Dict[str, dict] = {}  # the cache file's entries, by repr(key)
 
 
 def file_tag() -> Dict[str, str]:
-    """What a cache file's measurements are valid for: the kernels (sparsekern's and torch's, whose
-    dense kernels are the competition) and the CPU model (two AVX-512 CPUs can differ 2x in a ratio).
-    A file written under another tag is not used, and is replaced on the next measurement."""
+    """What a cache file's measurements are valid for: the kernels (sparsekern's version and the digest of
+    its compiled extension, so that a rebuild from changed sources at the same version measures anew, and
+    torch's, whose dense kernels are the competition) and the CPU model (two AVX-512 CPUs can differ 2x
+    in a ratio). A file written under another tag is not used, and is replaced on the next measurement."""
     from .. import __version__
     from ..isa import cpu_model
-    return {"sparsekern": __version__, "torch": torch.__version__, "cpu": cpu_model()}
+    return {"sparsekern": __version__, "extension": _extension_digest(), "torch": torch.__version__,
+            "cpu": cpu_model()}
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_digest() -> str:
+    """SHA-256 (first 16 hex digits) of the compiled extension's file; "none" without one."""
+    try:
+        from .. import _C
+    except ImportError:
+        return "none"
+    with open(_C.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _load_cache_file() -> None:

@@ -246,6 +246,12 @@ def test_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
     assert kc._stored == {}
     layer(x)
     assert len(calls) == 2 and json.loads(path.read_text())["tag"] == kc.file_tag()
+    rebuilt = json.loads(path.read_text())
+    rebuilt["tag"]["extension"] = "0" * 16  # the same version rebuilt from other sources: not used either
+    path.write_text(json.dumps(rebuilt))
+    monkeypatch.setattr(kc, "_stored", {})
+    kc._load_cache_file()
+    assert kc._stored == {}
     path.write_text("{not json")  # a broken file costs a measurement, not an error
     monkeypatch.setattr(kc, "_stored", {})
     kc.clear_cache()
