@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -172,12 +173,38 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
   return g;
 }
 
-// The batch-innermost kernels (conv_batched.cpp) where they win: planes of at most 64 outputs (ResNet-50's
-// 7x7 and 4x4 layers: 1.3-2.5x the direct kernel fwd+bwd, 2 threads, Zen 4); from 14x14 on the direct
-// kernel, whose weight blocks keep the tile's window in L1, is as fast or faster (28x28: 1.3x).
-bool batched_for(const Geom& g) {
-  return g.OH * g.OW <= 64 &&
-         batched::applies(g.N, g.Cin, g.Cout, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw);
+// SPARSEKERN_CONV_KERNEL=direct|batched pins the CPU conv kernel wherever the pinned one applies (tests,
+// A/B measurements: read per call); unset or "auto": chosen by geometry below.
+enum class ConvPin { Auto, Direct, Batched };
+ConvPin conv_pin() {
+  const char* e = std::getenv("SPARSEKERN_CONV_KERNEL");
+  if (e == nullptr || *e == 0 || std::strcmp(e, "auto") == 0) return ConvPin::Auto;
+  if (std::strcmp(e, "direct") == 0) return ConvPin::Direct;
+  if (std::strcmp(e, "batched") == 0) return ConvPin::Batched;
+  TORCH_CHECK(false, "SPARSEKERN_CONV_KERNEL must be auto, direct or batched, got '", e, "'");
+}
+
+bool pointwise_for(const Geom& g, ConvPin pin) {
+  return pin != ConvPin::Direct && pointwise::applies(g.kh, g.kw, g.ph, g.pw);
+}
+
+// The batch-innermost kernels (conv_batched.cpp) where they win (fwd+bwd, 2 threads, Zen 4): on planes of
+// at most 64 outputs whose rows fill the direct kernel's vectors partly. Rows of at most half a vector
+// (4x4 and smaller): 1.9-2.4x the direct kernel at any density. Otherwise (7x7: 7 of 8 lanes) only when
+// the multiply-adds outweigh the copies to and from the (C, H, W, N) layout: at 7x7 1.1-1.3x from
+// nnz*P >= 16 (Cin+Cout) Hp Wp (density 0.043 of 256 channels), 0.8x at a fifth of that. Full rows (8x8)
+// and planes from 14x14 on stay with the direct kernel, whose weight blocks and rows suit them (8x8 at
+// batch 64: 1.35-2.5x faster than batch-innermost).
+bool batched_for(const Geom& g, int64_t nnz, ConvPin pin) {
+  if (pin == ConvPin::Direct ||
+      !batched::applies(g.N, g.Cin, g.Cout, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw))
+    return false;
+  if (pin == ConvPin::Batched) return true;
+  const int64_t lanes = 8, used = g.OW % lanes;
+  if (g.OH * g.OW > 64 || used == 0) return false;
+  if (g.OW * 2 <= lanes) return true;
+  const double work = static_cast<double>(nnz) * g.OH * g.OW;
+  return work >= 16.0 * static_cast<double>(g.Cin + g.Cout) * (g.H + 2 * g.ph) * (g.W + 2 * g.pw);
 }
 
 // dst[c][q][i][m] = x[c][i - ph][m*sw + q - pw], 0 outside x; then kSlack zeros. A bf16 source (I)
@@ -428,12 +455,13 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
                 b.scalar_type());
     b = b.contiguous();
   }
-  if (pointwise::applies(g.kh, g.kw, g.ph, g.pw)) {
+  const ConvPin pin = conv_pin();
+  if (pointwise_for(g, pin)) {
     at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
     pointwise::forward(x, values, row_ptr, col_idx, b, g.sh, g.sw, y);
     return y;
   }
-  if (batched_for(g)) {
+  if (batched_for(g, col_idx.numel(), pin)) {
     at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
     batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.ph, g.pw, g.dh, g.dw, y);
     return y;
@@ -582,12 +610,13 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
                   grad_out.size(3) == g.OW,
               op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
               grad_out.sizes());
-  if (pointwise::applies(g.kh, g.kw, g.ph, g.pw)) {
+  const ConvPin pin = conv_pin();
+  if (pointwise_for(g, pin)) {
     at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
     pointwise::backward_input(grad_out, values, row_ptr, col_idx, g.sh, g.sw, dx);
     return dx;
   }
-  if (batched_for(g)) {
+  if (batched_for(g, col_idx.numel(), pin)) {
     at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
     batched::backward_input(grad_out, values, row_ptr, col_idx, g.kh, g.kw, g.ph, g.pw, g.dh, g.dw, dx);
     return dx;
@@ -687,13 +716,14 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
               op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
               grad_out.sizes());
   const at::Tensor dyc = grad_out.contiguous();
-  if (pointwise::applies(g.kh, g.kw, g.ph, g.pw)) {
+  const ConvPin pin = conv_pin();
+  if (pointwise_for(g, pin)) {
     const bool bf = x.scalar_type() == at::kBFloat16;  // summed over the batch in float32, rounded once
     at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
     pointwise::backward_weight(dyc, x, row_ptr, col_idx, g.sh, g.sw, gv);
     return bf ? gv.to(at::kBFloat16) : gv;
   }
-  if (batched_for(g)) {
+  if (batched_for(g, col_idx.numel(), pin)) {
     const bool bf = x.scalar_type() == at::kBFloat16;
     at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
     batched::backward_weight(dyc, x, row_ptr, col_idx, g.kh, g.kw, g.ph, g.pw, g.dh, g.dw, gv);

@@ -72,7 +72,7 @@ def file_tag() -> Dict[str, str]:
             "cpu": cpu_model()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _extension_digest() -> str:
     """SHA-256 (first 16 hex digits) of the compiled extension's file; "none" without one."""
     try:
