@@ -307,9 +307,7 @@ def test_conv_kernel_pin_rejects_unknown(monkeypatch):
         sparse_conv2d(torch.randn(1, 2, 5, 5), W, padding=1)
 
 
-@pytest.mark.parametrize("pin", ["batched", pytest.param("direct", marks=pytest.mark.xfail(
-    strict=True, reason="known: the direct kernel's weight gradient multiplies the zero lanes past a row's end "
-    "by the input there, so an Inf in x reaches nonzeros that do not read it (0 * Inf = NaN)"))])
+@pytest.mark.parametrize("pin", ["batched", "direct"])
 def test_conv_non_finite(pin, monkeypatch):
     """NaN and Inf reach exactly the results that read them, nonzero by nonzero (zero borders read as 0):
     the batch-innermost layout, its borders and overlapped row ends must not spread them, nor the direct
