@@ -33,8 +33,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``.
 
     ``kernel`` picks how a CSR layer computes: ``"csr"`` (the sparse_conv2d op, whose CPU kernel follows
-    the geometry: pointwise for an unpadded 1x1, batch-innermost for stride 1 on planes of at most 64
-    outputs, else the direct kernel), ``"gemm"``
+    the geometry: pointwise for an unpadded 1x1, batch-innermost (any stride) on planes of at
+    most 64 outputs, else the direct kernel), ``"gemm"``
     (a CSR GEMM of the (Cout, Cin*kh*kw) weight with the input's patches, for a 1x1 conv just the pixels:
     built channels first from NCHW, as rows from channels_last, see ``conv_gemm``), ``"dense"`` (F.conv2d on
     the scattered weight), or ``"auto"`` (default): the fastest of them, measured once per input geometry (see
@@ -101,9 +101,19 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         ho, wo = output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation)
         return x.shape[0] * max(ho, 0) * max(wo, 0) * self.weight_shape.numel()
 
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+
+    def dense_backward(self, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs) -> tuple:
+        """(input, dense weight, bias) gradients of ``dense_forward``, those ``needs`` asks for: one
+        oneDNN / cuDNN backward call, as F.conv2d's own backward makes."""
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [self.out_channels] if needs[2] else None, self.stride, self.padding,
+            self.dilation, False, [0, 0], 1, [bool(n) for n in needs])
+
     def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if kernel == "dense":
-            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, self.padding, self.dilation)
+            return self.dense_forward(x, self.dense_weight(), self.bias)
         if kernel == "gemm":
             return self._conv_as_gemm(x)
         return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)

@@ -68,9 +68,19 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def dense_macs(self, x: torch.Tensor) -> int:
         return (x.numel() // max(self.in_features, 1)) * self.in_features * self.out_features
 
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def dense_backward(self, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs) -> tuple:
+        """(input, dense weight, bias) gradients of ``dense_forward``, those ``needs`` asks for."""
+        g2 = grad.reshape(-1, self.out_features)
+        return (grad @ weight if needs[0] else None,
+                g2.t() @ x.reshape(-1, self.in_features) if needs[1] else None,
+                g2.sum(0) if needs[2] else None)
+
     def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if kernel == "dense":
-            return F.linear(x, self.dense_weight(), self.bias)
+            return self.dense_forward(x, self.dense_weight(), self.bias)
         return sparse_linear(x, self.sparse_weight(), self.bias)
 
     def extra_repr(self) -> str:

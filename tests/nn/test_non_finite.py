@@ -95,13 +95,18 @@ def test_forced_dense_everywhere_gives_the_sparse_answer(make, monkeypatch):
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
-def test_finite_inputs_keep_the_dense_kernel(monkeypatch):
-    layer, x, _ = _linear()
+@pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
+def test_finite_inputs_keep_the_dense_kernel(make, monkeypatch):
+    """Forward and both gradients from the dense op alone: no sparse kernel is called."""
+    layer, x, _ = make()
     calls = []
-    run = layer.run_kernel
+    run, dense = layer.run_kernel, layer.dense_forward
     monkeypatch.setattr(layer, "run_kernel", lambda kernel, inp: calls.append(kernel) or run(kernel, inp))
-    _run(layer, x, "dense")
-    assert calls == ["dense"]
+    monkeypatch.setattr(layer, "dense_forward", lambda *args: calls.append("dense_forward") or dense(*args))
+    got = _run(layer, x, "dense")
+    assert calls == ["dense_forward"]
+    for a, b in zip(got, _run(layer, x, "csr")):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("make", [_linear, _conv], ids=["linear", "conv"])
