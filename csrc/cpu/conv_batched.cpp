@@ -1,4 +1,4 @@
-// Batch-innermost sparse_conv2d on the CPU, for stride-1 convs larger than 1x1.
+// Batch-innermost sparse_conv2d on the CPU, for convs larger than 1x1 on small planes.
 //
 // The direct kernel's tiles are rows of one image: at 7x7 a row fills 7 of 8 lanes, at 4x4 half of them,
 // and its vectors sit at offsets read from a table. Laid out (C, H, W, N), a row of outputs of all N images
@@ -6,10 +6,15 @@
 // input shifted by c*plane + (r*dh*Wp + s*dw)*N, the same for every element: the flat tiles of
 // conv_tiles.h apply, with every lane busy. The price is the layout change: x (and dY) are copied to
 // (C, Hp, Wp, N) with their borders, and the results are computed (C, OH, OW, N) and copied back to NCHW.
-//   forward      Y[co] = bias + sum over row co of W: w * Xp[c] shifted by the tap
-//   grad input   dX[ci] = sum over column ci of W: w * dYp[co] shifted by the flipped tap, dYp bordered by
-//                (kh-1)*dh - ph rows and (kw-1)*dw - pw columns: a stride-1 correlation
-//   grad weight  g[j] = sum over the output rows' tiles of dY[co] . Xp[c] shifted by the tap
+// A stride (sh, sw) splits the bordered input into sh*sw phases, rows a mod sh and columns b mod sw, each
+// its own plane: a tap then reads one phase at a uniform shift, (r*dh / sh, s*dw / sw), and the conv is a
+// stride-1 one over Cin*sh*sw planes.
+//   forward      Y[co] = bias + sum over row co of W: w * Xp[phase of the tap] shifted by the tap
+//   grad input   each phase (a, b) of the bordered dX gathers the taps that land in it: dX[ci](a, b) = sum
+//                over column ci of W, taps of that phase: w * dYb[co] shifted back by the tap, dYb bordered
+//                so that no shift leaves it (a stride-1 correlation per phase); only the rows and columns
+//                of each phase inside x are computed
+//   grad weight  g[j] = sum over the output rows' tiles of dY[co] . Xp[phase] shifted by the tap
 #include "cpu/conv_batched.h"
 
 #include <ATen/Parallel.h>
@@ -39,26 +44,34 @@ at::Tensor scratch(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// dst (C, Hp, Wp, N) = t (N, C, H, W) placed at row pt, column pl; zero around it. bf16 is widened.
+int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
+
+// dst (C, sh, sw, Hq, Wq, N): the phases of t (N, C, H, W) placed at row pt, column pl of a zero canvas,
+// dst[c][a][b][i][j][n] = t[n][c][i*sh + a - pt][j*sw + b - pl] (0 outside t). bf16 is widened.
 template <class I, class T>
-void pack(const at::Tensor& t, int64_t pt, int64_t pl, int64_t Hp, int64_t Wp, T* dst) {
+void pack(const at::Tensor& t, int64_t pt, int64_t pl, int64_t sh, int64_t sw, int64_t Hq, int64_t Wq, T* dst) {
   const I* tp = t.data_ptr<I>();
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   const int64_t sN = t.stride(0), sC = t.stride(1), sH = t.stride(2), sW = t.stride(3);
-  const int64_t row = Wp * N, plane = Hp * row;
-  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      T* d = dst + c * plane;
-      std::memset(d, 0, sizeof(T) * pt * row);
-      std::memset(d + (pt + H) * row, 0, sizeof(T) * (Hp - pt - H) * row);
-      for (int64_t h = 0; h < H; ++h) {
-        T* drow = d + (h + pt) * row;
-        std::memset(drow, 0, sizeof(T) * pl * N);
-        std::memset(drow + (pl + W) * N, 0, sizeof(T) * (Wp - pl - W) * N);
-        drow += pl * N;
+  const int64_t row = Wq * N, plane = Hq * row;
+  at::parallel_for(0, C * sh * sw, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p / (sh * sw), a = (p / sw) % sh, b = p % sw;
+      // The columns j of this phase inside t: [j0, j1).
+      const int64_t j0 = std::min(Wq, std::max<int64_t>(0, ceil_div(pl - b, sw)));
+      const int64_t j1 = std::min(Wq, std::max(j0, ceil_div(W + pl - b, sw)));
+      for (int64_t i = 0; i < Hq; ++i) {
+        T* drow = dst + p * plane + i * row;
+        const int64_t h = i * sh + a - pt;
+        if (h < 0 || h >= H) {
+          std::memset(drow, 0, sizeof(T) * row);
+          continue;
+        }
+        std::memset(drow, 0, sizeof(T) * j0 * N);
+        std::memset(drow + j1 * N, 0, sizeof(T) * (Wq - j1) * N);
         for (int64_t n = 0; n < N; ++n) {
-          const I* s = tp + n * sN + c * sC + h * sH;
-          for (int64_t w = 0; w < W; ++w) drow[w * N + n] = bf16::widen(s[w * sW]);
+          const I* s = tp + n * sN + c * sC + h * sH + (b - pl) * sW;
+          for (int64_t j = j0; j < j1; ++j) drow[j * N + n] = bf16::widen(s[j * sw * sW]);
         }
       }
     }
@@ -122,87 +135,148 @@ void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, co
               col, " is input channel ", col / K, ")");
 }
 
-// Per weight column (c, r, s): its input channel and its tap's offset in a packed source whose rows are
-// Wrow*N apart (flip: the input gradient's flipped taps). A table over the Cin*kh*kw columns makes the
-// per-nonzero work a lookup: the divisions cost as much as the forward's multiply-adds at 4x4 planes.
-struct Columns { std::vector<int32_t> chan, tap; };
-Columns columns(int64_t Cin, int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t Wrow, int64_t N, bool flip) {
-  Columns t;
-  t.chan.resize(Cin * kh * kw);
-  t.tap.resize(Cin * kh * kw);
+// Where the taps read a phase-split source (pack above: phases of Hq x Wq, rows Wq*N apart): per weight
+// column (c, r, s), the phase plane c*sh*sw + (r*dh mod sh)*sw + (s*dw mod sw) and the tap's shift
+// (r*dh / sh, s*dw / sw) as an offset in it. A table over the Cin*kh*kw columns makes the per-nonzero work a
+// lookup: the divisions cost as much as the forward's multiply-adds at 4x4 planes.
+struct Taps { std::vector<int32_t> plane, shift; };
+Taps taps(int64_t Cin, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Wq, int64_t N) {
+  Taps t;
+  t.plane.resize(Cin * kh * kw);
+  t.shift.resize(Cin * kh * kw);
   for (int64_t c = 0, col = 0; c < Cin; ++c) {
     for (int64_t r = 0; r < kh; ++r) {
       for (int64_t s = 0; s < kw; ++s, ++col) {
-        const int64_t rr = flip ? kh - 1 - r : r, ss = flip ? kw - 1 - s : s;
-        t.chan[col] = static_cast<int32_t>(c);
-        t.tap[col] = static_cast<int32_t>((rr * dh * Wrow + ss * dw) * N);
+        t.plane[col] = static_cast<int32_t>((c * sh + (r * dh) % sh) * sw + (s * dw) % sw);
+        t.shift[col] = static_cast<int32_t>(((r * dh / sh) * Wq + s * dw / sw) * N);
       }
     }
   }
   return t;
 }
 
-// What one plane adds to a tile's window: kernel-height rows of a tile's run plus the kernel's reach.
+// What one plane adds to a tile's window: the rows a tap's shifts span times a tile's run plus their reach.
 template <class T>
-int64_t window_bytes(int64_t kh, int64_t kw, int64_t dh, int64_t dw, int64_t N) {
-  return ((kh - 1) * dh + 1) * (conv_tiles::NMAX * (32 / int64_t(sizeof(T))) + (kw - 1) * dw * N) * int64_t(sizeof(T));
+int64_t window_bytes(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t N) {
+  return ((kh - 1) * dh / sh + 1) * (conv_tiles::NMAX * (32 / int64_t(sizeof(T))) + (kw - 1) * dw / sw * N) *
+         int64_t(sizeof(T));
 }
 
-// Packed-input offset and input channel of every nonzero (forward and grad weight); checks col_idx.
+// Packed-input offset and phase plane of every nonzero (forward and grad weight); checks col_idx.
 std::vector<int32_t> tap_offsets(const char* op, const at::Tensor& col_idx, int64_t Cin, int64_t kh, int64_t kw,
-                                 int64_t dh, int64_t dw, int64_t Wp, int64_t N, int64_t plane,
+                                 int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t Wq, int64_t N, int64_t plane,
                                  std::vector<int32_t>& plane_of) {
   const int64_t nnz = col_idx.numel(), ncols = Cin * kh * kw;
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const Columns t = columns(Cin, kh, kw, dh, dw, Wp, N, false);
+  const Taps t = taps(Cin, kh, kw, sh, sw, dh, dw, Wq, N);
   std::vector<int32_t> offs(nnz);
   plane_of.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
     if (__builtin_expect(col < 0 || col >= ncols, 0)) bad_col(op, j, col, Cin, kh, kw);
-    plane_of[j] = t.chan[col];
-    offs[j] = static_cast<int32_t>(t.chan[col] * plane + t.tap[col]);
+    plane_of[j] = t.plane[col];
+    offs[j] = static_cast<int32_t>(t.plane[col] * plane + t.shift[col]);
   }
   return offs;
 }
 
+// The forward's and weight gradient's source: x split into its phases, bordered.
+struct Source { int64_t Hq, Wq, plane; };
+Source source(int64_t N, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_t ph, int64_t pw) {
+  const int64_t Hq = ceil_div(H + 2 * ph, sh), Wq = ceil_div(W + 2 * pw, sw);
+  return {Hq, Wq, Hq * Wq * N};
+}
+
+// The input gradient's geometry: per phase (a, b) of the bordered dX, its rows [i0, i0 + ni) and columns
+// [j0, j0 + nj) that fall inside x; dY bordered by Bt rows and Bl columns (Hd x Wd in all) so that every
+// tap's backward shift (i - r*dh / sh, j - s*dw / sw) of those rows and columns stays inside it.
+struct Span { int64_t i0, ni, j0, nj; };
+struct Grad {
+  std::vector<Span> span;  // per phase a*sw + b
+  int64_t Bt, Bl, Hd, Wd;
+};
+Grad grad_geometry(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                   int64_t dh, int64_t dw) {
+  // One axis: the phases' first index and count, then the border and extent of dY along it.
+  auto axis = [](int64_t size, int64_t k, int64_t s, int64_t p, int64_t d, std::vector<int64_t>& first,
+                 std::vector<int64_t>& count, int64_t& border, int64_t& extent) {
+    first.resize(s);
+    count.resize(s);
+    for (int64_t a = 0; a < s; ++a) {
+      first[a] = std::max<int64_t>(0, ceil_div(p - a, s));
+      count[a] = std::max<int64_t>(0, ceil_div(p + size - a, s) - first[a]);
+    }
+    border = 0;
+    int64_t last = -1;
+    for (int64_t r = 0; r < k; ++r) {
+      const int64_t a = r * d % s, q = r * d / s;
+      if (count[a] == 0) continue;
+      border = std::max(border, q - first[a]);
+      last = std::max(last, first[a] + count[a] - 1 - q);
+    }
+    extent = std::max<int64_t>(1, last + border + 1);
+  };
+  Grad g;
+  std::vector<int64_t> i0, ni, j0, nj;
+  axis(H, kh, sh, ph, dh, i0, ni, g.Bt, g.Hd);
+  axis(W, kw, sw, pw, dw, j0, nj, g.Bl, g.Wd);
+  g.span.resize(sh * sw);
+  for (int64_t a = 0; a < sh; ++a)
+    for (int64_t b = 0; b < sw; ++b) g.span[a * sw + b] = {i0[a], ni[a], j0[b], nj[b]};
+  return g;
+}
+
 template <class I, class T = typename bf16::Acc<I>::type>
 void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, const at::Tensor& col_idx, const T* bias,
-                  int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor& y) {
+                  int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                  at::Tensor& y) {
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = y.size(1), OH = y.size(2), OW = y.size(3);
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, plane = Hp * Wp * N;
+  const Source sg = source(N, H, W, sh, sw, ph, pw);
   std::vector<int32_t> plane_of;
-  const std::vector<int32_t> offs = tap_offsets("sparse_conv2d", col_idx, Cin, kh, kw, dh, dw, Wp, N, plane, plane_of);
-  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), Cin,
-                                                         window_bytes<T>(kh, kw, dh, dw, N));
-  at::Tensor xp = scratch<T>(Cin * plane), yb = scratch<T>(Cout * OH * OW * N);
-  pack<I, T>(x, ph, pw, Hp, Wp, xp.data_ptr<T>());
-  gather_grid<T>(xp.data_ptr<T>(), offs, ws, blk, Cout, grid_tiles(OH, OW * N, Wp * N, OW * N, sizeof(T)), bias,
+  const std::vector<int32_t> offs =
+      tap_offsets("sparse_conv2d", col_idx, Cin, kh, kw, sh, sw, dh, dw, sg.Wq, N, sg.plane, plane_of);
+  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(),
+                                                         Cin * sh * sw, window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
+  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), yb = scratch<T>(Cout * OH * OW * N);
+  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
+  gather_grid<T>(xp.data_ptr<T>(), offs, ws, blk, Cout, grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T)), bias,
                  yb.data_ptr<T>(), OH * OW * N);
   unpack<I, T>(yb.data_ptr<T>(), y);
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
-                         const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh,
-                         int64_t dw, at::Tensor& dx) {
+                         const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                         int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
   const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
-  const int64_t K = kh * kw, nnz = col_idx.numel();
-  const int64_t PT = (kh - 1) * dh - ph, PL = (kw - 1) * dw - pw;
-  const int64_t Hd = H + (kh - 1) * dh, Wd = W + (kw - 1) * dw, plane = Hd * Wd * N;
-  // W^T as CSR: rows Cin, entries (flipped tap offset into dYp, value).
+  const int64_t K = kh * kw, nnz = col_idx.numel(), P = sh * sw;
+  const Grad gg = grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw);
+  const int64_t plane = gg.Hd * gg.Wd * N;
+  // Per weight column (c, r, s): the phase its tap lands in and the tap's offset into dYb from the
+  // phase's first computed row and column.
+  std::vector<int32_t> col_phase(Cin * K), col_off(Cin * K);
+  for (int64_t c = 0, col = 0; c < Cin; ++c) {
+    for (int64_t r = 0; r < kh; ++r) {
+      for (int64_t s = 0; s < kw; ++s, ++col) {
+        const int64_t p = (r * dh % sh) * sw + s * dw % sw;
+        const Span& sp = gg.span[p];
+        col_phase[col] = static_cast<int32_t>(p);
+        col_off[col] = static_cast<int32_t>(((sp.i0 - r * dh / sh + gg.Bt) * gg.Wd + sp.j0 - s * dw / sw + gg.Bl) * N);
+      }
+    }
+  }
+  // W^T as CSR over rows (phase, input channel): entries (offset into dYb, value).
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const I* vals = values.data_ptr<I>();
-  const Columns t = columns(Cin, kh, kw, dh, dw, Wd, N, true);
-  std::vector<int64_t> trp(Cin + 1, 0);
+  std::vector<int64_t> trp(P * Cin + 1, 0);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
     if (__builtin_expect(col < 0 || col >= Cin * K, 0)) bad_col("sparse_conv2d_backward_input", j, col, Cin, kh, kw);
-    ++trp[t.chan[col] + 1];
+    ++trp[col_phase[col] * Cin + col / K + 1];
   }
-  for (int64_t c = 0; c < Cin; ++c) trp[c + 1] += trp[c];
+  for (int64_t r = 0; r < P * Cin; ++r) trp[r + 1] += trp[r];
   std::vector<int32_t> toffs(nnz), tplane(nnz);
   std::vector<T> tws(nnz);
   {
@@ -210,38 +284,63 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
     for (int64_t co = 0; co < Cout; ++co) {
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
         const int64_t col = ci[j];
-        const int64_t p = fill[t.chan[col]]++;
-        toffs[p] = static_cast<int32_t>(co * plane + t.tap[col]);
-        tws[p] = bf16::widen(vals[j]);
-        tplane[p] = static_cast<int32_t>(co);
+        const int64_t q = fill[col_phase[col] * Cin + col / K]++;
+        toffs[q] = static_cast<int32_t>(co * plane + col_off[col]);
+        tws[q] = bf16::widen(vals[j]);
+        tplane[q] = static_cast<int32_t>(co);
       }
     }
   }
-  const conv_tiles::Blocks blk =
-      conv_tiles::make_blocks(Cin, trp.data(), tplane.data(), Cout, window_bytes<T>(kh, kw, dh, dw, N));
-  at::Tensor dyp = scratch<T>(Cout * plane), dxb = scratch<T>(Cin * H * W * N);
-  pack<I, T>(dy, PT, PL, Hd, Wd, dyp.data_ptr<T>());
-  gather_grid<T>(dyp.data_ptr<T>(), toffs, tws.data(), blk, Cin, grid_tiles(H, W * N, Wd * N, W * N, sizeof(T)),
-                 nullptr, dxb.data_ptr<T>(), H * W * N);
-  unpack<I, T>(dxb.data_ptr<T>(), dx);
+  at::Tensor dyb = scratch<T>(Cout * plane);
+  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
+  // The phases' results, one after another in one buffer.
+  std::vector<int64_t> part(P + 1, 0);
+  for (int64_t p = 0; p < P; ++p) part[p + 1] = part[p] + Cin * gg.span[p].ni * gg.span[p].nj * N;
+  at::Tensor parts = scratch<T>(part[P]);
+  for (int64_t p = 0; p < P; ++p) {
+    const Span& sp = gg.span[p];
+    if (sp.ni == 0 || sp.nj == 0) continue;
+    const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cin, trp.data() + p * Cin, tplane.data(), Cout,
+                                                           window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
+    gather_grid<T>(dyb.data_ptr<T>(), toffs, tws.data(), blk, Cin,
+                   grid_tiles(sp.ni, sp.nj * N, gg.Wd * N, sp.nj * N, sizeof(T)), nullptr,
+                   parts.data_ptr<T>() + part[p], sp.ni * sp.nj * N);
+  }
+  // dX from the phases: phase (a, b) row i, column j is x's row (i0 + i)*sh + a - ph, column (j0 + j)*sw + b - pw.
+  I* out = dx.data_ptr<I>();
+  at::parallel_for(0, Cin, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int64_t p = 0; p < P; ++p) {
+        const Span& sp = gg.span[p];
+        if (sp.ni == 0 || sp.nj == 0) continue;
+        const int64_t a = p / sw, b = p % sw;
+        const T* src = parts.data_ptr<T>() + part[p] + c * sp.ni * sp.nj * N;
+        for (int64_t n = 0; n < N; ++n) {
+          I* d = out + (n * Cin + c) * H * W + ((sp.i0 * sh + a - ph) * W + sp.j0 * sw + b - pw);
+          for (int64_t i = 0; i < sp.ni; ++i)
+            for (int64_t j = 0; j < sp.nj; ++j) d[i * sh * W + j * sw] = static_cast<I>(src[(i * sp.nj + j) * N + n]);
+        }
+      }
+    }
+  });
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
-                          const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh,
-                          int64_t dw, at::Tensor& gv) {
+                          const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                          int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv) {
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
-  const int64_t Hp = H + 2 * ph, Wp = W + 2 * pw, plane = Hp * Wp * N;
+  const Source sg = source(N, H, W, sh, sw, ph, pw);
   std::vector<int32_t> plane_of;
   const std::vector<int32_t> offs =
-      tap_offsets("sparse_conv2d_backward_weight", col_idx, Cin, kh, kw, dh, dw, Wp, N, plane, plane_of);
-  at::Tensor xp = scratch<T>(Cin * plane), dyc = scratch<T>(Cout * OH * OW * N);
-  pack<I, T>(x, ph, pw, Hp, Wp, xp.data_ptr<T>());
-  pack<I, T>(dy, 0, 0, OH, OW, dyc.data_ptr<T>());
-  const std::vector<Tile> tiles = grid_tiles(OH, OW * N, Wp * N, OW * N, sizeof(T));
-  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), Cin,
-                                                         window_bytes<T>(kh, kw, dh, dw, N));
+      tap_offsets("sparse_conv2d_backward_weight", col_idx, Cin, kh, kw, sh, sw, dh, dw, sg.Wq, N, sg.plane, plane_of);
+  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), dyc = scratch<T>(Cout * OH * OW * N);
+  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
+  pack<I, T>(dy, 0, 0, 1, 1, OH, OW, dyc.data_ptr<T>());
+  const std::vector<Tile> tiles = grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T));
+  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(),
+                                                         Cin * sh * sw, window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
   T* g = gv.data_ptr<T>();
   at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
     conv_tiles::wgrad(xp.data_ptr<T>(), offs.data(), blk, r0, r1, tiles, dyc.data_ptr<T>(), OH * OW * N, g);
@@ -252,49 +351,56 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
 
 bool applies(int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh,
              int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
-  if (sh != 1 || sw != 1 || kh * kw == 1 || ph > (kh - 1) * dh || pw > (kw - 1) * dw) return false;
-  const int64_t OW = W + 2 * pw - (kw - 1) * dw;
-  if (OW * N < 8) return false;
-  const __int128 xplane = static_cast<__int128>(H + 2 * ph) * (W + 2 * pw) * N;
-  const __int128 dplane = static_cast<__int128>(H + (kh - 1) * dh) * (W + (kw - 1) * dw) * N;
-  return C_in * xplane < INT32_MAX && C_out * dplane < INT32_MAX;
+  if (kh * kw == 1 || sh < 1 || sw < 1) return false;
+  const int64_t OH = (H + 2 * ph - (kh - 1) * dh - 1) / sh + 1, OW = (W + 2 * pw - (kw - 1) * dw - 1) / sw + 1;
+  if (OH < 1 || OW * N < 8) return false;
+  const Grad gg = grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw);
+  for (const Span& sp : gg.span)  // the input gradient's runs, one per computed row of a phase
+    if (sp.ni > 0 && sp.nj > 0 && sp.nj * N < 8) return false;
+  const Source sg = source(N, H, W, sh, sw, ph, pw);
+  const __int128 xsize = static_cast<__int128>(C_in) * sh * sw * sg.plane;
+  const __int128 dsize = static_cast<__int128>(C_out) * gg.Hd * gg.Wd * N;
+  return xsize < INT32_MAX && dsize < INT32_MAX;
 }
 
 void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-             const at::Tensor& bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-             at::Tensor& y) {
+             const at::Tensor& bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+             int64_t dw, at::Tensor& y) {
   if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
     const at::Tensor v32 = values.to(at::kFloat).contiguous();
     const at::Tensor b32 = bias.defined() ? bias.to(at::kFloat).contiguous() : bias;
     forward_impl<c10::BFloat16>(x, v32.data_ptr<float>(), row_ptr, col_idx,
-                                b32.defined() ? b32.data_ptr<float>() : nullptr, kh, kw, ph, pw, dh, dw, y);
+                                b32.defined() ? b32.data_ptr<float>() : nullptr, kh, kw, sh, sw, ph, pw, dh, dw, y);
   } else if (x.scalar_type() == at::kFloat) {
     const at::Tensor vc = values.contiguous();
     forward_impl<float>(x, vc.data_ptr<float>(), row_ptr, col_idx, bias.defined() ? bias.data_ptr<float>() : nullptr,
-                        kh, kw, ph, pw, dh, dw, y);
+                        kh, kw, sh, sw, ph, pw, dh, dw, y);
   } else {
     const at::Tensor vc = values.contiguous();
     forward_impl<double>(x, vc.data_ptr<double>(), row_ptr, col_idx, bias.defined() ? bias.data_ptr<double>() : nullptr,
-                         kh, kw, ph, pw, dh, dw, y);
+                         kh, kw, sh, sw, ph, pw, dh, dw, y);
   }
 }
 
 void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
-                    const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                    at::Tensor& dx) {
+                    const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                    int64_t dh, int64_t dw, at::Tensor& dx) {
   const at::Tensor vc = values.contiguous();
-  if (dy.scalar_type() == at::kFloat) backward_input_impl<float>(dy, vc, row_ptr, col_idx, kh, kw, ph, pw, dh, dw, dx);
+  if (dy.scalar_type() == at::kFloat)
+    backward_input_impl<float>(dy, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx);
   else if (dy.scalar_type() == at::kBFloat16)
-    backward_input_impl<c10::BFloat16>(dy, vc, row_ptr, col_idx, kh, kw, ph, pw, dh, dw, dx);
-  else backward_input_impl<double>(dy, vc, row_ptr, col_idx, kh, kw, ph, pw, dh, dw, dx);
+    backward_input_impl<c10::BFloat16>(dy, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx);
+  else backward_input_impl<double>(dy, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx);
 }
 
 void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                     int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv) {
-  if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(dy, x, row_ptr, col_idx, kh, kw, ph, pw, dh, dw, gv);
+                     int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                     at::Tensor& gv) {
+  if (x.scalar_type() == at::kFloat)
+    backward_weight_impl<float>(dy, x, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, gv);
   else if (x.scalar_type() == at::kBFloat16)
-    backward_weight_impl<c10::BFloat16>(dy, x, row_ptr, col_idx, kh, kw, ph, pw, dh, dw, gv);
-  else backward_weight_impl<double>(dy, x, row_ptr, col_idx, kh, kw, ph, pw, dh, dw, gv);
+    backward_weight_impl<c10::BFloat16>(dy, x, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, gv);
+  else backward_weight_impl<double>(dy, x, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, gv);
 }
 
 }  // namespace batched

@@ -1,7 +1,7 @@
-// Batch-innermost sparse_conv2d on the CPU (stride 1, kernels larger than 1x1): the batch is laid out
-// innermost, (C, H, W, N), so that a row of outputs of every image is one flat run of OW*N elements and
-// every tap of the kernel shifts it uniformly (see conv_batched.cpp). Called by sparse_conv2d.cpp once it
-// has checked its arguments.
+// Batch-innermost sparse_conv2d on the CPU (kernels larger than 1x1): the batch is laid out innermost,
+// (C, H, W, N), so that a row of outputs of every image is one flat run of OW*N elements and every tap of
+// the kernel shifts it uniformly; a stride splits the input into phases (see conv_batched.cpp). Called by
+// sparse_conv2d.cpp once it has checked its arguments.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -10,23 +10,23 @@
 namespace sparsekern {
 namespace batched {
 
-// Whether these kernels take a conv of this geometry: stride 1, padding no wider than the kernel's reach
-// (so the input gradient is a correlation of the bordered dY), rows of at least one vector (OW*N and
-// W*N >= 8), and int32 extents.
+// Whether these kernels take a conv of this geometry: a kernel larger than 1x1, runs of at least one
+// vector (OW*N >= 8, and N times the columns of each phase of the input gradient), and int32 extents.
 bool applies(int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh,
              int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw);
 
 // y (N, Cout, OH, OW), allocated, contiguous; bias undefined or (Cout) contiguous in x's dtype. Checks col_idx.
 void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-             const at::Tensor& bias, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-             at::Tensor& y);
+             const at::Tensor& bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+             int64_t dw, at::Tensor& y);
 // dx (N, Cin, H, W), allocated, contiguous.
 void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
-                    const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                    at::Tensor& dx);
+                    const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                    int64_t dh, int64_t dw, at::Tensor& dx);
 // gv (nnz) zeros in the compute dtype (float32 for bf16), contiguous.
 void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                     int64_t kh, int64_t kw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv);
+                     int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                     at::Tensor& gv);
 
 }  // namespace batched
 }  // namespace sparsekern

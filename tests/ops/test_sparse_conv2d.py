@@ -29,6 +29,12 @@ def _setup(case, sparsity, dtype, layout, seed, requires_grad=False):
     return x, W, bias, stride, padding, dilation
 
 
+def _cpu_kernel(x, W, stride, padding, dilation):
+    """The CPU kernel sparse_conv2d runs for this conv (pointwise, batched or direct)."""
+    return torch.ops.sparsekern._conv2d_cpu_kernel(list(x.shape), W.row_ptr, W.col_idx, list(W.shape[2:]),
+                                                   list(stride), list(padding), list(dilation))
+
+
 def test_forward(backend, conv_case, sparsity, dtype, layout):
     x, W, bias, stride, padding, dilation = _setup(conv_case, sparsity, dtype, layout,
                                                    seed_of(OP, conv_case, sparsity, dtype, layout))
@@ -196,6 +202,8 @@ def test_pointwise(backend, case, dtype, sparsity, layout):
     full = (n, cin, cout, h, w, (1, 1), stride, (0, 0), (1, 1), True)
     x, W, bias, *_ = _setup(full, sparsity, dtype, layout, seed_of(OP, "pw", case, sparsity, dtype, layout), True)
     y = sparse_conv2d(x, W, bias, stride)
+    if backend == "cpp":
+        assert _cpu_kernel(x, W, stride, (0, 0), (1, 1)) == "pointwise"  # the kernels this test is for
     expected = _ref(x, W, bias, stride, (0, 0), (1, 1))
     grad_out = make_input(y.shape, dtype, gen(seed_of(OP, "pw-grad", case)), layout)
     inputs = [x, W.values, bias]
@@ -237,41 +245,51 @@ def test_pointwise_non_finite(hw):
     torch.testing.assert_close(dv, (dy[:, rows] * x[:, cols]).sum((0, 2, 3)), equal_nan=True)
 
 
-# -- stride-1 convs on small planes: the batch-innermost kernels (csrc/cpu/conv_batched.cpp) -------------
+# -- convs on small planes: the batch-innermost kernels (csrc/cpu/conv_batched.cpp) -------------------------
 
-# (N, Cin, Cout, H, W, kernel, padding, dilation): planes of at most 64 outputs, rows of N*OW >= 8 elements.
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation): planes of at most 64 outputs, rows of N*OW >= 8
+# elements (and N times the columns of every phase of the input gradient).
 BATCHED = (
-    (16, 5, 7, 7, 7, (3, 3), (1, 1), (1, 1)),   # ResNet's 7x7 layers: rows of 112, two tiles
-    (3, 4, 6, 5, 5, (3, 3), (1, 1), (1, 1)),    # rows of 15: the last vector overlaps
-    (2, 3, 4, 6, 7, (3, 5), (1, 2), (1, 1)),    # rectangular kernel and padding
-    (4, 2, 3, 6, 6, (3, 3), (2, 2), (2, 2)),    # dilation 2
-    (8, 3, 5, 4, 4, (3, 3), (0, 0), (1, 1)),    # no padding: 2x2 outputs
-    (2, 6, 3, 8, 8, (2, 2), (1, 0), (1, 1)),    # even kernel, padding on one axis
+    (16, 5, 7, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),   # ResNet's 7x7 layers: rows of 112, two tiles
+    (3, 4, 6, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1)),    # rows of 15: the last vector overlaps
+    (2, 3, 4, 6, 7, (3, 5), (1, 1), (1, 2), (1, 1)),    # rectangular kernel and padding
+    (4, 2, 3, 6, 6, (3, 3), (1, 1), (2, 2), (2, 2)),    # dilation 2
+    (8, 3, 5, 4, 4, (3, 3), (1, 1), (0, 0), (1, 1)),    # no padding: 2x2 outputs
+    (2, 6, 3, 8, 8, (2, 2), (1, 1), (1, 0), (1, 1)),    # even kernel, padding on one axis
+    (16, 5, 7, 7, 7, (3, 3), (2, 2), (1, 1), (1, 1)),   # ResNet's 7x7 -> 4x4 stride-2 layer: four phases
+    (8, 4, 6, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1)),  # 14x14 -> 7x7
+    (4, 3, 5, 9, 8, (3, 3), (2, 1), (1, 1), (1, 1)),    # stride on one axis, odd height
+    (3, 3, 4, 11, 11, (5, 5), (3, 3), (2, 2), (1, 1)),  # stride 3: nine phases, some with one tap row
+    (4, 2, 3, 9, 9, (3, 3), (2, 2), (2, 2), (2, 2)),    # stride 2 and dilation 2: every tap in phase (0, 0)
+    (8, 3, 5, 8, 8, (2, 2), (2, 2), (0, 0), (1, 1)),    # 2x2 stride-2 patches: one tap per phase
+    (4, 3, 4, 5, 5, (3, 3), (2, 2), (3, 3), (1, 1)),    # padding wider than the kernel's reach
 )
 
 
 @pytest.mark.kernels(*BACKWARD)
-@pytest.mark.parametrize("case", BATCHED, ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-p{c[6]}-d{c[7]}")
+@pytest.mark.parametrize("case", BATCHED,
+                         ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-s{c[6]}-p{c[7]}-d{c[8]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sparsity", [(0.0, False), (0.9, False), (0.9, True), (1.0, False)], ids=str)
 def test_batched(backend, case, dtype, sparsity, layout, monkeypatch):
     monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")  # also where the geometry rule keeps the direct one
-    n, cin, cout, h, w, ks, padding, dilation = case
-    full = (n, cin, cout, h, w, ks, (1, 1), padding, dilation, True)
+    n, cin, cout, h, w, ks, stride, padding, dilation = case
+    full = (n, cin, cout, h, w, ks, stride, padding, dilation, True)
     x, W, bias, *_ = _setup(full, sparsity, dtype, layout, seed_of(OP, "bt", case, sparsity, dtype, layout), True)
-    y = sparse_conv2d(x, W, bias, 1, padding, dilation)
-    assert y.shape[2] * y.shape[3] <= 64 and y.shape[0] * y.shape[3] >= 8  # the kernels this test is for
+    y = sparse_conv2d(x, W, bias, stride, padding, dilation)
+    if backend == "cpp":
+        assert _cpu_kernel(x, W, stride, padding, dilation) == "batched"  # the kernels this test is for
     grad_out = make_input(y.shape, dtype, gen(seed_of(OP, "bt-grad", case)), layout)
     inputs = [x, W.values, bias]
     if dtype == torch.bfloat16:  # float32 accumulation, rounded once: against the float64 reference
         ref = [t.detach().double().requires_grad_() for t in (x, W.values, bias)]
         W64 = sparsekern.SparseMatrix(W.row_ptr, W.col_idx, ref[1], W.shape)
-        exp64 = _ref(ref[0], W64, ref[2], (1, 1), padding, dilation)
+        exp64 = _ref(ref[0], W64, ref[2], stride, padding, dilation)
         torch.testing.assert_close(y.double(), exp64, rtol=2e-2, atol=2e-2 * max(1, W.k) ** 0.5)
         for a, e in zip(grads(y, inputs, grad_out), grads(exp64, ref, grad_out.double())):
             torch.testing.assert_close(a.double(), e, rtol=3e-2, atol=3e-2 * max(1, n * h * w) ** 0.5)
         return
-    expected = _ref(x, W, bias, (1, 1), padding, dilation)
+    expected = _ref(x, W, bias, stride, padding, dilation)
     assert_close(y, expected, scale=W.k)
     n_out = y.shape[0] * y.shape[2] * y.shape[3]
     for a, e, s in zip(grads(y, inputs, grad_out), grads(expected, inputs, grad_out), [W.m * 9, n_out, n_out]):
@@ -279,7 +297,9 @@ def test_batched(backend, case, dtype, sparsity, layout, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [(2, 19, 37, 9, 9, (1, 1), (0, 0), (1, 1)), (3, 8, 5, 9, 9, (1, 1), (0, 0), (2, 2)),
-                                  (16, 5, 7, 7, 7, (3, 3), (1, 1), (1, 1)), (4, 2, 3, 6, 6, (3, 3), (2, 2), (2, 2))],
+                                  (16, 5, 7, 7, 7, (3, 3), (1, 1), (1, 1)), (4, 2, 3, 6, 6, (3, 3), (2, 2), (2, 2)),
+                                  (16, 5, 7, 7, 7, (3, 3), (1, 1), (2, 2)), (8, 6, 5, 14, 14, (3, 3), (1, 1), (2, 2)),
+                                  (4, 3, 4, 9, 8, (3, 3), (1, 1), (2, 1))],
                          ids=str)
 def test_kernels_agree_with_direct(case, monkeypatch):
     """The pointwise and batch-innermost kernels against the direct one (SPARSEKERN_CONV_KERNEL=direct),
@@ -309,29 +329,32 @@ def test_conv_kernel_pin_rejects_unknown(monkeypatch):
         sparse_conv2d(torch.randn(1, 2, 5, 5), W, padding=1)
 
 
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("pin", ["batched", "direct"])
-def test_conv_non_finite(pin, monkeypatch):
+def test_conv_non_finite(pin, stride, monkeypatch):
     """NaN and Inf reach exactly the results that read them, nonzero by nonzero (zero borders read as 0):
-    the batch-innermost layout, its borders and overlapped row ends must not spread them, nor the direct
-    kernel's packed rows."""
+    the batch-innermost layout, its borders, phases and overlapped row ends must not spread them, nor the
+    direct kernel's packed rows."""
     monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
     g = gen(11)
     W = random_sparse((6, 5, 3, 3), 0.4, torch.float64, g, False, "contiguous")
-    x = torch.randn(3, 5, 5, 5, generator=g, dtype=torch.float64)
-    x[1, 2, 4, 4], x[0, 4, 0, 1] = float("inf"), float("nan")
-    dy = torch.randn(3, 6, 5, 5, generator=g, dtype=torch.float64)
-    dy[2, 1, 4, 0] = float("inf")
+    x = torch.randn(4, 5, 5, 5, generator=g, dtype=torch.float64)
+    x[1, 2, 4, 4], x[0, 4, 0, 1], x[3, 1, 2, 2] = float("inf"), float("nan"), float("nan")
+    o = (5 + 2 - 3) // stride + 1
+    dy = torch.randn(4, 6, o, o, generator=g, dtype=torch.float64)
+    dy[2, 1, o - 1, 0] = float("inf")
     rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
     cols, v = W.col_idx.long(), W.values.view(1, -1, 1)
-    ops, geo = torch.ops.sparsekern, ([3, 3], [1, 1], [1, 1], [1, 1])
-    xc = F.unfold(x, 3, padding=1)  # (N, Cin*9, 25): column j of W reads row cols[j]
+    ops, geo = torch.ops.sparsekern, ([3, 3], [stride, stride], [1, 1], [1, 1])
+    xc = F.unfold(x, 3, padding=1, stride=stride)  # (N, Cin*9, o*o): column j of W reads row cols[j]
+    assert _cpu_kernel(x, W, *geo[1:]) == pin
     y = ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo[1:])
-    exp = x.new_zeros(3, 6, 25).index_add_(1, rows, xc[:, cols] * v).view(3, 6, 5, 5)
+    exp = x.new_zeros(4, 6, o * o).index_add_(1, rows, xc[:, cols] * v).view(4, 6, o, o)
     torch.testing.assert_close(y, exp, equal_nan=True)
-    dyf = dy.view(3, 6, 25)
+    dyf = dy.view(4, 6, o * o)
     dx = ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), *geo)
-    dcols = x.new_zeros(3, 45, 25).index_add_(1, cols, dyf[:, rows] * v)
-    torch.testing.assert_close(dx, F.fold(dcols, (5, 5), 3, padding=1), equal_nan=True)
+    dcols = x.new_zeros(4, 45, o * o).index_add_(1, cols, dyf[:, rows] * v)
+    torch.testing.assert_close(dx, F.fold(dcols, (5, 5), 3, padding=1, stride=stride), equal_nan=True)
     dv = ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, *geo)
     torch.testing.assert_close(dv, (dyf[:, rows] * xc[:, cols]).sum((0, 2)), equal_nan=True)
 
