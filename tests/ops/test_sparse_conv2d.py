@@ -104,7 +104,8 @@ def test_zero_input_channels_give_the_bias(backend):
     (1, 2, 2, 6, 5, (3, 2), (2, 1), (0, 1), (1, 2), False),
     (1, 3, 4, 3, 3, (1, 1), (1, 1), (0, 0), (1, 1), True),    # pointwise, one 9-pixel plane
     (3, 2, 3, 5, 5, (1, 1), (2, 2), (0, 0), (1, 1), False),   # pointwise, strided, planes grouped
-], ids=["3x3", "rect-stride-dilation", "1x1", "1x1-stride2"])
+    (4, 2, 3, 7, 7, (3, 3), (2, 2), (1, 1), (1, 1), True),    # batch-innermost, four stride phases
+], ids=["3x3", "rect-stride-dilation", "1x1", "1x1-stride2", "3x3-stride2-phases"])
 def test_gradcheck(backend, case):
     x, W, bias, stride, padding, dilation = _setup(case, (0.5, True), torch.float64, "transposed", 52)
     values = W.values.detach().clone().requires_grad_(True)
