@@ -295,6 +295,30 @@ def test_the_fastest_wins_and_near_ties_go_to_dense(monkeypatch, times, expected
     assert kc._measure(layer, x).kernel == expected
 
 
+@pytest.mark.parametrize("times,rounds", [({"csr": 1.0, "gemm": 2.0, "dense": 3.0}, {"csr": 3, "gemm": 3, "dense": 3}),
+                                          ({"csr": 1.0, "gemm": 2.0, "dense": 1.1},
+                                           {"csr": kc.MAX_REPEATS, "gemm": kc.REPEATS, "dense": kc.MAX_REPEATS}),
+                                          ({"csr": 1.0, "gemm": 5.0, "dense": 2.5}, {"csr": 3, "gemm": 1, "dense": 3})],
+                         ids=["clear", "close-call", "given-up"])
+def test_close_calls_get_more_rounds(monkeypatch, times, rounds):
+    """Three rounds settle a clear winner; candidates within CLOSE_RATIO of the fastest run up to
+    MAX_REPEATS rounds; a candidate GIVE_UP_RATIO slower after one round is dropped."""
+    layer = SparseConv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    monkeypatch.setattr(kc, "MIN_TUNE_MACS", 0)
+    clock, calls = [0.0], {k: 0 for k in times}
+
+    def timer(module, x, kernel):
+        def run():
+            calls[kernel] += 1
+            clock[0] += times[kernel] / 1e3
+        return run
+    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    monkeypatch.setattr(kc, "_timer", timer)
+    kc._measure(layer, x)
+    assert {k: n - kc.WARMUP for k, n in calls.items()} == rounds
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
 def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias):
