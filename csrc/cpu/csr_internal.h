@@ -35,6 +35,10 @@ constexpr int64_t PACK_ROWS = 256;
 // Work parts per thread: a few (nnz-balanced), handed out dynamically, so that a thread slowed down
 // by another process on its core (or by uneven rows) does not hold up the op.
 constexpr int64_t PARTS_PER_THREAD = 6;
+// SpMM whose packed operand exceeds WHOLE_TILES_BYTES and that has at least TILES_PER_THREAD batch tiles per
+// thread runs each tile whole (all rows) on one thread (csr_spmm.cpp).
+constexpr int64_t TILES_PER_THREAD = 4;
+constexpr int64_t WHOLE_TILES_BYTES = int64_t(2) << 20;
 // at::parallel_for grains (elements per task) of the light loops: below these a task's share of
 // the parallel region's start-up (a few microseconds) outweighs its work.
 constexpr int64_t FILL_GRAIN = 16384;           // output elements written per task (empty A or k = 0)

@@ -191,14 +191,26 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   const S* vals = vals_c.data_ptr<S>();
+  auto tile_job = [&](int64_t t) {
+    return SpmmJob<S, I>{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
+  };
+  // Row parts each sweep every tile, so the packed operand is read once per part: fine while it stays in
+  // L2, not beyond. A larger one runs each tile whole on one thread (all rows) and is read once. Forward,
+  // 2048 tokens: 2048 -> 512 features (16 MB packed) 2.35x faster, 4-5 MB 1.04-1.15x; at 0.8-1 MB row
+  // parts stay 1.1-1.35x faster (interleaved A/B, 2 threads, Zen 4).
+  const bool whole_tiles =
+      ntiles >= TILES_PER_THREAD * at::get_num_threads() && ntiles * k * T * int64_t(sizeof(S)) > WHOLE_TILES_BYTES;
+  if (whole_tiles) {
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) spmm_rows(TB, wide, tile_job(t), 0, m);
+    });
+    return;
+  }
   const int64_t align = 2 * L;
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
   auto run = [&](int64_t part) {
-    for (int64_t t = 0; t < ntiles; ++t) {
-      const SpmmJob<S, I> J{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
-      spmm_rows(TB, wide, J, bounds[part], bounds[part + 1]);
-    }
+    for (int64_t t = 0; t < ntiles; ++t) spmm_rows(TB, wide, tile_job(t), bounds[part], bounds[part + 1]);
   };
   run_parts(parts, run);
 }

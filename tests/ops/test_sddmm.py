@@ -34,6 +34,24 @@ def test_forward(backend, mkn, sparsity, dtype, layout):
     torch.testing.assert_close(_ref(P, X, Y), (X @ Y.t())[P.mask()], rtol=1e-4, atol=1e-5 * max(d, 1))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_operand_beyond_l2(backend, dtype, threads, layout):
+    """Y packed into 10-20 batch tiles of 2304 rows (2.9-5.9 MB, beyond L2): on 2 threads each takes a run
+    of whole tiles and sums its share of the inner dimension into its own values, added up at the end."""
+    g = gen(seed_of(OP, "whole-tiles", dtype, threads, layout))
+    P = random_sparse((40, 2304), 0.05, dtype, g, True)
+    X = make_input((40, 320), dtype, g, layout)
+    Y = make_input((2304, 320), dtype, g, layout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sddmm(P, X, Y)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, _ref(P, X, Y), scale=320)
+
+
 @pytest.mark.kernels(*BACKWARD)
 def test_backward(backend, mkn, sparsity, dtype, layout):
     m, k, d = mkn

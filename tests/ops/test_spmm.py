@@ -42,6 +42,23 @@ def test_forward(backend, mkn, sparsity, dtype, layout):
     torch.testing.assert_close(_ref(A, B), A.to_dense() @ B, **{"rtol": 1e-4, "atol": 1e-5 * max(k, 1)})
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_operand_beyond_l2(backend, dtype, threads, layout):
+    """B packed into 10-20 batch tiles of 2304 rows (2.9-5.9 MB, beyond L2): the CPU kernel runs each tile
+    whole (every row) on one thread instead of row parts that each sweep every tile."""
+    g = gen(seed_of(OP, "whole-tiles", dtype, threads, layout))
+    A = random_sparse((40, 2304), 0.05, dtype, g, True, layout)
+    B = make_input((2304, 320), dtype, g, layout)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = spmm(A, B)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, _ref(A, B), scale=2304)
+
+
 @pytest.mark.kernels(*BACKWARD)
 def test_backward(backend, mkn, sparsity, dtype, layout):
     m, k, n = mkn
