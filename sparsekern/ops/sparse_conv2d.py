@@ -5,7 +5,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix
 from . import _checks as check
-from .dispatch import Op, declare, get_backend, implementation, kernel_for
+from .dispatch import Op, call, declare, get_backend, kernel_for
 
 OP = "sparse_conv2d"
 IntPair = Union[int, Tuple[int, int]]
@@ -64,8 +64,8 @@ def sparse_conv2d(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
     backend = get_backend(OP, x.device)
     check.backend_dtype(OP, backend, "x", x)
-    return implementation(OP, x.device)(x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias,
-                                        list(stride), list(padding), list(dilation))
+    return call(OP, x.device, x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias, list(stride), list(padding),
+                list(dilation))
 
 
 def _fake(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation):

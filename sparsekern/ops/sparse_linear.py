@@ -6,7 +6,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix
 from . import _checks as check
-from .dispatch import Op, declare, get_backend, implementation, kernel_for
+from .dispatch import Op, call, declare, get_backend, kernel_for
 
 OP = "sparse_linear"
 
@@ -23,7 +23,7 @@ def sparse_linear(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     needs_transpose = torch.is_grad_enabled() and x.requires_grad
     t = W.transpose_pattern() if needs_transpose else (None, None, None)
     x2 = x.reshape(math.prod(x.shape[:-1]), W.k)  # not -1: ambiguous when W.k == 0
-    y = implementation(OP, x.device)(x2, W.values, W.row_ptr, W.col_idx, bias, *t)
+    y = call(OP, x.device, x2, W.values, W.row_ptr, W.col_idx, bias, *t)
     # No view for 2-D x: an in-place op on a view of the output (ReLU(inplace=True)) costs autograd
     # two extra copies (CopySlices) in backward.
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], W.m)

@@ -255,3 +255,54 @@ def test_the_chosen_backend_runs():
     if ops.HAS_EXTENSION:
         with sparsekern.backend("cpp"):
             assert implementation("spmm") is torch.ops.sparsekern.spmm
+
+
+# ----------------------------------------------------------------------------------------
+# The layers' ops in eager mode: one autograd.Function from the declaration
+# ----------------------------------------------------------------------------------------
+
+
+def _linear_case(g):
+    W = SparseMatrix.from_dense(torch.randn(5, 7, dtype=torch.float64, generator=g)
+                                * (torch.rand(5, 7, generator=g) < 0.5))
+    x = torch.randn(3, 7, dtype=torch.float64, generator=g)
+    bias = torch.randn(5, dtype=torch.float64, generator=g)
+    t = W.transpose_pattern()
+    return (ops.sparse_linear, (x, W, bias), torch.ops.sparsekern.sparse_linear,
+            lambda x, v, b: (x, v, W.row_ptr, W.col_idx, b, *t))
+
+
+def _conv_case(g):
+    W = SparseMatrix.from_dense(torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
+                                * (torch.rand(4, 3, 3, 3, generator=g) < 0.5))
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, generator=g)
+    bias = torch.randn(4, dtype=torch.float64, generator=g)
+    return (lambda x, W, b: ops.sparse_conv2d(x, W, b, 2, 1), (x, W, bias), torch.ops.sparsekern.sparse_conv2d,
+            lambda x, v, b: (x, v, W.row_ptr, W.col_idx, [3, 3], b, [2, 2], [1, 1], [1, 1]))
+
+
+@needs_extension
+@pytest.mark.parametrize("make", [_linear_case, _conv_case], ids=["sparse_linear", "sparse_conv2d"])
+def test_eager_function_matches_the_registered_autograd(make):
+    """In eager mode the public op runs through dispatch.call's autograd.Function (kernels below
+    autograd); its forward and derivatives (second ones for sparse_linear) equal those of the op called
+    through torch.library's registered autograd (what torch.compile and autocast use), bit for bit."""
+    fn, (x, W, bias), raw, raw_args = make(torch.Generator().manual_seed(3))
+    leaves = [t.clone().requires_grad_() for t in (x, W.values, bias)]
+    y = fn(leaves[0], W.with_values(leaves[1]), leaves[2])
+    assert type(y.grad_fn).__name__.startswith("_Eager_")
+    ref_leaves = [t.clone().requires_grad_() for t in (x, W.values, bias)]
+    y_ref = raw(*raw_args(*ref_leaves))
+    assert not type(y_ref.grad_fn).__name__.startswith("_Eager_")
+    assert torch.equal(y, y_ref)
+    g = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(4))
+    first = torch.autograd.grad(y, leaves, g, create_graph=True)
+    first_ref = torch.autograd.grad(y_ref, ref_leaves, g, create_graph=True)
+    for a, b in zip(first, first_ref):
+        assert torch.equal(a, b)
+    if raw is torch.ops.sparsekern.sparse_linear:  # the conv's backward kernels have no derivatives of their own
+        second = torch.autograd.grad(sum(t.sum() for t in first), leaves, allow_unused=True)
+        second_ref = torch.autograd.grad(sum(t.sum() for t in first_ref), ref_leaves, allow_unused=True)
+        for a, b in zip(second, second_ref):
+            assert (a is None and b is None) or torch.equal(a, b)
+    torch.autograd.gradcheck(lambda *t: fn(t[0], W.with_values(t[1]), t[2]), leaves)
