@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..ops.dispatch import tracing as _tracing
 from ..sparse_matrix import scatter_dense
 
 KERNELS = ("csr", "gemm", "dense")
@@ -258,6 +259,15 @@ def _dense(module: nn.Module, x: torch.Tensor, route: bool) -> torch.Tensor:
     return _DenseKernel.apply(x, module.values, module.bias, module, route)
 
 
+def _scattered(module: nn.Module, values: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """The dense weight from ``values`` at ``positions`` (None: a full pattern, a view of ``values``), as
+    ``dense_weight`` builds it but at the positions the forward saw."""
+    shape = module.weight_shape
+    if positions is None:
+        return values.reshape(shape)
+    return scatter_dense(values, positions, shape.numel()).reshape(shape)
+
+
 class _DenseKernel(torch.autograd.Function):
     """The dense op on the scattered weight as one autograd node: the weight is scattered once in the
     forward and its dense gradient gathered once in the backward, with no autograd node or hook for
@@ -269,10 +279,8 @@ class _DenseKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, module, route):
-        shape, numel = module.weight_shape, module.weight_shape.numel()
-        positions = None if module.nnz == numel else module.pattern.positions()
-        weight = values.reshape(shape) if positions is None else \
-            values.new_zeros(numel).scatter_(0, positions, values).reshape(shape)
+        positions = None if module.nnz == module.weight_shape.numel() else module.pattern.positions()
+        weight = _scattered(module, values, positions)
         ctx.module, ctx.route, ctx.positions, ctx.weight = module, route, positions, weight
         ctx.save_for_backward(x, values, bias)
         return module.dense_forward(x, weight, bias)
@@ -284,9 +292,7 @@ class _DenseKernel(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable again
             with torch.enable_grad():
-                weight = values.reshape(module.weight_shape) if positions is None else \
-                    scatter_dense(values, positions, module.weight_shape.numel()).reshape(module.weight_shape)
-                y = module.dense_forward(x, weight, bias)
+                y = module.dense_forward(x, _scattered(module, values, positions), bias)
                 wanted = [t for t, n in zip((x, values, bias), needs) if n]
                 got = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
             grad_x, grad_values, grad_bias = (next(got) if n else None for n in needs)
@@ -305,11 +311,6 @@ class _DenseKernel(torch.autograd.Function):
 
 def lookup(module: nn.Module, x: torch.Tensor) -> Optional[Choice]:
     return _choices.get(choice_key(module, x))
-
-
-def _tracing() -> bool:
-    compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(compiling is not None and compiling()) or torch.jit.is_tracing()
 
 
 def _sync(device: torch.device) -> None:

@@ -73,10 +73,9 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     def dense_backward(self, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs) -> tuple:
         """(input, dense weight, bias) gradients of ``dense_forward``, those ``needs`` asks for."""
-        g2 = grad.reshape(-1, self.out_features)
         return (grad @ weight if needs[0] else None,
-                g2.t() @ x.reshape(-1, self.in_features) if needs[1] else None,
-                g2.sum(0) if needs[2] else None)
+                self.weight_grad(x, grad) if needs[1] else None,
+                grad.reshape(-1, self.out_features).sum(0) if needs[2] else None)
 
     def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if kernel == "dense":

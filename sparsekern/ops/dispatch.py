@@ -257,12 +257,13 @@ def call(op: str, device: torch.device, *args):
     way, 400 us through the wrapper; MLP step 3.4 %, ViT-S step 1.2 % faster). Under torch.compile, autocast
     or another backend: the op itself."""
     name = get_backend(op, device)
-    if name != "cpp" or torch.is_autocast_enabled(device.type) or _tracing():
+    if name != "cpp" or torch.is_autocast_enabled(device.type) or tracing():
         return implementation(op, device)(*args)
     return _eager_function(op).apply(*args)
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
+    """Under torch.compile or torch.jit tracing (where the registered ops, not eager shortcuts, must run)."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
