@@ -6,15 +6,16 @@
 //
 // Every dense operand is a strided logical 2-D view (no copies by the caller): the
 // engine packs the randomly accessed operand (B, resp. Y) once into batch tiles
-// Bp[t][j][0:T] (k x T, contiguous, zero-padded; T = 32 floats / 16 doubles = 128 B),
+// Bp[t][j][0:T] (k x T, contiguous, zero-padded; 128 B: T = 32 floats / 16 doubles; 256 B
+// for the 64-byte loops; narrower for short batches),
 // so that each nonzero reads one contiguous L2-resident row of T values; the
 // result of a group of rows is written through a register transpose when the
 // output is column-major (sparse_linear's y (N, m) seen as y^T (m, N)).
 // Rows are cut into a few nnz-balanced parts per thread (cost nnz + a per-row term), handed
 // out dynamically; a part walks all batch tiles (rows: int32 column indices, software
 // prefetch of the packed rows 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
-// On AVX-512 hosts the SpMM and SDDMM loops can run on 64-byte vectors (same templates, same tiles
-// and packing, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
+// On AVX-512 hosts the SpMM and SDDMM loops can run on 64-byte vectors (same templates and packing,
+// 256-byte tiles for long batches, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
 // and bias converted once, results rounded to bf16 on store (SDDMM: once, after all tiles).
 // From a density of dense_above() (default 0.3) on, the products run as one dense GEMM instead

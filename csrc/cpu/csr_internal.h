@@ -26,7 +26,7 @@ namespace detail {
 // Software prefetch distance (nonzeros) for the packed rows the SpMM loop will read: about the
 // L2 -> L1 latency covered by the FMAs of 16 nonzeros.
 constexpr int64_t PREFETCH = 16;
-// Rows per SpMM chunk: a chunk's results are buffered (64 rows x 128 B = 8 KB, in L1), then stored,
+// Rows per SpMM chunk: a chunk's results are buffered (64 rows x 128-256 B = 8-16 KB, in L1), then stored,
 // through a register transpose when the output is column-major.
 constexpr int64_t CHUNK = 64;
 // Rows of the dense operand per packing job: 256 rows x 128 B = 32 KB per job, enough to amortise a
@@ -59,9 +59,9 @@ constexpr double DEFAULT_DENSE_ABOVE = 0.3;
 // ---------------------------------------------------------------------------
 // Tiles and parallel parts (csr_partition.cpp).
 
-// Tile width in bytes for a batch of n columns of elem_size bytes: 32, 64 or 128 (the same for
-// both ISAs, so both widths read the same packed tiles).
-int tile_bytes(int64_t n, int64_t elem_size);
+// Tile width in bytes for a batch of n columns of elem_size bytes: 32, 64, 128, or 256 where `wide`
+// (the 64-byte loops run: isa() is avx512). A core packs and loops at the width this returns.
+int tile_bytes(int64_t n, int64_t elem_size, bool wide);
 
 // Row boundaries of `parts` ranges of about equal cost (nnz + row_cost per row), aligned to `align` rows.
 std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align);
@@ -116,9 +116,9 @@ void sddmm_dense(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
 
 // ---------------------------------------------------------------------------
 // The instances of a core (spmm, sddmm): per compute type S and element type I, the 32-byte
-// loops at 1, 2, 4 vectors per tile row (target_clones), the 64-byte loops at 1, 2 (SK_AVX512),
+// loops at 1, 2, 4 vectors per tile row (target_clones), the 64-byte loops at 1, 2, 4 (SK_AVX512),
 // and CORE_rows(tile_bytes, wide, job, r0, r1), which picks one. Tiles of 32 bytes always run the
-// 32-byte loop, so both widths read the same packed tiles. Used inside the core's namespace, after
+// 32-byte loop; 256-byte tiles only the 64-byte one (tile_bytes gives them only where `wide`). Used inside the core's namespace, after
 // CORE_rows_impl<S, NV, I, W>.
 #define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)                                         \
   SK_CLONES void CORE##_rows_##NAME##_##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
@@ -131,10 +131,13 @@ void sddmm_dense(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   }
 #define SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME) \
   SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 1)         \
-  SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 2)
-#define SK_ROWS_WIDE_PICK(CORE, NAME) \
-  if (wide && tile_bytes >= 64)       \
-    return tile_bytes == 64 ? CORE##_rows_##NAME##_w1(J, r0, r1) : CORE##_rows_##NAME##_w2(J, r0, r1);
+  SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 2)         \
+  SK_ROWS_WIDE(CORE, JOB, S, I, NAME, 4)
+#define SK_ROWS_WIDE_PICK(CORE, NAME)                                                                   \
+  if (wide && tile_bytes >= 64) {                                                                       \
+    if (tile_bytes == 64) return CORE##_rows_##NAME##_w1(J, r0, r1);                                    \
+    return tile_bytes == 128 ? CORE##_rows_##NAME##_w2(J, r0, r1) : CORE##_rows_##NAME##_w4(J, r0, r1); \
+  }
 #else
 #define SK_ROWS_WIDE_TYPE(CORE, JOB, S, I, NAME)
 #define SK_ROWS_WIDE_PICK(CORE, NAME)

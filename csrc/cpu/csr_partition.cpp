@@ -11,12 +11,16 @@ namespace sparsekern {
 namespace csr {
 namespace detail {
 
-// 128-byte tiles: a k x T tile of a 4096-column weight is 512 KB, the L2 of a Zen 3 core;
-// narrower for small batches, so that a short batch is not padded to 128 bytes.
-int tile_bytes(int64_t n, int64_t elem_size) {
+// 128-byte tiles: a k x T tile of a 4096-column weight is 512 KB, the L2 of a Zen 3 core; narrower for
+// small batches, so that a short batch is not padded. The 64-byte loops take 256-byte tiles: a nonzero's
+// index, broadcast and prefetch, a row's accumulator set-up, store and reduction are then spread over
+// twice the FMAs, and the pattern is walked half as often. SparseLinear fwd+bwd at ViT, MLP and BERT
+// shapes 1.02-1.09x (interleaved A/B with a control, Zen 4); the 32-byte loops keep 128 (16 registers).
+int tile_bytes(int64_t n, int64_t elem_size, bool wide) {
   const int64_t bytes = n * elem_size;
   if (bytes <= 32) return 32;
   if (bytes <= 64) return 64;
+  if (wide && bytes > 128) return 256;
   return 128;
 }
 

@@ -128,8 +128,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     sddmm_dense(row_ptr, col_idx, X, Y, vals_s);
   } else {
     S* vals = vals_s.data_ptr<S>();
-    const int TB = tile_bytes(d, sizeof(S));
     const bool wide = isa() == Isa::avx512;
+    const int TB = tile_bytes(d, sizeof(S), wide);
     const int64_t T = TB / int64_t(sizeof(S));
     const int64_t ntiles = (d + T - 1) / T;
     const at::Tensor Yp_t = pack_tiles(Y, T);

@@ -182,8 +182,8 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
     spmm_dense(vals_c, row_ptr, col_idx, B, bias_c, out);
     return;
   }
-  const int TB = tile_bytes(n, sizeof(S));
   const bool wide = isa() == Isa::avx512;
+  const int TB = tile_bytes(n, sizeof(S), wide);
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
   const at::Tensor Bp = pack_tiles(B, T);
