@@ -198,6 +198,8 @@ def available(op: str, device_type: str) -> Tuple[str, ...]:
 def get_backend(op: str, device: torch.device) -> str:
     op = PARTS.get(op, op)
     name = _chosen(op)
+    if name in (None, "cpp") and extension_loaded and device.type == "cpu":
+        return "cpp"  # what the general path below gives, without reading the environment on every call
     if name is not None:
         _check_name(f"sparsekern.{op}", "the backend (SPARSEKERN_BACKEND)", name)
     if name == "cpp" and not extension_loaded:
@@ -259,7 +261,12 @@ def call(op: str, device: torch.device, *args):
     name = get_backend(op, device)
     if name != "cpp" or torch.is_autocast_enabled(device.type) or tracing():
         return implementation(op, device)(*args)
-    return _eager_function(op).apply(*args)
+    fn = _eager_function(op)
+    if torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    # Function.apply binds the arguments to forward's signature (inspect.signature, ~15 us a call) because
+    # setup_context is defined; forward takes *args without defaults, so the binding changes nothing.
+    return _apply(fn, *args)
 
 
 def tracing() -> bool:
@@ -268,6 +275,10 @@ def tracing() -> bool:
 
 
 _eager: Dict[str, type] = {}
+
+
+def _apply(fn: type, *args):
+    return super(torch.autograd.Function, fn).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
 
 
 def _eager_function(op: str) -> type:
