@@ -13,7 +13,7 @@
 // output is column-major (sparse_linear's y (N, m) seen as y^T (m, N)).
 // Rows are cut into a few nnz-balanced parts per thread (cost nnz + a per-row term), handed
 // out dynamically; a part walks all batch tiles (rows: int32 column indices, software
-// prefetch of the packed rows 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
+// prefetch (SpMM) of the first line of the packed row 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
 // On AVX-512 hosts the SpMM and SDDMM loops can run on 64-byte vectors (same templates and packing,
 // 256-byte tiles for long batches, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
