@@ -15,7 +15,7 @@ namespace detail {
 // small batches, so that a short batch is not padded. The 64-byte loops take 256-byte tiles: a nonzero's
 // index, broadcast and prefetch, a row's accumulator set-up, store and reduction are then spread over
 // twice the FMAs, and the pattern is walked half as often. SparseLinear fwd+bwd at ViT, MLP and BERT
-// shapes 1.02-1.09x (interleaved A/B with a control, Zen 4); the 32-byte loops keep 128 (16 registers).
+// shapes 1.00-1.09x (interleaved A/B with a control, Zen 4); the 32-byte loops keep 128 (16 registers).
 int tile_bytes(int64_t n, int64_t elem_size, bool wide) {
   const int64_t bytes = n * elem_size;
   if (bytes <= 32) return 32;

@@ -41,8 +41,8 @@ template <typename S, typename XI = S> struct SddmmJob {
 // G = 32-byte lanes nonzeros at a time: G dot products of NV W-byte vectors, each folded to 32
 // bytes, reduced together by one 32-byte transpose-add.
 // No software prefetch: the G independent dot products keep enough L2 loads in flight, and prefetches
-// take load slots (1.0-1.15x faster without them at ViT, MLP and BERT shapes, either vector width;
-// 2-4 % slower at 4096^2; interleaved A/B on Zen 4).
+// take load slots (1.01-1.20x faster without them at ViT, MLP, BERT and 4096^2 shapes, either vector width;
+// than one line per row: 2-4 % slower at 4096^2 on the 64-byte loops; interleaved A/B on Zen 4).
 template <typename S, int NV, int W = 32>
 SK_INLINE void sddmm_chunk(const typename Vec<S, W>::v* x, const S* __restrict Yp, const int32_t* j, int cnt, S* out,
                            bool first) {

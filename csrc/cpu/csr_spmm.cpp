@@ -121,7 +121,7 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
       for (; p + SETS <= e; p += SETS) {
         // The packed rows are L2-resident but randomly addressed: prefetch the first line of each into L1.
         // One line, not the row's 2-4: the prefetches take load slots, and the rest of a row follows its first
-        // line (SpMM 1.05-1.24x faster than prefetching whole rows at ViT, MLP, BERT and 4096^2 shapes,
+        // line (SpMM 1.07-1.24x faster than prefetching whole rows at ViT, MLP, BERT and 4096^2 shapes,
         // either vector width, interleaved A/B on Zen 4; none at all loses 15 % at 4096^2).
         for (int s = 0; s < SETS; ++s) __builtin_prefetch(Bp + (int64_t)ci[std::min(p + s + PREFETCH, last)] * T);
         for (int s = 0; s < SETS; ++s) {
