@@ -262,11 +262,12 @@ def call(op: str, device: torch.device, *args):
     if name != "cpp" or torch.is_autocast_enabled(device.type) or tracing():
         return implementation(op, device)(*args)
     fn = _eager_function(op)
-    if torch._C._are_functorch_transforms_active():
+    if _unwrap_dead_wrappers is None or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     # Function.apply binds the arguments to forward's signature (inspect.signature, ~15 us a call) because
-    # setup_context is defined; forward takes *args without defaults, so the binding changes nothing.
-    return _apply(fn, *args)
+    # setup_context is defined; forward takes *args without defaults, so the binding changes nothing. The
+    # rest of what apply does outside torch.func transforms is this unwrap and the C++ apply.
+    return super(torch.autograd.Function, fn).apply(*_unwrap_dead_wrappers(args))
 
 
 def tracing() -> bool:
@@ -277,8 +278,8 @@ def tracing() -> bool:
 _eager: Dict[str, type] = {}
 
 
-def _apply(fn: type, *args):
-    return super(torch.autograd.Function, fn).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
+# Private in torch (used by Function.apply since 2.1): where a release lacks it, call() takes Function.apply.
+_unwrap_dead_wrappers = getattr(getattr(torch._functorch, "utils", None), "unwrap_dead_wrappers", None)
 
 
 def _eager_function(op: str) -> type:
