@@ -29,6 +29,7 @@
 #include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/conv_tiles.h"
+#include "cpu/plan_cache.h"
 
 namespace sparsekern {
 namespace batched {
@@ -226,6 +227,35 @@ Grad grad_geometry(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int
   return g;
 }
 
+// The forward's and weight gradient's plan (cached, plan_cache.h): per nonzero its packed-input offset, the
+// rows' blocks of source planes and the tiles of the output grid.
+struct TapPlan {
+  std::vector<int32_t> offs;
+  conv_tiles::Blocks blk;
+  std::vector<Tile> tiles;
+  size_t bytes() const {
+    return plan_cache::vec_bytes(offs) + plan_cache::vec_bytes(blk.bp) + plan_cache::vec_bytes(tiles);
+  }
+};
+
+template <class T>
+std::shared_ptr<const TapPlan> tap_plan(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t N,
+                                        int64_t Cin, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t kh,
+                                        int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                                        int64_t dw) {
+  const plan_cache::Key key{plan_cache::kBatchedTaps, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, int64_t(sizeof(T))};
+  return plan_cache::get<TapPlan>(row_ptr, col_idx, key, [&] {
+    const Source sg = source(N, H, W, sh, sw, ph, pw);
+    TapPlan p;
+    std::vector<int32_t> plane_of;
+    p.offs = tap_offsets(op, col_idx, Cin, kh, kw, sh, sw, dh, dw, sg.Wq, N, sg.plane, plane_of);
+    p.blk = conv_tiles::make_blocks(row_ptr.numel() - 1, row_ptr.data_ptr<int64_t>(), plane_of.data(), Cin * sh * sw,
+                                    window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
+    p.tiles = grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T));
+    return p;
+  });
+}
+
 template <class I, class T = typename bf16::Acc<I>::type>
 void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, const at::Tensor& col_idx, const T* bias,
                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
@@ -233,25 +263,39 @@ void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, c
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = y.size(1), OH = y.size(2), OW = y.size(3);
   const Source sg = source(N, H, W, sh, sw, ph, pw);
-  std::vector<int32_t> plane_of;
-  const std::vector<int32_t> offs =
-      tap_offsets("sparse_conv2d", col_idx, Cin, kh, kw, sh, sw, dh, dw, sg.Wq, N, sg.plane, plane_of);
-  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(),
-                                                         Cin * sh * sw, window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
+  const std::shared_ptr<const TapPlan> plan =
+      tap_plan<T>("sparse_conv2d", row_ptr, col_idx, N, Cin, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw);
   at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), yb = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
-  gather_grid<T>(xp.data_ptr<T>(), offs, ws, blk, Cout, grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T)), bias,
-                 yb.data_ptr<T>(), OH * OW * N);
+  gather_grid<T>(xp.data_ptr<T>(), plan->offs, ws, plan->blk, Cout, plan->tiles, bias, yb.data_ptr<T>(), OH * OW * N);
   unpack<I, T>(yb.data_ptr<T>(), y);
 }
 
-template <class I, class T = typename bf16::Acc<I>::type>
-void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
-                         const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                         int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
-  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
-  const int64_t K = kh * kw, nnz = col_idx.numel(), P = sh * sw;
-  const Grad gg = grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw);
+// The input gradient's plan (cached): W^T as CSR over rows (phase, input channel), entries (offset into
+// dYb, index of the value in W's lists), co ascending; per phase its blocks of dY planes and tiles.
+struct GradPlan {
+  Grad gg;
+  std::vector<int64_t> trp, perm;
+  std::vector<int32_t> toffs;
+  std::vector<conv_tiles::Blocks> blk;      // per phase (empty where the phase computes nothing)
+  std::vector<std::vector<Tile>> tiles;     // per phase
+  std::vector<int64_t> part;                // phase p's results start at part[p] in one buffer
+  size_t bytes() const {
+    size_t b = plan_cache::vec_bytes(trp) + plan_cache::vec_bytes(perm) + plan_cache::vec_bytes(toffs);
+    for (const auto& k : blk) b += plan_cache::vec_bytes(k.bp);
+    for (const auto& t : tiles) b += plan_cache::vec_bytes(t);
+    return b;
+  }
+};
+
+template <class T>
+GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t N, int64_t Cin, int64_t H,
+                         int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                         int64_t dw) {
+  const int64_t Cout = row_ptr.numel() - 1, K = kh * kw, nnz = col_idx.numel(), P = sh * sw;
+  GradPlan g;
+  g.gg = grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw);
+  const Grad& gg = g.gg;
   const int64_t plane = gg.Hd * gg.Wd * N;
   // Per weight column (c, r, s): the phase its tap lands in and the tap's offset into dYb from the
   // phase's first computed row and column.
@@ -266,45 +310,70 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
       }
     }
   }
-  // W^T as CSR over rows (phase, input channel): entries (offset into dYb, value).
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const I* vals = values.data_ptr<I>();
-  std::vector<int64_t> trp(P * Cin + 1, 0);
+  g.trp.assign(P * Cin + 1, 0);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
     if (__builtin_expect(col < 0 || col >= Cin * K, 0)) bad_col("sparse_conv2d_backward_input", j, col, Cin, kh, kw);
-    ++trp[col_phase[col] * Cin + col / K + 1];
+    ++g.trp[col_phase[col] * Cin + col / K + 1];
   }
-  for (int64_t r = 0; r < P * Cin; ++r) trp[r + 1] += trp[r];
-  std::vector<int32_t> toffs(nnz), tplane(nnz);
-  std::vector<T> tws(nnz);
+  for (int64_t r = 0; r < P * Cin; ++r) g.trp[r + 1] += g.trp[r];
+  g.toffs.resize(nnz);
+  g.perm.resize(nnz);
+  std::vector<int32_t> tplane(nnz);
   {
-    std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
+    std::vector<int64_t> fill(g.trp.begin(), g.trp.end() - 1);
     for (int64_t co = 0; co < Cout; ++co) {
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
         const int64_t col = ci[j];
         const int64_t q = fill[col_phase[col] * Cin + col / K]++;
-        toffs[q] = static_cast<int32_t>(co * plane + col_off[col]);
-        tws[q] = bf16::widen(vals[j]);
+        g.toffs[q] = static_cast<int32_t>(co * plane + col_off[col]);
+        g.perm[q] = j;
         tplane[q] = static_cast<int32_t>(co);
       }
     }
   }
-  at::Tensor dyb = scratch<T>(Cout * plane);
+  g.part.assign(P + 1, 0);
+  g.blk.resize(P);
+  g.tiles.resize(P);
+  for (int64_t p = 0; p < P; ++p) {
+    const Span& sp = gg.span[p];
+    g.part[p + 1] = g.part[p] + Cin * sp.ni * sp.nj * N;
+    if (sp.ni == 0 || sp.nj == 0) continue;
+    g.blk[p] = conv_tiles::make_blocks(Cin, g.trp.data() + p * Cin, tplane.data(), Cout,
+                                       window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
+    g.tiles[p] = grid_tiles(sp.ni, sp.nj * N, gg.Wd * N, sp.nj * N, sizeof(T));
+  }
+  return g;
+}
+
+template <class I, class T = typename bf16::Acc<I>::type>
+void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                         int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
+  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
+  const int64_t nnz = col_idx.numel(), P = sh * sw;
+  const plan_cache::Key key{plan_cache::kBatchedGrad, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, int64_t(sizeof(T))};
+  const std::shared_ptr<const GradPlan> plan = plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] {
+    return build_grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw);
+  });
+  const GradPlan& gp = *plan;
+  const Grad& gg = gp.gg;
+  // The values in the transpose's order (they change every step; the order does not).
+  const I* vals = values.data_ptr<I>();
+  std::vector<T> tws(nnz);
+  at::parallel_for(0, nnz, 1 << 15, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) tws[q] = bf16::widen(vals[gp.perm[q]]);
+  });
+  at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
   pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
-  // The phases' results, one after another in one buffer.
-  std::vector<int64_t> part(P + 1, 0);
-  for (int64_t p = 0; p < P; ++p) part[p + 1] = part[p] + Cin * gg.span[p].ni * gg.span[p].nj * N;
-  at::Tensor parts = scratch<T>(part[P]);
+  at::Tensor parts = scratch<T>(gp.part[P]);
   for (int64_t p = 0; p < P; ++p) {
     const Span& sp = gg.span[p];
     if (sp.ni == 0 || sp.nj == 0) continue;
-    const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cin, trp.data() + p * Cin, tplane.data(), Cout,
-                                                           window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
-    gather_grid<T>(dyb.data_ptr<T>(), toffs, tws.data(), blk, Cin,
-                   grid_tiles(sp.ni, sp.nj * N, gg.Wd * N, sp.nj * N, sizeof(T)), nullptr,
-                   parts.data_ptr<T>() + part[p], sp.ni * sp.nj * N);
+    gather_grid<T>(dyb.data_ptr<T>(), gp.toffs, tws.data(), gp.blk[p], Cin, gp.tiles[p], nullptr,
+                   parts.data_ptr<T>() + gp.part[p], sp.ni * sp.nj * N);
   }
   // dX from the phases: phase (a, b) row i, column j is x's row (i0 + i)*sh + a - ph, column (j0 + j)*sw + b - pw.
   I* out = dx.data_ptr<I>();
@@ -314,7 +383,7 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
         const Span& sp = gg.span[p];
         if (sp.ni == 0 || sp.nj == 0) continue;
         const int64_t a = p / sw, b = p % sw;
-        const T* src = parts.data_ptr<T>() + part[p] + c * sp.ni * sp.nj * N;
+        const T* src = parts.data_ptr<T>() + gp.part[p] + c * sp.ni * sp.nj * N;
         for (int64_t n = 0; n < N; ++n) {
           I* d = out + (n * Cin + c) * H * W + ((sp.i0 * sh + a - ph) * W + sp.j0 * sw + b - pw);
           for (int64_t i = 0; i < sp.ni; ++i)
@@ -332,18 +401,15 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   const Source sg = source(N, H, W, sh, sw, ph, pw);
-  std::vector<int32_t> plane_of;
-  const std::vector<int32_t> offs =
-      tap_offsets("sparse_conv2d_backward_weight", col_idx, Cin, kh, kw, sh, sw, dh, dw, sg.Wq, N, sg.plane, plane_of);
+  const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
+                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw);
   at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), dyc = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
   pack<I, T>(dy, 0, 0, 1, 1, OH, OW, dyc.data_ptr<T>());
-  const std::vector<Tile> tiles = grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T));
-  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(),
-                                                         Cin * sh * sw, window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
   T* g = gv.data_ptr<T>();
   at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
-    conv_tiles::wgrad(xp.data_ptr<T>(), offs.data(), blk, r0, r1, tiles, dyc.data_ptr<T>(), OH * OW * N, g);
+    conv_tiles::wgrad(xp.data_ptr<T>(), plan->offs.data(), plan->blk, r0, r1, plan->tiles, dyc.data_ptr<T>(),
+                      OH * OW * N, g);
   });
 }
 

@@ -28,6 +28,7 @@
 #include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/conv_tiles.h"
+#include "cpu/plan_cache.h"
 
 namespace sparsekern {
 namespace pointwise {
@@ -138,27 +139,87 @@ std::vector<int32_t> row_offsets(const char* op, const at::Tensor& col_idx, int6
   return offs;
 }
 
+// The forward's and weight gradient's plan (cached, plan_cache.h): each nonzero's input channel and the
+// rows' blocks of them.
+struct RowsPlan {
+  std::vector<int32_t> rows;
+  conv_tiles::Blocks blk;
+  size_t bytes() const { return plan_cache::vec_bytes(rows) + plan_cache::vec_bytes(blk.bp); }
+};
+
+std::shared_ptr<const RowsPlan> rows_plan(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                          int64_t Cin) {
+  return plan_cache::get<RowsPlan>(row_ptr, col_idx, {plan_cache::kPointwiseRows, Cin}, [&] {
+    RowsPlan p;
+    p.rows = row_offsets(op, col_idx, Cin, 1);
+    p.blk = conv_tiles::make_blocks(row_ptr.numel() - 1, row_ptr.data_ptr<int64_t>(), p.rows.data(), Cin, NMAX * 32);
+    return p;
+  });
+}
+
+// The input gradient's plan (cached): W^T as CSR, rows Cin, entries (co, index of the value in W's lists),
+// co ascending, and its rows' blocks of output channels.
+struct GradPlan {
+  std::vector<int64_t> trp, perm;
+  std::vector<int32_t> trows;
+  conv_tiles::Blocks blk;
+  size_t bytes() const {
+    return plan_cache::vec_bytes(trp) + plan_cache::vec_bytes(perm) + plan_cache::vec_bytes(trows) +
+           plan_cache::vec_bytes(blk.bp);
+  }
+};
+
+GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t Cin) {
+  const int64_t Cout = row_ptr.numel() - 1, nnz = col_idx.numel();
+  const std::vector<int32_t> cols = row_offsets("sparse_conv2d_backward_input", col_idx, Cin, 1);
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  GradPlan g;
+  g.trp.assign(Cin + 1, 0);
+  for (int64_t j = 0; j < nnz; ++j) ++g.trp[cols[j] + 1];
+  for (int64_t c = 0; c < Cin; ++c) g.trp[c + 1] += g.trp[c];
+  g.trows.resize(nnz);
+  g.perm.resize(nnz);
+  std::vector<int64_t> fill(g.trp.begin(), g.trp.end() - 1);
+  for (int64_t co = 0; co < Cout; ++co) {
+    for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
+      const int64_t p = fill[cols[j]]++;
+      g.trows[p] = static_cast<int32_t>(co);
+      g.perm[p] = j;
+    }
+  }
+  g.blk = conv_tiles::make_blocks(Cin, g.trp.data(), g.trows.data(), Cout, NMAX * 32);
+  return g;
+}
+
+// offs[j] = rows[j] * stride.
+std::vector<int32_t> scaled(const std::vector<int32_t>& rows, int64_t stride) {
+  const int64_t nnz = static_cast<int64_t>(rows.size());
+  std::vector<int32_t> offs(nnz);
+  at::parallel_for(0, nnz, 1 << 15, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) offs[j] = static_cast<int32_t>(rows[j] * stride);
+  });
+  return offs;
+}
+
 // Rows of one thread's share when the batch has fewer groups than threads: about 16K multiply-adds each.
 int64_t row_grain(int64_t R, int64_t nnz, int64_t cols) {
   return std::max<int64_t>(1, R * 16384 / std::max<int64_t>(1, nnz * cols));
 }
 
-// out (R rows of planes) = CSR (R rows, entries offs/ws over the source's rows) x src, for every image:
-// src is `in` read at stride (sh, sw) (Cs rows), out is written at stride (osh, osw) of its planes.
+// out (R rows of planes) = CSR (R rows, entries src_rows/ws over the source's rows, blocked by blk) x src, for
+// every image: src is `in` read at stride (sh, sw) (Cs rows), out is written at stride (osh, osw) of its planes.
 template <class I, class T>
-void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* rp, const std::vector<int32_t>& src_rows,
-                  const T* ws, const T* bias, int64_t OH, int64_t OW, int64_t osh, int64_t osw, at::Tensor& out) {
+void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles::Blocks& blk,
+                  const std::vector<int32_t>& src_rows, const T* ws, const T* bias, int64_t OH, int64_t OW, int64_t osh,
+                  int64_t osw, at::Tensor& out) {
   const int64_t N = in.size(0), Cs = in.size(1), R = out.size(1), P = OH * OW;
   const Layout<T> lay(N, P);
   const int64_t nnz = static_cast<int64_t>(src_rows.size());
   const bool src_direct = lay.flat && in_place<I, T>(in, sh, sw);
   const bool dst_direct = lay.flat && std::is_same<I, T>::value && osh == 1 && osw == 1;
   check_extent("sparse_conv2d", Cs, lay.L);
-  const int64_t s_stride = src_direct ? in.stride(1) : lay.L;
-  std::vector<int32_t> offs(nnz);
-  for (int64_t j = 0; j < nnz; ++j) offs[j] = static_cast<int32_t>(src_rows[j] * s_stride);
+  const std::vector<int32_t> offs = scaled(src_rows, src_direct ? in.stride(1) : lay.L);
   const int64_t o_stride = dst_direct ? P : lay.L;
-  const conv_tiles::Blocks blk = conv_tiles::make_blocks(R, rp, src_rows.data(), Cs, NMAX * 32);
   const I* ip = in.data_ptr<I>();
   I* op = out.data_ptr<I>();
   const int64_t out_img = R * out.size(2) * out.size(3);
@@ -203,36 +264,25 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const int64_t* r
 template <class I, class T = typename bf16::Acc<I>::type>
 void forward_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                   const T* bias, int64_t sh, int64_t sw, at::Tensor& y) {
-  const std::vector<int32_t> rows = row_offsets("sparse_conv2d", col_idx, x.size(1), 1);
-  gather_batch<I, T>(x, sh, sw, row_ptr.data_ptr<int64_t>(), rows, values.data_ptr<T>(), bias, y.size(2), y.size(3), 1,
-                     1, y);
+  const std::shared_ptr<const RowsPlan> plan = rows_plan("sparse_conv2d", row_ptr, col_idx, x.size(1));
+  gather_batch<I, T>(x, sh, sw, plan->blk, plan->rows, values.data_ptr<T>(), bias, y.size(2), y.size(3), 1, 1, y);
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& dx) {
-  // W^T as CSR: rows Cin, entries (co, value), co ascending.
-  const int64_t Cin = dx.size(1), Cout = dy.size(1), nnz = col_idx.numel();
-  const std::vector<int32_t> cols = row_offsets("sparse_conv2d_backward_input", col_idx, Cin, 1);
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t Cin = dx.size(1), nnz = col_idx.numel();
+  const std::shared_ptr<const GradPlan> plan =
+      plan_cache::get<GradPlan>(row_ptr, col_idx, {plan_cache::kPointwiseGrad, Cin},
+                                [&] { return build_grad_plan(row_ptr, col_idx, Cin); });
+  // The values in the transpose's order (they change every step; the order does not).
   const I* vals = values.data_ptr<I>();
-  std::vector<int64_t> trp(Cin + 1, 0);
-  for (int64_t j = 0; j < nnz; ++j) ++trp[cols[j] + 1];
-  for (int64_t c = 0; c < Cin; ++c) trp[c + 1] += trp[c];
-  std::vector<int32_t> trows(nnz);
   std::vector<T> tws(nnz);
-  {
-    std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
-    for (int64_t co = 0; co < Cout; ++co) {
-      for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
-        const int64_t p = fill[cols[j]]++;
-        trows[p] = static_cast<int32_t>(co);
-        tws[p] = bf16::widen(vals[j]);
-      }
-    }
-  }
+  at::parallel_for(0, nnz, 1 << 15, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) tws[q] = bf16::widen(vals[plan->perm[q]]);
+  });
   if (sh != 1 || sw != 1) dx.zero_();  // pixels no output reads get zero
-  gather_batch<I, T>(dy, 1, 1, trp.data(), trows, tws.data(), nullptr, dy.size(2), dy.size(3), sh, sw, dx);
+  gather_batch<I, T>(dy, 1, 1, plan->blk, plan->trows, tws.data(), nullptr, dy.size(2), dy.size(3), sh, sw, dx);
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
@@ -240,17 +290,14 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
                           const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& gv) {
   const int64_t N = x.size(0), Cin = x.size(1), Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   const int64_t P = OH * OW, nnz = col_idx.numel();
-  const std::vector<int32_t> rows = row_offsets("sparse_conv2d_backward_weight", col_idx, Cin, 1);
+  const std::shared_ptr<const RowsPlan> plan = rows_plan("sparse_conv2d_backward_weight", row_ptr, col_idx, Cin);
   const Layout<T> lay(N, P);
   const bool x_direct = lay.flat && in_place<I, T>(x, sh, sw);
   const bool dy_direct = lay.flat && in_place<I, T>(dy, 1, 1);
   check_extent("sparse_conv2d_backward_weight", Cin, lay.L);
-  const int64_t x_stride = x_direct ? x.stride(1) : lay.L;
-  std::vector<int32_t> offs(nnz);
-  for (int64_t j = 0; j < nnz; ++j) offs[j] = static_cast<int32_t>(rows[j] * x_stride);
+  const std::vector<int32_t> offs = scaled(plan->rows, x_direct ? x.stride(1) : lay.L);
   const int64_t d_stride = dy_direct ? dy.stride(1) : lay.L;
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
-  const conv_tiles::Blocks blk = conv_tiles::make_blocks(Cout, rp, rows.data(), Cin, NMAX * 32);
+  const conv_tiles::Blocks& blk = plan->blk;
   const I* xp = x.data_ptr<I>();
   const I* dp = dy.data_ptr<I>();
   auto sources = [&](int64_t grp, std::vector<T>& xb, std::vector<T>& db, const T*& xs, const T*& ds) {

@@ -36,6 +36,7 @@
 #include "cpu/common.h"
 #include "cpu/conv_batched.h"
 #include "cpu/conv_pointwise.h"
+#include "cpu/plan_cache.h"
 #include "cpu/sparse_conv2d_impl.h"
 
 namespace sparsekern {
@@ -379,6 +380,16 @@ void check_values(const char* op, const at::Tensor& values, const at::Tensor& co
               ": values must be a 1-D tensor with nnz = ", col_idx.numel(), " entries, got shape ", values.sizes());
 }
 
+// The forward's and weight gradient's plan (cached, plan_cache.h; the same for every batch size): per
+// nonzero its packed-x offset, the output grid's vector positions and the rows' blocks of input channels.
+struct TapPlan {
+  std::vector<int32_t> offs;
+  std::vector<Pos> pos;
+  std::vector<int64_t> bp;
+  int64_t nb = 1;
+  size_t bytes() const { return plan_cache::vec_bytes(offs) + plan_cache::vec_bytes(pos) + plan_cache::vec_bytes(bp); }
+};
+
 // ---------------------------------------------------------------------------
 // Forward.
 
@@ -393,21 +404,42 @@ int64_t fwd_planes_per_block(const Geom& g) {
 
 // I: the element type of x and y; T: the compute type of values, bias and the packed image
 // (float32 for a bf16 I).
+// T: the compute type (its vector width shapes the positions); checks col_idx when it builds.
+template <class T>
+std::shared_ptr<const TapPlan> tap_plan(const char* op, const Geom& g, const at::Tensor& row_ptr,
+                                        const at::Tensor& col_idx) {
+  const plan_cache::Key key{plan_cache::kDirectTaps, g.Cin, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                            int64_t(sizeof(T))};
+  return plan_cache::get<TapPlan>(row_ptr, col_idx, key, [&] {
+    TapPlan p;
+    std::vector<int32_t> plane_of;
+    forward_offsets(op, g, col_idx, p.offs, plane_of);
+    p.pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
+    p.bp = block_ptr(g.Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), p.nb);
+    return p;
+  });
+}
+
+std::shared_ptr<const TapPlan> tap_plan_for(const char* op, const Geom& g, const at::Tensor& x,
+                                            const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  return x.scalar_type() == at::kDouble ? tap_plan<double>(op, g, row_ptr, col_idx)
+                                        : tap_plan<float>(op, g, row_ptr, col_idx);
+}
+
 template <class I, class T = typename bf16::Acc<I>::type>
-void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
-                  const std::vector<int32_t>& offs, const std::vector<int32_t>& plane_of, const T* bias,
+void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, const TapPlan& plan, const T* bias,
                   at::Tensor& y) {
   const I* xp = x.data_ptr<I>();
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const T* ws = values.data_ptr<T>();
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
   I* yp = y.data_ptr<I>();
   const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
-  const std::vector<Pos> pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
+  const std::vector<int32_t>& offs = plan.offs;
+  const std::vector<Pos>& pos = plan.pos;
+  const std::vector<int64_t>& bp = plan.bp;
+  const int64_t nb = plan.nb;
   const int64_t ntiles = static_cast<int64_t>(pos.size()) / NACC;
   const int64_t psize = g.xpack_size();
-  int64_t nb;
-  const std::vector<int64_t> bp = block_ptr(g.Cout, rp, plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), nb);
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
@@ -468,20 +500,19 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
     batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y);
     return y;
   }
-  std::vector<int32_t> offs, plane_of;
-  forward_offsets(op, g, col_idx, offs, plane_of);
+  const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
   if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
     const at::Tensor v32 = values.to(at::kFloat).contiguous();
     const at::Tensor b32 = b.defined() ? b.to(at::kFloat) : b;
-    forward_impl<c10::BFloat16>(g, x, v32, row_ptr, offs, plane_of, b32.defined() ? b32.data_ptr<float>() : nullptr, y);
+    forward_impl<c10::BFloat16>(g, x, v32, *plan, b32.defined() ? b32.data_ptr<float>() : nullptr, y);
     return y;
   }
   const at::Tensor vc = values.contiguous();
   if (x.scalar_type() == at::kFloat)
-    forward_impl<float>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<float>() : nullptr, y);
-  else forward_impl<double>(g, x, vc, row_ptr, offs, plane_of, b.defined() ? b.data_ptr<double>() : nullptr, y);
+    forward_impl<float>(g, x, vc, *plan, b.defined() ? b.data_ptr<float>() : nullptr, y);
+  else forward_impl<double>(g, x, vc, *plan, b.defined() ? b.data_ptr<double>() : nullptr, y);
   return y;
 }
 
@@ -490,27 +521,47 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
 // r*dh = a (mod sh) contribute, from output row m - (r*dh)/sh; likewise along W. So
 // per phase (a, c) it is a stride-1 correlation of dY (zero bordered) with those taps.
 
-template <class I, class T = typename bf16::Acc<I>::type>
-void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
-                         const at::Tensor& col_idx, at::Tensor& dx) {
-  const int64_t nph = g.sh * g.sw, K = g.kh * g.kw;
-  const int64_t Ptop = ((g.kh - 1) * g.dh) / g.sh, Pleft = ((g.kw - 1) * g.dw) / g.sw;
-  const int64_t Mmax = (g.H - 1 + g.ph) / g.sh + 1, Nmax = (g.W - 1 + g.pw) / g.sw + 1;
-  const int64_t Hd = Ptop + std::max(g.OH, Mmax), Wd = Pleft + std::max(g.OW, Nmax);
-  TORCH_CHECK(static_cast<__int128>(g.Cout) * Hd * Wd + kSlack < INT32_MAX,
-              "sparse_conv2d_backward_input: one grad_out image is too large for this kernel");
-  const int64_t dplane = Hd * Wd, psize = g.Cout * dplane + kSlack;
+// The input gradient's plan (cached; the same for every batch size): W^T as lists over rows (phase, ci),
+// entries (dY offset, index of the value in W's lists), co ascending; per phase its vector positions; the
+// rows' blocks of output channels.
+struct GradPlan {
+  int64_t Ptop, Pleft, Hd, Wd;
+  std::vector<int64_t> trp, perm;
+  std::vector<int32_t> toffs;
+  std::vector<std::vector<Pos>> pos;  // per phase
+  std::vector<int64_t> bp;
+  int64_t nb = 1;
+  size_t bytes() const {
+    size_t b = plan_cache::vec_bytes(trp) + plan_cache::vec_bytes(perm) + plan_cache::vec_bytes(toffs) +
+               plan_cache::vec_bytes(bp);
+    for (const auto& p : pos) b += plan_cache::vec_bytes(p);
+    return b;
+  }
+};
 
-  // Transposed lists, rows (phase, ci), entries (dY offset, value), co ascending.
+// Checks col_idx when it builds.
+template <class T>
+GradPlan build_grad_plan(const char* op, const Geom& g, const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  GradPlan gp;
+  const int64_t nph = g.sh * g.sw, K = g.kh * g.kw, ncols = g.Cin * K;
+  gp.Ptop = ((g.kh - 1) * g.dh) / g.sh;
+  gp.Pleft = ((g.kw - 1) * g.dw) / g.sw;
+  const int64_t Ptop = gp.Ptop, Pleft = gp.Pleft;
+  const int64_t Mmax = (g.H - 1 + g.ph) / g.sh + 1, Nmax = (g.W - 1 + g.pw) / g.sw + 1;
+  gp.Hd = Ptop + std::max(g.OH, Mmax);
+  gp.Wd = Pleft + std::max(g.OW, Nmax);
+  const int64_t Hd = gp.Hd, Wd = gp.Wd;
+  TORCH_CHECK(static_cast<__int128>(g.Cout) * Hd * Wd + kSlack < INT32_MAX, op,
+              ": one grad_out image is too large for this kernel");
+  const int64_t dplane = Hd * Wd;
   const int64_t nnz = col_idx.numel();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* cidx = col_idx.data_ptr<int32_t>();
-  const I* vals = values.data_ptr<I>();
   const int64_t nrows = nph * g.Cin;
-  std::vector<int64_t> trp(nrows + 1, 0);
+  gp.trp.assign(nrows + 1, 0);
   std::vector<int32_t> key(nnz);
   // Per column (c, r, s), tabled (not divided out per nonzero): its row (phase, c) of W^T and its dY shift.
-  std::vector<int32_t> col_key(g.Cin * K), col_shift(g.Cin * K);
+  std::vector<int32_t> col_key(ncols), col_shift(ncols);
   for (int64_t c = 0, col = 0; c < g.Cin; ++c) {
     for (int64_t r = 0; r < g.kh; ++r) {
       for (int64_t s = 0; s < g.kw; ++s, ++col) {
@@ -520,26 +571,31 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
     }
   }
   for (int64_t j = 0; j < nnz; ++j) {
-    const int32_t k = col_key[cidx[j]];
+    const int64_t col = cidx[j];
+    TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", g.Cin,
+                " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
+                " columns (col_idx ", col, " is input channel ", col / K, ")");
+    const int32_t k = col_key[col];
     key[j] = k;
-    ++trp[k + 1];
+    ++gp.trp[k + 1];
   }
-  for (int64_t k = 0; k < nrows; ++k) trp[k + 1] += trp[k];
-  std::vector<int32_t> toffs(nnz), tplane(nnz);
-  std::vector<T> tws(nnz);
+  for (int64_t k = 0; k < nrows; ++k) gp.trp[k + 1] += gp.trp[k];
+  gp.toffs.resize(nnz);
+  gp.perm.resize(nnz);
+  std::vector<int32_t> tplane(nnz);
   {
-    std::vector<int64_t> fill(trp.begin(), trp.end() - 1);
+    std::vector<int64_t> fill(gp.trp.begin(), gp.trp.end() - 1);
     for (int64_t co = 0; co < g.Cout; ++co) {
       for (int64_t j = rp[co]; j < rp[co + 1]; ++j) {
         const int64_t p = fill[key[j]]++;
-        toffs[p] = static_cast<int32_t>(co * dplane + col_shift[cidx[j]]);
-        tws[p] = bf16::widen(vals[j]);
+        gp.toffs[p] = static_cast<int32_t>(co * dplane + col_shift[cidx[j]]);
+        gp.perm[p] = j;
         tplane[p] = static_cast<int32_t>(co);
       }
     }
   }
   // Positions per phase.
-  std::vector<std::vector<Pos>> pos(nph);
+  gp.pos.resize(nph);
   for (int64_t a = 0; a < g.sh; ++a) {
     // Rows m with ih = a + sh*m - ph in [0, H): m in [m0c, m1].
     const int64_t m0c = (g.ph - a) <= 0 ? 0 : (g.ph - a + g.sh - 1) / g.sh;
@@ -547,15 +603,43 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
     for (int64_t c = 0; c < g.sw; ++c) {
       const int64_t n0 = (g.pw - c) <= 0 ? 0 : (g.pw - c + g.sw - 1) / g.sw;
       const int64_t n1 = (g.W - 1 + g.pw - c) >= 0 ? (g.W - 1 + g.pw - c) / g.sw : -1;
-      pos[a * g.sw + c] = build_positions<T>(m1 - m0c + 1, n1 - n0 + 1, (m0c + Ptop) * Wd + n0 + Pleft, Wd,
-                                             (a + g.sh * m0c - g.ph) * g.W + (c + g.sw * n0 - g.pw), g.sh * g.W, g.sw);
+      gp.pos[a * g.sw + c] =
+          build_positions<T>(m1 - m0c + 1, n1 - n0 + 1, (m0c + Ptop) * Wd + n0 + Pleft, Wd,
+                             (a + g.sh * m0c - g.ph) * g.W + (c + g.sw * n0 - g.pw), g.sh * g.W, g.sw);
     }
   }
   // Blocks of output channels: a tile reads tile_rows + Ptop rows of each dY plane.
-  int64_t nb;
   const int64_t bsize = planes_per_block<T>(tile_rows<T>((g.W + g.sw - 1) / g.sw) + Ptop,
                                             std::min<int64_t>(Wd, NACC * (32 / sizeof(T)) + Pleft));
-  const std::vector<int64_t> bp = block_ptr(nrows, trp.data(), tplane.data(), g.Cout, bsize, nb);
+  gp.bp = block_ptr(nrows, gp.trp.data(), tplane.data(), g.Cout, bsize, gp.nb);
+  return gp;
+}
+
+template <class T>
+std::shared_ptr<const GradPlan> grad_plan(const char* op, const Geom& g, const at::Tensor& row_ptr,
+                                          const at::Tensor& col_idx) {
+  const plan_cache::Key key{plan_cache::kDirectGrad, g.Cin, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
+                            int64_t(sizeof(T))};
+  return plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] { return build_grad_plan<T>(op, g, row_ptr, col_idx); });
+}
+
+template <class I, class T = typename bf16::Acc<I>::type>
+void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& values, const GradPlan& gp,
+                         at::Tensor& dx) {
+  const int64_t nph = g.sh * g.sw;
+  const int64_t Ptop = gp.Ptop, Pleft = gp.Pleft, Hd = gp.Hd, Wd = gp.Wd;
+  const int64_t psize = g.Cout * Hd * Wd + kSlack;
+  const int64_t nnz = static_cast<int64_t>(gp.perm.size());
+  const std::vector<int32_t>& toffs = gp.toffs;
+  const std::vector<std::vector<Pos>>& pos = gp.pos;
+  const std::vector<int64_t>& bp = gp.bp;
+  const int64_t nb = gp.nb;
+  // The values in the transpose's order (they change every step; the order does not).
+  const I* vals = values.data_ptr<I>();
+  std::vector<T> tws(nnz);
+  at::parallel_for(0, nnz, 1 << 15, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) tws[q] = bf16::widen(vals[gp.perm[q]]);
+  });
   const I* dyp = dy.data_ptr<I>();
   const int64_t sN = dy.stride(0), sC = dy.stride(1), sH = dy.stride(2), sW = dy.stride(3);
   I* dxp = dx.data_ptr<I>();
@@ -623,17 +707,15 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
     batched::backward_input(grad_out, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx);
     return dx;
   }
-  {
-    std::vector<int32_t> offs, plane_of;
-    forward_offsets(op, g, col_idx, offs, plane_of);  // checks col_idx
-  }
+  const std::shared_ptr<const GradPlan> plan = grad_out.scalar_type() == at::kDouble
+                                                   ? grad_plan<double>(op, g, row_ptr, col_idx)
+                                                   : grad_plan<float>(op, g, row_ptr, col_idx);  // checks col_idx
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
   if (dx.numel() == 0) return dx;
   const at::Tensor vc = values.contiguous();
-  if (grad_out.scalar_type() == at::kFloat) backward_input_impl<float>(g, grad_out, vc, row_ptr, col_idx, dx);
-  else if (grad_out.scalar_type() == at::kBFloat16)
-    backward_input_impl<c10::BFloat16>(g, grad_out, vc, row_ptr, col_idx, dx);
-  else backward_input_impl<double>(g, grad_out, vc, row_ptr, col_idx, dx);
+  if (grad_out.scalar_type() == at::kFloat) backward_input_impl<float>(g, grad_out, vc, *plan, dx);
+  else if (grad_out.scalar_type() == at::kBFloat16) backward_input_impl<c10::BFloat16>(g, grad_out, vc, *plan, dx);
+  else backward_input_impl<double>(g, grad_out, vc, *plan, dx);
   return dx;
 }
 
@@ -642,13 +724,13 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
 
 // gv has the compute type T (float32 for a bf16 I; the caller rounds it).
 template <class I, class T = typename bf16::Acc<I>::type>
-void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
-                          const std::vector<int32_t>& offs, const std::vector<int32_t>& plane_of, at::Tensor& gv) {
+void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& x, const TapPlan& plan,
+                          at::Tensor& gv) {
   const I* xp = x.data_ptr<I>();
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const I* dyp = dy.data_ptr<I>();  // contiguous
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
   T* gp = gv.data_ptr<T>();
+  const std::vector<int32_t>& offs = plan.offs;
   const int64_t nnz = offs.size();
   const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
   // dY of image b in the compute type: a bf16 image is widened once into `tmp` (yimg entries).
@@ -661,11 +743,11 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       return tmp.data();
     }
   };
-  const std::vector<Pos> pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
+  const std::vector<Pos>& pos = plan.pos;
+  const std::vector<int64_t>& bp = plan.bp;
+  const int64_t nb = plan.nb;
   const int64_t ntiles = static_cast<int64_t>(pos.size()) / NACC;
   const int64_t psize = g.xpack_size();
-  int64_t nb;
-  const std::vector<int64_t> bp = block_ptr(g.Cout, rp, plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), nb);
   const bool grouped = g.kh * g.kw > 1;  // see wgrad_rows
   const int64_t nth = num_threads();
   if (g.N >= nth && nth > 1) {
@@ -731,17 +813,16 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
     batched::backward_weight(dyc, x, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, gv);
     return bf ? gv.to(at::kBFloat16) : gv;
   }
-  std::vector<int32_t> offs, plane_of;
-  forward_offsets(op, g, col_idx, offs, plane_of);
+  const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
   at::Tensor gv = at::zeros({col_idx.numel()}, x.options());
   if (col_idx.numel() == 0 || g.N == 0) return gv;
   if (x.scalar_type() == at::kBFloat16) {  // summed over the batch in float32, rounded once
     at::Tensor gv32 = at::zeros({col_idx.numel()}, x.options().dtype(at::kFloat));
-    backward_weight_impl<c10::BFloat16>(g, dyc, x, row_ptr, offs, plane_of, gv32);
+    backward_weight_impl<c10::BFloat16>(g, dyc, x, *plan, gv32);
     return gv32.to(at::kBFloat16);
   }
-  if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, row_ptr, offs, plane_of, gv);
-  else backward_weight_impl<double>(g, dyc, x, row_ptr, offs, plane_of, gv);
+  if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, *plan, gv);
+  else backward_weight_impl<double>(g, dyc, x, *plan, gv);
   return gv;
 }
 
