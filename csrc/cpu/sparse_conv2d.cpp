@@ -24,10 +24,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -190,24 +193,104 @@ bool pointwise_for(const Geom& g, ConvPin pin) {
   return pin != ConvPin::Direct && pointwise::applies(g.kh, g.kw, g.ph, g.pw);
 }
 
-// The batch-innermost kernels (conv_batched.cpp) where they win (fwd+bwd, 2 threads, Zen 4): on planes of
-// at most 64 outputs whose rows fill the direct kernel's vectors partly. Rows of at most half a vector
+bool batched_applies(const Geom& g) {
+  return batched::applies(g.N, g.Cin, g.Cout, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw);
+}
+
+// What a conv too small to measure runs (see run_chosen): the batch-innermost kernels (conv_batched.cpp) by a
+// geometry rule (fwd+bwd, 2 threads, Zen 4): on planes of at most 64 outputs whose rows fill the direct
+// kernel's vectors partly. Rows of at most half a vector
 // (4x4 and smaller): 1.9-2.4x the direct kernel at any density. Otherwise (7x7: 7 of 8 lanes) only when
 // the multiply-adds outweigh the copies to and from the (C, H, W, N) layout: at 7x7 1.1-1.3x from
 // nnz*P >= 16 (Cin+Cout) Hp Wp (density 0.043 of 256 channels), 0.8x at a fifth of that. Full rows (8x8)
 // and planes from 14x14 on stay with the direct kernel, whose weight blocks and rows suit them (8x8 at
 // batch 64: 1.35-2.5x faster than batch-innermost). Strided convs by the same rule: ResNet-50's stride-2
 // 3x3 at 7x7 -> 4x4 2.2x the direct kernel (d 0.1; 1.65x at 0.02), at 14x14 -> 7x7 even.
-bool batched_for(const Geom& g, int64_t nnz, ConvPin pin) {
-  if (pin == ConvPin::Direct ||
-      !batched::applies(g.N, g.Cin, g.Cout, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw))
-    return false;
-  if (pin == ConvPin::Batched) return true;
+bool batched_by_rule(const Geom& g, int64_t nnz) {
   const int64_t lanes = 8, used = g.OW % lanes;
   if (g.OH * g.OW > 64 || used == 0) return false;
   if (g.OW * 2 <= lanes) return true;
   const double work = static_cast<double>(nnz) * g.OH * g.OW;
   return work >= 16.0 * static_cast<double>(g.Cin + g.Cout) * (g.H + 2 * g.ph) * (g.W + 2 * g.pw);
+}
+
+// Which of the direct and batch-innermost kernels a pass runs. Both apply to most convs larger than 1x1,
+// and which is faster depends on channels, plane size, stride, density, batch and the pass: measured on Zen 4
+// (2 threads, ResNet-50's 3x3 layers at batch 8 and 16, densities 0.04-0.2), batched takes 0.26-0.5x the
+// direct kernel's time at 4x4 and 7x7 with 512 channels, 0.6-0.9x at 14x14 with 128-256 channels and at
+// 28x28 -> 14x14 stride 2 with 256, but 1.2-2.2x at 56x56 with 64 channels and on the 7x7 stem, and the
+// weight gradient prefers it more than the forward (0.45-0.65x where the forward is even). No rule on the
+// geometry ranks all of these, so a pass large enough to matter times both kernels on its first call of a
+// (pass, geometry, nnz, dtype, thread count) and keeps the faster for the process; smaller ones follow the
+// rule above. SPARSEKERN_CONV_KERNEL=direct|batched pins one kernel instead.
+enum class Pass : int64_t { Forward, GradInput, GradWeight };
+constexpr double kMeasureMacs = 4e6;  // a pass of fewer multiply-adds takes well under a millisecond
+
+struct Choices {
+  std::mutex mutex;
+  std::map<std::vector<int64_t>, bool> batched;
+};
+Choices& choices() {
+  static Choices* c = new Choices();  // never destroyed: ops may run during interpreter shutdown
+  return *c;
+}
+
+std::vector<int64_t> choice_key(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype) {
+  return {static_cast<int64_t>(pass),
+          g.N,
+          g.Cin,
+          g.H,
+          g.W,
+          g.Cout,
+          g.kh,
+          g.kw,
+          g.sh,
+          g.sw,
+          g.ph,
+          g.pw,
+          g.dh,
+          g.dw,
+          nnz,
+          static_cast<int64_t>(dtype),
+          static_cast<int64_t>(at::get_num_threads())};
+}
+
+// The kernel measured for this pass and geometry, if any.
+c10::optional<bool> measured_choice(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype) {
+  Choices& c = choices();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  auto it = c.batched.find(choice_key(pass, g, nnz, dtype));
+  if (it == c.batched.end()) return c10::nullopt;
+  return it->second;
+}
+
+// Runs the pass with the chosen kernel: run(batched) computes the pass's output (after reset(), which clears
+// an accumulated output), and a first call that measures runs both, twice each after a warm-up (which builds
+// their plans), alternating, and the faster last.
+template <class Run, class Reset>
+void run_chosen(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype, ConvPin pin, Run&& run, Reset&& reset) {
+  if (pin == ConvPin::Direct || !batched_applies(g)) return run(false);
+  if (pin == ConvPin::Batched) return run(true);
+  if (static_cast<double>(nnz) * g.OH * g.OW * g.N < kMeasureMacs) return run(batched_by_rule(g, nnz));
+  if (const c10::optional<bool> known = measured_choice(pass, g, nnz, dtype)) return run(*known);
+  double best[2] = {1e300, 1e300};
+  for (int round = 0; round < 3; ++round) {
+    for (int b = 0; b < 2; ++b) {
+      reset();
+      const auto t0 = std::chrono::steady_clock::now();
+      run(b == 1);
+      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (round > 0) best[b] = std::min(best[b], t);  // round 0 builds the plans
+    }
+  }
+  const bool batched = best[1] < best[0];
+  {
+    Choices& c = choices();
+    std::lock_guard<std::mutex> lock(c.mutex);
+    c.batched[choice_key(pass, g, nnz, dtype)] = batched;
+  }
+  reset();
+  run(batched);
 }
 
 // dst[c][q][i][m] = x[c][i - ph][m*sw + q - pw], 0 outside x; then kSlack zeros. A bf16 source (I)
@@ -495,24 +578,26 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
     pointwise::forward(x, values, row_ptr, col_idx, b, g.sh, g.sw, y);
     return y;
   }
-  if (batched_for(g, col_idx.numel(), pin)) {
-    at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
-    batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y);
-    return y;
-  }
-  const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
-  if (y.numel() == 0) return y;
-  if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
-    const at::Tensor v32 = values.to(at::kFloat).contiguous();
-    const at::Tensor b32 = b.defined() ? b.to(at::kFloat) : b;
-    forward_impl<c10::BFloat16>(g, x, v32, *plan, b32.defined() ? b32.data_ptr<float>() : nullptr, y);
-    return y;
-  }
-  const at::Tensor vc = values.contiguous();
-  if (x.scalar_type() == at::kFloat)
-    forward_impl<float>(g, x, vc, *plan, b.defined() ? b.data_ptr<float>() : nullptr, y);
-  else forward_impl<double>(g, x, vc, *plan, b.defined() ? b.data_ptr<double>() : nullptr, y);
+  auto run = [&](bool batched) {
+    if (batched) {
+      batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y);
+      return;
+    }
+    const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
+    if (y.numel() == 0) return;
+    if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
+      const at::Tensor v32 = values.to(at::kFloat).contiguous();
+      const at::Tensor b32 = b.defined() ? b.to(at::kFloat) : b;
+      forward_impl<c10::BFloat16>(g, x, v32, *plan, b32.defined() ? b32.data_ptr<float>() : nullptr, y);
+      return;
+    }
+    const at::Tensor vc = values.contiguous();
+    if (x.scalar_type() == at::kFloat)
+      forward_impl<float>(g, x, vc, *plan, b.defined() ? b.data_ptr<float>() : nullptr, y);
+    else forward_impl<double>(g, x, vc, *plan, b.defined() ? b.data_ptr<double>() : nullptr, y);
+  };
+  run_chosen(Pass::Forward, g, col_idx.numel(), x.scalar_type(), pin, run, [] {});
   return y;
 }
 
@@ -702,20 +787,22 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
     pointwise::backward_input(grad_out, values, row_ptr, col_idx, g.sh, g.sw, dx);
     return dx;
   }
-  if (batched_for(g, col_idx.numel(), pin)) {
-    at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
-    batched::backward_input(grad_out, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx);
-    return dx;
-  }
-  const std::shared_ptr<const GradPlan> plan = grad_out.scalar_type() == at::kDouble
-                                                   ? grad_plan<double>(op, g, row_ptr, col_idx)
-                                                   : grad_plan<float>(op, g, row_ptr, col_idx);  // checks col_idx
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
-  if (dx.numel() == 0) return dx;
-  const at::Tensor vc = values.contiguous();
-  if (grad_out.scalar_type() == at::kFloat) backward_input_impl<float>(g, grad_out, vc, *plan, dx);
-  else if (grad_out.scalar_type() == at::kBFloat16) backward_input_impl<c10::BFloat16>(g, grad_out, vc, *plan, dx);
-  else backward_input_impl<double>(g, grad_out, vc, *plan, dx);
+  auto run = [&](bool batched) {
+    if (batched) {
+      batched::backward_input(grad_out, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx);
+      return;
+    }
+    const std::shared_ptr<const GradPlan> plan = grad_out.scalar_type() == at::kDouble
+                                                     ? grad_plan<double>(op, g, row_ptr, col_idx)
+                                                     : grad_plan<float>(op, g, row_ptr, col_idx);  // checks col_idx
+    if (dx.numel() == 0) return;
+    const at::Tensor vc = values.contiguous();
+    if (grad_out.scalar_type() == at::kFloat) backward_input_impl<float>(g, grad_out, vc, *plan, dx);
+    else if (grad_out.scalar_type() == at::kBFloat16) backward_input_impl<c10::BFloat16>(g, grad_out, vc, *plan, dx);
+    else backward_input_impl<double>(g, grad_out, vc, *plan, dx);
+  };
+  run_chosen(Pass::GradInput, g, col_idx.numel(), grad_out.scalar_type(), pin, run, [] {});
   return dx;
 }
 
@@ -807,26 +894,26 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
     pointwise::backward_weight(dyc, x, row_ptr, col_idx, g.sh, g.sw, gv);
     return bf ? gv.to(at::kBFloat16) : gv;
   }
-  if (batched_for(g, col_idx.numel(), pin)) {
-    const bool bf = x.scalar_type() == at::kBFloat16;
-    at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
-    batched::backward_weight(dyc, x, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, gv);
-    return bf ? gv.to(at::kBFloat16) : gv;
-  }
-  const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
-  at::Tensor gv = at::zeros({col_idx.numel()}, x.options());
-  if (col_idx.numel() == 0 || g.N == 0) return gv;
-  if (x.scalar_type() == at::kBFloat16) {  // summed over the batch in float32, rounded once
-    at::Tensor gv32 = at::zeros({col_idx.numel()}, x.options().dtype(at::kFloat));
-    backward_weight_impl<c10::BFloat16>(g, dyc, x, *plan, gv32);
-    return gv32.to(at::kBFloat16);
-  }
-  if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, *plan, gv);
-  else backward_weight_impl<double>(g, dyc, x, *plan, gv);
-  return gv;
+  // bf16: summed over the batch in float32, rounded once.
+  const bool bf = x.scalar_type() == at::kBFloat16;
+  at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
+  auto run = [&](bool batched) {
+    if (batched) {
+      batched::backward_weight(dyc, x, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, gv);
+      return;
+    }
+    const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
+    if (col_idx.numel() == 0 || g.N == 0) return;
+    if (bf) backward_weight_impl<c10::BFloat16>(g, dyc, x, *plan, gv);
+    else if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, *plan, gv);
+    else backward_weight_impl<double>(g, dyc, x, *plan, gv);
+  };
+  run_chosen(Pass::GradWeight, g, col_idx.numel(), x.scalar_type(), pin, run, [&] { gv.zero_(); });
+  return bf ? gv.to(at::kBFloat16) : gv;
 }
 
-// Which kernel the passes above run for this conv: what the tests check they reach.
+// Which kernel the float32 forward above runs for this conv (the one measured, else the rule's): what the tests check
+// they reach.
 std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                               at::IntArrayRef dilation) {
@@ -836,7 +923,10 @@ std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_
                            kernel_size, stride, padding, dilation);
   const ConvPin pin = conv_pin();
   if (pointwise_for(g, pin)) return "pointwise";
-  return batched_for(g, col_idx.numel(), pin) ? "batched" : "direct";
+  if (pin == ConvPin::Direct || !batched_applies(g)) return "direct";
+  if (pin == ConvPin::Batched) return "batched";
+  const c10::optional<bool> known = measured_choice(Pass::Forward, g, col_idx.numel(), at::kFloat);
+  return known.value_or(batched_by_rule(g, col_idx.numel())) ? "batched" : "direct";
 }
 
 }  // namespace

@@ -32,9 +32,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight; ``format="bsr"``
     keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``.
 
-    ``kernel`` picks how a CSR layer computes: ``"csr"`` (the sparse_conv2d op, whose CPU kernel follows
-    the geometry: pointwise for an unpadded 1x1, batch-innermost (any stride) on planes of at
-    most 64 outputs, else the direct kernel), ``"gemm"``
+    ``kernel`` picks how a CSR layer computes: ``"csr"`` (the sparse_conv2d op, whose CPU kernel is the
+    pointwise one for an unpadded 1x1, else, per pass, the faster of the direct and batch-innermost kernels,
+    measured on the pass's first call where it is large enough to matter), ``"gemm"``
     (a CSR GEMM of the (Cout, Cin*kh*kw) weight with the input's patches, for a 1x1 conv just the pixels:
     built channels first from NCHW, as rows from channels_last, see ``conv_gemm``), ``"dense"`` (F.conv2d on
     the scattered weight), or ``"auto"`` (default): the fastest of them, measured once per input geometry (see
