@@ -77,7 +77,7 @@ SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict of
 }
 
 // g[j] += sum over the tile's columns c of dy[r*dstride + c] * src[offs[j] + c], rows [r0, r1), block by block
-// of source planes. The dY tile stays in registers; per nonzero, two FMA chains and one horizontal sum.
+// of source planes. The dY tile stays in registers; each nonzero is one dot product with it.
 template <class T, int NV>
 SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict offs, const int64_t* __restrict bp,
                           int64_t nb, int64_t r0, int64_t r1, const Tile& tl, const T* __restrict dy, int64_t dstride,
@@ -105,7 +105,25 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
 #pragma GCC unroll 8
       for (int k = 0; k < NV - 1; ++k) dv[k] = simd::vload(dr + k * vw);
       dv[NV - 1] = (V)((VI)simd::vload(dr + last) & keep);
-      for (int64_t j = b; j < e; ++j) {
+      // Four nonzeros at a time: their dot products reduced together by one 4-way transpose-add, not a
+      // horizontal sum each (the batch-innermost and pointwise weight gradients 1.03-1.09x faster at ResNet-50's
+      // 7x7 and 4x4 layers, interleaved A/B, 2 threads, Zen 4); the rest one by one.
+      int64_t j = b;
+      for (; j + 4 <= e; j += 4) {
+        V acc[4];
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) {
+          const T* p = s + offs[j + q];
+          V c = dv[NV - 1] * simd::vload(p + last);
+#pragma GCC unroll 8
+          for (int k = 0; k < NV - 1; ++k) c += dv[k] * simd::vload(p + k * vw);
+          acc[q] = c;
+        }
+        const V r = simd::reduce_lanes4(acc);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) g[j + q] += r[q];
+      }
+      for (; j < e; ++j) {
         const T* p = s + offs[j];
         V c0 = dv[NV - 1] * simd::vload(p + last), c1 = V{};
 #pragma GCC unroll 8
