@@ -9,8 +9,6 @@
 // trusted again at its new version. Writes that bypass the version counter (`.data`, NumPy views) are
 // not seen: the debug switch (SPARSEKERN_CHECK_PATTERNS=1, _set_check_patterns) checks every call.
 #include <ATen/core/Tensor.h>
-#include <c10/core/TensorImpl.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -22,21 +20,14 @@
 
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
+#include "cpu/tensor_ref.h"
 
 namespace sparsekern {
 namespace csr {
 namespace {
 
-using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-
-struct Ref {
-  WeakImpl impl;
-  const void* data;
-  int64_t version;
-};
-
 struct Entry {
-  std::vector<Ref> refs;
+  std::vector<TensorRef> refs;
   int64_t ncols;
 };
 
@@ -60,16 +51,14 @@ bool refs_match(const Entry& e, std::initializer_list<const at::Tensor*> ts, boo
   if (e.refs.size() != ts.size()) return false;
   size_t i = 0;
   for (const at::Tensor* t : ts) {
-    const Ref& r = e.refs[i++];
-    if (r.impl._unsafe_get_target() != t->unsafeGetTensorImpl() || r.data != t->data_ptr()) return false;
-    if (versions && r.version != t->_version()) return false;
+    if (!e.refs[i++].matches(*t, versions)) return false;
   }
   return true;
 }
 
-std::vector<Ref> refs_of(std::initializer_list<const at::Tensor*> ts) {
-  std::vector<Ref> refs;
-  for (const at::Tensor* t : ts) refs.push_back(Ref{WeakImpl(t->getIntrusivePtr()), t->data_ptr(), t->_version()});
+std::vector<TensorRef> refs_of(std::initializer_list<const at::Tensor*> ts) {
+  std::vector<TensorRef> refs;
+  for (const at::Tensor* t : ts) refs.push_back(TensorRef::of(*t));
   return refs;
 }
 
@@ -105,7 +94,7 @@ void record(std::initializer_list<const at::Tensor*> ts, int64_t ncols, bool reg
   if (tb.entries.size() >= tb.sweep_at) {
     for (auto e = tb.entries.begin(); e != tb.entries.end();) {
       bool dead = false;
-      for (const Ref& r : e->second.refs) dead |= r.impl.expired();
+      for (const TensorRef& r : e->second.refs) dead |= r.dead();
       e = dead ? tb.entries.erase(e) : std::next(e);
     }
     tb.sweep_at = 2 * tb.entries.size() + 64;

@@ -1,8 +1,6 @@
 // The cache of pattern-derived plans (plan_cache.h).
 #include "cpu/plan_cache.h"
 
-#include <c10/core/TensorImpl.h>
-#include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,27 +9,14 @@
 #include <utility>
 
 #include "cpu/csr_engine.h"
+#include "cpu/tensor_ref.h"
 
 namespace sparsekern {
 namespace plan_cache {
 namespace {
 
-using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-
-struct Ref {
-  WeakImpl impl;
-  const void* data;
-  int64_t version;
-};
-
-Ref ref_of(const at::Tensor& t) { return Ref{WeakImpl(t.getIntrusivePtr()), t.data_ptr(), t._version()}; }
-
-bool same(const Ref& r, const at::Tensor& t) {
-  return r.impl._unsafe_get_target() == t.unsafeGetTensorImpl() && r.data == t.data_ptr() && r.version == t._version();
-}
-
 struct Entry {
-  Ref row_ptr, col_idx;
+  TensorRef row_ptr, col_idx;
   std::shared_ptr<const void> plan;
   size_t bytes;
   uint64_t used;  // the lookup count when it was last found or stored
@@ -54,7 +39,7 @@ struct Cache {
   void trim() {
     for (auto it = entries.begin(); it != entries.end();) {
       auto next = std::next(it);
-      if (it->second.row_ptr.impl.expired() || it->second.col_idx.impl.expired()) erase(it);
+      if (it->second.row_ptr.dead() || it->second.col_idx.dead()) erase(it);
       it = next;
     }
     while (bytes > kMaxBytes && !entries.empty()) {
@@ -84,7 +69,7 @@ std::shared_ptr<const void> find(const at::Tensor& row_ptr, const at::Tensor& co
   std::lock_guard<std::mutex> lock(c.mutex);
   auto it = c.entries.find(MapKey(col_idx.unsafeGetTensorImpl(), key));
   if (it == c.entries.end()) return nullptr;
-  if (!same(it->second.row_ptr, row_ptr) || !same(it->second.col_idx, col_idx)) {
+  if (!it->second.row_ptr.matches(row_ptr) || !it->second.col_idx.matches(col_idx)) {
     c.erase(it);  // written in place or another row_ptr: stale
     return nullptr;
   }
@@ -100,7 +85,8 @@ void store(const at::Tensor& row_ptr, const at::Tensor& col_idx, const Key& key,
   MapKey mk(col_idx.unsafeGetTensorImpl(), key);
   auto it = c.entries.find(mk);
   if (it != c.entries.end()) c.erase(it);
-  c.entries.emplace(std::move(mk), Entry{ref_of(row_ptr), ref_of(col_idx), std::move(plan), bytes, ++c.clock});
+  c.entries.emplace(std::move(mk),
+                    Entry{TensorRef::of(row_ptr), TensorRef::of(col_idx), std::move(plan), bytes, ++c.clock});
   c.bytes += bytes;
   if (c.entries.size() >= c.sweep_at || c.bytes > kMaxBytes) c.trim();
 }
