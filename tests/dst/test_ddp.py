@@ -39,6 +39,7 @@ def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.save({name: _train(rank, name) for name in ALGORITHMS}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
