@@ -353,19 +353,14 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
                          const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                          int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
   const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
-  const int64_t nnz = col_idx.numel(), P = sh * sw;
+  const int64_t P = sh * sw;
   const plan_cache::Key key{plan_cache::kBatchedGrad, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, int64_t(sizeof(T))};
   const std::shared_ptr<const GradPlan> plan = plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] {
     return build_grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw);
   });
   const GradPlan& gp = *plan;
   const Grad& gg = gp.gg;
-  // The values in the transpose's order (they change every step; the order does not).
-  const I* vals = values.data_ptr<I>();
-  std::vector<T> tws(nnz);
-  at::parallel_for(0, nnz, 1 << 15, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) tws[q] = bf16::widen(vals[gp.perm[q]]);
-  });
+  const std::vector<T> tws = plan_cache::permuted<T>(values.data_ptr<I>(), gp.perm);
   at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
   pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
   at::Tensor parts = scratch<T>(gp.part[P]);

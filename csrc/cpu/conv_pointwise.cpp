@@ -271,16 +271,11 @@ void forward_impl(const at::Tensor& x, const at::Tensor& values, const at::Tenso
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& dx) {
-  const int64_t Cin = dx.size(1), nnz = col_idx.numel();
+  const int64_t Cin = dx.size(1);
   const std::shared_ptr<const GradPlan> plan =
       plan_cache::get<GradPlan>(row_ptr, col_idx, {plan_cache::kPointwiseGrad, Cin},
                                 [&] { return build_grad_plan(row_ptr, col_idx, Cin); });
-  // The values in the transpose's order (they change every step; the order does not).
-  const I* vals = values.data_ptr<I>();
-  std::vector<T> tws(nnz);
-  at::parallel_for(0, nnz, 1 << 15, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) tws[q] = bf16::widen(vals[plan->perm[q]]);
-  });
+  const std::vector<T> tws = plan_cache::permuted<T>(values.data_ptr<I>(), plan->perm);
   if (sh != 1 || sw != 1) dx.zero_();  // pixels no output reads get zero
   gather_batch<I, T>(dy, 1, 1, plan->blk, plan->trows, tws.data(), nullptr, dy.size(2), dy.size(3), sh, sw, dx);
 }

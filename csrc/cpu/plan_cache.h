@@ -2,9 +2,9 @@
 //
 // The conv kernels turn the CSR pattern into per-nonzero source offsets, L1 blocks of source planes and,
 // for the input gradient, the transposed lists: O(nnz) single-threaded passes with scattered writes that
-// measured 30-45 % of a ResNet-50 layer's fwd+bwd at 4x4 and 7x7 (the grad-input transpose alone 2.6 ms of
-// a 9.8 ms step of a 512-channel 3x3 layer). None of it depends on the values or the activations, and a
-// training run keeps each pattern for many steps (dynamic sparse training changes it every few hundred), so
+// measured 27-44 % of a ResNet-50 layer's fwd+bwd at 4x4 and 7x7 (the grad-input transpose alone 2.6 ms of
+// the 9.8 ms fwd+bwd of a 512-channel 3x3 layer at 4x4). None of it depends on the values or the activations, and a
+// training run keeps each pattern for many steps (dynamic sparse training changes it every hundred or so), so
 // it is built once per (pattern, geometry) and looked up after that.
 //
 // A plan is found by the pattern tensors it was built from, as csr_trust.cpp trusts a validated pattern: a
@@ -14,6 +14,7 @@
 // re-checks, its plan. Inference tensors (no version counter) are not cached. Entries of patterns that died
 // are swept, and the cache drops its least recently used plans past kMaxBytes.
 #pragma once
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
@@ -21,6 +22,8 @@
 #include <memory>
 #include <utility>
 #include <vector>
+
+#include "cpu/bf16.h"
 
 namespace sparsekern {
 namespace plan_cache {
@@ -49,6 +52,18 @@ std::shared_ptr<const P> get(const at::Tensor& row_ptr, const at::Tensor& col_id
   std::shared_ptr<const P> plan = std::make_shared<const P>(build());
   store(row_ptr, col_idx, key, plan, plan->bytes());
   return plan;
+}
+
+// out[q] = vals[perm[q]] in the compute type T: the values (which change every step) in the order of a plan's
+// transposed lists (which does not).
+template <class T, class I>
+std::vector<T> permuted(const I* vals, const std::vector<int64_t>& perm) {
+  const int64_t n = static_cast<int64_t>(perm.size());
+  std::vector<T> out(n);
+  at::parallel_for(0, n, 1 << 15, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) out[q] = bf16::widen(vals[perm[q]]);
+  });
+  return out;
 }
 
 // The bytes of a vector's elements (for P::bytes()).

@@ -373,6 +373,14 @@ std::vector<Pos> build_positions(int64_t M, int64_t Nc, int64_t in_base, int64_t
   return pos;
 }
 
+// col_idx[j] = col must name a column (c, r, s) of W: clear error otherwise.
+inline void check_col(const char* op, const Geom& g, int64_t j, int64_t col) {
+  const int64_t K = g.kh * g.kw, ncols = g.Cin * K;
+  TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", g.Cin,
+              " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols, " columns (col_idx ",
+              col, " is input channel ", col / K, ")");
+}
+
 // Packed-x offset and input channel of every nonzero (forward and grad weight); checks col_idx.
 void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, std::vector<int32_t>& offs,
                      std::vector<int32_t>& plane_of) {
@@ -394,9 +402,7 @@ void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, s
   plane_of.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = ci[j];
-    TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", g.Cin,
-                " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
-                " columns (col_idx ", col, " is input channel ", col / K, ")");
+    check_col(op, g, j, col);
     offs[j] = col_off[col];
     plane_of[j] = col_chan[col];
   }
@@ -657,9 +663,7 @@ GradPlan build_grad_plan(const char* op, const Geom& g, const at::Tensor& row_pt
   }
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t col = cidx[j];
-    TORCH_CHECK(col >= 0 && col < ncols, op, ": col_idx[", j, "] = ", col, " is out of range: the input has ", g.Cin,
-                " channels, so W must have Cin*kh*kw = ", g.Cin, "*", g.kh, "*", g.kw, " = ", ncols,
-                " columns (col_idx ", col, " is input channel ", col / K, ")");
+    check_col(op, g, j, col);
     const int32_t k = col_key[col];
     key[j] = k;
     ++gp.trp[k + 1];
@@ -719,12 +723,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const std::vector<std::vector<Pos>>& pos = gp.pos;
   const std::vector<int64_t>& bp = gp.bp;
   const int64_t nb = gp.nb;
-  // The values in the transpose's order (they change every step; the order does not).
-  const I* vals = values.data_ptr<I>();
-  std::vector<T> tws(nnz);
-  at::parallel_for(0, nnz, 1 << 15, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) tws[q] = bf16::widen(vals[gp.perm[q]]);
-  });
+  const std::vector<T> tws = plan_cache::permuted<T>(values.data_ptr<I>(), gp.perm);
   const I* dyp = dy.data_ptr<I>();
   const int64_t sN = dy.stride(0), sC = dy.stride(1), sH = dy.stride(2), sW = dy.stride(3);
   I* dxp = dx.data_ptr<I>();
