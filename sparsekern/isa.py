@@ -1,4 +1,5 @@
-"""The vector width of the CPU CSR kernels (sparse_linear, spmm, sddmm, masked_matmul).
+"""The vector width of the CPU CSR kernels (sparse_linear, spmm, sddmm, masked_matmul) and of the
+tile loops of sparse_conv2d's pointwise and batch-innermost kernels.
 
 ``avx2`` runs the portable 32-byte loops (AVX2 on x86-64-v3, SSE on older x86, generic elsewhere);
 ``avx512`` runs the same loops on 64-byte vectors, on CPUs with AVX-512F/BW/DQ/VL only. The

@@ -97,8 +97,8 @@ void unpack(const T* src, at::Tensor& out) {
 
 // The tiles of a grid of `rows` runs of `run` elements: run i reads the source at i*src_row and writes
 // the destination at i*out_row.
-std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t out_row, int64_t elem) {
-  const std::vector<Tile> one = conv_tiles::make_tiles(run, elem);
+std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t out_row, int64_t elem, int vb) {
+  const std::vector<Tile> one = conv_tiles::make_tiles(run, elem, vb);
   std::vector<Tile> tiles;
   tiles.reserve(rows * one.size());
   for (int64_t i = 0; i < rows; ++i) {
@@ -115,17 +115,17 @@ std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t
 // there are enough of them, else over rows.
 template <class T>
 void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, const conv_tiles::Blocks& blk, int64_t R,
-                 const std::vector<Tile>& tiles, const T* bias, T* out, int64_t ostride) {
+                 const std::vector<Tile>& tiles, int vb, const T* bias, T* out, int64_t ostride) {
   const int64_t nt = static_cast<int64_t>(tiles.size()), nth = num_threads();
   if (nt >= 2 * nth || R < 2 * nth) {
     at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
       const std::vector<Tile> part(tiles.begin() + t0, tiles.begin() + t1);
-      conv_tiles::gather(src, offs.data(), ws, blk, 0, R, part, bias, out, ostride);
+      conv_tiles::gather(src, offs.data(), ws, blk, 0, R, part, vb, bias, out, ostride);
     });
     return;
   }
   at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    conv_tiles::gather(src, offs.data(), ws, blk, r0, r1, tiles, bias, out, ostride);
+    conv_tiles::gather(src, offs.data(), ws, blk, r0, r1, tiles, vb, bias, out, ostride);
   });
 }
 
@@ -158,8 +158,8 @@ Taps taps(int64_t Cin, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t d
 
 // What one plane adds to a tile's window: the rows a tap's shifts span times a tile's run plus their reach.
 template <class T>
-int64_t window_bytes(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t N) {
-  return ((kh - 1) * dh / sh + 1) * (conv_tiles::NMAX * (32 / int64_t(sizeof(T))) + (kw - 1) * dw / sw * N) *
+int64_t window_bytes(int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t N, int vb) {
+  return ((kh - 1) * dh / sh + 1) * (conv_tiles::NMAX * (vb / int64_t(sizeof(T))) + (kw - 1) * dw / sw * N) *
          int64_t(sizeof(T));
 }
 
@@ -228,7 +228,7 @@ Grad grad_geometry(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int
 }
 
 // The forward's and weight gradient's plan (cached, plan_cache.h): per nonzero its packed-input offset, the
-// rows' blocks of source planes and the tiles of the output grid.
+// rows' blocks of source planes and the tiles of the output grid, cut for vb-byte vectors.
 struct TapPlan {
   std::vector<int32_t> offs;
   conv_tiles::Blocks blk;
@@ -242,16 +242,17 @@ template <class T>
 std::shared_ptr<const TapPlan> tap_plan(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t N,
                                         int64_t Cin, int64_t H, int64_t W, int64_t OH, int64_t OW, int64_t kh,
                                         int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                                        int64_t dw) {
-  const plan_cache::Key key{plan_cache::kBatchedTaps, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, int64_t(sizeof(T))};
+                                        int64_t dw, int vb) {
+  const plan_cache::Key key{plan_cache::kBatchedTaps, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw,
+                            int64_t(sizeof(T)),       vb};
   return plan_cache::get<TapPlan>(row_ptr, col_idx, key, [&] {
     const Source sg = source(N, H, W, sh, sw, ph, pw);
     TapPlan p;
     std::vector<int32_t> plane_of;
     p.offs = tap_offsets(op, col_idx, Cin, kh, kw, sh, sw, dh, dw, sg.Wq, N, sg.plane, plane_of);
     p.blk = conv_tiles::make_blocks(row_ptr.numel() - 1, row_ptr.data_ptr<int64_t>(), plane_of.data(), Cin * sh * sw,
-                                    window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
-    p.tiles = grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T));
+                                    window_bytes<T>(kh, kw, sh, sw, dh, dw, N, vb));
+    p.tiles = grid_tiles(OH, OW * N, sg.Wq * N, OW * N, sizeof(T), vb);
     return p;
   });
 }
@@ -263,16 +264,19 @@ void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, c
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = y.size(1), OH = y.size(2), OW = y.size(3);
   const Source sg = source(N, H, W, sh, sw, ph, pw);
+  const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
   const std::shared_ptr<const TapPlan> plan =
-      tap_plan<T>("sparse_conv2d", row_ptr, col_idx, N, Cin, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw);
+      tap_plan<T>("sparse_conv2d", row_ptr, col_idx, N, Cin, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
   at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), yb = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
-  gather_grid<T>(xp.data_ptr<T>(), plan->offs, ws, plan->blk, Cout, plan->tiles, bias, yb.data_ptr<T>(), OH * OW * N);
+  gather_grid<T>(xp.data_ptr<T>(), plan->offs, ws, plan->blk, Cout, plan->tiles, vb, bias, yb.data_ptr<T>(),
+                 OH * OW * N);
   unpack<I, T>(yb.data_ptr<T>(), y);
 }
 
 // The input gradient's plan (cached): W^T as CSR over rows (phase, input channel), entries (offset into
-// dYb, index of the value in W's lists), co ascending; per phase its blocks of dY planes and tiles.
+// dYb, index of the value in W's lists), co ascending; per phase its blocks of dY planes and tiles (vb-byte
+// vectors).
 struct GradPlan {
   Grad gg;
   std::vector<int64_t> trp, perm;
@@ -291,7 +295,7 @@ struct GradPlan {
 template <class T>
 GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t N, int64_t Cin, int64_t H,
                          int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                         int64_t dw) {
+                         int64_t dw, int vb) {
   const int64_t Cout = row_ptr.numel() - 1, K = kh * kw, nnz = col_idx.numel(), P = sh * sw;
   GradPlan g;
   g.gg = grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw);
@@ -342,8 +346,8 @@ GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
     g.part[p + 1] = g.part[p] + Cin * sp.ni * sp.nj * N;
     if (sp.ni == 0 || sp.nj == 0) continue;
     g.blk[p] = conv_tiles::make_blocks(Cin, g.trp.data() + p * Cin, tplane.data(), Cout,
-                                       window_bytes<T>(kh, kw, sh, sw, dh, dw, N));
-    g.tiles[p] = grid_tiles(sp.ni, sp.nj * N, gg.Wd * N, sp.nj * N, sizeof(T));
+                                       window_bytes<T>(kh, kw, sh, sw, dh, dw, N, vb));
+    g.tiles[p] = grid_tiles(sp.ni, sp.nj * N, gg.Wd * N, sp.nj * N, sizeof(T), vb);
   }
   return g;
 }
@@ -354,9 +358,14 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
                          int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
   const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
   const int64_t P = sh * sw;
-  const plan_cache::Key key{plan_cache::kBatchedGrad, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, int64_t(sizeof(T))};
+  int64_t min_run = INT64_MAX;  // the shortest run of a phase that computes anything
+  for (const Span& sp : grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw).span)
+    if (sp.ni > 0 && sp.nj > 0) min_run = std::min(min_run, sp.nj * N);
+  const int vb = conv_tiles::vector_bytes(min_run, sizeof(T));
+  const plan_cache::Key key{plan_cache::kBatchedGrad, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw,
+                            int64_t(sizeof(T)),       vb};
   const std::shared_ptr<const GradPlan> plan = plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] {
-    return build_grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw);
+    return build_grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, vb);
   });
   const GradPlan& gp = *plan;
   const Grad& gg = gp.gg;
@@ -367,7 +376,7 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
   for (int64_t p = 0; p < P; ++p) {
     const Span& sp = gg.span[p];
     if (sp.ni == 0 || sp.nj == 0) continue;
-    gather_grid<T>(dyb.data_ptr<T>(), gp.toffs, tws.data(), gp.blk[p], Cin, gp.tiles[p], nullptr,
+    gather_grid<T>(dyb.data_ptr<T>(), gp.toffs, tws.data(), gp.blk[p], Cin, gp.tiles[p], vb, nullptr,
                    parts.data_ptr<T>() + gp.part[p], sp.ni * sp.nj * N);
   }
   // dX from the phases: phase (a, b) row i, column j is x's row (i0 + i)*sh + a - ph, column (j0 + j)*sw + b - pw.
@@ -396,14 +405,15 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   const Source sg = source(N, H, W, sh, sw, ph, pw);
+  const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
   const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
-                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw);
+                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
   at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), dyc = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
   pack<I, T>(dy, 0, 0, 1, 1, OH, OW, dyc.data_ptr<T>());
   T* g = gv.data_ptr<T>();
   at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
-    conv_tiles::wgrad(xp.data_ptr<T>(), plan->offs.data(), plan->blk, r0, r1, plan->tiles, dyc.data_ptr<T>(),
+    conv_tiles::wgrad(xp.data_ptr<T>(), plan->offs.data(), plan->blk, r0, r1, plan->tiles, vb, dyc.data_ptr<T>(),
                       OH * OW * N, g);
   });
 }

@@ -9,7 +9,7 @@
 //          sums in the same order, so its stores rewrite equal values; the weight gradient masks the
 //          overlapped lanes of dY). float32/64 planes that are contiguous are read (and outputs written)
 //          in place; anything else (a stride, bfloat16, other layouts) goes through a packed copy.
-//  grouped small planes (P < NMAX vectors, e.g. 7x7, 4x4, 2x2): G images' planes are copied side by side
+//  grouped small planes (P < a tile of vectors, e.g. 7x7, 4x4, 2x2): G images' planes are copied side by side
 //          into a (C, L) buffer, L a whole number of vectors with zero pad lanes, so that the tiles stay
 //          full; the result goes to a buffer of the same layout and is copied out.
 #pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
@@ -34,7 +34,6 @@ namespace sparsekern {
 namespace pointwise {
 namespace {
 
-using conv_tiles::NMAX;
 using conv_tiles::Tile;
 
 // ---------------------------------------------------------------------------
@@ -44,25 +43,23 @@ int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 // How the images of one call are read: one at a time (flat tiles over the P pixels) or G at a time,
 // side by side in a packed row of L columns.
-template <class T>
-constexpr int64_t vwidth() {
-  return 32 / sizeof(T);
-}
-
+// Tiles and rows are cut for vb-byte vectors (conv_tiles::vector_bytes: 64 on AVX-512 hosts for planes or
+// groups of at least one such vector).
 template <class T>
 struct Layout {
   int64_t N, P, G, L, groups;
+  int vb;
   bool flat;
   std::vector<Tile> tiles;
-  Layout(int64_t N_, int64_t P_) : N(N_), P(P_) {
-    constexpr int64_t vw = vwidth<T>();
-    const int64_t full = NMAX * vw;
+  Layout(int64_t N_, int64_t P_, int vb_) : N(N_), P(P_), vb(vb_) {
+    const int64_t vw = vb / int64_t(sizeof(T));
+    const int64_t full = conv_tiles::NMAX * vw;
     G = P >= full ? 1 : std::max<int64_t>(1, std::min<int64_t>(N, (full + P - 1) / P));
     flat = G == 1 && P >= vw;
     L = (G * P + vw - 1) / vw * vw;
     if ((L * int64_t(sizeof(T))) % 4096 == 0) L += vw;  // rows 4 KB apart would share L1 sets
     groups = (N + G - 1) / G;
-    tiles = conv_tiles::make_tiles(flat ? P : L, sizeof(T));
+    tiles = conv_tiles::make_tiles(flat ? P : L, sizeof(T), vb);
   }
   int64_t images(int64_t grp) const { return std::min(G, N - grp * G); }
 };
@@ -140,7 +137,7 @@ std::vector<int32_t> row_offsets(const char* op, const at::Tensor& col_idx, int6
 }
 
 // The forward's and weight gradient's plan (cached, plan_cache.h): each nonzero's input channel and the
-// rows' blocks of them.
+// rows' blocks of them (sized for tiles of vb-byte vectors).
 struct RowsPlan {
   std::vector<int32_t> rows;
   conv_tiles::Blocks blk;
@@ -148,11 +145,12 @@ struct RowsPlan {
 };
 
 std::shared_ptr<const RowsPlan> rows_plan(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx,
-                                          int64_t Cin) {
-  return plan_cache::get<RowsPlan>(row_ptr, col_idx, {plan_cache::kPointwiseRows, Cin}, [&] {
+                                          int64_t Cin, int vb) {
+  return plan_cache::get<RowsPlan>(row_ptr, col_idx, {plan_cache::kPointwiseRows, Cin, vb}, [&] {
     RowsPlan p;
     p.rows = row_offsets(op, col_idx, Cin, 1);
-    p.blk = conv_tiles::make_blocks(row_ptr.numel() - 1, row_ptr.data_ptr<int64_t>(), p.rows.data(), Cin, NMAX * 32);
+    p.blk = conv_tiles::make_blocks(row_ptr.numel() - 1, row_ptr.data_ptr<int64_t>(), p.rows.data(), Cin,
+                                    conv_tiles::NMAX * vb);
     return p;
   });
 }
@@ -169,7 +167,7 @@ struct GradPlan {
   }
 };
 
-GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t Cin) {
+GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t Cin, int vb) {
   const int64_t Cout = row_ptr.numel() - 1, nnz = col_idx.numel();
   const std::vector<int32_t> cols = row_offsets("sparse_conv2d_backward_input", col_idx, Cin, 1);
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
@@ -187,7 +185,7 @@ GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
       g.perm[p] = j;
     }
   }
-  g.blk = conv_tiles::make_blocks(Cin, g.trp.data(), g.trows.data(), Cout, NMAX * 32);
+  g.blk = conv_tiles::make_blocks(Cin, g.trp.data(), g.trows.data(), Cout, conv_tiles::NMAX * vb);
   return g;
 }
 
@@ -211,9 +209,9 @@ int64_t row_grain(int64_t R, int64_t nnz, int64_t cols) {
 template <class I, class T>
 void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles::Blocks& blk,
                   const std::vector<int32_t>& src_rows, const T* ws, const T* bias, int64_t OH, int64_t OW, int64_t osh,
-                  int64_t osw, at::Tensor& out) {
+                  int64_t osw, int vb, at::Tensor& out) {
   const int64_t N = in.size(0), Cs = in.size(1), R = out.size(1), P = OH * OW;
-  const Layout<T> lay(N, P);
+  const Layout<T> lay(N, P, vb);
   const int64_t nnz = static_cast<int64_t>(src_rows.size());
   const bool src_direct = lay.flat && in_place<I, T>(in, sh, sw);
   const bool dst_direct = lay.flat && std::is_same<I, T>::value && osh == 1 && osw == 1;
@@ -243,7 +241,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
       std::vector<T> sbuf, obuf;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T* s = source(grp, sbuf);
-        conv_tiles::gather(s, offs.data(), ws, blk, 0, R, lay.tiles, bias, dest(grp, obuf), o_stride);
+        conv_tiles::gather(s, offs.data(), ws, blk, 0, R, lay.tiles, vb, bias, dest(grp, obuf), o_stride);
         finish(grp, obuf);
       }
     });
@@ -255,7 +253,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
     const T* s = source(grp, sbuf);
     T* d = dest(grp, obuf);
     at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-      conv_tiles::gather(s, offs.data(), ws, blk, r0, r1, lay.tiles, bias, d, o_stride);
+      conv_tiles::gather(s, offs.data(), ws, blk, r0, r1, lay.tiles, vb, bias, d, o_stride);
     });
     finish(grp, obuf);
   }
@@ -264,20 +262,22 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
 template <class I, class T = typename bf16::Acc<I>::type>
 void forward_impl(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                   const T* bias, int64_t sh, int64_t sw, at::Tensor& y) {
-  const std::shared_ptr<const RowsPlan> plan = rows_plan("sparse_conv2d", row_ptr, col_idx, x.size(1));
-  gather_batch<I, T>(x, sh, sw, plan->blk, plan->rows, values.data_ptr<T>(), bias, y.size(2), y.size(3), 1, 1, y);
+  const int vb = conv_tiles::vector_bytes(x.size(0) * y.size(2) * y.size(3), sizeof(T));
+  const std::shared_ptr<const RowsPlan> plan = rows_plan("sparse_conv2d", row_ptr, col_idx, x.size(1), vb);
+  gather_batch<I, T>(x, sh, sw, plan->blk, plan->rows, values.data_ptr<T>(), bias, y.size(2), y.size(3), 1, 1, vb, y);
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& dx) {
   const int64_t Cin = dx.size(1);
+  const int vb = conv_tiles::vector_bytes(dy.size(0) * dy.size(2) * dy.size(3), sizeof(T));
   const std::shared_ptr<const GradPlan> plan =
-      plan_cache::get<GradPlan>(row_ptr, col_idx, {plan_cache::kPointwiseGrad, Cin},
-                                [&] { return build_grad_plan(row_ptr, col_idx, Cin); });
+      plan_cache::get<GradPlan>(row_ptr, col_idx, {plan_cache::kPointwiseGrad, Cin, vb},
+                                [&] { return build_grad_plan(row_ptr, col_idx, Cin, vb); });
   const std::vector<T> tws = plan_cache::permuted<T>(values.data_ptr<I>(), plan->perm);
   if (sh != 1 || sw != 1) dx.zero_();  // pixels no output reads get zero
-  gather_batch<I, T>(dy, 1, 1, plan->blk, plan->trows, tws.data(), nullptr, dy.size(2), dy.size(3), sh, sw, dx);
+  gather_batch<I, T>(dy, 1, 1, plan->blk, plan->trows, tws.data(), nullptr, dy.size(2), dy.size(3), sh, sw, vb, dx);
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
@@ -285,8 +285,9 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
                           const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& gv) {
   const int64_t N = x.size(0), Cin = x.size(1), Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   const int64_t P = OH * OW, nnz = col_idx.numel();
-  const std::shared_ptr<const RowsPlan> plan = rows_plan("sparse_conv2d_backward_weight", row_ptr, col_idx, Cin);
-  const Layout<T> lay(N, P);
+  const int vb = conv_tiles::vector_bytes(N * P, sizeof(T));
+  const std::shared_ptr<const RowsPlan> plan = rows_plan("sparse_conv2d_backward_weight", row_ptr, col_idx, Cin, vb);
+  const Layout<T> lay(N, P, vb);
   const bool x_direct = lay.flat && in_place<I, T>(x, sh, sw);
   const bool dy_direct = lay.flat && in_place<I, T>(dy, 1, 1);
   check_extent("sparse_conv2d_backward_weight", Cin, lay.L);
@@ -321,7 +322,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T *xs, *ds;
         sources(grp, xb, db, xs, ds);
-        conv_tiles::wgrad(xs, offs.data(), blk, 0, Cout, lay.tiles, ds, d_stride, acc);
+        conv_tiles::wgrad(xs, offs.data(), blk, 0, Cout, lay.tiles, vb, ds, d_stride, acc);
       }
     });
     at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -339,7 +340,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     const T *xs, *ds;
     sources(grp, xb, db, xs, ds);
     at::parallel_for(0, Cout, grain, [&](int64_t r0, int64_t r1) {
-      conv_tiles::wgrad(xs, offs.data(), blk, r0, r1, lay.tiles, ds, d_stride, gp);
+      conv_tiles::wgrad(xs, offs.data(), blk, r0, r1, lay.tiles, vb, ds, d_stride, gp);
     });
   }
 }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/csr_engine.h"
 #include "cpu/simd.h"
 
 namespace sparsekern {
@@ -15,13 +16,13 @@ namespace {
 
 constexpr int64_t kAhead = 4;  // rows of dY the weight gradient prefetches ahead
 
-template <class T>
-using Vt = typename simd::Vec<T>::v;
-template <class T>
-using Vi = typename simd::Vec<T>::vi;
-template <class T>
+template <class T, int W>
+using Vt = typename simd::Vec<T, W>::v;
+template <class T, int W>
+using Vi = typename simd::Vec<T, W>::vi;
+template <class T, int W>
 constexpr int64_t vwidth() {
-  return 32 / sizeof(T);
+  return W / sizeof(T);
 }
 
 // ---------------------------------------------------------------------------
@@ -30,12 +31,12 @@ constexpr int64_t vwidth() {
 // out[r*ostride + c] = init_r + sum over row r of ws[j] * src[offs[j] + c], for the columns c of one tile
 // and rows [r0, r1), block by block of source planes (bp, nb: see Blocks); between blocks a row's partial
 // sums wait in `scratch` (NV vectors per row).
-template <class T, int NV>
+template <class T, int NV, int W>
 SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
                            const int64_t* __restrict bp, int64_t nb, int64_t r0, int64_t r1, const Tile& tl,
                            const T* bias, T* __restrict out, int64_t ostride, T* __restrict scratch) {
-  typedef Vt<T> V;
-  constexpr int64_t vw = vwidth<T>();
+  typedef Vt<T, W> V;
+  constexpr int64_t vw = vwidth<T, W>();
   const T* s = src + tl.sbase;
   T* o = out + tl.obase;
   const int64_t last = tl.last;
@@ -54,37 +55,46 @@ SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict of
         continue;
       } else {
 #pragma GCC unroll 8
-        for (int k = 0; k < NV; ++k) acc[k] = simd::vload(sc + k * vw);
+        for (int k = 0; k < NV; ++k) acc[k] = simd::vload<W>(sc + k * vw);
       }
       for (int64_t j = jb; j < je; ++j) {
         const T* p = s + offs[j];
         const T w = ws[j];
 #pragma GCC unroll 8
-        for (int k = 0; k < NV - 1; ++k) acc[k] += w * simd::vload(p + k * vw);
-        acc[NV - 1] += w * simd::vload(p + last);
+        for (int k = 0; k < NV - 1; ++k) acc[k] += w * simd::vload<W>(p + k * vw);
+        acc[NV - 1] += w * simd::vload<W>(p + last);
       }
       if (final) {
         T* q = o + r * ostride;
 #pragma GCC unroll 8
-        for (int k = 0; k < NV - 1; ++k) simd::vstore(q + k * vw, acc[k]);
-        simd::vstore(q + last, acc[NV - 1]);
+        for (int k = 0; k < NV - 1; ++k) simd::vstore<W>(q + k * vw, acc[k]);
+        simd::vstore<W>(q + last, acc[NV - 1]);
       } else {
 #pragma GCC unroll 8
-        for (int k = 0; k < NV; ++k) simd::vstore(sc + k * vw, acc[k]);
+        for (int k = 0; k < NV; ++k) simd::vstore<W>(sc + k * vw, acc[k]);
       }
     }
   }
 }
 
+// c, or c in the lanes `keep` sets and 0 elsewhere.
+template <bool MASK, class V, class VI>
+SK_INLINE V masked(const V& c, const VI& keep) {
+  if constexpr (MASK) return (V)((VI)c & keep);
+  else return c;
+}
+
 // g[j] += sum over the tile's columns c of dy[r*dstride + c] * src[offs[j] + c], rows [r0, r1), block by block
-// of source planes. The dY tile stays in registers; each nonzero is one dot product with it.
-template <class T, int NV>
+// of source planes. The dY tile stays in registers; each nonzero is one dot product with it. MASK (a tile whose
+// last vector overlaps the one before it): that vector's products count only in the lanes it owns; the
+// product is masked, not dY, since 0 * Inf would put a NaN where the true sum is infinite.
+template <class T, int NV, int W, bool MASK>
 SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict offs, const int64_t* __restrict bp,
                           int64_t nb, int64_t r0, int64_t r1, const Tile& tl, const T* __restrict dy, int64_t dstride,
                           T* __restrict g) {
-  typedef Vt<T> V;
-  typedef Vi<T> VI;
-  constexpr int64_t vw = vwidth<T>();
+  typedef Vt<T, W> V;
+  typedef Vi<T, W> VI;
+  constexpr int64_t vw = vwidth<T, W>();
   const T* s = src + tl.sbase;
   const T* d = dy + tl.obase;
   const int64_t last = tl.last;
@@ -103,8 +113,9 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
       for (int k = 0; k < NV; k += 2) __builtin_prefetch(ahead + k * vw);
       V dv[NV];
 #pragma GCC unroll 8
-      for (int k = 0; k < NV - 1; ++k) dv[k] = simd::vload(dr + k * vw);
-      dv[NV - 1] = (V)((VI)simd::vload(dr + last) & keep);
+      for (int k = 0; k < NV - 1; ++k) dv[k] = simd::vload<W>(dr + k * vw);
+      dv[NV - 1] = simd::vload<W>(dr + last);
+#define SK_TAIL(p) masked<MASK>(dv[NV - 1] * simd::vload<W>((p) + last), keep)
       // Four nonzeros at a time: their dot products reduced together by one 4-way transpose-add, not a
       // horizontal sum each (the batch-innermost and pointwise weight gradients 1.03-1.09x faster at ResNet-50's
       // 7x7 and 4x4 layers, interleaved A/B, 2 threads, Zen 4); the rest one by one.
@@ -114,25 +125,29 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
 #pragma GCC unroll 4
         for (int q = 0; q < 4; ++q) {
           const T* p = s + offs[j + q];
-          V c = dv[NV - 1] * simd::vload(p + last);
+          V c = SK_TAIL(p);
 #pragma GCC unroll 8
-          for (int k = 0; k < NV - 1; ++k) c += dv[k] * simd::vload(p + k * vw);
+          for (int k = 0; k < NV - 1; ++k) c += dv[k] * simd::vload<W>(p + k * vw);
           acc[q] = c;
         }
-        const V r = simd::reduce_lanes4(acc);
+        typename simd::Vec<T>::v half[4];  // 64-byte sums folded to 32 bytes for the transpose-add
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) half[q] = simd::fold<W, T>(acc[q]);
+        const auto r = simd::reduce_lanes4(half);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; ++q) g[j + q] += r[q];
       }
       for (; j < e; ++j) {
         const T* p = s + offs[j];
-        V c0 = dv[NV - 1] * simd::vload(p + last), c1 = V{};
+        V c0 = SK_TAIL(p), c1 = V{};
 #pragma GCC unroll 8
         for (int k = 0; k < NV - 1; ++k) {
-          if (k & 1) c1 += dv[k] * simd::vload(p + k * vw);
-          else c0 += dv[k] * simd::vload(p + k * vw);
+          if (k & 1) c1 += dv[k] * simd::vload<W>(p + k * vw);
+          else c0 += dv[k] * simd::vload<W>(p + k * vw);
         }
-        g[j] += simd::tree_sum(c0 + c1);
+        g[j] += simd::tree_sum(simd::fold<W, T>(c0 + c1));
       }
+#undef SK_TAIL
     }
   }
 }
@@ -149,24 +164,26 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
     default: CALL(8); break; \
   }
 
-template <class T>
+template <class T, int W>
 SK_INLINE void gather_all(const T* src, const int32_t* offs, const T* ws, const int64_t* bp, int64_t nb, int64_t r0,
                           int64_t r1, const Tile* tiles, int64_t ntiles, const T* bias, T* out, int64_t ostride) {
-  std::vector<T> scratch(nb > 1 ? (r1 - r0) * NMAX * vwidth<T>() : 0);
+  std::vector<T> scratch(nb > 1 ? (r1 - r0) * NMAX * vwidth<T, W>() : 0);
   for (int64_t t = 0; t < ntiles; ++t) {
     const Tile& tl = tiles[t];
-#define SK_GATHER(n) gather_tile<T, n>(src, offs, ws, bp, nb, r0, r1, tl, bias, out, ostride, scratch.data())
+#define SK_GATHER(n) gather_tile<T, n, W>(src, offs, ws, bp, nb, r0, r1, tl, bias, out, ostride, scratch.data())
     SK_NV_CASES(SK_GATHER)
 #undef SK_GATHER
   }
 }
 
-template <class T>
+template <class T, int W>
 SK_INLINE void wgrad_all(const T* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                          const Tile* tiles, int64_t ntiles, const T* dy, int64_t dstride, T* g) {
   for (int64_t t = 0; t < ntiles; ++t) {
     const Tile& tl = tiles[t];
-#define SK_WGRAD(n) wgrad_tile<T, n>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g)
+#define SK_WGRAD(n)                                                                      \
+  if (tl.skip) wgrad_tile<T, n, W, true>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g); \
+  else wgrad_tile<T, n, W, false>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g)
     SK_NV_CASES(SK_WGRAD)
 #undef SK_WGRAD
   }
@@ -176,21 +193,45 @@ SK_INLINE void wgrad_all(const T* src, const int32_t* offs, const int64_t* bp, i
 SK_CLONES void gather_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
                           int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const float* bias, float* out,
                           int64_t ostride) {
-  gather_all<float>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
+  gather_all<float, 32>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
 }
 SK_CLONES void gather_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
                           int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const double* bias, double* out,
                           int64_t ostride) {
-  gather_all<double>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
+  gather_all<double, 32>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
 }
 SK_CLONES void wgrad_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                          const Tile* tiles, int64_t ntiles, const float* dy, int64_t dstride, float* g) {
-  wgrad_all<float>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
+  wgrad_all<float, 32>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
 }
 SK_CLONES void wgrad_f64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
                          const Tile* tiles, int64_t ntiles, const double* dy, int64_t dstride, double* g) {
-  wgrad_all<double>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
+  wgrad_all<double, 32>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
 }
+
+#if SK_HAVE_AVX512
+// The same loops on 64-byte vectors, for tiles cut at that width (vector_bytes).
+SK_AVX512 void gather_f32_w64(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+                              int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const float* bias, float* out,
+                              int64_t ostride) {
+  gather_all<float, 64>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
+}
+SK_AVX512 void gather_f64_w64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
+                              int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const double* bias,
+                              double* out, int64_t ostride) {
+  gather_all<double, 64>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
+}
+SK_AVX512 void wgrad_f32_w64(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
+                             int64_t r1, const Tile* tiles, int64_t ntiles, const float* dy, int64_t dstride,
+                             float* g) {
+  wgrad_all<float, 64>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
+}
+SK_AVX512 void wgrad_f64_w64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
+                             int64_t r1, const Tile* tiles, int64_t ntiles, const double* dy, int64_t dstride,
+                             double* g) {
+  wgrad_all<double, 64>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
+}
+#endif
 
 // A block costs a reload and a store of the row's partial tile: the direct kernel measured best near 24
 // entries of a row per block.
@@ -225,8 +266,12 @@ Blocks make_blocks(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_
   return blk;
 }
 
-std::vector<Tile> make_tiles(int64_t cols, int64_t elem_size) {
-  const int64_t vw = 32 / elem_size;
+int vector_bytes(int64_t min_run, int64_t elem_size) {
+  return csr::isa() == csr::Isa::avx512 && min_run * elem_size >= 64 ? 64 : 32;
+}
+
+std::vector<Tile> make_tiles(int64_t cols, int64_t elem_size, int vb) {
+  const int64_t vw = vb / elem_size;
   const int64_t nvec = (cols + vw - 1) / vw;
   const int64_t ntiles = (nvec + NMAX - 1) / NMAX;
   std::vector<Tile> tiles;
@@ -249,22 +294,37 @@ std::vector<Tile> make_tiles(int64_t cols, int64_t elem_size) {
   return tiles;
 }
 
+// The loops of the tiles' width: 64-byte instances exist only where SK_HAVE_AVX512 (vector_bytes never
+// asks for them elsewhere).
+#if SK_HAVE_AVX512
+#define SK_WIDE(call64, call32) \
+  if (vb == 64) call64;         \
+  else call32
+#else
+#define SK_WIDE(call64, call32) call32
+#endif
+
 void gather(const float* src, const int32_t* offs, const float* ws, const Blocks& blk, int64_t r0, int64_t r1,
-            const std::vector<Tile>& tiles, const float* bias, float* out, int64_t ostride) {
-  gather_f32(src, offs, ws, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), bias, out, ostride);
+            const std::vector<Tile>& tiles, int vb, const float* bias, float* out, int64_t ostride) {
+  SK_WIDE(gather_f32_w64(src, offs, ws, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), bias, out, ostride),
+          gather_f32(src, offs, ws, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), bias, out, ostride));
 }
 void gather(const double* src, const int32_t* offs, const double* ws, const Blocks& blk, int64_t r0, int64_t r1,
-            const std::vector<Tile>& tiles, const double* bias, double* out, int64_t ostride) {
-  gather_f64(src, offs, ws, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), bias, out, ostride);
+            const std::vector<Tile>& tiles, int vb, const double* bias, double* out, int64_t ostride) {
+  SK_WIDE(gather_f64_w64(src, offs, ws, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), bias, out, ostride),
+          gather_f64(src, offs, ws, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), bias, out, ostride));
 }
 void wgrad(const float* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
-           const std::vector<Tile>& tiles, const float* dy, int64_t dstride, float* g) {
-  wgrad_f32(src, offs, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), dy, dstride, g);
+           const std::vector<Tile>& tiles, int vb, const float* dy, int64_t dstride, float* g) {
+  SK_WIDE(wgrad_f32_w64(src, offs, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), dy, dstride, g),
+          wgrad_f32(src, offs, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), dy, dstride, g));
 }
 void wgrad(const double* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
-           const std::vector<Tile>& tiles, const double* dy, int64_t dstride, double* g) {
-  wgrad_f64(src, offs, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), dy, dstride, g);
+           const std::vector<Tile>& tiles, int vb, const double* dy, int64_t dstride, double* g) {
+  SK_WIDE(wgrad_f64_w64(src, offs, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), dy, dstride, g),
+          wgrad_f64(src, offs, blk.bp.data(), blk.nb, r0, r1, tiles.data(), tiles.size(), dy, dstride, g));
 }
+#undef SK_WIDE
 
 }  // namespace conv_tiles
 }  // namespace sparsekern

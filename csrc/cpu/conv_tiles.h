@@ -5,7 +5,8 @@
 // offset into accumulators that stay in registers for the whole row; the vectors' offsets are
 // compile-time constants (a tile of NV vectors is its own instance), which measured ~2x faster than
 // offsets read from a table. Tiles outside, rows inside: the tile's window of every source plane is
-// reused by all rows while it is in cache.
+// reused by all rows while it is in cache. The loops come at two widths: 32-byte vectors (every x86-64 clone)
+// and 64-byte ones (AVX-512 hosts; see vector_bytes), each on tiles cut for it.
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -13,7 +14,16 @@
 namespace sparsekern {
 namespace conv_tiles {
 
-constexpr int NMAX = 8;  // vectors per tile: 8 accumulators of the 16 ymm registers
+// Vectors per tile at either width: 8 accumulators (of 16 ymm or 32 zmm registers). On 64-byte vectors 8 also
+// measured fastest: 1.10x the 32-byte loops over ResNet-50's conv layers, against 1.04-1.05x with 4 or 6 and
+// 0.85x with 16 (interleaved A/B, fwd+bwd, batch 16, density 0.1, 2 threads, Zen 4).
+constexpr int NMAX = 8;
+
+// The vector width, in bytes, that tiles are cut for and the loops run at: 64 where the CSR engine's loops
+// are 64-byte ones (csr::isa(): AVX-512 hosts unless SPARSEKERN_ISA=avx2) and every run of the call has at
+// least one such vector (min_run elements of elem_size bytes), else 32. A plan holding tiles or blocks is
+// keyed by it.
+int vector_bytes(int64_t min_run, int64_t elem_size);
 
 // A tile: vectors at sbase/obase + k*VW (k < nv - 1), its last at sbase/obase + last; lanes below `skip` of
 // the last repeat columns of the vector before it (a run's overlapped end).
@@ -34,23 +44,23 @@ struct Blocks {
 // contributes to a tile's window.
 Blocks make_blocks(int64_t R, const int64_t* rp, const int32_t* plane_of, int64_t nplanes, int64_t window_bytes);
 
-// Tiles over a run of `cols` columns (cols >= VW = 32 / elem_size when not a whole number of vectors):
-// at most NMAX vectors each, balanced, the last vector ending at cols; bases 0.
-std::vector<Tile> make_tiles(int64_t cols, int64_t elem_size);
+// Tiles over a run of `cols` columns of vb-byte vectors (cols >= VW = vb / elem_size when not a whole number
+// of vectors): at most NMAX vectors each, balanced, the last vector ending at cols; bases 0.
+std::vector<Tile> make_tiles(int64_t cols, int64_t elem_size, int vb);
 
 // out[r*ostride + obase + c] = init_r + sum over row r of ws[j] * src[offs[j] + sbase + c] for the columns c
-// of every tile, rows [r0, r1); init_r = bias[r] or 0.
+// of every tile (cut for vb-byte vectors), rows [r0, r1); init_r = bias[r] or 0.
 void gather(const float* src, const int32_t* offs, const float* ws, const Blocks& blk, int64_t r0, int64_t r1,
-            const std::vector<Tile>& tiles, const float* bias, float* out, int64_t ostride);
+            const std::vector<Tile>& tiles, int vb, const float* bias, float* out, int64_t ostride);
 void gather(const double* src, const int32_t* offs, const double* ws, const Blocks& blk, int64_t r0, int64_t r1,
-            const std::vector<Tile>& tiles, const double* bias, double* out, int64_t ostride);
+            const std::vector<Tile>& tiles, int vb, const double* bias, double* out, int64_t ostride);
 
 // g[j] += sum over the columns c of every tile of dy[r*dstride + obase + c] * src[offs[j] + sbase + c], rows
 // [r0, r1) (j in row r); overlapped lanes count once.
 void wgrad(const float* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
-           const std::vector<Tile>& tiles, const float* dy, int64_t dstride, float* g);
+           const std::vector<Tile>& tiles, int vb, const float* dy, int64_t dstride, float* g);
 void wgrad(const double* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
-           const std::vector<Tile>& tiles, const double* dy, int64_t dstride, double* g);
+           const std::vector<Tile>& tiles, int vb, const double* dy, int64_t dstride, double* g);
 
 }  // namespace conv_tiles
 }  // namespace sparsekern

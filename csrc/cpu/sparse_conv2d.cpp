@@ -39,6 +39,7 @@
 #include "cpu/common.h"
 #include "cpu/conv_batched.h"
 #include "cpu/conv_pointwise.h"
+#include "cpu/csr_engine.h"
 #include "cpu/plan_cache.h"
 #include "cpu/sparse_conv2d_impl.h"
 
@@ -252,7 +253,8 @@ std::vector<int64_t> choice_key(Pass pass, const Geom& g, int64_t nnz, at::Scala
           g.dw,
           nnz,
           static_cast<int64_t>(dtype),
-          static_cast<int64_t>(at::get_num_threads())};
+          static_cast<int64_t>(at::get_num_threads()),
+          static_cast<int64_t>(csr::isa())};  // the batched kernel's vector width (conv_tiles::vector_bytes)
 }
 
 // The kernel measured for this pass and geometry, if any.

@@ -1,16 +1,19 @@
-"""The CSR engine's two vector widths (sparsekern.isa): avx2 (32-byte loops) and avx512 (64-byte loops),
+"""The CPU kernels' two vector widths (sparsekern.isa): avx2 (32-byte loops) and avx512 (64-byte loops),
 each against the reference, for sparse_linear, spmm and sddmm over the shared parametrization plus shapes
-whose batch fills the 64- and 128-byte tiles, at densities below the engine's dense fallback (0.3)."""
+whose batch fills the 64- and 128-byte tiles, at densities below the engine's dense fallback (0.3); and the
+conv tile loops (pointwise and batch-innermost kernels) against F.conv2d, over planes and runs that fill
+whole 64-byte vectors, end in an overlapped one, or are too short for one (the 32-byte loops run)."""
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sparsekern
 from sparsekern import isa as sk_isa, reference
-from sparsekern.ops import sddmm, sparse_linear, spmm
+from sparsekern.ops import sddmm, sparse_conv2d, sparse_linear, spmm
 
 from sk_testing import assert_close, gen, grads, has_cpu_kernel, make_input, random_sparse, seed_of
 
@@ -140,3 +143,58 @@ def test_environment_variable_is_read_at_load():
     assert isa == auto and "SPARSEKERN_ISA=avx1024 ignored" in err
     if sk_isa.supported("avx512"):
         assert _isa_at_load("avx512")[0] == "avx512"
+
+
+# (N, Cin, Cout, H=W, kernel, stride, padding): 1x1 convs run the pointwise kernel (planes of 4x4 and 7x7
+# grouped several images to a row, 14x14 flat with an overlapped last vector, stride 2 packed), 3x3 ones the
+# batch-innermost kernel (pinned), whose runs of OW*N columns fill 64-byte vectors, overlap, or (N=1, 5
+# columns) are too short for one.
+CONV_CASES = ((3, 8, 12, 4, 1, 1, 0), (2, 16, 8, 7, 1, 1, 0), (2, 8, 8, 14, 1, 1, 0), (4, 8, 6, 9, 1, 2, 0),
+              (4, 6, 8, 7, 3, 1, 1), (3, 5, 7, 9, 3, 2, 1), (1, 4, 4, 5, 3, 1, 1), (16, 8, 8, 4, 3, 1, 1))
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}c{}o{}h{}k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("conv_dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_conv_tiles(isa, case, conv_dtype, monkeypatch):
+    """Forward, input and weight gradient of the tile kernels at either width against F.conv2d (float64)."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
+    n, cin, cout, h, k, stride, pad = case
+    g = gen(seed_of("isa", "conv", case, conv_dtype))
+    W = random_sparse((cout, cin, k, k), 0.2, conv_dtype, g, empty_rows=True, requires_grad=True)
+    x = make_input((n, cin, h, h), conv_dtype, g, requires_grad=True)
+    bias = make_input((cout,), conv_dtype, g, requires_grad=True)
+    y = sparse_conv2d(x, W, bias, stride, pad)
+    dense = W.to_dense().detach().double().requires_grad_(True)
+    xd, bd = x.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
+    expected = F.conv2d(xd, dense, bd, stride, pad)
+    tol = dict(rtol=2e-2, atol=2e-2) if conv_dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.double(), expected, **tol)
+    grad_out = make_input(y.shape, conv_dtype, g)
+    gx, gv, gb = grads(y, [x, W.values, bias], grad_out)
+    ex, ew, eb = grads(expected, [xd, dense, bd], grad_out.double())
+    rows = torch.repeat_interleave(torch.arange(cout), W.row_ptr.diff())
+    ev = ew.reshape(cout, -1)[rows, W.col_idx.long()]
+    for got, exp in ((gx, ex), (gv, ev), (gb, eb)):
+        torch.testing.assert_close(got.double(), exp, **tol)
+
+
+def test_conv_widths_agree_with_inf_in_overlapped_lanes(monkeypatch):
+    """An Inf the 64-byte weight gradient reads twice (in a vector and in the overlapped last one) counts
+    once at either width: no 0 * Inf = NaN from the lanes the last vector does not own."""
+    _skip_without_kernels()
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
+    g = gen(seed_of("isa", "conv-inf"))
+    W = random_sparse((6, 5, 3, 3), 0.4, torch.float64, g)
+    x = torch.randn(4, 5, 5, 5, generator=g, dtype=torch.float64)
+    x[1, 2, 4, 4] = float("inf")
+    dy = torch.randn(4, 6, 5, 5, generator=g, dtype=torch.float64)
+    geo = ([1, 1], [1, 1], [1, 1])
+    rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
+    xc = F.unfold(x, 3, padding=1)
+    expected = (dy.view(4, 6, 25)[:, rows] * xc[:, W.col_idx.long()]).sum((0, 2))
+    for name in ISAS:
+        if not sk_isa.supported(name):
+            continue
+        with sk_isa.use(name):
+            dv = torch.ops.sparsekern.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, [3, 3], *geo)
+        torch.testing.assert_close(dv, expected, equal_nan=True)
