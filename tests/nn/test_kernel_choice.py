@@ -319,16 +319,17 @@ def test_close_calls_get_more_rounds(monkeypatch, times, rounds):
     assert {k: n - kc.WARMUP for k, n in calls.items()} == rounds
 
 
+@pytest.mark.parametrize("density", [0.5, 1.0], ids=["d0.5", "full"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
-def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias):
-    """A layer on the dense kernel (scattered weight, NaN/Inf routing): gradcheck in x, values and bias,
-    and gradgradcheck."""
+def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, density):
+    """A layer on the dense kernel (scattered weight, NaN/Inf routing; a full pattern: torch's own autograd
+    on a view of the values, no Python node): gradcheck in x, values and bias, and gradgradcheck."""
     if kind.startswith("linear"):
-        layer = SparseLinear(5, 4, bias=bias, density=0.5, generator=gen(11), dtype=torch.float64)
+        layer = SparseLinear(5, 4, bias=bias, density=density, generator=gen(11), dtype=torch.float64)
         x = torch.randn((2, 3, 5) if kind == "linear-3d" else (3, 5), dtype=torch.float64, generator=gen(12))
     else:
-        layer = SparseConv2d(3, 4, 3, stride=2, padding=1, bias=bias, density=0.5, generator=gen(13),
+        layer = SparseConv2d(3, 4, 3, stride=2, padding=1, bias=bias, density=density, generator=gen(13),
                              dtype=torch.float64)
         x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen(14))
         if kind == "conv-channels-last":
@@ -342,3 +343,5 @@ def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias):
 
     torch.autograd.gradcheck(g, inputs)
     torch.autograd.gradgradcheck(g, inputs)
+    node = type(g(*inputs).grad_fn).__name__
+    assert (node == "_DenseKernelBackward") == (density < 1.0), node
