@@ -17,6 +17,7 @@
 // conv on small planes to the batch-innermost ones (conv_batched.cpp).
 #pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -223,7 +224,9 @@ bool batched_by_rule(const Geom& g, int64_t nnz) {
 // weight gradient prefers it more than the forward (0.45-0.65x where the forward is even). No rule on the
 // geometry ranks all of these, so a pass large enough to matter times both kernels on its first call of a
 // (pass, geometry, nnz, dtype, thread count) and keeps the faster for the process; smaller ones follow the
-// rule above. SPARSEKERN_CONV_KERNEL=direct|batched pins one kernel instead.
+// rule above, and so does every pass under torch.use_deterministic_algorithms(True): a measured choice can
+// differ between processes, and the two kernels' sums differ in the last bits. SPARSEKERN_CONV_KERNEL=
+// direct|batched pins one kernel instead.
 enum class Pass : int64_t { Forward, GradInput, GradWeight };
 constexpr double kMeasureMacs = 4e6;  // a pass of fewer multiply-adds takes well under a millisecond
 
@@ -273,7 +276,8 @@ template <class Run, class Reset>
 void run_chosen(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype, ConvPin pin, Run&& run, Reset&& reset) {
   if (pin == ConvPin::Direct || !batched_applies(g)) return run(false);
   if (pin == ConvPin::Batched) return run(true);
-  if (static_cast<double>(nnz) * g.OH * g.OW * g.N < kMeasureMacs) return run(batched_by_rule(g, nnz));
+  if (static_cast<double>(nnz) * g.OH * g.OW * g.N < kMeasureMacs || at::globalContext().deterministicAlgorithms())
+    return run(batched_by_rule(g, nnz));
   if (const c10::optional<bool> known = measured_choice(pass, g, nnz, dtype)) return run(*known);
   double best[2] = {1e300, 1e300};
   for (int round = 0; round < 3; ++round) {
@@ -926,7 +930,9 @@ std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_
   if (pointwise_for(g, pin)) return "pointwise";
   if (pin == ConvPin::Direct || !batched_applies(g)) return "direct";
   if (pin == ConvPin::Batched) return "batched";
-  const c10::optional<bool> known = measured_choice(Pass::Forward, g, col_idx.numel(), at::kFloat);
+  const c10::optional<bool> known = at::globalContext().deterministicAlgorithms()
+                                        ? c10::nullopt
+                                        : measured_choice(Pass::Forward, g, col_idx.numel(), at::kFloat);
   return known.value_or(batched_by_rule(g, col_idx.numel())) ? "batched" : "direct";
 }
 

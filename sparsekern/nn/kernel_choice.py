@@ -8,6 +8,10 @@ training) on the layer's real input, the fastest wins, and the choice is cached 
 those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choice stays valid through
 training; pruning changes nnz and so measures anew.
 
+Under ``torch.use_deterministic_algorithms(True)`` nothing is measured (a measured choice can differ
+between processes, and the kernels' sums differ in the last bits): a layer runs ``dense`` from a density of
+``DETERMINISTIC_DENSE_FROM`` on, else ``csr`` (the C++ conv op likewise keeps its geometry rule).
+
 ``SPARSEKERN_KERNEL_CACHE=path.json`` keeps the measured choices across processes (loaded at import,
 written after each new measurement), tagged with the sparsekern and torch versions and the CPU model:
 a file from another of these is ignored, never trusted. Overrides: ``layer.kernel = "dense"`` (or
@@ -46,6 +50,9 @@ CLOSE_RATIO, MAX_REPEATS = 1.25, 8
 DENSE_MARGIN = 0.05
 # A candidate this much slower than the best after one round is not timed further.
 GIVE_UP_RATIO = 3.0
+# Under deterministic algorithms (no measuring): the density from which a layer runs its dense kernel, where the
+# CSR engine's own products turn dense too (csr_engine.h, dense_above).
+DETERMINISTIC_DENSE_FROM = 0.3
 
 _autotune: bool = os.environ.get("SPARSEKERN_AUTOTUNE", "1") != "0"
 _forced: Optional[str] = os.environ.get("SPARSEKERN_KERNEL") or None
@@ -185,6 +192,8 @@ def resolve(module: nn.Module, x: torch.Tensor) -> str:
         return _forced if _forced in module.candidates() else DEFAULT
     if not _autotune or _tracing():
         return DEFAULT
+    if torch.are_deterministic_algorithms_enabled():
+        return "dense" if module.density >= DETERMINISTIC_DENSE_FROM and "dense" in module.candidates() else DEFAULT
     key = choice_key(module, x)
     choice = _choices.get(key)
     if choice is None:
@@ -408,7 +417,10 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
         if name in done:
             continue
         done.add(name)
-        choice = lookup(mod, x) if mod.kernel == "auto" and mod.format == "csr" else None
+        tuned = mod.kernel == "auto" and mod.format == "csr"
+        choice = lookup(mod, x) if tuned else None
+        if choice is None and tuned and torch.are_deterministic_algorithms_enabled():
+            choice = Choice(resolve(mod, x), reason="deterministic rule")  # nothing measured: the rule's kernel
         kernel = mod.kernel if mod.kernel != "auto" else (choice.kernel if choice else DEFAULT)
         reason = ("pinned" if mod.kernel != "auto" else
                   "format='bsr'" if mod.format != "csr" else (choice.reason if choice else "not measured"))

@@ -185,6 +185,24 @@ def test_overrides(monkeypatch):
     assert calls == []
 
 
+def test_deterministic_algorithms_take_the_rule_not_a_measurement(monkeypatch, capsys):
+    """Under torch.use_deterministic_algorithms(True) no layer is measured: dense from
+    DETERMINISTIC_DENSE_FROM on, csr below, the same in every process; explain says so."""
+    calls = _measuring(monkeypatch)
+    model = nn.Sequential(SparseLinear(16, 16, density=0.5), SparseConv2d(4, 4, 3, padding=1, density=0.1))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kc.resolve(model[0], torch.randn(8, 16)) == "dense"
+        assert kc.resolve(model[1], torch.randn(2, 4, 6, 6)) == "csr"
+        model[0](torch.randn(8, 16)).sum().backward()
+        rows = kc.explain(model[1], torch.randn(2, 4, 6, 6), print_table=False)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert calls == [] and kc.cached_choices() == {}
+    assert rows[0]["kernel"] == "csr" and rows[0]["reason"] == "deterministic rule"
+
+
 @pytest.mark.parametrize("bad", ["fast", "gemm"])
 def test_bad_kernel_names_raise(bad):
     layer = SparseLinear(4, 4)

@@ -413,3 +413,23 @@ def test_measured_kernel_choice(case, monkeypatch):
         torch.testing.assert_close(dx, xr.grad, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(gv, gv_ref, rtol=1e-10, atol=1e-10)
     assert _cpu_kernel(x, W, stride, (1, 1), (1, 1)) in ("direct", "batched")
+
+
+def test_deterministic_algorithms_keep_the_rule(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) a pass large enough to be measured is not: it runs the
+    geometry rule's kernel (the one reported before any call), so repeated calls give identical bits."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "auto")
+    g = gen(seed_of(OP, "deterministic"))
+    W = random_sparse((64, 64, 3, 3), 0.2, torch.float32, g, False, "contiguous")
+    x = torch.randn(7, 64, 12, 12, generator=g)  # 7 x 144 outputs x 7.4K nonzeros: above the measuring threshold
+    ops, geo = torch.ops.sparsekern, ([1, 1], [1, 1], [1, 1])
+    rule = _cpu_kernel(x, W, *geo)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        ys = [ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo) for _ in range(2)]
+        assert _cpu_kernel(x, W, *geo) == rule
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert torch.equal(ys[0], ys[1])
+    assert _cpu_kernel(x, W, *geo) == rule  # nothing was measured and recorded
