@@ -154,12 +154,14 @@ def test_measurement_leaves_no_gradient(monkeypatch):
     assert_close(x.grad, x2.grad)
 
 
-def test_small_layers_are_not_measured():
-    layer = SparseLinear(8, 8, density=0.5)
+@pytest.mark.parametrize("density,kernel", [(0.1, "csr"), (0.5, "dense"), (1.0, "dense")])
+def test_small_layers_are_not_measured(density, kernel):
+    """Below MIN_TUNE_MACS the density rule decides: dense from RULE_DENSE_FROM on, else csr."""
+    layer = SparseLinear(8, 8, density=density)
     x = torch.randn(2, 8)
     layer(x)
     choice = kc.lookup(layer, x)
-    assert choice.kernel == kc.DEFAULT and choice.times_ms == {} and "not measured" in choice.reason
+    assert choice.kernel == kernel and choice.times_ms == {} and "density rule" in choice.reason
 
 
 def test_overrides(monkeypatch):
@@ -186,8 +188,8 @@ def test_overrides(monkeypatch):
 
 
 def test_deterministic_algorithms_take_the_rule_not_a_measurement(monkeypatch, capsys):
-    """Under torch.use_deterministic_algorithms(True) no layer is measured: dense from
-    DETERMINISTIC_DENSE_FROM on, csr below, the same in every process; explain says so."""
+    """Under torch.use_deterministic_algorithms(True) no layer is measured: dense from RULE_DENSE_FROM on,
+    csr below, the same in every process; explain says so."""
     calls = _measuring(monkeypatch)
     model = nn.Sequential(SparseLinear(16, 16, density=0.5), SparseConv2d(4, 4, 3, padding=1, density=0.1))
     before = torch.are_deterministic_algorithms_enabled()
