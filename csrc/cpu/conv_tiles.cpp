@@ -190,48 +190,35 @@ SK_INLINE void wgrad_all(const T* src, const int32_t* offs, const int64_t* bp, i
 }
 #undef SK_NV_CASES
 
-SK_CLONES void gather_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
-                          int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const float* bias, float* out,
-                          int64_t ostride) {
-  gather_all<float, 32>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
-}
-SK_CLONES void gather_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
-                          int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const double* bias, double* out,
-                          int64_t ostride) {
-  gather_all<double, 32>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
-}
-SK_CLONES void wgrad_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                         const Tile* tiles, int64_t ntiles, const float* dy, int64_t dstride, float* g) {
-  wgrad_all<float, 32>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
-}
-SK_CLONES void wgrad_f64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                         const Tile* tiles, int64_t ntiles, const double* dy, int64_t dstride, double* g) {
-  wgrad_all<double, 32>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
-}
+// The entry points of one vector width W, compiled with ATTR (the loops inline into them and take its target):
+// gather_f32SUFFIX, gather_f64SUFFIX, wgrad_f32SUFFIX, wgrad_f64SUFFIX.
+#define SK_TILE_ENTRIES(ATTR, SUFFIX, W)                                                                              \
+  ATTR void gather_f32##SUFFIX(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb, \
+                               int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const float* bias,          \
+                               float* out, int64_t ostride) {                                                         \
+    gather_all<float, W>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);                           \
+  }                                                                                                                   \
+  ATTR void gather_f64##SUFFIX(const double* src, const int32_t* offs, const double* ws, const int64_t* bp,           \
+                               int64_t nb, int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles,                 \
+                               const double* bias, double* out, int64_t ostride) {                                    \
+    gather_all<double, W>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);                          \
+  }                                                                                                                   \
+  ATTR void wgrad_f32##SUFFIX(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,       \
+                              int64_t r1, const Tile* tiles, int64_t ntiles, const float* dy, int64_t dstride,        \
+                              float* g) {                                                                             \
+    wgrad_all<float, W>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);                                    \
+  }                                                                                                                   \
+  ATTR void wgrad_f64##SUFFIX(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,      \
+                              int64_t r1, const Tile* tiles, int64_t ntiles, const double* dy, int64_t dstride,       \
+                              double* g) {                                                                            \
+    wgrad_all<double, W>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);                                   \
+  }
 
+SK_TILE_ENTRIES(SK_CLONES, , 32)
 #if SK_HAVE_AVX512
-// The same loops on 64-byte vectors, for tiles cut at that width (vector_bytes).
-SK_AVX512 void gather_f32_w64(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
-                              int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const float* bias, float* out,
-                              int64_t ostride) {
-  gather_all<float, 64>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
-}
-SK_AVX512 void gather_f64_w64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
-                              int64_t r0, int64_t r1, const Tile* tiles, int64_t ntiles, const double* bias,
-                              double* out, int64_t ostride) {
-  gather_all<double, 64>(src, offs, ws, bp, nb, r0, r1, tiles, ntiles, bias, out, ostride);
-}
-SK_AVX512 void wgrad_f32_w64(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
-                             int64_t r1, const Tile* tiles, int64_t ntiles, const float* dy, int64_t dstride,
-                             float* g) {
-  wgrad_all<float, 64>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
-}
-SK_AVX512 void wgrad_f64_w64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
-                             int64_t r1, const Tile* tiles, int64_t ntiles, const double* dy, int64_t dstride,
-                             double* g) {
-  wgrad_all<double, 64>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);
-}
+SK_TILE_ENTRIES(SK_AVX512, _w64, 64)  // for tiles cut at 64 bytes (vector_bytes)
 #endif
+#undef SK_TILE_ENTRIES
 
 // A block costs a reload and a store of the row's partial tile: the direct kernel measured best near 24
 // entries of a row per block.
