@@ -1,4 +1,4 @@
-"""The CPU CSR engine's dense fallback (a GEMM from density dense_above() = 0.3 on) gives the sparse
+"""The CPU CSR engine's dense fallback (a GEMM from density dense_above() = 0.5 on) gives the sparse
 answer: a NaN or Inf in a dense operand reaches only the outputs whose nonzeros read it, at densities
 below and above the threshold alike (as torch.sparse). Its threshold is a process-wide setting, taken
 from SPARSEKERN_DENSE_ABOVE when sparsekern loads."""
