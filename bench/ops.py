@@ -52,7 +52,7 @@ SIZES = {
     # Smoke tests. SparseProp's conv (vectorizing_over_on=False) is wrong for batches not a multiple of 8.
     "tiny": Sizes(linear=(64, 48, 16), conv=((8, 8, 8), (16, 4, 8)), topk_n=10_000),
 }
-LINEAR_DENSITIES = {"full": (0.5, 0.2, 0.1, 0.05, 0.01), "quick": (0.1, 0.01)}
+LINEAR_DENSITIES = {"full": (0.5, 0.35, 0.2, 0.1, 0.05, 0.01), "quick": (0.1, 0.01)}
 CONV_DENSITIES = (0.1, 0.01)
 TOPK_FRACTIONS = (0.01, 0.1)
 BUDGETS = {"full": Budget(min_run_time=0.5, max_run_time=3.0), "quick": Budget(min_run_time=0.1, max_run_time=0.5),
