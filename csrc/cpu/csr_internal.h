@@ -52,7 +52,8 @@ constexpr int64_t CHECK_ROW_PTR_GRAIN = 1 << 20;  // row_ptr entries per task of
 constexpr int64_t CHECK_NNZ_GRAIN = 1 << 18;      // nonzeros per task of the column-order check
 // The density (nnz / (m k)) from which the dense fallback runs, unless set_dense_above changed it.
 // The CSR loops do one L2 load per FMA; the GEMM reads and writes the whole scattered weight. Zen 4,
-// 2 threads, fwd+bwd of a linear layer with caches evicted between calls, CSR loops / dense fallback:
+// 2 threads, fwd+bwd of a linear layer with caches evicted between calls, time of the CSR loops over the
+// dense fallback's:
 // 0.58x at density 0.34 (1000x512, batch 16), 0.64x at 0.35 (4096x4096, batch 256 and 3072x768,
 // batch 256), 0.76x at 0.5 (512x1000, batch 16), 0.82x-0.95x at 0.5 (1024x1024 and 4096x4096, batch
 // 256), 0.95-1.05x at 0.52-0.6 (batch 64-2048), 1.3x at 0.95 (batch 64-256). (Zen 3 with the loops of

@@ -106,7 +106,9 @@ def _measuring(monkeypatch):
     return calls
 
 
-def test_auto_measures_once_per_key_and_caches(monkeypatch):
+@pytest.mark.parametrize("evict_bytes", [kc.EVICT_BYTES, 0], ids=["caches-evicted", "hot"])
+def test_auto_measures_once_per_key_and_caches(monkeypatch, evict_bytes):
+    monkeypatch.setattr(kc, "EVICT_BYTES", evict_bytes)
     calls = _measuring(monkeypatch)
     a = SparseConv2d(8, 8, 3, padding=1, density=0.2)
     b = SparseConv2d(8, 8, 3, padding=1, density=0.2)  # same key: shares a's measurement
