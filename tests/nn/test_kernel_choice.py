@@ -367,3 +367,55 @@ def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, densi
     torch.autograd.gradgradcheck(g, inputs)
     node = type(g(*inputs).grad_fn).__name__
     assert (node == "_DenseKernelBackward") == (density < 1.0), node
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_dense_kernel_rewrites_one_weight_buffer_and_stays_exact(kind):
+    """A partial pattern's dense kernel scatters its values into one buffer call after call: results and
+    gradients follow every in-place update of the values, a new pattern, a new dtype, no-grad and
+    inference-mode calls; a graph whose values changed since its forward refuses backward (as nn.Linear's)."""
+    if kind == "linear":
+        layer = SparseLinear(12, 9, density=0.6, generator=gen(21))
+        x = torch.randn(5, 12, generator=gen(22))
+    else:
+        layer = SparseConv2d(4, 6, 3, padding=1, density=0.6, generator=gen(23))
+        x = torch.randn(2, 4, 5, 5, generator=gen(24))
+    layer.kernel = "dense"
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+
+    def check():
+        got = _grads(layer, x, "dense")
+        layer.kernel = "dense"
+        for g, w, what in zip(got, _dense_twin_grads(layer, x), ("y", "x.grad", "values.grad", "bias.grad")):
+            _close(g, w, what)
+        with torch.no_grad():
+            assert_close(layer(x), layer.to_dense()(x), scale=10.0)
+        return got
+
+    check()
+    buffer = kc._dense_buffers[layer][2]
+    for _ in range(2):  # optimizer steps write the values in place: same buffer, new weights
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        check()
+        assert kc._dense_buffers[layer][2] is buffer
+    with torch.inference_mode():
+        assert_close(layer(x), layer.to_dense()(x), scale=10.0)
+    check()
+    mask = random_mask(tuple(layer.weight_shape), 0.5, gen(25))
+    layer.update_pattern_(mask, torch.randn(int(mask.sum()), generator=gen(26)))
+    with torch.inference_mode():  # the new pattern's first buffer is an inference tensor: not written outside
+        assert_close(layer(x), layer.to_dense()(x), scale=10.0)
+    assert kc._dense_buffers[layer][2].is_inference()
+    check()
+    assert kc._dense_buffers[layer][2] is not buffer and not kc._dense_buffers[layer][2].is_inference()
+    layer.double()
+    x = x.double()
+    check()
+    stale = layer(x)
+    with torch.no_grad():
+        layer.values.add_(1.0)
+    layer(x).sum().backward()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.sum().backward()
