@@ -53,11 +53,11 @@ constexpr int64_t CHECK_NNZ_GRAIN = 1 << 18;      // nonzeros per task of the co
 // The density (nnz / (m k)) from which the dense fallback runs, unless set_dense_above changed it.
 // The CSR loops do one L2 load per FMA; the GEMM reads and writes the whole scattered weight. Zen 4,
 // 2 threads, fwd+bwd of a linear layer with caches evicted between calls, time of the CSR loops over the
-// dense fallback's:
-// 0.58x at density 0.34 (1000x512, batch 16), 0.64x at 0.35 (4096x4096, batch 256 and 3072x768,
-// batch 256), 0.76x at 0.5 (512x1000, batch 16), 0.82x-0.95x at 0.5 (1024x1024 and 4096x4096, batch
-// 256), 0.95-1.05x at 0.52-0.6 (batch 64-2048), 1.3x at 0.95 (batch 64-256). (Zen 3 with the loops of
-// 2026-11 put it at 0.3.) Layers measure their own dense kernel against these loops (kernel_choice).
+// dense fallback's: 0.58-0.67x at density 0.34-0.35 (1000x512 batch 16-256, 3072x768 and 4096x4096 batch
+// 256); at 0.5 0.62x (batch 16), 0.82x (1024x1024, batch 256), 0.95x (4096x4096, batch 256); 0.97-1.04x
+// at 0.52 (96 <-> 384, 2048 tokens); at 0.6 0.64-0.94x (batch 16-256); at 0.95 0.82x (batch 16), 0.97x
+// (64), 1.31x (256). 0.5 is where the large-batch shapes break even; a layer's kernel choice times its
+// own dense kernel against these loops above it. (Zen 3 with the loops of 2026-11 put it at 0.3.)
 constexpr double DEFAULT_DENSE_ABOVE = 0.5;
 
 // ---------------------------------------------------------------------------
