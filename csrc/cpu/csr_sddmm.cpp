@@ -123,6 +123,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   const at::Tensor vals_s = widened ? at::empty({nnz}, vals_t.options().dtype(kS)) : vals_t;
   if (use_dense(nnz, m, k)) {
     sddmm_dense(row_ptr, col_idx, X, Y, vals_s);
+  } else if (use_gather(Core::sddmm, nnz, k, Y)) {
+    sddmm_gather<I, S>(row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), m, X, Y, vals_s.data_ptr<S>());
   } else {
     S* vals = vals_s.data_ptr<S>();
     const bool wide = isa() == Isa::avx512;

@@ -182,15 +182,19 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
     spmm_dense(vals_c, row_ptr, col_idx, B, bias_c, out);
     return;
   }
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  const S* vals = vals_c.data_ptr<S>();
+  if (use_gather(Core::spmm, nnz, k, B)) {
+    spmm_gather<I, S>(vals, rp, ci, m, B, bp, out);
+    return;
+  }
   const bool wide = isa() == Isa::avx512;
   const int TB = tile_bytes(n, sizeof(S), wide);
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
   const at::Tensor Bp = pack_tiles(B, T);
   const S* bpk = Bp.data_ptr<S>();
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
-  const int32_t* ci = col_idx.data_ptr<int32_t>();
-  const S* vals = vals_c.data_ptr<S>();
   auto tile_job = [&](int64_t t) {
     return SpmmJob<S, I>{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
   };
