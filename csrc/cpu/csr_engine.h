@@ -11,9 +11,13 @@
 // so that each nonzero reads one contiguous L2-resident row of T values; the
 // result of a group of rows is written through a register transpose when the
 // output is column-major (sparse_linear's y (N, m) seen as y^T (m, N)).
-// Rows are cut into a few nnz-balanced parts per thread (cost nnz + a per-row term), handed
-// out dynamically; a part walks all batch tiles (rows: int32 column indices, software
-// prefetch (SpMM) of the first line of the packed row 16 nonzeros ahead, 2 x 4 ymm accumulators per row).
+// Where the tiles spread evenly over the threads, each thread packs its own run of tiles, one at a time,
+// just before running every row over it (the tile stays in L2; SDDMM sums each thread's share of the batch
+// into its own copy of the values); otherwise the operand is packed whole and rows are cut into a few
+// nnz-balanced parts per thread (cost nnz + a per-row term), handed out dynamically, a part walking all
+// batch tiles (rows: int32 column indices, software prefetch (SpMM) of the first line of the packed row 16
+// nonzeros ahead, 2 x 4 ymm accumulators per row). Patterns with at most about one nonzero per column of
+// the dense operand skip the packing (csr_gather.cpp).
 // On AVX-512 hosts the SpMM and SDDMM loops can run on 64-byte vectors (same templates and packing,
 // 256-byte tiles for long batches, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values

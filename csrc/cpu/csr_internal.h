@@ -36,10 +36,9 @@ constexpr int64_t PACK_ROWS = 256;
 // Work parts per thread: a few (nnz-balanced), handed out dynamically, so that a thread slowed down
 // by another process on its core (or by uneven rows) does not hold up the op.
 constexpr int64_t PARTS_PER_THREAD = 6;
-// SpMM whose packed operand exceeds WHOLE_TILES_BYTES and that has at least TILES_PER_THREAD batch tiles per
-// thread runs each tile whole (all rows) on one thread (csr_spmm.cpp).
+// SpMM and SDDMM run whole batch tiles per thread (each packed by its thread just before use) when the tiles
+// spread evenly over the threads: a multiple of the thread count, or at least TILES_PER_THREAD per thread.
 constexpr int64_t TILES_PER_THREAD = 4;
-constexpr int64_t WHOLE_TILES_BYTES = int64_t(2) << 20;
 // at::parallel_for grains (elements per task) of the light loops: below these a task's share of
 // the parallel region's start-up (a few microseconds) outweighs its work.
 constexpr int64_t FILL_GRAIN = 16384;           // output elements written per task (empty A or k = 0)
@@ -105,6 +104,9 @@ void run_parts(int64_t parts, const F& run) {
 // ceil(cols / T) tiles of rows x T elements of the compute type (bf16 widened to float32), tile t
 // holding columns t*T .. t*T+T (zero-padded) at offset t * rows * T. Parallel over tiles and row blocks.
 at::Tensor pack_tiles(const at::Tensor& src, int64_t T);
+// Tile t of that packing alone (rows x T of the compute type at dst), on the calling thread.
+void pack_tile(float* dst, int64_t T, const at::Tensor& src, int64_t t);
+void pack_tile(double* dst, int64_t T, const at::Tensor& src, int64_t t);
 
 // ---------------------------------------------------------------------------
 // Dense fallback (csr_dense.cpp).

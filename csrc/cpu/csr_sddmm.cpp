@@ -131,39 +131,48 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     const int TB = tile_bytes(d, sizeof(S), wide);
     const int64_t T = TB / int64_t(sizeof(S));
     const int64_t ntiles = (d + T - 1) / T;
-    const at::Tensor Yp_t = pack_tiles(Y, T);
-    const S* yp = Yp_t.data_ptr<S>();
     const int64_t* rp = row_ptr.data_ptr<int64_t>();
     const int32_t* ci = col_idx.data_ptr<int32_t>();
     const I* x = X.data_ptr<I>();
     const int64_t xs0 = X.stride(0), xs1 = X.stride(1);
-    auto tile_job = [&](int64_t t, S* out, bool first) {
-      return SddmmJob<S, I>{rp, ci, x, xs0, xs1, yp + t * k * T, t * T, std::min(T, d - t * T), out, first};
+    auto job = [&](const S* tile, int64_t t, S* out, bool first) {
+      return SddmmJob<S, I>{rp, ci, x, xs0, xs1, tile, t * T, std::min(T, d - t * T), out, first};
     };
-    const int64_t nth = std::min<int64_t>(at::get_num_threads(), ntiles);
-    if (nth > 1 && ntiles >= TILES_PER_THREAD * nth && ntiles * k * T * int64_t(sizeof(S)) > WHOLE_TILES_BYTES) {
-      // As spmm: a packed Y beyond L2 is read once, each thread taking a run of whole tiles (every row) and
-      // summing its share of the batch into its own copy of the values, added up at the end.
+    // As spmm: whole tiles, each packed by the thread that runs it just before every row runs over it, wherever
+    // they spread evenly over the threads; each thread sums its share of the batch into its own copy of the
+    // values, added up at the end. Else row parts over Y packed whole.
+    const int64_t nth = at::get_num_threads();
+    const bool whole_tiles = ntiles >= nth && (ntiles % nth == 0 || ntiles >= TILES_PER_THREAD * nth);
+    at::Tensor Yp_t;
+    if (whole_tiles) {
       at::Tensor partial = at::empty({(nth - 1) * nnz}, vals_s.options());
       S* part = partial.data_ptr<S>();
       at::parallel_for(0, nth, 1, [&](int64_t w0, int64_t w1) {
+        at::Tensor buf = at::empty({k * T}, vals_s.options());
+        S* tile = buf.data_ptr<S>();
         for (int64_t w = w0; w < w1; ++w) {
           S* out = w == 0 ? vals : part + (w - 1) * nnz;
           const int64_t t0 = w * ntiles / nth, t1 = (w + 1) * ntiles / nth;
-          for (int64_t t = t0; t < t1; ++t) sddmm_rows(TB, wide, tile_job(t, out, t == t0), 0, m);
+          for (int64_t t = t0; t < t1; ++t) {
+            pack_tile(tile, T, Y, t);
+            sddmm_rows(TB, wide, job(tile, t, out, t == t0), 0, m);
+          }
         }
       });
-      at::parallel_for(0, nnz, 1 << 14, [&](int64_t p0, int64_t p1) {
-        for (int64_t w = 1; w < nth; ++w)
-          for (int64_t p = p0; p < p1; ++p) vals[p] += part[(w - 1) * nnz + p];
-      });
+      if (nth > 1)
+        at::parallel_for(0, nnz, 1 << 14, [&](int64_t p0, int64_t p1) {
+          for (int64_t w = 1; w < nth; ++w)
+            for (int64_t p = p0; p < p1; ++p) vals[p] += part[(w - 1) * nnz + p];
+        });
     } else {
       const int64_t align = 2 * L;
       const int64_t parts = num_parts(m, align);
       const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
+      Yp_t = pack_tiles(Y, T);
+      const S* yp = Yp_t.data_ptr<S>();
       auto run = [&](int64_t part) {
         for (int64_t t = 0; t < ntiles; ++t)
-          sddmm_rows(TB, wide, tile_job(t, vals, t == 0), bounds[part], bounds[part + 1]);
+          sddmm_rows(TB, wide, job(yp + t * k * T, t, vals, t == 0), bounds[part], bounds[part + 1]);
       };
       run_parts(parts, run);
     }

@@ -193,28 +193,37 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int TB = tile_bytes(n, sizeof(S), wide);
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
-  const at::Tensor Bp = pack_tiles(B, T);
-  const S* bpk = Bp.data_ptr<S>();
-  auto tile_job = [&](int64_t t) {
-    return SpmmJob<S, I>{vals, rp, ci, bpk + t * k * T, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
+  auto job = [&](const S* tile, int64_t t) {
+    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
   };
-  // Row parts each sweep every tile, so the packed operand is read once per part: fine while it stays in
-  // L2, not beyond. A larger one runs each tile whole on one thread (all rows) and is read once. Forward,
-  // 2048 tokens: 2048 -> 512 features (16 MB packed) 2.35x faster, 4-5 MB 1.04-1.15x; at 0.8-1 MB row
-  // parts stay 1.1-1.35x faster (interleaved A/B, 2 threads, Zen 4).
-  const bool whole_tiles =
-      ntiles >= TILES_PER_THREAD * at::get_num_threads() && ntiles * k * T * int64_t(sizeof(S)) > WHOLE_TILES_BYTES;
+  // Whole tiles: each thread takes a run of batch tiles and packs each (k x T, L2-sized) just before running
+  // every row over it, so the packed operand is written and read once, in L2. Row parts (below) each sweep
+  // every tile of an operand packed whole beforehand: they balance any number of tiles over the threads, but
+  // read the packed operand once per part, from memory once it outgrows L2. Forward, 2 threads, Zen 4,
+  // density 0.1 (interleaved A/B): 768 -> 192 at 512 tokens (1.5 MB packed, 8 tiles) 2.3x faster with whole
+  // tiles, 96 -> 384 at 2048 tokens 1.1-1.9x, 1024 -> 1024 at batch 256 (4 tiles) 1.0-1.2x, 1536 -> 384 at
+  // 784 tokens 1.0-1.15x; a single tile (batch 16) 1.15x slower (one thread). Whole tiles therefore wherever
+  // they spread evenly over the threads.
+  const int64_t nthreads = at::get_num_threads();
+  const bool whole_tiles = ntiles >= nthreads && (ntiles % nthreads == 0 || ntiles >= TILES_PER_THREAD * nthreads);
   if (whole_tiles) {
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) spmm_rows(TB, wide, tile_job(t), 0, m);
+      at::Tensor buf = at::empty({k * T}, B.options().dtype(c10::CppTypeToScalarType<S>::value));
+      S* tile = buf.data_ptr<S>();
+      for (int64_t t = t0; t < t1; ++t) {
+        pack_tile(tile, T, B, t);
+        spmm_rows(TB, wide, job(tile, t), 0, m);
+      }
     });
     return;
   }
+  const at::Tensor Bp = pack_tiles(B, T);
+  const S* bpk = Bp.data_ptr<S>();
   const int64_t align = 2 * L;
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
   auto run = [&](int64_t part) {
-    for (int64_t t = 0; t < ntiles; ++t) spmm_rows(TB, wide, tile_job(t), bounds[part], bounds[part + 1]);
+    for (int64_t t = 0; t < ntiles; ++t) spmm_rows(TB, wide, job(bpk + t * k * T, t), bounds[part], bounds[part + 1]);
   };
   run_parts(parts, run);
 }

@@ -1,8 +1,9 @@
-"""The CPU CSR engine's gather path: SpMM and SDDMM whose pattern has few nonzeros per column of the dense
-operand (a classifier head: 10 x 1024 at density 0.1, 512 -> 2) read that operand's batch items where they
-lie (x's rows) instead of packing it. Shapes on both sides of the switch (a fraction of a nonzero per
-column, and many), every dtype, batch sizes around its 8-item passes, empty rows, bias, a NaN/Inf in x, and
-the gradients, against the reference."""
+"""The CPU CSR engine's ways through a product, against the reference. The gather path: SpMM and SDDMM whose
+pattern has few nonzeros per column of the dense operand (a classifier head: 10 x 1024 at density 0.1,
+512 -> 2) read that operand's batch items where they lie (x's rows) instead of packing it; shapes on both
+sides of the switch (a fraction of a nonzero per column, and many), every dtype, batch sizes around its
+8-item passes, empty rows, bias, a NaN/Inf in x, and the gradients. Whole tiles (each thread packing its
+own batch tiles) and row parts (over an operand packed whole): batch widths of 1 to 9 tiles on 1 and 2 threads."""
 import pytest
 import torch
 
@@ -101,3 +102,21 @@ def test_gradcheck(shape):
         return sparse_linear(x, W.with_values(values), b)
 
     assert torch.autograd.gradcheck(f, (x, W.values, b))
+
+
+@pytest.mark.parametrize("nthreads", (1, 2))
+@pytest.mark.parametrize("n", (16, 64, 128, 192, 256, 576))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_whole_tiles_and_row_parts(dtype, n, nthreads):
+    """Tiles are 32-64 elements wide, so these batches give 1-18 tiles: spread evenly over 2 threads or not."""
+    g = gen(seed_of("csr-modes", dtype, n))
+    m, k = 70, 45
+    W = random_sparse((m, k), 0.3, dtype, g, empty_rows=True)
+    x = make_input((n, k), dtype, g)
+    b = make_input((m,), dtype, g)
+    grad = make_input((n, m), dtype, g)
+    with threads(nthreads):
+        y = sparse_linear(x, W, b)
+        v = sddmm(W, grad.t(), x.t())
+    assert_close(y, reference.sparse_linear(x, W.values, W.row_ptr, W.col_idx, b), scale=k)
+    assert_close(v, reference.sddmm(W.row_ptr, W.col_idx, grad.t(), x.t()), scale=n)
