@@ -22,7 +22,7 @@
 // 256-byte tiles for long batches, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values
 // and bias converted once, results rounded to bf16 on store (SDDMM: once, after all tiles).
-// From a density of dense_above() (default 0.5) on, the products run as one dense GEMM instead
+// From a density of dense_above() (default 0.6) on, the products run as one dense GEMM instead
 // (csr_dense.cpp), except an SpMM whose B has a NaN or Inf: results never depend on the path taken.
 // The engine's files are listed in csr_internal.h.
 #pragma once
@@ -104,7 +104,7 @@ bool isa_supported(const std::string& name);  // false for unknown names
 std::string set_isa(const std::string& name);  // "auto" | "avx2" | "avx512"; returns the ISA now in effect
 
 // The density (nnz / (m k)) from which spmm and sddmm run the dense fallback: set once at load by the
-// Python layer from SPARSEKERN_DENSE_ABOVE (0 runs every product dense, above 1 none), default 0.5;
+// Python layer from SPARSEKERN_DENSE_ABOVE (0 runs every product dense, above 1 none), default 0.6;
 // torch.ops.sparsekern._set_dense_above changes it at run time (process-wide).
 double dense_above();
 double set_dense_above(double threshold);  // returns the threshold now in effect

@@ -58,7 +58,11 @@ constexpr int64_t CHECK_NNZ_GRAIN = 1 << 18;      // nonzeros per task of the co
 // at 0.52 (96 <-> 384, 2048 tokens); at 0.6 0.64-0.94x (batch 16-256); at 0.95 0.82x (batch 16), 0.97x
 // (64), 1.31x (256). 0.5 is where the large-batch shapes break even; a layer's kernel choice times its
 // own dense kernel against these loops above it. (Zen 3 with the loops of 2026-11 put it at 0.3.)
-constexpr double DEFAULT_DENSE_ABOVE = 0.5;
+// With whole tiles (each packed just before use) the loops moved up: fwd+bwd, caches evicted, 15 interleaved
+// rounds, CSR loops / fallback in ms: density 0.52-0.55, 96 <-> 384 at 2048 tokens 4.2 / 5.1, 4.6 / 5.2, 1000 x 512
+// batch 16 1.8 / 3.1, 1024 x 1024 batch 256 15.5 / 21.8, 3072 x 768 at 784 tokens 98 / 91; at 0.65 5.8 / 6.4,
+// 5.2 / 5.1, 1.8 / 3.9, 18.9 / 20.8; at 0.8 6.2 / 5.8, 22.9 / 20.7. Hence 0.6.
+constexpr double DEFAULT_DENSE_ABOVE = 0.6;
 // Up to these many nonzeros per column of the dense operand (nnz / k), a product whose dense operand has
 // contiguous batch items (B or Y with stride(0) == 1: x's rows, as sparse_linear and its weight gradient
 // pass them) runs the gather path (csr_gather.cpp), which reads that operand where it lies instead of packing

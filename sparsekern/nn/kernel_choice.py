@@ -57,10 +57,10 @@ DENSE_MARGIN = 0.05
 EVICT_BYTES = 8 << 20
 # A candidate this much slower than the best after one round is not timed further.
 GIVE_UP_RATIO = 3.0
-# Where nothing is measured: the density from which a layer runs its dense kernel, where the CSR engine's own
-# products turn dense too (csr_engine.h, dense_above; below it the CSR loops beat a GEMM on the scattered
-# weight). A small full layer (a 512 -> 2 classifier at 16 rows) runs 2x faster on it than on csr, whose fixed
-# cost per call is about 0.2 ms.
+# Where nothing is measured (small layers, below MIN_TUNE_MACS): the density from which a layer runs its dense
+# kernel, a little below where the CSR engine's own products turn dense (csr_engine.h, dense_above, 0.6): a small
+# full layer (a 512 -> 2 classifier at 16 rows) runs 2x faster on it than on csr, whose fixed cost per call is
+# about 0.2 ms.
 RULE_DENSE_FROM = 0.5
 
 _autotune: bool = os.environ.get("SPARSEKERN_AUTOTUNE", "1") != "0"

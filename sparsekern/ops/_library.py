@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
 
 def _apply_dense_above(env: str) -> None:
     """SPARSEKERN_DENSE_ABOVE: the density from which the CPU CSR products run as a dense GEMM
-    (0 runs every product dense, above 1 none; default 0.3). A bad value warns and keeps the default."""
+    (0 runs every product dense, above 1 none; default 0.6). A bad value warns and keeps the default."""
     try:
         torch.ops.sparsekern._set_dense_above(float(env))
     except (ValueError, RuntimeError) as exc:
