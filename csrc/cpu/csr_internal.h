@@ -39,6 +39,9 @@ constexpr int64_t PARTS_PER_THREAD = 6;
 // SpMM and SDDMM run whole batch tiles per thread (each packed by its thread just before use) when the tiles
 // spread evenly over the threads: a multiple of the thread count, or at least TILES_PER_THREAD per thread.
 constexpr int64_t TILES_PER_THREAD = 4;
+// SDDMM on whole tiles keeps one copy of the values per extra thread: at most this many bytes of them (2 threads:
+// any pattern up to 16M nonzeros; 64 threads: 256K).
+constexpr int64_t MAX_PARTIAL_BYTES = int64_t(64) << 20;
 // at::parallel_for grains (elements per task) of the light loops: below these a task's share of
 // the parallel region's start-up (a few microseconds) outweighs its work.
 constexpr int64_t FILL_GRAIN = 16384;           // output elements written per task (empty A or k = 0)

@@ -140,9 +140,11 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     };
     // As spmm: whole tiles, each packed by the thread that runs it just before every row runs over it, wherever
     // they spread evenly over the threads; each thread sums its share of the batch into its own copy of the
-    // values, added up at the end. Else row parts over Y packed whole.
+    // values, added up at the end (while those copies stay small: many threads over a large pattern would
+    // each need one). Else row parts over Y packed whole.
     const int64_t nth = at::get_num_threads();
-    const bool whole_tiles = ntiles >= nth && (ntiles % nth == 0 || ntiles >= TILES_PER_THREAD * nth);
+    const bool whole_tiles = ntiles >= nth && (ntiles % nth == 0 || ntiles >= TILES_PER_THREAD * nth) &&
+                             (nth - 1) * nnz * int64_t(sizeof(S)) <= MAX_PARTIAL_BYTES;
     at::Tensor Yp_t;
     if (whole_tiles) {
       at::Tensor partial = at::empty({(nth - 1) * nnz}, vals_s.options());
