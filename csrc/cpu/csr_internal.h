@@ -88,6 +88,10 @@ std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts,
 // Number of work parts for m rows cut at multiples of `align` rows: 1 on one thread.
 int64_t num_parts(int64_t m, int64_t align);
 
+// Whether ntiles batch tiles spread evenly over the intra-op threads (a multiple of their count, or at least
+// TILES_PER_THREAD each): then each thread runs whole tiles, packing each just before use.
+bool tiles_spread_evenly(int64_t ntiles);
+
 // Rows per parallel task for about `target` nonzeros of a pattern of m rows and nnz nonzeros.
 int64_t row_grain(int64_t m, int64_t nnz, int64_t target);
 

@@ -48,6 +48,11 @@ int64_t num_parts(int64_t m, int64_t align) {
   return std::max<int64_t>(1, std::min<int64_t>(threads * PARTS_PER_THREAD, (m + align - 1) / align));
 }
 
+bool tiles_spread_evenly(int64_t ntiles) {
+  const int64_t threads = at::get_num_threads();
+  return ntiles >= threads && (ntiles % threads == 0 || ntiles >= TILES_PER_THREAD * threads);
+}
+
 int64_t row_grain(int64_t m, int64_t nnz, int64_t target) {
   return std::max<int64_t>(1, nnz > 0 ? int64_t(double(target) * double(m) / double(nnz)) : m);
 }

@@ -143,10 +143,7 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     // values, added up at the end (while those copies stay small: many threads over a large pattern would
     // each need one). Else row parts over Y packed whole.
     const int64_t nth = at::get_num_threads();
-    const bool whole_tiles = ntiles >= nth && (ntiles % nth == 0 || ntiles >= TILES_PER_THREAD * nth) &&
-                             (nth - 1) * nnz * int64_t(sizeof(S)) <= MAX_PARTIAL_BYTES;
-    at::Tensor Yp_t;
-    if (whole_tiles) {
+    if (tiles_spread_evenly(ntiles) && (nth - 1) * nnz * int64_t(sizeof(S)) <= MAX_PARTIAL_BYTES) {
       at::Tensor partial = at::empty({(nth - 1) * nnz}, vals_s.options());
       S* part = partial.data_ptr<S>();
       at::parallel_for(0, nth, 1, [&](int64_t w0, int64_t w1) {
@@ -170,7 +167,7 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
       const int64_t align = 2 * L;
       const int64_t parts = num_parts(m, align);
       const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/T / L, align);
-      Yp_t = pack_tiles(Y, T);
+      const at::Tensor Yp_t = pack_tiles(Y, T);
       const S* yp = Yp_t.data_ptr<S>();
       auto run = [&](int64_t part) {
         for (int64_t t = 0; t < ntiles; ++t)

@@ -204,9 +204,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   // tiles, 96 -> 384 at 2048 tokens 1.1-1.9x, 1024 -> 1024 at batch 256 (4 tiles) 1.0-1.2x, 1536 -> 384 at
   // 784 tokens 1.0-1.15x; a single tile (batch 16) 1.15x slower (one thread). Whole tiles therefore wherever
   // they spread evenly over the threads.
-  const int64_t nthreads = at::get_num_threads();
-  const bool whole_tiles = ntiles >= nthreads && (ntiles % nthreads == 0 || ntiles >= TILES_PER_THREAD * nthreads);
-  if (whole_tiles) {
+  if (tiles_spread_evenly(ntiles)) {
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       at::Tensor buf = at::empty({k * T}, B.options().dtype(c10::CppTypeToScalarType<S>::value));
       S* tile = buf.data_ptr<S>();
