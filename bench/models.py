@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 import sparsekern
+from sparsekern import allocator
 from sparsekern.models import BertEncoder, ConvNeXt, ImageNetResNet, VisionTransformer, get_model
 from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
 from sparsekern.nn import SparseWeightMixin
@@ -395,6 +396,7 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores; {isa_flags()})",
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "sparsekern backend": _backends(),
+            "allocator": allocator.describe(),
             "timing": (f"{settings.warmup} warm-up steps per model (1 call per layer), then "
                        f"bench.timing.measure_interleaved: dense, ERK and uniform side by side, one call "
                        f"each per round, order rotated (steps: min_run_time={settings.step.min_run_time}, max_run_time="
@@ -413,6 +415,8 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sparsekern.bench.models``: the options of ``sparsekern bench --models``."""
     from sparsekern.cli import build_parser
     args = build_parser().parse_args(["bench", "--models", *(sys.argv[1:] if argv is None else argv)])
+    if not args.default_malloc:
+        allocator.keep_freed_memory()
     return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes)
 
 

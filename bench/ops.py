@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import sparsekern
+from sparsekern import allocator
 from sparsekern.nn import random_mask
 
 from . import peers
@@ -253,7 +254,7 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
         "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores)",
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
-        "sparsekern backend": _backends(),
+        "sparsekern backend": _backends(), "allocator": allocator.describe(),
         "SparseProp": peers.sparseprop_version() or f"not importable ({peers.sparseprop_status()})",
         "timing": (f"torch.utils.benchmark.Timer.adaptive_autorange(threshold={budget.threshold}, "
                    f"min_run_time={budget.min_run_time}, max_run_time={budget.max_run_time}), median"),
@@ -272,6 +273,8 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sparsekern.bench.ops``: the options of ``sparsekern bench`` (one parser, in sparsekern.cli)."""
     from sparsekern.cli import build_parser
     args = build_parser().parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    if not args.default_malloc:
+        allocator.keep_freed_memory()
     return main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads, sizes=args.sizes)
 
 

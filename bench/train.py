@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
+from sparsekern import allocator
 from sparsekern.models import get_model
 
 from .report import command_line, cpu_model
@@ -131,7 +132,8 @@ def main(quick: bool = False, output: Optional[str] = None, threads: Optional[in
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores)", "threads": str(torch.get_num_threads()),
             "torch": torch.__version__,
-            "sparsekern backend": sparsekern.ops.get_backend("sparse_linear", torch.device("cpu"))}
+            "sparsekern backend": sparsekern.ops.get_backend("sparse_linear", torch.device("cpu")),
+            "allocator": allocator.describe()}
     text = markdown(results, meta)
     print(text)
     if output:
@@ -146,7 +148,10 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--output", default=None, help="also write the markdown table to this file")
     parser.add_argument("--sizes", choices=("full", "tiny"), default="full", help="tiny: smoke tests only")
+    parser.add_argument("--default-malloc", action="store_true", help="leave the C library's malloc as it is")
     args = parser.parse_args(argv)
+    if not args.default_malloc:
+        allocator.keep_freed_memory()
     return main(quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes)
 
 

@@ -1,5 +1,6 @@
 """sparsekern: fast unstructured-sparse training for PyTorch."""
 from . import dst, init, nn, ops, sparsity, train
+from .allocator import keep_freed_memory
 from .block_sparse import BlockSparseMatrix
 from .nn.kernel_choice import explain
 from .ops import backend, set_backend
@@ -8,4 +9,4 @@ from .sparsity import densify, sparsify
 
 __version__ = "0.1.0"
 __all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "backend", "set_backend", "__version__", "sparsify",
-           "densify", "explain", "sparsity", "init", "dst", "train"]
+           "densify", "explain", "sparsity", "init", "dst", "train", "keep_freed_memory"]

@@ -4,8 +4,19 @@ from __future__ import annotations
 import argparse
 import sys
 
+_DEFAULT_MALLOC_HELP = ("leave the C library's malloc as it is (default: keep freed memory for reuse, "
+                        "sparsekern.allocator.keep_freed_memory: steady step times, the peak stays resident)")
+
+
+def _keep_freed_memory(args: argparse.Namespace) -> None:
+    if not args.default_malloc:
+        from .allocator import keep_freed_memory
+        keep_freed_memory()
+
 
 def _bench(args: argparse.Namespace) -> int:
+    if not args.gpu:
+        _keep_freed_memory(args)
     if args.gpu:
         from .bench import gpu as bench_gpu
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
@@ -159,6 +170,7 @@ def _train(args: argparse.Namespace) -> int:
 
     _check_models(args.parser, [args.model])
     _check_data(args.parser, args.data, args.data_dir)
+    _keep_freed_memory(args)
     torch.manual_seed(args.seed)
     splits = load_data(args.data, args.data_dir, image_size=args.image_size)
     train_loader, val_loader, test_loader = splits.loaders(args.batch_size, seed=args.seed)
@@ -228,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(none named: all)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
+    bench.add_argument("--default-malloc", action="store_true", help=_DEFAULT_MALLOC_HELP)
     bench.set_defaults(func=_bench)
 
     data_choices = DATA_CHOICES
@@ -277,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_int_at_least(0), default=0)
     train.add_argument("--out", default="results")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--default-malloc", action="store_true", help=_DEFAULT_MALLOC_HELP)
     train.set_defaults(func=_train, parser=train)
 
     demo = sub.add_parser("demo", help="RigL at 90 %% sparsity vs dense on offline digits: table + plot")
