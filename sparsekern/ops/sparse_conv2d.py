@@ -1,4 +1,5 @@
-"""sparse_conv2d: NCHW 2-D convolution with a CSR weight (rows Cout, columns Cin*kh*kw)."""
+"""sparse_conv2d: 2-D convolution of an (N, C, H, W) input with a CSR weight (rows Cout, columns Cin*kh*kw);
+a channels_last input gets a channels_last output and input gradient."""
 from typing import Optional, Tuple, Union
 
 import torch
@@ -64,8 +65,16 @@ def sparse_conv2d(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
     backend = get_backend(OP, x.device)
     check.backend_dtype(OP, backend, "x", x)
-    return call(OP, x.device, x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias, list(stride), list(padding),
-                list(dilation))
+    y = call(OP, x.device, x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias, list(stride), list(padding),
+             list(dilation))
+    # The kernels write NCHW planes. A channels_last input gets a channels_last output, as from F.conv2d: the layers
+    # after it keep their layout (ConvNeXt's depthwise convs, LayerNorms and residual adds ran 1.5-3x slower on
+    # the NCHW tensors an NCHW output left them, against the dense model's channels_last ones).
+    return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _fake(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation):
@@ -94,6 +103,8 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         d_x = kernel_for("sparse_conv2d_backward_input", grad)(grad, values, row_ptr, col_idx, ctx.input_size,
                                                                 *ctx.geometry)
+        if _channels_last(x):  # the input's layout, as the forward's output has it
+            d_x = d_x.contiguous(memory_format=torch.channels_last)
     if ctx.needs_input_grad[1]:
         d_values = kernel_for("sparse_conv2d_backward_weight", grad)(grad, x, row_ptr, col_idx, *ctx.geometry)
     if ctx.needs_input_grad[5]:

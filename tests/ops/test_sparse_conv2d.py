@@ -433,3 +433,25 @@ def test_deterministic_algorithms_keep_the_rule(monkeypatch):
         torch.use_deterministic_algorithms(before)
     assert torch.equal(ys[0], ys[1])
     assert _cpu_kernel(x, W, *geo) == rule  # nothing was measured and recorded
+
+
+@pytest.mark.kernels(*BACKWARD)
+@pytest.mark.parametrize("case", [(2, 3, 5, 7, 6, (3, 3), (1, 1), (1, 1), (1, 1), True),  # direct
+                                  (2, 4, 6, 8, 8, (1, 1), (1, 1), (0, 0), (1, 1), False),  # pointwise
+                                  (3, 8, 4, 4, 4, (2, 2), (2, 2), (0, 0), (1, 1), True)],  # small planes, stride 2
+                         ids=["3x3", "1x1", "2x2-s2"])
+def test_channels_last_keeps_its_layout(backend, case):
+    """A channels_last input gets a channels_last output and input gradient (as F.conv2d gives), equal to the
+    NCHW input's: the layers after a conv keep their layout."""
+    x, W, bias, stride, padding, dilation = _setup(case, (0.5, True), torch.float64, "contiguous", 11, True)
+    x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+    y = sparse_conv2d(x, W, bias, stride, padding, dilation)
+    y_cl = sparse_conv2d(x_cl, W, bias, stride, padding, dilation)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_cl, y)
+    grad_out = torch.randn(y.shape, dtype=y.dtype, generator=gen(12))
+    (dx,) = torch.autograd.grad(y, x, grad_out)
+    (dx_cl,) = torch.autograd.grad(y_cl, x_cl, grad_out)
+    if backend != "reference":  # the reference's input gradient is whatever its composite's autograd gives
+        assert dx_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(dx_cl, dx)
