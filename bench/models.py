@@ -55,11 +55,14 @@ class Settings:
     step: Budget
     layer: Budget
     warmup: int  # steps per model before timing; a layer, already run by those steps, gets one call
+    # Rounds of steps at least, whatever the budget: a ResNet-50 224x224 round takes 3 s, so the step budget alone
+    # stopped at 5 samples a model, whose median moved a ratio by 10 % on this project's shared VMs.
+    step_rounds: int = 5
 
 
-SETTINGS = {"full": Settings(Budget(2.0, 8.0), Budget(0.2, 1.0), 3),
+SETTINGS = {"full": Settings(Budget(2.0, 8.0), Budget(0.2, 1.0), 3, step_rounds=9),
             "quick": Settings(Budget(0.3, 1.5), Budget(0.02, 0.1), 2),
-            "tiny": Settings(Budget(0.002, 0.02), Budget(0.001, 0.005), 1)}
+            "tiny": Settings(Budget(0.002, 0.02), Budget(0.001, 0.005), 1, step_rounds=2)}
 
 
 @dataclass(frozen=True)
@@ -273,7 +276,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
         steps[key] = _step_fn(model, optimizers[key], x, y)
         for _ in range(settings.warmup):
             steps[key]()
-    timings = measure_interleaved(steps, settings.step)
+    timings = measure_interleaved(steps, settings.step, min_rounds=settings.step_rounds)
     peaks = {key: step_peak_bytes(model, optimizers[key], steps[key])
              for key, model in [("dense", dense), *sparse.items()]}
 
@@ -399,7 +402,8 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
             "allocator": allocator.describe(),
             "timing": (f"{settings.warmup} warm-up steps per model (1 call per layer), then "
                        f"bench.timing.measure_interleaved: dense, ERK and uniform side by side, one call "
-                       f"each per round, order rotated (steps: min_run_time={settings.step.min_run_time}, max_run_time="
+                       f"each per round, order rotated (steps: at least {settings.step_rounds} rounds, "
+                       f"min_run_time={settings.step.min_run_time}, max_run_time="
                        f"{settings.step.max_run_time}; layers: min_run_time={settings.layer.min_run_time}, "
                        f"max_run_time={settings.layer.max_run_time}), median")}
     text = markdown(results, meta)
