@@ -417,10 +417,9 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
 
 def _cli(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sparsekern.bench.models``: the options of ``sparsekern bench --models``."""
-    from sparsekern.cli import build_parser
+    from sparsekern.cli import _keep_freed_memory, build_parser
     args = build_parser().parse_args(["bench", "--models", *(sys.argv[1:] if argv is None else argv)])
-    if not args.default_malloc:
-        allocator.keep_freed_memory()
+    _keep_freed_memory(args)
     return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes)
 
 

@@ -271,10 +271,9 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
 
 def _cli(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m sparsekern.bench.ops``: the options of ``sparsekern bench`` (one parser, in sparsekern.cli)."""
-    from sparsekern.cli import build_parser
+    from sparsekern.cli import _keep_freed_memory, build_parser
     args = build_parser().parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    if not args.default_malloc:
-        allocator.keep_freed_memory()
+    _keep_freed_memory(args)
     return main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads, sizes=args.sizes)
 
 

@@ -15,13 +15,12 @@ def _keep_freed_memory(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if not args.gpu:
-        _keep_freed_memory(args)
     if args.gpu:
         from .bench import gpu as bench_gpu
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
             (["--output", args.output] if args.output else []) + (["--cases", *args.cases] if args.cases else [])
         return bench_gpu.main(argv)
+    _keep_freed_memory(args)
     if args.models is not None:
         from .bench import models as bench_models
         return bench_models.main(models=args.models, quick=args.quick, output=args.output, threads=args.threads,
