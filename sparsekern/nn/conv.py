@@ -104,6 +104,10 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
 
+    def dense_geometry(self) -> tuple:
+        """(stride, padding, dilation) as the extension's dense-kernel passes take them."""
+        return list(self.stride), list(self.padding), list(self.dilation)
+
     def dense_backward(self, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs) -> tuple:
         """(input, dense weight, bias) gradients of ``dense_forward``, those ``needs`` asks for: one
         oneDNN / cuDNN backward call, as F.conv2d's own backward makes."""

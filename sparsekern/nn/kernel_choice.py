@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..ops import dispatch as _dispatch
 from ..ops.dispatch import tracing as _tracing
 from ..sparse_matrix import scatter_dense
 
@@ -165,18 +166,22 @@ def check_kernel_name(owner: str, name: str) -> str:
 
 
 def _needs_backward(module: nn.Module, x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    # The layer's own parameters (values, bias): module.parameters() would walk its submodules too.
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        p is not None and p.requires_grad for p in module._parameters.values()))
 
 
 def choice_key(module: nn.Module, x: torch.Tensor) -> tuple:
     """Everything the speed of a layer's kernels depends on."""
-    autocast = (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)) \
-        if x.device.type in ("cpu", "cuda") else None
-    layout = "channels_last" if (x.dim() == 4 and not x.is_contiguous()
-                                 and x.is_contiguous(memory_format=torch.channels_last)) else \
-        ("contiguous" if x.is_contiguous() else "strided")
-    return (type(module).__name__, tuple(module.weight_shape), module.nnz, module.geometry_key(),
-            module.bias is not None, module.values.dtype, tuple(x.shape), x.dtype, layout, x.device.type,
+    device = x.device.type
+    autocast = (torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)) \
+        if device in ("cpu", "cuda") else None
+    contiguous = x.is_contiguous()
+    layout = "contiguous" if contiguous else "channels_last" if (
+        x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) else "strided"
+    values = module.values
+    return (type(module).__name__, tuple(module.weight_shape), values.numel(), module.geometry_key(),
+            module.bias is not None, values.dtype, tuple(x.shape), x.dtype, layout, device,
             _needs_backward(module, x), autocast, torch.get_num_threads(), _machine(x.device))
 
 
@@ -239,8 +244,8 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if kernel != "dense" or _tracing():
         return module.run_kernel(kernel, x)
     full = module.nnz == module.weight_shape.numel()
-    y = _dense(module, x, route=not full)
-    if full or _feature_finite(y, module.feature_dim):
+    y, finite = _dense(module, x, route=not full)
+    if finite:
         return y
     return module.run_kernel(DEFAULT, x)
 
@@ -248,16 +253,17 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def call_kernel(module: nn.Module, kernel: str, x: torch.Tensor) -> torch.Tensor:
     """``module``'s forward on ``x`` through ``kernel`` as ``run`` calls it (no NaN/Inf routing): what
     the choice times."""
-    return _dense(module, x, route=False) if kernel == "dense" else module.run_kernel(kernel, x)
+    return _dense(module, x, route=False)[0] if kernel == "dense" else module.run_kernel(kernel, x)
 
 
 def _unexpected_input(module: nn.Module, x) -> bool:
     """An input no kernel accepts (not a floating tensor on the layer's device in its dtype, autocast
     aside); the layer checks its own geometry before calling ``run``."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.device != module.values.device:
+    values = module.values
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.device != values.device:
         return True
-    return x.dtype != module.values.dtype and not (x.device.type in ("cpu", "cuda")
-                                                   and torch.is_autocast_enabled(x.device.type))
+    return x.dtype != values.dtype and not (x.device.type in ("cpu", "cuda")
+                                            and torch.is_autocast_enabled(x.device.type))
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -271,23 +277,58 @@ def _feature_finite(t: torch.Tensor, dim: int) -> bool:
     return t.size(dim) == 0 or _all_finite(t.narrow(dim, 0, 1))
 
 
-def _dense(module: nn.Module, x: torch.Tensor, route: bool) -> torch.Tensor:
-    """The dense kernel: one autograd node (``_DenseKernel``) when a gradient is wanted, else the dense op
-    on the scattered weight. Under autocast the layer's own composite runs: its casts are autograd's. A full
+def _dense(module: nn.Module, x: torch.Tensor, route: bool) -> Tuple[torch.Tensor, bool]:
+    """The dense kernel's output, and False when ``route`` and its feature 0 holds a NaN/Inf (the sparse
+    kernel must run instead): one autograd node (``_DenseKernel``) when a gradient is wanted, else the dense
+    op on the scattered weight. Under autocast the layer's own composite runs: its casts are autograd's. A full
     pattern's weight is a view of ``values``: the dense op runs on it with torch's own autograd, as the dense
-    twin does (the Python node would cost 0.06-0.1 ms per fwd+bwd, 10-20 % of a 1024 -> 10 layer at batch 256)."""
-    if module.nnz == module.weight_shape.numel():
-        return module.run_kernel("dense", x)
-    params = (module.values, module.bias)
-    wants_grad = torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
-                                                                     for p in params))
-    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-        return module.run_kernel("dense", x)
+    twin does (the Python node would cost 0.06-0.1 ms per fwd+bwd, 10-20 % of a 1024 -> 10 layer at batch 256),
+    and reads every entry the sparse kernel does: nothing to check."""
+    values, bias = module.values, module.bias
+    if values.numel() == module.weight_shape.numel():
+        return module.run_kernel("dense", x), True
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        y = module.run_kernel("dense", x)
+        return y, not route or _feature_finite(y, module.feature_dim)
+    if _fused(x, values):  # one C++ autograd node (none without a gradient)
+        return _dense_forward(module, x, values, bias, route, fused=True)[:2]
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                              or (bias is not None and bias.requires_grad))
     if not wants_grad:  # no graph: the weight from the layer's buffer, as the node's forward takes it
         with torch.no_grad():
-            weight = _dense_buffer(module, module.values, module.pattern.positions())
-            return module.dense_forward(x, weight, module.bias)
-    return _DenseKernel.apply(x, module.values, module.bias, module, route)
+            return _dense_forward(module, x, values, bias, route, fused=False)[:2]
+    finite: List[bool] = []
+    y = _DenseKernel.apply(x, values, bias, module, route, finite)
+    return y, finite[0]
+
+
+def _fused(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether the extension's dense kernel (csrc/cpu/dense_kernel.cpp: the scatter, the dense op, the NaN/Inf
+    checks and the gather in C++, one C++ autograd node) can run this layer; else ``_DenseKernel`` does."""
+    return (_dispatch.extension_loaded and x.device.type == "cpu" and values.dtype in _FUSED_DTYPES
+            and x.dtype == values.dtype)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _dense_forward(module: nn.Module, x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
+                   route: bool, fused: bool) -> Tuple[torch.Tensor, bool, torch.Tensor]:
+    """(y, feature 0 of y finite or not ``route``, the scattered weight) with ``values`` scattered into the
+    layer's dense buffer; a gradient recorded only by the extension's kernel (``_fused``)."""
+    pattern = module.pattern
+    positions = pattern.positions()
+    weight, fresh = _dense_buffer(module, values, positions)
+    if fused:
+        transpose = pattern.transpose() if module.feature_dim == -1 else (None, None, None)  # a linear's sparse op
+        y, finite = torch.ops.sparsekern._dense_kernel(x, values, bias, pattern.row_ptr, pattern.col_idx, *transpose,
+                                                       weight, *module.dense_geometry(), route)
+        return y, finite, weight
+    if not fresh:
+        weight.view(-1).scatter_(0, positions, values)
+    y = module.dense_forward(x, weight, bias)
+    return y, not route or _feature_finite(y, module.feature_dim), weight
 
 
 def _scattered(module: nn.Module, values: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
@@ -304,12 +345,13 @@ def _scattered(module: nn.Module, values: torch.Tensor, positions: Optional[torc
 _dense_buffers: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _dense_buffer(module: nn.Module, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``values`` scattered at ``positions`` into a dense weight: the same buffer call after call while the
-    pattern, the values tensor, its dtype and device stay, so only the values are written (the zeros elsewhere
-    stay). A fresh weight is zeroed whole and, past glibc's mmap threshold (32 MB at most), page-faulted in on
-    every call: 4096 x 4096 at density 0.5, batch 256, inference forward 109 -> 75 ms (the twin: 66-70), training
-    forward 94 -> 81 ms (68-72).
+def _dense_buffer(module: nn.Module, values: torch.Tensor, positions: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+    """The dense weight that ``values`` at ``positions`` are scattered into, and whether it is fresh (built
+    here with them in place) rather than the layer's buffer from the last call (zeros outside ``positions``
+    still, the values to be written by the caller): the same buffer call after call while the pattern, the
+    values tensor, its dtype and device stay. A fresh weight is zeroed whole and, past glibc's mmap threshold
+    (32 MB at most), page-faulted in on every call: 4096 x 4096 at density 0.5, batch 256, inference forward
+    109 -> 75 ms (the twin: 66-70), training forward 94 -> 81 ms (68-72).
     Rewriting a buffer that an earlier graph saved is safe: the values changed in place in between, so
     backward through that graph fails autograd's version check on the saved values, as for nn.Linear."""
     cached = _dense_buffers.get(module)
@@ -318,53 +360,57 @@ def _dense_buffer(module: nn.Module, values: torch.Tensor, positions: torch.Tens
         # (An inference tensor, made under inference_mode, cannot be written outside it.)
         if weight.dtype == values.dtype and weight.device == values.device and not (
                 weight.is_inference() and not torch.is_inference_mode_enabled()):
-            weight.view(-1).scatter_(0, positions, values)
-            return weight
-    # Not through scatter_dense: no gradient is recorded here, and its node would cost a Python call.
-    weight = values.new_zeros(module.weight_shape.numel()).scatter_(0, positions, values).reshape(module.weight_shape)
+            return weight, False
+    with torch.no_grad():  # a buffer, never part of a graph (the kernels record what the weight's gradient needs)
+        weight = values.new_zeros(module.weight_shape.numel()).scatter_(0, positions, values).reshape(
+            module.weight_shape)
     _dense_buffers[module] = (positions, weakref.ref(values), weight)
-    return weight
+    return weight, True
 
 
 class _DenseKernel(torch.autograd.Function):
     """The dense op on the scattered weight as one autograd node: the weight is scattered once in the
     forward and its dense gradient gathered once in the backward, with no autograd node or hook for
     either (on small layers those cost as much as the multiply: ~0.4 ms of a 0.7 ms fwd+bwd of a
-    1024->10 layer at batch 256). With ``route``, an input gradient whose feature 0 is non-finite (a
-    NaN/Inf in the output's gradient, spread by the weight's zeros) is recomputed by the sparse kernel,
-    which never reads the entries the weight does not store. Differentiable twice: under create_graph the
-    backward runs the layer's composite (scatter, dense op) through autograd instead."""
+    1024->10 layer at batch 256). Where the extension can (``_fused``), its C++ node runs instead. ``finite``
+    (a list) receives whether feature 0 of the output is finite (always, without ``route``). With ``route``,
+    an input gradient whose feature 0 is non-finite (a NaN/Inf in the output's gradient, spread by the
+    weight's zeros) is recomputed by the sparse kernel, which never reads the entries the weight does not
+    store. Differentiable twice: under create_graph the backward runs the layer's composite (scatter,
+    dense op) through autograd instead."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, module, route):
-        positions = None if module.nnz == module.weight_shape.numel() else module.pattern.positions()
-        weight = values.reshape(module.weight_shape) if positions is None else _dense_buffer(module, values, positions)
-        ctx.module, ctx.route, ctx.positions, ctx.weight = module, route, positions, weight
+    def forward(ctx, x, values, bias, module, route, finite):
+        y, ok, weight = _dense_forward(module, x, values, bias, route, fused=False)
+        finite.append(ok)
+        ctx.module, ctx.route, ctx.weight = module, route, weight
+        ctx.positions = module.pattern.positions()
         ctx.save_for_backward(x, values, bias)
-        return module.dense_forward(x, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, values, bias = ctx.saved_tensors
         module, positions = ctx.module, ctx.positions
         needs = ctx.needs_input_grad[:3]
+        check = ctx.route and needs[0]
         if torch.is_grad_enabled():  # create_graph: gradients that are differentiable again
             with torch.enable_grad():
                 y = module.dense_forward(x, _scattered(module, values, positions), bias)
                 wanted = [t for t, n in zip((x, values, bias), needs) if n]
                 got = iter(torch.autograd.grad(y, wanted, grad, create_graph=True))
             grad_x, grad_values, grad_bias = (next(got) if n else None for n in needs)
+            finite = not check or _feature_finite(grad_x, module.feature_dim)
         else:
             grad_x, grad_weight, grad_bias = module.dense_backward(x, ctx.weight, grad, needs)
-            grad_values = None if grad_weight is None else (
-                grad_weight.reshape(values.shape) if positions is None
-                else grad_weight.reshape(-1).index_select(0, positions))
-        if ctx.route and grad_x is not None and not _feature_finite(grad_x, module.feature_dim):
+            grad_values = None if grad_weight is None else grad_weight.reshape(-1).index_select(0, positions)
+            finite = not check or _feature_finite(grad_x, module.feature_dim)
+        if not finite:
             create = torch.is_grad_enabled()
             with torch.enable_grad():
                 xs = x if create else x.detach().requires_grad_(True)
                 (grad_x,) = torch.autograd.grad(module.run_kernel(DEFAULT, xs), xs, grad, create_graph=create)
-        return grad_x, grad_values, grad_bias, None, None
+        return grad_x, grad_values, grad_bias, None, None, None
 
 
 def lookup(module: nn.Module, x: torch.Tensor) -> Optional[Choice]:

@@ -71,6 +71,10 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
+    def dense_geometry(self) -> tuple:
+        """No stride, padding or dilation: the extension's dense-kernel passes then run a linear."""
+        return [], [], []
+
     def dense_backward(self, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, needs) -> tuple:
         """(input, dense weight, bias) gradients of ``dense_forward``, those ``needs`` asks for."""
         return (grad @ weight if needs[0] else None,

@@ -8,20 +8,25 @@ from sparsekern.nn import SparseConv2d, SparseLinear, kernel_choice
 from sk_testing import gen
 
 
-def _linear(out_features=6):
+@pytest.fixture(autouse=True)
+def _each_dense_node(dense_node):
+    """Every test runs with the extension's dense-kernel node and with the Python one."""
+
+
+def _linear(out_features=6, bias=True):
     """A layer that stores nothing in input column 0 (6 outputs: the output is the smaller tensor the
     dense kernel's check reads, 20: the input)."""
-    layer = SparseLinear(10, out_features, density=0.5, generator=gen(1))
+    layer = SparseLinear(10, out_features, bias=bias, density=0.5, generator=gen(1))
     mask = layer.mask().clone()
     mask[:, 0] = False
     layer.set_pattern(mask)
     return layer, torch.randn(4, 10, generator=gen(2)), (slice(None), 0)
 
 
-def _conv(out_channels=4):
+def _conv(out_channels=4, bias=True):
     """A conv that stores nothing for input channel 0 (4 output channels: the input is the smaller
     tensor, 2: the output)."""
-    layer = SparseConv2d(3, out_channels, 3, padding=1, density=0.5, generator=gen(3))
+    layer = SparseConv2d(3, out_channels, 3, padding=1, bias=bias, density=0.5, generator=gen(3))
     mask = layer.mask().clone()
     mask[:, 0] = False
     layer.set_pattern(mask)
@@ -36,8 +41,16 @@ def _conv_narrow():
     return _conv(2)
 
 
-MAKERS = [_linear, _linear_wide, _conv, _conv_narrow]
-IDS = ["linear", "linear-wide", "conv", "conv-narrow"]
+def _linear_no_bias():  # the input gradient's check reads its feature 0, not the bias gradient
+    return _linear(bias=False)
+
+
+def _conv_no_bias():
+    return _conv(bias=False)
+
+
+MAKERS = [_linear, _linear_wide, _conv, _conv_narrow, _linear_no_bias, _conv_no_bias]
+IDS = ["linear", "linear-wide", "conv", "conv-narrow", "linear-no-bias", "conv-no-bias"]
 
 
 def _run(layer, x, kernel, grad_out=None):
@@ -104,7 +117,7 @@ def test_finite_inputs_keep_the_dense_kernel(make, monkeypatch):
     monkeypatch.setattr(layer, "run_kernel", lambda kernel, inp: calls.append(kernel) or run(kernel, inp))
     monkeypatch.setattr(layer, "dense_forward", lambda *args: calls.append("dense_forward") or dense(*args))
     got = _run(layer, x, "dense")
-    assert calls == ["dense_forward"]
+    assert calls == ([] if kernel_choice._fused(x, layer.values) else ["dense_forward"])
     for a, b in zip(got, _run(layer, x, "csr")):
         torch.testing.assert_close(a, b)
 

@@ -1,0 +1,369 @@
+// The dense kernel of a sparse layer (sparsekern/nn/kernel_choice.py, `_DenseKernel`): the dense op on the weight
+// scattered from the layer's values, one call per pass. Each pass as separate torch calls from Python (scatter_,
+// the op, narrow + sum + item for the NaN/Inf check, index_select) cost 0.15-0.3 ms more than the dense twin per
+// fwd+bwd at ResNet-50 and ConvNeXt shapes: torch's 1-D scatter_ runs serially (65 us in a training step for 19K
+// values), and each check read its feature from cold lines on one core (25-50 us). Here the scatter and the
+// gather run on every core with prefetch, and the check reads one feature in parallel, inside the same call.
+//
+// Private ops (not part of the op contract): the layer calls them only eagerly, on CPU tensors, outside autocast.
+#include <ATen/Dispatch.h>
+#include <ATen/Functions.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <string>
+
+#include "cpu/common.h"
+#include "cpu/csr_engine.h"
+
+namespace sparsekern {
+namespace {
+
+// The CSR (row_ptr int64 rows+1, col_idx int32 nnz) of a (rows, cols) weight, checked (once per pattern:
+// csr::check_pattern_once) so that the loops below run unchecked. Reading 4-byte columns, not 8-byte flat
+// positions, cuts a scatter's or a gather's traffic by a third.
+struct Csr {
+  const int64_t* row_ptr;
+  const int32_t* col_idx;
+  int64_t rows, cols, nnz;
+};
+
+Csr checked_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t rows, int64_t cols, const char* op) {
+  check_csr(row_ptr, col_idx, op);
+  TORCH_CHECK_VALUE(row_ptr.is_contiguous() && col_idx.is_contiguous(), op, ": row_ptr and col_idx must be contiguous");
+  TORCH_CHECK_VALUE(row_ptr.numel() == rows + 1, op, ": row_ptr has ", row_ptr.numel(), " entries for a weight of ",
+                    rows, " rows");
+  csr::check_pattern_once(row_ptr, col_idx, cols, "the weight has " + std::to_string(cols) + " columns", op);
+  return {row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), rows, cols, col_idx.numel()};
+}
+
+// Rows split over the threads in chunks of about 16K entries (fewer: one thread, no wake-up).
+template <typename F>
+void for_rows(const Csr& w, F f) {
+  at::parallel_for(0, w.rows, std::max<int64_t>(1, w.rows * (1 << 14) / std::max<int64_t>(w.nnz, 1)), f);
+}
+
+// weight[r, c] = values[p] for every stored entry p = (r, c); the other entries stay as they are.
+void scatter_values(const at::Tensor& weight, const at::Tensor& values, const Csr& w, const char* op) {
+  TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == w.nnz, op, ": values must be 1-D with nnz = ", w.nnz,
+                    " entries, got shape ", values.sizes());
+  TORCH_CHECK_VALUE(values.scalar_type() == weight.scalar_type(), op, ": values (", values.scalar_type(),
+                    ") and weight (", weight.scalar_type(), ") must have one dtype");
+  check_float_or_bf16(weight, "weight", op);
+  const at::Tensor v = values.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "dense_kernel scatter", [&] {
+    const scalar_t* __restrict vp = v.data_ptr<scalar_t>();
+    scalar_t* __restrict wp = weight.data_ptr<scalar_t>();
+    const int64_t* rp = w.row_ptr;
+    const int32_t* __restrict ci = w.col_idx;
+    const int64_t cols = w.cols;
+    for_rows(w, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* __restrict dst = wp + r * cols;
+        for (int64_t p = rp[r], e = rp[r + 1]; p < e; ++p) dst[ci[p]] = vp[p];
+      }
+    });
+  });
+}
+
+// values[p] = g[r, c] for every stored entry p = (r, c); g (rows, cols), any strides (a linear's weight gradient
+// comes transposed: MKL forms x^T g, (in, out), ~20 % faster than g^T x at 2048 x 384 x 96, and reading it
+// transposed here costs less than the copy that would make it (out, in)).
+at::Tensor gather_values(const at::Tensor& g, const Csr& w, const char* op) {
+  TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == w.rows && g.size(1) == w.cols, op, ": the weight gradient is ",
+                    g.sizes(), ", not ", w.rows, " x ", w.cols);
+  at::Tensor out = at::empty({w.nnz}, g.options());
+  const int64_t s0 = g.stride(0), s1 = g.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "dense_kernel gather", [&] {
+    const scalar_t* __restrict gp = g.data_ptr<scalar_t>();
+    scalar_t* __restrict op_ = out.data_ptr<scalar_t>();
+    const int64_t* rp = w.row_ptr;
+    const int32_t* __restrict ci = w.col_idx;
+    for_rows(w, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* __restrict src = gp + r * s0;
+        if (s1 == 1) {
+          for (int64_t p = rp[r], e = rp[r + 1]; p < e; ++p) op_[p] = src[ci[p]];
+        } else {
+          for (int64_t p = rp[r], e = rp[r + 1]; p < e; ++p) op_[p] = src[ci[p] * s1];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+constexpr int64_t kAhead = 16;  // rows prefetched ahead in the check: a linear's feature is a strided column
+
+// No NaN or Inf in feature 0 of t along dim (the channel of a conv's (N, C, H, W), the last dim of a linear's
+// output): every entry of the view, any strides, split over the threads by its outermost dim.
+bool feature_finite(const at::Tensor& t, int64_t dim) {
+  if (t.numel() == 0) return true;
+  const at::Tensor v = t.narrow(dim, 0, 1);
+  const int64_t nd = v.dim();
+  if (nd == 0) return std::isfinite(v.item<double>());
+  const auto sizes = v.sizes();
+  const auto strides = v.strides();
+  std::atomic<bool> finite{true};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "dense_kernel check", [&] {
+    const scalar_t* base = v.data_ptr<scalar_t>();
+    const int64_t inner = v.numel() / sizes[0];
+    at::parallel_for(0, sizes[0], sizes[0], [&](int64_t o0, int64_t o1) {
+      std::vector<int64_t> idx(nd, 0);
+      bool ok = true;
+      for (int64_t o = o0; o < o1 && ok; ++o) {
+        const scalar_t* row = base + o * strides[0];
+        if (o + kAhead < o1) __builtin_prefetch(row + kAhead * strides[0]);
+        std::fill(idx.begin(), idx.end(), 0);
+        int64_t off = 0;
+        for (int64_t e = 0; e < inner; ++e) {  // an odometer over dims 1.. of the view
+          ok &= std::isfinite(static_cast<float>(row[off]));
+          for (int64_t d = nd - 1; d >= 1; --d) {
+            if (++idx[d] < sizes[d]) {
+              off += strides[d];
+              break;
+            }
+            off -= (sizes[d] - 1) * strides[d];
+            idx[d] = 0;
+          }
+        }
+      }
+      if (!ok) finite.store(false);
+    });
+  });
+  return finite.load();
+}
+
+bool is_conv(const at::Tensor& weight, at::IntArrayRef stride) { return weight.dim() == 4 && stride.size() == 2; }
+
+void check_geometry(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    const char* op) {
+  TORCH_CHECK_VALUE(weight.dim() == 2 || weight.dim() == 4, op, ": weight must be 2-D (linear) or 4-D (conv2d), got ",
+                    weight.dim(), "-D");
+  const size_t n = weight.dim() == 4 ? 2 : 0;
+  TORCH_CHECK_VALUE(stride.size() == n && padding.size() == n && dilation.size() == n, op, ": a ", weight.dim(),
+                    "-D weight takes ", n, " stride, padding and dilation entries");
+}
+
+bool all_finite(const at::Tensor& t) {
+  bool ok = true;
+  const at::Tensor c = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.scalar_type(), "dense_kernel check", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) ok &= std::isfinite(static_cast<float>(p[i]));
+  });
+  return ok;
+}
+
+// The weight (out, ...) as the CSR's (rows, cols) matrix.
+Csr weight_csr(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {
+  const int64_t rows = weight.size(0);
+  return checked_csr(row_ptr, col_idx, rows, rows ? weight.numel() / rows : 0, op);
+}
+
+// y = op(x, weight, bias) with the stored entries of weight set from values first (the others stay as they are:
+// zeros the caller wrote once); ok = false when `check` and feature 0 of y holds a NaN or Inf.
+std::tuple<at::Tensor, bool> dense_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bias,
+                                           const Csr& w, const at::Tensor& weight, at::IntArrayRef stride,
+                                           at::IntArrayRef padding, at::IntArrayRef dilation, bool check,
+                                           const char* op) {
+  scatter_values(weight, values, w, op);
+  const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  at::Tensor y =
+      is_conv(weight, stride) ? at::conv2d(x, weight, b, stride, padding, dilation) : at::linear(x, weight, b);
+  const bool ok = !check || feature_finite(y, weight.dim() == 4 ? -3 : -1);
+  return {y, ok};
+}
+
+// The gradients of dense_forward in x, values and bias, those `needs` asks for (undefined otherwise); ok = false
+// when `check` and the input gradient's feature 0 holds a NaN or Inf. A finite bias gradient, where one is wanted,
+// proves it finite for free: it sums every entry of grad, and a NaN or Inf there makes the sum non-finite (a
+// finite sum that overflows only costs a sparse call); else feature 0 is read.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> dense_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                    const at::Tensor& weight, const Csr& w,
+                                                                    std::array<bool, 3> needs, at::IntArrayRef stride,
+                                                                    at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                                    bool check, const char* op) {
+  const bool conv = is_conv(weight, stride);
+  at::Tensor grad_x, grad_weight, grad_bias;
+  if (conv) {
+    const std::vector<int64_t> bias_sizes{weight.size(0)};
+    std::tie(grad_x, grad_weight, grad_bias) =
+        at::convolution_backward(grad, x, weight, needs[2] ? at::OptionalIntArrayRef(bias_sizes) : std::nullopt, stride,
+                                 padding, dilation, false, {0, 0}, 1, needs);
+    if (grad_weight.defined()) grad_weight = grad_weight.reshape({w.rows, w.cols});
+  } else {
+    const int64_t out = weight.size(0), in = weight.size(1);
+    const at::Tensor g2 = grad.reshape({-1, out});
+    if (needs[0]) grad_x = at::matmul(grad, weight);
+    if (needs[1]) grad_weight = x.reshape({-1, in}).t().mm(g2).t();
+    if (needs[2]) grad_bias = g2.sum(0);
+  }
+  const at::Tensor grad_values = grad_weight.defined() ? gather_values(grad_weight, w, op) : at::Tensor();
+  const bool ok = !check || !grad_x.defined() ||
+                  (grad_bias.defined() ? all_finite(grad_bias) : feature_finite(grad_x, conv ? -3 : -1));
+  return {grad_x, grad_values, grad_bias, ok};
+}
+
+// The layer's sparse op (the `csr` kernel) on x, through the dispatcher and so through its autograd formula: how a
+// NaN/Inf in the output's gradient is kept from spreading over the entries the weight does not store.
+at::Tensor sparse_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bias, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx, const std::optional<at::Tensor>& t_row_ptr,
+                     const std::optional<at::Tensor>& t_col_idx, const std::optional<at::Tensor>& t_perm,
+                     const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation) {
+  const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+  if (is_conv(weight, stride)) {
+    static const auto conv = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("sparsekern::sparse_conv2d", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, at::IntArrayRef, const std::optional<at::Tensor>&,
+                                                   at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+    return conv.call(x, values, row_ptr, col_idx, weight.sizes().slice(2), b, stride, padding, dilation);
+  }
+  static const auto linear =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sparsekern::sparse_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
+  return linear.call(x, values, row_ptr, col_idx, b, t_row_ptr, t_col_idx, t_perm);
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::vector<int64_t> ints(const at::IValue& v) { return v.toIntVector(); }
+
+// One autograd node in C++: a Python torch.autograd.Function here cost 0.1-0.25 ms per fwd+bwd in a training
+// step (its Python code runs with cold caches between layers), 10-25 % of a 1-2 ms ResNet-50 or ConvNeXt layer.
+struct DenseKernel : public torch::autograd::Function<DenseKernel> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
+                            const std::optional<at::Tensor>& bias_opt, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, const std::optional<at::Tensor>& t_row_ptr,
+                            const std::optional<at::Tensor>& t_col_idx, const std::optional<at::Tensor>& t_perm,
+                            const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, bool check, bool* ok) {
+    const char* op = "_dense_kernel";
+    const at::Tensor bias = bias_opt.value_or(at::Tensor());
+    at::Tensor y;
+    std::tie(y, *ok) = dense_forward(x, values, bias, weight_csr(weight, row_ptr, col_idx, op), weight, stride, padding,
+                                     dilation, check, op);
+    ctx->save_for_backward({x, values, bias});
+    // The buffer, not a saved variable: the next forward rewrites it in place (the values' own version check
+    // guards a graph that outlives an optimizer step).
+    ctx->saved_data["weight"] = weight;
+    ctx->saved_data["row_ptr"] = row_ptr;
+    ctx->saved_data["col_idx"] = col_idx;
+    ctx->saved_data["t_row_ptr"] = t_row_ptr;
+    ctx->saved_data["t_col_idx"] = t_col_idx;
+    ctx->saved_data["t_perm"] = t_perm;
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    ctx->saved_data["check"] = check;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const char* op = "_dense_kernel";
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &values = saved[1], &bias = saved[2], &grad = grads[0];
+    const at::Tensor weight = ctx->saved_data["weight"].toTensor();
+    const at::Tensor row_ptr = ctx->saved_data["row_ptr"].toTensor(), col_idx = ctx->saved_data["col_idx"].toTensor();
+    const auto stride = ints(ctx->saved_data["stride"]), padding = ints(ctx->saved_data["padding"]),
+               dilation = ints(ctx->saved_data["dilation"]);
+    // needs_input_grad counts the tensor arguments given: bias, when there is one, is the third.
+    const std::array<bool, 3> needs{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                    bias.defined() && ctx->needs_input_grad(2)};
+    const bool check = ctx->saved_data["check"].toBool() && needs[0];
+    const Csr w = weight_csr(weight, row_ptr, col_idx, op);
+    variable_list out(14);  // one per forward argument but `ok`
+    if (!grad.defined()) return out;
+    const bool create = at::GradMode::is_enabled();
+    bool ok = true;
+    if (create) {  // create_graph: the composite (scatter, dense op) through autograd, differentiable again
+      const at::Tensor rows = at::repeat_interleave(at::arange(w.rows, row_ptr.options()), row_ptr.diff());
+      const at::Tensor positions = rows.mul(w.cols).add(col_idx.to(at::kLong));
+      const at::Tensor dense =
+          at::zeros({weight.numel()}, values.options()).index_put({positions}, values).view(weight.sizes());
+      const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+      const at::Tensor y =
+          is_conv(weight, stride) ? at::conv2d(x, dense, b, stride, padding, dilation) : at::linear(x, dense, b);
+      variable_list wanted;
+      const at::Tensor* inputs[3] = {&x, &values, &bias};
+      for (int i = 0; i < 3; ++i)
+        if (needs[i]) wanted.push_back(*inputs[i]);
+      const variable_list got = torch::autograd::grad({y}, wanted, {grad}, true, true);
+      for (int i = 0, k = 0; i < 3; ++i)
+        if (needs[i]) out[i] = got[k++];
+      ok = !check || feature_finite(out[0], weight.dim() == 4 ? -3 : -1);
+    } else {
+      std::tie(out[0], out[1], out[2], ok) =
+          dense_backward(grad, x, weight, w, needs, stride, padding, dilation, check, op);
+    }
+    if (!ok) {
+      at::AutoGradMode grad_mode(true);
+      const at::Tensor xs = create ? x : x.detach().requires_grad_(true);
+      const at::Tensor ys =
+          sparse_op(xs, create ? values : values.detach(), create || !bias.defined() ? bias : bias.detach(), row_ptr,
+                    col_idx, ctx->saved_data["t_row_ptr"].toOptional<at::Tensor>(),
+                    ctx->saved_data["t_col_idx"].toOptional<at::Tensor>(),
+                    ctx->saved_data["t_perm"].toOptional<at::Tensor>(), weight, stride, padding, dilation);
+      out[0] = torch::autograd::grad({ys}, {xs}, {grad}, create, create)[0];
+    }
+    return out;
+  }
+};
+
+void check_args(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                const char* op) {
+  check_geometry(weight, stride, padding, dilation, op);
+}
+
+// The CPU kernel: the forward alone (no autograd: inference mode, or below the autograd kernel).
+std::tuple<at::Tensor, bool> dense_kernel_cpu(const at::Tensor& x, const at::Tensor& values,
+                                              const std::optional<at::Tensor>& bias, const at::Tensor& row_ptr,
+                                              const at::Tensor& col_idx, const std::optional<at::Tensor>& t_row_ptr,
+                                              const std::optional<at::Tensor>& t_col_idx,
+                                              const std::optional<at::Tensor>& t_perm, const at::Tensor& weight,
+                                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                              bool check) {
+  const char* op = "_dense_kernel";
+  check_args(weight, stride, padding, dilation, op);
+  return dense_forward(x, values, bias.value_or(at::Tensor()), weight_csr(weight, row_ptr, col_idx, op), weight, stride,
+                       padding, dilation, check, op);
+}
+
+std::tuple<at::Tensor, bool> dense_kernel_autograd(
+    const at::Tensor& x, const at::Tensor& values, const std::optional<at::Tensor>& bias, const at::Tensor& row_ptr,
+    const at::Tensor& col_idx, const std::optional<at::Tensor>& t_row_ptr, const std::optional<at::Tensor>& t_col_idx,
+    const std::optional<at::Tensor>& t_perm, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, bool check) {
+  check_args(weight, stride, padding, dilation, "_dense_kernel");
+  bool ok = true;
+  at::Tensor y = DenseKernel::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, weight, stride,
+                                    padding, dilation, check, &ok);
+  return {y, ok};
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  // Private (sparsekern/nn/kernel_choice.py): a sparse layer's dense kernel, the dense op on `weight` (a buffer of
+  // the weight's dense shape, zeros outside the pattern) with the CSR's stored entries set from values; the bool
+  // is false when `check` and feature 0 of the output holds a NaN or Inf (the layer then runs its sparse op).
+  m.def("_dense_kernel(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, Tensor? t_row_ptr, "
+        "Tensor? t_col_idx, Tensor? t_perm, Tensor(a!) weight, int[] stride, int[] padding, int[] dilation, "
+        "bool check) -> (Tensor, bool)");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("_dense_kernel", &sparsekern::dense_kernel_cpu); }
+TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) { m.impl("_dense_kernel", &sparsekern::dense_kernel_autograd); }
