@@ -115,6 +115,15 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             grad, x, weight, [self.out_channels] if needs[2] else None, self.stride, self.padding,
             self.dilation, False, [0, 0], 1, [bool(n) for n in needs])
 
+    csr_op = "sparse_conv2d"
+
+    def csr_node(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``csr`` kernel on a checked CPU input as one C++ autograd node (kernel_choice._run_kernel)."""
+        p = self.pattern
+        return torch.ops.sparsekern._sparse_conv2d_node(x, self.values, self.bias, p.row_ptr, p.col_idx,
+                                                        list(self.kernel_size), list(self.stride), list(self.padding),
+                                                        list(self.dilation))
+
     def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if kernel == "dense":
             return self.dense_forward(x, self.dense_weight(), self.bias)

@@ -1,6 +1,7 @@
 """SparseLinear: nn.Linear with a CSR weight."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -80,6 +81,15 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         return (grad @ weight if needs[0] else None,
                 self.weight_grad(x, grad) if needs[1] else None,
                 grad.reshape(-1, self.out_features).sum(0) if needs[2] else None)
+
+    csr_op = "sparse_linear"
+
+    def csr_node(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``csr`` kernel on a checked CPU input as one C++ autograd node (kernel_choice._run_kernel)."""
+        p = self.pattern
+        x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)
+        y = torch.ops.sparsekern._sparse_linear_node(x2, self.values, self.bias, p.row_ptr, p.col_idx, *p.transpose())
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
         if kernel == "dense":

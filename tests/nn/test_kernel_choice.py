@@ -425,3 +425,42 @@ def test_the_dense_kernel_rewrites_one_weight_buffer_and_stays_exact(kind, dense
     layer(x).sum().backward()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.sum().backward()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
+def test_the_csr_kernel_runs_as_one_cpp_node_with_exact_gradients(kind, bias):
+    """On the CPU the csr kernel of a layer is one C++ autograd node (the op's kernels, no Python formula):
+    gradcheck and gradgradcheck in x, values and bias; the output and input gradient keep a channels_last
+    layout; another backend, or a torch.func transform, takes the op's own path."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    if kind.startswith("linear"):
+        layer = SparseLinear(5, 4, bias=bias, density=0.5, generator=gen(31), dtype=torch.float64)
+        x = torch.randn((2, 3, 5) if kind == "linear-3d" else (3, 5), dtype=torch.float64, generator=gen(32))
+    else:
+        layer = SparseConv2d(3, 4, 3, stride=2, padding=1, bias=bias, density=0.5, generator=gen(33),
+                             dtype=torch.float64)
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen(34))
+        if kind == "conv-channels-last":
+            x = x.to(memory_format=torch.channels_last)
+    layer.kernel = "csr"
+    names = ("values", "bias") if bias else ("values",)
+    inputs = (x.requires_grad_(),) + tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
+
+    def g(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+
+    torch.autograd.gradcheck(g, inputs)
+    torch.autograd.gradgradcheck(g, inputs)
+    y = g(*inputs)
+    assert _node_name(y.grad_fn if kind != "linear-3d" else y.grad_fn.next_functions[0][0]).endswith(
+        "LinearNode>" if kind.startswith("linear") else "ConvNode>")
+    if kind == "conv-channels-last":
+        (dx,) = torch.autograd.grad(y, inputs[0], torch.ones_like(y))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert dx.is_contiguous(memory_format=torch.channels_last)
+    with sparsekern.backend("reference"):
+        assert "Node>" not in _node_name(g(*inputs).grad_fn)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x.detach()), y.detach())

@@ -1,0 +1,237 @@
+// The sparse layers' `csr` kernels on the CPU as C++ autograd nodes (sparsekern/nn/linear.py, conv.py). The ops'
+// own autograd formulas are Python (sparsekern/ops/, one torch.autograd.Function per call): in a training step,
+// with the caches cold from the layers between two calls, that Python costs 0.1-0.3 ms per fwd+bwd, as much as
+// the kernels of a small layer (ConvNeXt's and BERT's linears at 128-2048 tokens take 0.3-1.5 ms). These nodes run
+// the same CPU kernels, forward and backward, below autograd. Under create_graph their backward is differentiable
+// again: the linear's calls the ops through their own formulas, the conv's runs the dense composite (the conv ops'
+// backward kernels have no formulas: through them a second derivative came out wrong).
+//
+// Private ops (not part of the op contract): the layers call them only eagerly, on CPU tensors, outside autocast,
+// on the cpp backend, after checking their input.
+#include <ATen/Functions.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+
+namespace sparsekern {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<at::Tensor>;
+
+c10::OperatorHandle op_handle(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
+
+// The kernels, called through the dispatcher: below autograd (the plain kernels) unless `differentiable`.
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx, const OptTensor& bias, const OptTensor& t_row_ptr,
+                     const OptTensor& t_col_idx, const OptTensor& t_perm) {
+  static const auto op =
+      op_handle("sparsekern::sparse_linear")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&)>();
+  return op.call(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
+}
+
+at::Tensor gather_op(const at::Tensor& src, const at::Tensor& index) {
+  static const auto op = op_handle("sparsekern::gather").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(src, index);
+}
+
+at::Tensor sddmm_op(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y) {
+  static const auto op =
+      op_handle("sparsekern::sddmm")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(row_ptr, col_idx, X, Y);
+}
+
+at::Tensor conv_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                   at::IntArrayRef kernel_size, const OptTensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                   at::IntArrayRef dilation) {
+  static const auto op =
+      op_handle("sparsekern::sparse_conv2d")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                            const OptTensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
+}
+
+at::Tensor conv_backward_input_op(const at::Tensor& grad, const at::Tensor& values, const at::Tensor& row_ptr,
+                                  const at::Tensor& col_idx, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  static const auto op =
+      op_handle("sparsekern::sparse_conv2d_backward_input")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(grad, values, row_ptr, col_idx, input_size, kernel_size, stride, padding, dilation);
+}
+
+at::Tensor conv_backward_weight_op(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& row_ptr,
+                                   const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                                   at::IntArrayRef padding, at::IntArrayRef dilation) {
+  static const auto op =
+      op_handle("sparsekern::sparse_conv2d_backward_weight")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(grad, x, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+}
+
+bool channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// y (N, m) = x (N, k) @ W^T + bias; the transpose (t_*) gives the input gradient, as in ops/sparse_linear.py.
+struct LinearNode : public torch::autograd::Function<LinearNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
+                            const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& t_row_ptr,
+                            const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
+    }
+    ctx->save_for_backward({x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm});
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &values = s[1], &row_ptr = s[2], &col_idx = s[3], &t_row_ptr = s[4], &t_col_idx = s[5],
+                     &t_perm = s[6], &grad = grads[0];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    // needs_input_grad counts the tensor arguments given: bias, when there is one, is the third.
+    const bool need_x = ctx->needs_input_grad(0), need_values = ctx->needs_input_grad(1),
+               need_bias = has_bias && ctx->needs_input_grad(2);
+    variable_list out(8);
+    if (!grad.defined()) return out;
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
+    if (need_x) {
+      // dx = dy @ W = dy @ (W^T)^T. Under create_graph its own gradient in dy needs W^T's transpose: W, whose
+      // values are W^T's through the inverse permutation.
+      OptTensor tt_row_ptr, tt_col_idx, tt_perm;
+      if (!below) tt_row_ptr = row_ptr, tt_col_idx = col_idx, tt_perm = at::argsort(t_perm);
+      out[0] = linear_op(grad, gather_op(values, t_perm), t_row_ptr, t_col_idx, std::nullopt, tt_row_ptr, tt_col_idx,
+                         tt_perm);
+    }
+    if (need_values) out[1] = sddmm_op(row_ptr, col_idx, grad.t(), x.t());
+    if (need_bias) out[2] = grad.sum(0);
+    return out;
+  }
+};
+
+// y = conv2d(x, W, bias) with W the CSR of (Cout, Cin, kh, kw); a channels_last x gets a channels_last y and input
+// gradient, as in ops/sparse_conv2d.py.
+struct ConvNode : public torch::autograd::Function<ConvNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
+                            const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef kernel_size,
+                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = conv_op(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
+    }
+    ctx->save_for_backward({x, values, row_ptr, col_idx});
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["kernel_size"] = kernel_size.vec();
+    ctx->saved_data["stride"] = stride.vec();
+    ctx->saved_data["padding"] = padding.vec();
+    ctx->saved_data["dilation"] = dilation.vec();
+    return channels_last(x) ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &values = s[1], &row_ptr = s[2], &col_idx = s[3], &grad = grads[0];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const bool need_x = ctx->needs_input_grad(0), need_values = ctx->needs_input_grad(1),
+               need_bias = has_bias && ctx->needs_input_grad(2);
+    const auto kernel_size = ctx->saved_data["kernel_size"].toIntVector(),
+               stride = ctx->saved_data["stride"].toIntVector(), padding = ctx->saved_data["padding"].toIntVector(),
+               dilation = ctx->saved_data["dilation"].toIntVector();
+    variable_list out(9);
+    if (!grad.defined()) return out;
+    if (at::GradMode::is_enabled()) {
+      // create_graph: through the dense composite (the weight scattered from values, torch's conv), whose
+      // gradients are differentiable again; the ops' backward kernels have no formulas of their own.
+      const int64_t rows = row_ptr.numel() - 1,
+                    cols = col_idx.numel() ? x.size(1) * kernel_size[0] * kernel_size[1] : 0;
+      const at::Tensor positions = at::repeat_interleave(at::arange(rows, row_ptr.options()), row_ptr.diff())
+                                       .mul(cols)
+                                       .add(col_idx.to(at::kLong));
+      const at::Tensor weight = at::zeros({rows * x.size(1) * kernel_size[0] * kernel_size[1]}, values.options())
+                                    .index_put({positions}, values)
+                                    .view({rows, x.size(1), kernel_size[0], kernel_size[1]});
+      const at::Tensor y = at::conv2d(x, weight, std::nullopt, stride, padding, dilation);
+      variable_list wanted;
+      if (need_x) wanted.push_back(x);
+      if (need_values) wanted.push_back(values);
+      if (!wanted.empty()) {
+        const variable_list got = torch::autograd::grad({y}, wanted, {grad}, true, true);
+        if (need_x) out[0] = got[0];
+        if (need_values) out[1] = got[need_x ? 1 : 0];
+      }
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below;
+      if (need_x) {
+        out[0] =
+            conv_backward_input_op(grad, values, row_ptr, col_idx, x.sizes(), kernel_size, stride, padding, dilation);
+        if (channels_last(x)) out[0] = out[0].contiguous(at::MemoryFormat::ChannelsLast);
+      }
+      if (need_values)
+        out[1] = conv_backward_weight_op(grad, x, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+    }
+    if (need_bias) out[2] = grad.sum({0, 2, 3});
+    return out;
+  }
+};
+
+at::Tensor linear_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
+                       const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                       const at::Tensor& t_perm) {
+  return LinearNode::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm);
+}
+
+at::Tensor conv_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
+                     const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return ConvNode::apply(x, values, bias, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+}
+
+// Below autograd (inference mode): the kernels alone.
+at::Tensor linear_plain(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
+                        const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                        const at::Tensor& t_perm) {
+  return linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
+}
+
+at::Tensor conv_plain(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const at::Tensor y = conv_op(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
+  return channels_last(x) ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
+}
+
+}  // namespace
+}  // namespace sparsekern
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  // Private (sparsekern/nn/kernel_choice.py): sparse_linear on a 2-D x and sparse_conv2d as one C++ node each.
+  m.def("_sparse_linear_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+        "Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
+  m.def("_sparse_conv2d_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("_sparse_linear_node", &sparsekern::linear_plain);
+  m.impl("_sparse_conv2d_node", &sparsekern::conv_plain);
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
+  m.impl("_sparse_linear_node", &sparsekern::linear_node);
+  m.impl("_sparse_conv2d_node", &sparsekern::conv_node);
+}
