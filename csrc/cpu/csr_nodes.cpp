@@ -36,6 +36,15 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& values, const at::Te
   return op.call(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
 }
 
+at::Tensor spmm_op(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
+                   const OptTensor& t_row_ptr, const OptTensor& t_col_idx, const OptTensor& t_perm) {
+  static const auto op =
+      op_handle("sparsekern::spmm")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const OptTensor&, const OptTensor&, const OptTensor&)>();
+  return op.call(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
+}
+
 at::Tensor gather_op(const at::Tensor& src, const at::Tensor& index) {
   static const auto op = op_handle("sparsekern::gather").typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   return op.call(src, index);
@@ -123,6 +132,40 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
   }
 };
 
+// out (m, n) = A (m, k) @ B (k, n), as in ops/spmm.py (the NCHW route of conv2d_gemm).
+struct SpmmNode : public torch::autograd::Function<SpmmNode> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, const at::Tensor& B, const at::Tensor& t_row_ptr,
+                            const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
+    at::Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView below;
+      y = spmm_op(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
+    }
+    ctx->save_for_backward({values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor &values = s[0], &row_ptr = s[1], &col_idx = s[2], &B = s[3], &t_row_ptr = s[4], &t_col_idx = s[5],
+                     &t_perm = s[6], &grad = grads[0];
+    const bool need_values = ctx->needs_input_grad(0), need_B = ctx->needs_input_grad(3);
+    variable_list out(7);
+    if (!grad.defined()) return out;
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
+    if (need_values) out[0] = sddmm_op(row_ptr, col_idx, grad, B);
+    if (need_B) {
+      // dB = A^T @ dy; under create_graph its gradient in dy needs A^T's transpose: A (inverse permutation).
+      OptTensor tt_row_ptr, tt_col_idx, tt_perm;
+      if (!below) tt_row_ptr = row_ptr, tt_col_idx = col_idx, tt_perm = at::argsort(t_perm);
+      out[3] = spmm_op(gather_op(values, t_perm), t_row_ptr, t_col_idx, grad, tt_row_ptr, tt_col_idx, tt_perm);
+    }
+    return out;
+  }
+};
+
 // y = conv2d(x, W, bias) with W the CSR of (Cout, Cin, kh, kw); a channels_last x gets a channels_last y and input
 // gradient, as in ops/sparse_conv2d.py.
 struct ConvNode : public torch::autograd::Function<ConvNode> {
@@ -201,6 +244,12 @@ at::Tensor conv_node(const at::Tensor& x, const at::Tensor& values, const OptTen
   return ConvNode::apply(x, values, bias, row_ptr, col_idx, kernel_size, stride, padding, dilation);
 }
 
+at::Tensor spmm_node(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                     const at::Tensor& B, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                     const at::Tensor& t_perm) {
+  return SpmmNode::apply(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
+}
+
 // Below autograd (inference mode): the kernels alone.
 at::Tensor linear_plain(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
                         const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
@@ -215,11 +264,20 @@ at::Tensor conv_plain(const at::Tensor& x, const at::Tensor& values, const OptTe
   return channels_last(x) ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
 }
 
+at::Tensor spmm_plain(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                      const at::Tensor& B, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+                      const at::Tensor& t_perm) {
+  return spmm_op(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
+}
+
 }  // namespace
 }  // namespace sparsekern
 
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
-  // Private (sparsekern/nn/kernel_choice.py): sparse_linear on a 2-D x and sparse_conv2d as one C++ node each.
+  // Private (sparsekern/nn/kernel_choice.py, conv_gemm.py): sparse_linear on a 2-D x, spmm and sparse_conv2d as
+  // one C++ node each.
+  m.def("_spmm_node(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor B, Tensor t_row_ptr, Tensor t_col_idx, "
+        "Tensor t_perm) -> Tensor");
   m.def("_sparse_linear_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
         "Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
   m.def("_sparse_conv2d_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
@@ -229,9 +287,11 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("_sparse_linear_node", &sparsekern::linear_plain);
   m.impl("_sparse_conv2d_node", &sparsekern::conv_plain);
+  m.impl("_spmm_node", &sparsekern::spmm_plain);
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
   m.impl("_sparse_linear_node", &sparsekern::linear_node);
   m.impl("_sparse_conv2d_node", &sparsekern::conv_node);
+  m.impl("_spmm_node", &sparsekern::spmm_node);
 }

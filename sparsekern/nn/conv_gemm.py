@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import sparse_linear, spmm
+from ..ops.dispatch import cpu_node
 from ..ops.sparse_conv2d import output_size
 from ..sparse_matrix import SparseMatrix
 
@@ -37,11 +38,20 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
         ho, wo = output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
         x = F.unfold(x, kernel_size, dilation, padding, stride)  # (N, Cin*kh*kw, Ho*Wo)
     k = W.shape[1]
+    # On the CPU the products run as the extension's C++ autograd nodes (ops.dispatch.cpu_node).
     if channels_last:
-        rows = x.permute(0, 2, 3, 1) if pointwise else x.transpose(1, 2)
-        y = sparse_linear(rows.reshape(n * ho * wo, k), W, bias)  # (N*Ho*Wo, Cout)
+        rows = (x.permute(0, 2, 3, 1) if pointwise else x.transpose(1, 2)).reshape(n * ho * wo, k)
+        if cpu_node(rows, W.values, "sparse_linear"):
+            y = torch.ops.sparsekern._sparse_linear_node(rows, W.values, bias, W.row_ptr, W.col_idx,
+                                                         *W.transpose_pattern())
+        else:
+            y = sparse_linear(rows, W, bias)  # (N*Ho*Wo, Cout)
         return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
-    y = spmm(W, x.transpose(0, 1).reshape(k, n * ho * wo))  # (Cout, N*Ho*Wo)
+    cols = x.transpose(0, 1).reshape(k, n * ho * wo)
+    if cpu_node(cols, W.values, "spmm"):
+        y = torch.ops.sparsekern._spmm_node(W.values, W.row_ptr, W.col_idx, cols, *W.transpose_pattern())
+    else:
+        y = spmm(W, cols)  # (Cout, N*Ho*Wo)
     if bias is not None:
         y = y + bias.unsqueeze(1)
     return y.view(-1, n, ho, wo).transpose(0, 1).contiguous()

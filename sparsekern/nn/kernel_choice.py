@@ -259,8 +259,7 @@ def call_kernel(module: nn.Module, kernel: str, x: torch.Tensor) -> torch.Tensor
 def _run_kernel(module: nn.Module, kernel: str, x: torch.Tensor) -> torch.Tensor:
     """``module.run_kernel(kernel, x)`` for an input the layer has checked; ``csr`` on the CPU as one C++
     autograd node (csrc/cpu/csr_nodes.cpp) where the op's cpp kernels would run anyway."""
-    if kernel == "csr" and _fused(x, module.values) and not _tracing() \
-            and _dispatch.get_backend(module.csr_op, x.device) == "cpp":
+    if kernel == "csr" and _dispatch.cpu_node(x, module.values, module.csr_op):
         return module.csr_node(x)
     return module.run_kernel(kernel, x)
 
@@ -313,15 +312,9 @@ def _dense(module: nn.Module, x: torch.Tensor, route: bool) -> Tuple[torch.Tenso
 
 
 def _fused(x: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether the extension's C++ autograd nodes can run this layer: its dense kernel (csrc/cpu/dense_kernel.cpp:
-    the scatter, the dense op, the NaN/Inf checks and the gather in C++; else ``_DenseKernel`` runs) and its csr
-    kernel (csrc/cpu/csr_nodes.cpp). CPU tensors of one supported dtype, no autocast (the caller checks it), no
-    torch.func transform (C++ nodes have no vmap rule)."""
-    return (_dispatch.extension_loaded and x.device.type == "cpu" and values.dtype in _FUSED_DTYPES
-            and x.dtype == values.dtype and not torch._C._are_functorch_transforms_active())
-
-
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+    """Whether the extension's dense kernel (csrc/cpu/dense_kernel.cpp: the scatter, the dense op, the NaN/Inf
+    checks and the gather in C++, one C++ autograd node) can run this layer; else ``_DenseKernel`` does."""
+    return _dispatch.cpu_node(x, values)
 
 
 def _dense_forward(module: nn.Module, x: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],

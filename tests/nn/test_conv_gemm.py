@@ -51,15 +51,30 @@ def test_against_dense_conv(case, density, with_bias, channels_last):
     torch.testing.assert_close(got[-1], exp[-1].reshape(cout, -1)[rows, W.col_idx.long()])
 
 
-def test_gradcheck():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_gradcheck(backend, channels_last):
+    """First and second derivatives; on cpp the products run as the extension's C++ nodes (spmm for NCHW,
+    sparse_linear for channels_last), on reference through the ops' Python formulas."""
     g = gen(seed_of("conv_gemm", "gradcheck"))
     W = random_sparse((4, 3 * 9), 0.4, torch.float64, g, requires_grad=True)
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=g)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
 
     def f(x, values, bias):
         W2 = type(W)(W.row_ptr, W.col_idx, values, W.shape)
         return conv2d_gemm(x, W2, bias, (3, 3), (2, 1), (1, 1), (1, 1))
 
-    with sparsekern.backend("cpp"):
+    with sparsekern.backend(backend):
         assert torch.autograd.gradcheck(f, (x, W.values, bias))
+        assert torch.autograd.gradgradcheck(f, (x, W.values, bias))
+        node = f(x, W.values, bias).grad_fn
+        names = set()
+        while node is not None and len(names) < 20:  # the graph's nodes, first input first
+            names.add(node.name())
+            node = node.next_functions[0][0] if node.next_functions else None
+        want = "LinearNode>" if channels_last else "SpmmNode>"
+        assert any(n.endswith(want) for n in names) == (backend == "cpp"), names
