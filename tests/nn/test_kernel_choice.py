@@ -346,12 +346,9 @@ def _node_name(grad_fn) -> str:
     return grad_fn.name() if type(grad_fn).__name__ == "CppFunction" else type(grad_fn).__name__
 
 
-@pytest.mark.parametrize("density", [0.5, 1.0], ids=["d0.5", "full"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
-def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, density, dense_node):
-    """A layer on the dense kernel (scattered weight, NaN/Inf routing; a full pattern: torch's own autograd
-    on a view of the values, no custom node): gradcheck in x, values and bias, and gradgradcheck."""
+def _checked_layer(kind: str, bias: bool, density: float, kernel: str):
+    """A float64 layer pinned to ``kernel``, its input (requiring grad) and parameters, and the call of the layer
+    on them (for gradcheck): kind is linear, linear-3d, conv or conv-channels-last."""
     if kind.startswith("linear"):
         layer = SparseLinear(5, 4, bias=bias, density=density, generator=gen(11), dtype=torch.float64)
         x = torch.randn((2, 3, 5) if kind == "linear-3d" else (3, 5), dtype=torch.float64, generator=gen(12))
@@ -361,13 +358,22 @@ def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, densi
         x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen(14))
         if kind == "conv-channels-last":
             x = x.to(memory_format=torch.channels_last)
-    layer.kernel = "dense"
+    layer.kernel = kernel
     names = ("values", "bias") if bias else ("values",)
     inputs = (x.requires_grad_(),) + tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
 
-    def g(x, *params):
+    def call(x, *params):
         return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
+    return layer, inputs, call
 
+
+@pytest.mark.parametrize("density", [0.5, 1.0], ids=["d0.5", "full"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
+def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, density, dense_node):
+    """A layer on the dense kernel (scattered weight, NaN/Inf routing; a full pattern: torch's own autograd
+    on a view of the values, no custom node): gradcheck in x, values and bias, and gradgradcheck."""
+    layer, inputs, g = _checked_layer(kind, bias, density, "dense")
     torch.autograd.gradcheck(g, inputs)
     torch.autograd.gradgradcheck(g, inputs)
     node = _node_name(g(*inputs).grad_fn)
@@ -435,22 +441,7 @@ def test_the_csr_kernel_runs_as_one_cpp_node_with_exact_gradients(kind, bias):
     layout; another backend, or a torch.func transform, takes the op's own path."""
     if not kc._dispatch.extension_loaded:
         pytest.skip("no compiled extension")
-    if kind.startswith("linear"):
-        layer = SparseLinear(5, 4, bias=bias, density=0.5, generator=gen(31), dtype=torch.float64)
-        x = torch.randn((2, 3, 5) if kind == "linear-3d" else (3, 5), dtype=torch.float64, generator=gen(32))
-    else:
-        layer = SparseConv2d(3, 4, 3, stride=2, padding=1, bias=bias, density=0.5, generator=gen(33),
-                             dtype=torch.float64)
-        x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen(34))
-        if kind == "conv-channels-last":
-            x = x.to(memory_format=torch.channels_last)
-    layer.kernel = "csr"
-    names = ("values", "bias") if bias else ("values",)
-    inputs = (x.requires_grad_(),) + tuple(getattr(layer, n).detach().clone().requires_grad_() for n in names)
-
-    def g(x, *params):
-        return torch.func.functional_call(layer, dict(zip(names, params)), (x,))
-
+    layer, inputs, g = _checked_layer(kind, bias, 0.5, "csr")
     torch.autograd.gradcheck(g, inputs)
     torch.autograd.gradgradcheck(g, inputs)
     y = g(*inputs)
@@ -463,4 +454,4 @@ def test_the_csr_kernel_runs_as_one_cpp_node_with_exact_gradients(kind, bias):
     with sparsekern.backend("reference"):
         assert "Node>" not in _node_name(g(*inputs).grad_fn)
     with torch.inference_mode():
-        torch.testing.assert_close(layer(x.detach()), y.detach())
+        torch.testing.assert_close(layer(inputs[0].detach()), y.detach())
