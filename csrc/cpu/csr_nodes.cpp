@@ -2,9 +2,8 @@
 // own autograd formulas are Python (sparsekern/ops/, one torch.autograd.Function per call): in a training step,
 // with the caches cold from the layers between two calls, that Python costs 0.1-0.3 ms per fwd+bwd, as much as
 // the kernels of a small layer (ConvNeXt's and BERT's linears at 128-2048 tokens take 0.3-1.5 ms). These nodes run
-// the same CPU kernels, forward and backward, below autograd. Under create_graph their backward is differentiable
-// again: the linear's calls the ops through their own formulas, the conv's runs the dense composite (the conv ops'
-// backward kernels have no formulas: through them a second derivative came out wrong).
+// the same CPU kernels, forward and backward, below autograd. Under create_graph their backward calls the ops
+// through the dispatcher instead, so that the ops' own formulas make it differentiable again.
 //
 // Private ops (not part of the op contract): the layers call them only eagerly, on CPU tensors, outside autocast,
 // on the cpp backend, after checking their input.
@@ -197,36 +196,15 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
                dilation = ctx->saved_data["dilation"].toIntVector();
     variable_list out(9);
     if (!grad.defined()) return out;
-    if (at::GradMode::is_enabled()) {
-      // create_graph: through the dense composite (the weight scattered from values, torch's conv), whose
-      // gradients are differentiable again; the ops' backward kernels have no formulas of their own.
-      const int64_t rows = row_ptr.numel() - 1,
-                    cols = col_idx.numel() ? x.size(1) * kernel_size[0] * kernel_size[1] : 0;
-      const at::Tensor positions = at::repeat_interleave(at::arange(rows, row_ptr.options()), row_ptr.diff())
-                                       .mul(cols)
-                                       .add(col_idx.to(at::kLong));
-      const at::Tensor weight = at::zeros({rows * x.size(1) * kernel_size[0] * kernel_size[1]}, values.options())
-                                    .index_put({positions}, values)
-                                    .view({rows, x.size(1), kernel_size[0], kernel_size[1]});
-      const at::Tensor y = at::conv2d(x, weight, std::nullopt, stride, padding, dilation);
-      variable_list wanted;
-      if (need_x) wanted.push_back(x);
-      if (need_values) wanted.push_back(values);
-      if (!wanted.empty()) {
-        const variable_list got = torch::autograd::grad({y}, wanted, {grad}, true, true);
-        if (need_x) out[0] = got[0];
-        if (need_values) out[1] = got[need_x ? 1 : 0];
-      }
-    } else {
-      at::AutoDispatchBelowADInplaceOrView below;
-      if (need_x) {
-        out[0] =
-            conv_backward_input_op(grad, values, row_ptr, col_idx, x.sizes(), kernel_size, stride, padding, dilation);
-        if (channels_last(x)) out[0] = out[0].contiguous(at::MemoryFormat::ChannelsLast);
-      }
-      if (need_values)
-        out[1] = conv_backward_weight_op(grad, x, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
+    if (need_x) {
+      out[0] =
+          conv_backward_input_op(grad, values, row_ptr, col_idx, x.sizes(), kernel_size, stride, padding, dilation);
+      if (channels_last(x)) out[0] = out[0].contiguous(at::MemoryFormat::ChannelsLast);
     }
+    if (need_values)
+      out[1] = conv_backward_weight_op(grad, x, row_ptr, col_idx, kernel_size, stride, padding, dilation);
     if (need_bias) out[2] = grad.sum({0, 2, 3});
     return out;
   }

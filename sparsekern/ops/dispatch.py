@@ -47,6 +47,9 @@ class Op:
     # Kernels that exist only as a part of this op (its backward), with their fake kernels: they follow
     # this op's backend.
     parts: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
+    # The parts that are differentiable again (so that the op has second derivatives): part -> (backward,
+    # setup_context), registered wherever the part has a kernel (C++ schema, Triton op).
+    part_autograd: Mapping[str, Tuple[Callable, Callable]] = dataclasses.field(default_factory=dict)
     autocast: bool = False  # runs in the autocast dtype under torch.autocast (see _autocast)
     triton: Optional[str] = None  # the triton_kernels module that defines sparsekern_triton::<name>
     # Default order on CUDA tensors, best first, among the backends present. To be set from
@@ -97,6 +100,8 @@ def register(lib: str) -> None:
                 torch.library.register_fake(f"sparsekern::{name}")(fake)
         if op.backward is not None:
             torch.library.register_autograd(f"{lib}::{op.name}", op.backward, setup_context=op.setup_context)
+        for part, (backward, setup_context) in op.part_autograd.items():
+            torch.library.register_autograd(f"{lib}::{part}", backward, setup_context=setup_context)
     _autocast.register(lib, [op.name for op in defined if op.autocast])
 
 

@@ -112,6 +112,46 @@ def _backward(ctx, grad):
     return d_x, d_values, None, None, None, d_bias, None, None, None
 
 
+# Second derivatives: both parts are bilinear, in (grad_out, values) and in (grad_out, x); with gg the gradient
+# flowing into a part's output, <gg, backward_input(g, W)> = <conv(gg, W), g> and <gv, backward_weight(g, x)> =
+# <conv(x, W=gv), g>. Without these formulas torch only warned, and a second derivative came out wrong.
+def _setup_backward_input(ctx, inputs, output):
+    grad_out, values, row_ptr, col_idx, input_size, kernel_size, stride, padding, dilation = inputs
+    ctx.save_for_backward(grad_out, values, row_ptr, col_idx)
+    ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
+
+
+def _backward_of_backward_input(ctx, gg):
+    grad_out, values, row_ptr, col_idx = ctx.saved_tensors
+    kernel_size, stride, padding, dilation = ctx.geometry
+    d_grad = d_values = None
+    if ctx.needs_input_grad[0]:
+        d_grad = kernel_for(OP, gg)(gg, values, row_ptr, col_idx, kernel_size, None, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        d_values = kernel_for("sparse_conv2d_backward_weight", gg)(grad_out, gg, row_ptr, col_idx, *ctx.geometry)
+    return d_grad, d_values, None, None, None, None, None, None, None
+
+
+def _setup_backward_weight(ctx, inputs, output):
+    grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation = inputs
+    ctx.save_for_backward(grad_out, x, row_ptr, col_idx)
+    ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
+
+
+def _backward_of_backward_weight(ctx, gv):
+    grad_out, x, row_ptr, col_idx = ctx.saved_tensors
+    kernel_size, stride, padding, dilation = ctx.geometry
+    d_grad = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_grad = kernel_for(OP, gv)(x, gv, row_ptr, col_idx, kernel_size, None, stride, padding, dilation)
+    if ctx.needs_input_grad[1]:
+        d_x = kernel_for("sparse_conv2d_backward_input", gv)(grad_out, gv, row_ptr, col_idx, list(x.shape),
+                                                               *ctx.geometry)
+    return d_grad, d_x, None, None, None, None, None, None
+
+
 declare(Op(OP, sparse_conv2d, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True,
            triton="sparse_conv2d", parts={"sparse_conv2d_backward_input": _fake_backward_input,
-                                          "sparse_conv2d_backward_weight": _fake_backward_weight}))
+                                          "sparse_conv2d_backward_weight": _fake_backward_weight},
+           part_autograd={"sparse_conv2d_backward_input": (_backward_of_backward_input, _setup_backward_input),
+                          "sparse_conv2d_backward_weight": (_backward_of_backward_weight, _setup_backward_weight)}))

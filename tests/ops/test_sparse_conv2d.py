@@ -1,4 +1,6 @@
 """sparse_conv2d: NCHW conv2d with a CSR weight, every available backend against the reference."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,10 @@ def test_gradcheck(backend, case):
         return sparse_conv2d(x_, W.with_values(v), b[0] if b else None, stride, padding, dilation)
 
     assert torch.autograd.gradcheck(f, inputs)
+    # Second derivatives: the backward's own ops carry formulas (without them torch only warned).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.autograd.gradgradcheck(f, inputs)
 
 
 # -- bad input ---------------------------------------------------------------------------
