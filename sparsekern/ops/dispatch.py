@@ -310,6 +310,11 @@ def _eager_function(op: str) -> type:
                 return kernel(*args)
 
         def backward(ctx, *grads):
+            if torch._C._are_functorch_transforms_active():
+                # torch.library's generated autograd.Function (the backward's ops) has no setup_context, which
+                # torch.func refuses: first derivatives only under a transform.
+                with torch.no_grad():
+                    return decl.backward(ctx, *grads)
             if torch.is_grad_enabled():  # create_graph: the backward's ops record their own autograd
                 return decl.backward(ctx, *grads)
             with torch._C._AutoDispatchBelowADInplaceOrView():

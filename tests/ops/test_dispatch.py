@@ -308,18 +308,13 @@ def test_eager_function_matches_the_registered_autograd(make):
     torch.autograd.gradcheck(lambda *t: fn(t[0], W.with_values(t[1]), t[2]), leaves)
 
 
-# sparse_linear's backward calls the gather op, whose torch.library autograd Function (forward(ctx, ...), no
-# setup_context) functorch refuses under a transform: a torch limitation, not the eager path's.
-_FUNC_LIMIT = pytest.mark.xfail(reason="torch.library's generated autograd.Function has no setup_context, which "
-                                "torch.func transforms require (the gather op in sparse_linear's backward)")
-
-
 @needs_extension
-@pytest.mark.parametrize("make", [pytest.param(_linear_case, marks=_FUNC_LIMIT), _conv_case],
-                         ids=["sparse_linear", "sparse_conv2d"])
+@pytest.mark.parametrize("make", [_linear_case, _conv_case], ids=["sparse_linear", "sparse_conv2d"])
 def test_eager_function_under_torch_func(make):
     """Under a torch.func transform dispatch.call goes through Function.apply (functorch's own path),
-    outside one it skips apply's argument binding: torch.func.grad and plain autograd agree."""
+    outside one it skips apply's argument binding: torch.func.grad and plain autograd agree. (The backward's
+    ops run without a graph there: torch.library's generated autograd.Function, which they have, lacks the
+    setup_context torch.func requires.)"""
     fn, (x, W, bias), _, _ = make(torch.Generator().manual_seed(5))
 
     def loss(x, values, bias):
