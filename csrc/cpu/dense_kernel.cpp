@@ -1,9 +1,10 @@
-// The dense kernel of a sparse layer (sparsekern/nn/kernel_choice.py, `_DenseKernel`): the dense op on the weight
-// scattered from the layer's values, one call per pass. Each pass as separate torch calls from Python (scatter_,
-// the op, narrow + sum + item for the NaN/Inf check, index_select) cost 0.15-0.3 ms more than the dense twin per
-// fwd+bwd at ResNet-50 and ConvNeXt shapes: torch's 1-D scatter_ runs serially (65 us in a training step for 19K
-// values), and each check read its feature from cold lines on one core (25-50 us). Here the scatter and the
-// gather run on every core with prefetch, and the check reads one feature in parallel, inside the same call.
+// The dense kernel of a sparse layer (sparsekern/nn/kernel_choice.py): the dense op on the weight scattered from
+// the layer's values, as one C++ autograd node. Run as separate torch calls under a Python autograd.Function
+// (scatter_, the op, narrow + sum + item for the NaN/Inf check, index_select; `_DenseKernel`, still the path on
+// other devices) it cost 0.15-0.45 ms more than the dense twin per fwd+bwd at ResNet-50 and ConvNeXt shapes: the
+// Python ran with cold caches between layers, torch's 1-D scatter_ runs serially (65 us in a training step for 19K
+// values), and each check read its feature from cold lines (25-50 us). Here the scatter and the gather walk the
+// CSR rows (split over the threads above ~16K entries), and the checks read one feature with prefetch.
 //
 // Private ops (not part of the op contract): the layer calls them only eagerly, on CPU tensors, outside autocast.
 #include <ATen/Dispatch.h>
