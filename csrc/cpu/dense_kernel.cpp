@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <string>
 
@@ -103,42 +102,37 @@ at::Tensor gather_values(const at::Tensor& g, const Csr& w, const char* op) {
 constexpr int64_t kAhead = 16;  // rows prefetched ahead in the check: a linear's feature is a strided column
 
 // No NaN or Inf in feature 0 of t along dim (the channel of a conv's (N, C, H, W), the last dim of a linear's
-// output): every entry of the view, any strides, split over the threads by its outermost dim.
+// output): every entry of the view, any strides, one thread (a feature is a few thousand entries).
 bool feature_finite(const at::Tensor& t, int64_t dim) {
   if (t.numel() == 0) return true;
   const at::Tensor v = t.narrow(dim, 0, 1);
   const int64_t nd = v.dim();
-  if (nd == 0) return std::isfinite(v.item<double>());
   const auto sizes = v.sizes();
   const auto strides = v.strides();
-  std::atomic<bool> finite{true};
+  bool ok = true;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, v.scalar_type(), "dense_kernel check", [&] {
     const scalar_t* base = v.data_ptr<scalar_t>();
     const int64_t inner = v.numel() / sizes[0];
-    at::parallel_for(0, sizes[0], sizes[0], [&](int64_t o0, int64_t o1) {
-      std::vector<int64_t> idx(nd, 0);
-      bool ok = true;
-      for (int64_t o = o0; o < o1 && ok; ++o) {
-        const scalar_t* row = base + o * strides[0];
-        if (o + kAhead < o1) __builtin_prefetch(row + kAhead * strides[0]);
-        std::fill(idx.begin(), idx.end(), 0);
-        int64_t off = 0;
-        for (int64_t e = 0; e < inner; ++e) {  // an odometer over dims 1.. of the view
-          ok &= std::isfinite(static_cast<float>(row[off]));
-          for (int64_t d = nd - 1; d >= 1; --d) {
-            if (++idx[d] < sizes[d]) {
-              off += strides[d];
-              break;
-            }
-            off -= (sizes[d] - 1) * strides[d];
-            idx[d] = 0;
+    std::vector<int64_t> idx(nd, 0);
+    for (int64_t o = 0; o < sizes[0] && ok; ++o) {
+      const scalar_t* row = base + o * strides[0];
+      if (o + kAhead < sizes[0]) __builtin_prefetch(row + kAhead * strides[0]);
+      std::fill(idx.begin(), idx.end(), 0);
+      int64_t off = 0;
+      for (int64_t e = 0; e < inner; ++e) {  // an odometer over dims 1.. of the view
+        ok &= std::isfinite(static_cast<float>(row[off]));
+        for (int64_t d = nd - 1; d >= 1; --d) {
+          if (++idx[d] < sizes[d]) {
+            off += strides[d];
+            break;
           }
+          off -= (sizes[d] - 1) * strides[d];
+          idx[d] = 0;
         }
       }
-      if (!ok) finite.store(false);
-    });
+    }
   });
-  return finite.load();
+  return ok;
 }
 
 bool is_conv(const at::Tensor& weight, at::IntArrayRef stride) { return weight.dim() == 4 && stride.size() == 2; }
@@ -323,11 +317,6 @@ struct DenseKernel : public torch::autograd::Function<DenseKernel> {
   }
 };
 
-void check_args(const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                const char* op) {
-  check_geometry(weight, stride, padding, dilation, op);
-}
-
 // The CPU kernel: the forward alone (no autograd: inference mode, or below the autograd kernel).
 std::tuple<at::Tensor, bool> dense_kernel_cpu(const at::Tensor& x, const at::Tensor& values,
                                               const std::optional<at::Tensor>& bias, const at::Tensor& row_ptr,
@@ -337,7 +326,7 @@ std::tuple<at::Tensor, bool> dense_kernel_cpu(const at::Tensor& x, const at::Ten
                                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                               bool check) {
   const char* op = "_dense_kernel";
-  check_args(weight, stride, padding, dilation, op);
+  check_geometry(weight, stride, padding, dilation, op);
   return dense_forward(x, values, bias.value_or(at::Tensor()), weight_csr(weight, row_ptr, col_idx, op), weight, stride,
                        padding, dilation, check, op);
 }
@@ -347,7 +336,7 @@ std::tuple<at::Tensor, bool> dense_kernel_autograd(
     const at::Tensor& col_idx, const std::optional<at::Tensor>& t_row_ptr, const std::optional<at::Tensor>& t_col_idx,
     const std::optional<at::Tensor>& t_perm, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, bool check) {
-  check_args(weight, stride, padding, dilation, "_dense_kernel");
+  check_geometry(weight, stride, padding, dilation, "_dense_kernel");
   bool ok = true;
   at::Tensor y = DenseKernel::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, weight, stride,
                                     padding, dilation, check, &ok);
