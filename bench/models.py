@@ -25,7 +25,6 @@ import copy
 import datetime
 import gc
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,7 +40,7 @@ from sparsekern.nn import SparseWeightMixin
 from sparsekern.sparsity import sparsifiable_layers
 
 from .ops import _backends
-from .report import command_line, cpu_model
+from .report import command_line, host
 from .timing import Budget, Timing, measure_interleaved, train_step_fn
 from .train import _optimizer, _step_fn
 
@@ -359,17 +358,6 @@ LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Li
           "kind, shape, input and nnz are timed once.")
 
 
-def isa_flags() -> str:
-    """The vector ISA of the host (from /proc/cpuinfo): ratios do not carry between AVX2 and AVX-512 hosts."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "unknown"
-    return ", ".join(f"{name} {'yes' if any(fl.startswith(name) for fl in flags) else 'no'}"
-                     for name in ("avx2", "avx512f", "amx"))
-
-
 def markdown(results: Sequence[ModelResult], meta: Dict[str, str]) -> str:
     lines = ["# sparsekern model bench", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += _table(SUMMARY_HEADERS, summary_rows(results)) + ["", LEGEND, ""]
@@ -397,7 +385,7 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
         gc.collect()
     meta = {"command": f"`{command_line('sparsekern.bench.models')}`",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores; {isa_flags()})",
+            "CPU": host(),
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "sparsekern backend": _backends(),
             "allocator": allocator.describe(),
             "timing": (f"{settings.warmup} warm-up steps per model (1 call per layer), then "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import gc
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,7 +31,7 @@ from .report import (
     WRONG,
     Row,
     command_line,
-    cpu_model,
+    host,
     markdown,
     print_table,
 )
@@ -251,7 +250,7 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
     meta = {
         "command": f"`{command_line('sparsekern.bench.ops')}`",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores)",
+        "CPU": host(),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "sparsekern backend": _backends(), "allocator": allocator.describe(),

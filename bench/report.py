@@ -7,10 +7,33 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Union
 
+from sparsekern import isa
 from sparsekern.isa import cpu_model  # noqa: F401  (re-exported: the bench modules take it from here)
 
 from .peers import COLUMNS, DENSE, SPARSEKERN, SPARSEPROP
 from .timing import Timing
+
+
+def isa_flags() -> str:
+    """The vector ISA of the host (from /proc/cpuinfo): ratios do not carry between AVX2 and AVX-512 hosts."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    return ", ".join(f"{name} {'yes' if any(fl.startswith(name) for fl in flags) else 'no'}"
+                     for name in ("avx2", "avx512f", "amx"))
+
+
+def host() -> str:
+    """The CPU line of a report: model, cores, vector ISA, and the width the CSR and conv tile loops run at."""
+    try:
+        width = isa.get()
+    except RuntimeError:
+        width = "n/a (extension not built)"
+    return (f"{cpu_model()} ({os.cpu_count()} logical cores; {isa_flags()}); "
+            f"sparsekern loops: {width} (SPARSEKERN_ISA)")
+
 
 # Markers for a cell without a time.
 NOT_APPLICABLE = "—"  # the implementation has no such op (torch.sparse conv, SparseProp topk)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -25,7 +24,7 @@ import sparsekern
 from sparsekern import allocator
 from sparsekern.models import get_model
 
-from .report import command_line, cpu_model
+from .report import command_line, host
 from .timing import Budget, Timing, measure
 
 DELTA_T = 100
@@ -130,7 +129,7 @@ def main(quick: bool = False, output: Optional[str] = None, threads: Optional[in
         results.append(run_case(case, budget))
     meta = {"command": f"`{command_line('sparsekern.bench.train')}`",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "CPU": f"{cpu_model()} ({os.cpu_count()} logical cores)", "threads": str(torch.get_num_threads()),
+            "CPU": host(), "threads": str(torch.get_num_threads()),
             "torch": torch.__version__,
             "sparsekern backend": sparsekern.ops.get_backend("sparse_linear", torch.device("cpu")),
             "allocator": allocator.describe()}

@@ -10,7 +10,7 @@ it at run time, for tests and benchmarks: the choice is process-wide, not per th
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -38,9 +38,23 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+_current: Optional[str] = None  # get()'s answer, kept by set(): the kernel choice reads it on every layer call
+
+
 def get() -> str:
     """The ISA the CSR kernels run now: ``"avx2"`` or ``"avx512"``."""
     return _op("_isa")()
+
+
+def current() -> str:
+    """``get()`` without the call into the extension (as cheap as reading a variable); ``"none"`` without it."""
+    global _current
+    if _current is None:
+        try:
+            _current = get()
+        except RuntimeError:
+            return "none"
+    return _current
 
 
 def supported(name: str) -> bool:
@@ -50,7 +64,9 @@ def supported(name: str) -> bool:
 
 def set(name: str) -> str:  # noqa: A001 (module-level function, used as sparsekern.isa.set)
     """Run the CSR kernels with ``name`` (``auto``, ``avx2`` or ``avx512``); returns the ISA now in effect."""
-    return _op("_set_isa")(name)
+    global _current
+    _current = _op("_set_isa")(name)
+    return _current
 
 
 @contextlib.contextmanager

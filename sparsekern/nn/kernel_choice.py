@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .. import isa
 from ..ops import dispatch as _dispatch
 from ..ops.dispatch import tracing as _tracing
 from ..sparse_matrix import scatter_dense
@@ -186,10 +187,16 @@ def choice_key(module: nn.Module, x: torch.Tensor) -> tuple:
 
 
 def _machine(device: torch.device) -> str:
-    """What the kernels' speed depends on beyond the call: the vector ISA (CPU) or the GPU model."""
+    """What the kernels' speed depends on beyond the call: the vector ISA of torch's kernels and of
+    sparsekern's loops (``sparsekern.isa``, which can change at run time), or the GPU model."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return torch.backends.cpu.get_cpu_capability()
+    return f"{_torch_cpu_capability()}/{isa.current()}"
+
+
+@functools.cache
+def _torch_cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()  # fixed when torch loads (ATEN_CPU_CAPABILITY)
 
 
 def _rule(module: nn.Module) -> str:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
+from sparsekern import isa as sk_isa
 from sparsekern.nn import SparseConv2d, SparseLinear, kernel_choice as kc
 
 from sk_testing import assert_close, gen, random_mask
@@ -126,6 +127,23 @@ def test_auto_measures_once_per_key_and_caches(monkeypatch, evict_bytes):
     with torch.no_grad():  # forward only: another key
         a(x)
     assert len(calls) == 3
+
+
+def test_each_vector_width_of_the_loops_is_measured_apart(monkeypatch):
+    # sparsekern.isa.set changes the width of the CSR and conv loops at run time: a choice measured at one
+    # width says nothing about the other (on an Intel AVX-512 host the 64-byte loops run 1.1-1.3x faster).
+    if not (sparsekern.ops.HAS_EXTENSION and sk_isa.supported("avx2") and sk_isa.supported("avx512")):
+        pytest.skip("needs the extension on a CPU with both widths (AVX-512)")
+    calls = _measuring(monkeypatch)
+    layer = SparseLinear(16, 16, density=0.25)
+    x = torch.randn(4, 16)
+    with sk_isa.use("avx2"):
+        layer(x), layer(x)
+        key_avx2 = kc.choice_key(layer, x)
+    with sk_isa.use("avx512"):
+        layer(x)
+        key_avx512 = kc.choice_key(layer, x)
+    assert key_avx2 != key_avx512 and len(calls) == 2
 
 
 def test_choice_survives_dst_but_not_pruning(monkeypatch):

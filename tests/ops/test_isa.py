@@ -122,8 +122,8 @@ def test_use_restores_the_previous_isa():
     _skip_without_kernels()
     before = sk_isa.get()
     with sk_isa.use("avx2"):
-        assert sk_isa.get() == "avx2"
-    assert sk_isa.get() == before
+        assert sk_isa.get() == sk_isa.current() == "avx2"
+    assert sk_isa.get() == sk_isa.current() == before
 
 
 def _isa_at_load(value):
