@@ -24,6 +24,14 @@ int tile_bytes(int64_t n, int64_t elem_size, bool wide) {
   return 128;
 }
 
+bool spmm_prefetch(int64_t packed_bytes) {
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel");
+  }();
+  return !intel || packed_bytes >= PREFETCH_FROM_TILE_BYTES_INTEL;
+}
+
 std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align) {
   std::vector<int64_t> b(parts + 1, 0);
   b[parts] = m;

@@ -37,6 +37,7 @@ template <typename S, typename O = S> struct SpmmJob {
   int64_t b0, nc;
   const S* bias;  // per row, or nullptr
   int64_t last;   // nnz - 1 (prefetch clamp)
+  bool prefetch;  // spmm_prefetch
 };
 
 // Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
@@ -95,9 +96,9 @@ SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int
   }
 }
 
-// NV vectors of W bytes per packed row (T = NV * L elements); W = 64 only in SK_AVX512 functions.
-template <typename S, int NV, typename O = S, int W = 32>
-SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
+// NV vectors of W bytes per packed row (T = NV * L elements); W = 64 only in SK_AVX512 functions. PF: prefetch.
+template <typename S, int NV, typename O, int W, bool PF>
+SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
   using v = typename Vec<S, W>::v;
   constexpr int L = Vec<S, W>::L, T = NV * L;
   constexpr int G = Vec<S>::L;  // rows per stored group: the 32-byte register transpose
@@ -112,7 +113,8 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
     const int64_t c1 = std::min(c0 + CHUNK, r1);
     for (int64_t i = c0; i < c1; ++i) {
       v acc[SETS][NV];
-      const v init = vsplat<W>(J.bias ? J.bias[i] : S(0));
+      v init{};  // a splat of the loaded bias: of `bias ? bias[i] : 0` GCC built 16 masked broadcasts per vector
+      if (J.bias) init = vsplat<W>(J.bias[i]);
       for (int q = 0; q < NV; ++q) acc[0][q] = init;
       for (int s = 1; s < SETS; ++s)
         for (int q = 0; q < NV; ++q) acc[s][q] = v{};
@@ -122,8 +124,10 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
         // The packed rows are L2-resident but randomly addressed: prefetch the first line of each into L1.
         // One line, not the row's 2-4: the prefetches take load slots, and the rest of a row follows its first
         // line (SpMM 1.07-1.24x faster than prefetching whole rows at ViT, MLP, BERT and 4096^2 shapes,
-        // either vector width, interleaved A/B on Zen 4; none at all loses 15 % at 4096^2).
-        for (int s = 0; s < SETS; ++s) __builtin_prefetch(Bp + (int64_t)ci[std::min(p + s + PREFETCH, last)] * T);
+        // either vector width, interleaved A/B on Zen 4; none at all loses 15 % at 4096^2). On Intel only for
+        // packed tiles from 1 MB on (spmm_prefetch).
+        if constexpr (PF)
+          for (int s = 0; s < SETS; ++s) __builtin_prefetch(Bp + (int64_t)ci[std::min(p + s + PREFETCH, last)] * T);
         for (int s = 0; s < SETS; ++s) {
           const v w = vsplat<W>(vals[p + s]);
           const S* bq = Bp + (int64_t)ci[p + s] * T;
@@ -142,6 +146,13 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
     for (int64_t g0 = c0; g0 < c1; g0 += G)
       store_group<S, T>(J, cbuf + (g0 - c0) * T, g0, std::min<int64_t>(G, c1 - g0));
   }
+}
+
+// Two loops, not a branch in one: GCC does not unswitch it, and the test costs 3-5 % at 256-byte tiles.
+template <typename S, int NV, typename O = S, int W = 32>
+SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
+  if (J.prefetch) spmm_rows_loop<S, NV, O, W, true>(J, r0, r1);
+  else spmm_rows_loop<S, NV, O, W, false>(J, r0, r1);
 }
 
 // The SpMM loops per type and width (the SK_ROWS_* macros: csr_internal.h).
@@ -193,8 +204,9 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int TB = tile_bytes(n, sizeof(S), wide);
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
+  const bool prefetch = spmm_prefetch(k * TB);
   auto job = [&](const S* tile, int64_t t) {
-    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1};
+    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1, prefetch};
   };
   // Whole tiles: each thread takes a run of batch tiles and packs each (k x T, L2-sized) just before running
   // every row over it, so the packed operand is written and read once, in L2. Row parts (below) each sweep
