@@ -104,15 +104,14 @@ void pack_all(S* dst, int64_t T, const at::Tensor& src) {
 
 }  // namespace
 
-void pack_tile(float* dst, int64_t T, const at::Tensor& src, int64_t t) {
-  const int64_t k = src.size(0), n = src.size(1);
+void pack_tile(float* dst, int64_t T, const at::Tensor& src, int64_t b0, int64_t nc) {
+  const int64_t k = src.size(0);
   if (src.scalar_type() == at::kBFloat16)
-    pack(dst, T, src.data_ptr<c10::BFloat16>(), src.stride(0), src.stride(1), 0, k, t * T, std::min(T, n - t * T));
-  else pack(dst, T, src.data_ptr<float>(), src.stride(0), src.stride(1), 0, k, t * T, std::min(T, n - t * T));
+    pack(dst, T, src.data_ptr<c10::BFloat16>(), src.stride(0), src.stride(1), 0, k, b0, nc);
+  else pack(dst, T, src.data_ptr<float>(), src.stride(0), src.stride(1), 0, k, b0, nc);
 }
-void pack_tile(double* dst, int64_t T, const at::Tensor& src, int64_t t) {
-  const int64_t k = src.size(0), n = src.size(1);
-  pack(dst, T, src.data_ptr<double>(), src.stride(0), src.stride(1), 0, k, t * T, std::min(T, n - t * T));
+void pack_tile(double* dst, int64_t T, const at::Tensor& src, int64_t b0, int64_t nc) {
+  pack(dst, T, src.data_ptr<double>(), src.stride(0), src.stride(1), 0, src.size(0), b0, nc);
 }
 
 at::Tensor pack_tiles(const at::Tensor& src, int64_t T) {

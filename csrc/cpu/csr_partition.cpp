@@ -61,6 +61,11 @@ bool tiles_spread_evenly(int64_t ntiles) {
   return ntiles >= threads && (ntiles % threads == 0 || ntiles >= TILES_PER_THREAD * threads);
 }
 
+std::pair<int64_t, int64_t> thread_columns(int64_t n, int64_t w, int64_t nth, int64_t elem_size) {
+  const int64_t vec = 64 / elem_size, vecs = (n + vec - 1) / vec;
+  return {std::min(n, w * vecs / nth * vec), std::min(n, (w + 1) * vecs / nth * vec)};
+}
+
 int64_t row_grain(int64_t m, int64_t nnz, int64_t target) {
   return std::max<int64_t>(1, nnz > 0 ? int64_t(double(target) * double(m) / double(nnz)) : m);
 }

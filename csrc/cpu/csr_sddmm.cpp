@@ -135,8 +135,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     const int32_t* ci = col_idx.data_ptr<int32_t>();
     const I* x = X.data_ptr<I>();
     const int64_t xs0 = X.stride(0), xs1 = X.stride(1);
-    auto job = [&](const S* tile, int64_t t, S* out, bool first) {
-      return SddmmJob<S, I>{rp, ci, x, xs0, xs1, tile, t * T, std::min(T, d - t * T), out, first};
+    auto job = [&](const S* tile, int64_t b0, int64_t nc, S* out, bool first) {
+      return SddmmJob<S, I>{rp, ci, x, xs0, xs1, tile, b0, nc, out, first};
     };
     // As spmm: whole tiles, each packed by the thread that runs it just before every row runs over it, wherever
     // they spread evenly over the threads; each thread sums its share of the batch into its own copy of the
@@ -151,10 +151,13 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
         S* tile = buf.data_ptr<S>();
         for (int64_t w = w0; w < w1; ++w) {
           S* out = w == 0 ? vals : part + (w - 1) * nnz;
-          const int64_t t0 = w * ntiles / nth, t1 = (w + 1) * ntiles / nth;
-          for (int64_t t = t0; t < t1; ++t) {
-            pack_tile(tile, T, Y, t);
-            sddmm_rows(TB, wide, job(tile, t, out, t == t0), 0, m);
+          const auto cols = thread_columns(d, w, nth, sizeof(S));
+          if (cols.first == cols.second) std::fill(out, out + nnz, S(0));
+          for (int64_t b0 = cols.first; b0 < cols.second; b0 += T) {
+            const int64_t nc = std::min(T, cols.second - b0);
+            const int tb = tile_bytes(nc, sizeof(S), wide);
+            pack_tile(tile, tb / int64_t(sizeof(S)), Y, b0, nc);
+            sddmm_rows(tb, wide, job(tile, b0, nc, out, b0 == cols.first), 0, m);
           }
         }
       });
@@ -171,7 +174,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
       const S* yp = Yp_t.data_ptr<S>();
       auto run = [&](int64_t part) {
         for (int64_t t = 0; t < ntiles; ++t)
-          sddmm_rows(TB, wide, job(yp + t * k * T, t, vals, t == 0), bounds[part], bounds[part + 1]);
+          sddmm_rows(TB, wide, job(yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0), bounds[part],
+                     bounds[part + 1]);
       };
       run_parts(parts, run);
     }

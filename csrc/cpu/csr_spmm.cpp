@@ -205,8 +205,8 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
   const bool prefetch = spmm_prefetch(k * TB);
-  auto job = [&](const S* tile, int64_t t) {
-    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, t * T, std::min(T, n - t * T), bp, nnz - 1, prefetch};
+  auto job = [&](const S* tile, int64_t b0, int64_t nc) {
+    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, b0, nc, bp, nnz - 1, prefetch};
   };
   // Whole tiles: each thread takes a run of batch tiles and packs each (k x T, L2-sized) just before running
   // every row over it, so the packed operand is written and read once, in L2. Row parts (below) each sweep
@@ -217,12 +217,18 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   // 784 tokens 1.0-1.15x; a single tile (batch 16) 1.15x slower (one thread). Whole tiles therefore wherever
   // they spread evenly over the threads.
   if (tiles_spread_evenly(ntiles)) {
-    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t nth = at::get_num_threads();
+    at::parallel_for(0, nth, 1, [&](int64_t w0, int64_t w1) {
       at::Tensor buf = at::empty({k * T}, B.options().dtype(c10::CppTypeToScalarType<S>::value));
       S* tile = buf.data_ptr<S>();
-      for (int64_t t = t0; t < t1; ++t) {
-        pack_tile(tile, T, B, t);
-        spmm_rows(TB, wide, job(tile, t), 0, m);
+      for (int64_t w = w0; w < w1; ++w) {
+        const auto cols = thread_columns(n, w, nth, sizeof(S));
+        for (int64_t b0 = cols.first; b0 < cols.second; b0 += T) {
+          const int64_t nc = std::min(T, cols.second - b0);
+          const int tb = tile_bytes(nc, sizeof(S), wide);
+          pack_tile(tile, tb / int64_t(sizeof(S)), B, b0, nc);
+          spmm_rows(tb, wide, job(tile, b0, nc), 0, m);
+        }
       }
     });
     return;
@@ -233,7 +239,8 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
   auto run = [&](int64_t part) {
-    for (int64_t t = 0; t < ntiles; ++t) spmm_rows(TB, wide, job(bpk + t * k * T, t), bounds[part], bounds[part + 1]);
+    for (int64_t t = 0; t < ntiles; ++t)
+      spmm_rows(TB, wide, job(bpk + t * k * T, t * T, std::min(T, n - t * T)), bounds[part], bounds[part + 1]);
   };
   run_parts(parts, run);
 }

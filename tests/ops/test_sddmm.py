@@ -52,6 +52,25 @@ def test_packed_operand_beyond_l2(backend, dtype, threads, layout):
     assert_close(out, _ref(P, X, Y), scale=320)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("d", [560, 800, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inner_dimension_split_evenly_by_columns(backend, dtype, d, threads):
+    """An inner dimension of an odd number of tiles: each thread sums an equal share of it (whole tiles and a
+    narrower last one) into its own values."""
+    g = gen(seed_of(OP, "column-shares", dtype, d, threads))
+    P = random_sparse((48, 96), 0.1, dtype, g, True)
+    X = make_input((48, d), dtype, g)
+    Y = make_input((96, d), dtype, g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sddmm(P, X, Y)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, _ref(P, X, Y), scale=d)
+
+
 @pytest.mark.kernels(*BACKWARD)
 def test_backward(backend, mkn, sparsity, dtype, layout):
     m, k, d = mkn

@@ -59,6 +59,24 @@ def test_packed_operand_beyond_l2(backend, dtype, threads, layout):
     assert_close(out, _ref(A, B), scale=2304)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n", [560, 800, 1000])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batch_split_evenly_by_columns(backend, dtype, n, threads):
+    """Batches of an odd number of tiles (800 = 12.5 tiles of 64 floats): each thread takes an equal share
+    of the columns, whole tiles and a narrower last one, packed and run at that tile's own width."""
+    g = gen(seed_of(OP, "column-shares", dtype, n, threads))
+    A = random_sparse((48, 96), 0.1, dtype, g, True)
+    B = make_input((96, n), dtype, g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = spmm(A, B)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, _ref(A, B), scale=96)
+
+
 @pytest.mark.kernels(*BACKWARD)
 def test_backward(backend, mkn, sparsity, dtype, layout):
     m, k, n = mkn
