@@ -7,7 +7,18 @@ import sparsekern
 from sparsekern import reference
 from sparsekern.ops import sddmm
 
-from sk_testing import DTYPES, FUZZ, LAYOUTS, assert_close, gen, grads, make_input, random_sparse, seed_of
+from sk_testing import (
+    DTYPES,
+    FUZZ,
+    LAYOUTS,
+    assert_close,
+    gen,
+    grads,
+    make_input,
+    random_sparse,
+    seed_of,
+    threads as threads_of,
+)
 
 OP = "sddmm"
 BACKWARD = ("sddmm", "spmm")
@@ -43,12 +54,8 @@ def test_packed_operand_beyond_l2(backend, dtype, threads, layout):
     P = random_sparse((40, 2304), 0.05, dtype, g, True)
     X = make_input((40, 320), dtype, g, layout)
     Y = make_input((2304, 320), dtype, g, layout)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_of(threads):
         out = sddmm(P, X, Y)
-    finally:
-        torch.set_num_threads(before)
     assert_close(out, _ref(P, X, Y), scale=320)
 
 
@@ -62,12 +69,8 @@ def test_inner_dimension_split_evenly_by_columns(backend, dtype, d, threads):
     P = random_sparse((48, 96), 0.1, dtype, g, True)
     X = make_input((48, d), dtype, g)
     Y = make_input((96, d), dtype, g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_of(threads):
         out = sddmm(P, X, Y)
-    finally:
-        torch.set_num_threads(before)
     assert_close(out, _ref(P, X, Y), scale=d)
 
 

@@ -18,6 +18,7 @@ from sk_testing import (
     make_input,
     random_sparse,
     seed_of,
+    threads as threads_of,
 )
 
 OP = "spmm"
@@ -50,12 +51,8 @@ def test_packed_operand_beyond_l2(backend, dtype, threads, layout):
     g = gen(seed_of(OP, "whole-tiles", dtype, threads, layout))
     A = random_sparse((40, 2304), 0.05, dtype, g, True, layout)
     B = make_input((2304, 320), dtype, g, layout)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_of(threads):
         out = spmm(A, B)
-    finally:
-        torch.set_num_threads(before)
     assert_close(out, _ref(A, B), scale=2304)
 
 
@@ -68,12 +65,8 @@ def test_batch_split_evenly_by_columns(backend, dtype, n, threads):
     g = gen(seed_of(OP, "column-shares", dtype, n, threads))
     A = random_sparse((48, 96), 0.1, dtype, g, True)
     B = make_input((96, n), dtype, g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with threads_of(threads):
         out = spmm(A, B)
-    finally:
-        torch.set_num_threads(before)
     assert_close(out, _ref(A, B), scale=96)
 
 
