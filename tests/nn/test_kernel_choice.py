@@ -366,9 +366,11 @@ def _node_name(grad_fn) -> str:
 
 def _checked_layer(kind: str, bias: bool, density: float, kernel: str):
     """A float64 layer pinned to ``kernel``, its input (requiring grad) and parameters, and the call of the layer
-    on them (for gradcheck): kind is linear, linear-3d, conv or conv-channels-last."""
+    on them (for gradcheck): kind is linear, linear-3d, linear-wide (64 outputs and more: the dense kernel forms
+    the weight gradient as x^T g, not g^T x), conv or conv-channels-last."""
     if kind.startswith("linear"):
-        layer = SparseLinear(5, 4, bias=bias, density=density, generator=gen(11), dtype=torch.float64)
+        out = 66 if kind == "linear-wide" else 4
+        layer = SparseLinear(5, out, bias=bias, density=density, generator=gen(11), dtype=torch.float64)
         x = torch.randn((2, 3, 5) if kind == "linear-3d" else (3, 5), dtype=torch.float64, generator=gen(12))
     else:
         layer = SparseConv2d(3, 4, 3, stride=2, padding=1, bias=bias, density=density, generator=gen(13),
@@ -387,7 +389,7 @@ def _checked_layer(kind: str, bias: bool, density: float, kernel: str):
 
 @pytest.mark.parametrize("density", [0.5, 1.0], ids=["d0.5", "full"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-@pytest.mark.parametrize("kind", ["linear", "linear-3d", "conv", "conv-channels-last"])
+@pytest.mark.parametrize("kind", ["linear", "linear-3d", "linear-wide", "conv", "conv-channels-last"])
 def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, density, dense_node):
     """A layer on the dense kernel (scattered weight, NaN/Inf routing; a full pattern: torch's own autograd
     on a view of the values, no custom node): gradcheck in x, values and bias, and gradgradcheck."""
