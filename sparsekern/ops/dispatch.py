@@ -38,7 +38,7 @@ BACKENDS = ("cpp", "cuda", "triton", "reference")
 class Op:
     """The declaration of one op, written once in its op file."""
     name: str  # sparsekern::<name>, sparsekern_triton::<name>, reference.<name>, sparsekern.ops.<name>
-    function: Callable  # the public entry point (argument checks, then ``implementation(name, device)``)
+    function: Callable  # the public entry point (argument checks, then ``call`` or ``implementation``)
     schema: bool = True  # a C++ schema in csrc/ops.cpp with CPU (and CUDA) kernels
     fake: Optional[Callable] = None  # the fake kernel of the C++ schema (a triton_op traces its own)
     backward: Optional[Callable] = None  # autograd formula over other ops, required unless not differentiable
@@ -256,7 +256,7 @@ def implementation(op: str, device: torch.device) -> Callable:
 
 
 def call(op: str, device: torch.device, *args):
-    """``implementation(op, device)(*args)``, the entry of the layers' ops. On the cpp backend in eager
+    """``implementation(op, device)(*args)``, the entry of the differentiable ops. On the cpp backend in eager
     mode without autocast the op runs as one torch.autograd.Function built from its declaration (its
     setup_context and backward: the same formula) that calls the kernels below autograd: torch.library's
     Python autograd wrapper costs about 0.1 ms per call (fill_defaults, redispatch), forward and again for

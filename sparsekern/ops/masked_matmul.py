@@ -4,7 +4,7 @@ import math
 import torch
 
 from . import _checks as check
-from .dispatch import Op, declare, get_backend, implementation, kernel_for
+from .dispatch import Op, call, declare, get_backend, kernel_for
 
 OP = "masked_matmul"
 
@@ -28,7 +28,7 @@ def masked_matmul(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> 
     backend = get_backend(OP, x.device)
     check.backend_dtype(OP, backend, "x", x)
     # not reshape(-1, k): ambiguous when k == 0
-    y = implementation(OP, x.device)(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, mask)
+    y = call(OP, x.device, x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, mask)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])  # no view: see sparse_linear
 
 
@@ -49,7 +49,7 @@ def masked_sddmm(X: torch.Tensor, Y: torch.Tensor, mask: torch.Tensor) -> torch.
         raise ValueError(f"{op}: X and Y must have the same number of columns, got {X.shape[1]} and {Y.shape[1]}")
     check.same(op, {"X": X, "Y": Y})
     check.backend_dtype(op, get_backend(op, X.device), "X", X)
-    return implementation(op, X.device)(X, Y, mask)
+    return call(op, X.device, X, Y, mask)
 
 
 def _fake(x, weight, mask):

@@ -3,7 +3,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix, transpose_pattern
 from . import _checks as check
-from .dispatch import Op, declare, get_backend, implementation, kernel_for
+from .dispatch import Op, call, declare, get_backend, kernel_for
 
 OP = "sddmm"
 
@@ -25,7 +25,7 @@ def sddmm(pattern: SparseMatrix, X: torch.Tensor, Y: torch.Tensor) -> torch.Tens
         raise ValueError(f"{OP}: pattern is on {pattern.device} but X is on {X.device}")
     backend = get_backend(OP, X.device)
     check.backend_dtype(OP, backend, "X", X)
-    return implementation(OP, X.device)(pattern.row_ptr, pattern.col_idx, X, Y)
+    return call(OP, X.device, pattern.row_ptr, pattern.col_idx, X, Y)
 
 
 def _fake(row_ptr, col_idx, X, Y):

@@ -3,7 +3,7 @@ import torch
 
 from ..sparse_matrix import SparseMatrix, transpose_pattern
 from . import _checks as check
-from .dispatch import Op, declare, get_backend, implementation, kernel_for
+from .dispatch import Op, call, declare, get_backend, kernel_for
 
 OP = "spmm"
 
@@ -19,7 +19,7 @@ def spmm(A: SparseMatrix, B: torch.Tensor) -> torch.Tensor:
     backend = get_backend(OP, B.device)
     check.backend_dtype(OP, backend, "B", B)
     t = A.transpose_pattern() if torch.is_grad_enabled() and B.requires_grad else (None, None, None)
-    return implementation(OP, B.device)(A.values, A.row_ptr, A.col_idx, B, *t)
+    return call(OP, B.device, A.values, A.row_ptr, A.col_idx, B, *t)
 
 
 def _fake(values, row_ptr, col_idx, B, t_row_ptr=None, t_col_idx=None, t_perm=None):
