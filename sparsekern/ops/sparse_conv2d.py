@@ -115,10 +115,10 @@ def _backward(ctx, grad):
 # Second derivatives: both parts are bilinear, in (grad_out, values) and in (grad_out, x); with gg the gradient
 # flowing into a part's output, <gg, backward_input(g, W)> = <conv(gg, W), g> and <gv, backward_weight(g, x)> =
 # <conv(x, W=gv), g>. Without these formulas torch only warned, and a second derivative came out wrong.
-def _setup_backward_input(ctx, inputs, output):
-    grad_out, values, row_ptr, col_idx, input_size, kernel_size, stride, padding, dilation = inputs
-    ctx.save_for_backward(grad_out, values, row_ptr, col_idx)
-    ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
+def _setup_part(ctx, inputs, output):
+    # Both parts take (grad_out, values or x, row_ptr, col_idx, ..., kernel_size, stride, padding, dilation).
+    ctx.save_for_backward(*inputs[:4])
+    ctx.geometry = tuple(list(a) for a in inputs[-4:])
 
 
 def _backward_of_backward_input(ctx, gg):
@@ -130,12 +130,6 @@ def _backward_of_backward_input(ctx, gg):
     if ctx.needs_input_grad[1]:
         d_values = kernel_for("sparse_conv2d_backward_weight", gg)(grad_out, gg, row_ptr, col_idx, *ctx.geometry)
     return d_grad, d_values, None, None, None, None, None, None, None
-
-
-def _setup_backward_weight(ctx, inputs, output):
-    grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation = inputs
-    ctx.save_for_backward(grad_out, x, row_ptr, col_idx)
-    ctx.geometry = (list(kernel_size), list(stride), list(padding), list(dilation))
 
 
 def _backward_of_backward_weight(ctx, gv):
@@ -153,5 +147,5 @@ def _backward_of_backward_weight(ctx, gv):
 declare(Op(OP, sparse_conv2d, fake=_fake, backward=_backward, setup_context=_setup_context, autocast=True,
            triton="sparse_conv2d", parts={"sparse_conv2d_backward_input": _fake_backward_input,
                                           "sparse_conv2d_backward_weight": _fake_backward_weight},
-           part_autograd={"sparse_conv2d_backward_input": (_backward_of_backward_input, _setup_backward_input),
-                          "sparse_conv2d_backward_weight": (_backward_of_backward_weight, _setup_backward_weight)}))
+           part_autograd={"sparse_conv2d_backward_input": (_backward_of_backward_input, _setup_part),
+                          "sparse_conv2d_backward_weight": (_backward_of_backward_weight, _setup_part)}))
