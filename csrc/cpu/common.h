@@ -3,6 +3,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstddef>
+#include <new>
+#include <vector>
+
 // Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
 // at load time (GCC ifunc), so one portable wheel runs at full width everywhere.
 // Put it on a non-template function whose loops are in always_inline helpers.
@@ -23,6 +27,25 @@
 #endif
 
 namespace sparsekern {
+
+// A std::vector whose data starts on a 64-byte boundary, as at::empty's does: the kernels' vector loads from
+// buffers in it then never straddle two cache lines (std::vector's 16-byte alignment split every third of four
+// 64-byte loads).
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const {
+    return true;
+  }
+};
+template <class T>
+using AlignedVector = std::vector<T, Aligned64<T>>;
 
 inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong, op,

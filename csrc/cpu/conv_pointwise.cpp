@@ -221,24 +221,24 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
   const I* ip = in.data_ptr<I>();
   I* op = out.data_ptr<I>();
   const int64_t out_img = R * out.size(2) * out.size(3);
-  auto source = [&](int64_t grp, std::vector<T>& buf) -> const T* {
+  auto source = [&](int64_t grp, AlignedVector<T>& buf) -> const T* {
     if (src_direct) return reinterpret_cast<const T*>(ip + grp * in.stride(0));
     buf.resize(Cs * lay.L);
     pack<I, T>(in, grp * lay.G, lay.images(grp), OH, OW, sh, sw, lay.L, buf.data());
     return buf.data();
   };
-  auto dest = [&](int64_t grp, std::vector<T>& buf) -> T* {
+  auto dest = [&](int64_t grp, AlignedVector<T>& buf) -> T* {
     if (dst_direct) return reinterpret_cast<T*>(op + grp * out_img);
     buf.resize(R * lay.L);
     return buf.data();
   };
-  auto finish = [&](int64_t grp, const std::vector<T>& buf) {
+  auto finish = [&](int64_t grp, const AlignedVector<T>& buf) {
     if (!dst_direct) unpack<I, T>(buf.data(), grp * lay.G, lay.images(grp), R, OH, OW, osh, osw, lay.L, out);
   };
   const int64_t nth = num_threads();
   if (lay.groups >= nth) {
     at::parallel_for(0, lay.groups, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<T> sbuf, obuf;
+      AlignedVector<T> sbuf, obuf;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T* s = source(grp, sbuf);
         conv_tiles::gather(s, offs.data(), ws, blk, 0, R, lay.tiles, vb, bias, dest(grp, obuf), o_stride);
@@ -247,7 +247,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
     });
     return;
   }
-  std::vector<T> sbuf, obuf;
+  AlignedVector<T> sbuf, obuf;
   const int64_t grain = row_grain(R, nnz, lay.flat ? P : lay.L);
   for (int64_t grp = 0; grp < lay.groups; ++grp) {
     const T* s = source(grp, sbuf);
@@ -296,7 +296,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   const conv_tiles::Blocks& blk = plan->blk;
   const I* xp = x.data_ptr<I>();
   const I* dp = dy.data_ptr<I>();
-  auto sources = [&](int64_t grp, std::vector<T>& xb, std::vector<T>& db, const T*& xs, const T*& ds) {
+  auto sources = [&](int64_t grp, AlignedVector<T>& xb, AlignedVector<T>& db, const T*& xs, const T*& ds) {
     if (x_direct) {
       xs = reinterpret_cast<const T*>(xp + grp * x.stride(0));
     } else {
@@ -318,7 +318,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     std::vector<T> parts(nth * nnz, T(0));
     at::parallel_for(0, lay.groups, 1, [&](int64_t g0, int64_t g1) {
       T* acc = parts.data() + at::get_thread_num() * nnz;
-      std::vector<T> xb, db;
+      AlignedVector<T> xb, db;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T *xs, *ds;
         sources(grp, xb, db, xs, ds);
@@ -334,7 +334,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     });
     return;
   }
-  std::vector<T> xb, db;
+  AlignedVector<T> xb, db;
   const int64_t grain = row_grain(Cout, nnz, lay.flat ? P : lay.L);
   for (int64_t grp = 0; grp < lay.groups; ++grp) {
     const T *xs, *ds;

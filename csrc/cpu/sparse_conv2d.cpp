@@ -538,7 +538,7 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb));
+      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
         gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias, yp + b * yimg,
@@ -546,13 +546,13 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
       }
     });
   } else {
-    std::vector<T> buf(psize);
+    AlignedVector<T> buf(psize);
     const int64_t nnz = offs.size();
     const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        std::vector<T> scratch(scratch_size<T>(r1 - r0, nb));
+        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb));
         gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias, yp + b * yimg,
                     oplane, 1, scratch.data());
       });
@@ -746,19 +746,19 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> buf(psize), scratch(scratch_size<T>(g.Cin, nb));
+      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cin, nb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
         image(buf.data(), b, 0, g.Cin, scratch.data());
       }
     });
   } else {
-    std::vector<T> buf(psize);
+    AlignedVector<T> buf(psize);
     const int64_t grain = std::max<int64_t>(1, g.Cin * 16384 / std::max<int64_t>(1, nnz * g.OH * g.OW));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
       at::parallel_for(0, g.Cin, grain, [&](int64_t r0, int64_t r1) {
-        std::vector<T> scratch(scratch_size<T>(r1 - r0, nb));
+        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb));
         image(buf.data(), b, r0, r1, scratch.data());
       });
     }
@@ -826,7 +826,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
   const int64_t nnz = offs.size();
   const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
   // dY of image b in the compute type: a bf16 image is widened once into `tmp` (yimg entries).
-  auto dy_image = [&](int64_t b, std::vector<T>& tmp) -> const T* {
+  auto dy_image = [&](int64_t b, AlignedVector<T>& tmp) -> const T* {
     if constexpr (std::is_same<I, T>::value) {
       return dyp + b * yimg;
     } else {
@@ -846,7 +846,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
     std::vector<T> parts(nth * nnz, T(0));
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
       T* acc = parts.data() + at::get_thread_num() * nnz;
-      std::vector<T> buf(psize), dyw;
+      AlignedVector<T> buf(psize), dyw;
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
         wgrad_rows(buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dy_image(b, dyw), oplane,
@@ -861,7 +861,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       }
     });
   } else {
-    std::vector<T> buf(psize), dyw;
+    AlignedVector<T> buf(psize), dyw;
     const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());

@@ -401,6 +401,32 @@ def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, densi
     assert custom == (density < 1.0), node
 
 
+@pytest.mark.parametrize("mode", [1, 2], ids=["x-wt", "w-xt"])
+@pytest.mark.parametrize("shape", [(7, 5, 3), (2, 6, 5, 9)], ids=["2d", "3d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_heads_forward_is_exact_in_either_orientation(mode, shape, bias):
+    """The dense kernel of a linear with few outputs runs its forward as x W^T or as (W x^T)^T, whichever it
+    measured faster for the shape: both give the dense twin's output and gradients, gradcheck and gradgradcheck."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    ops = torch.ops.sparsekern
+    before = ops._set_head_orientation(mode)
+    try:
+        layer = SparseLinear(shape[-2], shape[-1], bias=bias, density=0.5, generator=gen(31))
+        x = torch.randn(*shape[:-2], shape[-2], generator=gen(32))
+        got, want = _grads(layer, x, "dense"), _dense_twin_grads(layer, x)
+        for g, w, what in zip(got, want, ("y", "x.grad", "values.grad", "bias.grad")):
+            _close(g, w, what)
+        assert got[0].is_contiguous()
+        _, inputs, call = _checked_layer("linear-3d" if len(shape) == 4 else "linear", bias, 0.5, "dense")
+        torch.autograd.gradcheck(call, inputs)
+        torch.autograd.gradgradcheck(call, inputs)
+    finally:
+        ops._set_head_orientation(before)
+    with pytest.raises(ValueError, match="mode must be 0, 1 or 2"):
+        ops._set_head_orientation(3)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_the_dense_kernel_rewrites_one_weight_buffer_and_stays_exact(kind, dense_node):
     """A partial pattern's dense kernel scatters its values into one buffer call after call: results and
