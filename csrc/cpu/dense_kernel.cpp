@@ -77,15 +77,81 @@ void scatter_values(const at::Tensor& weight, const at::Tensor& values, const Cs
   });
 }
 
-// values[p] = g[r, c] for every stored entry p = (r, c); g (rows, cols), any strides (a linear's weight gradient
-// may come transposed, see kWeightGradRowsFrom: reading it so here costs less than the copy that would make it
-// (out, in)).
-// A linear's weight gradient is formed as x^T g, (in, out), from this many outputs on, else as g^T x. MKL, 2 threads:
-// x^T g 1.15-1.2x faster at 2048 tokens x 384 -> 96 on Zen 4 (1.02 against 1.24 ms), 0.87x on an Intel Xeon (Sapphire
-// Rapids class); within 5 % either way at the ViT, BERT, MLP and 1000-class head shapes on Intel; but 3.6x slower
-// for a 1024 -> 10 head at batch 256 (0.139 against 0.039 ms, Intel), 1.4x for 512 -> 2.
-constexpr int64_t kWeightGradRowsFrom = 64;
+// A linear's products whose faster orientation MKL leaves to the shape: each is timed both ways once per shape (first
+// call), as no rule by shape holds. Intel Xeon (Sapphire Rapids class), 2 threads: the forward y = x W^T of a
+// 1024 -> 10 head at batch 256 0.085 ms as addmm, 0.025-0.035 ms as (W x^T)^T made contiguous, but 4096 tokens x
+// 256 -> 16 0.15 against 0.38 ms and 1024 -> 32 0.085 against 0.096 ms; the weight gradient x^T g 1.15-1.2x faster
+// than g^T x at 2048 tokens x 384 -> 96 on Zen 4, 0.87x on the Xeon, 3.6x slower there for the 1024 -> 10 head.
+// Only a forward with fewer outputs than this is oriented so: its transposed result must be made contiguous, cheap
+// while it is narrow. (The input gradient as (W^T g^T)^T loses: making its wide result contiguous costs 7x the
+// product.)
+constexpr int64_t kTimedForwardBelow = 64;
 
+// 0: measured (transposed_is_faster); 1: always as is; 2: always transposed (tests: _set_linear_orientation).
+std::atomic<int64_t> orientation{0};
+
+// Which product of a linear a key is for.
+enum Product : int64_t { kForward = 1, kWeightGrad };
+using Key = std::array<int64_t, 7>;
+
+// Whether `transposed` ran faster than `as_is` for this key: both timed once per key (the minimum of 3 calls after a
+// warm-up call), the answer cached for the process.
+template <typename A, typename B>
+bool transposed_is_faster(const Key& key, A&& as_is, B&& transposed) {
+  static std::mutex mutex;
+  static std::map<Key, bool> cache;
+  if (const int64_t forced = orientation.load()) return forced == 2;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    const auto hit = cache.find(key);
+    if (hit != cache.end()) return hit->second;
+  }
+  auto best = [](auto&& f) {
+    f();
+    double t = 1e30;
+    for (int r = 0; r < 3; ++r) {
+      const auto a = std::chrono::steady_clock::now();
+      f();
+      t = std::min(t, std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
+    }
+    return t;
+  };
+  const bool faster = best(transposed) < best(as_is);
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, faster);
+  return faster;
+}
+
+// The product, shape, dtype, layout (of x2, and of g2 where given) and thread count of a linear's product over x2
+// (rows, in) with `out` features.
+Key product_key(Product p, const at::Tensor& x2, int64_t out, const at::Tensor& g2 = at::Tensor()) {
+  const int64_t layout = (x2.is_contiguous() ? 1 : 0) + (g2.defined() && g2.is_contiguous() ? 2 : 0);
+  return {p, x2.size(0), x2.size(1), out, static_cast<int64_t>(x2.scalar_type()), layout, at::get_num_threads()};
+}
+
+// y = x W^T + b for a linear with few outputs: as addmm, or as (W x^T)^T made contiguous, whichever is faster.
+at::Tensor head_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b) {
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const at::Tensor x2 = x.reshape({-1, in});
+  auto as_is = [&] { return b.defined() ? at::addmm(b, x2, weight.t()) : at::mm(x2, weight.t()); };
+  auto transposed = [&] {
+    return (b.defined() ? at::addmm(b.unsqueeze(1), weight, x2.t()) : at::mm(weight, x2.t())).t().contiguous();
+  };
+  at::Tensor y = transposed_is_faster(product_key(kForward, x2, out), as_is, transposed) ? transposed() : as_is();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return y.view(shape);
+}
+
+// A linear's weight gradient (out, in): g^T x, or (x^T g)^T (a transposed view; gather_values reads it as it lies).
+at::Tensor weight_grad(const at::Tensor& g2, const at::Tensor& x2) {
+  auto as_is = [&] { return g2.t().mm(x2); };
+  auto transposed = [&] { return x2.t().mm(g2).t(); };
+  return transposed_is_faster(product_key(kWeightGrad, x2, g2.size(1), g2), as_is, transposed) ? transposed() : as_is();
+}
+
+// values[p] = g[r, c] for every stored entry p = (r, c); g (rows, cols), any strides (a linear's weight gradient
+// may come transposed, see weight_grad: reading it so here costs less than the copy that would make it (out, in)).
 at::Tensor gather_values(const at::Tensor& g, const Csr& w, const char* op) {
   TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == w.rows && g.size(1) == w.cols, op, ": the weight gradient is ",
                     g.sizes(), ", not ", w.rows, " x ", w.cols);
@@ -173,66 +239,6 @@ Csr weight_csr(const at::Tensor& weight, const at::Tensor& row_ptr, const at::Te
   return checked_csr(row_ptr, col_idx, rows, rows ? weight.numel() / rows : 0, op);
 }
 
-// A linear with fewer outputs than this (a classifier's head) computes its forward in whichever orientation measured
-// faster for its shape (below). MKL's own choice for a product with 10 columns is poor: Intel Xeon (Sapphire Rapids
-// class), 2 threads, y = x W^T for 1024 -> 10 at batch 256 0.085 ms as addmm, 0.025-0.035 ms as (W x^T)^T made
-// contiguous; but 4096 tokens x 256 -> 16 0.15 against 0.38 ms, and 1024 -> 32 0.085 against 0.096 ms: no rule by
-// shape holds, so each shape is timed once, both ways. (The input gradient as (W^T g^T)^T loses: making its wide
-// result contiguous costs 7x the product.)
-constexpr int64_t kTimedOrientationBelow = 64;
-
-// 0: measured (transposed_is_faster); 1: always as is; 2: always transposed (tests: _set_head_orientation).
-std::atomic<int64_t> head_orientation{0};
-
-// Whether `transposed` ran faster than `as_is` for this key: both timed once per key (the minimum of 3 calls after a
-// warm-up call), the answer cached for the process.
-
-template <typename A, typename B>
-bool transposed_is_faster(const std::array<int64_t, 6>& key, A&& as_is, B&& transposed) {
-  static std::mutex mutex;
-  static std::map<std::array<int64_t, 6>, bool> cache;
-  if (const int64_t forced = head_orientation.load()) return forced == 2;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto hit = cache.find(key);
-    if (hit != cache.end()) return hit->second;
-  }
-  auto best = [](auto&& f) {
-    f();
-    double t = 1e30;
-    for (int r = 0; r < 3; ++r) {
-      const auto a = std::chrono::steady_clock::now();
-      f();
-      t = std::min(t, std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
-    }
-    return t;
-  };
-  const bool faster = best(transposed) < best(as_is);
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.emplace(key, faster);
-  return faster;
-}
-
-// The shape, dtype, layout and thread count of a linear's input x2 (rows, in) and its out features.
-std::array<int64_t, 6> product_key(const at::Tensor& x2, int64_t out) {
-  return {x2.size(0),           x2.size(1), out, static_cast<int64_t>(x2.scalar_type()), x2.is_contiguous() ? 1 : 0,
-          at::get_num_threads()};
-}
-
-// y = x W^T + b for a linear with few outputs: as addmm, or as (W x^T)^T made contiguous, whichever is faster.
-at::Tensor head_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b) {
-  const int64_t out = weight.size(0), in = weight.size(1);
-  const at::Tensor x2 = x.reshape({-1, in});
-  auto as_is = [&] { return b.defined() ? at::addmm(b, x2, weight.t()) : at::mm(x2, weight.t()); };
-  auto transposed = [&] {
-    return (b.defined() ? at::addmm(b.unsqueeze(1), weight, x2.t()) : at::mm(weight, x2.t())).t().contiguous();
-  };
-  at::Tensor y = transposed_is_faster(product_key(x2, out), as_is, transposed) ? transposed() : as_is();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out;
-  return y.view(shape);
-}
-
 // y = op(x, weight, bias) with the stored entries of weight set from values first (the others stay as they are:
 // zeros the caller wrote once); ok = false when `check` and feature 0 of y holds a NaN or Inf.
 std::tuple<at::Tensor, bool> dense_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bias,
@@ -241,9 +247,9 @@ std::tuple<at::Tensor, bool> dense_forward(const at::Tensor& x, const at::Tensor
                                            const char* op) {
   scatter_values(weight, values, w, op);
   const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-  at::Tensor y = is_conv(weight, stride)                   ? at::conv2d(x, weight, b, stride, padding, dilation)
-                 : weight.size(0) < kTimedOrientationBelow ? head_linear(x, weight, bias)
-                                                           : at::linear(x, weight, b);
+  at::Tensor y = is_conv(weight, stride)               ? at::conv2d(x, weight, b, stride, padding, dilation)
+                 : weight.size(0) < kTimedForwardBelow ? head_linear(x, weight, bias)
+                                                       : at::linear(x, weight, b);
   const bool ok = !check || feature_finite(y, weight.dim() == 4 ? -3 : -1);
   return {y, ok};
 }
@@ -271,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> dense_backward(const at::Te
     if (needs[0]) grad_x = at::matmul(grad, weight);
     if (needs[1]) {
       const at::Tensor x2 = x.reshape({-1, in});
-      grad_weight = out >= kWeightGradRowsFrom ? x2.t().mm(g2).t() : g2.t().mm(x2);
+      grad_weight = weight_grad(g2, x2);
     }
     if (needs[2]) grad_bias = g2.sum(0);
   }
@@ -428,11 +434,11 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_dense_kernel(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, Tensor? t_row_ptr, "
         "Tensor? t_col_idx, Tensor? t_perm, Tensor(a!) weight, int[] stride, int[] padding, int[] dilation, "
         "bool check) -> (Tensor, bool)");
-  // Private (tests): how a linear with few outputs orients its forward, 0 measured, 1 as x W^T, 2 as (W x^T)^T;
-  // returns the previous setting.
-  m.def("_set_head_orientation(int mode) -> int", [](int64_t mode) {
-    TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "_set_head_orientation: mode must be 0, 1 or 2, got ", mode);
-    return sparsekern::head_orientation.exchange(mode);
+  // Private (tests): how the dense kernel orients a linear's timed products (a narrow forward, the weight gradient):
+  // 0 as measured, 1 as x W^T and g^T x, 2 as (W x^T)^T and (x^T g)^T; returns the previous setting.
+  m.def("_set_linear_orientation(int mode) -> int", [](int64_t mode) {
+    TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "_set_linear_orientation: mode must be 0, 1 or 2, got ", mode);
+    return sparsekern::orientation.exchange(mode);
   });
 }
 

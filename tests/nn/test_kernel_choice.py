@@ -366,8 +366,8 @@ def _node_name(grad_fn) -> str:
 
 def _checked_layer(kind: str, bias: bool, density: float, kernel: str):
     """A float64 layer pinned to ``kernel``, its input (requiring grad) and parameters, and the call of the layer
-    on them (for gradcheck): kind is linear, linear-3d, linear-wide (64 outputs and more: the dense kernel forms
-    the weight gradient as x^T g, not g^T x), conv or conv-channels-last."""
+    on them (for gradcheck): kind is linear, linear-3d, linear-wide (66 outputs: the dense kernel runs the forward
+    as x W^T, without timing its orientation), conv or conv-channels-last."""
     if kind.startswith("linear"):
         out = 66 if kind == "linear-wide" else 4
         layer = SparseLinear(5, out, bias=bias, density=density, generator=gen(11), dtype=torch.float64)
@@ -401,16 +401,18 @@ def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, densi
     assert custom == (density < 1.0), node
 
 
-@pytest.mark.parametrize("mode", [1, 2], ids=["x-wt", "w-xt"])
-@pytest.mark.parametrize("shape", [(7, 5, 3), (2, 6, 5, 9)], ids=["2d", "3d"])
+@pytest.mark.parametrize("mode", [1, 2], ids=["as-is", "transposed"])
+@pytest.mark.parametrize("shape,kind", [((7, 5, 3), "linear"), ((2, 6, 5, 9), "linear-3d"),
+                                        ((7, 5, 66), "linear-wide")], ids=["2d", "3d", "wide"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
-def test_a_heads_forward_is_exact_in_either_orientation(mode, shape, bias):
-    """The dense kernel of a linear with few outputs runs its forward as x W^T or as (W x^T)^T, whichever it
-    measured faster for the shape: both give the dense twin's output and gradients, gradcheck and gradgradcheck."""
+def test_the_dense_kernels_linear_products_are_exact_either_way_round(mode, shape, kind, bias):
+    """The dense kernel of a linear times both orientations of its narrow forward (x W^T or (W x^T)^T, under 64
+    outputs) and of its weight gradient (g^T x or (x^T g)^T) once per shape and keeps the faster: either way round
+    it gives the dense twin's output (contiguous) and gradients, and passes gradcheck and gradgradcheck."""
     if not kc._dispatch.extension_loaded:
         pytest.skip("no compiled extension")
     ops = torch.ops.sparsekern
-    before = ops._set_head_orientation(mode)
+    before = ops._set_linear_orientation(mode)
     try:
         layer = SparseLinear(shape[-2], shape[-1], bias=bias, density=0.5, generator=gen(31))
         x = torch.randn(*shape[:-2], shape[-2], generator=gen(32))
@@ -418,13 +420,13 @@ def test_a_heads_forward_is_exact_in_either_orientation(mode, shape, bias):
         for g, w, what in zip(got, want, ("y", "x.grad", "values.grad", "bias.grad")):
             _close(g, w, what)
         assert got[0].is_contiguous()
-        _, inputs, call = _checked_layer("linear-3d" if len(shape) == 4 else "linear", bias, 0.5, "dense")
+        _, inputs, call = _checked_layer(kind, bias, 0.5, "dense")
         torch.autograd.gradcheck(call, inputs)
         torch.autograd.gradgradcheck(call, inputs)
     finally:
-        ops._set_head_orientation(before)
+        ops._set_linear_orientation(before)
     with pytest.raises(ValueError, match="mode must be 0, 1 or 2"):
-        ops._set_head_orientation(3)
+        ops._set_linear_orientation(3)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
