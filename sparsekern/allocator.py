@@ -52,6 +52,11 @@ def keep_freed_memory() -> bool:
     return _kept
 
 
+def kept() -> bool:
+    """Whether ``keep_freed_memory`` applied in this process."""
+    return _kept
+
+
 def describe() -> str:
     """One line for a benchmark's header: how the process allocates CPU memory."""
     if _kept:

@@ -77,3 +77,17 @@ def test_bench_models_tiny(tmp_path):
                 _ratio(layer[f"{d} speedup"])
         # uniform: every layer at the requested density (up to rounding of nnz)
         assert all(abs(float(layer["uniform density"]) - DENSITY) < 0.01 for layer in layers)
+
+
+def test_a_model_case_runs_in_a_process_of_its_own(monkeypatch):
+    """Outside --sizes tiny each model runs in a spawned process (no state of the bench's own, as a training run):
+    its result comes back whole, its case reattached."""
+    from sparsekern.bench import models as bench_models
+    monkeypatch.setenv("SPARSEKERN_BACKEND", "reference")  # the spawned process inherits the environment
+    index = [c.model for c in cases("tiny")].index("mlp")
+    result = bench_models.run_isolated("tiny", index, "tiny")
+    assert result.case.name == cases("tiny")[index].name
+    assert result.dense.ok and set(result.sparse) == set(DISTRIBUTIONS)
+    assert all(t.ok for t in result.sparse.values())
+    assert len(result.layers) == _sparse_layer_count(result.case)
+    assert all(row.dense.ok and set(row.sparse) == set(DISTRIBUTIONS) for row in result.layers)
