@@ -7,6 +7,7 @@
 // CSR rows (split over the threads above ~16K entries), and the checks read one feature with prefetch.
 //
 // Private ops (not part of the op contract): the layer calls them only eagerly, on CPU tensors, outside autocast.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
@@ -95,12 +96,14 @@ enum Product : int64_t { kForward = 1, kWeightGrad };
 using Key = std::array<int64_t, 7>;
 
 // Whether `transposed` ran faster than `as_is` for this key: both timed once per key (the minimum of 3 calls after a
-// warm-up call), the answer cached for the process.
+// warm-up call), the answer cached for the process; never under torch.use_deterministic_algorithms.
 template <typename A, typename B>
 bool transposed_is_faster(const Key& key, A&& as_is, B&& transposed) {
   static std::mutex mutex;
   static std::map<Key, bool> cache;
   if (const int64_t forced = orientation.load()) return forced == 2;
+  // Deterministic algorithms: no measured choice (it can differ between processes); nn.Linear's orientations.
+  if (at::globalContext().deterministicAlgorithms()) return false;
   {
     std::lock_guard<std::mutex> lock(mutex);
     const auto hit = cache.find(key);

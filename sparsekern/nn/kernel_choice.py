@@ -11,7 +11,10 @@ training; pruning changes nnz and so measures anew.
 Where nothing is measured the density rule decides: ``dense`` from a density of ``RULE_DENSE_FROM`` on, else
 ``csr``. That holds for layers too small to be worth measuring and for every layer under
 ``torch.use_deterministic_algorithms(True)`` (a measured choice can differ between processes, and the
-kernels' sums differ in the last bits; the C++ conv op likewise keeps its geometry rule there).
+kernels' sums differ in the last bits; the C++ conv op likewise keeps its geometry rule there). Within the
+``dense`` kernel of a linear, the CPU extension likewise times the two orientations of its MKL products (the
+forward of a layer under 64 outputs, every weight gradient) once per shape, and keeps nn.Linear's under
+deterministic algorithms.
 
 ``SPARSEKERN_KERNEL_CACHE=path.json`` keeps the measured choices across processes (loaded at import,
 written after each new measurement), tagged with the sparsekern and torch versions and the CPU model:

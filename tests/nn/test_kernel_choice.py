@@ -429,6 +429,23 @@ def test_the_dense_kernels_linear_products_are_exact_either_way_round(mode, shap
         ops._set_linear_orientation(3)
 
 
+def test_the_dense_kernels_linear_products_keep_nn_linears_orientation_when_deterministic():
+    """Under torch.use_deterministic_algorithms the dense kernel times no orientation (the faster one can differ
+    between processes): a narrow layer's forward is nn.Linear's addmm, bit for bit."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    layer = SparseLinear(256, 10, density=0.5, generator=gen(33))
+    layer.kernel = "dense"
+    x = torch.randn(64, 256, generator=gen(34))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y = layer(x)
+        assert torch.equal(y, F.linear(x, layer.to_dense().weight, layer.bias))
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_the_dense_kernel_rewrites_one_weight_buffer_and_stays_exact(kind, dense_node):
     """A partial pattern's dense kernel scatters its values into one buffer call after call: results and
