@@ -250,9 +250,9 @@ std::tuple<at::Tensor, bool> dense_forward(const at::Tensor& x, const at::Tensor
                                            const char* op) {
   scatter_values(weight, values, w, op);
   const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-  at::Tensor y = is_conv(weight, stride)               ? at::conv2d(x, weight, b, stride, padding, dilation)
-                 : weight.size(0) < kTimedForwardBelow ? head_linear(x, weight, bias)
-                                                       : at::linear(x, weight, b);
+  at::Tensor y = is_conv(weight, stride) ? at::conv2d(x, weight, b, stride, padding, dilation)
+                 : weight.size(0) < kTimedForwardBelow && weight.size(1) > 0 ? head_linear(x, weight, bias)
+                                                                             : at::linear(x, weight, b);
   const bool ok = !check || feature_finite(y, weight.dim() == 4 ? -3 : -1);
   return {y, ok};
 }
