@@ -129,9 +129,35 @@ void run_parts(int64_t parts, const F& run) {
 }
 
 // ---------------------------------------------------------------------------
+// Plane operands: a dense operand may also be 3-D, (rows, N, P) with unit stride along P, read as the 2-D
+// (rows, N*P), column c = n*P + p at n * stride(1) + p. conv2d_gemm passes NCHW tensors so, viewed (C, N, H*W),
+// instead of copying them channels first. Only the packing, the SpMM's store and the SDDMM's row gather see
+// planes; the gather path and the dense fallback take the operand reshaped (copied).
+
+// The runs of columns b0 .. b0+nc of a plane operand: `len` columns from tile column `c` on lie contiguous at
+// offset `off` of each row. A tile is at most 64 columns: 66 runs at most (a run per column at P = 1).
+struct Run {
+  int64_t off;
+  int32_t c, len;
+};
+constexpr int MAX_RUNS = 66;
+struct Runs {
+  Run run[MAX_RUNS];
+  int count = 0;
+};
+// The runs of columns b0 .. b0+nc (nc <= 64) of planes of P columns, plane n at offset n * sN.
+Runs plane_runs(int64_t P, int64_t sN, int64_t b0, int64_t nc);
+// t itself if 2-D; a 3-D t that is a strided 2-D matrix in disguise (N or P of 1, or planes back to back) as
+// that 2-D view; else t (a true plane operand; TORCH_CHECKs unit stride along P).
+at::Tensor as_matrix_if_strided(const at::Tensor& t);
+// Columns of an operand: N*P for planes.
+inline int64_t operand_cols(const at::Tensor& t) { return t.dim() == 3 ? t.size(1) * t.size(2) : t.size(1); }
+
+// ---------------------------------------------------------------------------
 // Packing (csr_pack.cpp): the randomly accessed operand src (rows, cols), a strided view, as
 // ceil(cols / T) tiles of rows x T elements of the compute type (bf16 widened to float32), tile t
 // holding columns t*T .. t*T+T (zero-padded) at offset t * rows * T. Parallel over tiles and row blocks.
+// src may be a plane operand (above).
 at::Tensor pack_tiles(const at::Tensor& src, int64_t T);
 // Columns b0 .. b0+nc of src alone as one tile (rows x T of the compute type at dst, nc <= T, zero-padded), on
 // the calling thread.

@@ -14,6 +14,9 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
+
+#include "cpu/csr_engine.h"
 
 namespace sparsekern {
 namespace {
@@ -131,7 +134,25 @@ struct LinearNode : public torch::autograd::Function<LinearNode> {
   }
 };
 
-// out (m, n) = A (m, k) @ B (k, n), as in ops/spmm.py (the NCHW route of conv2d_gemm).
+// A (m, k) @ B for a plane operand B (k, N, P), unit stride along P: out (m, N, P), laid out as (N, m, P) (so that
+// out.transpose(0, 1) is contiguous), every plane out[:, n] = A @ B[:, n]. The CSR engine reads and writes the
+// planes in place (csr_internal.h), where the ops would take (k, N*P) copies.
+at::Tensor spmm_planes(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                       const at::Tensor& B) {
+  const csr::Csr A = csr::checked_csr(values, row_ptr, col_idx, B.size(0),
+                                      "B has " + std::to_string(B.size(0)) + " rows", "_spmm_node");
+  at::Tensor out = at::empty({B.size(1), A.m, B.size(2)}, B.options()).transpose(0, 1);
+  csr::spmm(A.values, A.row_ptr, A.col_idx, B, std::nullopt, out);
+  return out;
+}
+
+// A 3-D tensor with unit stride along its last dimension (a copy when it has not).
+at::Tensor with_unit_plane_stride(const at::Tensor& t) {
+  return t.stride(2) == 1 || t.size(2) == 1 ? t : t.transpose(0, 1).contiguous().transpose(0, 1);
+}
+
+// out (m, n) = A (m, k) @ B (k, n), as in ops/spmm.py (the NCHW route of conv2d_gemm); or, for a 3-D B (k, N, P)
+// (conv2d_gemm's NCHW input viewed (C, N, H*W)), out (m, N, P) as spmm_planes makes it.
 struct SpmmNode : public torch::autograd::Function<SpmmNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& row_ptr,
                             const at::Tensor& col_idx, const at::Tensor& B, const at::Tensor& t_row_ptr,
@@ -139,7 +160,8 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      y = spmm_op(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
+      if (B.dim() == 3) y = spmm_planes(values, row_ptr, col_idx, with_unit_plane_stride(B));
+      else y = spmm_op(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
     }
     ctx->save_for_backward({values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm});
     return y;
@@ -154,6 +176,24 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
     if (!grad.defined()) return out;
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
+    if (B.dim() == 3) {
+      const int64_t k = B.size(0), N = B.size(1), P = B.size(2);
+      if (below) {  // the planes in place
+        const at::Tensor g = with_unit_plane_stride(grad);
+        if (need_values) {
+          out[0] = at::empty({col_idx.numel()}, values.options());
+          csr::sddmm(row_ptr, col_idx, g, with_unit_plane_stride(B), out[0]);
+        }
+        if (need_B) out[3] = spmm_planes(gather_op(values, t_perm), t_row_ptr, t_col_idx, g);
+      } else {  // create_graph: the ops on (rows, N*P) copies
+        const at::Tensor g = grad.reshape({grad.size(0), N * P});
+        if (need_values) out[0] = sddmm_op(row_ptr, col_idx, g, B.reshape({k, N * P}));
+        if (need_B)
+          out[3] = spmm_op(gather_op(values, t_perm), t_row_ptr, t_col_idx, g, row_ptr, col_idx, at::argsort(t_perm))
+                       .view({k, N, P});
+      }
+      return out;
+    }
     if (need_values) out[0] = sddmm_op(row_ptr, col_idx, grad, B);
     if (need_B) {
       // dB = A^T @ dy; under create_graph its gradient in dy needs A^T's transpose: A (inverse permutation).

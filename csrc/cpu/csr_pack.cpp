@@ -62,6 +62,38 @@ SK_INLINE void pack_impl(S* dst, int64_t T, const I* base, int64_t s0, int64_t s
   }
 }
 
+// The same from a plane operand (csr_internal.h): row j's runs copied from base + j * s0 + run.off.
+template <typename I, typename S = typename bf16::Acc<I>::type>
+SK_INLINE void pack_planes_impl(S* dst, int64_t T, const I* base, int64_t s0, const Runs& runs, int64_t j0, int64_t j1,
+                                int64_t nc) {
+  constexpr int L = Vec<S>::L;
+  for (int64_t j = j0; j < j1; ++j) {
+    S* d = dst + j * T;
+    for (int r = 0; r < runs.count; ++r) {
+      const Run& run = runs.run[r];
+      const I* s = base + j * s0 + run.off;
+      S* dr = d + run.c;
+      int64_t c = 0;
+      for (; c + L <= run.len; c += L) vstore(dr + c, vload_wide(s + c));
+      for (; c < run.len; ++c) dr[c] = bf16::widen(s[c]);
+    }
+    for (int64_t c = nc; c < T; ++c) d[c] = S(0);
+  }
+}
+
+SK_CLONES void pack_planes_f32(float* dst, int64_t T, const float* base, int64_t s0, const Runs& runs, int64_t j0,
+                               int64_t j1, int64_t nc) {
+  pack_planes_impl<float>(dst, T, base, s0, runs, j0, j1, nc);
+}
+SK_CLONES void pack_planes_f64(double* dst, int64_t T, const double* base, int64_t s0, const Runs& runs, int64_t j0,
+                               int64_t j1, int64_t nc) {
+  pack_planes_impl<double>(dst, T, base, s0, runs, j0, j1, nc);
+}
+SK_CLONES void pack_planes_bf16(float* dst, int64_t T, const c10::BFloat16* base, int64_t s0, const Runs& runs,
+                                int64_t j0, int64_t j1, int64_t nc) {
+  pack_planes_impl<c10::BFloat16>(dst, T, base, s0, runs, j0, j1, nc);
+}
+
 SK_CLONES void pack_f32(float* dst, int64_t T, const float* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
                         int64_t b0, int64_t nc) {
   pack_impl<float>(dst, T, base, s0, s1, j0, j1, b0, nc);
@@ -87,35 +119,78 @@ inline void pack(float* d, int64_t T, const c10::BFloat16* b, int64_t s0, int64_
   pack_bf16(d, T, b, s0, s1, j0, j1, b0, nc);
 }
 
+inline void pack_planes(float* d, int64_t T, const float* b, int64_t s0, const Runs& r, int64_t j0, int64_t j1,
+                        int64_t nc) {
+  pack_planes_f32(d, T, b, s0, r, j0, j1, nc);
+}
+inline void pack_planes(double* d, int64_t T, const double* b, int64_t s0, const Runs& r, int64_t j0, int64_t j1,
+                        int64_t nc) {
+  pack_planes_f64(d, T, b, s0, r, j0, j1, nc);
+}
+inline void pack_planes(float* d, int64_t T, const c10::BFloat16* b, int64_t s0, const Runs& r, int64_t j0, int64_t j1,
+                        int64_t nc) {
+  pack_planes_bf16(d, T, b, s0, r, j0, j1, nc);
+}
+
+// Rows j0..j1 of the tile of columns b0 .. b0+nc of src (2-D or planes).
+template <typename I, typename S>
+void pack_rows(S* dst, int64_t T, const at::Tensor& src, int64_t j0, int64_t j1, int64_t b0, int64_t nc) {
+  const I* base = src.data_ptr<I>();
+  if (src.dim() == 3)
+    pack_planes(dst, T, base, src.stride(0), plane_runs(src.size(2), src.stride(1), b0, nc), j0, j1, nc);
+  else pack(dst, T, base, src.stride(0), src.stride(1), j0, j1, b0, nc);
+}
+
 // Every tile is cut into blocks of PACK_ROWS rows; the (tile, block) jobs run in parallel.
 template <typename I, typename S = typename bf16::Acc<I>::type>
 void pack_all(S* dst, int64_t T, const at::Tensor& src) {
-  const int64_t k = src.size(0), n = src.size(1);
+  const int64_t k = src.size(0), n = operand_cols(src);
   const int64_t ntiles = (n + T - 1) / T, kchunks = (k + PACK_ROWS - 1) / PACK_ROWS;
-  const I* base = src.data_ptr<I>();
-  const int64_t s0 = src.stride(0), s1 = src.stride(1);
   at::parallel_for(0, ntiles * kchunks, 1, [&](int64_t a, int64_t z) {
     for (int64_t w = a; w < z; ++w) {
       const int64_t t = w / kchunks, j0 = (w % kchunks) * PACK_ROWS, j1 = std::min(k, j0 + PACK_ROWS);
-      pack(dst + t * k * T, T, base, s0, s1, j0, j1, t * T, std::min(T, n - t * T));
+      pack_rows<I>(dst + t * k * T, T, src, j0, j1, t * T, std::min(T, n - t * T));
     }
   });
 }
 
 }  // namespace
 
+Runs plane_runs(int64_t P, int64_t sN, int64_t b0, int64_t nc) {
+  TORCH_INTERNAL_ASSERT(P > 0 && nc <= MAX_RUNS - 2, "plane_runs: P = ", P, ", nc = ", nc);
+  Runs runs;
+  int64_t n = b0 / P, p = b0 - n * P;
+  for (int64_t c = 0; c < nc;) {
+    const int64_t len = std::min(nc - c, P - p);
+    runs.run[runs.count++] = Run{n * sN + p, int32_t(c), int32_t(len)};
+    c += len;
+    ++n;
+    p = 0;
+  }
+  return runs;
+}
+
+at::Tensor as_matrix_if_strided(const at::Tensor& t) {
+  if (t.dim() != 3) return t;
+  const int64_t k = t.size(0), N = t.size(1), P = t.size(2);
+  if (P == 1) return t.select(2, 0);
+  if (N == 1) return t.select(1, 0);
+  TORCH_INTERNAL_ASSERT(t.stride(2) == 1, "plane operands have unit stride along their planes, got strides ",
+                        t.strides());
+  if (t.stride(1) == P) return t.as_strided({k, N * P}, {t.stride(0), 1});
+  return t;
+}
+
 void pack_tile(float* dst, int64_t T, const at::Tensor& src, int64_t b0, int64_t nc) {
-  const int64_t k = src.size(0);
-  if (src.scalar_type() == at::kBFloat16)
-    pack(dst, T, src.data_ptr<c10::BFloat16>(), src.stride(0), src.stride(1), 0, k, b0, nc);
-  else pack(dst, T, src.data_ptr<float>(), src.stride(0), src.stride(1), 0, k, b0, nc);
+  if (src.scalar_type() == at::kBFloat16) pack_rows<c10::BFloat16>(dst, T, src, 0, src.size(0), b0, nc);
+  else pack_rows<float>(dst, T, src, 0, src.size(0), b0, nc);
 }
 void pack_tile(double* dst, int64_t T, const at::Tensor& src, int64_t b0, int64_t nc) {
-  pack(dst, T, src.data_ptr<double>(), src.stride(0), src.stride(1), 0, src.size(0), b0, nc);
+  pack_rows<double>(dst, T, src, 0, src.size(0), b0, nc);
 }
 
 at::Tensor pack_tiles(const at::Tensor& src, int64_t T) {
-  const int64_t k = src.size(0), n = src.size(1);
+  const int64_t k = src.size(0), n = operand_cols(src);
   const int64_t ntiles = (n + T - 1) / T;
   const at::ScalarType compute = src.scalar_type() == at::kBFloat16 ? at::kFloat : src.scalar_type();
   at::Tensor packed =

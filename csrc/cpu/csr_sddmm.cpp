@@ -35,7 +35,8 @@ template <typename S, typename XI = S> struct SddmmJob {
   const S* Yp;
   int64_t b0, nc;
   S* vals;
-  bool first;  // first tile: store, else accumulate
+  bool first;         // first tile: store, else accumulate
+  const Runs* xruns;  // X is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
 };
 
 // G = 32-byte lanes nonzeros at a time: G dot products of NV W-byte vectors, each folded to 32
@@ -69,14 +70,24 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S, XI>& J, int64_t r0, int64_t r1)
   constexpr int L = Vec<S, W>::L, T = NV * L;
   constexpr int G = Vec<S>::L;  // rows per gathered group, nonzeros per chunk (32-byte transposes)
   alignas(64) S buf[G * T];
-  const bool direct = std::is_same<XI, S>::value && J.xs1 == 1 && J.nc == T;
+  const bool direct = std::is_same<XI, S>::value && !J.xruns && J.xs1 == 1 && J.nc == T;
   const int32_t* __restrict ci = J.ci;
   const int64_t nc = J.nc;
   for (int64_t g0 = r0; g0 < r1; g0 += G) {
     const int64_t rows = std::min<int64_t>(G, r1 - g0);
     if (!direct) {
       // Gather X[g0:g0+rows, b0:b0+nc] into buf (zero-padded to T columns).
-      if (J.xs0 == 1 && rows == G) {
+      if (J.xruns) {
+        for (int64_t r = 0; r < rows; ++r) {
+          S* d = buf + r * T;
+          for (int q = 0; q < J.xruns->count; ++q) {
+            const Run& run = J.xruns->run[q];
+            const XI* src = J.X + (g0 + r) * J.xs0 + run.off;
+            for (int64_t c = 0; c < run.len; ++c) d[run.c + c] = bf16::widen(src[c]);
+          }
+          for (int64_t c = nc; c < T; ++c) d[c] = S(0);
+        }
+      } else if (J.xs0 == 1 && rows == G) {
         const int64_t cfull = nc / G * G;
         const XI* src = J.X + g0 + J.b0 * J.xs1;
         for (int64_t c = 0; c < cfull; c += G) transpose_block(src + c * J.xs1, J.xs1, buf + c, T);
@@ -113,7 +124,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   constexpr bool widened = !std::is_same<I, S>::value;
   constexpr auto kS = c10::CppTypeToScalarType<S>::value;
   constexpr int L = Vec<S>::L;
-  const int64_t m = row_ptr.numel() - 1, k = Y.size(0), d = X.size(1);
+  const int64_t m = row_ptr.numel() - 1, k = Y.size(0), d = operand_cols(X);
+  const bool planes = X.dim() == 3;  // then Y's planes too (sddmm flattens the rest)
   const int64_t nnz = col_idx.numel();
   if (nnz == 0) return;
   if (d == 0) {
@@ -134,9 +146,10 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     const int64_t* rp = row_ptr.data_ptr<int64_t>();
     const int32_t* ci = col_idx.data_ptr<int32_t>();
     const I* x = X.data_ptr<I>();
-    const int64_t xs0 = X.stride(0), xs1 = X.stride(1);
-    auto job = [&](const S* tile, int64_t b0, int64_t nc, S* out, bool first) {
-      return SddmmJob<S, I>{rp, ci, x, xs0, xs1, tile, b0, nc, out, first};
+    const int64_t xs0 = X.stride(0), xs1 = planes ? 1 : X.stride(1);
+    auto job = [&](const S* tile, int64_t b0, int64_t nc, S* out, bool first, Runs* runs) {
+      if (planes) *runs = plane_runs(X.size(2), X.stride(1), b0, nc);
+      return SddmmJob<S, I>{rp, ci, x, xs0, xs1, tile, b0, nc, out, first, planes ? runs : nullptr};
     };
     // As spmm: whole tiles, each packed by the thread that runs it just before every row runs over it, wherever
     // they spread evenly over the threads; each thread sums its share of the batch into its own copy of the
@@ -157,7 +170,8 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
             const int64_t nc = std::min(T, cols.second - b0);
             const int tb = tile_bytes(nc, sizeof(S), wide);
             pack_tile(tile, tb / int64_t(sizeof(S)), Y, b0, nc);
-            sddmm_rows(tb, wide, job(tile, b0, nc, out, b0 == cols.first), 0, m);
+            Runs runs;
+            sddmm_rows(tb, wide, job(tile, b0, nc, out, b0 == cols.first, &runs), 0, m);
           }
         }
       });
@@ -173,8 +187,9 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
       const at::Tensor Yp_t = pack_tiles(Y, T);
       const S* yp = Yp_t.data_ptr<S>();
       auto run = [&](int64_t part) {
+        Runs runs;
         for (int64_t t = 0; t < ntiles; ++t)
-          sddmm_rows(TB, wide, job(yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0), bounds[part],
+          sddmm_rows(TB, wide, job(yp + t * k * T, t * T, std::min(T, d - t * T), vals, t == 0, &runs), bounds[part],
                      bounds[part + 1]);
       };
       run_parts(parts, run);
@@ -185,8 +200,17 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
 
 }  // namespace
 
-void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
+void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X_arg, const at::Tensor& Y_arg,
            const at::Tensor& vals) {
+  const at::Tensor X = as_matrix_if_strided(X_arg), Y = as_matrix_if_strided(Y_arg);
+  if (X.dim() == 3 || Y.dim() == 3) {
+    // As spmm: planes run the tile loops, every other path takes them reshaped.
+    const int64_t m = row_ptr.numel() - 1, k = Y.size(0), d = operand_cols(X), nnz = col_idx.numel();
+    if (X.dim() != 3 || Y.dim() != 3 || nnz == 0 || use_dense(nnz, m, k) || use_gather(Core::sddmm, nnz, k, Y)) {
+      sddmm(row_ptr, col_idx, X.reshape({m, d}), Y.reshape({k, d}), vals);
+      return;
+    }
+  }
   if (X.scalar_type() == at::kFloat) sddmm_typed<float>(row_ptr, col_idx, X, Y, vals);
   else if (X.scalar_type() == at::kBFloat16) sddmm_typed<c10::BFloat16>(row_ptr, col_idx, X, Y, vals);
   else sddmm_typed<double>(row_ptr, col_idx, X, Y, vals);

@@ -38,6 +38,7 @@ template <typename S, typename O = S> struct SpmmJob {
   const S* bias;  // per row, or nullptr
   int64_t last;   // nnz - 1 (prefetch clamp)
   bool prefetch;  // spmm_prefetch
+  const Runs* oruns;  // out is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
 };
 
 // Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
@@ -45,7 +46,19 @@ template <typename S, int T>
 SK_INLINE void store_group(const SpmmJob<S>& J, const S* buf, int64_t g0, int64_t rows) {
   constexpr int L = Vec<S>::L;
   const int64_t nc = J.nc;
-  if (J.os1 == 1) {
+  if (J.oruns) {
+    for (int64_t r = 0; r < rows; ++r) {
+      S* o = J.out + (g0 + r) * J.os0;
+      for (int q = 0; q < J.oruns->count; ++q) {
+        const Run& run = J.oruns->run[q];
+        const S* s = buf + r * T + run.c;
+        S* d = o + run.off;
+        int64_t c = 0;
+        for (; c + L <= run.len; c += L) vstore(d + c, vload(s + c));
+        for (; c < run.len; ++c) d[c] = s[c];
+      }
+    }
+  } else if (J.os1 == 1) {
     for (int64_t r = 0; r < rows; ++r) {
       S* o = J.out + (g0 + r) * J.os0 + J.b0;
       const S* s = buf + r * T;
@@ -72,7 +85,19 @@ template <typename S, int T>
 SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int64_t g0, int64_t rows) {
   constexpr int L = Vec<S>::L;
   const int64_t nc = J.nc;
-  if (J.os1 == 1) {
+  if (J.oruns) {
+    for (int64_t r = 0; r < rows; ++r) {
+      c10::BFloat16* o = J.out + (g0 + r) * J.os0;
+      for (int q = 0; q < J.oruns->count; ++q) {
+        const Run& run = J.oruns->run[q];
+        const S* s = buf + r * T + run.c;
+        c10::BFloat16* d = o + run.off;
+        int64_t c = 0;
+        for (; c + L <= run.len; c += L) bf16::store8(d + c, vload(s + c));
+        for (; c < run.len; ++c) d[c] = bf16::from_f32(s[c]);
+      }
+    }
+  } else if (J.os1 == 1) {
     for (int64_t r = 0; r < rows; ++r) {
       c10::BFloat16* o = J.out + (g0 + r) * J.os0 + J.b0;
       const S* s = buf + r * T;
@@ -167,10 +192,11 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   constexpr bool widened = !std::is_same<I, S>::value;
   constexpr auto kS = c10::CppTypeToScalarType<S>::value;
   constexpr int L = Vec<S>::L;
-  const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = B.size(1);
+  const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = operand_cols(B);
   if (m == 0 || n == 0) return;
   I* o = out.data_ptr<I>();
-  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  const bool planes = out.dim() == 3;  // then B's planes too (spmm flattens the rest)
+  const int64_t os0 = out.stride(0), os1 = planes ? 1 : out.stride(1);
   at::Tensor bias_c;
   const S* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -205,8 +231,9 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
   const bool prefetch = spmm_prefetch(k * TB);
-  auto job = [&](const S* tile, int64_t b0, int64_t nc) {
-    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, b0, nc, bp, nnz - 1, prefetch};
+  auto job = [&](const S* tile, int64_t b0, int64_t nc, Runs* runs) {
+    if (planes) *runs = plane_runs(out.size(2), out.stride(1), b0, nc);
+    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, b0, nc, bp, nnz - 1, prefetch, planes ? runs : nullptr};
   };
   // Whole tiles: each thread takes a run of batch tiles and packs each (k x T, L2-sized) just before running
   // every row over it, so the packed operand is written and read once, in L2. Row parts (below) each sweep
@@ -227,7 +254,8 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
           const int64_t nc = std::min(T, cols.second - b0);
           const int tb = tile_bytes(nc, sizeof(S), wide);
           pack_tile(tile, tb / int64_t(sizeof(S)), B, b0, nc);
-          spmm_rows(tb, wide, job(tile, b0, nc), 0, m);
+          Runs runs;
+          spmm_rows(tb, wide, job(tile, b0, nc, &runs), 0, m);
         }
       }
     });
@@ -239,16 +267,30 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const int64_t parts = num_parts(m, align);
   const std::vector<int64_t> bounds = partition_rows(rp, m, parts, /*row_cost=*/2 + T / L, align);
   auto run = [&](int64_t part) {
+    Runs runs;
     for (int64_t t = 0; t < ntiles; ++t)
-      spmm_rows(TB, wide, job(bpk + t * k * T, t * T, std::min(T, n - t * T)), bounds[part], bounds[part + 1]);
+      spmm_rows(TB, wide, job(bpk + t * k * T, t * T, std::min(T, n - t * T), &runs), bounds[part], bounds[part + 1]);
   };
   run_parts(parts, run);
 }
 
 }  // namespace
 
-void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
-          const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B_arg,
+          const c10::optional<at::Tensor>& bias, const at::Tensor& out_arg) {
+  const at::Tensor B = as_matrix_if_strided(B_arg), out = as_matrix_if_strided(out_arg);
+  if (B.dim() == 3 || out.dim() == 3) {
+    // Planes run the tile loops; every other path (no nonzeros, the dense fallback, the gather path) takes them
+    // reshaped, as does an operand pair of which only one has planes.
+    const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = operand_cols(B), nnz = col_idx.numel();
+    if (B.dim() != 3 || out.dim() != 3 || nnz == 0 || k == 0 || use_dense(nnz, m, k) ||
+        use_gather(Core::spmm, nnz, k, B)) {
+      const at::Tensor out2 = out.dim() == 3 ? at::empty({m, n}, out.options()) : out;
+      spmm(values, row_ptr, col_idx, B.reshape({k, n}), bias, out2);
+      if (out.dim() == 3) out.copy_(out2.view(out.sizes()));
+      return;
+    }
+  }
   if (B.scalar_type() == at::kFloat) spmm_typed<float>(values, row_ptr, col_idx, B, bias, out);
   else if (B.scalar_type() == at::kBFloat16) spmm_typed<c10::BFloat16>(values, row_ptr, col_idx, B, bias, out);
   else spmm_typed<double>(values, row_ptr, col_idx, B, bias, out);
