@@ -40,6 +40,7 @@
 #include "cpu/common.h"
 #include "cpu/conv_batched.h"
 #include "cpu/conv_pointwise.h"
+#include "cpu/conv_tiles.h"
 #include "cpu/csr_engine.h"
 #include "cpu/plan_cache.h"
 #include "cpu/sparse_conv2d_impl.h"
@@ -51,61 +52,83 @@ using conv2d_impl::NACC;
 using conv2d_impl::Pos;
 
 // ---------------------------------------------------------------------------
-// Hot loops: one non-template clone set per dtype.
+// Hot loops: per dtype one clone set of the 32-byte loops and, on AVX-512 builds, the 64-byte ones (`_w64`,
+// x86-64-v4 only). A plan's positions are cut for one width (Plan::vb, from conv_tiles::vector_bytes).
 
-SK_CLONES void gather_rows_f32(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
-                               int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias,
-                               float* out, int64_t out_plane, int64_t cstride, float* scratch) {
-  conv2d_impl::gather_rows<float>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
-}
-SK_CLONES void gather_rows_f64(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
-                               int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias,
-                               double* out, int64_t out_plane, int64_t cstride, double* scratch) {
-  conv2d_impl::gather_rows<double>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
-}
-// bf16 output (forward, grad input): float32 source, weights and accumulators, rounded on store.
-SK_CLONES void gather_rows_bf16(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
-                                int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias,
-                                c10::BFloat16* out, int64_t out_plane, int64_t cstride, float* scratch) {
-  conv2d_impl::gather_rows<float, c10::BFloat16>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,
-                                                 cstride, scratch);
-}
-SK_CLONES void wgrad_rows_f32(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
-                              int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane,
-                              float* g, bool grouped) {
-  conv2d_impl::wgrad_rows<float>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
-}
-SK_CLONES void wgrad_rows_f64(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
-                              int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane,
-                              double* g, bool grouped) {
-  conv2d_impl::wgrad_rows<double>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
-}
+#define SK_DIRECT_LOOPS(ATTR, SUFFIX, W)                                                                              \
+  ATTR void gather_rows_f32##SUFFIX(const float* src, const int32_t* offs, const float* ws, const int64_t* bp,        \
+                                    int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1,       \
+                                    const float* bias, float* out, int64_t out_plane, int64_t cstride,                \
+                                    float* scratch) {                                                                 \
+    conv2d_impl::gather_rows<float, float, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,       \
+                                              cstride, scratch);                                                      \
+  }                                                                                                                   \
+  ATTR void gather_rows_f64##SUFFIX(const double* src, const int32_t* offs, const double* ws, const int64_t* bp,      \
+                                    int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1,       \
+                                    const double* bias, double* out, int64_t out_plane, int64_t cstride,              \
+                                    double* scratch) {                                                                \
+    conv2d_impl::gather_rows<double, double, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,     \
+                                                cstride, scratch);                                                    \
+  }                                                                                                                   \
+  /* bf16 output (forward, grad input): float32 source, weights and accumulators, rounded on store. */                \
+  ATTR void gather_rows_bf16##SUFFIX(const float* src, const int32_t* offs, const float* ws, const int64_t* bp,       \
+                                     int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1,      \
+                                     const float* bias, c10::BFloat16* out, int64_t out_plane, int64_t cstride,       \
+                                     float* scratch) {                                                                \
+    conv2d_impl::gather_rows<float, c10::BFloat16, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out,          \
+                                                      out_plane, cstride, scratch);                                   \
+  }                                                                                                                   \
+  ATTR void wgrad_rows_f32##SUFFIX(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,  \
+                                   int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* dy,               \
+                                   int64_t out_plane, float* g, bool grouped) {                                       \
+    conv2d_impl::wgrad_rows<float, W>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);             \
+  }                                                                                                                   \
+  ATTR void wgrad_rows_f64##SUFFIX(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, \
+                                   int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* dy,              \
+                                   int64_t out_plane, double* g, bool grouped) {                                      \
+    conv2d_impl::wgrad_rows<double, W>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);            \
+  }
 
-inline void gather_rows(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+SK_DIRECT_LOOPS(SK_CLONES, , 32)
+#if SK_HAVE_AVX512
+SK_DIRECT_LOOPS(SK_AVX512, _w64, 64)
+#define SK_PICK_WIDTH(vb, NAME, ...)            \
+  if (vb == 64) return NAME##_w64(__VA_ARGS__); \
+  return NAME(__VA_ARGS__)
+#else
+#define SK_PICK_WIDTH(vb, NAME, ...) return NAME(__VA_ARGS__)
+#endif
+
+// The loops at vb-byte vectors (positions cut for that width).
+inline void gather_rows(int vb, const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
                         int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias, float* out,
                         int64_t out_plane, int64_t cstride, float* scratch) {
-  gather_rows_f32(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
+  SK_PICK_WIDTH(vb, gather_rows_f32, src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
+                scratch);
 }
-inline void gather_rows(const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
+inline void gather_rows(int vb, const double* src, const int32_t* offs, const double* ws, const int64_t* bp, int64_t nb,
                         int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* bias, double* out,
                         int64_t out_plane, int64_t cstride, double* scratch) {
-  gather_rows_f64(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
+  SK_PICK_WIDTH(vb, gather_rows_f64, src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
+                scratch);
 }
-inline void gather_rows(const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
+inline void gather_rows(int vb, const float* src, const int32_t* offs, const float* ws, const int64_t* bp, int64_t nb,
                         int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* bias,
                         c10::BFloat16* out, int64_t out_plane, int64_t cstride, float* scratch) {
-  gather_rows_bf16(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, scratch);
+  SK_PICK_WIDTH(vb, gather_rows_bf16, src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride,
+                scratch);
 }
-inline void wgrad_rows(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                       const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g,
+inline void wgrad_rows(int vb, const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
+                       int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* dy, int64_t out_plane, float* g,
                        bool grouped) {
-  wgrad_rows_f32(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
+  SK_PICK_WIDTH(vb, wgrad_rows_f32, src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
 }
-inline void wgrad_rows(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,
-                       const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane, double* g,
-                       bool grouped) {
-  wgrad_rows_f64(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
+inline void wgrad_rows(int vb, const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,
+                       int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* dy, int64_t out_plane,
+                       double* g, bool grouped) {
+  SK_PICK_WIDTH(vb, wgrad_rows_f64, src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);
 }
+#undef SK_PICK_WIDTH
 
 // ---------------------------------------------------------------------------
 // Geometry, checks, packing.
@@ -339,9 +362,9 @@ void pack_padded(const I* x, int64_t sC, int64_t sH, int64_t sW, int64_t C, int6
 // padded to whole tiles. Source offset of (m, n): in_base + m*in_row + n; destination
 // offset: out_base + m*out_row + n*out_col.
 template <class T>
-std::vector<Pos> build_positions(int64_t M, int64_t Nc, int64_t in_base, int64_t in_row, int64_t out_base,
+std::vector<Pos> build_positions(int vb, int64_t M, int64_t Nc, int64_t in_base, int64_t in_row, int64_t out_base,
                                  int64_t out_row, int64_t out_col) {
-  constexpr int64_t VW = 32 / sizeof(T);
+  const int64_t VW = vb / int64_t(sizeof(T));
   std::vector<Pos> pos;
   if (M <= 0 || Nc <= 0) return pos;
   const int64_t nv = (Nc + VW - 1) / VW;
@@ -418,10 +441,10 @@ void forward_offsets(const char* op, const Geom& g, const at::Tensor& col_idx, s
 // holds the weight lists and the output tile (measured: 8 KB and 32 KB are slower).
 constexpr int64_t l1_budget() { return 16384; }
 
-// Output rows covered by one tile of an OW-wide grid.
+// Output rows covered by one tile of an OW-wide grid of vb-byte vectors.
 template <class T>
-int64_t tile_rows(int64_t ow) {
-  constexpr int64_t VW = 32 / sizeof(T);
+int64_t tile_rows(int64_t ow, int vb) {
+  const int64_t VW = vb / int64_t(sizeof(T));
   return std::max<int64_t>(1, NACC / ((ow + VW - 1) / VW));
 }
 
@@ -464,8 +487,8 @@ std::vector<int64_t> block_ptr(int64_t R, const int64_t* rp, const int32_t* plan
 
 // Partial output tiles between weight blocks: NACC vectors per row (none for one block).
 template <class T>
-int64_t scratch_size(int64_t rows, int64_t nb) {
-  return nb > 1 ? rows * NACC * (32 / int64_t(sizeof(T))) : 0;
+int64_t scratch_size(int64_t rows, int64_t nb, int vb) {
+  return nb > 1 ? rows * NACC * (vb / int64_t(sizeof(T))) : 0;
 }
 
 int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
@@ -478,6 +501,7 @@ void check_values(const char* op, const at::Tensor& values, const at::Tensor& co
 // The forward's and weight gradient's plan (cached, plan_cache.h; the same for every batch size): per
 // nonzero its packed-x offset, the output grid's vector positions and the rows' blocks of input channels.
 struct TapPlan {
+  int vb = 32;  // the vector width the positions are cut for
   std::vector<int32_t> offs;
   std::vector<Pos> pos;
   std::vector<int64_t> bp;
@@ -490,9 +514,9 @@ struct TapPlan {
 
 // Input channels per block for the forward and grad-weight tiles.
 template <class T>
-int64_t fwd_planes_per_block(const Geom& g) {
-  constexpr int64_t VW = 32 / sizeof(T);
-  const int64_t rows = (tile_rows<T>(g.OW) - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+int64_t fwd_planes_per_block(const Geom& g, int vb) {
+  const int64_t VW = vb / int64_t(sizeof(T));
+  const int64_t rows = (tile_rows<T>(g.OW, vb) - 1) * g.sh + (g.kh - 1) * g.dh + 1;
   const int64_t cols = std::min(g.Wq, NACC * VW + ((g.kw - 1) * g.dw) / g.sw + 1) * g.sw;
   return planes_per_block<T>(rows, cols);
 }
@@ -500,25 +524,37 @@ int64_t fwd_planes_per_block(const Geom& g) {
 // I: the element type of x and y; T: the compute type of values, bias and the packed image
 // (float32 for a bf16 I).
 // T: the compute type (its vector width shapes the positions); checks col_idx when it builds.
+// The width of the forward's loops (weight_grad false) or the weight gradient's: 64-byte vectors where every
+// output row holds one (conv_tiles::vector_bytes), but for the weight gradient only on rows of whole vectors: a
+// row that ends in an overlapped vector masks every source vector of its tiles (src_lanes), and at 64 bytes that
+// cost more than the width saved (7x7 stem, OW = 56: 0.86x; 3x3 at OW = 56: 0.81x; interleaved A/B, Intel).
+template <class T>
+int tap_width(const Geom& g, bool weight_grad) {
+  const int vb = conv_tiles::vector_bytes(g.OW, sizeof(T));
+  return weight_grad && (g.OW * int64_t(sizeof(T))) % vb != 0 ? 32 : vb;
+}
+
 template <class T>
 std::shared_ptr<const TapPlan> tap_plan(const char* op, const Geom& g, const at::Tensor& row_ptr,
-                                        const at::Tensor& col_idx) {
+                                        const at::Tensor& col_idx, bool weight_grad) {
+  const int vb = tap_width<T>(g, weight_grad);
   const plan_cache::Key key{plan_cache::kDirectTaps, g.Cin, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
-                            int64_t(sizeof(T))};
+                            int64_t(sizeof(T)),      vb};
   return plan_cache::get<TapPlan>(row_ptr, col_idx, key, [&] {
     TapPlan p;
+    p.vb = vb;
     std::vector<int32_t> plane_of;
     forward_offsets(op, g, col_idx, p.offs, plane_of);
-    p.pos = build_positions<T>(g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
-    p.bp = block_ptr(g.Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), g.Cin, fwd_planes_per_block<T>(g), p.nb);
+    p.pos = build_positions<T>(vb, g.OH, g.OW, 0, g.sh * g.Wq, 0, g.OW, 1);
+    p.bp = block_ptr(g.Cout, row_ptr.data_ptr<int64_t>(), plane_of.data(), g.Cin, fwd_planes_per_block<T>(g, vb), p.nb);
     return p;
   });
 }
 
 std::shared_ptr<const TapPlan> tap_plan_for(const char* op, const Geom& g, const at::Tensor& x,
-                                            const at::Tensor& row_ptr, const at::Tensor& col_idx) {
-  return x.scalar_type() == at::kDouble ? tap_plan<double>(op, g, row_ptr, col_idx)
-                                        : tap_plan<float>(op, g, row_ptr, col_idx);
+                                            const at::Tensor& row_ptr, const at::Tensor& col_idx, bool weight_grad) {
+  return x.scalar_type() == at::kDouble ? tap_plan<double>(op, g, row_ptr, col_idx, weight_grad)
+                                        : tap_plan<float>(op, g, row_ptr, col_idx, weight_grad);
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
@@ -538,11 +574,11 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb));
+      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb, plan.vb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
-        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias, yp + b * yimg,
-                    oplane, 1, scratch.data());
+        gather_rows(plan.vb, buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias,
+                    yp + b * yimg, oplane, 1, scratch.data());
       }
     });
   } else {
@@ -552,9 +588,9 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb));
-        gather_rows(buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias, yp + b * yimg,
-                    oplane, 1, scratch.data());
+        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb, plan.vb));
+        gather_rows(plan.vb, buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias,
+                    yp + b * yimg, oplane, 1, scratch.data());
       });
     }
   }
@@ -596,7 +632,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
       batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y);
       return;
     }
-    const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
+    const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx, false);  // checks col_idx
     if (y.numel() == 0) return;
     if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
       const at::Tensor v32 = values.to(at::kFloat).contiguous();
@@ -618,10 +654,23 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
 // r*dh = a (mod sh) contribute, from output row m - (r*dh)/sh; likewise along W. So
 // per phase (a, c) it is a stride-1 correlation of dY (zero bordered) with those taps.
 
+// The shortest row of the input gradient's phases (columns n0..n1 of phase column c), which its vector width
+// must fit: about W / sw.
+int64_t grad_input_run(const Geom& g) {
+  int64_t run = INT64_MAX;
+  for (int64_t c = 0; c < g.sw; ++c) {
+    const int64_t n0 = (g.pw - c) <= 0 ? 0 : (g.pw - c + g.sw - 1) / g.sw;
+    const int64_t n1 = (g.W - 1 + g.pw - c) >= 0 ? (g.W - 1 + g.pw - c) / g.sw : -1;
+    if (n1 >= n0) run = std::min(run, n1 - n0 + 1);
+  }
+  return run == INT64_MAX ? 0 : run;
+}
+
 // The input gradient's plan (cached; the same for every batch size): W^T as lists over rows (phase, ci),
 // entries (dY offset, index of the value in W's lists), co ascending; per phase its vector positions; the
 // rows' blocks of output channels.
 struct GradPlan {
+  int vb = 32;  // the vector width the positions are cut for
   int64_t Ptop, Pleft, Hd, Wd;
   std::vector<int64_t> trp, perm;
   std::vector<int32_t> toffs;
@@ -638,8 +687,9 @@ struct GradPlan {
 
 // Checks col_idx when it builds.
 template <class T>
-GradPlan build_grad_plan(const char* op, const Geom& g, const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+GradPlan build_grad_plan(const char* op, const Geom& g, const at::Tensor& row_ptr, const at::Tensor& col_idx, int vb) {
   GradPlan gp;
+  gp.vb = vb;
   const int64_t nph = g.sh * g.sw, K = g.kh * g.kw, ncols = g.Cin * K;
   gp.Ptop = ((g.kh - 1) * g.dh) / g.sh;
   gp.Pleft = ((g.kw - 1) * g.dw) / g.sw;
@@ -699,13 +749,13 @@ GradPlan build_grad_plan(const char* op, const Geom& g, const at::Tensor& row_pt
       const int64_t n0 = (g.pw - c) <= 0 ? 0 : (g.pw - c + g.sw - 1) / g.sw;
       const int64_t n1 = (g.W - 1 + g.pw - c) >= 0 ? (g.W - 1 + g.pw - c) / g.sw : -1;
       gp.pos[a * g.sw + c] =
-          build_positions<T>(m1 - m0c + 1, n1 - n0 + 1, (m0c + Ptop) * Wd + n0 + Pleft, Wd,
+          build_positions<T>(vb, m1 - m0c + 1, n1 - n0 + 1, (m0c + Ptop) * Wd + n0 + Pleft, Wd,
                              (a + g.sh * m0c - g.ph) * g.W + (c + g.sw * n0 - g.pw), g.sh * g.W, g.sw);
     }
   }
   // Blocks of output channels: a tile reads tile_rows + Ptop rows of each dY plane.
-  const int64_t bsize = planes_per_block<T>(tile_rows<T>((g.W + g.sw - 1) / g.sw) + Ptop,
-                                            std::min<int64_t>(Wd, NACC * (32 / sizeof(T)) + Pleft));
+  const int64_t bsize = planes_per_block<T>(tile_rows<T>((g.W + g.sw - 1) / g.sw, vb) + Ptop,
+                                            std::min<int64_t>(Wd, NACC * (vb / int64_t(sizeof(T))) + Pleft));
   gp.bp = block_ptr(nrows, gp.trp.data(), tplane.data(), g.Cout, bsize, gp.nb);
   return gp;
 }
@@ -713,9 +763,11 @@ GradPlan build_grad_plan(const char* op, const Geom& g, const at::Tensor& row_pt
 template <class T>
 std::shared_ptr<const GradPlan> grad_plan(const char* op, const Geom& g, const at::Tensor& row_ptr,
                                           const at::Tensor& col_idx) {
+  const int vb = conv_tiles::vector_bytes(grad_input_run(g), sizeof(T));
   const plan_cache::Key key{plan_cache::kDirectGrad, g.Cin, g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw,
-                            int64_t(sizeof(T))};
-  return plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] { return build_grad_plan<T>(op, g, row_ptr, col_idx); });
+                            int64_t(sizeof(T)),      vb};
+  return plan_cache::get<GradPlan>(row_ptr, col_idx, key,
+                                   [&] { return build_grad_plan<T>(op, g, row_ptr, col_idx, vb); });
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
@@ -738,7 +790,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
     for (int64_t ph = 0; ph < nph; ++ph) {
       const std::vector<Pos>& pp = pos[ph];
       if (pp.empty()) continue;
-      gather_rows(src, toffs.data(), tws.data(), bp.data() + ph * g.Cin * (nb + 1), nb, r0, r1, pp.data(), 0,
+      gather_rows(gp.vb, src, toffs.data(), tws.data(), bp.data() + ph * g.Cin * (nb + 1), nb, r0, r1, pp.data(), 0,
                   static_cast<int64_t>(pp.size()) / NACC, static_cast<const T*>(nullptr), dxp + b * ximg, xplane, g.sw,
                   scratch);
     }
@@ -746,7 +798,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cin, nb));
+      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cin, nb, gp.vb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
         image(buf.data(), b, 0, g.Cin, scratch.data());
@@ -758,7 +810,7 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
       at::parallel_for(0, g.Cin, grain, [&](int64_t r0, int64_t r1) {
-        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb));
+        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb, gp.vb));
         image(buf.data(), b, r0, r1, scratch.data());
       });
     }
@@ -849,8 +901,8 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       AlignedVector<T> buf(psize), dyw;
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
-        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dy_image(b, dyw), oplane,
-                   acc, grouped);
+        wgrad_rows(plan.vb, buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dy_image(b, dyw),
+                   oplane, acc, grouped);
       }
     });
     at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
@@ -867,7 +919,8 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
       const T* d = dy_image(b, dyw);
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        wgrad_rows(buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, d, oplane, gp, grouped);
+        wgrad_rows(plan.vb, buf.data(), offs.data(), bp.data(), nb, r0, r1, pos.data(), 0, ntiles, d, oplane, gp,
+                   grouped);
       });
     }
   }
@@ -907,7 +960,7 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
       batched::backward_weight(dyc, x, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, gv);
       return;
     }
-    const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx);  // checks col_idx
+    const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx, true);  // checks col_idx
     if (col_idx.numel() == 0 || g.N == 0) return;
     if (bf) backward_weight_impl<c10::BFloat16>(g, dyc, x, *plan, gv);
     else if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, *plan, gv);

@@ -10,6 +10,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cstring>
 #include <type_traits>
 
 #include "cpu/bf16.h"
@@ -19,11 +20,11 @@
 namespace sparsekern {
 namespace conv2d_impl {
 
-constexpr int NACC = 8;  // vector accumulators per tile (8 of the 16 ymm registers)
+constexpr int NACC = 8;  // vector accumulators per tile (8 of the 16 ymm registers, or of the 32 zmm ones)
 
-// The 32-byte vector of T (simd.h).
-template <class T>
-using VecOf = typename simd::Vec<T>::v;
+// The W-byte vector of T (simd.h): W = 32 in every clone, 64 only in SK_AVX512 functions.
+template <class T, int W = 32>
+using VecOf = typename simd::Vec<T, W>::v;
 
 // One vector position of a tile: VW consecutive output positions of one row.
 // in_off: offset of its first element in the packed source (for a zero weight offset);
@@ -37,20 +38,34 @@ struct Pos {
   int64_t out_off;
 };
 
+// A float32 vector rounded to bf16 at o (W / 4 lanes).
+template <int W>
+SK_INLINE void store_bf16(c10::BFloat16* o, const VecOf<float, W>& v) {
+  if constexpr (W == 32) {
+    bf16::store8(o, v);
+  } else {
+    VecOf<float> lo, hi;
+    std::memcpy(&lo, &v, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+    bf16::store8(o, lo);
+    bf16::store8(o + 8, hi);
+  }
+}
+
 // Destination of a tile: plane `out`, positions `pos`, columns `cstride` apart; a bf16 output (O)
 // is rounded from the float32 accumulators here.
 // (Element access through v[l], never the address of an accumulator, so they stay in registers.)
-template <class T, class O = T>
-SK_INLINE void store_tile(VecOf<T> (&acc)[NACC], const Pos* pos, O* out, int64_t cstride) {
-  constexpr int VW = sizeof(VecOf<T>) / sizeof(T);
+template <class T, class O = T, int W = 32>
+SK_INLINE void store_tile(VecOf<T, W> (&acc)[NACC], const Pos* pos, O* out, int64_t cstride) {
+  constexpr int VW = W / sizeof(T);
 #pragma GCC unroll 16
   for (int k = 0; k < NACC; ++k) {
     const Pos& q = pos[k];
     O* o = out + q.out_off;
     if (__builtin_expect(q.hi == VW && cstride == 1, 1)) {
       // lanes below lo rewrite identical values
-      if constexpr (std::is_same<O, T>::value) simd::vstore(o, acc[k]);
-      else bf16::store8(o, acc[k]);
+      if constexpr (std::is_same<O, T>::value) simd::vstore<W>(o, acc[k]);
+      else store_bf16<W>(o, acc[k]);
     } else {
       for (int l = q.lo; l < q.hi; ++l) o[l * cstride] = static_cast<O>(acc[k][l]);
     }
@@ -65,13 +80,13 @@ SK_INLINE void store_tile(VecOf<T> (&acc)[NACC], const Pos* pos, O* out, int64_t
 // whatever the tile's shape); the last block writes it to `out`.
 //
 // out[pos] = init + sum_j ws[j] * src[offs[j] + pos.in_off] for tiles [t0, t1), rows [r0, r1).
-template <class T, class O = T>
+template <class T, class O = T, int W = 32>
 SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
                            const int64_t* bp, int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0,
                            int64_t t1, const T* bias, O* __restrict out, int64_t out_plane, int64_t cstride,
                            T* __restrict scratch) {
-  typedef VecOf<T> V;
-  constexpr int VW = sizeof(V) / sizeof(T);
+  typedef VecOf<T, W> V;
+  constexpr int VW = W / sizeof(T);
   for (int64_t t = t0; t < t1; ++t) {
     const Pos* tp = pos + t * NACC;
     int64_t io[NACC];
@@ -91,19 +106,19 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
           continue;
         } else {
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) acc[k] = simd::vload(sc + k * VW);
+          for (int k = 0; k < NACC; ++k) acc[k] = simd::vload<W>(sc + k * VW);
         }
         for (int64_t j = b; j < e; ++j) {
           const T* p = src + offs[j];
           const T w = ws[j];
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) acc[k] += w * simd::vload(p + io[k]);
+          for (int k = 0; k < NACC; ++k) acc[k] += w * simd::vload<W>(p + io[k]);
         }
         if (last) {
-          store_tile<T, O>(acc, tp, out + r * out_plane, cstride);
+          store_tile<T, O, W>(acc, tp, out + r * out_plane, cstride);
         } else {
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) simd::vstore(sc + k * VW, acc[k]);
+          for (int k = 0; k < NACC; ++k) simd::vstore<W>(sc + k * VW, acc[k]);
         }
       }
     }
@@ -115,8 +130,18 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
 // nonzero never reads into its gradient.
 template <bool MASK, class V, class T, class VI>
 SK_INLINE V src_lanes(const T* p, const VI& keep) {
-  if constexpr (MASK) return (V)((VI)simd::vload(p) & keep);
-  else return simd::vload(p);
+  constexpr int W = sizeof(V);
+  if constexpr (MASK) return (V)((VI)simd::vload<W>(p) & keep);
+  else return simd::vload<W>(p);
+}
+
+// The lane sums of four W-byte vectors in lanes 0..3 (each folded to 32 bytes first).
+template <class T, class V>
+SK_INLINE VecOf<T> reduce4(const V (&part)[4]) {
+  VecOf<T> half[4];
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) half[q] = simd::fold<int(sizeof(V)), T>(part[q]);
+  return simd::reduce_lanes4(half);
 }
 
 // dot(dv tile, source window at p) as one vector, in two chains so that the FMAs of the four
@@ -146,7 +171,7 @@ SK_INLINE void wgrad_entries(const V (&dv)[NACC], const T* __restrict src, const
     const V part[4] = {tile_dot<MASK>(dv, src + offs[j], io, keep), tile_dot<MASK>(dv, src + offs[j + 1], io, keep),
                        tile_dot<MASK>(dv, src + offs[j + 2], io, keep),
                        tile_dot<MASK>(dv, src + offs[j + 3], io, keep)};
-    const V s = simd::reduce_lanes4(part);
+    const VecOf<T> s = reduce4<T>(part);
 #pragma GCC unroll 4
     for (int l = 0; l < 4; ++l) g[j + l] += s[l];
   }
@@ -156,7 +181,7 @@ SK_INLINE void wgrad_entries(const V (&dv)[NACC], const T* __restrict src, const
     const V part[4] = {tile_dot<MASK>(dv, src + offs[j], io, keep),
                        left > 1 ? tile_dot<MASK>(dv, src + offs[j + 1], io, keep) : z,
                        left > 2 ? tile_dot<MASK>(dv, src + offs[j + 2], io, keep) : z, z};
-    const V s = simd::reduce_lanes4(part);
+    const VecOf<T> s = reduce4<T>(part);
     for (int64_t l = 0; l < left; ++l) g[j + l] += s[l];
   }
 }
@@ -168,13 +193,13 @@ SK_INLINE void wgrad_entries(const V (&dv)[NACC], const T* __restrict src, const
 // go four at a time through one simd::reduce_lanes4 (reduced lane by lane, each costs about as much as its FMAs):
 // measured 1.1-1.5x faster for 3x3 layers, whose neighbouring nonzeros (taps of one channel) read
 // the same lines, but 10-25 % slower for 1x1 layers, whose four reads in flight hit four planes.
-template <class T>
+template <class T, int W = 32>
 SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict offs, const int64_t* bp, int64_t nb,
                           int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const T* __restrict dy,
                           int64_t out_plane, T* __restrict g, bool grouped) {
-  typedef VecOf<T> V;
-  typedef typename simd::Vec<T>::vi VI;
-  constexpr int VW = sizeof(V) / sizeof(T);
+  typedef VecOf<T, W> V;
+  typedef typename simd::Vec<T, W>::vi VI;
+  constexpr int VW = W / sizeof(T);
   for (int64_t t = t0; t < t1; ++t) {
     const Pos* tp = pos + t * NACC;
     int64_t io[NACC];
@@ -196,7 +221,7 @@ SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict off
         for (int k = 0; k < NACC; ++k) {
           const Pos& q = tp[k];
           if (__builtin_expect(q.lo == 0 && q.hi == VW, 1)) {
-            dv[k] = simd::vload(d + q.out_off);
+            dv[k] = simd::vload<W>(d + q.out_off);
           } else {
             V v = V{};
             for (int l = q.lo; l < q.hi; ++l) v[l] = d[q.out_off + l];

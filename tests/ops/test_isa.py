@@ -178,6 +178,64 @@ def test_conv_tiles(isa, case, conv_dtype, monkeypatch):
         torch.testing.assert_close(got.double(), exp, **tol)
 
 
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation) for the direct kernel (pinned): output rows of 16-64
+# fp32 columns fill 64-byte vectors (32, 16), end in an overlapped one (20, 28, 33) or leave the 64-byte loops
+# to narrower rows (12); stride 2 splits the input gradient into phases 20 wide; one image runs the
+# channel-parallel branch; 96 input channels at density 0.3 cut the rows into blocks of planes.
+DIRECT_CASES = ((2, 4, 6, 16, 16, (3, 3), 1, 1, 1), (3, 5, 4, 20, 20, (3, 3), 1, 1, 1),
+                (2, 3, 5, 28, 30, (1, 3), 1, (0, 1), 1), (1, 4, 3, 33, 35, (3, 3), 1, 0, 1),
+                (2, 3, 4, 40, 40, (3, 3), 2, 1, 1), (2, 3, 4, 24, 24, (3, 3), 1, 2, 2),
+                (2, 4, 4, 12, 12, (5, 5), 1, 2, 1), (2, 96, 8, 18, 18, (3, 3), 1, 1, 1))
+
+
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "n{}c{}o{}h{}w{}k{}{}".format(*c[:5], *c[5]))
+@pytest.mark.parametrize("conv_dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_direct_conv(isa, case, conv_dtype, monkeypatch):
+    """The direct kernel's loops at either width (64-byte vectors where every output row holds one):
+    forward, input and weight gradient against F.conv2d (float64)."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "direct")
+    n, cin, cout, h, w, k, stride, pad, dil = case
+    g = gen(seed_of("isa", "direct", case, conv_dtype))
+    W = random_sparse((cout, cin, *k), 0.3, conv_dtype, g, empty_rows=True, requires_grad=True)
+    x = make_input((n, cin, h, w), conv_dtype, g, requires_grad=True)
+    bias = make_input((cout,), conv_dtype, g, requires_grad=True)
+    y = sparse_conv2d(x, W, bias, stride, pad, dil)
+    dense = W.to_dense().detach().double().requires_grad_(True)
+    xd, bd = x.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
+    expected = F.conv2d(xd, dense, bd, stride, pad, dil)
+    tol = dict(rtol=2e-2, atol=5e-2) if conv_dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.double(), expected, **tol)
+    grad_out = make_input(y.shape, conv_dtype, g)
+    gx, gv, gb = grads(y, [x, W.values, bias], grad_out)
+    ex, ew, eb = grads(expected, [xd, dense, bd], grad_out.double())
+    rows = torch.repeat_interleave(torch.arange(cout), W.row_ptr.diff())
+    ev = ew.reshape(cout, -1)[rows, W.col_idx.long()]
+    for got, exp in ((gx, ex), (gv, ev), (gb, eb)):
+        torch.testing.assert_close(got.double(), exp, **tol)
+
+
+def test_direct_conv_widths_agree_with_inf_in_overlapped_lanes(monkeypatch):
+    """The direct kernel's weight gradient at a 20-wide row (its last 64-byte vector overlaps the one before):
+    an Inf in x counts once at either width, no 0 * Inf = NaN from lanes a vector does not own."""
+    _skip_without_kernels()
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "direct")
+    g = gen(seed_of("isa", "direct-inf"))
+    W = random_sparse((6, 5, 3, 3), 0.4, torch.float64, g)
+    x = torch.randn(3, 5, 20, 20, generator=g, dtype=torch.float64)
+    x[1, 2, 7, 3] = float("inf")
+    dy = torch.randn(3, 6, 20, 20, generator=g, dtype=torch.float64)
+    geo = ([1, 1], [1, 1], [1, 1])
+    rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
+    xc = F.unfold(x, 3, padding=1)
+    expected = (dy.view(3, 6, 400)[:, rows] * xc[:, W.col_idx.long()]).sum((0, 2))
+    for name in ISAS:
+        if not sk_isa.supported(name):
+            continue
+        with sk_isa.use(name):
+            dv = torch.ops.sparsekern.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, [3, 3], *geo)
+        torch.testing.assert_close(dv, expected, equal_nan=True)
+
+
 def test_conv_widths_agree_with_inf_in_overlapped_lanes(monkeypatch):
     """An Inf the 64-byte weight gradient reads twice (in a vector and in the overlapped last one) counts
     once at either width: no 0 * Inf = NaN from the lanes the last vector does not own."""
