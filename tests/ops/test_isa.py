@@ -1,8 +1,8 @@
 """The CPU kernels' two vector widths (sparsekern.isa): avx2 (32-byte loops) and avx512 (64-byte loops),
 each against the reference, for sparse_linear, spmm and sddmm over the shared parametrization plus shapes
 whose batch fills the 64- and 128-byte tiles, at densities below the engine's dense fallback (0.3); and the
-conv tile loops (pointwise and batch-innermost kernels) against F.conv2d, over planes and runs that fill
-whole 64-byte vectors, end in an overlapped one, or are too short for one (the 32-byte loops run)."""
+conv loops (pointwise, batch-innermost and direct kernels) against F.conv2d, over planes, runs and rows that
+fill whole 64-byte vectors, end in an overlapped one, or are too short for one (the 32-byte loops run)."""
 import os
 import subprocess
 import sys
@@ -145,58 +145,35 @@ def test_environment_variable_is_read_at_load():
         assert _isa_at_load("avx512")[0] == "avx512"
 
 
-# (N, Cin, Cout, H=W, kernel, stride, padding): 1x1 convs run the pointwise kernel (planes of 4x4 and 7x7
-# grouped several images to a row, 14x14 flat with an overlapped last vector, stride 2 packed), 3x3 ones the
-# batch-innermost kernel (pinned), whose runs of OW*N columns fill 64-byte vectors, overlap, or (N=1, 5
-# columns) are too short for one.
-CONV_CASES = ((3, 8, 12, 4, 1, 1, 0), (2, 16, 8, 7, 1, 1, 0), (2, 8, 8, 14, 1, 1, 0), (4, 8, 6, 9, 1, 2, 0),
-              (4, 6, 8, 7, 3, 1, 1), (3, 5, 7, 9, 3, 2, 1), (1, 4, 4, 5, 3, 1, 1), (16, 8, 8, 4, 3, 1, 1))
+# (kernel pin, N, Cin, Cout, H, W, kernel, stride, padding, dilation).
+# batched: 1x1 convs run the pointwise kernel (planes of 4x4 and 7x7 grouped several images to a row, 14x14 flat
+# with an overlapped last vector, stride 2 packed), 3x3 ones the batch-innermost kernel, whose runs of OW*N columns
+# fill 64-byte vectors, overlap, or (N=1, 5 columns) are too short for one.
+# direct: output rows of 16-64 fp32 columns fill 64-byte vectors (32, 16), end in an overlapped one (20, 28, 33)
+# or leave the 64-byte loops to narrower rows (12); stride 2 splits the input gradient into phases 20 wide; one
+# image runs the channel-parallel branch; 96 input channels cut the rows into blocks of planes.
+CONV_CASES = (("batched", 3, 8, 12, 4, 4, 1, 1, 0, 1), ("batched", 2, 16, 8, 7, 7, 1, 1, 0, 1),
+              ("batched", 2, 8, 8, 14, 14, 1, 1, 0, 1), ("batched", 4, 8, 6, 9, 9, 1, 2, 0, 1),
+              ("batched", 4, 6, 8, 7, 7, 3, 1, 1, 1), ("batched", 3, 5, 7, 9, 9, 3, 2, 1, 1),
+              ("batched", 1, 4, 4, 5, 5, 3, 1, 1, 1), ("batched", 16, 8, 8, 4, 4, 3, 1, 1, 1),
+              ("direct", 2, 4, 6, 16, 16, 3, 1, 1, 1), ("direct", 3, 5, 4, 20, 20, 3, 1, 1, 1),
+              ("direct", 2, 3, 5, 28, 30, (1, 3), 1, (0, 1), 1), ("direct", 1, 4, 3, 33, 35, 3, 1, 0, 1),
+              ("direct", 2, 3, 4, 40, 40, 3, 2, 1, 1), ("direct", 2, 3, 4, 24, 24, 3, 1, 2, 2),
+              ("direct", 2, 4, 4, 12, 12, 5, 1, 2, 1), ("direct", 2, 96, 8, 18, 18, 3, 1, 1, 1))
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "n{}c{}o{}h{}k{}s{}p{}".format(*c))
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "{}-n{}c{}o{}h{}w{}k{}s{}p{}d{}".format(*c))
 @pytest.mark.parametrize("conv_dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
 def test_conv_tiles(isa, case, conv_dtype, monkeypatch):
-    """Forward, input and weight gradient of the tile kernels at either width against F.conv2d (float64)."""
-    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
-    n, cin, cout, h, k, stride, pad = case
+    """Forward, input and weight gradient of the conv kernels' loops at either width against F.conv2d
+    (float64): the pointwise and batch-innermost tile loops, and the direct kernel's (64-byte vectors where
+    every output row holds one)."""
+    pin, n, cin, cout, h, w, k, stride, pad, dil = case
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
     g = gen(seed_of("isa", "conv", case, conv_dtype))
-    W = random_sparse((cout, cin, k, k), 0.2, conv_dtype, g, empty_rows=True, requires_grad=True)
-    x = make_input((n, cin, h, h), conv_dtype, g, requires_grad=True)
-    bias = make_input((cout,), conv_dtype, g, requires_grad=True)
-    y = sparse_conv2d(x, W, bias, stride, pad)
-    dense = W.to_dense().detach().double().requires_grad_(True)
-    xd, bd = x.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
-    expected = F.conv2d(xd, dense, bd, stride, pad)
-    tol = dict(rtol=2e-2, atol=2e-2) if conv_dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(y.double(), expected, **tol)
-    grad_out = make_input(y.shape, conv_dtype, g)
-    gx, gv, gb = grads(y, [x, W.values, bias], grad_out)
-    ex, ew, eb = grads(expected, [xd, dense, bd], grad_out.double())
-    rows = torch.repeat_interleave(torch.arange(cout), W.row_ptr.diff())
-    ev = ew.reshape(cout, -1)[rows, W.col_idx.long()]
-    for got, exp in ((gx, ex), (gv, ev), (gb, eb)):
-        torch.testing.assert_close(got.double(), exp, **tol)
-
-
-# (N, Cin, Cout, H, W, kernel, stride, padding, dilation) for the direct kernel (pinned): output rows of 16-64
-# fp32 columns fill 64-byte vectors (32, 16), end in an overlapped one (20, 28, 33) or leave the 64-byte loops
-# to narrower rows (12); stride 2 splits the input gradient into phases 20 wide; one image runs the
-# channel-parallel branch; 96 input channels at density 0.3 cut the rows into blocks of planes.
-DIRECT_CASES = ((2, 4, 6, 16, 16, (3, 3), 1, 1, 1), (3, 5, 4, 20, 20, (3, 3), 1, 1, 1),
-                (2, 3, 5, 28, 30, (1, 3), 1, (0, 1), 1), (1, 4, 3, 33, 35, (3, 3), 1, 0, 1),
-                (2, 3, 4, 40, 40, (3, 3), 2, 1, 1), (2, 3, 4, 24, 24, (3, 3), 1, 2, 2),
-                (2, 4, 4, 12, 12, (5, 5), 1, 2, 1), (2, 96, 8, 18, 18, (3, 3), 1, 1, 1))
-
-
-@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "n{}c{}o{}h{}w{}k{}{}".format(*c[:5], *c[5]))
-@pytest.mark.parametrize("conv_dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
-def test_direct_conv(isa, case, conv_dtype, monkeypatch):
-    """The direct kernel's loops at either width (64-byte vectors where every output row holds one):
-    forward, input and weight gradient against F.conv2d (float64)."""
-    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "direct")
-    n, cin, cout, h, w, k, stride, pad, dil = case
-    g = gen(seed_of("isa", "direct", case, conv_dtype))
-    W = random_sparse((cout, cin, *k), 0.3, conv_dtype, g, empty_rows=True, requires_grad=True)
+    ks = k if isinstance(k, tuple) else (k, k)
+    W = random_sparse((cout, cin, *ks), 0.2 if pin == "batched" else 0.3, conv_dtype, g, empty_rows=True,
+                      requires_grad=True)
     x = make_input((n, cin, h, w), conv_dtype, g, requires_grad=True)
     bias = make_input((cout,), conv_dtype, g, requires_grad=True)
     y = sparse_conv2d(x, W, bias, stride, pad, dil)
@@ -214,42 +191,21 @@ def test_direct_conv(isa, case, conv_dtype, monkeypatch):
         torch.testing.assert_close(got.double(), exp, **tol)
 
 
-def test_direct_conv_widths_agree_with_inf_in_overlapped_lanes(monkeypatch):
-    """The direct kernel's weight gradient at a 20-wide row (its last 64-byte vector overlaps the one before):
-    an Inf in x counts once at either width, no 0 * Inf = NaN from lanes a vector does not own."""
+@pytest.mark.parametrize("pin,n,hw,inf_at", [("batched", 4, 5, (1, 2, 4, 4)), ("direct", 3, 20, (1, 2, 7, 3))])
+def test_conv_widths_agree_with_inf_in_overlapped_lanes(pin, n, hw, inf_at, monkeypatch):
+    """An Inf the weight gradient reads twice (in a vector and in the overlapped last one: a 5x5 plane's batch
+    runs, a 20-wide row) counts once at either width: no 0 * Inf = NaN from the lanes a vector does not own."""
     _skip_without_kernels()
-    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "direct")
-    g = gen(seed_of("isa", "direct-inf"))
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
+    g = gen(seed_of("isa", "conv-inf", pin))
     W = random_sparse((6, 5, 3, 3), 0.4, torch.float64, g)
-    x = torch.randn(3, 5, 20, 20, generator=g, dtype=torch.float64)
-    x[1, 2, 7, 3] = float("inf")
-    dy = torch.randn(3, 6, 20, 20, generator=g, dtype=torch.float64)
+    x = torch.randn(n, 5, hw, hw, generator=g, dtype=torch.float64)
+    x[inf_at] = float("inf")
+    dy = torch.randn(n, 6, hw, hw, generator=g, dtype=torch.float64)
     geo = ([1, 1], [1, 1], [1, 1])
     rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
     xc = F.unfold(x, 3, padding=1)
-    expected = (dy.view(3, 6, 400)[:, rows] * xc[:, W.col_idx.long()]).sum((0, 2))
-    for name in ISAS:
-        if not sk_isa.supported(name):
-            continue
-        with sk_isa.use(name):
-            dv = torch.ops.sparsekern.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, [3, 3], *geo)
-        torch.testing.assert_close(dv, expected, equal_nan=True)
-
-
-def test_conv_widths_agree_with_inf_in_overlapped_lanes(monkeypatch):
-    """An Inf the 64-byte weight gradient reads twice (in a vector and in the overlapped last one) counts
-    once at either width: no 0 * Inf = NaN from the lanes the last vector does not own."""
-    _skip_without_kernels()
-    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
-    g = gen(seed_of("isa", "conv-inf"))
-    W = random_sparse((6, 5, 3, 3), 0.4, torch.float64, g)
-    x = torch.randn(4, 5, 5, 5, generator=g, dtype=torch.float64)
-    x[1, 2, 4, 4] = float("inf")
-    dy = torch.randn(4, 6, 5, 5, generator=g, dtype=torch.float64)
-    geo = ([1, 1], [1, 1], [1, 1])
-    rows = torch.repeat_interleave(torch.arange(6), W.row_ptr.diff())
-    xc = F.unfold(x, 3, padding=1)
-    expected = (dy.view(4, 6, 25)[:, rows] * xc[:, W.col_idx.long()]).sum((0, 2))
+    expected = (dy.view(n, 6, hw * hw)[:, rows] * xc[:, W.col_idx.long()]).sum((0, 2))
     for name in ISAS:
         if not sk_isa.supported(name):
             continue
