@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsekern  # noqa: F401  (loads the extension)
+from sparsekern import isa as sk_isa
 
 ops = torch.ops.sparsekern
 
@@ -55,6 +56,14 @@ def _expected(x, values, row_ptr, col_idx, cout, k, s, p, grad_out):
     return y.detach(), xr.grad, w.grad.view(cout, -1)[rows, col_idx.long()]
 
 
+def _plans(name, x, grad_out):
+    """Plans one forward + backward builds: forward and weight gradient share one, the input gradient has its own;
+    but the direct kernel's weight gradient keeps 32-byte vectors on rows that end in an overlapped 64-byte one
+    (sparse_conv2d.cpp, tap_width), and then has a plan of its own."""
+    row = grad_out.shape[3] * x.element_size()
+    return 3 if name.startswith("direct") and sk_isa.get() == "avx512" and row >= 64 and row % 64 else 2
+
+
 def _check(x, values, row_ptr, col_idx, geom, grad_out):
     n, cin, cout, h, w, k, s, p = geom
     got = _passes(x, values, row_ptr, col_idx, k, s, p, grad_out)
@@ -82,12 +91,12 @@ def setup(request, monkeypatch):
 
 
 @pytest.mark.parametrize("setup", list(GEOMETRIES), indirect=True)
-def test_repeated_calls_reuse_their_plans(setup):
+def test_repeated_calls_reuse_their_plans(setup, request):
     geom, x, grad_out, row_ptr, col_idx, values, _ = setup
     ops._plan_cache_clear()
     _check(x, values, row_ptr, col_idx, geom, grad_out)
     entries, nbytes = ops._plan_cache_stats()
-    assert entries == 2 and nbytes > 0, "forward and grad weight share a plan; grad input has its own"
+    assert entries == _plans(request.node.callspec.params["setup"], x, grad_out) and nbytes > 0
     for _ in range(2):
         values = values * 1.5  # new values every step: the plans do not depend on them
         _check(x, values, row_ptr, col_idx, geom, grad_out)
