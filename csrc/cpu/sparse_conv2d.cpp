@@ -55,39 +55,26 @@ using conv2d_impl::Pos;
 // Hot loops: per dtype one clone set of the 32-byte loops and, on AVX-512 builds, the 64-byte ones (`_w64`,
 // x86-64-v4 only). A plan's positions are cut for one width (Plan::vb, from conv_tiles::vector_bytes).
 
-#define SK_DIRECT_LOOPS(ATTR, SUFFIX, W)                                                                              \
-  ATTR void gather_rows_f32##SUFFIX(const float* src, const int32_t* offs, const float* ws, const int64_t* bp,        \
-                                    int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1,       \
-                                    const float* bias, float* out, int64_t out_plane, int64_t cstride,                \
-                                    float* scratch) {                                                                 \
-    conv2d_impl::gather_rows<float, float, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,       \
-                                              cstride, scratch);                                                      \
-  }                                                                                                                   \
-  ATTR void gather_rows_f64##SUFFIX(const double* src, const int32_t* offs, const double* ws, const int64_t* bp,      \
-                                    int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1,       \
-                                    const double* bias, double* out, int64_t out_plane, int64_t cstride,              \
-                                    double* scratch) {                                                                \
-    conv2d_impl::gather_rows<double, double, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane,     \
-                                                cstride, scratch);                                                    \
-  }                                                                                                                   \
-  /* bf16 output (forward, grad input): float32 source, weights and accumulators, rounded on store. */                \
-  ATTR void gather_rows_bf16##SUFFIX(const float* src, const int32_t* offs, const float* ws, const int64_t* bp,       \
-                                     int64_t nb, int64_t r0, int64_t r1, const Pos* pos, int64_t t0, int64_t t1,      \
-                                     const float* bias, c10::BFloat16* out, int64_t out_plane, int64_t cstride,       \
-                                     float* scratch) {                                                                \
-    conv2d_impl::gather_rows<float, c10::BFloat16, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out,          \
-                                                      out_plane, cstride, scratch);                                   \
-  }                                                                                                                   \
-  ATTR void wgrad_rows_f32##SUFFIX(const float* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0,  \
-                                   int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const float* dy,               \
-                                   int64_t out_plane, float* g, bool grouped) {                                       \
-    conv2d_impl::wgrad_rows<float, W>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);             \
-  }                                                                                                                   \
-  ATTR void wgrad_rows_f64##SUFFIX(const double* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, \
-                                   int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const double* dy,              \
-                                   int64_t out_plane, double* g, bool grouped) {                                      \
-    conv2d_impl::wgrad_rows<double, W>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);            \
+// gather_rows<T, O, W> as NAME (a bf16 O: float32 source, weights and accumulators, rounded on store).
+#define SK_GATHER_ROWS(ATTR, NAME, T, O, W)                                                                      \
+  ATTR void NAME(const T* src, const int32_t* offs, const T* ws, const int64_t* bp, int64_t nb, int64_t r0,      \
+                 int64_t r1, const Pos* pos, int64_t t0, int64_t t1, const T* bias, O* out, int64_t out_plane,   \
+                 int64_t cstride, T* scratch) {                                                                  \
+    conv2d_impl::gather_rows<T, O, W>(src, offs, ws, bp, nb, r0, r1, pos, t0, t1, bias, out, out_plane, cstride, \
+                                      scratch);                                                                  \
   }
+// wgrad_rows<T, W> as NAME.
+#define SK_WGRAD_ROWS(ATTR, NAME, T, W)                                                                        \
+  ATTR void NAME(const T* src, const int32_t* offs, const int64_t* bp, int64_t nb, int64_t r0, int64_t r1,     \
+                 const Pos* pos, int64_t t0, int64_t t1, const T* dy, int64_t out_plane, T* g, bool grouped) { \
+    conv2d_impl::wgrad_rows<T, W>(src, offs, bp, nb, r0, r1, pos, t0, t1, dy, out_plane, g, grouped);          \
+  }
+#define SK_DIRECT_LOOPS(ATTR, SUFFIX, W)                                  \
+  SK_GATHER_ROWS(ATTR, gather_rows_f32##SUFFIX, float, float, W)          \
+  SK_GATHER_ROWS(ATTR, gather_rows_f64##SUFFIX, double, double, W)        \
+  SK_GATHER_ROWS(ATTR, gather_rows_bf16##SUFFIX, float, c10::BFloat16, W) \
+  SK_WGRAD_ROWS(ATTR, wgrad_rows_f32##SUFFIX, float, W)                   \
+  SK_WGRAD_ROWS(ATTR, wgrad_rows_f64##SUFFIX, double, W)
 
 SK_DIRECT_LOOPS(SK_CLONES, , 32)
 #if SK_HAVE_AVX512
