@@ -228,6 +228,27 @@ def test_pointwise(backend, case, dtype, sparsity, layout):
         assert_close(a, e, scale=s)
 
 
+@pytest.mark.parametrize("case", [(4, 6, 5, 17, 15, (2, 2)), (3, 5, 6, 7, 7, (1, 2)), (1, 16, 24, 12, 13, (2, 3))],
+                         ids=str)
+def test_pointwise_strided_input_gradient_writes_every_pixel(case):
+    """A strided 1x1 conv's input gradient is zero at the pixels no output reads: the kernel writes those zeros
+    itself (no separate fill), so memory that held NaNs before must not show through, on every read path
+    (flat images, grouped images, one image split by rows)."""
+    n, cin, cout, h, w, stride = case
+    g = gen(11)
+    W = random_sparse((cout, cin, 1, 1), 0.5, torch.float32, g, False, "contiguous")
+    x = torch.randn(n, cin, h, w, generator=g)
+    dy = torch.randn(sparse_conv2d(x, W, None, stride).shape, generator=g)
+    expected = torch.nn.grad.conv2d_input(x.shape, W.to_dense(), dy, stride=stride)
+    for _ in range(3):
+        junk = torch.full((n, cin, h, w), float("nan"))  # freed just before: the gradient's likely memory
+        del junk
+        dx = torch.ops.sparsekern.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape),
+                                                               [1, 1], list(stride), [0, 0], [1, 1])
+        assert _cpu_kernel(x, W, stride, (0, 0), (1, 1)) == "pointwise"
+        torch.testing.assert_close(dx, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("hw", [(9, 9), (3, 3)], ids=str)
 def test_pointwise_non_finite(hw):
     """NaN and Inf reach exactly the results that read them, nonzero by nonzero: the overlapped end of a 9x9
