@@ -17,7 +17,10 @@ allocations. Per model and distribution the report gives:
   fwd+bwd timed alone on its input, captured by a forward hook, summed, over the step), ``flop fraction``
   the sparse layers' MACs over the dense layers' MACs; bound = 1 / ((1 - share) + share * flop fraction),
   and "of bound" is the part of the bound's time saving achieved;
-- per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input.
+- per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input;
+- where a step's time goes by kind of op (layers, normalization, activations, ..., outside any op), dense and
+  sparse side by side, from a profiled step (``bench.breakdown``): costs outside the kernels that sparse layers
+  change show there.
 
 ``sparsekern bench --models [resnet50 resnet18 bert vit convnext mlp] [--quick] [--threads N] [--output FILE]``,
 or ``python -m sparsekern.bench.models`` with the same options; ``--sizes tiny`` is for the smoke test.
@@ -44,6 +47,7 @@ from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
 from sparsekern.nn import SparseWeightMixin
 from sparsekern.sparsity import sparsifiable_layers
 
+from .breakdown import ORDER as BREAKDOWN_ORDER, step_breakdown
 from .ops import _backends
 from .report import command_line, host
 from .timing import Budget, Timing, measure_interleaved, train_step_fn
@@ -62,11 +66,12 @@ class Settings:
     # Rounds of steps at least, whatever the budget: a ResNet-50 224x224 round takes 3 s, so the step budget alone
     # stopped at 5 samples a model, whose median moved a ratio by 10 % on this project's shared VMs.
     step_rounds: int = 5
+    breakdown_rounds: int = 2  # profiled steps per model for the breakdown by kind of op
 
 
 SETTINGS = {"full": Settings(Budget(2.0, 8.0), Budget(0.2, 1.0), 3, step_rounds=9),
             "quick": Settings(Budget(0.3, 1.5), Budget(0.02, 0.1), 2),
-            "tiny": Settings(Budget(0.002, 0.02), Budget(0.001, 0.005), 1, step_rounds=2)}
+            "tiny": Settings(Budget(0.002, 0.02), Budget(0.001, 0.005), 1, step_rounds=2, breakdown_rounds=1)}
 
 
 @dataclass(frozen=True)
@@ -239,6 +244,7 @@ class ModelResult:
     sparse: Dict[str, Timing]
     sparse_peak: Dict[str, Optional[int]]
     layers: List[LayerRow]
+    breakdown: Dict[str, Dict[str, float]] = field(default_factory=dict)  # "dense" or distribution -> category -> s
 
     @property
     def share(self) -> float:
@@ -283,6 +289,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
     timings = measure_interleaved(steps, settings.step, min_rounds=settings.step_rounds)
     peaks = {key: step_peak_bytes(model, optimizers[key], steps[key])
              for key, model in [("dense", dense), *sparse.items()]}
+    breakdowns = {key: step_breakdown(step, settings.breakdown_rounds) for key, step in steps.items()}
 
     captured = capture_inputs(dense, names, x)
     cache: dict = {}
@@ -300,7 +307,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
             row.sparse[d] = times[d]
         rows.append(row)
     return ModelResult(case, timings["dense"], peaks["dense"], {d: timings[d] for d in sparse},
-                       {d: peaks[d] for d in sparse}, rows)
+                       {d: peaks[d] for d in sparse}, rows, breakdowns)
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -363,12 +370,32 @@ LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Li
           "kind, shape, input and nnz are timed once.")
 
 
+def breakdown_rows(result: ModelResult) -> Tuple[List[str], List[list]]:
+    keys = ["dense", *result.sparse]
+    headers = ["kind of op", *(f"{k} ms" for k in keys), *(f"{d} - dense ms" for d in result.sparse)]
+    rows = []
+    for cat in BREAKDOWN_ORDER:
+        ms = {k: result.breakdown[k][cat] * 1e3 for k in keys}
+        rows.append([cat, *(f"{ms[k]:.2f}" for k in keys), *(f"{ms[d] - ms['dense']:+.2f}" for d in result.sparse)])
+    return headers, rows
+
+
+BREAKDOWN_LEGEND = ("A step under torch.profiler (bench/breakdown.py), ms per step: each op's self time on the "
+                    "step's thread, summed by kind of op (the layers' kernels, dense or sparse, are `conv and linear "
+                    "layers`); `outside ops` is the step's time in no op (Python, the autograd engine). Profiled "
+                    "steps run a little longer than the timed ones above.")
+
+
 def markdown(results: Sequence[ModelResult], meta: Dict[str, str]) -> str:
     lines = ["# sparsekern model bench", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [""]
     lines += _table(SUMMARY_HEADERS, summary_rows(results)) + ["", LEGEND, ""]
     for r in results:
         headers, rows = layer_rows(r)
         lines += [f"## {r.case.name}: every sparse layer", ""] + _table(headers, rows) + [""]
+        if r.breakdown:
+            headers, rows = breakdown_rows(r)
+            lines += [f"## {r.case.name}: where a step's time goes", ""] + _table(headers, rows)
+            lines += ["", BREAKDOWN_LEGEND, ""]
     return "\n".join(lines)
 
 

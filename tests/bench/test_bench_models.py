@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import sparsekern
+from sparsekern.bench.breakdown import ORDER as BREAKDOWN_ORDER, category
 from sparsekern.bench.models import DENSITY, DISTRIBUTIONS, MODELS, cases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,11 +55,24 @@ def test_bench_models_tiny(tmp_path):
                 "sparsekern backend: reference"):
         assert key in text
 
-    (_, summary), *per_layer = _tables(text)
+    (_, summary), *per_model = _tables(text)
     tiny = cases("tiny")
     assert [c.model for c in tiny] == list(MODELS)
     assert [(r["model"], r["distribution"]) for r in summary] == [(c.name, d) for c in tiny for d in DISTRIBUTIONS]
-    assert [title for title, _ in per_layer] == [f"{c.name}: every sparse layer" for c in tiny]
+    assert [title for title, _ in per_model] == [f"{c.name}: {what}" for c in tiny
+                                                 for what in ("every sparse layer", "where a step's time goes")]
+    per_layer, breakdowns = per_model[0::2], per_model[1::2]
+    for case, (_, kinds) in zip(tiny, breakdowns):
+        assert [k["kind of op"] for k in kinds] == list(BREAKDOWN_ORDER)
+        for key in ("dense", *DISTRIBUTIONS):
+            ms = [float(k[f"{key} ms"]) for k in kinds]
+            assert all(math.isfinite(v) and v >= 0 for v in ms), (case.name, key, ms)
+            step = float(next(r for r in summary if r["model"] == case.name)["dense step ms" if key == "dense"
+                                                                               else "sparse step ms"])
+            assert ms[0] > 0 and sum(ms) > 0.2 * step, (case.name, key, ms, step)  # the layers ran, the step counted
+        for d in DISTRIBUTIONS:
+            assert all(math.isclose(float(k[f"{d} - dense ms"]), float(k[f"{d} ms"]) - float(k["dense ms"]),
+                                    abs_tol=0.011) for k in kinds)
     for case, (_, layers) in zip(tiny, per_layer):
         n_sparse = _sparse_layer_count(case)
         assert len(layers) == n_sparse
@@ -91,3 +105,17 @@ def test_a_model_case_runs_in_a_process_of_its_own(monkeypatch):
     assert all(t.ok for t in result.sparse.values())
     assert len(result.layers) == _sparse_layer_count(result.case)
     assert all(row.dense.ok and set(row.sparse) == set(DISTRIBUTIONS) for row in result.layers)
+
+
+def test_breakdown_categories():
+    """Ops go to their kind by name, the optimizer's by the range around them; the first match wins."""
+    assert category("sparsekern::sparse_conv2d_backward_weight", []) == "conv and linear layers"
+    assert category("torch::autograd::CppNode<sparsekern::(anonymous namespace)::LinearNode>", []) == \
+        "conv and linear layers"
+    assert category("aten::native_batch_norm_backward", []) == "normalization"
+    assert category("aten::threshold_backward", []) == "activations"
+    assert category("aten::_log_softmax_backward_data", []) == "loss"
+    assert category("aten::_softmax", []) == "attention"
+    assert category("aten::max_pool2d_with_indices", []) == "pooling"
+    assert category("aten::add_", ["Optimizer.step#SGD.step"]) == "optimizer"
+    assert category("aten::add_", ["autograd::engine::evaluate_function: AddBackward0"]) == "other ops"

@@ -1,0 +1,73 @@
+"""Where a training step's time goes, by kind of op: the step run under ``torch.profiler`` and every op's self
+time (its own, not its children's, so nothing counts twice) summed per category.
+
+The layers' kernels are one category among normalization, activations, the loss, attention, pooling, the
+optimizer and the rest (adds, copies, autograd's own bookkeeping); ``outside ops`` is the step's time in no op at
+all (Python, the autograd engine between nodes). Dense and sparse side by side show costs outside the kernels that
+the kernels cause or move: ResNet-50's batch norms, for instance, took 62 ms of the dense step and 77 ms of the
+sparse one on an Intel host (BENCHMARKS.md). Profiled times run a little longer than the bench's plain ones; the
+table is for comparing categories and models, the step table for speedups.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Iterable, Tuple
+
+import torch
+
+# (category, substrings of an op's name, lowercase): the first category with a match takes the op. The
+# optimizer's ops are recognised by the optimizer's record_function range around them (``Optimizer.``).
+CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("conv and linear layers", ("sparsekern", "convolution", "addmm", "aten::mm", "aten::linear", "aten::matmul",
+                                "aten::conv", "mkldnn", "aten::im2col", "aten::col2im")),
+    ("normalization", ("batch_norm", "layer_norm", "group_norm")),
+    ("activations", ("relu", "threshold", "clamp", "gelu", "silu", "sigmoid", "tanh", "hardswish")),
+    ("loss", ("cross_entropy", "nll_loss", "log_softmax")),
+    ("attention", ("scaled_dot_product", "softmax", "bmm", "attention")),
+    ("pooling", ("pool",)),
+)
+OPTIMIZER = "optimizer"
+OTHER = "other ops"
+OUTSIDE = "outside ops"
+ORDER = tuple(c for c, _ in CATEGORIES) + (OPTIMIZER, OTHER, OUTSIDE)
+
+
+def category(name: str, ancestors: Iterable[str]) -> str:
+    """The category of an op called ``name`` whose enclosing ranges are ``ancestors``."""
+    if any(a.startswith("Optimizer.") for a in (name, *ancestors)):
+        return OPTIMIZER
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return OTHER
+
+
+def _ancestors(event) -> Iterable[str]:
+    parent = event.cpu_parent
+    while parent is not None:
+        yield parent.name
+        parent = parent.cpu_parent
+
+
+def step_breakdown(step: Callable[[], None], rounds: int = 2) -> Dict[str, float]:
+    """Seconds per step by category (ORDER) over ``rounds`` profiled calls of ``step`` (after one unprofiled
+    call, so that first-call work stays out). Every op's self time on the thread that ran the step counts once;
+    ``outside ops`` is the wall time of the steps less those."""
+    step()
+    totals = dict.fromkeys(ORDER, 0.0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            step()
+        wall = time.perf_counter() - start
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    if events:
+        # The thread that ran the step (its first op): ops an op starts on other threads overlap their parent's time.
+        main = min(events, key=lambda e: e.time_range.start).thread
+        for event in events:
+            if event.thread == main:
+                totals[category(event.name, _ancestors(event))] += event.self_cpu_time_total * 1e-6
+    in_ops = sum(totals.values())
+    totals[OUTSIDE] = max(wall - in_ops, 0.0)
+    return {k: v / rounds for k, v in totals.items()}
