@@ -10,6 +10,7 @@ table is for comparing categories and models, the step table for speedups.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Dict, Iterable, Tuple
 
@@ -50,16 +51,12 @@ def _ancestors(event) -> Iterable[str]:
         parent = parent.cpu_parent
 
 
-def step_breakdown(step: Callable[[], None], rounds: int = 2) -> Dict[str, float]:
-    """Seconds per step by category (ORDER) over ``rounds`` profiled calls of ``step`` (after one unprofiled
-    call, so that first-call work stays out). Every op's self time on the thread that ran the step counts once;
-    ``outside ops`` is the wall time of the steps less those."""
-    step()
+def _profiled(step: Callable[[], None]) -> Dict[str, float]:
+    """Seconds by category (ORDER) in one profiled call of ``step``."""
     totals = dict.fromkeys(ORDER, 0.0)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        for _ in range(rounds):
-            step()
+        step()
         wall = time.perf_counter() - start
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     if events:
@@ -68,6 +65,15 @@ def step_breakdown(step: Callable[[], None], rounds: int = 2) -> Dict[str, float
         for event in events:
             if event.thread == main:
                 totals[category(event.name, _ancestors(event))] += event.self_cpu_time_total * 1e-6
-    in_ops = sum(totals.values())
-    totals[OUTSIDE] = max(wall - in_ops, 0.0)
-    return {k: v / rounds for k, v in totals.items()}
+    totals[OUTSIDE] = max(wall - sum(totals.values()), 0.0)
+    return totals
+
+
+def step_breakdown(step: Callable[[], None], rounds: int = 3) -> Dict[str, float]:
+    """Seconds per step by category (ORDER): the median over ``rounds`` profiled calls of ``step``, each category
+    on its own (one slow call on a shared host moves no median), after one unprofiled call (first-call work stays
+    out). Every op's self time on the thread that ran the step counts once; ``outside ops`` is the step's wall time
+    less those."""
+    step()
+    runs = [_profiled(step) for _ in range(rounds)]
+    return {k: statistics.median(r[k] for r in runs) for k in ORDER}

@@ -66,7 +66,7 @@ class Settings:
     # Rounds of steps at least, whatever the budget: a ResNet-50 224x224 round takes 3 s, so the step budget alone
     # stopped at 5 samples a model, whose median moved a ratio by 10 % on this project's shared VMs.
     step_rounds: int = 5
-    breakdown_rounds: int = 2  # profiled steps per model for the breakdown by kind of op
+    breakdown_rounds: int = 3  # profiled steps per model for the breakdown by kind of op (medians)
 
 
 SETTINGS = {"full": Settings(Budget(2.0, 8.0), Budget(0.2, 1.0), 3, step_rounds=9),
@@ -380,10 +380,10 @@ def breakdown_rows(result: ModelResult) -> Tuple[List[str], List[list]]:
     return headers, rows
 
 
-BREAKDOWN_LEGEND = ("A step under torch.profiler (bench/breakdown.py), ms per step: each op's self time on the "
-                    "step's thread, summed by kind of op (the layers' kernels, dense or sparse, are `conv and linear "
-                    "layers`); `outside ops` is the step's time in no op (Python, the autograd engine). Profiled "
-                    "steps run a little longer than the timed ones above.")
+BREAKDOWN_LEGEND = ("Steps under torch.profiler (bench/breakdown.py), ms per step, the median of profiled steps "
+                    "per kind of op: each op's self time on the step's thread, summed by kind (the layers' kernels, "
+                    "dense or sparse, are `conv and linear layers`); `outside ops` is the step's time in no op "
+                    "(Python, the autograd engine). Profiled steps run a little longer than the timed ones above.")
 
 
 def markdown(results: Sequence[ModelResult], meta: Dict[str, str]) -> str:
