@@ -47,7 +47,7 @@ from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
 from sparsekern.nn import SparseWeightMixin
 from sparsekern.sparsity import sparsifiable_layers
 
-from .breakdown import ORDER as BREAKDOWN_ORDER, step_breakdown
+from .breakdown import ORDER as BREAKDOWN_ORDER, step_breakdowns
 from .ops import _backends
 from .report import command_line, host
 from .timing import Budget, Timing, measure_interleaved, train_step_fn
@@ -289,7 +289,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
     timings = measure_interleaved(steps, settings.step, min_rounds=settings.step_rounds)
     peaks = {key: step_peak_bytes(model, optimizers[key], steps[key])
              for key, model in [("dense", dense), *sparse.items()]}
-    breakdowns = {key: step_breakdown(step, settings.breakdown_rounds) for key, step in steps.items()}
+    breakdowns = step_breakdowns(steps, settings.breakdown_rounds)
 
     captured = capture_inputs(dense, names, x)
     cache: dict = {}
