@@ -71,14 +71,17 @@ def _profiled(step: Callable[[], None]) -> Dict[str, float]:
 
 def step_breakdowns(steps: Dict[str, Callable[[], None]], rounds: int = 3) -> Dict[str, Dict[str, float]]:
     """Seconds per step by category (ORDER) for each of ``steps``: the median over ``rounds`` profiled calls, each
-    category on its own, after one unprofiled call each (first-call work stays out). The steps take turns, one
-    profiled call each per round in a rotated order, as ``bench.timing.measure_interleaved`` times them, so that a
-    host that slows down for a while slows them alike (profiling each model's calls back to back, one ResNet-50 at
-    224x224 read 245 ms of batch norm and 237 ms of activations, twice what its calls showed alone). Every op's self
-    time on the thread that ran the step counts once; ``outside ops`` is the step's wall time less those."""
+    category on its own, after one profiled call each that is not counted. The steps take turns, one profiled call
+    each per round in a rotated order, as ``bench.timing.measure_interleaved`` times them, so that a host that slows
+    down for a while slows them alike (profiling each model's calls back to back, one ResNet-50 at 224x224 read
+    245 ms of batch norm and 237 ms of activations, twice what its calls showed alone). The first profiled calls
+    move the heap (the profiler's own memory): the steps after them take fresh pages, 15-50 thousand page faults a
+    ResNet-50 224x224 step, counted in whichever ops allocate (its batch norms read 290-470 ms); they settle
+    within a call or two. Every op's self time on the thread that ran the step counts once; ``outside ops`` is the
+    step's wall time less those."""
     keys = list(steps)
     for key in keys:
-        steps[key]()
+        _profiled(steps[key])
     runs: Dict[str, List[Dict[str, float]]] = {key: [] for key in keys}
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:

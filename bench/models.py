@@ -66,7 +66,7 @@ class Settings:
     # Rounds of steps at least, whatever the budget: a ResNet-50 224x224 round takes 3 s, so the step budget alone
     # stopped at 5 samples a model, whose median moved a ratio by 10 % on this project's shared VMs.
     step_rounds: int = 5
-    breakdown_rounds: int = 3  # profiled steps per model for the breakdown by kind of op (medians)
+    breakdown_rounds: int = 4  # profiled steps per model for the breakdown by kind of op (medians)
 
 
 SETTINGS = {"full": Settings(Budget(2.0, 8.0), Budget(0.2, 1.0), 3, step_rounds=9),
