@@ -19,7 +19,7 @@ allocations. Per model and distribution the report gives:
   and "of bound" is the part of the bound's time saving achieved;
 - per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input;
 - where a step's time goes by kind of op (layers, normalization, activations, ..., outside any op), dense and
-  sparse side by side, from a profiled step (``bench.breakdown``): costs outside the kernels that sparse layers
+  sparse side by side, from profiled steps (``bench.breakdown``): costs outside the kernels that sparse layers
   change show there.
 
 ``sparsekern bench --models [resnet50 resnet18 bert vit convnext mlp] [--quick] [--threads N] [--output FILE]``,

@@ -103,8 +103,7 @@ void pack(const at::Tensor& t, int64_t b0, int64_t nimg, int64_t OH, int64_t OW,
 }
 
 // out[b0 + g, r, oh*sh, ow*sw] = buf[r*L + g*P + p] for the group's images and rows r0..r1 of R (out contiguous,
-// planes H x W); with
-// a stride, every other pixel of those planes gets zero (a strided conv's input gradient), row by row in the
+// planes H x W). With a stride, the pixels between get zero (a strided conv's input gradient), row by row in the
 // same pass: a separate zero fill of the whole gradient first cost another write of it (0.4-2 ms a step at
 // ResNet-50's two stride-2 1x1 layers on this kernel).
 template <class I, class T>
