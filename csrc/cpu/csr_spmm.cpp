@@ -121,6 +121,29 @@ SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int
   }
 }
 
+// Prefetch into L2 the output lines of the q-th piece of rows n0..n1: row n0 + q, or token q where out is
+// transposed. store_group's writes are scattered (64 token rows, or 64 rows or planes, a line or two each), more
+// streams than the hardware prefetchers follow: in a training step the output's lines come from memory, each store
+// waiting on its line. Issued a chunk of rows ahead (4 lines per row), the lines arrive in time, owned (no other
+// core holds them). ViT-S/16 step 1.05x (fc1's forward, 800 tokens, 1536 outputs, with a cold cache 1.54 -> 1.16
+// ms), MLP 1.02x, BERT-style 1.01x; the same with the caches warm (Intel SPR-class, 2 threads, interleaved A/B).
+template <typename S, typename O>
+SK_INLINE void prefetch_out(const SpmmJob<S, O>& J, int64_t n0, int64_t n1, int64_t q) {
+  const auto lines = [](const O* p, int64_t count) {
+    const char* b = reinterpret_cast<const char*>(p);
+    for (int64_t off = 0; off < count * int64_t(sizeof(O)); off += 64) __builtin_prefetch(b + off, 0, 2);
+  };
+  if (J.oruns) {
+    if (n0 + q >= n1) return;
+    const O* o = J.out + (n0 + q) * J.os0;
+    for (int r = 0; r < J.oruns->count; ++r) lines(o + J.oruns->run[r].off, J.oruns->run[r].len);
+  } else if (J.os1 == 1) {
+    if (n0 + q < n1) lines(J.out + (n0 + q) * J.os0 + J.b0, J.nc);
+  } else if (J.os0 == 1) {
+    if (q < J.nc) lines(J.out + n0 + (J.b0 + q) * J.os1, n1 - n0);
+  }
+}
+
 // NV vectors of W bytes per packed row (T = NV * L elements); W = 64 only in SK_AVX512 functions. PF: prefetch.
 template <typename S, int NV, typename O, int W, bool PF>
 SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
@@ -136,7 +159,10 @@ SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
   const int64_t last = J.last;
   for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
     const int64_t c1 = std::min(c0 + CHUNK, r1);
+    const int64_t n1 = std::min(c1 + CHUNK, r1);
     for (int64_t i = c0; i < c1; ++i) {
+      if (c0 == r0) prefetch_out(J, c0, c1, i - c0);  // the first chunk's own lines: as early as it can
+      prefetch_out(J, c1, n1, i - c0);
       v acc[SETS][NV];
       v init{};  // a splat of the loaded bias: of `bias ? bias[i] : 0` GCC built 16 masked broadcasts per vector
       if (J.bias) init = vsplat<W>(J.bias[i]);
