@@ -15,6 +15,10 @@ namespace conv_tiles {
 namespace {
 
 constexpr int64_t kAhead = 4;  // rows of dY the weight gradient prefetches ahead
+// Rows ahead whose output lines the gather prefetches into L2: a tile's rows store into as many planes (a line or
+// a few each), more streams than the hardware prefetchers follow, and in a training step those lines come from
+// memory. ResNet-50 112x112 batch 16 uniform step 1.01-1.03x (Intel SPR-class, 2 threads, interleaved A/B).
+constexpr int64_t kOutAhead = 4;
 
 template <class T, int W>
 using Vt = typename simd::Vec<T, W>::v;
@@ -65,6 +69,10 @@ SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict of
         acc[NV - 1] += w * simd::vload<W>(p + last);
       }
       if (final) {
+        if (r + kOutAhead < r1) {
+          const char* a = reinterpret_cast<const char*>(o + (r + kOutAhead) * ostride);
+          for (int64_t off = 0; off < (last + vw) * int64_t(sizeof(T)); off += 64) __builtin_prefetch(a + off, 0, 2);
+        }
         T* q = o + r * ostride;
 #pragma GCC unroll 8
         for (int k = 0; k < NV - 1; ++k) simd::vstore<W>(q + k * vw, acc[k]);
