@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <new>
 #include <vector>
 
@@ -27,6 +28,14 @@
 #endif
 
 namespace sparsekern {
+
+// Prefetch into L2 every cache line of bytes [p, p + bytes) (the first and last partial lines too): for outputs
+// that a kernel is about to store into, scattered over more streams than the hardware prefetchers follow.
+SK_INLINE void prefetch_l2(const void* p, int64_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p), end = a + static_cast<uintptr_t>(bytes);
+  for (uintptr_t line = a & ~uintptr_t(63); line < end; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
+}
 
 // A std::vector whose data starts on a 64-byte boundary, as at::empty's does, so that the kernels' 64-byte loads
 // from it never straddle two cache lines. std::vector only guarantees 16 bytes: a standalone copy of the SpMM loop

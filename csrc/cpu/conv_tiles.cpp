@@ -69,10 +69,7 @@ SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict of
         acc[NV - 1] += w * simd::vload<W>(p + last);
       }
       if (final) {
-        if (r + kOutAhead < r1) {
-          const char* a = reinterpret_cast<const char*>(o + (r + kOutAhead) * ostride);
-          for (int64_t off = 0; off < (last + vw) * int64_t(sizeof(T)); off += 64) __builtin_prefetch(a + off, 0, 2);
-        }
+        if (r + kOutAhead < r1) prefetch_l2(o + (r + kOutAhead) * ostride, (last + vw) * int64_t(sizeof(T)));
         T* q = o + r * ostride;
 #pragma GCC unroll 8
         for (int k = 0; k < NV - 1; ++k) simd::vstore<W>(q + k * vw, acc[k]);
