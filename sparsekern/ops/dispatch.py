@@ -162,6 +162,11 @@ def _restore(saved) -> None:
     _per_op.update(saved[1])
 
 
+def backend_token(op: str) -> Optional[str]:
+    """What get_backend(op, ...) depends on that can change at run time (the overrides): a cache key."""
+    return _chosen(PARTS.get(op, op))
+
+
 def _chosen(op: str) -> Optional[str]:
     """The backend forced for ``op`` (override or env var), None for the device default."""
     return _per_op.get(op) or _global or _env

@@ -520,3 +520,126 @@ def test_the_csr_kernel_runs_as_one_cpp_node_with_exact_gradients(kind, bias):
         assert "Node>" not in _node_name(g(*inputs).grad_fn)
     with torch.inference_mode():
         torch.testing.assert_close(layer(inputs[0].detach()), y.detach())
+
+
+def _route_counts(monkeypatch, layer):
+    """Count resolve() calls and C++ node runs of ``layer``."""
+    counts = {"resolve": 0, "node": 0}
+    real_resolve, real_node = kc.resolve, layer.csr_node
+
+    def resolve(module, x):
+        counts["resolve"] += 1
+        return real_resolve(module, x)
+
+    def node(x):
+        counts["node"] += 1
+        return real_node(x)
+
+    monkeypatch.setattr(kc, "resolve", resolve)
+    monkeypatch.setattr(layer, "csr_node", node)
+    return counts
+
+
+def test_a_layer_remembers_its_route_until_anything_it_depends_on_changes(monkeypatch):
+    """run() keeps each layer's last route (kernel, and whether the C++ node runs it) under a key of the call:
+    a call with the same key skips resolve(); every setting, mode and input property the route depends on
+    gives another key, so the route is resolved again (and the node does not run where it must not)."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    layer = SparseLinear(32, 16, density=0.2)
+    layer.kernel = "csr"
+    counts = _route_counts(monkeypatch, layer)
+    x = torch.randn(8, 32, requires_grad=True)
+    layer(x), layer(x)
+    assert counts == {"resolve": 1, "node": 2}
+
+    def resolves_again(change, node_runs=True):
+        before = dict(counts)
+        change()
+        assert counts["resolve"] == before["resolve"] + 1, change
+        assert counts["node"] == before["node"] + (1 if node_runs else 0), change
+        layer(x)  # back to the first key: resolved again, the node runs
+        assert counts["resolve"] == before["resolve"] + 2 and counts["node"] == before["node"] + (2 if node_runs else 1)
+
+    resolves_again(lambda: layer(torch.randn(4, 32)))                      # shape, requires_grad
+    resolves_again(lambda: layer(torch.randn(32, 8).t()))                  # strides
+    before = dict(counts)
+    with pytest.raises(TypeError, match="dtype"):  # an input no kernel takes: the op names it, nothing is kept
+        layer(x.detach().double())
+    layer(x)
+    assert counts == {"resolve": before["resolve"], "node": before["node"] + 1}
+
+    def no_grad():
+        with torch.no_grad():
+            layer(x)
+    resolves_again(no_grad)
+
+    def reference_backend():
+        with sparsekern.backend("reference"):
+            layer(x)
+    resolves_again(reference_backend, node_runs=False)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+    resolves_again(autocast, node_runs=False)
+
+    def threads():
+        n = torch.get_num_threads()
+        torch.set_num_threads(n + 1)
+        try:
+            layer(x)
+        finally:
+            torch.set_num_threads(n)
+    resolves_again(threads)
+
+    def pinned_dense():
+        layer.kernel = "dense"
+        layer(x)
+        layer.kernel = "csr"
+    resolves_again(pinned_dense, node_runs=False)
+
+    def frozen():
+        layer.values.requires_grad_(False)
+        layer(x)
+        layer.values.requires_grad_(True)
+    resolves_again(frozen)
+
+    def deterministic():
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            layer(x)
+        finally:
+            torch.use_deterministic_algorithms(before)
+    resolves_again(deterministic)
+
+    layer.kernel = "auto"  # the global overrides act on "auto" layers
+    layer(x)
+    counts["resolve"] = counts["node"] = 0
+    layer(x)
+    assert counts == {"resolve": 0, "node": 1}
+
+    def forced_dense():
+        kc.set_kernel("dense")
+        try:
+            layer(x)
+        finally:
+            kc.set_kernel(None)
+    resolves_again(forced_dense, node_runs=False)
+
+    before = dict(counts)
+    kc.clear_cache()  # the choice is gone: resolved (measured) anew, then kept again
+    layer(x), layer(x)
+    assert counts == {"resolve": before["resolve"] + 1, "node": before["node"] + 2}
+
+
+def test_a_remembered_route_gives_the_same_results_and_gradients():
+    layer = SparseLinear(24, 12, density=0.3)
+    x = torch.randn(6, 24, requires_grad=True)
+    first = _grads(layer, x, "auto")
+    assert layer.__dict__.get(kc._ROUTE) is not None
+    again = _grads(layer, x, "auto")
+    for a, b, what in zip(first, again, ("y", "x.grad", "values.grad", "bias.grad")):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=what)
+    assert "_sparsekern_route" not in layer.state_dict()
