@@ -184,3 +184,27 @@ def test_a_bad_environment_value_warns_and_keeps_trusting():
     out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False" and "SPARSEKERN_CHECK_PATTERNS='yes' ignored" in out.stderr
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_layer_is_trusted(how):
+    """copy.deepcopy and pickling give the pattern new buffers: they are validated and registered as they are
+    made, so a copy does not check its pattern on every call (and a bad pattern cannot come in that way)."""
+    import copy
+    import io
+
+    layer, x = _layer(15), torch.randn(4, 16, generator=gen(16))
+    if how == "deepcopy":
+        twin = copy.deepcopy(layer)
+    else:
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    assert twin.pattern.col_idx.data_ptr() != layer.pattern.col_idx.data_ptr()
+    torch.testing.assert_close(twin(x), layer(x))
+    _swap_unseen(twin.pattern)
+    twin(x)  # trusted: the unseen write is not checked
+    ops._set_check_patterns(True)
+    with pytest.raises(RuntimeError, match="col_idx must be strictly increasing within each row"):
+        twin(x)
