@@ -274,7 +274,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
     torch.manual_seed(0)
     dense = case.build().train()
     names = list(sparsifiable_layers(dense))
-    sparse = {d: sparsekern.sparsify(copy.deepcopy(dense), DENSITY, d, init="dense",
+    sparse = {d: sparsekern.sparsify(copy.deepcopy(dense), DENSITY, d, init="dense", fuse_activations=True,
                                      generator=torch.Generator().manual_seed(0)) for d in distributions}
     gen = torch.Generator().manual_seed(0)
     x = case.inputs(gen)

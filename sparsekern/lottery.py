@@ -23,7 +23,7 @@ from torch import nn
 
 from .analysis.layers import layer_weights, masks_of, prunable_layers
 from .init import sparse_init_
-from .nn import SparseConv2d, SparseLinear, SparseWeightMixin
+from .nn import SparseConv2d, SparseLinear, SparseWeightMixin, unfuse_activations
 
 __all__ = ["SCOPES", "Masks", "prunable_layers", "layer_weights", "masks_of", "mask_density",
            "magnitude_prune", "one_shot_prune", "prune_schedule", "apply_masks", "to_dense_model", "random_masks",
@@ -122,6 +122,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 def to_dense_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model with every sparse layer replaced by its dense equivalent (zeros outside the pattern)."""
     model = model if inplace else copy.deepcopy(model)
+    unfuse_activations(model)  # fused ReLUs back in their places: each layer becomes its plain dense module
     for name, m in list(model.named_modules()):
         if isinstance(m, SparseWeightMixin):
             dense = m.to_dense().train(m.training)

@@ -12,6 +12,7 @@ from torch import nn
 from .init import INITS, initialize_
 from .nn import FORMATS, SparseConv2d, SparseLinear, SparseWeightMixin, random_block_mask, random_mask
 from .nn.base import load_all_or_nothing
+from .nn.fuse import fuse_activations as fuse_modules, unfuse_activations as unfuse_modules
 
 __all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify", "densify"]
 
@@ -122,7 +123,8 @@ def _to_sparse(module: nn.Module, mask: torch.Tensor, format: str = "csr", block
 
 def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: str = "sparse",
              dense_layers: Iterable[str] = (), inplace: bool = True,
-             generator: Optional[torch.Generator] = None, format: str = "csr", block: int = 32) -> nn.Module:
+             generator: Optional[torch.Generator] = None, format: str = "csr", block: int = 32,
+             fuse_activations: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) of ``model`` by its sparse module.
 
     Per-layer densities follow ``distribution`` over the replaced layers (those in ``dense_layers``,
@@ -134,6 +136,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     ``format="bsr"`` makes block-sparse layers (whole ``block`` x ``block`` blocks, random at the layer's
     density over blocks) wherever both weight dims are multiples of ``block``; the other layers (a
     stem conv of 3*3*3 columns, a 10-way classifier) stay CSR, with a warning naming them.
+
+    ``fuse_activations=True`` then fuses each ``nn.ReLU`` that follows a sparse linear layer in an
+    ``nn.Sequential`` into that layer (``sparsekern.fuse_activations``; ``densify`` undoes it).
     """
     density = check_density("sparsify", density)
     _check_distribution("sparsify", distribution)
@@ -147,6 +152,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         raise ValueError(f"sparsify: block must be a positive int, got {block!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"sparsify: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(fuse_activations, bool):
+        raise TypeError(f"sparsify: fuse_activations must be a bool, got {type(fuse_activations).__name__}")
     dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
     names = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unknown = [d for d in dense_layers if d not in names]
@@ -187,6 +194,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     if as_csr:
         warnings.warn(f"sparsify: format='bsr' needs weight dims that are multiples of block={block}; these layers "
                       f"are CSR instead: {as_csr}", stacklevel=2)
+    if fuse_activations:
+        fuse_modules(model)
     if not getattr(model, "_sparsekern_checks_loads", False):  # one whole-model check per load
         model.register_load_state_dict_pre_hook(load_all_or_nothing)
         model._sparsekern_checks_loads = True
@@ -204,6 +213,7 @@ def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
         model = copy.deepcopy(model)
     if isinstance(model, SparseWeightMixin):
         return model.to_dense()
+    unfuse_modules(model)  # the ReLUs back in their places, so each layer becomes the plain module it stood for
     dense_of: Dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child, module in list(parent._modules.items()):

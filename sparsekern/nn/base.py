@@ -79,9 +79,17 @@ class SparseWeightMixin:
         raise NotImplementedError
 
     def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """The dense gradient of the loss in the weight (dense shape) from the layer's input and its
-        output's gradient."""
+        """The dense gradient of the loss in the weight (dense shape) from the layer's input and the
+        gradient at its product (``pre_activation_grad`` of its output's gradient)."""
         raise NotImplementedError
+
+    def activate(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's fused activation (SparseLinear's ``activation``) on the product ``y``: none here."""
+        return y
+
+    def pre_activation_grad(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gradient at the product from ``grad``, the gradient at the layer's output ``y``."""
+        return grad
 
     @classmethod
     def from_dense(cls, module: nn.Module, mask: Optional[torch.Tensor] = None, format: str = "csr",

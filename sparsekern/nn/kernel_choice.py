@@ -265,14 +265,12 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if key is not None:
             module.__dict__[_ROUTE] = (key, kernel, node)
     if node:
-        return module.csr_node(x)
+        return module.csr_node(x)  # with the layer's activation
     if kernel != "dense" or tracing:
-        return module.run_kernel(kernel, x)
+        return module.activate(module.run_kernel(kernel, x))
     full = module.nnz == module.weight_shape.numel()
     y, finite = _dense(module, x, route=not full)
-    if finite:
-        return y
-    return module.run_kernel(DEFAULT, x)
+    return module.activate(y if finite else module.run_kernel(DEFAULT, x))
 
 
 # Where a layer keeps the route of its last call: (the call's _route_key, the kernel, whether the C++ node runs
@@ -300,15 +298,15 @@ def _route_key(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
 def call_kernel(module: nn.Module, kernel: str, x: torch.Tensor) -> torch.Tensor:
     """``module``'s forward on ``x`` through ``kernel`` as ``run`` calls it (no NaN/Inf routing): what
     the choice times."""
-    return _dense(module, x, route=False)[0] if kernel == "dense" else _run_kernel(module, kernel, x)
+    return module.activate(_dense(module, x, route=False)[0]) if kernel == "dense" else _run_kernel(module, kernel, x)
 
 
 def _run_kernel(module: nn.Module, kernel: str, x: torch.Tensor) -> torch.Tensor:
-    """``module.run_kernel(kernel, x)`` for an input the layer has checked; ``csr`` on the CPU as one C++
-    autograd node (csrc/cpu/csr_nodes.cpp) where the op's cpp kernels would run anyway."""
+    """``module.run_kernel(kernel, x)`` and the layer's activation, for an input the layer has checked; ``csr``
+    on the CPU as one C++ autograd node (csrc/cpu/csr_nodes.cpp) where the op's cpp kernels would run anyway."""
     if kernel == "csr" and _dispatch.cpu_node(x, module.values, module.csr_op):
         return module.csr_node(x)
-    return module.run_kernel(kernel, x)
+    return module.activate(module.run_kernel(kernel, x))
 
 
 def _unexpected_input(module: nn.Module, x) -> bool:

@@ -12,6 +12,8 @@ from ..ops import bsr_linear, sparse_linear
 from . import kernel_choice
 from .base import SparseWeightMixin
 
+ACTIVATIONS = (None, "relu")  # what SparseLinear(activation=...) fuses
+
 
 class SparseLinear(SparseWeightMixin, nn.Module):
     """``y = x @ W^T + b`` with W stored as CSR; mirrors ``nn.Linear``.
@@ -24,6 +26,11 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     ``kernel`` picks how a CSR layer computes: ``"auto"`` (default) runs the faster of ``"csr"`` (the
     sparse kernels) and ``"dense"`` (F.linear on the scattered weight), measured once per input
     geometry (see ``sparsekern.nn.kernel_choice``); set it to pin one.
+
+    ``activation="relu"`` makes the layer ``relu(x @ W^T + b)``: on the CPU the ``csr`` kernel's node applies it
+    and masks the gradient itself (no ReLU node or pass of its own); every other path runs ``F.relu`` after the
+    product. ``sparsekern.fuse_activations(model)`` sets it where an ``nn.ReLU`` follows the layer in an
+    ``nn.Sequential``. The layer's output, and the gradient a hook on it sees, are then those after the ReLU.
     """
 
     DENSE_TYPE = nn.Linear
@@ -32,14 +39,33 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, density: float = 1.0,
                  device=None, dtype=None, generator: Optional[torch.Generator] = None, format: str = "csr",
-                 block: int = 32):
+                 block: int = 32, activation: Optional[str] = None):
         super().__init__()
+        self.activation = activation
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._copy_geometry(dense)
         self.format, self.block = format, block  # validated by _init_sparse_weight
         mask = self._initial_mask(density, generator, dense.weight.device)
         self._init_sparse_weight(dense.weight.detach(), mask, format, block)
         self.bias = dense.bias
+
+    @property
+    def activation(self) -> Optional[str]:
+        """None, or ``"relu"``: the activation fused into the layer's output."""
+        return self.__dict__.get("_activation")
+
+    @activation.setter
+    def activation(self, name: Optional[str]) -> None:
+        if name not in ACTIVATIONS:
+            raise ValueError(f"SparseLinear: activation must be one of {ACTIVATIONS}, got {name!r}")
+        self.__dict__["_activation"] = name
+
+    def activate(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y) if self.activation == "relu" else y
+
+    def pre_activation_grad(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The gradient at the product from ``grad`` at the output ``y`` (what nn.ReLU's backward computes)."""
+        return torch.ops.aten.threshold_backward(grad, y, 0) if self.activation == "relu" else grad
 
     def _copy_geometry(self, module: nn.Linear) -> None:
         self.in_features, self.out_features = module.in_features, module.out_features
@@ -48,13 +74,19 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         return grad_out.reshape(-1, self.out_features).t() @ x.reshape(-1, self.in_features)
 
+    def to_dense(self) -> nn.Module:
+        """The equivalent dense module: ``nn.Linear`` (zero outside the pattern), followed by ``nn.ReLU`` in an
+        ``nn.Sequential`` when the layer has a fused activation."""
+        dense = super().to_dense()
+        return dense if self.activation is None else nn.Sequential(dense, nn.ReLU()).train(self.training)
+
     def _empty_dense(self) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                          device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.format == "bsr":
-            return bsr_linear(x, self.block_weight(), self.bias)
+            return self.activate(bsr_linear(x, self.block_weight(), self.bias))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
             return self.run_kernel("csr", x)  # the op's argument checks name what is wrong
         return kernel_choice.run(self, x)
@@ -88,7 +120,9 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         """The ``csr`` kernel on a checked CPU input as one C++ autograd node (kernel_choice._run_kernel)."""
         p = self.pattern
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        y = torch.ops.sparsekern._sparse_linear_node(x2, self.values, self.bias, p.row_ptr, p.col_idx, *p.transpose())
+        node = torch.ops.sparsekern._sparse_linear_relu_node if self.activation == "relu" else \
+            torch.ops.sparsekern._sparse_linear_node
+        y = node(x2, self.values, self.bias, p.row_ptr, p.col_idx, *p.transpose())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
@@ -98,4 +132,5 @@ class SparseLinear(SparseWeightMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}"))
+                + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}")
+                + ("" if self.activation is None else f", activation={self.activation!r}"))

@@ -80,6 +80,9 @@ def test_csr_nodes_agree_with_the_ops():
     B = torch.randn(7, 3)
     torch.testing.assert_close(
         torch.ops.sparsekern._spmm_node(W.values, row_ptr, col_idx, B, *W.transpose_pattern()), spmm(W, B))
-    with pytest.raises((ValueError, RuntimeError)):
-        torch.ops.sparsekern._sparse_linear_node(torch.randn(4, 6), W.values, bias, row_ptr, col_idx,
-                                                 *W.transpose_pattern())
+    torch.testing.assert_close(
+        torch.ops.sparsekern._sparse_linear_relu_node(x, W.values, bias, row_ptr, col_idx, *W.transpose_pattern()),
+        sparse_linear(x, W, bias).relu())
+    for node in (torch.ops.sparsekern._sparse_linear_node, torch.ops.sparsekern._sparse_linear_relu_node):
+        with pytest.raises((ValueError, RuntimeError), match="x has 6 columns"):
+            node(torch.randn(4, 6), W.values, bias, row_ptr, col_idx, *W.transpose_pattern())
