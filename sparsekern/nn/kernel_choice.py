@@ -261,15 +261,17 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _unexpected_input(module, x):
             return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
         kernel = resolve(module, x)
-        node = kernel == "csr" and _dispatch.cpu_node(x, module.values, module.csr_op)
+        # Whether one of the extension's C++ nodes runs the kernel: csr's, or the dense kernel's (_fused).
+        node = _dispatch.cpu_node(x, module.values, module.csr_op) if kernel == "csr" else \
+            kernel == "dense" and _fused(x, module.values)
         if key is not None:
             module.__dict__[_ROUTE] = (key, kernel, node)
-    if node:
+    if kernel == "csr" and node:
         return module.csr_node(x)  # with the layer's activation
     if kernel != "dense" or tracing:
         return module.activate(module.run_kernel(kernel, x))
     full = module.nnz == module.weight_shape.numel()
-    y, finite = _dense(module, x, route=not full)
+    y, finite = _dense(module, x, route=not full, node=node)
     return module.activate(y if finite else module.run_kernel(DEFAULT, x))
 
 
@@ -330,22 +332,23 @@ def _feature_finite(t: torch.Tensor, dim: int) -> bool:
     return t.size(dim) == 0 or _all_finite(t.narrow(dim, 0, 1))
 
 
-def _dense(module: nn.Module, x: torch.Tensor, route: bool) -> Tuple[torch.Tensor, bool]:
+def _dense(module: nn.Module, x: torch.Tensor, route: bool, node: Optional[bool] = None) -> Tuple[torch.Tensor, bool]:
     """The dense kernel's output, and False when ``route`` and its feature 0 holds a NaN/Inf (the sparse
     kernel must run instead): one autograd node (``_DenseKernel``) when a gradient is wanted, else the dense
     op on the scattered weight. Under autocast the layer's own composite runs: its casts are autograd's. A full
     pattern's weight is a view of ``values``: the dense op runs on it with torch's own autograd, as the dense
     twin does (the Python node would cost 0.06-0.1 ms per fwd+bwd, 10-20 % of a 1024 -> 10 layer at batch 256),
-    and reads every entry the sparse kernel does: nothing to check."""
+    and reads every entry the sparse kernel does: nothing to check. ``node``: ``_fused(x, values)`` when the
+    caller knows it (run's route)."""
     values, bias = module.values, module.bias
     if values.numel() == module.weight_shape.numel():
         return module.run_kernel("dense", x), True
-    device = x.device.type
+    if node if node is not None else _fused(x, values):  # one C++ autograd node (none without a gradient)
+        return _dense_forward(module, x, values, bias, route, fused=True)[:2]
+    device = x.device.type  # (the C++ node never runs under autocast)
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
         y = module.run_kernel("dense", x)
         return y, not route or _feature_finite(y, module.feature_dim)
-    if _fused(x, values):  # one C++ autograd node (none without a gradient)
-        return _dense_forward(module, x, values, bias, route, fused=True)[:2]
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
                                               or (bias is not None and bias.requires_grad))
     if not wants_grad:  # no graph: the weight from the layer's buffer, as the node's forward takes it
