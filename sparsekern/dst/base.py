@@ -185,7 +185,8 @@ class DynamicSparseTraining:
         if self._paused or not (torch.is_grad_enabled() and output.requires_grad and self._wants_dense_grad()):
             return None
         # With a fused activation the weight's gradient needs the gradient at the product, from the output's.
-        x, y, store = inputs[0].detach(), output.detach(), self._captured[name]
+        y = output.detach() if getattr(module, "activation", None) else None
+        x, store = inputs[0].detach(), self._captured[name]
         return _GradTap.apply(output, lambda grad: store.append((x, module.pre_activation_grad(grad.detach(), y))))
 
     def layer_dense_grad(self, name: str) -> torch.Tensor:

@@ -87,8 +87,9 @@ class SparseWeightMixin:
         """The layer's fused activation (SparseLinear's ``activation``) on the product ``y``: none here."""
         return y
 
-    def pre_activation_grad(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The gradient at the product from ``grad``, the gradient at the layer's output ``y``."""
+    def pre_activation_grad(self, grad: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+        """The gradient at the product from ``grad``, the gradient at the layer's output ``y`` (None: the layer
+        has no activation)."""
         return grad
 
     @classmethod

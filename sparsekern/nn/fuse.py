@@ -1,8 +1,8 @@
 """Activations fused into the sparse layer before them: ``fuse_activations(model)`` turns each ``nn.ReLU`` that
 directly follows a ``SparseLinear`` in an ``nn.Sequential`` into the layer's ``activation="relu"`` (the layer's C++
-node applies it and masks the gradient, so the ReLU costs no autograd node and no pass over the gradient of its
-own: the MLP 784-1024-1024-10 step at 90 % sparsity spent about 8 % of its time in nn.ReLU), and leaves a
-``FusedActivation`` where the ReLU was; ``unfuse_activations`` puts it back."""
+node applies it and masks the gradient, so the ReLU has no autograd node of its own: the MLP 784-1024-1024-10
+step at 90 % sparsity 1.03-1.05x faster), and leaves a ``FusedActivation`` where the ReLU was;
+``unfuse_activations`` puts it back."""
 from __future__ import annotations
 
 from typing import Iterator, List, Tuple

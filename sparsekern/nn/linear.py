@@ -28,7 +28,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     geometry (see ``sparsekern.nn.kernel_choice``); set it to pin one.
 
     ``activation="relu"`` makes the layer ``relu(x @ W^T + b)``: on the CPU the ``csr`` kernel's node applies it
-    and masks the gradient itself (no ReLU node or pass of its own); every other path runs ``F.relu`` after the
+    and masks the gradient itself (no autograd node for the ReLU); every other path runs ``F.relu`` after the
     product. ``sparsekern.fuse_activations(model)`` sets it where an ``nn.ReLU`` follows the layer in an
     ``nn.Sequential``. The layer's output, and the gradient a hook on it sees, are then those after the ReLU.
     """
@@ -63,7 +63,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def activate(self, y: torch.Tensor) -> torch.Tensor:
         return F.relu(y) if self.activation == "relu" else y
 
-    def pre_activation_grad(self, grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def pre_activation_grad(self, grad: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """The gradient at the product from ``grad`` at the output ``y`` (what nn.ReLU's backward computes)."""
         return torch.ops.aten.threshold_backward(grad, y, 0) if self.activation == "relu" else grad
 
