@@ -12,7 +12,7 @@ from ..ops.sparse_conv2d import output_size
 from ..sparse_matrix import SparseMatrix
 from . import kernel_choice
 from .base import SparseWeightMixin
-from .conv_gemm import conv2d_gemm
+from .conv_gemm import conv2d_gemm, node_op
 
 
 def _same_padding(kernel_size, dilation, stride):
@@ -124,14 +124,19 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
                                                         list(self.kernel_size), list(self.stride), list(self.padding),
                                                         list(self.dilation))
 
-    def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    def gemm_op(self, x: torch.Tensor) -> str:
+        """The op whose C++ node the ``gemm`` kernel runs for ``x`` on the CPU (kernel_choice keeps the check)."""
+        return node_op(x)
+
+    def run_kernel(self, kernel: str, x: torch.Tensor, node: Optional[bool] = None) -> torch.Tensor:
+        """``kernel`` on ``x``; ``node``: whether the extension's C++ nodes run it, where the caller knows."""
         if kernel == "dense":
             return self.dense_forward(x, self.dense_weight(), self.bias)
         if kernel == "gemm":
-            return self._conv_as_gemm(x)
+            return self._conv_as_gemm(x, node)
         return sparse_conv2d(x, self.sparse_weight(), self.bias, self.stride, self.padding, self.dilation)
 
-    def _conv_as_gemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_as_gemm(self, x: torch.Tensor, node: Optional[bool] = None) -> torch.Tensor:
         """The conv as one CSR matrix product over channels x (batch * pixels) (``conv2d_gemm``): batch
         tiles that suit the many-channel, few-pixel layers (1x1 and late-stage convs) the direct kernel does not."""
         ho, wo = output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding, self.dilation)
@@ -141,7 +146,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         k = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
         W = SparseMatrix(p.row_ptr, p.col_idx, self.values, (self.out_channels, k), validate=False,
                          transpose=p.transpose())
-        return conv2d_gemm(x, W, self.bias, self.kernel_size, self.stride, self.padding, self.dilation)
+        return conv2d_gemm(x, W, self.bias, self.kernel_size, self.stride, self.padding, self.dilation, node)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

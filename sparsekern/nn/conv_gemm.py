@@ -23,13 +23,25 @@ from ..sparse_matrix import SparseMatrix
 Pair = Tuple[int, int]
 
 
+def node_op(x: torch.Tensor) -> str:
+    """The op whose C++ node conv2d_gemm runs for ``x`` on the CPU (ops.dispatch.cpu_node decides whether)."""
+    return "sparse_linear" if _channels_last(x) else "spmm"
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], kernel_size: Pair, stride: Pair,
-                padding: Pair, dilation: Pair) -> torch.Tensor:
+                padding: Pair, dilation: Pair, node: Optional[bool] = None) -> torch.Tensor:
     """``F.conv2d(x, W.to_dense().view(Cout, Cin, kh, kw), bias, stride, padding, dilation)`` for a 4-D x and a
     CSR weight W of shape (Cout, Cin*kh*kw), whose output is at least 1x1. An NCHW x gives a contiguous
-    NCHW result, a channels_last x a channels_last one. Differentiable in x, W.values and bias."""
+    NCHW result, a channels_last x a channels_last one. Differentiable in x, W.values and bias. ``node``:
+    ``cpu_node(x, W.values, node_op(x))`` where the caller knows it (a layer's kept route), else checked here."""
     n = x.shape[0]
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _channels_last(x)
+    if node is None:
+        node = cpu_node(x, W.values, "sparse_linear" if channels_last else "spmm")
     pointwise = tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0)
     if pointwise:
         if tuple(stride) != (1, 1):
@@ -42,13 +54,13 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
     # On the CPU the products run as the extension's C++ autograd nodes (ops.dispatch.cpu_node).
     if channels_last:
         rows = (x.permute(0, 2, 3, 1) if pointwise else x.transpose(1, 2)).reshape(n * ho * wo, k)
-        if cpu_node(rows, W.values, "sparse_linear"):
+        if node:
             y = torch.ops.sparsekern._sparse_linear_node(rows, W.values, bias, W.row_ptr, W.col_idx,
                                                          *W.transpose_pattern())
         else:
             y = sparse_linear(rows, W, bias)  # (N*Ho*Wo, Cout)
         return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
-    if cpu_node(x, W.values, "spmm"):
+    if node:
         # The node reads the (Cin*kh*kw, N, Ho*Wo) planes of x where they lie and writes y's NCHW planes: no copy
         # either way, nor of the gradients (four copies were 15-20 % of a ResNet-50 1x1 conv at 7x7).
         planes = x.reshape(n, k, ho * wo).transpose(0, 1)

@@ -261,15 +261,13 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _unexpected_input(module, x):
             return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
         kernel = resolve(module, x)
-        # Whether one of the extension's C++ nodes runs the kernel: csr's, or the dense kernel's (_fused).
-        node = _dispatch.cpu_node(x, module.values, module.csr_op) if kernel == "csr" else \
-            kernel == "dense" and _fused(x, module.values)
+        node = _node(module, kernel, x)
         if key is not None:
             module.__dict__[_ROUTE] = (key, kernel, node)
     if kernel == "csr" and node:
         return module.csr_node(x)  # with the layer's activation
     if kernel != "dense" or tracing:
-        return module.activate(module.run_kernel(kernel, x))
+        return module.activate(module.run_kernel(kernel, x, node=node))
     full = module.nnz == module.weight_shape.numel()
     y, finite = _dense(module, x, route=not full, node=node)
     return module.activate(y if finite else module.run_kernel(DEFAULT, x))
@@ -294,7 +292,17 @@ def _route_key(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
             values.requires_grad, None if bias is None else bias.requires_grad, module.kernel,
             torch.is_grad_enabled(), autocast, torch._C._are_functorch_transforms_active(),
             torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), isa.current(), _forced,
-            _autotune, _generation, _dispatch.backend_token(module.csr_op))
+            _autotune, _generation, _dispatch.generation)
+
+
+def _node(module: nn.Module, kernel: str, x: torch.Tensor) -> bool:
+    """Whether one of the extension's C++ nodes runs ``kernel`` on ``x``: csr's, the dense kernel's (_fused), or
+    gemm's products (``module.gemm_op(x)``: the op whose node conv2d_gemm calls)."""
+    if kernel == "csr":
+        return _dispatch.cpu_node(x, module.values, module.csr_op)
+    if kernel == "dense":
+        return _fused(x, module.values)
+    return kernel == "gemm" and _dispatch.cpu_node(x, module.values, module.gemm_op(x))
 
 
 def call_kernel(module: nn.Module, kernel: str, x: torch.Tensor) -> torch.Tensor:

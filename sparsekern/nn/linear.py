@@ -125,7 +125,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         y = node(x2, self.values, self.bias, p.row_ptr, p.col_idx, *p.transpose())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
-    def run_kernel(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+    def run_kernel(self, kernel: str, x: torch.Tensor, node: Optional[bool] = None) -> torch.Tensor:
         if kernel == "dense":
             return self.dense_forward(x, self.dense_weight(), self.bias)
         return sparse_linear(x, self.sparse_weight(), self.bias)

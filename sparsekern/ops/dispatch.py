@@ -110,6 +110,7 @@ def register(lib: str) -> None:
 _env: Optional[str] = os.environ.get("SPARSEKERN_BACKEND") or None
 _global: Optional[str] = None
 _per_op: Dict[str, str] = {}
+generation = 0  # bumped by every change of the overrides (a cache key of what get_backend returns)
 extension_loaded = False  # set by sparsekern.ops once sparsekern._C has registered the kernels
 _triton_state: Optional[bool] = None  # None: not tried yet
 _triton_error = ""
@@ -121,7 +122,7 @@ def _check_name(caller: str, argument: str, name: str) -> None:
 
 
 def _override(caller: str, name: Optional[str], op: Optional[str]) -> None:
-    global _global
+    global _global, generation
     if op is not None and op not in OPS:
         raise ValueError(f"{caller}: op must be one of {OPS}, got {op!r}")
     if name is not None:
@@ -134,6 +135,7 @@ def _override(caller: str, name: Optional[str], op: Optional[str]) -> None:
         _per_op.pop(op, None)
     else:
         _per_op[op] = name
+    generation += 1
 
 
 def set_backend(name: Optional[str], op: Optional[str] = None) -> None:
@@ -156,15 +158,11 @@ def backend(name: Optional[str], op: Optional[str] = None) -> Iterator[None]:
 
 
 def _restore(saved) -> None:
-    global _global
+    global _global, generation
     _global = saved[0]
     _per_op.clear()
     _per_op.update(saved[1])
-
-
-def backend_token(op: str) -> Optional[str]:
-    """What get_backend(op, ...) depends on that can change at run time (the overrides): a cache key."""
-    return _chosen(PARTS.get(op, op))
+    generation += 1
 
 
 def _chosen(op: str) -> Optional[str]:

@@ -643,3 +643,42 @@ def test_a_remembered_route_gives_the_same_results_and_gradients():
     for a, b, what in zip(first, again, ("y", "x.grad", "values.grad", "bias.grad")):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=what)
     assert "_sparsekern_route" not in layer.state_dict()
+
+
+def test_a_conv_on_gemm_keeps_its_products_node_check_in_the_route(monkeypatch):
+    """The gemm kernel's products run as the spmm node (NCHW) or the sparse_linear node (channels_last): the
+    route keeps that check too, and an override of either op's backend resolves it again."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    checks = []
+    real = kc._node
+    monkeypatch.setattr(kc, "_node", lambda m, k, x: checks.append(k) or real(m, k, x))
+    layer = SparseConv2d(8, 6, 1, density=0.3, generator=gen(21))
+    layer.kernel = "gemm"
+    x = torch.randn(2, 8, 5, 5, generator=gen(22), requires_grad=True)
+
+    def graph(y):
+        names, todo = set(), [y.grad_fn]
+        while todo and len(names) < 30:
+            node = todo.pop()
+            if node is not None:
+                names.add(node.name())
+                todo += [n for n, _ in node.next_functions]
+        return names
+
+    want = layer.to_dense()(x)
+    for _ in range(2):
+        y = layer(x)
+        assert any(n.endswith("SpmmNode>") for n in graph(y))
+        torch.testing.assert_close(y, want)
+    assert checks == ["gemm"]
+    with sparsekern.backend("reference", op="spmm"):
+        y = layer(x)
+    assert checks == ["gemm"] * 2 and not any("Node>" in n for n in graph(y))
+    torch.testing.assert_close(y, want)
+    cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    y = layer(cl)
+    assert checks == ["gemm"] * 3 and any(n.endswith("LinearNode<false> >") for n in graph(y))
+    torch.testing.assert_close(y, want)
+    layer(x)
+    assert checks == ["gemm"] * 4
