@@ -6,9 +6,11 @@
 //   csr_compact.cpp    (weight, mask) -> CSR  csr_checks.cpp   argument and pattern checks
 //   csr_trust.cpp      validated patterns the checks skip (sparse modules register theirs)
 //   csr_gather.cpp     the gather path: few nonzeros per column, the dense operand read unpacked
+//   csr_backward.cpp   both gradients of a product in one pass over the output gradient's tiles
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <atomic>
@@ -165,6 +167,76 @@ void pack_tile(float* dst, int64_t T, const at::Tensor& src, int64_t b0, int64_t
 void pack_tile(double* dst, int64_t T, const at::Tensor& src, int64_t b0, int64_t nc);
 
 // ---------------------------------------------------------------------------
+// The tile loops (csr_spmm.cpp, csr_sddmm.cpp): one packed batch tile, rows r0..r1 of the pattern.
+
+// SpMM core: rows r0..r1 of out[:, b0:b0+nc] from one packed tile Bp (k x T). S is the compute
+// type (vals, Bp, bias), O the output's (bf16 output: S = float, rounded on store).
+template <typename S, typename O = S> struct SpmmJob {
+  const S* vals;
+  const int64_t* rp;
+  const int32_t* ci;
+  const S* Bp;  // packed tile, k x T
+  O* out;
+  int64_t os0, os1;
+  int64_t b0, nc;
+  const S* bias;  // per row, or nullptr
+  int64_t last;   // nnz - 1 (prefetch clamp)
+  bool prefetch;  // spmm_prefetch
+  const Runs* oruns;  // out is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
+};
+
+// SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).
+// X is read in its own type XI (bf16: widened as its rows are gathered; vals stay float32).
+template <typename S, typename XI = S> struct SddmmJob {
+  const int64_t* rp;
+  const int32_t* ci;
+  const XI* X;
+  int64_t xs0, xs1;
+  const S* Yp;
+  int64_t b0, nc;
+  S* vals;
+  bool first;         // first tile: store, else accumulate
+  const Runs* xruns;  // X is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
+};
+
+// The SDDMM on whole tiles (csr_sddmm.cpp, csr_backward.cpp): each of the nth threads runs its batch columns
+// (thread_columns of n) tile by tile, tile(buf, b0, nc, tb, out, first) with buf a buffer of buf_elems of its own,
+// nc <= T columns from b0 on in a tile of tb bytes, out the thread's copy of the values (thread 0: vals itself;
+// first: store, else accumulate); then the copies are added into vals.
+template <typename S, typename F>
+void sddmm_whole_tiles(S* vals, int64_t nnz, int64_t n, int64_t T, bool wide, int64_t buf_elems,
+                       const at::TensorOptions& options, const F& tile) {
+  const int64_t nth = at::get_num_threads();
+  at::Tensor partial = at::empty({(nth - 1) * nnz}, options);
+  S* part = partial.data_ptr<S>();
+  at::parallel_for(0, nth, 1, [&](int64_t w0, int64_t w1) {
+    at::Tensor buf_t = at::empty({buf_elems}, options);
+    S* buf = buf_t.data_ptr<S>();
+    for (int64_t w = w0; w < w1; ++w) {
+      S* out = w == 0 ? vals : part + (w - 1) * nnz;
+      const auto cols = thread_columns(n, w, nth, sizeof(S));
+      if (cols.first == cols.second) std::fill(out, out + nnz, S(0));
+      for (int64_t b0 = cols.first; b0 < cols.second; b0 += T) {
+        const int64_t nc = std::min(T, cols.second - b0);
+        tile(buf, b0, nc, tile_bytes(nc, sizeof(S), wide), out, b0 == cols.first);
+      }
+    }
+  });
+  if (nth > 1)
+    at::parallel_for(0, nnz, 1 << 14, [&](int64_t p0, int64_t p1) {
+      for (int64_t w = 1; w < nth; ++w)
+        for (int64_t p = p0; p < p1; ++p) vals[p] += part[(w - 1) * nnz + p];
+    });
+}
+
+// The loops at the width of a tile of tb bytes (the 64-byte loops where `wide`).
+void spmm_tile_rows(int tb, bool wide, const SpmmJob<float>& J, int64_t r0, int64_t r1);
+void spmm_tile_rows(int tb, bool wide, const SpmmJob<double>& J, int64_t r0, int64_t r1);
+void spmm_tile_rows(int tb, bool wide, const SpmmJob<float, c10::BFloat16>& J, int64_t r0, int64_t r1);
+void sddmm_tile_rows(int tb, bool wide, const SddmmJob<float>& J, int64_t r0, int64_t r1);
+void sddmm_tile_rows(int tb, bool wide, const SddmmJob<double>& J, int64_t r0, int64_t r1);
+
+// ---------------------------------------------------------------------------
 // Dense fallback (csr_dense.cpp).
 
 // Whether a product with an (m, k) pattern of nnz nonzeros runs as a dense GEMM (density >= dense_above()).
@@ -239,6 +311,11 @@ void sddmm_gather(const int64_t* rp, const int32_t* ci, int64_t m, const at::Ten
       case 64: return CORE##_rows_##NAME##_2(J, r0, r1);                                           \
       default: return CORE##_rows_##NAME##_4(J, r0, r1);                                           \
     }                                                                                              \
+  }
+// CORE_tile_rows (declared above) for one instance, from the csr namespace after the core's anonymous one.
+#define SK_ROWS_EXPORT(CORE, JOB, S, I)                                                          \
+  void detail::CORE##_tile_rows(int tb, bool wide, const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    CORE##_rows(tb, wide, J, r0, r1);                                                            \
   }
 #define SK_ROWS_CLONES(CORE, JOB)              \
   SK_ROWS_TYPE(CORE, JOB, float, float, f32)   \

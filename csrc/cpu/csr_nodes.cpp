@@ -133,6 +133,18 @@ struct LinearNode : public torch::autograd::Function<LinearNode<Relu>> {
       const at::Tensor& y = s[7];
       grad = at::threshold_backward(grad, y, 0);
     }
+    if (need_x && need_values && below) {
+      // Both in one pass over dy's tiles (csr_backward.cpp), where the engine runs them so.
+      at::Tensor dx = at::empty({grad.size(0), x.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+      at::Tensor dv = at::empty({col_idx.numel()}, values.options());
+      if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, grad.t(), x.t(), dx.t(),
+                             dv)) {
+        out[0] = dx;
+        out[1] = dv;
+        if (need_bias) out[2] = grad.sum(0);
+        return out;
+      }
+    }
     if (need_x) {
       // dx = dy @ W = dy @ (W^T)^T. Under create_graph its own gradient in dy needs W^T's transpose: W, whose
       // values are W^T's through the inverse permutation.
@@ -193,6 +205,16 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
       const int64_t k = B.size(0), N = B.size(1), P = B.size(2);
       if (below) {  // the planes in place
         const at::Tensor g = with_unit_plane_stride(grad);
+        if (need_values && need_B) {
+          at::Tensor dv = at::empty({col_idx.numel()}, values.options());
+          at::Tensor dB = at::empty({N, k, P}, g.options()).transpose(0, 1);
+          if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, g,
+                                 with_unit_plane_stride(B), dB, dv)) {
+            out[0] = dv;
+            out[3] = dB;
+            return out;
+          }
+        }
         if (need_values) {
           out[0] = at::empty({col_idx.numel()}, values.options());
           csr::sddmm(row_ptr, col_idx, g, with_unit_plane_stride(B), out[0]);
@@ -206,6 +228,15 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
                        .view({k, N, P});
       }
       return out;
+    }
+    if (need_values && need_B && below) {
+      at::Tensor dv = at::empty({col_idx.numel()}, values.options());
+      at::Tensor dB = at::empty({B.size(0), grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+      if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, grad, B, dB, dv)) {
+        out[0] = dv;
+        out[3] = dB;
+        return out;
+      }
     }
     if (need_values) out[0] = sddmm_op(row_ptr, col_idx, grad, B);
     if (need_B) {

@@ -25,20 +25,6 @@ namespace {
 using namespace simd;
 using namespace detail;
 
-// SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).
-// X is read in its own type XI (bf16: widened as its rows are gathered; vals stay float32).
-template <typename S, typename XI = S> struct SddmmJob {
-  const int64_t* rp;
-  const int32_t* ci;
-  const XI* X;
-  int64_t xs0, xs1;
-  const S* Yp;
-  int64_t b0, nc;
-  S* vals;
-  bool first;         // first tile: store, else accumulate
-  const Runs* xruns;  // X is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
-};
-
 // G = 32-byte lanes nonzeros at a time: G dot products of NV W-byte vectors, each folded to 32
 // bytes, reduced together by one 32-byte transpose-add.
 // No software prefetch: the G independent dot products keep enough L2 loads in flight, and prefetches
@@ -116,6 +102,13 @@ SK_INLINE void sddmm_rows_impl(const SddmmJob<S, XI>& J, int64_t r0, int64_t r1)
 // The SDDMM loops per type and width (the SK_ROWS_* macros: csr_internal.h).
 SK_ROWS_CLONES(sddmm, SddmmJob)
 
+}  // namespace
+
+SK_ROWS_EXPORT(sddmm, SddmmJob, float, float)
+SK_ROWS_EXPORT(sddmm, SddmmJob, double, double)
+
+namespace {
+
 // As spmm_typed: bf16 accumulates every value in float32 (across batch tiles too) and rounds once.
 template <typename I>
 void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
@@ -157,29 +150,12 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     // each need one). Else row parts over Y packed whole.
     const int64_t nth = at::get_num_threads();
     if (tiles_spread_evenly(ntiles) && (nth - 1) * nnz * int64_t(sizeof(S)) <= MAX_PARTIAL_BYTES) {
-      at::Tensor partial = at::empty({(nth - 1) * nnz}, vals_s.options());
-      S* part = partial.data_ptr<S>();
-      at::parallel_for(0, nth, 1, [&](int64_t w0, int64_t w1) {
-        at::Tensor buf = at::empty({k * T}, vals_s.options());
-        S* tile = buf.data_ptr<S>();
-        for (int64_t w = w0; w < w1; ++w) {
-          S* out = w == 0 ? vals : part + (w - 1) * nnz;
-          const auto cols = thread_columns(d, w, nth, sizeof(S));
-          if (cols.first == cols.second) std::fill(out, out + nnz, S(0));
-          for (int64_t b0 = cols.first; b0 < cols.second; b0 += T) {
-            const int64_t nc = std::min(T, cols.second - b0);
-            const int tb = tile_bytes(nc, sizeof(S), wide);
-            pack_tile(tile, tb / int64_t(sizeof(S)), Y, b0, nc);
-            Runs runs;
-            sddmm_rows(tb, wide, job(tile, b0, nc, out, b0 == cols.first, &runs), 0, m);
-          }
-        }
-      });
-      if (nth > 1)
-        at::parallel_for(0, nnz, 1 << 14, [&](int64_t p0, int64_t p1) {
-          for (int64_t w = 1; w < nth; ++w)
-            for (int64_t p = p0; p < p1; ++p) vals[p] += part[(w - 1) * nnz + p];
-        });
+      sddmm_whole_tiles<S>(vals, nnz, d, T, wide, k * T, vals_s.options(),
+                           [&](S* tile, int64_t b0, int64_t nc, int tb, S* out, bool first) {
+                             pack_tile(tile, tb / int64_t(sizeof(S)), Y, b0, nc);
+                             Runs runs;
+                             sddmm_rows(tb, wide, job(tile, b0, nc, out, first, &runs), 0, m);
+                           });
     } else {
       const int64_t align = 2 * L;
       const int64_t parts = num_parts(m, align);

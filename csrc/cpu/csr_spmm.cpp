@@ -25,22 +25,6 @@ namespace {
 using namespace simd;
 using namespace detail;
 
-// SpMM core: rows r0..r1 of out[:, b0:b0+nc] from one packed tile Bp (k x T). S is the compute
-// type (vals, Bp, bias), O the output's (bf16 output: S = float, rounded on store).
-template <typename S, typename O = S> struct SpmmJob {
-  const S* vals;
-  const int64_t* rp;
-  const int32_t* ci;
-  const S* Bp;  // packed tile, k x T
-  O* out;
-  int64_t os0, os1;
-  int64_t b0, nc;
-  const S* bias;  // per row, or nullptr
-  int64_t last;   // nnz - 1 (prefetch clamp)
-  bool prefetch;  // spmm_prefetch
-  const Runs* oruns;  // out is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
-};
-
 // Write a group of rows (buf: rows x T) into out[g0:g0+rows, b0:b0+nc].
 template <typename S, int T>
 SK_INLINE void store_group(const SpmmJob<S>& J, const S* buf, int64_t g0, int64_t rows) {
@@ -206,6 +190,14 @@ SK_INLINE void spmm_rows_impl(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
 
 // The SpMM loops per type and width (the SK_ROWS_* macros: csr_internal.h).
 SK_ROWS_CLONES(spmm, SpmmJob)
+
+}  // namespace
+
+SK_ROWS_EXPORT(spmm, SpmmJob, float, float)
+SK_ROWS_EXPORT(spmm, SpmmJob, double, double)
+SK_ROWS_EXPORT(spmm, SpmmJob, float, c10::BFloat16)
+
+namespace {
 
 // I: the element type of the operands and the output; S: the compute type (bf16 computes in
 // float32: values and bias converted once, B widened as it is packed, out rounded on store).

@@ -1,0 +1,141 @@
+"""The layer nodes' backward with both gradients in one pass over the output gradient's batch tiles
+(csrc/cpu/csr_backward.cpp), against float64 dense autograd: the linear node (with and without its fused ReLU)
+and the spmm node (2-D and NCHW planes), over dtypes, densities (empty, with empty rows, up to the dense
+fallback), batches of one tile to many with a ragged last one, gradient layouts (contiguous, transposed,
+expanded) and both vector widths; and that the shapes meant to take the one-pass path do."""
+import pytest
+import torch
+
+import sparsekern
+from sparsekern import isa as sk_isa
+from sparsekern.ops import dispatch
+
+from sk_testing import gen, random_mask, seed_of, threads
+
+pytestmark = pytest.mark.skipif(not dispatch.extension_loaded, reason="no compiled extension")
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+ISAS = ("avx2", "avx512")
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not sk_isa.supported(request.param):
+        pytest.skip(f"isa {request.param}: this CPU lacks AVX-512F/BW/DQ/VL")
+    with sk_isa.use(request.param):
+        yield request.param
+
+
+def _runs():
+    return torch.ops.sparsekern._fused_backward_runs()
+
+
+def _pattern(m, k, density, seed, empty_rows=False):
+    mask = random_mask((m, k), density, gen(seed), empty_rows)
+    row_ptr, col_idx = sparsekern.sparse_matrix.csr_from_mask(mask)
+    t_row_ptr, t_col_idx, t_perm = sparsekern.sparse_matrix.transpose_pattern(row_ptr, col_idx, k)
+    return mask, row_ptr, col_idx, (t_row_ptr, t_col_idx, t_perm)
+
+
+def _dense(mask, values):
+    W = torch.zeros(mask.shape, dtype=values.dtype)
+    W[mask] = values
+    return W
+
+
+def _grad_layout(shape, dtype, g, layout):
+    if layout == "contiguous":
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if layout == "transposed":
+        return torch.randn(shape[::-1], generator=g, dtype=torch.float64).to(dtype).t()
+    return torch.randn(shape[1:], generator=g, dtype=torch.float64).to(dtype).expand(shape)  # stride 0 rows
+
+
+def _close(got, expected, dtype, scale):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.double(), expected, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density,empty_rows", [(0.0, False), (0.05, True), (0.3, False), (0.3, True), (0.9, False)])
+@pytest.mark.parametrize("n", [1, 40, 200, 333])
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_node_backward(isa, dtype, density, empty_rows, n, relu):
+    m, k = 70, 90
+    seed = seed_of("fused-linear", isa, dtype, density, empty_rows, n, relu)
+    g = gen(seed)
+    mask, row_ptr, col_idx, tr = _pattern(m, k, density, seed, empty_rows)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    bias = torch.randn(m, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    for layout in ("contiguous", "transposed", "expanded"):
+        grad = _grad_layout((n, m), dtype, g, layout)
+        node = torch.ops.sparsekern._sparse_linear_relu_node if relu else torch.ops.sparsekern._sparse_linear_node
+        y = node(x, values, bias, row_ptr, col_idx, *tr)
+        got = torch.autograd.grad(y, [x, values, bias], grad)
+        x64, v64, b64 = (t.detach().double().requires_grad_() for t in (x, values, bias))
+        y64 = x64 @ _dense(mask, v64).t() + b64
+        if relu:
+            y64 = torch.relu(y64)
+        expected = torch.autograd.grad(y64, [x64, v64, b64], grad.double())
+        for a, e, scale in zip(got, expected, (m, n, n)):
+            _close(a, e, dtype, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("density", [0.05, 0.3])
+@pytest.mark.parametrize("planes", [None, (3, 25), (4, 64), (2, 1)], ids=["2d", "p25", "p64", "p1"])
+def test_spmm_node_backward(isa, dtype, density, planes):
+    m, k = 36, 50
+    seed = seed_of("fused-spmm", isa, dtype, density, planes)
+    g = gen(seed)
+    mask, row_ptr, col_idx, tr = _pattern(m, k, density, seed, empty_rows=True)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    shape = (k, 150) if planes is None else (k,) + planes
+    # A plane operand as conv2d_gemm passes it: an NCHW tensor viewed (C, N, H*W).
+    B = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if planes is None else
+         torch.randn((planes[0], k, planes[1]), generator=g, dtype=torch.float64).to(dtype).transpose(0, 1))
+    B.requires_grad_()
+    out = torch.ops.sparsekern._spmm_node(values, row_ptr, col_idx, B, *tr)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+    got = torch.autograd.grad(out, [values, B], grad)
+    v64, B64 = values.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    out64 = torch.einsum("mk,k...->m...", _dense(mask, v64), B64)
+    expected = torch.autograd.grad(out64, [v64, B64], grad.double())
+    n = B[0].numel()
+    _close(got[0], expected[0], dtype, n)
+    _close(got[1], expected[1], dtype, m)
+    assert got[1].shape == B.shape
+
+
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_shapes_meant_for_one_pass_take_it(nthreads):
+    """Several whole batch tiles per thread: one pass; a single tile on two threads, the dense fallback, the
+    gather path (far fewer nonzeros than columns) and create_graph: the products apart."""
+    def backward_runs(n, density, m=64, k=96, create_graph=False):
+        _, row_ptr, col_idx, tr = _pattern(m, k, density, 7)
+        values = torch.randn(col_idx.numel(), requires_grad=True)
+        x = torch.randn(n, k, requires_grad=True)
+        y = torch.ops.sparsekern._sparse_linear_node(x, values, None, row_ptr, col_idx, *tr)
+        before = _runs()
+        torch.autograd.grad(y.square().sum(), [x, values], create_graph=create_graph)
+        return _runs() - before
+
+    with threads(nthreads):
+        assert backward_runs(512, 0.2) == 1
+        assert backward_runs(512, 0.2, create_graph=True) == 0
+        assert backward_runs(512, 0.95) == 0  # the dense fallback
+        assert backward_runs(512, 0.002, m=8, k=1000) == 0  # the gather path
+        assert backward_runs(16, 0.2) == (1 if nthreads == 1 else 0)  # one tile: row parts on two threads
+
+
+def test_layers_in_a_training_step_take_one_pass():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    sparse = sparsekern.sparsify(model, 0.2, init="dense", fuse_activations=True)
+    before = _runs()
+    sparse(torch.randn(512, 96)).square().sum().backward()
+    # The first layer's input needs no gradient: its backward runs the SDDMM alone.
+    assert _runs() - before == 1
+    assert all(p.grad is not None for p in sparse.parameters())
