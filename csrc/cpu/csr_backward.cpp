@@ -5,6 +5,7 @@
 // tile and runs the SDDMM with G's rows read straight from the packed tile, still in L2.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <torch/library.h>
 
@@ -17,26 +18,68 @@
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
 #include "cpu/csr_internal.h"
+#include "cpu/simd.h"
 
 namespace sparsekern {
 namespace csr {
 namespace {
 
 using namespace detail;
+using namespace simd;
 
 std::atomic<int64_t> fused_runs{0};  // for the tests: which path ran
+
+// The ReLU's mask on G's packed tile gt (m x T): zero where the ReLU's output yt (packed alike; undefined: no mask)
+// is <= 0, as nn.ReLU's backward; and each row's sum added to bias_part (nullptr: none), the bias gradient's share
+// of this tile. One pass over the tile, in L2.
+template <typename S>
+SK_INLINE void mask_and_sum_impl(S* gt, const S* yt, int64_t m, int64_t T, S* bias_part) {
+  using v = typename Vec<S>::v;
+  using vi = typename Vec<S>::vi;
+  constexpr int L = Vec<S>::L;
+  for (int64_t g0 = 0; g0 < m; g0 += L) {
+    const int64_t rows = std::min<int64_t>(L, m - g0);
+    v acc[L];
+    for (int r = 0; r < L; ++r) {
+      acc[r] = v{};
+      if (r >= rows) continue;
+      S* row = gt + (g0 + r) * T;
+      for (int64_t c = 0; c < T; c += L) {
+        v g = vload(row + c);
+        if (yt) {
+          const vi drop = vload(yt + (g0 + r) * T + c) <= v{};  // NaN: kept, as threshold_backward keeps it
+          g = (v)((vi)g & ~drop);
+          vstore(row + c, g);
+        }
+        acc[r] += g;
+      }
+    }
+    if (bias_part) {
+      const v sums = reduce_lanes(acc);
+      for (int64_t r = 0; r < rows; ++r) bias_part[g0 + r] += sums[r];
+    }
+  }
+}
+SK_CLONES void mask_and_sum(float* gt, const float* yt, int64_t m, int64_t T, float* bias_part) {
+  mask_and_sum_impl(gt, yt, m, T, bias_part);
+}
+SK_CLONES void mask_and_sum(double* gt, const double* yt, int64_t m, int64_t T, double* bias_part) {
+  mask_and_sum_impl(gt, yt, m, T, bias_part);
+}
 
 template <typename I>
 bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                          const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
-                         const at::Tensor& dB, const at::Tensor& dvals_t) {
+                         const at::Tensor& dB, const at::Tensor& dvals_t, const at::Tensor& relu_out,
+                         const at::Tensor& dbias_t) {
   using S = typename bf16::Acc<I>::type;
   constexpr bool widened = !std::is_same<I, S>::value;
   constexpr auto kS = c10::CppTypeToScalarType<S>::value;
   const int64_t m = row_ptr.numel() - 1, k = B.size(0), n = operand_cols(G), nnz = col_idx.numel();
-  // Only where both products would run the whole-tile loops on their own.
-  if (nnz == 0 || m == 0 || k == 0 || n == 0 || use_dense(nnz, m, k) || use_gather(Core::spmm, nnz, m, G) ||
-      use_gather(Core::sddmm, nnz, k, B))
+  const bool need_dB = dB.defined();
+  // Only where the products would run the whole-tile loops on their own.
+  if (nnz == 0 || m == 0 || k == 0 || n == 0 || use_dense(nnz, m, k) ||
+      (need_dB && use_gather(Core::spmm, nnz, m, G)) || use_gather(Core::sddmm, nnz, k, B))
     return false;
   const bool wide = isa() == Isa::avx512;
   const int TB = tile_bytes(n, sizeof(S), wide);
@@ -44,35 +87,45 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
   const int64_t nth = at::get_num_threads();
   if (!tiles_spread_evenly((n + T - 1) / T) || (nth - 1) * nnz * int64_t(sizeof(S)) > MAX_PARTIAL_BYTES) return false;
 
-  const at::Tensor tv = widened ? t_values.to(kS).contiguous() : t_values.contiguous();
+  const at::Tensor tv = !need_dB ? at::Tensor() : widened ? t_values.to(kS).contiguous() : t_values.contiguous();
   const at::Tensor dvals_s = widened ? at::empty({nnz}, dvals_t.options().dtype(kS)) : dvals_t;
-  const S* tvals = tv.data_ptr<S>();
+  const S* tvals = need_dB ? tv.data_ptr<S>() : nullptr;
   S* vals = dvals_s.data_ptr<S>();
   const int64_t *trp = t_row_ptr.data_ptr<int64_t>(), *rp = row_ptr.data_ptr<int64_t>();
   const int32_t *tci = t_col_idx.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>();
-  I* o = dB.data_ptr<I>();
-  const bool planes = dB.dim() == 3;
-  const int64_t os0 = dB.stride(0), os1 = planes ? 1 : dB.stride(1);
+  I* o = need_dB ? dB.data_ptr<I>() : nullptr;
+  const bool planes = need_dB && dB.dim() == 3;
+  const int64_t os0 = need_dB ? dB.stride(0) : 0, os1 = planes ? 1 : need_dB ? dB.stride(1) : 0;
   const bool prefetch = spmm_prefetch(m * TB);
-  sddmm_whole_tiles<S>(vals, nnz, n, T, wide, (m + k) * T, dvals_s.options(),
-                       [&](S* gt, int64_t b0, int64_t nc, int tb, S* out, bool first) {
-                         // gt: G's tile (m x Tt), then B's (k x Tt).
+  const bool relu = relu_out.defined(), need_bias = dbias_t.defined();
+  // The bias gradient: a row of m sums per thread, added up at the end.
+  at::Tensor bias_parts = need_bias ? at::zeros({nth, m}, dvals_s.options()) : at::Tensor();
+  S* bias_part = need_bias ? bias_parts.data_ptr<S>() : nullptr;
+  sddmm_whole_tiles<S>(vals, nnz, n, T, wide, (m + std::max(m, k)) * T, dvals_s.options(),
+                       [&](S* gt, int64_t w, int64_t b0, int64_t nc, int tb, S* out, bool first) {
+                         // gt: G's tile (m x Tt), then the ReLU output's tile, later B's (k x Tt), in the same place.
                          const int64_t Tt = tb / int64_t(sizeof(S));
                          S* bt = gt + m * Tt;
                          pack_tile(gt, Tt, G, b0, nc);
-                         Runs runs;
-                         if (planes) runs = plane_runs(dB.size(2), dB.stride(1), b0, nc);
-                         spmm_tile_rows(tb, wide,
-                                        SpmmJob<S, I>{tvals, trp, tci, gt, o, os0, os1, b0, nc, nullptr, nnz - 1,
-                                                      prefetch, planes ? &runs : nullptr},
-                                        0, k);
+                         if (relu) pack_tile(bt, Tt, relu_out, b0, nc);
+                         if (relu || need_bias)
+                           mask_and_sum(gt, relu ? bt : nullptr, m, Tt, need_bias ? bias_part + w * m : nullptr);
+                         if (need_dB) {
+                           Runs runs;
+                           if (planes) runs = plane_runs(dB.size(2), dB.stride(1), b0, nc);
+                           spmm_tile_rows(tb, wide,
+                                          SpmmJob<S, I>{tvals, trp, tci, gt, o, os0, os1, b0, nc, nullptr, nnz - 1,
+                                                        prefetch, planes ? &runs : nullptr},
+                                          0, k);
+                         }
                          pack_tile(bt, Tt, B, b0, nc);
-                         // G's rows from its packed tile: contiguous, Tt wide, zero beyond nc as B's tile is,
-                         // so the dot products run over the whole tile width.
+                         // G's rows from its packed tile: contiguous, Tt wide, zero beyond nc as B's tile is, so the dot
+                         // products run over the whole tile width.
                          sddmm_tile_rows(tb, wide, SddmmJob<S>{rp, ci, gt, Tt, 1, bt, 0, Tt, out, first, nullptr}, 0,
                                          m);
                        });
   if constexpr (widened) const_cast<at::Tensor&>(dvals_t).copy_(dvals_s);
+  if (need_bias) const_cast<at::Tensor&>(dbias_t).copy_(bias_parts.sum(0));
   fused_runs.fetch_add(1, std::memory_order_relaxed);
   return true;
 }
@@ -81,15 +134,22 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
 
 bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G_arg,
-                   const at::Tensor& B_arg, const at::Tensor& dB_arg, const at::Tensor& dvals) {
-  const at::Tensor G = as_matrix_if_strided(G_arg), B = as_matrix_if_strided(B_arg), dB = as_matrix_if_strided(dB_arg);
-  // Planes only where all three are planes (as spmm and sddmm run them); else the separate ops take copies.
-  if ((G.dim() == 3 || B.dim() == 3 || dB.dim() == 3) && !(G.dim() == 3 && B.dim() == 3 && dB.dim() == 3)) return false;
+                   const at::Tensor& B_arg, const at::Tensor& dB_arg, const at::Tensor& dvals,
+                   const at::Tensor& relu_out, const at::Tensor& dbias) {
+  const at::Tensor G = as_matrix_if_strided(G_arg), B = as_matrix_if_strided(B_arg);
+  const at::Tensor dB = dB_arg.defined() ? as_matrix_if_strided(dB_arg) : dB_arg;
+  // Planes only where all are planes (as spmm and sddmm run them); else the separate ops take copies.
+  const bool any_planes = G.dim() == 3 || B.dim() == 3 || (dB.defined() && dB.dim() == 3);
+  if (any_planes && !(G.dim() == 3 && B.dim() == 3 && (!dB.defined() || dB.dim() == 3) && !relu_out.defined()))
+    return false;
   if (G.scalar_type() == at::kFloat)
-    return spmm_backward_typed<float>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals);
+    return spmm_backward_typed<float>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, relu_out,
+                                      dbias);
   if (G.scalar_type() == at::kBFloat16)
-    return spmm_backward_typed<c10::BFloat16>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals);
-  return spmm_backward_typed<double>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals);
+    return spmm_backward_typed<c10::BFloat16>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals,
+                                              relu_out, dbias);
+  return spmm_backward_typed<double>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, relu_out,
+                                     dbias);
 }
 
 }  // namespace csr

@@ -95,15 +95,18 @@ void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor&
 void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
            const at::Tensor& vals);
 
-// The backward of out = A @ B (A: the CSR row_ptr, col_idx of m rows and k columns) for both operands at once:
-// dB (k, n) = A^T @ G, A^T given as (t_values, t_row_ptr, t_col_idx), and dvals (nnz, contiguous) [p] =
-// dot(G[i, :], B[j, :]), G (m, n) and B (k, n) strided views or plane operands, as spmm and sddmm take them, in
-// one pass over G's batch tiles (csr_backward.cpp). Inputs are trusted (checked by the caller). Returns false,
-// writing nothing, where spmm and sddmm would not both run the whole-tile loops (the dense fallback, the gather
-// path, row parts): the caller then runs them apart.
+// The backward of out = A @ B (A: the CSR row_ptr, col_idx of m rows and k columns) in one pass over G's batch tiles
+// (csr_backward.cpp), G (m, n) the gradient at out: dvals (nnz, contiguous) [p] = dot(G[i, :], B[j, :]) and, where dB
+// is defined, dB (k, n) = A^T @ G, A^T given as (t_values, t_row_ptr, t_col_idx). G, B and dB are strided views or
+// plane operands, as spmm and sddmm take them. Where relu_out (G's shape, 2-D) is defined, out is the input of a
+// ReLU whose output it is and whose output's gradient G is: G is first zeroed where relu_out <= 0 (nn.ReLU's
+// backward). Where dbias (m, contiguous) is defined it gets the row sums of (that) G, the gradient of a bias added
+// to out's rows. Inputs are trusted (checked by the caller). Returns false, writing nothing, where spmm and sddmm
+// would not both run the whole-tile loops (the dense fallback, the gather path, row parts): the caller then runs
+// them apart.
 bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
-                   const at::Tensor& dB, const at::Tensor& dvals);
+                   const at::Tensor& dB, const at::Tensor& dvals, const at::Tensor& relu_out, const at::Tensor& dbias);
 
 // The vector width of the SpMM / SDDMM loops: avx2 = the portable 32-byte loops (AVX2 clone, SSE on
 // older x86, generic elsewhere), avx512 = 64-byte loops (AVX-512F/BW/DQ/VL hosts only). Set once at

@@ -200,7 +200,7 @@ template <typename S, typename XI = S> struct SddmmJob {
 };
 
 // The SDDMM on whole tiles (csr_sddmm.cpp, csr_backward.cpp): each of the nth threads runs its batch columns
-// (thread_columns of n) tile by tile, tile(buf, b0, nc, tb, out, first) with buf a buffer of buf_elems of its own,
+// (thread_columns of n) tile by tile, tile(buf, w, b0, nc, tb, out, first) on thread w, buf a buffer of buf_elems of its own,
 // nc <= T columns from b0 on in a tile of tb bytes, out the thread's copy of the values (thread 0: vals itself;
 // first: store, else accumulate); then the copies are added into vals.
 template <typename S, typename F>
@@ -218,7 +218,7 @@ void sddmm_whole_tiles(S* vals, int64_t nnz, int64_t n, int64_t T, bool wide, in
       if (cols.first == cols.second) std::fill(out, out + nnz, S(0));
       for (int64_t b0 = cols.first; b0 < cols.second; b0 += T) {
         const int64_t nc = std::min(T, cols.second - b0);
-        tile(buf, b0, nc, tile_bytes(nc, sizeof(S), wide), out, b0 == cols.first);
+        tile(buf, w, b0, nc, tile_bytes(nc, sizeof(S), wide), out, b0 == cols.first);
       }
     }
   });

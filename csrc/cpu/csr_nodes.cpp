@@ -127,23 +127,28 @@ struct LinearNode : public torch::autograd::Function<LinearNode<Relu>> {
     if (!grad.defined()) return out;
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
-    if constexpr (Relu) {
-      // The gradient at the product: nn.ReLU's backward, in this node. Applying the mask as the engine packs the
-      // gradient and gathers its rows instead (no masked copy) ran slower: MLP step 4.14 against 4.04 ms.
-      const at::Tensor& y = s[7];
-      grad = at::threshold_backward(grad, y, 0);
-    }
-    if (need_x && need_values && below) {
-      // Both in one pass over dy's tiles (csr_backward.cpp), where the engine runs them so.
-      at::Tensor dx = at::empty({grad.size(0), x.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+    if (need_values && below && (need_x || need_bias || Relu)) {
+      // One pass over dy's tiles (csr_backward.cpp), where the engine runs the products so: the input gradient's
+      // SpMM and the SDDMM read the same packed tile, the ReLU's mask and the bias gradient are taken from it too.
+      at::Tensor dx, dbias;
+      if (need_x) dx = at::empty({grad.size(0), x.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
+      if (need_bias) dbias = at::empty({grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
       at::Tensor dv = at::empty({col_idx.numel()}, values.options());
-      if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, grad.t(), x.t(), dx.t(),
-                             dv)) {
+      at::Tensor relu_out;
+      if constexpr (Relu) relu_out = s[7].t();
+      if (csr::spmm_backward(need_x ? gather_op(values, t_perm) : at::Tensor(), t_row_ptr, t_col_idx, row_ptr, col_idx,
+                             grad.t(), x.t(), need_x ? dx.t() : at::Tensor(), dv, relu_out, dbias)) {
         out[0] = dx;
         out[1] = dv;
-        if (need_bias) out[2] = grad.sum(0);
+        out[2] = dbias;
         return out;
       }
+    }
+    if constexpr (Relu) {
+      // The gradient at the product: nn.ReLU's backward, in this node. (Applying the mask as the engine packs the
+      // gradient and gathers its rows, twice, instead of a masked copy ran slower: MLP step 4.14 against 4.04 ms.)
+      const at::Tensor& y = s[7];
+      grad = at::threshold_backward(grad, y, 0);
     }
     if (need_x) {
       // dx = dy @ W = dy @ (W^T)^T. Under create_graph its own gradient in dy needs W^T's transpose: W, whose
@@ -209,7 +214,7 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
           at::Tensor dv = at::empty({col_idx.numel()}, values.options());
           at::Tensor dB = at::empty({N, k, P}, g.options()).transpose(0, 1);
           if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, g,
-                                 with_unit_plane_stride(B), dB, dv)) {
+                                 with_unit_plane_stride(B), dB, dv, at::Tensor(), at::Tensor())) {
             out[0] = dv;
             out[3] = dB;
             return out;
@@ -232,7 +237,8 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
     if (need_values && need_B && below) {
       at::Tensor dv = at::empty({col_idx.numel()}, values.options());
       at::Tensor dB = at::empty({B.size(0), grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
-      if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, grad, B, dB, dv)) {
+      if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, grad, B, dB, dv,
+                             at::Tensor(), at::Tensor())) {
         out[0] = dv;
         out[3] = dB;
         return out;

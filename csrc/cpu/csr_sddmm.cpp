@@ -151,7 +151,7 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
     const int64_t nth = at::get_num_threads();
     if (tiles_spread_evenly(ntiles) && (nth - 1) * nnz * int64_t(sizeof(S)) <= MAX_PARTIAL_BYTES) {
       sddmm_whole_tiles<S>(vals, nnz, d, T, wide, k * T, vals_s.options(),
-                           [&](S* tile, int64_t b0, int64_t nc, int tb, S* out, bool first) {
+                           [&](S* tile, int64_t, int64_t b0, int64_t nc, int tb, S* out, bool first) {
                              pack_tile(tile, tb / int64_t(sizeof(S)), Y, b0, nc);
                              Runs runs;
                              sddmm_rows(tb, wide, job(tile, b0, nc, out, first, &runs), 0, m);

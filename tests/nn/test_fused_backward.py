@@ -61,26 +61,63 @@ def _close(got, expected, dtype, scale):
 @pytest.mark.parametrize("density,empty_rows", [(0.0, False), (0.05, True), (0.3, False), (0.3, True), (0.9, False)])
 @pytest.mark.parametrize("n", [1, 40, 200, 333])
 @pytest.mark.parametrize("relu", [False, True])
-def test_linear_node_backward(isa, dtype, density, empty_rows, n, relu):
+@pytest.mark.parametrize("wants", ["all", "weight", "weight+bias", "no-bias"])
+def test_linear_node_backward(isa, dtype, density, empty_rows, n, relu, wants):
+    """`wants`: which of x, values, bias need a gradient (no-bias: the layer has none)."""
     m, k = 70, 90
-    seed = seed_of("fused-linear", isa, dtype, density, empty_rows, n, relu)
+    seed = seed_of("fused-linear", isa, dtype, density, empty_rows, n, relu, wants)
     g = gen(seed)
     mask, row_ptr, col_idx, tr = _pattern(m, k, density, seed, empty_rows)
     values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    bias = torch.randn(m, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    bias = torch.randn(m, generator=g, dtype=torch.float64).to(dtype).requires_grad_(wants != "weight")
+    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_(wants in ("all", "no-bias"))
+    if wants == "no-bias":
+        bias = None
+    inputs = [t for t in (x, values, bias) if t is not None and t.requires_grad]
     for layout in ("contiguous", "transposed", "expanded"):
         grad = _grad_layout((n, m), dtype, g, layout)
         node = torch.ops.sparsekern._sparse_linear_relu_node if relu else torch.ops.sparsekern._sparse_linear_node
         y = node(x, values, bias, row_ptr, col_idx, *tr)
-        got = torch.autograd.grad(y, [x, values, bias], grad)
-        x64, v64, b64 = (t.detach().double().requires_grad_() for t in (x, values, bias))
-        y64 = x64 @ _dense(mask, v64).t() + b64
+        got = torch.autograd.grad(y, inputs, grad)
+        x64, v64 = x.detach().double().requires_grad_(), values.detach().double().requires_grad_()
+        b64 = None if bias is None else bias.detach().double().requires_grad_()
+        y64 = x64 @ _dense(mask, v64).t() + (0 if b64 is None else b64)
         if relu:
             y64 = torch.relu(y64)
-        expected = torch.autograd.grad(y64, [x64, v64, b64], grad.double())
-        for a, e, scale in zip(got, expected, (m, n, n)):
-            _close(a, e, dtype, scale)
+        ref = {id(x): x64, id(values): v64, id(bias): b64}
+        expected = torch.autograd.grad(y64, [ref[id(t)] for t in inputs], grad.double())
+        scales = {id(x): m, id(values): n, id(bias): n}
+        for t, a, e in zip(inputs, got, expected):
+            _close(a, e, dtype, scales[id(t)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_mask_keeps_nan_and_drops_at_zero(dtype):
+    """The fused ReLU's mask is nn.ReLU's backward: the gradient is dropped where the output is 0 (also where
+    the product is exactly 0 or negative) and kept where it is NaN."""
+    m, k, n = 64, 48, 256
+    mask, row_ptr, col_idx, tr = _pattern(m, k, 0.3, 5)
+    values = torch.randn(int(mask.sum()), dtype=torch.float64).to(dtype).requires_grad_()
+    bias = torch.randn(m, dtype=torch.float64).to(dtype).requires_grad_()
+    x = torch.randn(n, k, dtype=torch.float64).to(dtype)
+    x[:, :] = torch.where(torch.rand(n, 1) < 0.1, 0.0, x)  # whole rows of 0: outputs equal to relu(bias)
+    x[3, 5] = float("nan")  # one token's outputs NaN where its NaN reaches them
+    x.requires_grad_()
+    grad = torch.randn(n, m, dtype=torch.float64).to(dtype)
+    before = _runs()
+    y = torch.ops.sparsekern._sparse_linear_relu_node(x, values, bias, row_ptr, col_idx, *tr)
+    got = torch.autograd.grad(y, [x, values, bias], grad)
+    assert _runs() - before == 1
+    pre = torch.ops.sparsekern._sparse_linear_node(x.detach(), values.detach(), bias.detach(), row_ptr, col_idx, *tr)
+    y2 = pre.detach().requires_grad_()
+    masked = torch.autograd.grad(torch.relu(y2), [y2], grad)[0]  # nn.ReLU's backward at the same product
+    assert masked.isnan().sum() == 0 and y.isnan().any()
+    expected_bias = masked.double().sum(0)
+    tol = TOL[dtype]
+    torch.testing.assert_close(got[2].double(), expected_bias, rtol=tol["rtol"], atol=tol["atol"] * n)
+    finite = ~x.isnan().any(1)
+    expected_x = masked.double() @ _dense(mask, values.detach().double())
+    torch.testing.assert_close(got[0].double()[finite], expected_x[finite], rtol=tol["rtol"], atol=tol["atol"] * m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -136,6 +173,6 @@ def test_layers_in_a_training_step_take_one_pass():
     sparse = sparsekern.sparsify(model, 0.2, init="dense", fuse_activations=True)
     before = _runs()
     sparse(torch.randn(512, 96)).square().sum().backward()
-    # The first layer's input needs no gradient: its backward runs the SDDMM alone.
-    assert _runs() - before == 1
+    # Both layers, the first (its input needs no gradient) for the weight's, the bias's and its ReLU's.
+    assert _runs() - before == 2
     assert all(p.grad is not None for p in sparse.parameters())
