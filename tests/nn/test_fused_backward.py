@@ -70,7 +70,10 @@ def test_linear_node_backward(isa, dtype, density, empty_rows, n, relu, wants):
     mask, row_ptr, col_idx, tr = _pattern(m, k, density, seed, empty_rows)
     values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     bias = torch.randn(m, generator=g, dtype=torch.float64).to(dtype).requires_grad_(wants != "weight")
-    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_(wants in ("all", "no-bias"))
+    # x saved for the backward as the layer gets it: contiguous, or a transposed view (strides (1, n)).
+    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype) if n % 2 else \
+        torch.randn(k, n, generator=g, dtype=torch.float64).to(dtype).t()
+    x.requires_grad_(wants in ("all", "no-bias"))
     if wants == "no-bias":
         bias = None
     inputs = [t for t in (x, values, bias) if t is not None and t.requires_grad]
