@@ -24,5 +24,10 @@ void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Te
 void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      int64_t sh, int64_t sw, at::Tensor& gv);
 
+// Both: dx and gv as the two above, in one pass over the image groups (dY read once), where both would run per
+// group; returns false, writing nothing, elsewhere (the caller then runs them apart).
+bool backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+              const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& dx, at::Tensor& gv);
+
 }  // namespace pointwise
 }  // namespace sparsekern

@@ -27,7 +27,7 @@ namespace {
 using namespace detail;
 using namespace simd;
 
-std::atomic<int64_t> fused_runs{0};  // for the tests: which path ran
+std::atomic<int64_t> fused_runs{0};  // for the tests: which path ran (note_fused_backward)
 
 // The ReLU's mask on G's packed tile gt (m x T): zero where the ReLU's output yt (packed alike; undefined: no mask)
 // is <= 0, as nn.ReLU's backward; and each row's sum added to bias_part (nullptr: none), the bias gradient's share
@@ -126,11 +126,13 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
                        });
   if constexpr (widened) const_cast<at::Tensor&>(dvals_t).copy_(dvals_s);
   if (need_bias) const_cast<at::Tensor&>(dbias_t).copy_(bias_parts.sum(0));
-  fused_runs.fetch_add(1, std::memory_order_relaxed);
+  note_fused_backward();
   return true;
 }
 
 }  // namespace
+
+void note_fused_backward() { fused_runs.fetch_add(1, std::memory_order_relaxed); }
 
 bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G_arg,
@@ -156,6 +158,7 @@ bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, cons
 }  // namespace sparsekern
 
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
-  // Private, for the tests: how many backward passes ran both products in one pass since load.
+  // Private, for the tests: how many backward passes ran both products in one pass since load (this engine's and
+  // the pointwise conv's).
   m.def("_fused_backward_runs() -> int", [] { return sparsekern::csr::fused_runs.load(); });
 }

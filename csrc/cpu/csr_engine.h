@@ -108,6 +108,10 @@ bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, cons
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
                    const at::Tensor& dB, const at::Tensor& dvals, const at::Tensor& relu_out, const at::Tensor& dbias);
 
+// Counts a backward that ran both gradients in one pass (here or in the pointwise conv kernels), for the tests
+// (torch.ops.sparsekern._fused_backward_runs).
+void note_fused_backward();
+
 // The vector width of the SpMM / SDDMM loops: avx2 = the portable 32-byte loops (AVX2 clone, SSE on
 // older x86, generic elsewhere), avx512 = 64-byte loops (AVX-512F/BW/DQ/VL hosts only). Set once at
 // load from SPARSEKERN_ISA=auto|avx2|avx512 (auto: the faster width measured on this CPU family);

@@ -15,6 +15,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 
 #include "cpu/csr_engine.h"
 
@@ -87,6 +88,19 @@ at::Tensor conv_backward_weight_op(const at::Tensor& grad, const at::Tensor& x, 
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
                             at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
   return op.call(grad, x, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_backward_op(const at::Tensor& grad, const at::Tensor& x,
+                                                    const at::Tensor& values, const at::Tensor& row_ptr,
+                                                    const at::Tensor& col_idx, at::IntArrayRef kernel_size,
+                                                    at::IntArrayRef stride, at::IntArrayRef padding,
+                                                    at::IntArrayRef dilation) {
+  static const auto op =
+      op_handle("sparsekern::_sparse_conv2d_backward")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                                    at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
+  return op.call(grad, x, values, row_ptr, col_idx, kernel_size, stride, padding, dilation);
 }
 
 bool channels_last(const at::Tensor& t) {
@@ -288,6 +302,14 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
     if (!grad.defined()) return out;
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
+    if (need_x && need_values && below) {
+      // Both at once: a pointwise conv reads dy once for the two (conv_pointwise.cpp).
+      std::tie(out[0], out[1]) =
+          conv_backward_op(grad, x, values, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+      if (channels_last(x)) out[0] = out[0].contiguous(at::MemoryFormat::ChannelsLast);
+      if (need_bias) out[2] = grad.sum({0, 2, 3});
+      return out;
+    }
     if (need_x) {
       out[0] =
           conv_backward_input_op(grad, values, row_ptr, col_idx, x.sizes(), kernel_size, stride, padding, dilation);

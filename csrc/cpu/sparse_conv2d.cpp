@@ -33,6 +33,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -957,6 +958,40 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
   return bf ? gv.to(at::kBFloat16) : gv;
 }
 
+// Both gradients (the conv node's backward when x and the values need one): a pointwise conv runs them in one pass
+// over the image groups (conv_pointwise.cpp: dY read once), every other conv, and a pointwise one where that does not
+// apply, as the two ops above.
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& values, const at::Tensor& row_ptr_,
+                                                              const at::Tensor& col_idx_, at::IntArrayRef kernel_size,
+                                                              at::IntArrayRef stride, at::IntArrayRef padding,
+                                                              at::IntArrayRef dilation) {
+  const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
+  const char* op = "_sparse_conv2d_backward";
+  auto apart = [&] {
+    return std::make_tuple(sparse_conv2d_backward_input_cpu(grad_out, values, row_ptr, col_idx, x.sizes(), kernel_size,
+                                                            stride, padding, dilation),
+                           sparse_conv2d_backward_weight_cpu(grad_out, x, row_ptr, col_idx, kernel_size, stride,
+                                                             padding, dilation));
+  };
+  if (x.dim() != 4 || grad_out.dim() != 4 || x.scalar_type() != grad_out.scalar_type() ||
+      values.scalar_type() != x.scalar_type() || !values.is_contiguous())
+    return apart();  // their checks name what is wrong
+  check_float_or_bf16(x, "x", op);
+  check_csr(row_ptr, col_idx, op);
+  check_values(op, values, col_idx);
+  const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
+                           padding, dilation);
+  if (!pointwise_for(g, conv_pin()) || grad_out.size(0) != g.N || grad_out.size(1) != g.Cout ||
+      grad_out.size(2) != g.OH || grad_out.size(3) != g.OW)
+    return apart();
+  const bool bf = x.scalar_type() == at::kBFloat16;  // the weight gradient summed in float32, rounded once
+  at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
+  at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
+  if (!pointwise::backward(grad_out, x, values, row_ptr, col_idx, g.sh, g.sw, dx, gv)) return apart();
+  return std::make_tuple(dx, bf ? gv.to(at::kBFloat16) : gv);
+}
+
 // Which kernel the float32 forward above runs for this conv (the one measured, else the rule's): what the tests check
 // they reach.
 std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_ptr, const at::Tensor& col_idx,
@@ -981,6 +1016,9 @@ std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_
 
 // Private op (tests): not part of the op contract.
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  // Private (csr_nodes.cpp's conv node): both gradients of sparse_conv2d at once.
+  m.def("_sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
   m.def("_conv2d_cpu_kernel(int[4] input_size, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation) -> str");
 }
@@ -990,4 +1028,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("sparse_conv2d", &sparsekern::sparse_conv2d_cpu);
   m.impl("sparse_conv2d_backward_input", &sparsekern::sparse_conv2d_backward_input_cpu);
   m.impl("sparse_conv2d_backward_weight", &sparsekern::sparse_conv2d_backward_weight_cpu);
+  m.impl("_sparse_conv2d_backward", &sparsekern::sparse_conv2d_backward_cpu);
 }

@@ -179,3 +179,65 @@ def test_layers_in_a_training_step_take_one_pass():
     # Both layers, the first (its input needs no gradient) for the weight's, the bias's and its ReLU's.
     assert _runs() - before == 2
     assert all(p.grad is not None for p in sparse.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+# (kernel, stride, padding, size, one pass at 4 images): 4x4 planes are grouped 4 images to a row, one group
+# for two threads, so the passes run apart, split by rows.
+@pytest.mark.parametrize("geometry", [(1, 1, 0, 14, True), (1, 2, 0, 14, True), (1, 1, 0, 4, False),
+                                      (3, 1, 1, 8, False)], ids=["1x1", "1x1-stride2", "1x1-4x4", "3x3"])
+@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_node_backward(dtype, geometry, n, channels_last):
+    """The conv node's backward with both gradients: a pointwise conv with at least one image group per thread
+    runs the two in one pass (dy read once), the rest apart; both as F.conv2d's."""
+    kernel, stride, padding, size, one_pass = geometry
+    cin, cout = 24, 40
+    seed = seed_of("fused-conv", dtype, geometry, n, channels_last)
+    g = gen(seed)
+    mask, row_ptr, col_idx, _ = _pattern(cout, cin * kernel * kernel, 0.3, seed, empty_rows=True)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    bias = torch.randn(cout, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    x = torch.randn(n, cin, size, size, generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with threads(2):
+        before = _runs()
+        y = torch.ops.sparsekern._sparse_conv2d_node(x, values, bias, row_ptr, col_idx, [kernel, kernel],
+                                                     [stride, stride], [padding, padding], [1, 1])
+        grad = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+        got = torch.autograd.grad(y, [x, values, bias], grad)
+        fused = _runs() - before
+    assert fused == (1 if one_pass and n >= 2 else 0)
+    x64, v64, b64 = (t.detach().double().requires_grad_() for t in (x, values, bias))
+    w64 = _dense(mask, v64).reshape(cout, cin, kernel, kernel)
+    y64 = torch.nn.functional.conv2d(x64, w64, b64, stride, padding)
+    expected = torch.autograd.grad(y64, [x64, v64, b64], grad.double())
+    for a, e, scale in zip(got, expected, (cout, n * y.shape[2] * y.shape[3], n * y.shape[2] * y.shape[3])):
+        _close(a, e, dtype, scale)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_node_backward_in_runs_of_tiles(stride):
+    """A plane whose dY, x and dx outgrow the one-pass backward's L2 run (1 MB: 682 columns at 256 + 2 x 64
+    channels) runs in several runs of tiles; the result does not depend on it."""
+    cin, cout, size, n = 64, 256, 28 * stride, 2
+    seed = seed_of("fused-conv-runs", stride)
+    g = gen(seed)
+    mask, row_ptr, col_idx, _ = _pattern(cout, cin, 0.1, seed)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).float().requires_grad_()
+    x = torch.randn(n, cin, size, size, generator=g, dtype=torch.float64).float().requires_grad_()
+    with threads(2):
+        before = _runs()
+        y = torch.ops.sparsekern._sparse_conv2d_node(x, values, None, row_ptr, col_idx, [1, 1], [stride, stride],
+                                                     [0, 0], [1, 1])
+        grad = torch.randn(y.shape, generator=g, dtype=torch.float64).float()
+        got = torch.autograd.grad(y, [x, values], grad)
+        assert _runs() - before == 1
+    x64, v64 = x.detach().double().requires_grad_(), values.detach().double().requires_grad_()
+    y64 = torch.nn.functional.conv2d(x64, _dense(mask, v64).reshape(cout, cin, 1, 1), None, stride)
+    expected = torch.autograd.grad(y64, [x64, v64], grad.double())
+    _close(got[0], expected[0], torch.float32, cout)
+    _close(got[1], expected[1], torch.float32, n * 28 * 28)
