@@ -27,12 +27,25 @@ def test_matches_reference(backend, n_src, n_out, dtype, layout):
     assert torch.equal(out, reference.gather(src, index))
 
 
-def test_two_threads_large(backend):
+# Sources below and above the 1.5 MB from which the kernel prefetches (300K float32: 1.2 MB; 500K: 2 MB; 300K
+# float64: 2.4 MB).
+@pytest.mark.parametrize("n,dtype", [(300_000, torch.float32), (500_000, torch.float32), (300_000, torch.float64)])
+def test_two_threads_large(backend, n, dtype):
     g = gen(7)
-    src = torch.randn(300_000, generator=g)
-    index = torch.randperm(300_000, generator=g)
+    src = torch.randn(n, generator=g, dtype=dtype)
+    index = torch.randperm(n, generator=g)
     with threads(2):
         assert torch.equal(gather(src, index), src[index])
+
+
+@pytest.mark.parametrize("n,dtype", [(300_000, torch.float32), (500_000, torch.float32)])
+def test_out_of_range_index_raises_on_large_sources(n, dtype):
+    if not sparsekern.ops.HAS_EXTENSION:
+        pytest.skip("needs the cpp kernel")
+    index = torch.randperm(n, generator=gen(8))
+    index[n // 2 + 3] = n
+    with threads(2), pytest.raises(ValueError, match=rf"index\[{n // 2 + 3}\] = {n} is out of range"):
+        torch.ops.sparsekern.gather(torch.zeros(n, dtype=dtype), index)
 
 
 def test_gradcheck(backend):
