@@ -335,13 +335,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
         conv_tiles::wgrad(xs, offs.data(), blk, 0, Cout, lay.tiles, vb, ds, d_stride, acc);
       }
     });
-    at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        T s = 0;
-        for (int64_t t = 0; t < nth; ++t) s += parts[t * nnz + j];
-        gp[j] = s;
-      }
-    });
+    conv_tiles::sum_thread_parts(parts.data(), nth, nnz, gp);
     return;
   }
   AlignedVector<T> xb, db;
@@ -355,15 +349,15 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   }
 }
 
-// Both gradients in one pass over the image groups, where both passes would run per group (groups >= threads): each
-// group's dY is read (or packed) once, the input gradient's gather runs over it, then the weight gradient's, while
-// it is still in L2. Apart, the two passes each read the whole dY from memory (ResNet-50's layer1 1x1 convs at
-// batch 16: 12.8 MB). gv: zeros, the compute type. Returns false, writing nothing, elsewhere.
 // Bytes of dY, x and dx a run of tiles of the one-pass backward covers: half a 2 MB L2. ResNet-50 224x224 batch 8
 // (56x56 planes), interleaved steps: one pass in runs of 1 MB 2.08x dense, of 512 KB 2.07x, over whole planes 2.05x,
 // the two passes apart 2.04x; at 112x112 (28x28 planes) runs and whole planes alike (2.19x against 2.15x apart).
 constexpr int64_t L2_CHUNK_BYTES = int64_t(1) << 20;
 
+// Both gradients in one pass over the image groups, where both passes would run per group (groups >= threads): each
+// group's dY is read (or packed) once, the input gradient's gather runs over it, then the weight gradient's, while
+// it is still in L2. Apart, the two passes each read the whole dY from memory (ResNet-50's layer1 1x1 convs at
+// batch 16: 12.8 MB). gv: zeros, the compute type. Returns false, writing nothing, elsewhere.
 template <class I, class T = typename bf16::Acc<I>::type>
 bool backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                    const at::Tensor& col_idx, int64_t sh, int64_t sw, at::Tensor& dx, at::Tensor& gv) {
@@ -432,13 +426,7 @@ bool backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
     }
   });
   T* gp = gv.data_ptr<T>();
-  at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      T s = 0;
-      for (int64_t t = 0; t < nth; ++t) s += parts[t * nnz + j];
-      gp[j] = s;
-    }
-  });
+  conv_tiles::sum_thread_parts(parts.data(), nth, nnz, gp);
   csr::note_fused_backward();
   return true;
 }

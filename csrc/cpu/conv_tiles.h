@@ -8,6 +8,8 @@
 // reused by all rows while it is in cache. The loops come at two widths: 32-byte vectors (every x86-64 clone)
 // and 64-byte ones (AVX-512 hosts; see vector_bytes), each on tiles cut for it.
 #pragma once
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 #include <vector>
 
@@ -61,6 +63,19 @@ void wgrad(const float* src, const int32_t* offs, const Blocks& blk, int64_t r0,
            const std::vector<Tile>& tiles, int vb, const float* dy, int64_t dstride, float* g);
 void wgrad(const double* src, const int32_t* offs, const Blocks& blk, int64_t r0, int64_t r1,
            const std::vector<Tile>& tiles, int vb, const double* dy, int64_t dstride, double* g);
+
+// out[j] = sum over t < nth of parts[t * nnz + j]: the weight gradients' per-thread partial sums added up (in thread
+// order, so the result does not depend on how the entries are split).
+template <class T>
+void sum_thread_parts(const T* parts, int64_t nth, int64_t nnz, T* out) {
+  at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      T s = 0;
+      for (int64_t t = 0; t < nth; ++t) s += parts[t * nnz + j];
+      out[j] = s;
+    }
+  });
+}
 
 }  // namespace conv_tiles
 }  // namespace sparsekern

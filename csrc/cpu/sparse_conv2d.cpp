@@ -893,13 +893,7 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
                    oplane, acc, grouped);
       }
     });
-    at::parallel_for(0, nnz, 4096, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        T s = 0;
-        for (int64_t t = 0; t < nth; ++t) s += parts[t * nnz + j];
-        gp[j] = s;
-      }
-    });
+    conv_tiles::sum_thread_parts(parts.data(), nth, nnz, gp);
   } else {
     AlignedVector<T> buf(psize), dyw;
     const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
