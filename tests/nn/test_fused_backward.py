@@ -241,3 +241,27 @@ def test_conv_node_backward_in_runs_of_tiles(stride):
     expected = torch.autograd.grad(y64, [x64, v64], grad.double())
     _close(got[0], expected[0], torch.float32, cout)
     _close(got[1], expected[1], torch.float32, n * 28 * 28)
+
+
+def test_gradcheck_through_the_one_pass_backward():
+    """gradcheck (float64) of the linear node with its fused ReLU and of a pointwise conv node, at shapes whose
+    backward runs in one pass (two batch tiles, resp. two image groups, on two threads)."""
+    g = gen(seed_of("fused-gradcheck"))
+    mask, row_ptr, col_idx, tr = _pattern(10, 12, 0.4, 11, empty_rows=True)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(64, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    cmask, crow_ptr, ccol_idx, _ = _pattern(5, 4, 0.5, 12)
+    cvalues = torch.randn(int(cmask.sum()), generator=g, dtype=torch.float64, requires_grad=True)
+    cx = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    with threads(2):
+        before = _runs()
+        assert torch.autograd.gradcheck(
+            lambda x, v, b: torch.ops.sparsekern._sparse_linear_relu_node(x, v, b, row_ptr, col_idx, *tr),
+            (x, values, bias))
+        assert _runs() > before
+        before = _runs()
+        assert torch.autograd.gradcheck(
+            lambda x, v: torch.ops.sparsekern._sparse_conv2d_node(x, v, None, crow_ptr, ccol_idx, [1, 1], [1, 1],
+                                                                   [0, 0], [1, 1]), (cx, cvalues))
+        assert _runs() > before
