@@ -29,11 +29,12 @@ using namespace simd;
 
 std::atomic<int64_t> fused_runs{0};  // for the tests: which path ran (note_fused_backward)
 
-// The ReLU's mask on G's packed tile gt (m x T): zero where the ReLU's output yt (packed alike; undefined: no mask)
-// is <= 0, as nn.ReLU's backward; and each row's sum added to bias_part (nullptr: none), the bias gradient's share
-// of this tile. One pass over the tile, in L2.
+// The fused activation's backward on G's packed tile gt (m x T), from its packed tile act_tile (nullptr: none):
+// with `scale`, gt times act_tile (the activation's derivative); else zero where act_tile (the ReLU's output) is <= 0, as nn.ReLU's
+// backward. And each row's sum added to bias_part (nullptr: none), the bias gradient's share of this tile. One pass
+// over the tile, in L2.
 template <typename S>
-SK_INLINE void mask_and_sum_impl(S* gt, const S* yt, int64_t m, int64_t T, S* bias_part) {
+SK_INLINE void mask_and_sum_impl(S* gt, const S* act_tile, bool scale, int64_t m, int64_t T, S* bias_part) {
   using v = typename Vec<S>::v;
   using vi = typename Vec<S>::vi;
   constexpr int L = Vec<S>::L;
@@ -46,9 +47,14 @@ SK_INLINE void mask_and_sum_impl(S* gt, const S* yt, int64_t m, int64_t T, S* bi
       S* row = gt + (g0 + r) * T;
       for (int64_t c = 0; c < T; c += L) {
         v g = vload(row + c);
-        if (yt) {
-          const vi drop = vload(yt + (g0 + r) * T + c) <= v{};  // NaN: kept, as threshold_backward keeps it
-          g = (v)((vi)g & ~drop);
+        if (act_tile) {
+          const v a = vload(act_tile + (g0 + r) * T + c);
+          if (scale) {
+            g *= a;
+          } else {
+            const vi drop = a <= v{};  // NaN: kept, as threshold_backward keeps it
+            g = (v)((vi)g & ~drop);
+          }
           vstore(row + c, g);
         }
         acc[r] += g;
@@ -60,18 +66,18 @@ SK_INLINE void mask_and_sum_impl(S* gt, const S* yt, int64_t m, int64_t T, S* bi
     }
   }
 }
-SK_CLONES void mask_and_sum(float* gt, const float* yt, int64_t m, int64_t T, float* bias_part) {
-  mask_and_sum_impl(gt, yt, m, T, bias_part);
+SK_CLONES void mask_and_sum(float* gt, const float* act_tile, bool scale, int64_t m, int64_t T, float* bias_part) {
+  mask_and_sum_impl(gt, act_tile, scale, m, T, bias_part);
 }
-SK_CLONES void mask_and_sum(double* gt, const double* yt, int64_t m, int64_t T, double* bias_part) {
-  mask_and_sum_impl(gt, yt, m, T, bias_part);
+SK_CLONES void mask_and_sum(double* gt, const double* act_tile, bool scale, int64_t m, int64_t T, double* bias_part) {
+  mask_and_sum_impl(gt, act_tile, scale, m, T, bias_part);
 }
 
 template <typename I>
 bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                          const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
-                         const at::Tensor& dB, const at::Tensor& dvals_t, const at::Tensor& relu_out,
-                         const at::Tensor& dbias_t) {
+                         const at::Tensor& dB, const at::Tensor& dvals_t, const at::Tensor& act,
+                         ActGrad act_grad, const at::Tensor& dbias_t) {
   using S = typename bf16::Acc<I>::type;
   constexpr bool widened = !std::is_same<I, S>::value;
   constexpr auto kS = c10::CppTypeToScalarType<S>::value;
@@ -97,19 +103,20 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
   const bool planes = need_dB && dB.dim() == 3;
   const int64_t os0 = need_dB ? dB.stride(0) : 0, os1 = planes ? 1 : need_dB ? dB.stride(1) : 0;
   const bool prefetch = spmm_prefetch(m * TB);
-  const bool relu = relu_out.defined(), need_bias = dbias_t.defined();
+  const bool has_act = act.defined(), need_bias = dbias_t.defined(), scale = act_grad == ActGrad::scale;
   // The bias gradient: a row of m sums per thread, added up at the end.
   at::Tensor bias_parts = need_bias ? at::zeros({nth, m}, dvals_s.options()) : at::Tensor();
   S* bias_part = need_bias ? bias_parts.data_ptr<S>() : nullptr;
   sddmm_whole_tiles<S>(vals, nnz, n, T, wide, (m + std::max(m, k)) * T, dvals_s.options(),
                        [&](S* gt, int64_t w, int64_t b0, int64_t nc, int tb, S* out, bool first) {
-                         // gt: G's tile (m x Tt), then the ReLU output's tile, later B's (k x Tt), in the same place.
+                         // gt: G's tile (m x Tt), then the activation's tile, later B's (k x Tt), in the same place.
                          const int64_t Tt = tb / int64_t(sizeof(S));
                          S* bt = gt + m * Tt;
                          pack_tile(gt, Tt, G, b0, nc);
-                         if (relu) pack_tile(bt, Tt, relu_out, b0, nc);
-                         if (relu || need_bias)
-                           mask_and_sum(gt, relu ? bt : nullptr, m, Tt, need_bias ? bias_part + w * m : nullptr);
+                         if (has_act) pack_tile(bt, Tt, act, b0, nc);
+                         if (has_act || need_bias)
+                           mask_and_sum(gt, has_act ? bt : nullptr, scale, m, Tt,
+                                        need_bias ? bias_part + w * m : nullptr);
                          if (need_dB) {
                            Runs runs;
                            if (planes) runs = plane_runs(dB.size(2), dB.stride(1), b0, nc);
@@ -136,22 +143,22 @@ void note_fused_backward() { fused_runs.fetch_add(1, std::memory_order_relaxed);
 
 bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G_arg,
-                   const at::Tensor& B_arg, const at::Tensor& dB_arg, const at::Tensor& dvals,
-                   const at::Tensor& relu_out, const at::Tensor& dbias) {
+                   const at::Tensor& B_arg, const at::Tensor& dB_arg, const at::Tensor& dvals, const at::Tensor& act,
+                   ActGrad act_grad, const at::Tensor& dbias) {
   const at::Tensor G = as_matrix_if_strided(G_arg), B = as_matrix_if_strided(B_arg);
   const at::Tensor dB = dB_arg.defined() ? as_matrix_if_strided(dB_arg) : dB_arg;
   // Planes only where all are planes (as spmm and sddmm run them); else the separate ops take copies.
   const bool any_planes = G.dim() == 3 || B.dim() == 3 || (dB.defined() && dB.dim() == 3);
-  if (any_planes && !(G.dim() == 3 && B.dim() == 3 && (!dB.defined() || dB.dim() == 3) && !relu_out.defined()))
+  if (any_planes && !(G.dim() == 3 && B.dim() == 3 && (!dB.defined() || dB.dim() == 3) && !act.defined()))
     return false;
   if (G.scalar_type() == at::kFloat)
-    return spmm_backward_typed<float>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, relu_out,
-                                      dbias);
+    return spmm_backward_typed<float>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act,
+                                      act_grad, dbias);
   if (G.scalar_type() == at::kBFloat16)
     return spmm_backward_typed<c10::BFloat16>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals,
-                                              relu_out, dbias);
-  return spmm_backward_typed<double>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, relu_out,
-                                     dbias);
+                                              act, act_grad, dbias);
+  return spmm_backward_typed<double>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act,
+                                     act_grad, dbias);
 }
 
 }  // namespace csr

@@ -95,18 +95,28 @@ void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor&
 void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& X, const at::Tensor& Y,
            const at::Tensor& vals);
 
+// How spmm_backward takes the gradient at out from the gradient G at an activation's output (the activation fused
+// into the layer): relu_mask: `act` is the ReLU's output, G is zeroed where it is <= 0 (nn.ReLU's backward);
+// scale: `act` is the activation's derivative at out (gelu_), G is multiplied by it.
+enum class ActGrad { relu_mask, scale };
+
 // The backward of out = A @ B (A: the CSR row_ptr, col_idx of m rows and k columns) in one pass over G's batch tiles
 // (csr_backward.cpp), G (m, n) the gradient at out: dvals (nnz, contiguous) [p] = dot(G[i, :], B[j, :]) and, where dB
 // is defined, dB (k, n) = A^T @ G, A^T given as (t_values, t_row_ptr, t_col_idx). G, B and dB are strided views or
-// plane operands, as spmm and sddmm take them. Where relu_out (G's shape, 2-D) is defined, out is the input of a
-// ReLU whose output it is and whose output's gradient G is: G is first zeroed where relu_out <= 0 (nn.ReLU's
-// backward). Where dbias (m, contiguous) is defined it gets the row sums of (that) G, the gradient of a bias added
-// to out's rows. Inputs are trusted (checked by the caller). Returns false, writing nothing, where spmm and sddmm
-// would not both run the whole-tile loops (the dense fallback, the gather path, row parts): the caller then runs
-// them apart.
+// plane operands, as spmm and sddmm take them. Where `act` (G's shape, 2-D) is defined, G is first taken through the
+// fused activation's backward as act_grad says. Where dbias (m, contiguous) is defined it gets the row sums of
+// (that) G, the gradient of a bias added to out's rows. Inputs are trusted (checked by the caller). Returns false,
+// writing nothing, where spmm and sddmm would not both run the whole-tile loops (the dense fallback, the gather path,
+// row parts): the caller then runs them apart.
 bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
-                   const at::Tensor& dB, const at::Tensor& dvals, const at::Tensor& relu_out, const at::Tensor& dbias);
+                   const at::Tensor& dB, const at::Tensor& dvals, const at::Tensor& act, ActGrad act_grad,
+                   const at::Tensor& dbias);
+
+// GELU fused into a sparse linear layer (gelu.cpp): z (contiguous, float32, float64 or bfloat16) becomes gelu(z)
+// in place, F.gelu's exact form; returns gelu'(z) where keep_derivative (what the layer's backward multiplies its
+// gradient by), else an undefined tensor.
+at::Tensor gelu_(at::Tensor& z, bool keep_derivative);
 
 // Counts a backward that ran both gradients in one pass (here or in the pointwise conv kernels), for the tests
 // (torch.ops.sparsekern._fused_backward_runs).

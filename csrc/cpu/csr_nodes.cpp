@@ -107,24 +107,35 @@ bool channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The activation fused into a linear node (SparseLinear(activation=...)).
+enum class Act { none, relu, gelu };
+
 // y (N, m) = x (N, k) @ W^T + bias; the transpose (t_*) gives the input gradient, as in ops/sparse_linear.py.
-// Relu: y = relu(x @ W^T + bias), the activation fused into the layer (SparseLinear(activation="relu")): no autograd
-// node of its own (the MLP 784-1024-1024-10 step at density 0.1: 4.25 -> 4.04 ms); the backward masks the output's
-// gradient where y > 0 first, as nn.ReLU's does.
-template <bool Relu>
-struct LinearNode : public torch::autograd::Function<LinearNode<Relu>> {
+// With a fused activation, y = act(x @ W^T + bias) and the activation has no autograd node of its own (the MLP
+// 784-1024-1024-10 step at density 0.1 with ReLU: 4.25 -> 4.04 ms). Relu: the backward masks the output's gradient
+// where y > 0 first, as nn.ReLU's does. Gelu: the forward keeps gelu' at the product (gelu.cpp), the backward
+// multiplies the output's gradient by it; under create_graph it recomputes the product and takes F.gelu's own
+// backward, whose gradient has gelu'' in it.
+template <Act A>
+struct LinearFormulas {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
                             const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& t_row_ptr,
                             const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
-    at::Tensor y;
+    at::Tensor y, act;
     {
       at::AutoDispatchBelowADInplaceOrView below;
       y = linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
-      if constexpr (Relu) y.clamp_min_(0);
+      if constexpr (A == Act::relu) y.clamp_min_(0), act = y;
+      if constexpr (A == Act::gelu) act = csr::gelu_(y, true);
     }
-    if constexpr (Relu) ctx->save_for_backward({x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, y});
-    else ctx->save_for_backward({x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm});
-    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    const bool has_bias = bias.has_value() && bias->defined();
+    if constexpr (A == Act::none) ctx->save_for_backward({x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm});
+    else if constexpr (A == Act::relu)
+      ctx->save_for_backward({x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, act});
+    else  // the bias too: the product again, under create_graph
+      ctx->save_for_backward(
+          {x, values, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, act, has_bias ? *bias : at::Tensor()});
+    ctx->saved_data["bias"] = has_bias;
     return y;
   }
 
@@ -141,28 +152,35 @@ struct LinearNode : public torch::autograd::Function<LinearNode<Relu>> {
     if (!grad.defined()) return out;
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
-    if (need_values && below && (need_x || need_bias || Relu)) {
+    if (need_values && below && (need_x || need_bias || A != Act::none)) {
       // One pass over dy's tiles (csr_backward.cpp), where the engine runs the products so: the input gradient's
-      // SpMM and the SDDMM read the same packed tile, the ReLU's mask and the bias gradient are taken from it too.
+      // SpMM and the SDDMM read the same packed tile; the activation's backward and the bias gradient are taken
+      // from it too.
       at::Tensor dx, dbias;
       if (need_x) dx = at::empty({grad.size(0), x.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
       if (need_bias) dbias = at::empty({grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
       at::Tensor dv = at::empty({col_idx.numel()}, values.options());
-      at::Tensor relu_out;
-      if constexpr (Relu) relu_out = s[7].t();
+      const at::Tensor act = A == Act::none ? at::Tensor() : s[7].t();
       if (csr::spmm_backward(need_x ? gather_op(values, t_perm) : at::Tensor(), t_row_ptr, t_col_idx, row_ptr, col_idx,
-                             grad.t(), x.t(), need_x ? dx.t() : at::Tensor(), dv, relu_out, dbias)) {
+                             grad.t(), x.t(), need_x ? dx.t() : at::Tensor(), dv, act,
+                             A == Act::gelu ? csr::ActGrad::scale : csr::ActGrad::relu_mask, dbias)) {
         out[0] = dx;
         out[1] = dv;
         out[2] = dbias;
         return out;
       }
     }
-    if constexpr (Relu) {
-      // The gradient at the product: nn.ReLU's backward, in this node. (Applying the mask as the engine packs the
-      // gradient and gathers its rows, twice, instead of a masked copy ran slower: MLP step 4.14 against 4.04 ms.)
-      const at::Tensor& y = s[7];
-      grad = at::threshold_backward(grad, y, 0);
+    // The gradient at the product: the activation's backward, in this node. (For the ReLU, applying the mask as the
+    // engine packs the gradient and gathers its rows, twice, instead of a masked copy ran slower: MLP step 4.14
+    // against 4.04 ms.)
+    if constexpr (A == Act::relu) grad = at::threshold_backward(grad, s[7], 0);
+    if constexpr (A == Act::gelu) {
+      if (below) {
+        grad = at::mul(grad, s[7]);
+      } else {
+        const OptTensor bias = has_bias ? OptTensor(s[8]) : std::nullopt;
+        grad = at::gelu_backward(grad, linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm));
+      }
     }
     if (need_x) {
       // dx = dy @ W = dy @ (W^T)^T. Under create_graph its own gradient in dy needs W^T's transpose: W, whose
@@ -177,6 +195,11 @@ struct LinearNode : public torch::autograd::Function<LinearNode<Relu>> {
     return out;
   }
 };
+
+// The nodes, one class each (autograd names a node by its class: LinearNode, LinearReluNode, LinearGeluNode).
+struct LinearNode : public torch::autograd::Function<LinearNode>, LinearFormulas<Act::none> {};
+struct LinearReluNode : public torch::autograd::Function<LinearReluNode>, LinearFormulas<Act::relu> {};
+struct LinearGeluNode : public torch::autograd::Function<LinearGeluNode>, LinearFormulas<Act::gelu> {};
 
 // A (m, k) @ B for a plane operand B (k, N, P), unit stride along P: out (m, N, P), laid out as (N, m, P) (so that
 // out.transpose(0, 1) is contiguous), every plane out[:, n] = A @ B[:, n]. The CSR engine reads and writes the
@@ -228,7 +251,8 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
           at::Tensor dv = at::empty({col_idx.numel()}, values.options());
           at::Tensor dB = at::empty({N, k, P}, g.options()).transpose(0, 1);
           if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, g,
-                                 with_unit_plane_stride(B), dB, dv, at::Tensor(), at::Tensor())) {
+                                 with_unit_plane_stride(B), dB, dv, at::Tensor(), csr::ActGrad::relu_mask,
+                                 at::Tensor())) {
             out[0] = dv;
             out[3] = dB;
             return out;
@@ -252,7 +276,7 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
       at::Tensor dv = at::empty({col_idx.numel()}, values.options());
       at::Tensor dB = at::empty({B.size(0), grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
       if (csr::spmm_backward(gather_op(values, t_perm), t_row_ptr, t_col_idx, row_ptr, col_idx, grad, B, dB, dv,
-                             at::Tensor(), at::Tensor())) {
+                             at::Tensor(), csr::ActGrad::relu_mask, at::Tensor())) {
         out[0] = dv;
         out[3] = dB;
         return out;
@@ -325,13 +349,19 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
 at::Tensor linear_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
                        const at::Tensor& col_idx, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                        const at::Tensor& t_perm) {
-  return LinearNode<false>::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm);
+  return LinearNode::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm);
 }
 
 at::Tensor linear_relu_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
                             const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& t_row_ptr,
                             const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
-  return LinearNode<true>::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm);
+  return LinearReluNode::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm);
+}
+
+at::Tensor linear_gelu_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
+                            const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& t_row_ptr,
+                            const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
+  return LinearGeluNode::apply(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm);
 }
 
 at::Tensor conv_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
@@ -359,6 +389,14 @@ at::Tensor linear_relu_plain(const at::Tensor& x, const at::Tensor& values, cons
   return linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm).clamp_min_(0);
 }
 
+at::Tensor linear_gelu_plain(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
+                             const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& t_row_ptr,
+                             const at::Tensor& t_col_idx, const at::Tensor& t_perm) {
+  at::Tensor y = linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
+  csr::gelu_(y, false);  // the node's GELU, so that both give the same
+  return y;
+}
+
 at::Tensor conv_plain(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
                       const at::Tensor& col_idx, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -376,13 +414,15 @@ at::Tensor spmm_plain(const at::Tensor& values, const at::Tensor& row_ptr, const
 }  // namespace sparsekern
 
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
-  // Private (sparsekern/nn/kernel_choice.py, conv_gemm.py): sparse_linear on a 2-D x (also with a fused ReLU),
+  // Private (sparsekern/nn/kernel_choice.py, conv_gemm.py): sparse_linear on a 2-D x (also with a fused ReLU or GELU),
   // spmm and sparse_conv2d as one C++ node each.
   m.def("_spmm_node(Tensor values, Tensor row_ptr, Tensor col_idx, Tensor B, Tensor t_row_ptr, Tensor t_col_idx, "
         "Tensor t_perm) -> Tensor");
   m.def("_sparse_linear_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
         "Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
   m.def("_sparse_linear_relu_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+        "Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
+  m.def("_sparse_linear_gelu_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
         "Tensor t_row_ptr, Tensor t_col_idx, Tensor t_perm) -> Tensor");
   m.def("_sparse_conv2d_node(Tensor x, Tensor values, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
@@ -391,6 +431,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("_sparse_linear_node", &sparsekern::linear_plain);
   m.impl("_sparse_linear_relu_node", &sparsekern::linear_relu_plain);
+  m.impl("_sparse_linear_gelu_node", &sparsekern::linear_gelu_plain);
   m.impl("_sparse_conv2d_node", &sparsekern::conv_plain);
   m.impl("_spmm_node", &sparsekern::spmm_plain);
 }
@@ -398,6 +439,7 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
 TORCH_LIBRARY_IMPL(sparsekern, Autograd, m) {
   m.impl("_sparse_linear_node", &sparsekern::linear_node);
   m.impl("_sparse_linear_relu_node", &sparsekern::linear_relu_node);
+  m.impl("_sparse_linear_gelu_node", &sparsekern::linear_gelu_node);
   m.impl("_sparse_conv2d_node", &sparsekern::conv_node);
   m.impl("_spmm_node", &sparsekern::spmm_node);
 }

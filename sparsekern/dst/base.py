@@ -187,7 +187,7 @@ class DynamicSparseTraining:
         # With a fused activation the weight's gradient needs the gradient at the product, from the output's.
         y = output.detach() if getattr(module, "activation", None) else None
         x, store = inputs[0].detach(), self._captured[name]
-        return _GradTap.apply(output, lambda grad: store.append((x, module.pre_activation_grad(grad.detach(), y))))
+        return _GradTap.apply(output, lambda grad: store.append((x, module.pre_activation_grad(grad.detach(), y, x))))
 
     def layer_dense_grad(self, name: str) -> torch.Tensor:
         """The flat dense gradient of layer ``name`` over the backward passes since the last step (one

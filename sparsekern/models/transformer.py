@@ -37,8 +37,10 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Self-attention and a GELU feed-forward (``fc1``, ``fc2``), each a residual branch; LayerNorm after
+    """Self-attention and a GELU feed-forward (``fc1``, ``act``, ``fc2``), each a residual branch; LayerNorm after
     each residual sum (BERT) or, with ``norm_first``, on each branch's input (ViT)."""
+
+    fusable_activations = (("fc1", "act"),)  # act applies to fc1's output alone (sparsekern.fuse_activations)
 
     def __init__(self, hidden: int, heads: int, ffn: int, dropout: float = 0.0, norm_first: bool = False,
                  eps: float = 1e-12):
@@ -46,13 +48,14 @@ class EncoderLayer(nn.Module):
         self.attn = SelfAttention(hidden, heads, dropout)
         self.norm1 = nn.LayerNorm(hidden, eps=eps)
         self.fc1 = nn.Linear(hidden, ffn)
+        self.act = nn.GELU()
         self.fc2 = nn.Linear(ffn, hidden)
         self.norm2 = nn.LayerNorm(hidden, eps=eps)
         self.drop = nn.Dropout(dropout)
         self.norm_first = norm_first
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.norm_first:

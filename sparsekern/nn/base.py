@@ -87,9 +87,10 @@ class SparseWeightMixin:
         """The layer's fused activation (SparseLinear's ``activation``) on the product ``y``: none here."""
         return y
 
-    def pre_activation_grad(self, grad: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    def pre_activation_grad(self, grad: torch.Tensor, y: Optional[torch.Tensor], x: Optional[torch.Tensor] = None
+                            ) -> torch.Tensor:
         """The gradient at the product from ``grad``, the gradient at the layer's output ``y`` (None: the layer
-        has no activation)."""
+        has no activation) of input ``x``."""
         return grad
 
     @classmethod

@@ -12,7 +12,10 @@ from ..ops import bsr_linear, sparse_linear
 from . import kernel_choice
 from .base import SparseWeightMixin
 
-ACTIVATIONS = (None, "relu")  # what SparseLinear(activation=...) fuses
+ACTIVATIONS = (None, "relu", "gelu")  # what SparseLinear(activation=...) fuses; "gelu" is F.gelu's exact (erf) form
+_FUNCTIONS = {"relu": F.relu, "gelu": F.gelu}
+_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU}
+_NODES = {None: "_sparse_linear_node", "relu": "_sparse_linear_relu_node", "gelu": "_sparse_linear_gelu_node"}
 
 
 class SparseLinear(SparseWeightMixin, nn.Module):
@@ -27,10 +30,12 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     sparse kernels) and ``"dense"`` (F.linear on the scattered weight), measured once per input
     geometry (see ``sparsekern.nn.kernel_choice``); set it to pin one.
 
-    ``activation="relu"`` makes the layer ``relu(x @ W^T + b)``: on the CPU the ``csr`` kernel's node applies it
-    and masks the gradient itself (no autograd node for the ReLU); every other path runs ``F.relu`` after the
-    product. ``sparsekern.fuse_activations(model)`` sets it where an ``nn.ReLU`` follows the layer in an
-    ``nn.Sequential``. The layer's output, and the gradient a hook on it sees, are then those after the ReLU.
+    ``activation="relu"`` makes the layer ``relu(x @ W^T + b)``, ``"gelu"`` ``gelu(x @ W^T + b)`` (F.gelu's exact
+    form): on the CPU the ``csr`` kernel's node applies it and takes its backward itself (no autograd node for the
+    activation; for GELU the node keeps gelu' at the product, as much memory as F.gelu keeps, and multiplies the
+    gradient by it as it packs the gradient's tiles); every other path runs ``F.relu`` / ``F.gelu`` after the product.
+    ``sparsekern.fuse_activations(model)`` sets it where such an activation follows the layer (see there). The
+    layer's output, and the gradient a hook on it sees, are then those after the activation.
     """
 
     DENSE_TYPE = nn.Linear
@@ -61,11 +66,20 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         self.__dict__["_activation"] = name
 
     def activate(self, y: torch.Tensor) -> torch.Tensor:
-        return F.relu(y) if self.activation == "relu" else y
+        return y if self.activation is None else _FUNCTIONS[self.activation](y)
 
-    def pre_activation_grad(self, grad: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
-        """The gradient at the product from ``grad`` at the output ``y`` (what nn.ReLU's backward computes)."""
-        return torch.ops.aten.threshold_backward(grad, y, 0) if self.activation == "relu" else grad
+    def pre_activation_grad(self, grad: torch.Tensor, y: Optional[torch.Tensor], x: Optional[torch.Tensor] = None
+                            ) -> torch.Tensor:
+        """The gradient at the product from ``grad`` at the output ``y`` of input ``x`` (what the activation's
+        backward computes: the ReLU's from ``y``; the GELU's needs the product, recomputed from ``x``)."""
+        if self.activation == "relu":
+            return torch.ops.aten.threshold_backward(grad, y, 0)
+        if self.activation == "gelu":
+            if x is None:
+                raise ValueError("SparseLinear.pre_activation_grad: a GELU layer needs its input x")
+            with torch.no_grad():
+                return torch.ops.aten.gelu_backward(grad, self.run_kernel("csr", x))
+        return grad
 
     def _copy_geometry(self, module: nn.Linear) -> None:
         self.in_features, self.out_features = module.in_features, module.out_features
@@ -75,10 +89,11 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         return grad_out.reshape(-1, self.out_features).t() @ x.reshape(-1, self.in_features)
 
     def to_dense(self) -> nn.Module:
-        """The equivalent dense module: ``nn.Linear`` (zero outside the pattern), followed by ``nn.ReLU`` in an
-        ``nn.Sequential`` when the layer has a fused activation."""
+        """The equivalent dense module: ``nn.Linear`` (zero outside the pattern), followed by ``nn.ReLU`` or
+        ``nn.GELU`` in an ``nn.Sequential`` when the layer has a fused activation."""
         dense = super().to_dense()
-        return dense if self.activation is None else nn.Sequential(dense, nn.ReLU()).train(self.training)
+        return dense if self.activation is None else \
+            nn.Sequential(dense, _MODULES[self.activation]()).train(self.training)
 
     def _empty_dense(self) -> nn.Linear:
         return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -120,8 +135,7 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         """The ``csr`` kernel on a checked CPU input as one C++ autograd node (kernel_choice._run_kernel)."""
         p = self.pattern
         x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), self.in_features)
-        node = torch.ops.sparsekern._sparse_linear_relu_node if self.activation == "relu" else \
-            torch.ops.sparsekern._sparse_linear_node
+        node = getattr(torch.ops.sparsekern, _NODES[self.activation])
         y = node(x2, self.values, self.bias, p.row_ptr, p.col_idx, *p.transpose())
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
@@ -134,3 +148,4 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}")
                 + ("" if self.activation is None else f", activation={self.activation!r}"))
+

@@ -76,5 +76,5 @@ def test_gradcheck(backend, channels_last):
         while node is not None and len(names) < 20:  # the graph's nodes, first input first
             names.add(node.name())
             node = node.next_functions[0][0] if node.next_functions else None
-        want = "LinearNode<false> >" if channels_last else "SpmmNode>"
+        want = "::LinearNode>" if channels_last else "SpmmNode>"
         assert any(n.endswith(want) for n in names) == (backend == "cpp"), names

@@ -1,5 +1,5 @@
 """The layer nodes' backward with both gradients in one pass over the output gradient's batch tiles
-(csrc/cpu/csr_backward.cpp), against float64 dense autograd: the linear node (with and without its fused ReLU)
+(csrc/cpu/csr_backward.cpp), against float64 dense autograd: the linear node (without and with its fused ReLU or GELU)
 and the spmm node (2-D and NCHW planes), over dtypes, densities (empty, with empty rows, up to the dense
 fallback), batches of one tile to many with a ragged last one, gradient layouts (contiguous, transposed,
 expanded) and both vector widths; and that the shapes meant to take the one-pass path do."""
@@ -25,6 +25,11 @@ def isa(request):
         pytest.skip(f"isa {request.param}: this CPU lacks AVX-512F/BW/DQ/VL")
     with sk_isa.use(request.param):
         yield request.param
+
+
+def _node(act):
+    """The linear node with fused activation `act` (None: none)."""
+    return getattr(torch.ops.sparsekern, f"_sparse_linear_{act}_node" if act else "_sparse_linear_node")
 
 
 def _runs():
@@ -60,12 +65,12 @@ def _close(got, expected, dtype, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("density,empty_rows", [(0.0, False), (0.05, True), (0.3, False), (0.3, True), (0.9, False)])
 @pytest.mark.parametrize("n", [1, 40, 200, 333])
-@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
 @pytest.mark.parametrize("wants", ["all", "weight", "weight+bias", "no-bias"])
-def test_linear_node_backward(isa, dtype, density, empty_rows, n, relu, wants):
+def test_linear_node_backward(isa, dtype, density, empty_rows, n, act, wants):
     """`wants`: which of x, values, bias need a gradient (no-bias: the layer has none)."""
     m, k = 70, 90
-    seed = seed_of("fused-linear", isa, dtype, density, empty_rows, n, relu, wants)
+    seed = seed_of("fused-linear", isa, dtype, density, empty_rows, n, act, wants)
     g = gen(seed)
     mask, row_ptr, col_idx, tr = _pattern(m, k, density, seed, empty_rows)
     values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
@@ -79,14 +84,13 @@ def test_linear_node_backward(isa, dtype, density, empty_rows, n, relu, wants):
     inputs = [t for t in (x, values, bias) if t is not None and t.requires_grad]
     for layout in ("contiguous", "transposed", "expanded"):
         grad = _grad_layout((n, m), dtype, g, layout)
-        node = torch.ops.sparsekern._sparse_linear_relu_node if relu else torch.ops.sparsekern._sparse_linear_node
-        y = node(x, values, bias, row_ptr, col_idx, *tr)
+        y = _node(act)(x, values, bias, row_ptr, col_idx, *tr)
         got = torch.autograd.grad(y, inputs, grad)
         x64, v64 = x.detach().double().requires_grad_(), values.detach().double().requires_grad_()
         b64 = None if bias is None else bias.detach().double().requires_grad_()
         y64 = x64 @ _dense(mask, v64).t() + (0 if b64 is None else b64)
-        if relu:
-            y64 = torch.relu(y64)
+        if act:
+            y64 = getattr(torch.nn.functional, act)(y64)
         ref = {id(x): x64, id(values): v64, id(bias): b64}
         expected = torch.autograd.grad(y64, [ref[id(t)] for t in inputs], grad.double())
         scales = {id(x): m, id(values): n, id(bias): n}
@@ -244,7 +248,7 @@ def test_conv_node_backward_in_runs_of_tiles(stride):
 
 
 def test_gradcheck_through_the_one_pass_backward():
-    """gradcheck (float64) of the linear node with its fused ReLU and of a pointwise conv node, at shapes whose
+    """gradcheck (float64) of the linear node with its fused ReLU or GELU and of a pointwise conv node, at shapes whose
     backward runs in one pass (two batch tiles, resp. two image groups, on two threads)."""
     g = gen(seed_of("fused-gradcheck"))
     mask, row_ptr, col_idx, tr = _pattern(10, 12, 0.4, 11, empty_rows=True)
@@ -256,12 +260,45 @@ def test_gradcheck_through_the_one_pass_backward():
     cx = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
     with threads(2):
         before = _runs()
-        assert torch.autograd.gradcheck(
-            lambda x, v, b: torch.ops.sparsekern._sparse_linear_relu_node(x, v, b, row_ptr, col_idx, *tr),
-            (x, values, bias))
-        assert _runs() > before
+        for act in ("relu", "gelu"):
+            assert torch.autograd.gradcheck(lambda x, v, b: _node(act)(x, v, b, row_ptr, col_idx, *tr),
+                                            (x, values, bias))
+            assert _runs() > before
+            before = _runs()
         before = _runs()
         assert torch.autograd.gradcheck(
             lambda x, v: torch.ops.sparsekern._sparse_conv2d_node(x, v, None, crow_ptr, ccol_idx, [1, 1], [1, 1],
                                                                    [0, 0], [1, 1]), (cx, cvalues))
         assert _runs() > before
+
+
+def test_fused_gelu_second_gradients_and_non_finite_inputs():
+    """The GELU node's gradient is itself differentiable (under create_graph it recomputes the product: gelu''
+    reaches x, the values and the bias), and NaN / Inf pass as through F.gelu and its backward."""
+    g = gen(seed_of("fused-gelu"))
+    mask, row_ptr, col_idx, tr = _pattern(6, 8, 0.5, 13)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    node = _node("gelu")
+    assert torch.autograd.gradgradcheck(lambda x, v, b: node(x, v, b, row_ptr, col_idx, *tr), (x, values, bias))
+    assert torch.autograd.gradgradcheck(lambda x, v: node(x, v, None, row_ptr, col_idx, *tr), (x, values))
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = torch.randn(300, 8, generator=g).to(dtype)
+        xs[3, :], xs[7, :] = float("nan"), float("inf")
+        v, b = values.detach().to(dtype).requires_grad_(), bias.detach().to(dtype).requires_grad_()
+        xs.requires_grad_()
+        y = node(xs, v, b, row_ptr, col_idx, *tr)
+        grad = torch.randn(300, 6, generator=g).to(dtype)
+        got = torch.autograd.grad(y, [xs, v, b], grad)
+        pre = torch.ops.sparsekern._sparse_linear_node(xs.detach(), v.detach(), b.detach(), row_ptr, col_idx, *tr)
+        pre.requires_grad_()
+        want_y = torch.nn.functional.gelu(pre)
+        torch.testing.assert_close(y, want_y, equal_nan=True)
+        dz = torch.autograd.grad(want_y, [pre], grad)[0]
+        torch.testing.assert_close(got[2], dz.sum(0), equal_nan=True)  # NaN where a NaN reaches the bias's row
+        finite = torch.isfinite(xs.detach()).all(1)
+        want_x = dz.float() @ _dense(mask, v.detach().float())
+        tol = TOL[dtype]
+        torch.testing.assert_close(got[0].float()[finite], want_x[finite], rtol=tol["rtol"], atol=tol["atol"] * 6)
+        assert got[0][~finite].isnan().all()
