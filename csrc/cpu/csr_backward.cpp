@@ -76,8 +76,8 @@ SK_CLONES void mask_and_sum(double* gt, const double* act_tile, bool scale, int6
 template <typename I>
 bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                          const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
-                         const at::Tensor& dB, const at::Tensor& dvals_t, const at::Tensor& act,
-                         ActGrad act_grad, const at::Tensor& dbias_t) {
+                         const at::Tensor& dB, const at::Tensor& dvals_t, const at::Tensor& act, ActGrad act_grad,
+                         const at::Tensor& dbias_t) {
   using S = typename bf16::Acc<I>::type;
   constexpr bool widened = !std::is_same<I, S>::value;
   constexpr auto kS = c10::CppTypeToScalarType<S>::value;
@@ -149,16 +149,15 @@ bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, cons
   const at::Tensor dB = dB_arg.defined() ? as_matrix_if_strided(dB_arg) : dB_arg;
   // Planes only where all are planes (as spmm and sddmm run them); else the separate ops take copies.
   const bool any_planes = G.dim() == 3 || B.dim() == 3 || (dB.defined() && dB.dim() == 3);
-  if (any_planes && !(G.dim() == 3 && B.dim() == 3 && (!dB.defined() || dB.dim() == 3) && !act.defined()))
-    return false;
+  if (any_planes && !(G.dim() == 3 && B.dim() == 3 && (!dB.defined() || dB.dim() == 3) && !act.defined())) return false;
   if (G.scalar_type() == at::kFloat)
-    return spmm_backward_typed<float>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act,
-                                      act_grad, dbias);
+    return spmm_backward_typed<float>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act, act_grad,
+                                      dbias);
   if (G.scalar_type() == at::kBFloat16)
-    return spmm_backward_typed<c10::BFloat16>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals,
-                                              act, act_grad, dbias);
-  return spmm_backward_typed<double>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act,
-                                     act_grad, dbias);
+    return spmm_backward_typed<c10::BFloat16>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act,
+                                              act_grad, dbias);
+  return spmm_backward_typed<double>(t_values, t_row_ptr, t_col_idx, row_ptr, col_idx, G, B, dB, dvals, act, act_grad,
+                                     dbias);
 }
 
 }  // namespace csr

@@ -68,45 +68,31 @@ SK_INLINE void gelu_lanes(vf z, vf& h, vf& d) {
   d = cdf + z * e * 0.39894228040143268f;    // 1 / sqrt(2 pi); NaN at +-Inf, as F.gelu's backward
 }
 
-// d nullptr: gelu(z) alone.
-SK_CLONES void gelu_f32(float* z, float* d, int64_t n) {
+SK_INLINE vf load(const float* p) { return simd::vload(p); }
+SK_INLINE vf load(const c10::BFloat16* p) { return bf16::load8(p); }
+SK_INLINE void store(float* p, vf x) { simd::vstore(p, x); }
+SK_INLINE void store(c10::BFloat16* p, vf x) { bf16::store8(p, x); }
+
+// gelu(z) in place and gelu'(z) into d (nullptr: gelu alone), computed in float32.
+template <typename E>
+SK_INLINE void gelu_run(E* z, E* d, int64_t n) {
   int64_t i = 0;
   for (; i + L <= n; i += L) {
     vf h, g;
-    gelu_lanes(simd::vload(z + i), h, g);
-    simd::vstore(z + i, h);
-    if (d) simd::vstore(d + i, g);
+    gelu_lanes(load(z + i), h, g);
+    store(z + i, h);
+    if (d) store(d + i, g);
   }
-  if (i < n) {
-    float zt[L] = {}, dt[L];
-    for (int64_t j = i; j < n; ++j) zt[j - i] = z[j];
+  for (; i < n; ++i) {
     vf h, g;
-    gelu_lanes(simd::vload(zt), h, g);
-    simd::vstore(zt, h);
-    simd::vstore(dt, g);
-    for (int64_t j = i; j < n; ++j) {
-      z[j] = zt[j - i];
-      if (d) d[j] = dt[j - i];
-    }
+    gelu_lanes(vf{} + bf16::widen(z[i]), h, g);
+    z[i] = static_cast<E>(h[0]);  // bf16: rounded to nearest even, as store8 does
+    if (d) d[i] = static_cast<E>(g[0]);
   }
 }
 
-SK_CLONES void gelu_bf16(c10::BFloat16* z, c10::BFloat16* d, int64_t n) {
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    vf h, g;
-    gelu_lanes(bf16::load8(z + i), h, g);
-    bf16::store8(z + i, h);
-    if (d) bf16::store8(d + i, g);
-  }
-  for (; i < n; ++i) {
-    float zt[L] = {bf16::to_f32(z[i])};
-    vf h, g;
-    gelu_lanes(simd::vload(zt), h, g);
-    z[i] = bf16::from_f32(h[0]);
-    if (d) d[i] = bf16::from_f32(g[0]);
-  }
-}
+SK_CLONES void gelu_f32(float* z, float* d, int64_t n) { gelu_run(z, d, n); }
+SK_CLONES void gelu_bf16(c10::BFloat16* z, c10::BFloat16* d, int64_t n) { gelu_run(z, d, n); }
 
 void gelu_f64(double* z, double* d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {

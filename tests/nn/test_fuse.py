@@ -45,8 +45,8 @@ def _same(got, want, dtype, exact=True):
         elif not exact and dtype == torch.bfloat16:
             # The gradient at the product rounded in another place (gelu' here, F.gelu's dz there), then summed
             # over up to 130 rows: to a few bf16 roundings of the tensor's scale.
-            assert a.shape == b.shape and (a.numel() == 0 or
-                                           (a.float() - b.float()).abs().max() <= 0.03 * (1 + b.float().abs().max())), what
+            diff = (a.float() - b.float()).abs()
+            assert a.shape == b.shape and (a.numel() == 0 or diff.max() <= 0.03 * (1 + b.float().abs().max())), what
         elif not exact:
             tol = 1e-12 if dtype == torch.float64 else 1e-5
             torch.testing.assert_close(a, b, msg=what, rtol=tol, atol=tol)
@@ -280,7 +280,7 @@ def test_rigl_dense_gradient_of_a_fused_gelu_layer_is_taken_before_its_gelu():
 
 
 def test_transformers_intermediate_blocks_fuse_their_gelu():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[models]'")
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[models]'")
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=64, max_position_embeddings=16)
     torch.manual_seed(0)
