@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "cpu/bf16.h"
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
 #include "cpu/csr_internal.h"

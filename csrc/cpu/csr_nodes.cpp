@@ -126,6 +126,7 @@ struct LinearFormulas {
       at::AutoDispatchBelowADInplaceOrView below;
       y = linear_op(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm);
       if constexpr (A == Act::relu) y.clamp_min_(0), act = y;
+      // A pass of its own: applied as the SpMM stored its rows, the GELU made the ViT-S/16 step 5 % slower.
       if constexpr (A == Act::gelu) act = csr::gelu_(y, true);
     }
     const bool has_bias = bias.has_value() && bias->defined();
