@@ -22,6 +22,8 @@ class _ChannelsFirstLayerNorm(nn.LayerNorm):
 
 
 class ConvNeXtBlock(nn.Module):
+    fusable_activations = (("pwconv1", "act"),)  # act applies to pwconv1's output alone (sparsekern.fuse_activations)
+
     def __init__(self, dim: int, layer_scale: float = 1e-6):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)

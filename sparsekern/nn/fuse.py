@@ -1,14 +1,15 @@
 """Activations fused into the sparse layer before them: ``fuse_activations(model)`` turns each ``nn.ReLU`` or exact
 ``nn.GELU`` applied directly to a ``SparseLinear``'s output into the layer's ``activation`` (the layer's C++ node
 applies it and takes its backward, so the activation has no autograd node of its own: the MLP 784-1024-1024-10 step
-at 90 % sparsity 1.03-1.05x faster with ReLU, ViT-S/16's with GELU in its feed-forward layers 1.07x), and leaves a
+at 90 % sparsity 1.03-1.05x faster with ReLU, ViT-S/16's with GELU in its feed-forward layers 1.05x), and leaves a
 ``FusedActivation`` where the activation was; ``unfuse_activations`` puts it back.
 
 Where an activation follows a layer is known from structure, never guessed from a forward: the layer's next
 sibling in an ``nn.Sequential``, or a pair of children that a module's class declares in ``fusable_activations``
-(this library's transformer layers, ``("fc1", "act")``) or in ``KNOWN_PAIRS`` (``transformers``' BERT-family and
-ViT feed-forward blocks: ``dense`` then ``intermediate_act_fn``). Such a declaration says the module's forward
-applies the activation to the layer's output only, and to nothing else."""
+(this library's transformer layers, ``("fc1", "act")``, and ConvNeXt blocks) or in ``KNOWN_PAIRS``
+(``transformers``' BERT-family and ViT feed-forward blocks, ``dense`` then ``intermediate_act_fn``, and its ConvNeXt
+layers). Such a declaration says the module's forward applies the activation to the layer's output only, and to
+nothing else."""
 from __future__ import annotations
 
 from collections import Counter
@@ -19,13 +20,15 @@ from torch import nn
 
 from .linear import SparseLinear
 
-# Children pairs (layer, activation) of classes from other libraries whose forward is act(layer(x)), by class name
-# (no import of the library): transformers' intermediate blocks of BERT, RoBERTa, ELECTRA, ViT, DeiT and the like.
+# Children pairs (layer, activation) of classes from other libraries whose forward applies the activation to the
+# layer's output alone, by class name (no import of the library): transformers' intermediate blocks of BERT,
+# RoBERTa, ELECTRA, ViT, DeiT and the like, and ConvNeXt's blocks.
 KNOWN_PAIRS: Dict[str, Tuple[Tuple[str, str], ...]] = {
-    name: (("dense", "intermediate_act_fn"),)
-    for name in ("BertIntermediate", "RobertaIntermediate", "ElectraIntermediate", "CamembertIntermediate",
-                 "XLMRobertaIntermediate", "ViTIntermediate", "DeiTIntermediate", "BeitIntermediate",
-                 "Data2VecVisionIntermediate", "Data2VecTextIntermediate")}
+    **{name: (("dense", "intermediate_act_fn"),)
+       for name in ("BertIntermediate", "RobertaIntermediate", "ElectraIntermediate", "CamembertIntermediate",
+                    "XLMRobertaIntermediate", "ViTIntermediate", "DeiTIntermediate", "BeitIntermediate",
+                    "Data2VecVisionIntermediate", "Data2VecTextIntermediate")},
+    "ConvNextLayer": (("pwconv1", "act"),), "ConvNextV2Layer": (("pwconv1", "act"),)}
 
 
 def activation_name(act: nn.Module) -> Optional[str]:

@@ -279,6 +279,21 @@ def test_rigl_dense_gradient_of_a_fused_gelu_layer_is_taken_before_its_gelu():
         _pair(4, 4, 0.5, act="gelu")[1].pre_activation_grad(torch.ones(2, 4), torch.ones(2, 4))
 
 
+def test_convnext_blocks_fuse_their_gelu():
+    torch.manual_seed(2)
+    from sparsekern.models import ConvNeXt
+    plain = sparsekern.sparsify(ConvNeXt(10, depths=(1, 2), dims=(8, 16)), 0.5, "uniform", init="dense",
+                                generator=gen(20))
+    fused = copy.deepcopy(plain)
+    assert fuse_activations(fused) == ["stages.0.0.pwconv1", "stages.1.0.pwconv1", "stages.1.1.pwconv1"]
+    x = torch.randn(2, 3, 32, 32, generator=gen(21))
+    torch.testing.assert_close(fused(x), plain(x))
+    fused(x).sum().backward()
+    plain(x).sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name, rtol=1e-4, atol=1e-6)
+
+
 def test_transformers_intermediate_blocks_fuse_their_gelu():
     transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install '.[models]'")
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -290,6 +305,14 @@ def test_transformers_intermediate_blocks_fuse_their_gelu():
     assert fuse_activations(fused) == [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)]
     ids = torch.randint(0, 50, (2, 9), generator=gen(18))
     torch.testing.assert_close(fused(input_ids=ids).logits, sparse(input_ids=ids).logits)
+    convnext = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+        num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3))
+    sparse = sparsekern.sparsify(convnext, 0.5, "uniform", init="dense", generator=gen(22))
+    fused = copy.deepcopy(sparse)
+    assert fuse_activations(fused) == ["convnext.encoder.stages.0.layers.0.pwconv1",
+                                       "convnext.encoder.stages.1.layers.0.pwconv1"]
+    pixels = torch.randn(2, 3, 32, 32, generator=gen(23))
+    torch.testing.assert_close(fused(pixel_values=pixels).logits, sparse(pixel_values=pixels).logits)
     # A GELU of another form (tanh) stays where it is.
     config.hidden_act = "gelu_new"
     other = sparsekern.sparsify(transformers.BertForSequenceClassification(config), 0.3, "uniform", init="dense",
