@@ -77,8 +77,8 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         if self.activation == "gelu":
             if x is None:
                 raise ValueError("SparseLinear.pre_activation_grad: a GELU layer needs its input x")
-            with torch.no_grad():
-                return torch.ops.aten.gelu_backward(grad, self.run_kernel("csr", x))
+            with torch.no_grad():  # the product again, on any format and device (DST's dense gradient is dense too)
+                return torch.ops.aten.gelu_backward(grad, F.linear(x, self.dense_weight(), self.bias))
         return grad
 
     def _copy_geometry(self, module: nn.Linear) -> None:

@@ -318,3 +318,14 @@ def test_transformers_intermediate_blocks_fuse_their_gelu():
     other = sparsekern.sparsify(transformers.BertForSequenceClassification(config), 0.3, "uniform", init="dense",
                                 generator=gen(19))
     assert fuse_activations(other) == []
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_a_compiled_fused_layer_computes_the_same(act):
+    """Under torch.compile the layer runs the op (its fake kernel traces) and then the activation's function."""
+    plain, fused = _pair(16, 8, 0.5, act=act, seed=6)
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    x, g = torch.randn(5, 16, generator=gen(24)), torch.randn(5, 8, generator=gen(25))
+    got, want = _run(compiled, x, g), _run(plain, x, g, act)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
