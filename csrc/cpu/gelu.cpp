@@ -66,7 +66,7 @@ SK_INLINE void gelu_lanes(V z, V& h, V& d) {
 
 // gelu(z[i]) in place and gelu'(z[i]) into d[i] (nullptr: gelu alone) on W-byte vectors (64 only inside SK_AVX512
 // functions), count a multiple of their lanes.
-template <int W = 32>
+template <int W>
 SK_INLINE void rows(float* z, float* d, int64_t count) {
   using V = typename simd::Vec<float, W>::v;
   using VI = typename simd::Vec<float, W>::vi;
@@ -78,8 +78,8 @@ SK_INLINE void rows(float* z, float* d, int64_t count) {
     if (d) simd::vstore<W>(d + i, g);
   }
 }
-template <int W = 32>
-SK_INLINE void rows(double* z, double* d, int64_t count) {
+// float64: std::erf and std::exp.
+void rows_f64(double* z, double* d, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     const double x = z[i], cdf = 0.5 * (1.0 + std::erf(x * M_SQRT1_2));
     z[i] = x == INFINITY ? NAN : x * cdf;
@@ -142,17 +142,15 @@ at::Tensor gelu_(at::Tensor& z, bool keep_derivative) {
   TORCH_CHECK(type == at::kFloat || type == at::kBFloat16 || type == at::kDouble,
               "gelu_: z must be float32, float64 or bfloat16, got ", z.dtype());
   const at::Tensor d = keep_derivative ? at::empty_like(z) : at::Tensor();
-  const bool wide = isa() == Isa::avx512;
-  at::parallel_for(0, z.numel(), GRAIN, [&](int64_t a, int64_t b) {
+  [[maybe_unused]] const bool wide = isa() == Isa::avx512;
   // Tasks start on multiples of GRAIN elements: every vector but the last is whole.
+  at::parallel_for(0, z.numel(), GRAIN, [&](int64_t a, int64_t b) {
+    if (type == at::kDouble) return gelu::rows_f64(offset<double>(z, a), offset<double>(d, a), b - a);
+    if (type == at::kBFloat16) return gelu_bf16(offset<c10::BFloat16>(z, a), offset<c10::BFloat16>(d, a), b - a);
 #if SK_HAVE_AVX512
-    if (type == at::kFloat && wide) gelu_f32_wide(offset<float>(z, a), offset<float>(d, a), b - a);
-    else
+    if (wide) return gelu_f32_wide(offset<float>(z, a), offset<float>(d, a), b - a);
 #endif
-        if (type == at::kFloat)
-      gelu_f32(offset<float>(z, a), offset<float>(d, a), b - a);
-    else if (type == at::kBFloat16) gelu_bf16(offset<c10::BFloat16>(z, a), offset<c10::BFloat16>(d, a), b - a);
-    else gelu::rows(offset<double>(z, a), offset<double>(d, a), b - a);
+    gelu_f32(offset<float>(z, a), offset<float>(d, a), b - a);
   });
   return d;
 }
