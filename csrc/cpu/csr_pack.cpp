@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cpu/common.h"
+#include "cpu/csr_engine.h"
 #include "cpu/csr_internal.h"
 #include "cpu/simd.h"
 
@@ -106,8 +107,33 @@ SK_CLONES void pack_bf16(float* dst, int64_t T, const c10::BFloat16* base, int64
                          int64_t j1, int64_t b0, int64_t nc) {
   pack_impl<c10::BFloat16>(dst, T, base, s0, s1, j0, j1, b0, nc);
 }
+#if SK_HAVE_AVX512
+// A column-major float32 source (sparse_linear's x.t()) on 64-byte vectors: 16 x 16 register transposes, so that
+// every load reads one whole line of a token's features and every store writes one whole line of the tile. The
+// edges (rows past a multiple of 16, columns past one) go as pack_impl takes them. Steps on top of the 16 x 16
+// transposed store (Intel SPR-class, 2 threads, interleaved A/B): MLP 3.76 -> 3.68 ms, ViT-S/16 204.7 -> 203.0 ms;
+// alone, warm, a 1536 -> 384 forward at 800 tokens 1.10x.
+SK_AVX512 void pack_f32_wide(float* dst, int64_t T, const float* base, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+                             int64_t nc) {
+  const int64_t cfull = nc / 16 * 16;
+  int64_t j = j0;
+  for (; j + 16 <= j1; j += 16) {
+    for (int64_t c = 0; c < cfull; c += 16) transpose_block16(base + j + (b0 + c) * s1, s1, dst + j * T + c, T);
+    for (int64_t r = 0; r < 16; ++r) {
+      float* d = dst + (j + r) * T;
+      for (int64_t c = cfull; c < nc; ++c) d[c] = base[(j + r) + (b0 + c) * s1];
+      for (int64_t c = nc; c < T; ++c) d[c] = 0.f;
+    }
+  }
+  if (j < j1) pack_impl<float>(dst, T, base, 1, s1, j, j1, b0, nc);
+}
+#endif
+
 inline void pack(float* d, int64_t T, const float* b, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
                  int64_t nc) {
+#if SK_HAVE_AVX512
+  if (s0 == 1 && s1 != 1 && isa() == Isa::avx512) return pack_f32_wide(d, T, b, s1, j0, j1, b0, nc);
+#endif
   pack_f32(d, T, b, s0, s1, j0, j1, b0, nc);
 }
 inline void pack(double* d, int64_t T, const double* b, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,

@@ -64,6 +64,17 @@ SK_INLINE void store_group(const SpmmJob<S>& J, const S* buf, int64_t g0, int64_
   }
 }
 
+// 16 rows of a transposed float32 output (out[:, g0:g0+16] seen as 16 rows of tokens) through 16 x 16 register
+// transposes (SK_AVX512 functions only).
+template <int T>
+SK_INLINE void store_group16(const SpmmJob<float>& J, const float* buf, int64_t g0) {
+  const int64_t nc = J.nc, cfull = nc / 16 * 16;
+  float* o = J.out + g0 + J.b0 * J.os1;
+  for (int64_t c = 0; c < cfull; c += 16) transpose_block16(buf + c, T, o + c * J.os1, J.os1);
+  for (int64_t c = cfull; c < nc; ++c)
+    for (int r = 0; r < 16; ++r) o[c * J.os1 + r] = buf[r * T + c];
+}
+
 // The same for a bf16 output: each float32 result rounded once.
 template <typename S, int T>
 SK_INLINE void store_group(const SpmmJob<S, c10::BFloat16>& J, const S* buf, int64_t g0, int64_t rows) {
@@ -176,8 +187,16 @@ SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
         for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
       for (int q = 0; q < NV; ++q) vstore<W>(cbuf + (i - c0) * T + q * L, acc[0][q]);
     }
-    for (int64_t g0 = c0; g0 < c1; g0 += G)
-      store_group<S, T>(J, cbuf + (g0 - c0) * T, g0, std::min<int64_t>(G, c1 - g0));
+    int64_t g0 = c0;
+    if constexpr (W == 64 && std::is_same<S, float>::value && std::is_same<O, float>::value) {
+      // A transposed float output in 16 x 16 blocks: one 64-byte store (a whole line) per token and block, half
+      // the stores and a third fewer shuffles than the 8 x 8 blocks. Steps (Intel SPR-class, 2 threads,
+      // interleaved A/B): MLP 3.92 -> 3.76 ms, ViT-S/16 205.5 -> 204.7 and 208.0 -> 204.8 ms, BERT-style 381.6
+      // -> 379.9 ms.
+      if (J.os0 == 1 && !J.oruns)
+        for (; g0 + 16 <= c1; g0 += 16) store_group16<T>(J, cbuf + (g0 - c0) * T, g0);
+    }
+    for (; g0 < c1; g0 += G) store_group<S, T>(J, cbuf + (g0 - c0) * T, g0, std::min<int64_t>(G, c1 - g0));
   }
 }
 

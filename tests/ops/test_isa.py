@@ -22,8 +22,9 @@ OPS = ("sparse_linear", "spmm", "sddmm")
 
 # Batches of 16..32 fp32 columns run the 64-byte loops at 1 and 2 vectors per tile row, 33 and more at 4
 # (256-byte tiles; 128-byte ones on the 32-byte loops), 64 fills one 256-byte tile, 100 and 257 span several
-# with a ragged last one; k and m not multiples of 8 or 16.
-WIDE_MKN = ((20, 37, 16), (33, 48, 32), (9, 70, 33), (24, 50, 64), (40, 130, 100), (17, 19, 257))
+# with a ragged last one; k and m not multiples of 8 or 16. 48 x 80 x 200: whole 16 x 16 blocks (the 64-byte loops'
+# transposed store and packing) and a ragged tile beside them.
+WIDE_MKN = ((20, 37, 16), (33, 48, 32), (9, 70, 33), (24, 50, 64), (40, 130, 100), (17, 19, 257), (48, 80, 200))
 WIDE_SPARSITIES = ((0.1, False), (0.25, True))
 
 
