@@ -99,28 +99,22 @@ SK_INLINE void transpose_block16(const float* src, int64_t lds, float* dst, int6
   using vi = Vec<float, 64>::vi;
   v r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = vload<64>(src + i * lds);
-  // Interleave pairs of rows, then pairs of pairs (as the 8 x 8 transpose, within each 128-bit lane)...
-  const vi lo = {0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29};
-  const vi hi = {2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31};
-  for (int i = 0; i < 16; i += 2)
-    t[i] = __builtin_shuffle(r[i], r[i + 1], lo), t[i + 1] = __builtin_shuffle(r[i], r[i + 1], hi);
-  const vi a = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-  const vi b = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-  for (int i = 0; i < 16; i += 4)
-    for (int j = 0; j < 2; ++j)
-      r[i + j] = __builtin_shuffle(t[i + j], t[i + j + 2], a),
-            r[i + j + 2] = __builtin_shuffle(t[i + j], t[i + j + 2], b);
-  // ... then 128-bit lanes across groups of four rows, then 256-bit halves across groups of eight.
-  const vi l4 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-  const vi h4 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-  for (int i = 0; i < 16; i += 8)
-    for (int j = 0; j < 4; ++j)
-      t[i + j] = __builtin_shuffle(r[i + j], r[i + j + 4], l4),
-            t[i + j + 4] = __builtin_shuffle(r[i + j], r[i + j + 4], h4);
-  const vi l8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const vi h8 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  for (int j = 0; j < 8; ++j)
-    r[j] = __builtin_shuffle(t[j], t[j + 8], l8), r[j + 8] = __builtin_shuffle(t[j], t[j + 8], h8);
+  // A stage pairs row i with row i + d within each group of 2d rows: out[i] takes `lo` of the pair, out[i + d] `hi`.
+  const auto stage = [](const v* in, v* out, int d, const vi& lo, const vi& hi) __attribute__((always_inline)) {
+    for (int g = 0; g < 16; g += 2 * d)
+      for (int i = g; i < g + d; ++i)
+        out[i] = __builtin_shuffle(in[i], in[i + d], lo), out[i + d] = __builtin_shuffle(in[i], in[i + d], hi);
+  };
+  // Interleave pairs of rows, then pairs of pairs (as the 8 x 8 transpose, within each 128-bit lane), then 128-bit
+  // lanes across groups of four rows, then 256-bit halves across groups of eight.
+  stage(r, t, 1, vi{0, 16, 1, 17, 4, 20, 5, 21, 8, 24, 9, 25, 12, 28, 13, 29},
+        vi{2, 18, 3, 19, 6, 22, 7, 23, 10, 26, 11, 27, 14, 30, 15, 31});
+  stage(t, r, 2, vi{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+        vi{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
+  stage(r, t, 4, vi{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+        vi{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
+  stage(t, r, 8, vi{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+        vi{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
   // r[q] now holds column col[q] of the block (the lane stages swap the middle two of each four).
   static constexpr int col[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
   for (int q = 0; q < 16; ++q) vstore<64>(dst + col[q] * ldd, r[q]);
