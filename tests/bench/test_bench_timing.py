@@ -27,3 +27,12 @@ def test_medians_follow_the_closures_and_max_run_time_stops():
 def test_min_run_time_keeps_rounds_going():
     out = measure_interleaved({"a": lambda: time.sleep(0.001)}, Budget(0.03, 1.0))
     assert out["a"].runs >= 0.03 / 0.0015
+
+
+def test_lead_calls_each_closure_untimed_just_before_its_timed_call():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+    out = measure_interleaved(fns, Budget(0.0, 10.0, threshold=float("inf")), min_rounds=4, lead=2)
+    assert {t.runs for t in out.values()} == {4}
+    # every closure runs three times in a row (two untimed, one timed): no timed call follows another closure
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3 + ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
