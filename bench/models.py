@@ -46,7 +46,7 @@ import sparsekern
 from sparsekern import allocator
 from sparsekern.models import BertEncoder, ConvNeXt, ImageNetResNet, VisionTransformer, get_model
 from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
-from sparsekern.nn import SparseWeightMixin
+from sparsekern.nn import SparseWeightMixin, kernel_choice
 from sparsekern.sparsity import sparsifiable_layers
 
 from .breakdown import ORDER as BREAKDOWN_ORDER, step_breakdowns
@@ -239,6 +239,7 @@ class LayerRow:
     dense: Timing
     density: Dict[str, float] = field(default_factory=dict)  # distribution ->
     sparse: Dict[str, Timing] = field(default_factory=dict)
+    kernel: Dict[str, str] = field(default_factory=dict)  # the kernel the sparse layer ran in the timed steps
 
 
 @dataclass
@@ -292,6 +293,10 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
         for _ in range(settings.warmup):
             steps[key]()
     timings = measure_interleaved(steps, settings.step, min_rounds=settings.step_rounds, lead=settings.step_lead)
+    # What each sparse layer ran in those steps (its route, kept from its last call): a kernel choice that a noisy
+    # measurement got wrong shows in the per-layer table.
+    step_kernels = {d: {name: kernel_choice.last_kernel(model.get_submodule(name)) or "?" for name in names}
+                    for d, model in sparse.items()}
     peaks = {key: step_peak_bytes(model, optimizers[key], steps[key])
              for key, model in [("dense", dense), *sparse.items()]}
     breakdowns = step_breakdowns(steps, settings.breakdown_rounds)
@@ -310,6 +315,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
         for d, module in twins.items():
             row.density[d] = module.density
             row.sparse[d] = times[d]
+            row.kernel[d] = step_kernels[d][name]
         rows.append(row)
     return ModelResult(case, timings["dense"], peaks["dense"], {d: timings[d] for d in sparse},
                        {d: peaks[d] for d in sparse}, rows, breakdowns)
@@ -350,12 +356,12 @@ def layer_rows(result: ModelResult) -> Tuple[List[str], List[list]]:
     dists = list(result.sparse)
     headers = ["layer", "weight", "input", "dense ms"]
     for d in dists:
-        headers += [f"{d} density", f"{d} ms", f"{d} speedup"]
+        headers += [f"{d} density", f"{d} kernel", f"{d} ms", f"{d} speedup"]
     rows = []
     for row in result.layers:
         cells = [row.name, row.weight, row.input, f"{row.dense.median * 1e3:.3f}"]
         for d in dists:
-            cells += [f"{row.density[d]:.3f}", f"{row.sparse[d].median * 1e3:.3f}",
+            cells += [f"{row.density[d]:.3f}", row.kernel.get(d, "?"), f"{row.sparse[d].median * 1e3:.3f}",
                       f"{row.dense.median / row.sparse[d].median:.2f}x"]
         rows.append(cells)
     return headers, rows
@@ -370,7 +376,9 @@ LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Li
           "slower than dense. Peak MB: tensor memory at a step's peak (the model's parameters, buffers and "
           "optimizer state, plus the most the step allocates on top: activations, gradients, workspaces; from the "
           "allocation events of torch.profiler with profile_memory; memory a kernel takes outside torch's "
-          "allocator is not seen). Per-layer speedup: dense fwd+bwd / sparse fwd+bwd on the same input "
+          "allocator is not seen). Per-layer kernel: what the sparse layer ran in the timed steps "
+          "(sparsekern.nn.kernel_choice: csr, gemm or dense). Per-layer speedup: dense fwd+bwd / sparse fwd+bwd on "
+          "the same input "
           "(gradients into the weights and bias, and into the input where the step needs it); layers alike in "
           "kind, shape, input and nnz are timed once.")
 

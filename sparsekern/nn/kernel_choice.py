@@ -279,6 +279,13 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _ROUTE = "_sparsekern_route"
 
 
+def last_kernel(module: nn.Module) -> Optional[str]:
+    """The kernel ``module``'s last call ran (``run``'s kept route), or None before any call (or where no route is
+    kept: tracing, other devices)."""
+    route = module.__dict__.get(_ROUTE)
+    return None if route is None else route[1]
+
+
 def _route_key(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     """Everything the route of a call of ``module`` depends on: ``choice_key``'s fields (bar the layer's fixed
     geometry), the overrides (``layer.kernel``, set_kernel, set_autotune, the op's backend), the modes that

@@ -87,6 +87,7 @@ def test_bench_models_tiny(tmp_path):
         for layer in layers:
             for d in DISTRIBUTIONS:
                 assert 0 < float(layer[f"{d} density"]) <= 1
+                assert layer[f"{d} kernel"] in ("csr", "gemm", "dense")  # what the layer ran in the timed steps
                 _ratio(layer[f"{d} ms"])
                 _ratio(layer[f"{d} speedup"])
         # uniform: every layer at the requested density (up to rounding of nnz)

@@ -208,6 +208,16 @@ def test_overrides(monkeypatch):
     assert calls == []
 
 
+def test_last_kernel_reports_what_the_last_call_ran():
+    layer = SparseLinear(8, 8, density=0.5)
+    assert kc.last_kernel(layer) is None
+    x = torch.randn(4, 8)
+    for kernel in ("dense", "csr"):
+        layer.kernel = kernel
+        layer(x)
+        assert kc.last_kernel(layer) == kernel
+
+
 def test_deterministic_algorithms_take_the_rule_not_a_measurement(monkeypatch, capsys):
     """Under torch.use_deterministic_algorithms(True) no layer is measured: dense from RULE_DENSE_FROM on,
     csr below, the same in every process; explain says so."""
