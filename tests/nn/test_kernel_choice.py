@@ -346,6 +346,31 @@ def test_the_fastest_wins_and_near_ties_go_to_dense(monkeypatch, times, expected
     assert kc._measure(layer, x).kernel == expected
 
 
+@pytest.mark.parametrize("density,slow_calls,expected", [(0.1, 4, "csr"), (0.1, 100, "dense"), (0.6, 4, "dense")],
+                         ids=["misfire-caught", "dense-really-faster", "dense-layer-not-rechecked"])
+def test_a_sparse_layer_losing_to_dense_gets_a_second_measurement(monkeypatch, density, slow_calls, expected):
+    """csr runs 5 ms for its first `slow_calls` calls (an interference that lasts the first set of rounds), then 1 ms;
+    dense 2 ms. A layer below RULE_DENSE_FROM that picked dense is measured once more, and the minimum counts."""
+    layer = SparseConv2d(8, 8, 3, padding=1, density=density)
+    x = torch.randn(2, 8, 8, 8)
+    monkeypatch.setattr(kc, "MIN_TUNE_MACS", 0)
+    clock, calls = [0.0], {"csr": 0, "gemm": 0, "dense": 0}
+    base = {"csr": 1.0, "gemm": 9.0, "dense": 2.0}
+
+    def timer(module, x, kernel):
+        def run():
+            calls[kernel] += 1
+            slow = kernel == "csr" and calls[kernel] <= slow_calls
+            clock[0] += (5.0 if slow else base[kernel]) / 1e3
+        return run
+    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    monkeypatch.setattr(kc, "_timer", timer)
+    choice = kc._measure(layer, x)
+    assert choice.kernel == expected
+    first_set = kc.WARMUP + kc.REPEATS
+    assert calls["dense"] == (2 * first_set - kc.WARMUP if density < kc.RULE_DENSE_FROM else first_set)
+
+
 @pytest.mark.parametrize("times,rounds", [({"csr": 1.0, "gemm": 2.0, "dense": 3.0}, {"csr": 3, "gemm": 3, "dense": 3}),
                                           ({"csr": 1.0, "gemm": 2.0, "dense": 1.1},
                                            {"csr": kc.MAX_REPEATS, "gemm": kc.REPEATS, "dense": kc.MAX_REPEATS}),
