@@ -4,8 +4,9 @@ A sparse layer can compute the same result several ways (``csr``: its sparse op;
 CSR GEMM over channels x positions; ``dense``: the dense op on the scattered weight). Which is fastest
 depends on shape, density, batch geometry, dtype, thread count and the CPU's vector width, so it is
 measured, not modelled: on the first call of a geometry each candidate runs forward (+ backward when
-training) on the layer's real input, the fastest wins, and the choice is cached under a key of all
-those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choice stays valid through
+training) on the layer's real input, in interleaved rounds with the caches evicted between calls (the
+minimum per candidate counts; a layer below ``RULE_DENSE_FROM`` whose dense kernel won gets a second set of
+rounds), the fastest wins, and the choice is cached under a key of all those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choice stays valid through
 training; pruning changes nnz and so measures anew.
 
 Where nothing is measured the density rule decides: ``dense`` from a density of ``RULE_DENSE_FROM`` on, else
