@@ -6,8 +6,9 @@ depends on shape, density, batch geometry, dtype, thread count and the CPU's vec
 measured, not modelled: on the first call of a geometry each candidate runs forward (+ backward when
 training) on the layer's real input, in interleaved rounds with the caches evicted between calls (the
 minimum per candidate counts; a layer below ``RULE_DENSE_FROM`` whose dense kernel won gets a second set of
-rounds), the fastest wins, and the choice is cached under a key of all those things. The key holds nnz, not the pattern: DST keeps nnz fixed, so a choice stays valid through
-training; pruning changes nnz and so measures anew.
+rounds), the fastest wins, and the choice is cached under a key of all those things. The key holds nnz, not
+the pattern: DST keeps nnz fixed, so a choice stays valid through training; pruning changes nnz and so
+measures anew.
 
 Where nothing is measured the density rule decides: ``dense`` from a density of ``RULE_DENSE_FROM`` on, else
 ``csr``. That holds for layers too small to be worth measuring and for every layer under
