@@ -546,21 +546,21 @@ def _measure(module: nn.Module, x: torch.Tensor) -> Choice:
                 if len(active) < 2:
                     break
 
-    def pick() -> str:
+    def pick() -> Choice:
         times = {kernel: min(v) for kernel, v in samples.items()}
         fastest = min(times, key=times.get)
         if "dense" in times and times["dense"] <= (1 + DENSE_MARGIN) * times[fastest]:
             fastest = "dense"  # a near tie is within the noise: the dense kernel is never the wrong bet
-        return fastest
+        return Choice(fastest, times)
 
     rounds()
-    if pick() == "dense" and module.density < RULE_DENSE_FROM:
+    if pick().kernel == "dense" and module.density < RULE_DENSE_FROM:
         # A sparse layer that lost to its dense kernel gets a second set of rounds (the minimum over both counts):
         # once chosen, a kernel runs for the whole training. In one model bench run (Intel, 2 threads) ResNet-50's
         # 128 -> 128 3x3 stride-2 layer at density 0.1 most likely ran its dense kernel, 12.6 ms against the csr
         # kernel's 5.1-6.1 in every other run.
         rounds()
-    return Choice(pick(), {kernel: min(v) for kernel, v in samples.items()})
+    return pick()
 
 
 # -- explain ---------------------------------------------------------------------------------------
