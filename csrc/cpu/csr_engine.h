@@ -86,9 +86,10 @@ void check_transpose_once(const Csr& a, int64_t k, const c10::optional<at::Tenso
 
 // out (m, n) = A (m, k) @ B (k, n) (+ bias[i] on row i). B and out are strided views
 // (e.g. x.t() and y.t() for sparse_linear), or both plane operands (k, N, P) and (m, N, P) read as
-// (k, N*P) and (m, N*P) (csr_internal.h; conv2d_gemm's NCHW planes); out is fully overwritten.
+// (k, N*P) and (m, N*P) (csr_internal.h; conv2d_gemm's NCHW planes); out is fully overwritten. With `relu`,
+// out = max(A @ B (+ bias), 0) (NaN stays NaN, as clamp_min's): a ReLU fused into the layer.
 void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
-          const c10::optional<at::Tensor>& bias, const at::Tensor& out);
+          const c10::optional<at::Tensor>& bias, const at::Tensor& out, bool relu = false);
 
 // vals (nnz, contiguous) [p] = dot(X[i, :], Y[j, :]), X (m, d), Y (k, d) strided views, or both plane
 // operands (m, N, P) and (k, N, P) with d = N*P.

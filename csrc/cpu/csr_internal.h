@@ -183,6 +183,7 @@ template <typename S, typename O = S> struct SpmmJob {
   int64_t last;   // nnz - 1 (prefetch clamp)
   bool prefetch;  // spmm_prefetch
   const Runs* oruns;  // out is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
+  bool relu = false;  // out = max(result, 0): a ReLU fused into the layer, applied in registers before the store
 };
 
 // SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).

@@ -185,6 +185,10 @@ SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
       }
       for (int s = 1; s < SETS; ++s)
         for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
+      // The fused ReLU in registers, not a pass of its own over the output (clamp_min_: 25 us a 256 x 1024 layer).
+      // `a < 0 ? 0 : a` keeps a NaN, as clamp_min does.
+      if (J.relu)
+        for (int q = 0; q < NV; ++q) acc[0][q] = acc[0][q] < v{} ? v{} : acc[0][q];
       for (int q = 0; q < NV; ++q) vstore<W>(cbuf + (i - c0) * T + q * L, acc[0][q]);
     }
     int64_t g0 = c0;
@@ -222,7 +226,7 @@ namespace {
 // float32: values and bias converted once, B widened as it is packed, out rounded on store).
 template <typename I>
 void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B,
-                const c10::optional<at::Tensor>& bias, const at::Tensor& out) {
+                const c10::optional<at::Tensor>& bias, const at::Tensor& out, bool relu) {
   using S = typename bf16::Acc<I>::type;
   constexpr bool widened = !std::is_same<I, S>::value;
   constexpr auto kS = c10::CppTypeToScalarType<S>::value;
@@ -243,7 +247,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
     at::parallel_for(0, m, std::max<int64_t>(1, FILL_GRAIN / std::max<int64_t>(n, 1)), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         const I val = bp ? static_cast<I>(bp[i]) : I(0);
-        for (int64_t c = 0; c < n; ++c) o[i * os0 + c * os1] = val;
+        for (int64_t c = 0; c < n; ++c) o[i * os0 + c * os1] = relu && val < I(0) ? I(0) : val;
       }
     });
     return;
@@ -252,6 +256,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   // all_finite: a NaN or Inf in B would reach every output through the GEMM's implicit zeros.
   if (use_dense(nnz, m, k) && all_finite(B)) {
     spmm_dense(vals_c, row_ptr, col_idx, B, bias_c, out);
+    if (relu) out.clamp_min_(0);
     return;
   }
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
@@ -259,6 +264,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const S* vals = vals_c.data_ptr<S>();
   if (use_gather(Core::spmm, nnz, k, B)) {
     spmm_gather<I, S>(vals, rp, ci, m, B, bp, out);
+    if (relu) out.clamp_min_(0);
     return;
   }
   const bool wide = isa() == Isa::avx512;
@@ -268,7 +274,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   const bool prefetch = spmm_prefetch(k * TB);
   auto job = [&](const S* tile, int64_t b0, int64_t nc, Runs* runs) {
     if (planes) *runs = plane_runs(out.size(2), out.stride(1), b0, nc);
-    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, b0, nc, bp, nnz - 1, prefetch, planes ? runs : nullptr};
+    return SpmmJob<S, I>{vals, rp, ci, tile, o, os0, os1, b0, nc, bp, nnz - 1, prefetch, planes ? runs : nullptr, relu};
   };
   // Whole tiles: each thread takes a run of batch tiles and packs each (k x T, L2-sized) just before running
   // every row over it, so the packed operand is written and read once, in L2. Row parts (below) each sweep
@@ -312,7 +318,7 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
 }  // namespace
 
 void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& B_arg,
-          const c10::optional<at::Tensor>& bias, const at::Tensor& out_arg) {
+          const c10::optional<at::Tensor>& bias, const at::Tensor& out_arg, bool relu) {
   const at::Tensor B = as_matrix_if_strided(B_arg), out = as_matrix_if_strided(out_arg);
   if (B.dim() == 3 || out.dim() == 3) {
     // Planes run the tile loops; every other path (no nonzeros, the dense fallback, the gather path) takes them
@@ -321,14 +327,14 @@ void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor&
     if (B.dim() != 3 || out.dim() != 3 || nnz == 0 || k == 0 || use_dense(nnz, m, k) ||
         use_gather(Core::spmm, nnz, k, B)) {
       const at::Tensor out2 = out.dim() == 3 ? at::empty({m, n}, out.options()) : out;
-      spmm(values, row_ptr, col_idx, B.reshape({k, n}), bias, out2);
+      spmm(values, row_ptr, col_idx, B.reshape({k, n}), bias, out2, relu);
       if (out.dim() == 3) out.copy_(out2.view(out.sizes()));
       return;
     }
   }
-  if (B.scalar_type() == at::kFloat) spmm_typed<float>(values, row_ptr, col_idx, B, bias, out);
-  else if (B.scalar_type() == at::kBFloat16) spmm_typed<c10::BFloat16>(values, row_ptr, col_idx, B, bias, out);
-  else spmm_typed<double>(values, row_ptr, col_idx, B, bias, out);
+  if (B.scalar_type() == at::kFloat) spmm_typed<float>(values, row_ptr, col_idx, B, bias, out, relu);
+  else if (B.scalar_type() == at::kBFloat16) spmm_typed<c10::BFloat16>(values, row_ptr, col_idx, B, bias, out, relu);
+  else spmm_typed<double>(values, row_ptr, col_idx, B, bias, out, relu);
 }
 
 }  // namespace csr

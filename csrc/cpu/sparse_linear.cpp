@@ -7,19 +7,19 @@
 
 #include <string>
 
+#include "cpu/sparse_linear.h"
+
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
 
 namespace sparsekern {
-namespace {
-
-using namespace csr;
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, const c10::optional<at::Tensor>& bias,
                              const c10::optional<at::Tensor>& t_row_ptr, const c10::optional<at::Tensor>& t_col_idx,
-                             const c10::optional<at::Tensor>& t_perm) {
+                             const c10::optional<at::Tensor>& t_perm, bool relu) {
   const char* op = "sparse_linear";
+  using namespace csr;
   check_dense(x, "x", 2, op);
   check_cpu(values, "values", op);
   check_float_or_bf16(values, "values", op);
@@ -34,11 +34,20 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x, const at::Tensor& values, cons
                 bias->size(0));
   }
   at::Tensor y = at::empty({x.size(0), W.m}, x.options().memory_format(c10::MemoryFormat::Contiguous));
-  csr::spmm(W.values, W.row_ptr, W.col_idx, x.t(), bias, y.t());
+  csr::spmm(W.values, W.row_ptr, W.col_idx, x.t(), bias, y.t(), relu);
   return y;
+}
+
+namespace {
+
+at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                            const at::Tensor& col_idx, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& t_row_ptr, const c10::optional<at::Tensor>& t_col_idx,
+                            const c10::optional<at::Tensor>& t_perm) {
+  return sparse_linear_cpu(x, values, row_ptr, col_idx, bias, t_row_ptr, t_col_idx, t_perm, false);
 }
 
 }  // namespace
 }  // namespace sparsekern
 
-TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("sparse_linear", &sparsekern::sparse_linear_cpu); }
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("sparse_linear", &sparsekern::sparse_linear_op); }

@@ -79,6 +79,38 @@ def test_wide_tiles(isa, mkn, sparsity, dtype, layout):
     _check_ops(mkn, sparsity, dtype, layout, "wide")
 
 
+@pytest.mark.parametrize("mkn", WIDE_MKN, ids=lambda p: "m{}k{}n{}".format(*p))
+@pytest.mark.parametrize("sparsity", ((0.1, True), (0.0, False), (0.7, False)), ids=lambda p: f"d{p[0]:g}")
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "node"])
+def test_fused_relu_is_applied_as_the_engine_stores(isa, mkn, sparsity, dtype, layout, grad):
+    """The ReLU fused into sparse_linear (the layer's C++ node) is applied by the engine as it stores the product,
+    at either width, in the tile loops (0.1), the no-nonzero fill (0.0: the bias alone) and the dense fallback (0.7);
+    a NaN stays NaN as clamp_min keeps it, and the node's gradients match the op's followed by a ReLU."""
+    m, k, n = mkn
+    g = gen(seed_of("isa", "relu", mkn, sparsity, dtype, layout))
+    W = random_sparse((m, k), sparsity[0], dtype, g, sparsity[1], requires_grad=grad)
+    x = make_input((n, k), dtype, g, layout, requires_grad=grad)
+    bias = make_input((m,), dtype, g, requires_grad=grad)
+    if not grad:
+        with torch.no_grad():
+            x[n // 2, k // 3] = float("nan")
+    with torch.set_grad_enabled(grad):
+        y = torch.ops.sparsekern._sparse_linear_relu_node(x, W.values, bias, W.row_ptr, W.col_idx,
+                                                          *W.transpose_pattern())
+        # The unfused op then the ReLU, bit for bit (a NaN where the op reads one; the reference's dense product
+        # would spread it over the row), and the reference.
+        unfused = sparse_linear(x, W, bias).relu()
+        expected = reference.sparse_linear(x, W.values, W.row_ptr, W.col_idx, bias).relu()
+    torch.testing.assert_close(y, unfused, rtol=0, atol=0, equal_nan=True)
+    assert not (y < 0).any()
+    if grad:
+        assert_close(y, expected, scale=k)
+        grad_out = make_input(y.shape, dtype, g)
+        for got, exp, s in zip(grads(y, [x, W.values, bias], grad_out),
+                               grads(expected, [x, W.values, bias], grad_out), (m, n, n)):
+            assert_close(got, exp, scale=s)
+
+
 def test_bfloat16(isa):
     """bf16 runs the float32 loops of either width: the same rounded result as float32 then rounded."""
     g = gen(seed_of("isa", "bf16"))
