@@ -158,6 +158,18 @@ def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> D
     return captured
 
 
+# The activation a sparse layer fuses (SparseLinear's `activation`), as the dense model runs it after its twin.
+_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
+
+
+def _fused_activation(modules: Sequence[nn.Module]) -> Optional[str]:
+    """The activation the sparse twins of a layer fuse (every distribution's the same), or None."""
+    acts = {getattr(m, "activation", None) for m in modules}
+    if len(acts) > 1:
+        raise ValueError(f"bench.models: the sparse twins of a layer fuse different activations: {acts}")
+    return acts.pop() if acts else None
+
+
 def _geometry(module: nn.Module) -> tuple:
     if hasattr(module, "kernel_size"):
         return (module.stride, module.padding, module.dilation)
@@ -165,11 +177,15 @@ def _geometry(module: nn.Module) -> tuple:
 
 
 def _weight_params(module: nn.Module) -> List[torch.Tensor]:
+    if isinstance(module, nn.Sequential):  # a dense layer and the activation after it
+        return _weight_params(module[0])
     weight = module.values if isinstance(module, SparseWeightMixin) else module.weight
     return [weight] + ([module.bias] if module.bias is not None else [])
 
 
 def _layer_key(module: nn.Module, cap: Capture) -> tuple:
+    if isinstance(module, nn.Sequential):
+        return ("then", type(module[1]).__name__, _layer_key(module[0], cap))
     shape = tuple(module.weight_shape if isinstance(module, SparseWeightMixin) else module.weight.shape)
     nnz = module.nnz if isinstance(module, SparseWeightMixin) else None
     return (type(module).__name__, shape, _geometry(module), tuple(cap.x.shape), cap.requires_grad,
@@ -236,10 +252,17 @@ class LayerRow:
     weight: str
     input: str
     macs: int
-    dense: Timing
+    dense: Timing  # the dense layer alone: its share of the dense step
     density: Dict[str, float] = field(default_factory=dict)  # distribution ->
     sparse: Dict[str, Timing] = field(default_factory=dict)
     kernel: Dict[str, str] = field(default_factory=dict)  # the kernel the sparse layer ran in the timed steps
+    # What the sparse layers are compared with: where they fuse an activation (SparseLinear's ReLU or GELU, which
+    # the dense model runs as a module of its own), the dense layer followed by it; else None (the layer alone).
+    activated: Optional[Timing] = None
+
+    @property
+    def twin(self) -> Timing:
+        return self.dense if self.activated is None else self.activated
 
 
 @dataclass
@@ -309,9 +332,12 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
         stride = getattr(layer, "stride", (1, 1))
         macs = math.prod(cap.out_shape) * math.prod(layer.weight.shape[1:])
         twins = {d: model.get_submodule(name) for d, model in sparse.items()}
-        times = time_layers({"dense": layer, **twins}, cap, settings, cache)
+        act = _fused_activation(list(twins.values()))
+        with_act = {} if act is None else {"dense+act": nn.Sequential(layer, _ACTIVATIONS[act]()).train()}
+        times = time_layers({"dense": layer, **with_act, **twins}, cap, settings, cache)
         row = LayerRow(name, _dims(layer.weight.shape),
-                       _dims(cap.x.shape) + (f" /{stride[0]}" if stride != (1, 1) else ""), macs, times["dense"])
+                       _dims(cap.x.shape) + (f" /{stride[0]}" if stride != (1, 1) else ""), macs, times["dense"],
+                       activated=times.get("dense+act"))
         for d, module in twins.items():
             row.density[d] = module.density
             row.sparse[d] = times[d]
@@ -344,7 +370,7 @@ def summary_rows(results: Sequence[ModelResult]) -> List[list]:
     rows = []
     for r in results:
         for d in r.sparse:
-            slower = sum(row.sparse[d].median > row.dense.median for row in r.layers)
+            slower = sum(row.sparse[d].median > row.twin.median for row in r.layers)
             rows.append([r.case.name, d, len(r.layers), f"{r.flop_fraction(d):.3f}", f"{r.share:.0%}",
                          f"{r.dense.median * 1e3:.1f}", f"{r.sparse[d].median * 1e3:.1f}", f"{r.speedup(d):.2f}x",
                          f"{r.bound(d):.2f}x", f"{r.of_bound(d):.0%}", _mb(r.dense_peak), _mb(r.sparse_peak[d]),
@@ -359,10 +385,10 @@ def layer_rows(result: ModelResult) -> Tuple[List[str], List[list]]:
         headers += [f"{d} density", f"{d} kernel", f"{d} ms", f"{d} speedup"]
     rows = []
     for row in result.layers:
-        cells = [row.name, row.weight, row.input, f"{row.dense.median * 1e3:.3f}"]
+        cells = [row.name, row.weight, row.input, f"{row.twin.median * 1e3:.3f}"]
         for d in dists:
             cells += [f"{row.density[d]:.3f}", row.kernel.get(d, "?"), f"{row.sparse[d].median * 1e3:.3f}",
-                      f"{row.dense.median / row.sparse[d].median:.2f}x"]
+                      f"{row.twin.median / row.sparse[d].median:.2f}x"]
         rows.append(cells)
     return headers, rows
 
@@ -378,7 +404,9 @@ LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Li
           "allocation events of torch.profiler with profile_memory; memory a kernel takes outside torch's "
           "allocator is not seen). Per-layer kernel: what the sparse layer ran in the timed steps "
           "(sparsekern.nn.kernel_choice: csr, gemm or dense). Per-layer speedup: dense fwd+bwd / sparse fwd+bwd on "
-          "the same input "
+          "the same input; where the sparse layers fuse the activation after them (a ReLU or GELU: "
+          "sparsify(..., fuse_activations=True)), the dense layer followed by that activation, which the "
+          "'dense ms' column then shows (the share counts the layer alone) "
           "(gradients into the weights and bias, and into the input where the step needs it); layers alike in "
           "kind, shape, input and nnz are timed once.")
 

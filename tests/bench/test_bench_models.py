@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import sparsekern
@@ -106,6 +107,28 @@ def test_a_model_case_runs_in_a_process_of_its_own(monkeypatch):
     assert all(t.ok for t in result.sparse.values())
     assert len(result.layers) == _sparse_layer_count(result.case)
     assert all(row.dense.ok and set(row.sparse) == set(DISTRIBUTIONS) for row in result.layers)
+    # The hidden layer's sparse twins fuse its ReLU: they are compared with the dense layer followed by a ReLU (the
+    # share still counts the layer alone); the head fuses nothing and is compared with the dense layer alone.
+    hidden, head = result.layers
+    assert hidden.activated is not None and hidden.activated.ok and hidden.twin is hidden.activated
+    assert head.activated is None and head.twin is head.dense
+
+
+def test_the_dense_twin_of_a_fused_layer_runs_its_activation():
+    from torch import nn
+    from sparsekern.bench import models as bench_models
+    lin = sparsekern.nn.SparseLinear.from_dense(nn.Linear(4, 3))
+    gelu = sparsekern.nn.SparseLinear.from_dense(nn.Linear(4, 3))
+    gelu.activation = "gelu"
+    assert bench_models._fused_activation([lin, lin]) is None
+    assert bench_models._fused_activation([gelu, gelu]) == "gelu"
+    with pytest.raises(ValueError, match="different activations"):
+        bench_models._fused_activation([gelu, lin])
+    dense = nn.Linear(4, 3)
+    cap = bench_models.Capture(torch.randn(2, 4), True, (2, 3))
+    paired = nn.Sequential(dense, nn.GELU())
+    assert bench_models._layer_key(paired, cap) != bench_models._layer_key(dense, cap)
+    assert bench_models._weight_params(paired) == [dense.weight, dense.bias]
 
 
 def test_breakdown_categories():
