@@ -116,6 +116,7 @@ def test_a_model_case_runs_in_a_process_of_its_own(monkeypatch):
 
 def test_the_dense_twin_of_a_fused_layer_runs_its_activation():
     from torch import nn
+
     from sparsekern.bench import models as bench_models
     lin = sparsekern.nn.SparseLinear.from_dense(nn.Linear(4, 3))
     gelu = sparsekern.nn.SparseLinear.from_dense(nn.Linear(4, 3))
