@@ -5,6 +5,8 @@ import torch
 
 from sparsekern.ops import dispatch
 
+from sk_testing import threads
+
 pytestmark = pytest.mark.skipif(not dispatch.extension_loaded, reason="no compiled extension")
 
 
@@ -86,3 +88,40 @@ def test_csr_nodes_agree_with_the_ops():
     for node in (torch.ops.sparsekern._sparse_linear_node, torch.ops.sparsekern._sparse_linear_relu_node):
         with pytest.raises((ValueError, RuntimeError), match="x has 6 columns"):
             node(torch.randn(4, 6), W.values, bias, row_ptr, col_idx, *W.transpose_pattern())
+
+
+def _op_calls(fn):
+    """How many times each op ran in fn() (torch.profiler)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("node", ["linear", "linear_relu", "spmm"])
+def test_csr_nodes_gather_the_transposed_values_once_where_the_one_pass_backward_declines(node):
+    """Where the one-pass backward declines (here: one batch tile for two threads) the input gradient and the
+    values' gradient run apart: the transpose's values are gathered once for both, and the gradients match the ops'."""
+    from sparsekern.ops import sparse_linear, spmm
+    from sparsekern.sparse_matrix import SparseMatrix
+    row_ptr, col_idx = _csr(96, 200, density=0.3, seed=3)
+    values = torch.randn(col_idx.numel(), requires_grad=True)
+    W = SparseMatrix(row_ptr, col_idx, values, (96, 200))
+    if node == "spmm":
+        x = torch.randn(200, 3, requires_grad=True)
+        got = torch.ops.sparsekern._spmm_node(values, row_ptr, col_idx, x, *W.transpose_pattern())
+        want = spmm(W, x)
+    else:
+        x = torch.randn(3, 200, requires_grad=True)
+        op = torch.ops.sparsekern._sparse_linear_node if node == "linear" else \
+            torch.ops.sparsekern._sparse_linear_relu_node
+        got = op(x, values, None, row_ptr, col_idx, *W.transpose_pattern())
+        want = sparse_linear(x, W)
+        want = want.relu() if node == "linear_relu" else want
+    g = torch.randn(got.shape)
+    grads = []
+    with threads(2):
+        calls = _op_calls(lambda: grads.extend(torch.autograd.grad(got, (x, values), g)))
+    assert calls.get("sparsekern::sddmm") == 1  # the products apart: the one-pass backward declined
+    assert calls.get("sparsekern::gather") == 1
+    for a, b in zip(grads, torch.autograd.grad(want, (x, values), g)):
+        torch.testing.assert_close(a, b)
