@@ -258,25 +258,25 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     key = None if tracing else _route_key(module, x)
     route = module.__dict__.get(_ROUTE)
     if key is not None and route is not None and route[0] == key:
-        kernel, node = route[1], route[2]
+        _, kernel, node, full = route
     else:
         if _unexpected_input(module, x):
             return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
         kernel = resolve(module, x)
         node = _node(module, kernel, x)
+        full = module.nnz == module.weight_shape.numel()  # (the key holds values.numel())
         if key is not None:
-            module.__dict__[_ROUTE] = (key, kernel, node)
+            module.__dict__[_ROUTE] = (key, kernel, node, full)
     if kernel == "csr" and node:
         return module.csr_node(x)  # with the layer's activation
-    if kernel != "dense" or tracing:
+    if kernel != "dense" or tracing or full:  # a full pattern's dense kernel: the dense op on a view of values
         return module.activate(module.run_kernel(kernel, x, node=node))
-    full = module.nnz == module.weight_shape.numel()
-    y, finite = _dense(module, x, route=not full, node=node)
+    y, finite = _dense(module, x, route=True, node=node)
     return module.activate(y if finite else module.run_kernel(DEFAULT, x))
 
 
 # Where a layer keeps the route of its last call: (the call's _route_key, the kernel, whether the C++ node runs
-# it). In a training step resolve() and the node's checks took 60-80 us a layer with the caches cold from the layers
+# it, whether the pattern is full). In a training step resolve() and the node's checks took 60-80 us a layer with the caches cold from the layers
 # between (about 4 ms of a 210 ms ViT-S/16 step, Intel SPR-class, 2 threads); comparing the key takes a few.
 _ROUTE = "_sparsekern_route"
 
@@ -292,12 +292,16 @@ def _route_key(module: nn.Module, x: torch.Tensor) -> Optional[tuple]:
     """Everything the route of a call of ``module`` depends on: ``choice_key``'s fields (bar the layer's fixed
     geometry), the overrides (``layer.kernel``, set_kernel, set_autotune, the op's backend), the modes that
     keep the C++ node out (autocast, torch.func) and deterministic algorithms; None where it is not kept."""
-    device = x.device.type
+    x_device = x.device
+    device = x_device.type
     if device not in ("cpu", "cuda"):
         return None
-    values, bias = module.values, module.bias
+    # The parameters from the module's dict, not through nn.Module.__getattr__ (0.4 us each, a route costs ~3).
+    params = module._parameters
+    values = params["values"] if "values" in params else module.values
+    bias = params["bias"] if "bias" in params else module.bias
     autocast = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
-    return (x.shape, x.stride(), x.dtype, x.device, x.requires_grad, values.dtype, values.device, values.numel(),
+    return (x.shape, x.stride(), x.dtype, x_device, x.requires_grad, values.dtype, values.device, values.numel(),
             values.requires_grad, None if bias is None else bias.requires_grad, module.kernel,
             torch.is_grad_enabled(), autocast, torch._C._are_functorch_transforms_active(),
             torch.are_deterministic_algorithms_enabled(), torch.get_num_threads(), isa.current(), _forced,
