@@ -276,8 +276,9 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # Where a layer keeps the route of its last call: (the call's _route_key, the kernel, whether the C++ node runs
-# it, whether the pattern is full). In a training step resolve() and the node's checks took 60-80 us a layer with the caches cold from the layers
-# between (about 4 ms of a 210 ms ViT-S/16 step, Intel SPR-class, 2 threads); comparing the key takes a few.
+# it, whether the pattern is full). In a training step resolve() and the node's checks took 60-80 us a layer with
+# the caches cold from the layers between (about 4 ms of a 210 ms ViT-S/16 step, Intel SPR-class, 2 threads);
+# comparing the key takes a few.
 _ROUTE = "_sparsekern_route"
 
 
