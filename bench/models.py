@@ -19,7 +19,9 @@ allocations. Per model and distribution the report gives:
   fwd+bwd timed alone on its input, captured by a forward hook, summed, over the step), ``flop fraction``
   the sparse layers' MACs over the dense layers' MACs; bound = 1 / ((1 - share) + share * flop fraction),
   and "of bound" is the part of the bound's time saving achieved;
-- per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input;
+- per layer: weight shape, input shape, density, and its fwd+bwd dense and sparse on its captured input; a
+  sparse layer that fuses the activation after it (``fuse_activations``: a ReLU or GELU) is compared with the
+  dense layer followed by that activation (the share counts the layer alone);
 - where a step's time goes by kind of op (layers, normalization, activations, ..., outside any op), dense and
   sparse side by side, from profiled steps (``bench.breakdown``): costs outside the kernels that sparse layers
   change show there.
