@@ -111,6 +111,22 @@ def test_fused_relu_is_applied_as_the_engine_stores(isa, mkn, sparsity, dtype, l
             assert_close(got, exp, scale=s)
 
 
+@pytest.mark.parametrize("mkn", [(40, 130, 100), (48, 80, 200)], ids=lambda p: "m{}k{}n{}".format(*p))
+def test_fused_relu_in_bfloat16(isa, mkn):
+    """bf16 runs the float32 loops and rounds on store: the fused ReLU clamps before the rounding, which keeps the
+    sign, so it matches the unfused op then the ReLU bit for bit."""
+    m, k, n = mkn
+    g = gen(seed_of("isa", "relu-bf16", mkn))
+    W = random_sparse((m, k), 0.1, torch.bfloat16, g, empty_rows=True)
+    x = make_input((n, k), torch.bfloat16, g, "contiguous")
+    bias = make_input((m,), torch.bfloat16, g)
+    with torch.no_grad():
+        y = torch.ops.sparsekern._sparse_linear_relu_node(x, W.values, bias, W.row_ptr, W.col_idx,
+                                                          *W.transpose_pattern())
+        torch.testing.assert_close(y, sparse_linear(x, W, bias).relu(), rtol=0, atol=0)
+    assert y.dtype == torch.bfloat16 and not (y < 0).any()
+
+
 def test_bfloat16(isa):
     """bf16 runs the float32 loops of either width: the same rounded result as float32 then rounded."""
     g = gen(seed_of("isa", "bf16"))
