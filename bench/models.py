@@ -48,7 +48,7 @@ import sparsekern
 from sparsekern import allocator
 from sparsekern.models import BertEncoder, ConvNeXt, ImageNetResNet, VisionTransformer, get_model
 from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
-from sparsekern.nn import SparseWeightMixin, kernel_choice
+from sparsekern.nn import SparseWeightMixin, fused_activations, kernel_choice
 from sparsekern.sparsity import sparsifiable_layers
 
 from .breakdown import ORDER as BREAKDOWN_ORDER, step_breakdowns
@@ -160,16 +160,13 @@ def capture_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> D
     return captured
 
 
-# The activation a sparse layer fuses (SparseLinear's `activation`), as the dense model runs it after its twin.
-_ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
-
-
-def _fused_activation(modules: Sequence[nn.Module]) -> Optional[str]:
-    """The activation the sparse twins of a layer fuse (every distribution's the same), or None."""
-    acts = {getattr(m, "activation", None) for m in modules}
-    if len(acts) > 1:
-        raise ValueError(f"bench.models: the sparse twins of a layer fuse different activations: {acts}")
-    return acts.pop() if acts else None
+def _fused_activation(name: str, fused: Dict[str, Dict[str, nn.Module]]) -> Optional[nn.Module]:
+    """The activation module the sparse twins of layer ``name`` fused (``fused``: per distribution, the model's
+    ``fused_activations``), as the dense model runs it after the layer; None where they fused none."""
+    acts = [f.get(name) for f in fused.values()]
+    if len({type(a) for a in acts}) > 1:
+        raise ValueError(f"bench.models: the sparse twins of {name} fuse different activations: {acts}")
+    return acts[0] if acts else None
 
 
 def _geometry(module: nn.Module) -> tuple:
@@ -327,6 +324,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
     breakdowns = step_breakdowns(steps, settings.breakdown_rounds)
 
     captured = capture_inputs(dense, names, x)
+    fused = {d: fused_activations(model) for d, model in sparse.items()}
     cache: dict = {}
     rows = []
     for name in names:
@@ -334,8 +332,8 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
         stride = getattr(layer, "stride", (1, 1))
         macs = math.prod(cap.out_shape) * math.prod(layer.weight.shape[1:])
         twins = {d: model.get_submodule(name) for d, model in sparse.items()}
-        act = _fused_activation(list(twins.values()))
-        with_act = {} if act is None else {"dense+act": nn.Sequential(layer, _ACTIVATIONS[act]()).train()}
+        act = _fused_activation(name, fused)
+        with_act = {} if act is None else {"dense+act": nn.Sequential(layer, act).train()}
         times = time_layers({"dense": layer, **with_act, **twins}, cap, settings, cache)
         row = LayerRow(name, _dims(layer.weight.shape),
                        _dims(cap.x.shape) + (f" /{stride[0]}" if stride != (1, 1) else ""), macs, times["dense"],

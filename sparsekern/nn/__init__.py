@@ -2,10 +2,11 @@
 from . import kernel_choice
 from .base import FORMATS, SparseWeightMixin, random_block_mask, random_mask
 from .conv import SparseConv2d
-from .fuse import FusedActivation, fuse_activations, unfuse_activations
+from .fuse import FusedActivation, fuse_activations, fused_activations, unfuse_activations
 from .linear import SparseLinear
 from .pattern import SparsePattern
 from .weight_view import SparseWeightView
 
 __all__ = ["SparseLinear", "SparseConv2d", "SparseWeightMixin", "SparsePattern", "SparseWeightView", "random_mask",
-           "random_block_mask", "FORMATS", "kernel_choice", "FusedActivation", "fuse_activations", "unfuse_activations"]
+           "random_block_mask", "FORMATS", "kernel_choice", "FusedActivation", "fuse_activations",
+           "fused_activations", "unfuse_activations"]

@@ -93,15 +93,29 @@ def fuse_activations(model: nn.Module) -> List[str]:
     return fused
 
 
+def _fused(model: nn.Module) -> Iterator[Tuple[str, nn.Module, SparseLinear, str, FusedActivation]]:
+    """(the layer's name, the parent, the layer, the placeholder's name, the placeholder) for every SparseLinear
+    whose activation fuse_activations fused."""
+    for prefix, parent, a, b in list(_pairs(model)):
+        layer, placeholder = parent._modules[a], parent._modules[b]
+        if isinstance(placeholder, FusedActivation) and isinstance(layer, SparseLinear):
+            yield (f"{prefix}.{a}" if prefix else a), parent, layer, b, placeholder
+
+
+def fused_activations(model: nn.Module) -> Dict[str, nn.Module]:
+    """The layers of ``model`` that ``fuse_activations`` fused an activation into, by name, each with the module it
+    fused (the one its ``FusedActivation`` stands for): what the model ran after the layer before the fusion."""
+    _check_model("fused_activations", model)
+    return {name: placeholder.original for name, _, _, _, placeholder in _fused(model)}
+
+
 def unfuse_activations(model: nn.Module) -> List[str]:
     """Undo ``fuse_activations`` in place: each ``FusedActivation`` becomes its original module again and the
     layer before it loses its activation; returns those layers' names."""
     _check_model("unfuse_activations", model)
     unfused = []
-    for prefix, parent, a, b in list(_pairs(model)):
-        layer, placeholder = parent._modules[a], parent._modules[b]
-        if isinstance(placeholder, FusedActivation) and isinstance(layer, SparseLinear):
-            layer.activation = None
-            setattr(parent, b, placeholder.original)
-            unfused.append(f"{prefix}.{a}" if prefix else a)
+    for name, parent, layer, b, placeholder in list(_fused(model)):
+        layer.activation = None
+        setattr(parent, b, placeholder.original)
+        unfused.append(name)
     return unfused

@@ -118,13 +118,14 @@ def test_the_dense_twin_of_a_fused_layer_runs_its_activation():
     from torch import nn
 
     from sparsekern.bench import models as bench_models
-    lin = sparsekern.nn.SparseLinear.from_dense(nn.Linear(4, 3))
-    gelu = sparsekern.nn.SparseLinear.from_dense(nn.Linear(4, 3))
-    gelu.activation = "gelu"
-    assert bench_models._fused_activation([lin, lin]) is None
-    assert bench_models._fused_activation([gelu, gelu]) == "gelu"
+    relu = nn.ReLU(inplace=True)
+    model = sparsekern.sparsify(nn.Sequential(nn.Linear(4, 3), relu, nn.Linear(3, 2)), 0.5, "uniform",
+                                fuse_activations=True)
+    fused = {"erk": sparsekern.nn.fused_activations(model), "uniform": sparsekern.nn.fused_activations(model)}
+    assert bench_models._fused_activation("0", fused) is relu  # the module the dense model runs after the layer
+    assert bench_models._fused_activation("2", fused) is None
     with pytest.raises(ValueError, match="different activations"):
-        bench_models._fused_activation([gelu, lin])
+        bench_models._fused_activation("0", {"erk": fused["erk"], "uniform": {}})
     dense = nn.Linear(4, 3)
     cap = bench_models.Capture(torch.randn(2, 4), True, (2, 3))
     paired = nn.Sequential(dense, nn.GELU())

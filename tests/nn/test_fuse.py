@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
-from sparsekern.nn import FusedActivation, SparseLinear, fuse_activations, kernel_choice as kc, unfuse_activations
+from sparsekern.nn import (
+    FusedActivation,
+    SparseLinear,
+    fuse_activations,
+    fused_activations,
+    kernel_choice as kc,
+    unfuse_activations,
+)
 
 from sk_testing import gen, random_mask
 
@@ -329,3 +336,18 @@ def test_a_compiled_fused_layer_computes_the_same(act):
     got, want = _run(compiled, x, g), _run(plain, x, g, act)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_activations_names_each_fused_layer_with_the_module_it_fused():
+    model = _mlp()
+    acts = {name: m for name, m in model.named_modules() if isinstance(m, (nn.ReLU, nn.Tanh))}
+    sparse = sparsekern.sparsify(model, 0.4, "uniform", init="dense", generator=gen(0))
+    assert fused_activations(sparse) == {}
+    fused = fuse_activations(sparse)
+    got = fused_activations(sparse)
+    assert sorted(got) == sorted(fused) == ["1", "3", "5.0", "6"]
+    assert [got[n] for n in ("1", "3", "5.0", "6")] == [acts["2"], acts["4"], acts["5.1"], acts["7"]]  # themselves
+    unfuse_activations(sparse)
+    assert fused_activations(sparse) == {}
+    with pytest.raises(TypeError, match="fused_activations: model must be an nn.Module"):
+        fused_activations("model")
