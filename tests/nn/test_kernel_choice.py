@@ -315,6 +315,44 @@ def test_choices_persist_in_the_cache_file(monkeypatch, tmp_path):
     assert kc._stored == {}
 
 
+CPUINFO = """processor\t: {p}
+vendor_id\t: AuthenticAMD
+cpu family\t: {family}
+model\t\t: {model}
+model name\t: AMD EPYC
+stepping\t: 1
+flags\t\t: fpu avx2
+
+"""
+
+
+def test_cache_file_of_another_cpu_generation_with_the_same_name_is_not_used(tmp_path, monkeypatch):
+    # Under KVM, Zen 3, Zen 4 and Zen 5 hosts all name themselves "AMD EPYC": the family and model tell them apart.
+    def host(family, model):
+        info = tmp_path / f"cpuinfo-{family}-{model}"
+        info.write_text(CPUINFO.format(p=0, family=family, model=model) + CPUINFO.format(p=1, family=99, model=99))
+        monkeypatch.setattr(sk_isa, "_CPUINFO", str(info))
+        return sk_isa.cpu_model()
+
+    zen4, zen5 = host(25, 17), host(26, 2)
+    assert zen4 == "AMD EPYC (AuthenticAMD family 25 model 17 stepping 1)"  # the first processor's block
+    assert zen5 == "AMD EPYC (AuthenticAMD family 26 model 2 stepping 1)"
+    path = tmp_path / "choices.json"
+    monkeypatch.setattr(kc, "_cache_file", str(path))
+    monkeypatch.setattr(kc, "_stored", {})
+    kc._store(("a key",), kc.Choice("dense", {"dense": 1.0, "csr": 2.0}))
+    assert json.loads(path.read_text())["tag"]["cpu"] == zen5
+    host(25, 17)
+    monkeypatch.setattr(kc, "_stored", {})
+    kc._load_cache_file()
+    assert kc._stored == {}  # measured on the Zen 5 host: not trusted on the Zen 4 one
+    host(26, 2)
+    kc._load_cache_file()
+    assert repr(("a key",)) in kc._stored
+    monkeypatch.setattr(sk_isa, "_CPUINFO", str(tmp_path / "missing"))
+    assert sk_isa.cpu_model()  # no /proc/cpuinfo: the platform's name, never an error
+
+
 def test_dense_weight_caches_its_index_per_pattern_version():
     layer = SparseLinear(6, 5, density=0.4)
     first = layer.dense_weight()
@@ -481,17 +519,20 @@ def test_the_dense_kernels_linear_products_keep_nn_linears_orientation_when_dete
         torch.use_deterministic_algorithms(before)
 
 
+def _partial_layer(kind: str, seed: int):
+    """A layer storing 60 % of its weight (its dense kernel has a buffer to scatter into) and an input for it."""
+    if kind == "linear":
+        return SparseLinear(12, 9, density=0.6, generator=gen(seed)), torch.randn(5, 12, generator=gen(seed + 1))
+    return (SparseConv2d(4, 6, 3, padding=1, density=0.6, generator=gen(seed + 2)),
+            torch.randn(2, 4, 5, 5, generator=gen(seed + 3)))
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_the_dense_kernel_rewrites_one_weight_buffer_and_stays_exact(kind, dense_node):
     """A partial pattern's dense kernel scatters its values into one buffer call after call: results and
     gradients follow every in-place update of the values, a new pattern, a new dtype, no-grad and
     inference-mode calls; a graph whose values changed since its forward refuses backward (as nn.Linear's)."""
-    if kind == "linear":
-        layer = SparseLinear(12, 9, density=0.6, generator=gen(21))
-        x = torch.randn(5, 12, generator=gen(22))
-    else:
-        layer = SparseConv2d(4, 6, 3, padding=1, density=0.6, generator=gen(23))
-        x = torch.randn(2, 4, 5, 5, generator=gen(24))
+    layer, x = _partial_layer(kind, seed=21)
     layer.kernel = "dense"
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
 
@@ -531,6 +572,41 @@ def test_the_dense_kernel_rewrites_one_weight_buffer_and_stays_exact(kind, dense
     layer(x).sum().backward()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.sum().backward()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_kept_dense_route_calls_the_op_straight_until_its_arguments_change(kind, monkeypatch):
+    """After a first call, a layer whose route is the dense kernel's C++ node calls the op with the arguments
+    that call built (kernel_choice._dense_fast), with the same results and gradients; a new pattern (same nnz)
+    or a new values tensor makes it build them again, never a stale buffer."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    layer, x = _partial_layer(kind, seed=31)
+    built = []
+    real = kc._dense_forward
+    monkeypatch.setattr(kc, "_dense_forward", lambda *a, **k: built.append(1) or real(*a, **k))
+
+    def check():
+        got = _grads(layer, x, "dense")
+        for g, w, what in zip(got, _dense_twin_grads(layer, x), ("y", "x.grad", "values.grad", "bias.grad")):
+            _close(g, w, what)
+
+    check()
+    assert len(built) == 1
+    for _ in range(3):
+        check()
+    assert len(built) == 1  # the kept route: the op called straight
+    nnz = layer.nnz
+    mask = random_mask(tuple(layer.weight_shape), nnz / layer.weight_shape.numel(), gen(35))
+    assert int(mask.sum()) == nnz
+    layer.update_pattern_(mask, torch.randn(nnz, generator=gen(36)))  # the same nnz: the route's key holds
+    check()
+    assert len(built) == 2  # the old buffer holds entries the new pattern does not store: rebuilt
+    check()
+    assert len(built) == 2
+    layer.values = nn.Parameter(layer.values.detach().clone() * 2)
+    check()
+    assert len(built) == 3
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

@@ -134,3 +134,21 @@ def test_a_full_pattern_runs_dense_unchecked_and_agrees(make, monkeypatch):
     assert checks == []
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=IDS)
+def test_a_kept_dense_route_hands_non_finite_calls_to_the_sparse_kernel(make):
+    """The dense kernel on a kept route (kernel_choice._dense_fast: the op called straight, after a first call)
+    checks as the first call does: a NaN where the weight stores nothing, in the input or in the output's
+    gradient, still gives the sparse kernel's answer."""
+    layer, x, where = make()
+    _run(layer, x, "dense")  # the first call keeps the route and the op's arguments
+    y = layer(x)  # (the same key as below: the route is kept, not rebuilt)
+    bad = x.clone()
+    bad[where] = float("nan")
+    for a, b in zip(_run(layer, bad, "dense"), _run(layer, bad, "csr")):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    g = torch.ones(y.shape)
+    g[(slice(None), 0)] = float("nan")
+    got, want = _run(layer, x, "dense", g), _run(layer, x, "csr", g)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True)
