@@ -96,7 +96,8 @@ _stored: Dict[str, dict] = {}  # the cache file's entries, by repr(key)
 def file_tag() -> Dict[str, str]:
     """What a cache file's measurements are valid for: the kernels (sparsekern's version and the digest of
     its compiled extension, so that a rebuild from changed sources at the same version measures anew, and
-    torch's, whose dense kernels are the competition) and the CPU model (two AVX-512 CPUs can differ 2x
+    torch's, whose dense kernels are the competition) and the CPU (``isa.cpu_model``: its name with vendor, family,
+    model and stepping, as a hypervisor may give Zen 3, 4 and 5 one name; two AVX-512 CPUs can differ 2x
     in a ratio). A file written under another tag is not used, and is replaced on the next measurement."""
     from .. import __version__
     from ..isa import cpu_model
