@@ -31,7 +31,7 @@ def host() -> str:
         width = isa.get()
     except RuntimeError:
         width = "n/a (extension not built)"
-    return (f"{cpu_model()} ({os.cpu_count()} logical cores; {isa_flags()}); "
+    return (f"{cpu_model()}; {os.cpu_count()} logical cores; {isa_flags()}; "
             f"sparsekern loops: {width} (SPARSEKERN_ISA)")
 
 
