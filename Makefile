@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel "tqdm>=4.66" "rich>=13" \
+	$(BIN)/pip install -q "numpy>=1.26" "ninja>=1.11" "setuptools>=77" wheel "tqdm>=4.66" "rich>=13" \
 		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4" "$(TRITON)" \
 		"transformers>=4.40" "mlxtend>=0.23"
 	touch $@
@@ -93,7 +93,7 @@ NEWEST_PIP := PIP_CONFIG_FILE=/dev/null $(NEWEST)/bin/pip
 
 newest-env:
 	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
-	$(NEWEST_PIP) install -q --upgrade pip $(NEWEST_SPEC) "numpy>=1.26" "ninja>=1.11" "setuptools>=69" wheel \
+	$(NEWEST_PIP) install -q --upgrade pip $(NEWEST_SPEC) "numpy>=1.26" "ninja>=1.11" "setuptools>=77" wheel \
 		"tqdm>=4.66" "rich>=13" "pytest>=8" "hypothesis>=6.100" expecttest && touch $(NEWEST)/.ok \
 		|| { test -f $(NEWEST)/.ok && echo "newest-env: the registry did not answer; using the cached environment"; }
 	$(NEWEST)/bin/python -c "import torch, triton; print('$(NEWEST_NAME):', 'torch', torch.__version__, 'triton', triton.__version__)"
