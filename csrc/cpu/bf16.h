@@ -2,6 +2,10 @@
 // packed or loaded, accumulate in float32 and round once on store. Portable: GCC vectors
 // (AVX2 in the x86-64-v3 clone), no AVX-512-BF16 instructions.
 #pragma once
+// As in simd.h: these 32-byte vectors appear in always_inline helpers that the baseline clone inlines too, so
+// their ABI note does not apply (a file including this header before simd.h would otherwise print it).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>

@@ -66,12 +66,9 @@ SK_INLINE vf vload_wide(const float* p) { return vload(p); }
 SK_INLINE vd vload_wide(const double* p) { return vload(p); }
 SK_INLINE vf vload_wide(const c10::BFloat16* p) { return bf16::load8(p); }
 
-// dst[r * ldd + c] = src[c * lds + r] for an L x L block (register transpose); a bf16 source is widened.
-template <typename I>
-SK_INLINE void transpose_block(const I* src, int64_t lds, float* dst, int64_t ldd) {
-  const vf r0 = vload_wide(src), r1 = vload_wide(src + lds), r2 = vload_wide(src + 2 * lds);
-  const vf r3 = vload_wide(src + 3 * lds), r4 = vload_wide(src + 4 * lds), r5 = vload_wide(src + 5 * lds);
-  const vf r6 = vload_wide(src + 6 * lds), r7 = vload_wide(src + 7 * lds);
+// dst[r * ldd + c] = lane r of row c, for eight rows of eight floats held in registers (a register transpose).
+SK_INLINE void transpose_rows(const vf& r0, const vf& r1, const vf& r2, const vf& r3, const vf& r4, const vf& r5,
+                              const vf& r6, const vf& r7, float* dst, int64_t ldd) {
   const vi32 lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
   const vf t0 = __builtin_shuffle(r0, r1, lo), t1 = __builtin_shuffle(r0, r1, hi);
   const vf t2 = __builtin_shuffle(r2, r3, lo), t3 = __builtin_shuffle(r2, r3, hi);
@@ -91,6 +88,13 @@ SK_INLINE void transpose_block(const I* src, int64_t lds, float* dst, int64_t ld
   vstore(dst + 5 * ldd, __builtin_shuffle(u1, u5, h));
   vstore(dst + 6 * ldd, __builtin_shuffle(u2, u6, h));
   vstore(dst + 7 * ldd, __builtin_shuffle(u3, u7, h));
+}
+// dst[r * ldd + c] = src[c * lds + r] for an L x L block (register transpose); a bf16 source is widened.
+template <typename I>
+SK_INLINE void transpose_block(const I* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose_rows(vload_wide(src), vload_wide(src + lds), vload_wide(src + 2 * lds), vload_wide(src + 3 * lds),
+                 vload_wide(src + 4 * lds), vload_wide(src + 5 * lds), vload_wide(src + 6 * lds),
+                 vload_wide(src + 7 * lds), dst, ldd);
 }
 // The same for a 16 x 16 float block on 64-byte vectors (SK_AVX512 functions only): every row of dst is one
 // full 64-byte store.

@@ -291,6 +291,10 @@ BATCHED = (
     (4, 2, 3, 9, 9, (3, 3), (2, 2), (2, 2), (2, 2)),    # stride 2 and dilation 2: every tap in phase (0, 0)
     (8, 3, 5, 8, 8, (2, 2), (2, 2), (0, 0), (1, 1)),    # 2x2 stride-2 patches: one tap per phase
     (4, 3, 4, 5, 5, (3, 3), (2, 2), (3, 3), (1, 1)),    # padding wider than the kernel's reach
+    # Rows of 8+ columns for 8+ images: the packing's 8 x 8 register transposes, and their tails of columns and images.
+    (16, 4, 6, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1: a block of 8 columns and 4 more, two of images
+    (11, 3, 5, 20, 19, (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2: deinterleaved blocks, 3 images and columns after
+    (9, 2, 3, 17, 35, (3, 3), (2, 2), (0, 0), (1, 1)),   # stride 2, no padding: the last block's reads end the row
 )
 
 
