@@ -462,7 +462,8 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
         const T* src = parts.data_ptr<T>() + gp.part[p] + c * sp.ni * sp.nj * N;
         if (sw == 1) {  // each phase row is a run of x's row
           I* d = out + c * H * W + ((sp.i0 * sh + a - ph) * W + sp.j0 - pw);
-          for (int64_t i = 0; i < sp.ni; ++i) unpack_run<I, T>(d + i * sh * W, Cin * H * W, src + i * sp.nj * N, N, sp.nj);
+          for (int64_t i = 0; i < sp.ni; ++i)
+            unpack_run<I, T>(d + i * sh * W, Cin * H * W, src + i * sp.nj * N, N, sp.nj);
           continue;
         }
         for (int64_t n = 0; n < N; ++n) {
