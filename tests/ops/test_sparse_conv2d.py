@@ -304,14 +304,17 @@ BATCHED = (
                          ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-s{c[6]}-p{c[7]}-d{c[8]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("sparsity", [(0.0, False), (0.9, False), (0.9, True), (1.0, False)], ids=str)
-def test_batched(backend, case, dtype, sparsity, layout, monkeypatch):
-    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")  # also where the geometry rule keeps the direct one
+@pytest.mark.parametrize("pin", ["batched", "direct"])
+def test_pinned_kernel(backend, case, dtype, sparsity, layout, pin, monkeypatch):
+    """Each CPU kernel of these convs, pinned (SPARSEKERN_CONV_KERNEL), where the geometry rule or a measurement
+    would pick the other: the batch-innermost layouts, and the direct kernel's stride-2 packing of wide rows."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
     n, cin, cout, h, w, ks, stride, padding, dilation = case
     full = (n, cin, cout, h, w, ks, stride, padding, dilation, True)
     x, W, bias, *_ = _setup(full, sparsity, dtype, layout, seed_of(OP, "bt", case, sparsity, dtype, layout), True)
     y = sparse_conv2d(x, W, bias, stride, padding, dilation)
     if backend == "cpp":
-        assert _cpu_kernel(x, W, stride, padding, dilation) == "batched"  # the kernels this test is for
+        assert _cpu_kernel(x, W, stride, padding, dilation) == pin  # the kernels this test is for
     grad_out = make_input(y.shape, dtype, gen(seed_of(OP, "bt-grad", case)), layout)
     inputs = [x, W.values, bias]
     if dtype == torch.bfloat16:  # float32 accumulation, rounded once: against the float64 reference
