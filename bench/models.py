@@ -298,6 +298,14 @@ def _dims(shape) -> str:
     return "x".join(str(d) for d in shape)
 
 
+def _with_conv_kernels(kernel: str, module: nn.Module, x: torch.Tensor) -> str:
+    """``csr`` on a conv as "csr b/d/b": the C++ kernel of its forward, input and weight gradient (batched, direct or
+    pointwise; SparseConv2d.cpu_conv_kernels), which the process measured for each pass on its first call."""
+    conv = getattr(module, "cpu_conv_kernels", None)
+    passes = conv(x) if kernel == "csr" and conv is not None else None
+    return f"{kernel} {'/'.join(p[0] for p in passes.split('/'))}" if passes else kernel
+
+
 def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DISTRIBUTIONS) -> ModelResult:
     torch.manual_seed(0)
     dense = case.build().train()
@@ -341,7 +349,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
         for d, module in twins.items():
             row.density[d] = module.density
             row.sparse[d] = times[d]
-            row.kernel[d] = step_kernels[d][name]
+            row.kernel[d] = _with_conv_kernels(step_kernels[d][name], module, cap.x)
         rows.append(row)
     return ModelResult(case, timings["dense"], peaks["dense"], {d: timings[d] for d in sparse},
                        {d: peaks[d] for d in sparse}, rows, breakdowns)
@@ -403,7 +411,9 @@ LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Li
           "optimizer state, plus the most the step allocates on top: activations, gradients, workspaces; from the "
           "allocation events of torch.profiler with profile_memory; memory a kernel takes outside torch's "
           "allocator is not seen). Per-layer kernel: what the sparse layer ran in the timed steps "
-          "(sparsekern.nn.kernel_choice: csr, gemm or dense). Per-layer speedup: dense fwd+bwd / sparse fwd+bwd on "
+          "(sparsekern.nn.kernel_choice: csr, gemm or dense; a conv's csr with the C++ kernel of its forward, input "
+          "gradient and weight gradient, b batch-innermost, d direct, p pointwise: measured per pass, else the "
+          "geometry rule). Per-layer speedup: dense fwd+bwd / sparse fwd+bwd on "
           "the same input; where the sparse layers fuse the activation after them (a ReLU or GELU: "
           "sparsify(..., fuse_activations=True)), the dense layer followed by that activation, which the "
           "'dense ms' column then shows (the share counts the layer alone) "

@@ -1019,13 +1019,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
   return std::make_tuple(dx, bf ? gv.to(at::kBFloat16) : gv);
 }
 
-// Which kernel the float32 forward above runs for this conv (the one measured, else the rule's): what the tests check
-// they reach.
+// Which kernel a float32 pass above (0: forward, 1: input gradient, 2: weight gradient) runs for this conv (the one
+// measured, else the rule's): what the tests check they reach, and what explain() and the model bench report.
 std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation) {
+                              at::IntArrayRef dilation, int64_t pass) {
   const char* op = "_conv2d_cpu_kernel";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries, got ", input_size.size());
+  TORCH_CHECK(pass >= 0 && pass <= 2, op, ": pass must be 0 (forward), 1 (input gradient) or 2 (weight gradient), got ",
+              pass);
   const Geom g = make_geom(op, input_size[0], input_size[1], input_size[2], input_size[3], row_ptr, col_idx,
                            kernel_size, stride, padding, dilation);
   const ConvPin pin = conv_pin();
@@ -1034,7 +1036,7 @@ std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_
   if (pin == ConvPin::Batched) return "batched";
   const c10::optional<bool> known = at::globalContext().deterministicAlgorithms()
                                         ? c10::nullopt
-                                        : measured_choice(Pass::Forward, g, col_idx.numel(), at::kFloat);
+                                        : measured_choice(static_cast<Pass>(pass), g, col_idx.numel(), at::kFloat);
   return known.value_or(batched_by_rule(g, col_idx.numel())) ? "batched" : "direct";
 }
 
@@ -1047,7 +1049,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
   m.def("_conv2d_cpu_kernel(int[4] input_size, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, int[2] dilation) -> str");
+        "int[2] padding, int[2] dilation, int pass_index=0) -> str");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

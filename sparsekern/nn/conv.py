@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import bsr_conv2d, sparse_conv2d
+from ..ops.dispatch import get_backend
 from ..ops.sparse_conv2d import output_size
 from ..sparse_matrix import SparseMatrix
 from . import kernel_choice
@@ -123,6 +124,18 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         return torch.ops.sparsekern._sparse_conv2d_node(x, self.values, self.bias, p.row_ptr, p.col_idx,
                                                         list(self.kernel_size), list(self.stride), list(self.padding),
                                                         list(self.dilation))
+
+    def cpu_conv_kernels(self, x: torch.Tensor) -> Optional[str]:
+        """Which of the CPU extension's conv kernels each pass of the ``csr`` kernel runs on an input shaped like
+        ``x``: "forward/input gradient/weight gradient", each ``direct``, ``batched`` or ``pointwise`` (the one
+        measured on the pass's first call, else the geometry rule's, as a float32 call would run). None where the
+        ``csr`` kernel runs no C++ conv: another device or backend, or a BSR weight."""
+        if (self.format != "csr" or x.device.type != "cpu" or x.dim() != 4
+                or get_backend("sparse_conv2d", x.device) != "cpp"):
+            return None
+        p, geo = self.pattern, (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation))
+        kernel = torch.ops.sparsekern._conv2d_cpu_kernel
+        return "/".join(kernel(list(x.shape), p.row_ptr, p.col_idx, *geo, q) for q in range(3))
 
     def gemm_op(self, x: torch.Tensor) -> str:
         """The op whose C++ node the ``gemm`` kernel runs for ``x`` on the CPU (kernel_choice keeps the check)."""

@@ -605,8 +605,9 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
             forward: Optional[Callable] = None) -> List[dict]:
     """Run ``model`` once on ``example_inputs`` (forward, and backward of the summed outputs when
     ``backward``; no ``.grad`` is touched) and report, per sparse layer: name, shape, density, input shape, chosen
-    kernel, and
-    the measured time of each candidate (ms; the ``dense`` column is the layer's dense twin).
+    kernel, the measured time of each candidate (ms; the ``dense`` column is the layer's dense twin) and, for a conv
+    on the ``csr`` kernel on the CPU, the C++ kernel of each pass (``conv_kernels``: "forward/input gradient/weight
+    gradient", each direct, batched or pointwise; SparseConv2d.cpu_conv_kernels).
 
     Returns the rows as dicts; prints them as a table when ``print_table``. ``forward(model, *inputs)``
     replaces ``model(*inputs)`` for models whose outputs are not tensors or tuples of tensors."""
@@ -635,9 +636,11 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
         kernel = mod.kernel if mod.kernel != "auto" else (choice.kernel if choice else DEFAULT)
         reason = ("pinned" if mod.kernel != "auto" else
                   "format='bsr'" if mod.format != "csr" else (choice.reason if choice else "not measured"))
+        conv = getattr(mod, "cpu_conv_kernels", None)
         rows.append(dict(name=name, type=type(mod).__name__, shape=tuple(mod.weight_shape), density=mod.density,
                          input=tuple(x.shape), kernel=kernel, reason=reason,
-                         times_ms=dict(choice.times_ms) if choice else {}))
+                         times_ms=dict(choice.times_ms) if choice else {},
+                         conv_kernels=conv(x) if conv is not None and kernel == "csr" else None))
     if print_table:
         print_rows(rows)
     return rows
@@ -658,6 +661,12 @@ def _sum_outputs(out) -> torch.Tensor:
                     "returns a tensor")
 
 
+def _kernel_cell(row: dict) -> str:
+    """The chosen kernel, the C++ conv kernel of each pass where it is csr on a conv, and why where not measured."""
+    cell = row["kernel"] + (f" [{row['conv_kernels']}]" if row.get("conv_kernels") else "")
+    return cell if row["reason"] == "measured" else f"{cell} ({row['reason']})"
+
+
 def print_rows(rows: Sequence[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -670,8 +679,7 @@ def print_rows(rows: Sequence[dict]) -> None:
         ratio = f"{dense / chosen:.2f}x" if chosen and dense else "-"
         cells = [f"{t[k]:.2f}" if k in t else "-" for k in KERNELS]
         table.add_row(r["name"], "x".join(map(str, r["shape"])), f"{r['density']:.3f}",
-                      "x".join(map(str, r["input"])), f"{r['kernel']} ({r['reason']})" if r["reason"] != "measured"
-                      else r["kernel"], *cells, ratio)
+                      "x".join(map(str, r["input"])), _kernel_cell(r), *cells, ratio)
     console = Console()
     if not console.is_terminal:  # a log or a pipe: wide enough that no column wraps
         console = Console(width=180)

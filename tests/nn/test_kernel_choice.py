@@ -265,6 +265,28 @@ def test_explain_reports_every_sparse_layer(monkeypatch, capsys):
     assert "kernel choice" in out and "vs dense" in out
 
 
+@pytest.mark.parametrize("pin", ["batched", "direct"])
+def test_conv_kernels_of_each_pass_are_reported(pin, monkeypatch):
+    """cpu_conv_kernels names the C++ kernel of each pass of a conv's csr kernel, as the op runs it (pinned here), and
+    explain() shows it; where no C++ conv runs (the dense kernel, BSR, the reference backend): None."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
+    x = torch.randn(8, 4, 7, 7)
+    conv3, conv1 = SparseConv2d(4, 6, 3, padding=1, density=0.5), SparseConv2d(4, 6, 1, density=0.5)
+    assert conv3.cpu_conv_kernels(x) == f"{pin}/{pin}/{pin}"
+    one = "direct" if pin == "direct" else "pointwise"  # pinned direct, a 1x1 conv leaves its pointwise kernels too
+    assert conv1.cpu_conv_kernels(x) == f"{one}/{one}/{one}"
+    conv3.kernel = "csr"
+    row, = sparsekern.explain(nn.Sequential(conv3), x, print_table=False)
+    assert row["kernel"] == "csr" and row["conv_kernels"] == f"{pin}/{pin}/{pin}"
+    conv3.kernel = "dense"
+    row, = sparsekern.explain(nn.Sequential(conv3), x, print_table=False)
+    assert row["conv_kernels"] is None  # the dense kernel runs no sparse conv
+    with sparsekern.ops.dispatch.backend("reference"):
+        assert conv3.cpu_conv_kernels(x) is None
+    conv3.format = "bsr"
+    assert conv3.cpu_conv_kernels(x) is None
+
+
 def test_compiled_model_uses_default_kernel(monkeypatch):
     calls = _measuring(monkeypatch)
     layer = SparseLinear(16, 8, density=0.5)

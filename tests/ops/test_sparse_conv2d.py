@@ -295,7 +295,7 @@ BATCHED = (
     (16, 4, 6, 12, 12, (3, 3), (1, 1), (1, 1), (1, 1)),  # stride 1: a block of 8 columns and 4 more, two of images
     (11, 3, 5, 20, 19, (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2: deinterleaved blocks, 3 images and columns after
     (9, 2, 3, 17, 35, (3, 3), (2, 2), (0, 0), (1, 1)),   # stride 2, no padding: the last block's reads end the row
-    (8, 2, 3, 21, 37, (5, 5), (2, 2), (2, 2), (1, 1)),   # stride 2, even padding: the input gradient's rows in blocks of 16
+    (8, 2, 3, 21, 37, (5, 5), (2, 2), (2, 2), (1, 1)),   # stride 2, even padding: dX rows in blocks of 16
 )
 
 
