@@ -56,6 +56,58 @@ struct Aligned64 {
 template <class T>
 using AlignedVector = std::vector<T, Aligned64<T>>;
 
+// The slots of ThreadScratch: one per buffer a thread holds at once, distinct across kernels that call each other.
+enum ScratchSlot : int { kScratchPack, kScratchOut, kScratchRows, kScratchDy, kScratchTiles };
+
+// A buffer of the calling thread that outlives the call: resize(n) makes it at least n elements of T (64-byte
+// aligned, contents unspecified), reusing what this thread's earlier calls left in the slot. The conv kernels'
+// per-thread buffers, fresh vectors per call, were zero-filled on every call and, in the OpenMP workers' malloc
+// arenas, took fresh pages on their first calls (113 page faults a call for ResNet-50's 128-channel stride-2 3x3
+// layer), the calls in which the direct and batch-innermost kernels are timed against each other. A request above
+// kKeepBytes stays the call's own. One object per slot and thread at a time (checked).
+template <class T, int Slot>
+class ThreadScratch {
+ public:
+  static constexpr size_t kKeepBytes = size_t(16) << 20;
+  ThreadScratch() { claim(true); }
+  explicit ThreadScratch(int64_t n) : ThreadScratch() { resize(n); }
+  ThreadScratch(const ThreadScratch&) = delete;
+  ThreadScratch& operator=(const ThreadScratch&) = delete;
+  ~ThreadScratch() { claim(false); }
+  void resize(int64_t n) {
+    const size_t want = n > 0 ? static_cast<size_t>(n) : 0;
+    if (want * sizeof(T) > kKeepBytes) {
+      own_.resize(want);
+      p_ = own_.data();
+      return;
+    }
+    AlignedVector<T>& kept = state().kept;
+    if (kept.size() < want) {
+      AlignedVector<T>().swap(kept);  // nothing to copy: the contents are unspecified
+      kept.resize(want);
+    }
+    p_ = kept.data();
+  }
+  T* data() const { return p_; }
+
+ private:
+  struct State {
+    AlignedVector<T> kept;
+    bool taken = false;
+  };
+  static State& state() {
+    thread_local State st;
+    return st;
+  }
+  static void claim(bool take) {
+    State& st = state();
+    TORCH_INTERNAL_ASSERT(st.taken != take, "ThreadScratch slot ", Slot, " is already in use on this thread");
+    st.taken = take;
+  }
+  T* p_ = nullptr;
+  AlignedVector<T> own_;
+};
+
 inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong, op,
               ": row_ptr must be a 1-D int64 tensor, got ", row_ptr.scalar_type(), " of dim ", row_ptr.dim());

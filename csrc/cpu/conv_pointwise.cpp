@@ -232,24 +232,25 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
   const I* ip = in.data_ptr<I>();
   I* op = out.data_ptr<I>();
   const int64_t out_img = R * out.size(2) * out.size(3);
-  auto source = [&](int64_t grp, AlignedVector<T>& buf) -> const T* {
+  auto source = [&](int64_t grp, ThreadScratch<T, kScratchPack>& buf) -> const T* {
     if (src_direct) return reinterpret_cast<const T*>(ip + grp * in.stride(0));
     buf.resize(Cs * lay.L);
     pack<I, T>(in, grp * lay.G, lay.images(grp), OH, OW, sh, sw, lay.L, buf.data());
     return buf.data();
   };
-  auto dest = [&](int64_t grp, AlignedVector<T>& buf) -> T* {
+  auto dest = [&](int64_t grp, ThreadScratch<T, kScratchOut>& buf) -> T* {
     if (dst_direct) return reinterpret_cast<T*>(op + grp * out_img);
     buf.resize(R * lay.L);
     return buf.data();
   };
-  auto finish = [&](int64_t grp, const AlignedVector<T>& buf, int64_t r0, int64_t r1) {
+  auto finish = [&](int64_t grp, const ThreadScratch<T, kScratchOut>& buf, int64_t r0, int64_t r1) {
     if (!dst_direct) unpack<I, T>(buf.data(), grp * lay.G, lay.images(grp), R, r0, r1, OH, OW, osh, osw, lay.L, out);
   };
   const int64_t nth = num_threads();
   if (lay.groups >= nth) {
     at::parallel_for(0, lay.groups, 1, [&](int64_t g0, int64_t g1) {
-      AlignedVector<T> sbuf, obuf;
+      ThreadScratch<T, kScratchPack> sbuf;
+      ThreadScratch<T, kScratchOut> obuf;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T* s = source(grp, sbuf);
         conv_tiles::gather(s, offs.data(), ws, blk, 0, R, lay.tiles, vb, bias, dest(grp, obuf), o_stride);
@@ -258,7 +259,8 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
     });
     return;
   }
-  AlignedVector<T> sbuf, obuf;
+  ThreadScratch<T, kScratchPack> sbuf;
+  ThreadScratch<T, kScratchOut> obuf;
   const int64_t grain = row_grain(R, nnz, lay.flat ? P : lay.L);
   for (int64_t grp = 0; grp < lay.groups; ++grp) {
     const T* s = source(grp, sbuf);
@@ -306,7 +308,8 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   const conv_tiles::Blocks& blk = plan->blk;
   const I* xp = x.data_ptr<I>();
   const I* dp = dy.data_ptr<I>();
-  auto sources = [&](int64_t grp, AlignedVector<T>& xb, AlignedVector<T>& db, const T*& xs, const T*& ds) {
+  auto sources = [&](int64_t grp, ThreadScratch<T, kScratchPack>& xb, ThreadScratch<T, kScratchDy>& db, const T*& xs,
+                     const T*& ds) {
     if (x_direct) {
       xs = reinterpret_cast<const T*>(xp + grp * x.stride(0));
     } else {
@@ -328,7 +331,8 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     std::vector<T> parts(nth * nnz, T(0));
     at::parallel_for(0, lay.groups, 1, [&](int64_t g0, int64_t g1) {
       T* acc = parts.data() + at::get_thread_num() * nnz;
-      AlignedVector<T> xb, db;
+      ThreadScratch<T, kScratchPack> xb;
+      ThreadScratch<T, kScratchDy> db;
       for (int64_t grp = g0; grp < g1; ++grp) {
         const T *xs, *ds;
         sources(grp, xb, db, xs, ds);
@@ -338,7 +342,8 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
     conv_tiles::sum_thread_parts(parts.data(), nth, nnz, gp);
     return;
   }
-  AlignedVector<T> xb, db;
+  ThreadScratch<T, kScratchPack> xb;
+  ThreadScratch<T, kScratchDy> db;
   const int64_t grain = row_grain(Cout, nnz, lay.flat ? P : lay.L);
   for (int64_t grp = 0; grp < lay.groups; ++grp) {
     const T *xs, *ds;
@@ -398,7 +403,9 @@ bool backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   std::vector<T> parts(nth * nnz, T(0));
   at::parallel_for(0, lay.groups, 1, [&](int64_t g0, int64_t g1) {
     T* acc = parts.data() + at::get_thread_num() * nnz;
-    AlignedVector<T> db, xb, ob;
+    ThreadScratch<T, kScratchDy> db;
+    ThreadScratch<T, kScratchPack> xb;
+    ThreadScratch<T, kScratchOut> ob;
     for (int64_t grp = g0; grp < g1; ++grp) {
       const T* ds = reinterpret_cast<const T*>(dp + grp * dy.stride(0));
       if (!dy_direct) {

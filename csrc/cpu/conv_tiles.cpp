@@ -172,7 +172,7 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
 template <class T, int W>
 SK_INLINE void gather_all(const T* src, const int32_t* offs, const T* ws, const int64_t* bp, int64_t nb, int64_t r0,
                           int64_t r1, const Tile* tiles, int64_t ntiles, const T* bias, T* out, int64_t ostride) {
-  AlignedVector<T> scratch(nb > 1 ? (r1 - r0) * NMAX * vwidth<T, W>() : 0);
+  ThreadScratch<T, kScratchTiles> scratch(nb > 1 ? (r1 - r0) * NMAX * vwidth<T, W>() : 0);
   for (int64_t t = 0; t < ntiles; ++t) {
     const Tile& tl = tiles[t];
 #define SK_GATHER(n) gather_tile<T, n, W>(src, offs, ws, bp, nb, r0, r1, tl, bias, out, ostride, scratch.data())

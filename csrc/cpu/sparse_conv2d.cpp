@@ -300,10 +300,22 @@ int64_t minor_faults() {
 // to kMaxRounds while either kernel lacks two clean runs or the two are within kClose. Timed with faults counted
 // in, ResNet-50's 128 -> 128 3x3 stride-2 layer (28x28, batch 16, density 0.087, Zen 5) kept the direct kernel in
 // two processes of three: the batch-innermost kernel's 7 MB buffer faulted in 1,800 pages on its second run
-// (2.1-2.7 ms against 1.1 ms warm; direct 1.3), though it is 1.6x faster in every pass.
+// (2.1-2.7 ms against 1.1 ms warm; direct 1.3), though it is 1.6x faster in every pass. (The direct kernel's
+// per-thread buffers faulted on every call then too: ThreadScratch, common.h.)
 constexpr int kMinRounds = 3, kMaxRounds = 6;
 constexpr double kClose = 1.1;
 constexpr int64_t kFaultPages = 16;  // a few pages fault in any run that allocates: only more counts
+// Bytes written over the threads before each timed run, more than their L2 caches hold, as kernel_choice.py times
+// a layer's candidates: in a training step the other layers run between two calls of a pass, so its operands come
+// from L3 or memory, not from the L2 the previous run left them in.
+constexpr int64_t kEvictBytes = 8 << 20;
+
+void evict_caches(at::Tensor& buf, int round) {
+  char* p = static_cast<char*>(buf.data_ptr());
+  const int64_t n = buf.numel();
+  at::parallel_for(0, n, n / std::max<int64_t>(1, at::get_num_threads()),
+                   [&](int64_t b, int64_t e) { std::memset(p + b, round, e - b); });
+}
 
 template <class Run, class Reset>
 void run_chosen(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype, ConvPin pin, Run&& run, Reset&& reset) {
@@ -314,9 +326,11 @@ void run_chosen(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype, Con
   if (const c10::optional<bool> known = measured_choice(pass, g, nnz, dtype)) return run(*known);
   double clean[2] = {1e300, 1e300}, any[2] = {1e300, 1e300};
   int n_clean[2] = {0, 0};
+  at::Tensor evict = at::empty({kEvictBytes}, at::TensorOptions().dtype(at::kByte));
   for (int round = 0; round <= kMaxRounds; ++round) {
     for (int b = 0; b < 2; ++b) {
       reset();
+      evict_caches(evict, round);
       const int64_t f0 = minor_faults();
       const auto t0 = std::chrono::steady_clock::now();
       run(b == 1);
@@ -595,7 +609,8 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cout, nb, plan.vb));
+      ThreadScratch<T, kScratchPack> buf(psize);
+      ThreadScratch<T, kScratchRows> scratch(scratch_size<T>(g.Cout, nb, plan.vb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
         gather_rows(plan.vb, buf.data(), offs.data(), ws, bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, bias,
@@ -603,13 +618,13 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
       }
     });
   } else {
-    AlignedVector<T> buf(psize);
+    ThreadScratch<T, kScratchPack> buf(psize);
     const int64_t nnz = offs.size();
     const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
       at::parallel_for(0, g.Cout, grain, [&](int64_t r0, int64_t r1) {
-        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb, plan.vb));
+        ThreadScratch<T, kScratchRows> scratch(scratch_size<T>(r1 - r0, nb, plan.vb));
         gather_rows(plan.vb, buf.data(), offs.data(), ws, bp.data(), nb, r0, r1, pos.data(), 0, ntiles, bias,
                     yp + b * yimg, oplane, 1, scratch.data());
       });
@@ -819,19 +834,20 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   const int64_t nth = num_threads();
   if (g.N >= nth) {
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
-      AlignedVector<T> buf(psize), scratch(scratch_size<T>(g.Cin, nb, gp.vb));
+      ThreadScratch<T, kScratchPack> buf(psize);
+      ThreadScratch<T, kScratchRows> scratch(scratch_size<T>(g.Cin, nb, gp.vb));
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
         image(buf.data(), b, 0, g.Cin, scratch.data());
       }
     });
   } else {
-    AlignedVector<T> buf(psize);
+    ThreadScratch<T, kScratchPack> buf(psize);
     const int64_t grain = std::max<int64_t>(1, g.Cin * 16384 / std::max<int64_t>(1, nnz * g.OH * g.OW));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(dyp + b * sN, sC, sH, sW, g.Cout, g.OH, g.OW, Ptop, Pleft, 1, Hd, Wd, buf.data());
       at::parallel_for(0, g.Cin, grain, [&](int64_t r0, int64_t r1) {
-        AlignedVector<T> scratch(scratch_size<T>(r1 - r0, nb, gp.vb));
+        ThreadScratch<T, kScratchRows> scratch(scratch_size<T>(r1 - r0, nb, gp.vb));
         image(buf.data(), b, r0, r1, scratch.data());
       });
     }
@@ -899,13 +915,14 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
   const int64_t nnz = offs.size();
   const int64_t oplane = g.OH * g.OW, yimg = g.Cout * oplane;
   // dY of image b in the compute type: a bf16 image is widened once into `tmp` (yimg entries).
-  auto dy_image = [&](int64_t b, AlignedVector<T>& tmp) -> const T* {
+  auto dy_image = [&](int64_t b, ThreadScratch<T, kScratchDy>& tmp) -> const T* {
     if constexpr (std::is_same<I, T>::value) {
       return dyp + b * yimg;
     } else {
       tmp.resize(yimg);
-      for (int64_t i = 0; i < yimg; ++i) tmp[i] = bf16::widen(dyp[b * yimg + i]);
-      return tmp.data();
+      T* t = tmp.data();
+      for (int64_t i = 0; i < yimg; ++i) t[i] = bf16::widen(dyp[b * yimg + i]);
+      return t;
     }
   };
   const std::vector<Pos>& pos = plan.pos;
@@ -919,7 +936,8 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
     std::vector<T> parts(nth * nnz, T(0));
     at::parallel_for(0, g.N, 1, [&](int64_t b0, int64_t b1) {
       T* acc = parts.data() + at::get_thread_num() * nnz;
-      AlignedVector<T> buf(psize), dyw;
+      ThreadScratch<T, kScratchPack> buf(psize);
+      ThreadScratch<T, kScratchDy> dyw;
       for (int64_t b = b0; b < b1; ++b) {
         pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
         wgrad_rows(plan.vb, buf.data(), offs.data(), bp.data(), nb, 0, g.Cout, pos.data(), 0, ntiles, dy_image(b, dyw),
@@ -928,7 +946,8 @@ void backward_weight_impl(const Geom& g, const at::Tensor& dy, const at::Tensor&
     });
     conv_tiles::sum_thread_parts(parts.data(), nth, nnz, gp);
   } else {
-    AlignedVector<T> buf(psize), dyw;
+    ThreadScratch<T, kScratchPack> buf(psize);
+    ThreadScratch<T, kScratchDy> dyw;
     const int64_t grain = std::max<int64_t>(1, g.Cout * 16384 / std::max<int64_t>(1, nnz * oplane));
     for (int64_t b = 0; b < g.N; ++b) {
       pack_padded<T>(xp + b * sN, sC, sH, sW, g.Cin, g.H, g.W, g.ph, g.pw, g.sw, g.Hp, g.Wq, buf.data());
