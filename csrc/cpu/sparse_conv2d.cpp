@@ -1045,8 +1045,8 @@ std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_
                               at::IntArrayRef dilation, int64_t pass) {
   const char* op = "_conv2d_cpu_kernel";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries, got ", input_size.size());
-  TORCH_CHECK(pass >= 0 && pass <= 2, op, ": pass must be 0 (forward), 1 (input gradient) or 2 (weight gradient), got ",
-              pass);
+  TORCH_CHECK_VALUE(pass >= 0 && pass <= 2, op,
+                    ": pass_index must be 0 (forward), 1 (input gradient) or 2 (weight gradient), got ", pass);
   const Geom g = make_geom(op, input_size[0], input_size[1], input_size[2], input_size[3], row_ptr, col_idx,
                            kernel_size, stride, padding, dilation);
   const ConvPin pin = conv_pin();

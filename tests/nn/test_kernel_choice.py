@@ -285,6 +285,9 @@ def test_conv_kernels_of_each_pass_are_reported(pin, monkeypatch):
         assert conv3.cpu_conv_kernels(x) is None
     conv3.format = "bsr"
     assert conv3.cpu_conv_kernels(x) is None
+    p = conv3.pattern
+    with pytest.raises(ValueError, match=r"pass_index must be 0 \(forward\), 1 .* or 2 \(weight gradient\), got 3"):
+        torch.ops.sparsekern._conv2d_cpu_kernel(list(x.shape), p.row_ptr, p.col_idx, [3, 3], [1, 1], [1, 1], [1, 1], 3)
 
 
 def test_compiled_model_uses_default_kernel(monkeypatch):
