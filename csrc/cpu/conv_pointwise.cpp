@@ -71,10 +71,13 @@ void check_extent(const char* op, int64_t C, int64_t L) {
               " channels of ", L, " pixels)");
 }
 
-// Whether t's planes (and images) start on vb-byte boundaries: where they do not (14x14 planes, 784 bytes apart),
-// three loads or stores of four in the tile loops straddle two cache lines. Such planes go through the packed
-// (C, L) copy, whose rows are whole vectors: ResNet-50's 1x1 convs at 14x14 (128 <-> 512 channels, batch 16,
-// density 0.48, fwd+bwd) 1.04-1.08x -> 1.16-1.19x their dense twins (AMD Zen 5, AVX-512, 2 threads).
+// Whether t's planes (and images) start on vb-byte boundaries. Where they do not (14x14 planes, 784 bytes apart),
+// three of four vector loads in the tile loops straddle two cache lines, and a source is read once per nonzero: such
+// sources (x, and dY for the input gradient) go through the packed (C, L) copy, whose rows are whole vectors, while
+// outputs, stored once per row and tile, are still written in place (packing them too cost more than it saved at
+// density 0.1). ResNet-50's 1x1 convs at 14x14, batch 16, fwd+bwd against the dense twin: 128 -> 512 at density
+// 0.48 1.00-1.03x -> 1.25-1.27x, 512 -> 128 0.96-0.99x -> 1.13-1.14x; at 0.1 2.93x -> 3.2x and 1.40 -> 1.31 ms
+// (AMD Zen 5, AVX-512, 2 threads).
 template <class I>
 bool planes_aligned(const at::Tensor& t, int vb) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % vb == 0 && (t.stride(1) * int64_t(sizeof(I))) % vb == 0 &&
@@ -239,8 +242,7 @@ void gather_batch(const at::Tensor& in, int64_t sh, int64_t sw, const conv_tiles
   const Layout<T> lay(N, P, vb);
   const int64_t nnz = static_cast<int64_t>(src_rows.size());
   const bool src_direct = lay.flat && in_place<I, T>(in, sh, sw, vb);
-  const bool dst_direct = lay.flat && std::is_same<I, T>::value && osh == 1 && osw == 1 &&
-                          planes_aligned<I>(out, vb);
+  const bool dst_direct = lay.flat && std::is_same<I, T>::value && osh == 1 && osw == 1;
   check_extent("sparse_conv2d", Cs, lay.L);
   const std::vector<int32_t> offs = scaled(src_rows, src_direct ? in.stride(1) : lay.L);
   const int64_t o_stride = dst_direct ? P : lay.L;
@@ -395,8 +397,7 @@ bool backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const std::vector<T> tws = plan_cache::permuted<T>(values.data_ptr<I>(), gplan->perm);
   const bool dy_direct = lay.flat && in_place<I, T>(dy, 1, 1, vb);
   const bool x_direct = lay.flat && in_place<I, T>(x, sh, sw, vb);
-  const bool dx_direct = lay.flat && std::is_same<I, T>::value && sh == 1 && sw == 1 &&
-                         planes_aligned<I>(dx, vb);
+  const bool dx_direct = lay.flat && std::is_same<I, T>::value && sh == 1 && sw == 1;
   const int64_t d_stride = dy_direct ? dy.stride(1) : lay.L;
   const std::vector<int32_t> in_offs = scaled(gplan->trows, d_stride);
   const std::vector<int32_t> w_offs = scaled(wplan->rows, x_direct ? x.stride(1) : lay.L);
