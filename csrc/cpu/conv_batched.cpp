@@ -460,31 +460,35 @@ GradPlan build_grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, i
   return g;
 }
 
-template <class I, class T = typename bf16::Acc<I>::type>
-void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
-                         const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
-                         int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
-  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
-  const int64_t P = sh * sw;
+// The input gradient's plan for dx's geometry, and the vector width its tiles are cut for.
+template <class T>
+std::shared_ptr<const GradPlan> grad_plan(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t N, int64_t Cin,
+                                          int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                                          int64_t ph, int64_t pw, int64_t dh, int64_t dw, int& vb) {
   int64_t min_run = INT64_MAX;  // the shortest run of a phase that computes anything
   for (const Span& sp : grad_geometry(H, W, kh, kw, sh, sw, ph, pw, dh, dw).span)
     if (sp.ni > 0 && sp.nj > 0) min_run = std::min(min_run, sp.nj * N);
-  const int vb = conv_tiles::vector_bytes(min_run, sizeof(T));
+  vb = conv_tiles::vector_bytes(min_run, sizeof(T));
   const plan_cache::Key key{plan_cache::kBatchedGrad, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw,
                             int64_t(sizeof(T)),       vb};
-  const std::shared_ptr<const GradPlan> plan = plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] {
+  return plan_cache::get<GradPlan>(row_ptr, col_idx, key, [&] {
     return build_grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, vb);
   });
-  const GradPlan& gp = *plan;
+}
+
+// dx from dYb, dY packed bordered (Cout, Hd, Wd, N) as the plan's geometry says.
+template <class I, class T>
+void input_grad_from(const T* dyb, const GradPlan& gp, int vb, const at::Tensor& values, int64_t sh, int64_t sw,
+                     int64_t ph, int64_t pw, at::Tensor& dx) {
+  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3);
+  const int64_t P = sh * sw;
   const Grad& gg = gp.gg;
   const std::vector<T> tws = plan_cache::permuted<T>(values.data_ptr<I>(), gp.perm);
-  at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
-  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
   at::Tensor parts = scratch<T>(gp.part[P]);
   for (int64_t p = 0; p < P; ++p) {
     const Span& sp = gg.span[p];
     if (sp.ni == 0 || sp.nj == 0) continue;
-    gather_grid<T>(dyb.data_ptr<T>(), gp.toffs, tws.data(), gp.blk[p], Cin, gp.tiles[p], vb, nullptr,
+    gather_grid<T>(dyb, gp.toffs, tws.data(), gp.blk[p], Cin, gp.tiles[p], vb, nullptr,
                    parts.data_ptr<T>() + gp.part[p], sp.ni * sp.nj * N);
   }
   // dX from the phases: phase (a, b) row i, column j is x's row (i0 + i)*sh + a - ph, column (j0 + j)*sw + b - pw.
@@ -524,6 +528,35 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
 }
 
 template <class I, class T = typename bf16::Acc<I>::type>
+void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
+                         const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                         int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
+  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
+  int vb;
+  const std::shared_ptr<const GradPlan> plan =
+      grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, vb);
+  const Grad& gg = plan->gg;
+  at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
+  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
+  input_grad_from<I, T>(dyb.data_ptr<T>(), *plan, vb, values, sh, sw, ph, pw, dx);
+}
+
+// gv += the weight gradient over x packed into its phases (xp) and dY at `d`, rows `drow` apart and planes `dplane`
+// apart, (C, OH, OW, N) within each plane.
+template <class T>
+void weight_grad_from(const T* xp, const TapPlan& plan, int vb, const T* d, int64_t drow, int64_t dplane, int64_t Cout,
+                      int64_t OH, int64_t OW, int64_t N, int64_t Wq, at::Tensor& gv) {
+  // The plan's tiles read dY rows OW*N apart; a bordered dY takes its own (a few per output row).
+  std::vector<Tile> own;
+  if (drow != OW * N) own = grid_tiles(OH, OW * N, Wq * N, drow, sizeof(T), vb);
+  const std::vector<Tile>& tiles = drow != OW * N ? own : plan.tiles;
+  T* g = gv.data_ptr<T>();
+  at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
+    conv_tiles::wgrad(xp, plan.offs.data(), plan.blk, r0, r1, tiles, vb, d, dplane, g);
+  });
+}
+
+template <class I, class T = typename bf16::Acc<I>::type>
 void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv) {
@@ -536,11 +569,32 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), dyc = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
   pack<I, T>(dy, 0, 0, 1, 1, OH, OW, dyc.data_ptr<T>());
-  T* g = gv.data_ptr<T>();
-  at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
-    conv_tiles::wgrad(xp.data_ptr<T>(), plan->offs.data(), plan->blk, r0, r1, plan->tiles, vb, dyc.data_ptr<T>(),
-                      OH * OW * N, g);
-  });
+  weight_grad_from<T>(xp.data_ptr<T>(), *plan, vb, dyc.data_ptr<T>(), OW * N, OH * OW * N, Cout, OH, OW, N, sg.Wq, gv);
+}
+
+// Both gradients: dY packed once, bordered, for the input gradient's gathers, then read where it lies by the
+// weight gradient (apart, each pass packed its own copy of dY).
+template <class I, class T = typename bf16::Acc<I>::type>
+void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                   const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                   int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv) {
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
+  int gvb;
+  const std::shared_ptr<const GradPlan> gplan =
+      grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, gvb);
+  const Grad& gg = gplan->gg;
+  at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
+  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
+  input_grad_from<I, T>(dyb.data_ptr<T>(), *gplan, gvb, values, sh, sw, ph, pw, dx);
+  const Source sg = source(N, H, W, sh, sw, ph, pw);
+  const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
+  const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
+                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
+  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane);
+  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
+  weight_grad_from<T>(xp.data_ptr<T>(), *plan, vb, dyb.data_ptr<T>() + (gg.Bt * gg.Wd + gg.Bl) * N, gg.Wd * N,
+                      gg.Hd * gg.Wd * N, Cout, OH, OW, N, sg.Wq, gv);
 }
 
 }  // namespace
@@ -597,6 +651,17 @@ void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   else if (x.scalar_type() == at::kBFloat16)
     backward_weight_impl<c10::BFloat16>(dy, x, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, gv);
   else backward_weight_impl<double>(dy, x, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, gv);
+}
+
+void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+              const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+              int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv) {
+  const at::Tensor vc = values.contiguous();
+  if (x.scalar_type() == at::kFloat)
+    backward_impl<float>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv);
+  else if (x.scalar_type() == at::kBFloat16)
+    backward_impl<c10::BFloat16>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv);
+  else backward_impl<double>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv);
 }
 
 }  // namespace batched

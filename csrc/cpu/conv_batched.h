@@ -27,6 +27,10 @@ void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Te
 void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                      at::Tensor& gv);
+// Both gradients, dY packed once for the two: dx and gv as above.
+void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+              const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+              int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv);
 
 }  // namespace batched
 }  // namespace sparsekern

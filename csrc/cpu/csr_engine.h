@@ -119,8 +119,8 @@ bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, cons
 // gradient by), else an undefined tensor.
 at::Tensor gelu_(at::Tensor& z, bool keep_derivative);
 
-// Counts a backward that ran both gradients in one pass (here or in the pointwise conv kernels), for the tests
-// (torch.ops.sparsekern._fused_backward_runs).
+// Counts a backward that ran both gradients in one pass (here, or the conv node's pointwise and batch-innermost
+// backwards), for the tests (torch.ops.sparsekern._fused_backward_runs).
 void note_fused_backward();
 
 // The vector width of the SpMM / SDDMM loops: avx2 = the portable 32-byte loops (AVX2 clone, SSE on

@@ -317,13 +317,19 @@ void evict_caches(at::Tensor& buf, int round) {
                    [&](int64_t b, int64_t e) { std::memset(p + b, round, e - b); });
 }
 
+// Whether the pass runs the batch-innermost kernel, where that is known without measuring (pinned, by the rule, or
+// measured before); nullopt where run_chosen would measure.
+c10::optional<bool> decided(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype, ConvPin pin) {
+  if (pin == ConvPin::Direct || !batched_applies(g)) return false;
+  if (pin == ConvPin::Batched) return true;
+  if (static_cast<double>(nnz) * g.OH * g.OW * g.N < kMeasureMacs || at::globalContext().deterministicAlgorithms())
+    return batched_by_rule(g, nnz);
+  return measured_choice(pass, g, nnz, dtype);
+}
+
 template <class Run, class Reset>
 void run_chosen(Pass pass, const Geom& g, int64_t nnz, at::ScalarType dtype, ConvPin pin, Run&& run, Reset&& reset) {
-  if (pin == ConvPin::Direct || !batched_applies(g)) return run(false);
-  if (pin == ConvPin::Batched) return run(true);
-  if (static_cast<double>(nnz) * g.OH * g.OW * g.N < kMeasureMacs || at::globalContext().deterministicAlgorithms())
-    return run(batched_by_rule(g, nnz));
-  if (const c10::optional<bool> known = measured_choice(pass, g, nnz, dtype)) return run(*known);
+  if (const c10::optional<bool> known = decided(pass, g, nnz, dtype, pin)) return run(*known);
   double clean[2] = {1e300, 1e300}, any[2] = {1e300, 1e300};
   int n_clean[2] = {0, 0};
   at::Tensor evict = at::empty({kEvictBytes}, at::TensorOptions().dtype(at::kByte));
@@ -1005,8 +1011,9 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
 }
 
 // Both gradients (the conv node's backward when x and the values need one): a pointwise conv runs them in one pass
-// over the image groups (conv_pointwise.cpp: dY read once), every other conv, and a pointwise one where that does not
-// apply, as the two ops above.
+// over the image groups (conv_pointwise.cpp: dY read once), a conv whose two passes both run the batch-innermost
+// kernel packs dY once for both (conv_batched.cpp), every other conv, and those where that does not apply, as the two
+// ops above.
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x,
                                                               const at::Tensor& values, const at::Tensor& row_ptr_,
                                                               const at::Tensor& col_idx_, at::IntArrayRef kernel_size,
@@ -1028,13 +1035,26 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
   check_values(op, values, col_idx);
   const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
                            padding, dilation);
-  if (!pointwise_for(g, conv_pin()) || grad_out.size(0) != g.N || grad_out.size(1) != g.Cout ||
-      grad_out.size(2) != g.OH || grad_out.size(3) != g.OW)
+  if (grad_out.size(0) != g.N || grad_out.size(1) != g.Cout || grad_out.size(2) != g.OH || grad_out.size(3) != g.OW)
     return apart();
+  const ConvPin pin = conv_pin();
+  const int64_t nnz = col_idx.numel();
+  const bool pointwise = pointwise_for(g, pin);
+  // Both passes on the batch-innermost kernel (each chosen as it would be apart): dY packed once for the two. A
+  // pass not yet measured runs apart first, where its choice is timed.
+  const bool batched = !pointwise && nnz > 0 && g.N > 0 && g.Cin > 0 &&
+                       decided(Pass::GradInput, g, nnz, x.scalar_type(), pin).value_or(false) &&
+                       decided(Pass::GradWeight, g, nnz, x.scalar_type(), pin).value_or(false);
+  if (!pointwise && !batched) return apart();
   const bool bf = x.scalar_type() == at::kBFloat16;  // the weight gradient summed in float32, rounded once
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
-  at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
-  if (!pointwise::backward(grad_out, x, values, row_ptr, col_idx, g.sh, g.sw, dx, gv)) return apart();
+  at::Tensor gv = at::zeros({nnz}, bf ? x.options().dtype(at::kFloat) : x.options());
+  if (batched) {
+    batched::backward(grad_out, x, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx, gv);
+    csr::note_fused_backward();
+  } else if (!pointwise::backward(grad_out, x, values, row_ptr, col_idx, g.sh, g.sw, dx, gv)) {
+    return apart();
+  }
   return std::make_tuple(dx, bf ? gv.to(at::kBFloat16) : gv);
 }
 

@@ -359,6 +359,40 @@ def test_kernels_agree_with_direct(case, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", BATCHED,
+                         ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-s{c[6]}-p{c[7]}-d{c[8]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pin", ["batched", "auto"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_both_gradients_at_once(case, dtype, pin, layout, monkeypatch):
+    """The conv node's backward (_sparse_conv2d_backward), which packs dY once for both gradients where both passes
+    run the batch-innermost kernel (the weight gradient then reads the input gradient's bordered copy), against the
+    two passes apart and the float64 reference."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
+    n, cin, cout, h, w, ks, stride, padding, dilation = case
+    g = gen(seed_of(OP, "both", case, dtype, layout))
+    W = random_sparse((cout, cin) + ks, 0.4, dtype, g, False, "contiguous")
+    x = make_input((n, cin, h, w), dtype, g, layout)
+    ops, geo = torch.ops.sparsekern, (list(ks), list(stride), list(padding), list(dilation))
+    y = ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:])
+    dy = make_input(y.shape, dtype, g, layout)
+    runs = ops._fused_backward_runs()
+    dx, gv = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo)
+    if pin == "batched":
+        assert ops._fused_backward_runs() == runs + 1  # the one-pack path ran
+    dx_apart = ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), *geo)
+    gv_apart = ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, *geo)
+    torch.testing.assert_close(dx, dx_apart, rtol=0, atol=0)
+    torch.testing.assert_close(gv, gv_apart, rtol=1e-6, atol=1e-6 * n * h * w)
+    W64 = sparsekern.SparseMatrix(W.row_ptr, W.col_idx, W.values.double(), W.shape)
+    x64 = x.double().requires_grad_()
+    v64 = W64.values.requires_grad_()
+    ex, ev = torch.autograd.grad(_ref(x64, W64, None, stride, padding, dilation), [x64, v64], dy.double())
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(dx.double(), ex, rtol=tol, atol=tol * W.m)
+    torch.testing.assert_close(gv.double(), ev, rtol=tol, atol=tol * n * h * w)
+
+
 def test_conv_kernel_pin_rejects_unknown(monkeypatch):
     W = random_sparse((3, 2, 3, 3), 0.5, torch.float32, gen(1), False, "contiguous")
     monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "fast")
