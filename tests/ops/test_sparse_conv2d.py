@@ -189,7 +189,7 @@ def test_float16_on_cpp_is_a_type_error():
 
 # (N, Cin, Cout, H, W, stride): each exercises one way those kernels read a batch.
 POINTWISE = (
-    (2, 19, 37, 9, 9, (1, 1)),      # flat, x packed (81-pixel planes: not whole vectors), y in place: ends in an overlap
+    (2, 19, 37, 9, 9, (1, 1)),      # flat, x packed (81-pixel planes: not whole vectors), y in place; ends overlapping
     (3, 8, 12, 10, 10, (1, 1)),     # flat, x packed, 100 pixels: two tiles of 7 and 6 vectors
     (2, 9, 11, 16, 16, (1, 1)),     # flat, read and written in place: 256-pixel planes are whole vectors
     (2, 6, 5, 17, 15, (2, 2)),      # stride 2: packed, 9x8 outputs, dx zero between them
