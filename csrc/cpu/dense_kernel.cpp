@@ -27,6 +27,11 @@
 
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
+#include "cpu/plan_cache.h"
+
+#if SK_HAVE_AVX512
+#include <immintrin.h>
+#endif
 
 namespace sparsekern {
 namespace {
@@ -38,6 +43,7 @@ struct Csr {
   const int64_t* row_ptr;
   const int32_t* col_idx;
   int64_t rows, cols, nnz;
+  at::Tensor row_ptr_t, col_idx_t;  // the tensors (the row masks' cache key)
 };
 
 Csr checked_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t rows, int64_t cols, const char* op) {
@@ -46,7 +52,7 @@ Csr checked_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t ro
   TORCH_CHECK_VALUE(row_ptr.numel() == rows + 1, op, ": row_ptr has ", row_ptr.numel(), " entries for a weight of ",
                     rows, " rows");
   csr::check_pattern_once(row_ptr, col_idx, cols, "the weight has " + std::to_string(cols) + " columns", op);
-  return {row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), rows, cols, col_idx.numel()};
+  return {row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), rows, cols, col_idx.numel(), row_ptr, col_idx};
 }
 
 // Rows split over the threads in chunks of about 16K entries (fewer: one thread, no wake-up).
@@ -55,7 +61,83 @@ void for_rows(const Csr& w, F f) {
   at::parallel_for(0, w.rows, std::max<int64_t>(1, w.rows * (1 << 14) / std::max<int64_t>(w.nnz, 1)), f);
 }
 
-// weight[r, c] = values[p] for every stored entry p = (r, c); the other entries stay as they are.
+// Each row's pattern as 16-column bit masks (bit c % 16 of word c / 16; columns ascend within a row, checked), for
+// the AVX-512 loops below: built once per pattern (plan_cache.h).
+struct RowMasks {
+  std::vector<uint16_t> m;
+  int64_t words = 0;
+  size_t bytes() const { return plan_cache::vec_bytes(m); }
+};
+
+std::shared_ptr<const RowMasks> row_masks(const Csr& w) {
+  return plan_cache::get<RowMasks>(w.row_ptr_t, w.col_idx_t, {plan_cache::kDenseMasks, w.rows, w.cols}, [&] {
+    RowMasks rm;
+    rm.words = (w.cols + 15) / 16;
+    rm.m.assign(w.rows * rm.words, 0);
+    for (int64_t r = 0; r < w.rows; ++r)
+      for (int64_t p = w.row_ptr[r]; p < w.row_ptr[r + 1]; ++p)
+        rm.m[r * rm.words + w.col_idx[p] / 16] |= uint16_t(1u << (w.col_idx[p] % 16));
+    return rm;
+  });
+}
+
+// Where the float32 scatter and gather take the AVX-512 loops: a 64 -> 256 1x1 conv at density 0.96 (16K stored
+// entries) scattered in 5-7 us element by element, a store a cycle, against a fwd+bwd of 0.75 ms (ResNet-50's
+// layer1 at 64x64, batch 8): the dense kernel's scatter and gather were a quarter of its cost over the dense
+// twin's. Each 16 columns of a row now take one expanding load (or compress) and one store.
+bool masked_loops(const at::Tensor& t) {
+  return SK_HAVE_AVX512 && t.scalar_type() == at::kFloat && csr::isa() == csr::Isa::avx512;
+}
+
+#if SK_HAVE_AVX512
+// The next 16 values (fewer at the end of the list), for an expand in a register: the expanding load from memory is
+// microcoded on AMD Zen 4 and 5 (3x slower here).
+SK_AVX512 SK_INLINE __m512 next16(const float* v, const float* vend) {
+  return v + 16 <= vend ? _mm512_loadu_ps(v) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (vend - v)) - 1), v);
+}
+
+// dst[c] = the row's values in its pattern's columns, 0 elsewhere, for rows r0..r1 (cols columns each).
+SK_AVX512 void scatter_rows_f32(float* wp, const float* vp, const RowMasks& rm, const Csr& w, int64_t r0, int64_t r1) {
+  const int64_t cols = w.cols, full = cols / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1);
+  const float* vend = vp + w.nnz;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* m = rm.m.data() + r * rm.words;
+    const float* v = vp + w.row_ptr[r];
+    float* dst = wp + r * cols;
+    int64_t k = 0;
+    for (; k < full; ++k) {
+      _mm512_storeu_ps(dst + k * 16, _mm512_maskz_expand_ps(m[k], next16(v, vend)));
+      v += __builtin_popcount(m[k]);
+    }
+    if (tail) _mm512_mask_storeu_ps(dst + k * 16, tail, _mm512_maskz_expand_ps(m[k], next16(v, vend)));
+  }
+}
+
+// out[p] = g[r, c] for the stored entries of rows r0..r1 (g's rows contiguous, s0 apart).
+SK_AVX512 void gather_rows_f32(float* op, const float* gp, int64_t s0, const RowMasks& rm, const Csr& w, int64_t r0,
+                               int64_t r1) {
+  const int64_t cols = w.cols, full = cols / 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint16_t* m = rm.m.data() + r * rm.words;
+    const float* src = gp + r * s0;
+    float* o = op + w.row_ptr[r];
+    for (int64_t k = 0; k < rm.words; ++k) {  // word `full` (where cols % 16 != 0) holds the last columns
+      const __mmask16 mk = m[k];
+      const __m512 g = k < full ? _mm512_loadu_ps(src + k * 16) : _mm512_maskz_loadu_ps(tail, src + k * 16);
+      // Compressed in a register, then a masked store of the low lanes (a compressing store to memory is
+      // microcoded and slow on AMD Zen 4 and 5).
+      const int n = __builtin_popcount(mk);
+      _mm512_mask_storeu_ps(o, static_cast<__mmask16>((1u << n) - 1), _mm512_maskz_compress_ps(mk, g));
+      o += n;
+    }
+  }
+}
+#endif
+
+// weight[r, c] = values[p] for every stored entry p = (r, c); the other entries stay as they are (zeros: the caller
+// wrote them once), or are written zero (the AVX-512 loops).
 void scatter_values(const at::Tensor& weight, const at::Tensor& values, const Csr& w, const char* op) {
   TORCH_CHECK_VALUE(weight.is_contiguous(), op, ": weight must be contiguous");
   TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == w.nnz, op, ": values must be 1-D with nnz = ", w.nnz,
@@ -64,6 +146,15 @@ void scatter_values(const at::Tensor& weight, const at::Tensor& values, const Cs
                     ") and weight (", weight.scalar_type(), ") must have one dtype");
   check_float_or_bf16(weight, "weight", op);
   const at::Tensor v = values.contiguous();
+#if SK_HAVE_AVX512
+  if (masked_loops(weight)) {
+    const std::shared_ptr<const RowMasks> rm = row_masks(w);
+    for_rows(w, [&](int64_t r0, int64_t r1) {
+      scatter_rows_f32(weight.data_ptr<float>(), v.data_ptr<float>(), *rm, w, r0, r1);
+    });
+    return;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "dense_kernel scatter", [&] {
     const scalar_t* __restrict vp = v.data_ptr<scalar_t>();
     scalar_t* __restrict wp = weight.data_ptr<scalar_t>();
@@ -161,6 +252,15 @@ at::Tensor gather_values(const at::Tensor& g, const Csr& w, const char* op) {
                     g.sizes(), ", not ", w.rows, " x ", w.cols);
   at::Tensor out = at::empty({w.nnz}, g.options());
   const int64_t s0 = g.stride(0), s1 = g.stride(1);
+#if SK_HAVE_AVX512
+  if (masked_loops(g) && (s1 == 1 || w.cols == 1)) {
+    const std::shared_ptr<const RowMasks> rm = row_masks(w);
+    for_rows(w, [&](int64_t r0, int64_t r1) {
+      gather_rows_f32(out.data_ptr<float>(), g.data_ptr<float>(), s0, *rm, w, r0, r1);
+    });
+    return out;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "dense_kernel gather", [&] {
     const scalar_t* __restrict gp = g.data_ptr<scalar_t>();
     scalar_t* __restrict op_ = out.data_ptr<scalar_t>();

@@ -30,7 +30,15 @@ namespace plan_cache {
 
 // What a plan was built for: its kind first, then every number its build read.
 using Key = std::vector<int64_t>;
-enum Kind : int64_t { kDirectTaps = 1, kDirectGrad, kBatchedTaps, kBatchedGrad, kPointwiseRows, kPointwiseGrad };
+enum Kind : int64_t {
+  kDirectTaps = 1,
+  kDirectGrad,
+  kBatchedTaps,
+  kBatchedGrad,
+  kPointwiseRows,
+  kPointwiseGrad,
+  kDenseMasks
+};
 
 constexpr size_t kMaxBytes = size_t(1) << 30;
 

@@ -818,3 +818,33 @@ def test_a_conv_on_gemm_keeps_its_products_node_check_in_the_route(monkeypatch):
     torch.testing.assert_close(y, want)
     layer(x)
     assert checks == ["gemm"] * 4
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("out_in", [(9, 5), (40, 16), (33, 37), (6, 70)], ids=str)
+@pytest.mark.parametrize("density,empty_rows", [(0.0, False), (0.5, True), (0.96, False)])
+@pytest.mark.parametrize("kind", ["linear", "linear-t", "conv"])
+def test_the_dense_kernels_float32_scatter_and_gather(isa, out_in, density, empty_rows, kind):
+    """The dense kernel's float32 scatter of the values and gather of the weight gradient (AVX-512: one expanding
+    load or compress per 16 columns of a row; else element by element) over rows shorter than, equal to and longer
+    than 16 columns, ragged ends, empty rows and an empty pattern, a linear's weight gradient as it lies and
+    transposed, through value updates between calls: against the dense twin."""
+    if not sk_isa.supported(isa):
+        pytest.skip(f"isa {isa}: this CPU lacks AVX-512F/BW/DQ/VL")
+    out, cin = out_in
+    torch.manual_seed(hash((out_in, density, kind)) % 2**31)
+    if kind == "conv":
+        dense = nn.Conv2d(cin, out, 3, padding=1)
+        x = torch.randn(2, cin, 5, 6)
+    else:
+        dense = nn.Linear(cin, out)
+        x = torch.randn(7, cin) if kind == "linear" else torch.randn(cin, 7).t()  # an x^T g weight gradient
+    layer = (SparseConv2d if kind == "conv" else SparseLinear).from_dense(
+        dense, random_mask(dense.weight.shape, density, gen(5), empty_rows))
+    with sk_isa.use(isa):
+        for step in range(3):
+            got = _grads(layer, x, "dense")
+            for g, w, what in zip(got, _dense_twin_grads(layer, x), ("y", "dx", "d_values", "d_bias")):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"step {step}: {what}")
+            with torch.no_grad():
+                layer.values.mul_(-1.5).add_(0.25)
