@@ -32,6 +32,26 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
+class _Subsample(torch.autograd.Function):
+    """x[:, :, ::sh, ::sw] copied in x's layout, whose gradient is one zero fill and one strided copy. Through the
+    two slices' own nodes it took two of each, a zero fill of half the input and then of all of it (0.2-0.3 ms a
+    step under torch.profiler at ResNet-50's stride-2 1x1 layers on this route, 112x112, batch 16)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, stride: Pair) -> torch.Tensor:
+        ctx.shape, ctx.stride = x.shape, stride
+        memory_format = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        return x[:, :, ::stride[0], ::stride[1]].contiguous(memory_format=memory_format)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        sh, sw = ctx.stride
+        memory_format = torch.channels_last if _channels_last(grad) else torch.contiguous_format
+        gx = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format).zero_()
+        gx[:, :, ::sh, ::sw] = grad
+        return gx, None
+
+
 def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], kernel_size: Pair, stride: Pair,
                 padding: Pair, dilation: Pair, node: Optional[bool] = None) -> torch.Tensor:
     """``F.conv2d(x, W.to_dense().view(Cout, Cin, kh, kw), bias, stride, padding, dilation)`` for a 4-D x and a
@@ -45,7 +65,7 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
     pointwise = tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0)
     if pointwise:
         if tuple(stride) != (1, 1):
-            x = x[:, :, ::stride[0], ::stride[1]]
+            x = _Subsample.apply(x, tuple(stride)) if node else x[:, :, ::stride[0], ::stride[1]]
         ho, wo = x.shape[2], x.shape[3]
     else:
         ho, wo = output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)

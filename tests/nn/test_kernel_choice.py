@@ -848,3 +848,24 @@ def test_the_dense_kernels_float32_scatter_and_gather(isa, out_in, density, empt
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=f"step {step}: {what}")
             with torch.no_grad():
                 layer.values.mul_(-1.5).add_(0.25)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_strided_1x1_conv_as_gemm_has_exact_first_and_second_gradients(layout):
+    """The GEMM route's strided 1x1 conv subsamples x through one node (one zero fill and one strided copy in its
+    backward): gradcheck and gradgradcheck in x and the values, in either layout."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(5, 4, 1, stride=2, bias=False, dtype=torch.float64)
+    layer = SparseConv2d.from_dense(dense, random_mask(dense.weight.shape, 0.6, gen(3)))
+    layer.kernel = "gemm"
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    values = layer.values.detach().clone().requires_grad_()
+
+    def call(x, values):
+        return torch.func.functional_call(layer, {"values": values}, (x,))
+    torch.autograd.gradcheck(call, (x, values))
+    torch.autograd.gradgradcheck(call, (x, values))
+    assert_close(call(x, values), layer.to_dense()(x), scale=10.0)
