@@ -527,32 +527,46 @@ void input_grad_from(const T* dyb, const GradPlan& gp, int vb, const at::Tensor&
   });
 }
 
+// dY packed bordered, (Cout, Hd, Wd, N), as the input gradient reads it.
+template <class I, class T>
+at::Tensor bordered_dy(const at::Tensor& dy, const Grad& gg, int64_t N) {
+  at::Tensor dyb = scratch<T>(dy.size(1) * gg.Hd * gg.Wd * N);
+  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
+  return dyb;
+}
+
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                          const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                          int64_t pw, int64_t dh, int64_t dw, at::Tensor& dx) {
-  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3), Cout = dy.size(1);
+  const int64_t N = dx.size(0), Cin = dx.size(1), H = dx.size(2), W = dx.size(3);
   int vb;
   const std::shared_ptr<const GradPlan> plan =
       grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, vb);
-  const Grad& gg = plan->gg;
-  at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
-  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
+  const at::Tensor dyb = bordered_dy<I, T>(dy, plan->gg, N);
   input_grad_from<I, T>(dyb.data_ptr<T>(), *plan, vb, values, sh, sw, ph, pw, dx);
 }
 
-// gv += the weight gradient over x packed into its phases (xp) and dY at `d`, rows `drow` apart and planes `dplane`
-// apart, (C, OH, OW, N) within each plane.
-template <class T>
-void weight_grad_from(const T* xp, const TapPlan& plan, int vb, const T* d, int64_t drow, int64_t dplane, int64_t Cout,
-                      int64_t OH, int64_t OW, int64_t N, int64_t Wq, at::Tensor& gv) {
+// gv += the weight gradient, x packed into its phases here, dY (C, OH, OW, N) packed at `d`, rows `drow` apart and
+// planes `dplane` apart.
+template <class I, class T>
+void weight_grad_from(const at::Tensor& x, const T* d, int64_t drow, int64_t dplane, const at::Tensor& row_ptr,
+                      const at::Tensor& col_idx, int64_t Cout, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
+                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv) {
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const Source sg = source(N, H, W, sh, sw, ph, pw);
+  const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
+  const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
+                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
+  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane);
+  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
   // The plan's tiles read dY rows OW*N apart; a bordered dY takes its own (a few per output row).
   std::vector<Tile> own;
-  if (drow != OW * N) own = grid_tiles(OH, OW * N, Wq * N, drow, sizeof(T), vb);
-  const std::vector<Tile>& tiles = drow != OW * N ? own : plan.tiles;
+  if (drow != OW * N) own = grid_tiles(OH, OW * N, sg.Wq * N, drow, sizeof(T), vb);
+  const std::vector<Tile>& tiles = drow != OW * N ? own : plan->tiles;
   T* g = gv.data_ptr<T>();
   at::parallel_for(0, Cout, 1, [&](int64_t r0, int64_t r1) {  // rows own their nonzeros: no reduction
-    conv_tiles::wgrad(xp, plan.offs.data(), plan.blk, r0, r1, tiles, vb, d, dplane, g);
+    conv_tiles::wgrad(xp.data_ptr<T>(), plan->offs.data(), plan->blk, r0, r1, tiles, vb, d, dplane, g);
   });
 }
 
@@ -560,16 +574,11 @@ template <class I, class T = typename bf16::Acc<I>::type>
 void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr,
                           const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                           int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv) {
-  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
-  const Source sg = source(N, H, W, sh, sw, ph, pw);
-  const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
-  const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
-                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
-  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane), dyc = scratch<T>(Cout * OH * OW * N);
-  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
+  const int64_t N = x.size(0), Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
+  at::Tensor dyc = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(dy, 0, 0, 1, 1, OH, OW, dyc.data_ptr<T>());
-  weight_grad_from<T>(xp.data_ptr<T>(), *plan, vb, dyc.data_ptr<T>(), OW * N, OH * OW * N, Cout, OH, OW, N, sg.Wq, gv);
+  weight_grad_from<I, T>(x, dyc.data_ptr<T>(), OW * N, OH * OW * N, row_ptr, col_idx, Cout, OH, OW, kh, kw, sh, sw, ph,
+                         pw, dh, dw, gv);
 }
 
 // Both gradients: dY packed once, bordered, for the input gradient's gathers, then read where it lies by the
@@ -580,21 +589,14 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
                    int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv) {
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
-  int gvb;
-  const std::shared_ptr<const GradPlan> gplan =
-      grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, gvb);
-  const Grad& gg = gplan->gg;
-  at::Tensor dyb = scratch<T>(Cout * gg.Hd * gg.Wd * N);
-  pack<I, T>(dy, gg.Bt, gg.Bl, 1, 1, gg.Hd, gg.Wd, dyb.data_ptr<T>());
-  input_grad_from<I, T>(dyb.data_ptr<T>(), *gplan, gvb, values, sh, sw, ph, pw, dx);
-  const Source sg = source(N, H, W, sh, sw, ph, pw);
-  const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
-  const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
-                                                          W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
-  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane);
-  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
-  weight_grad_from<T>(xp.data_ptr<T>(), *plan, vb, dyb.data_ptr<T>() + (gg.Bt * gg.Wd + gg.Bl) * N, gg.Wd * N,
-                      gg.Hd * gg.Wd * N, Cout, OH, OW, N, sg.Wq, gv);
+  int vb;
+  const std::shared_ptr<const GradPlan> plan =
+      grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, vb);
+  const Grad& gg = plan->gg;
+  const at::Tensor dyb = bordered_dy<I, T>(dy, gg, N);
+  input_grad_from<I, T>(dyb.data_ptr<T>(), *plan, vb, values, sh, sw, ph, pw, dx);
+  weight_grad_from<I, T>(x, dyb.data_ptr<T>() + (gg.Bt * gg.Wd + gg.Bl) * N, gg.Wd * N, gg.Hd * gg.Wd * N, row_ptr,
+                         col_idx, Cout, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, gv);
 }
 
 }  // namespace
