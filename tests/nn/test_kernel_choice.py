@@ -869,3 +869,31 @@ def test_a_strided_1x1_conv_as_gemm_has_exact_first_and_second_gradients(layout)
     torch.autograd.gradcheck(call, (x, values))
     torch.autograd.gradgradcheck(call, (x, values))
     assert_close(call(x, values), layer.to_dense()(x), scale=10.0)
+
+
+@pytest.mark.parametrize("faulting,expected", [("dense", "dense"), ("csr", "csr"), ("none", "dense")])
+def test_calls_that_take_page_faults_do_not_decide(monkeypatch, faulting, expected):
+    """Timed calls that took fresh pages (more than FAULT_PAGES minor faults) count only where a candidate has no
+    clean call: here the faulting candidate's first timed call runs 6 ms (1 ms clean), the others 1.2 ms (dense) and
+    1.5 ms (csr). Counted as it ran, that call would drop it after the first round (GIVE_UP_RATIO)."""
+    layer = SparseConv2d(8, 8, 3, padding=1, density=0.1)
+    x = torch.randn(2, 8, 8, 8)
+    monkeypatch.setattr(kc, "MIN_TUNE_MACS", 0)
+    clock, faults, calls = [0.0], [0], {"csr": 0, "gemm": 0, "dense": 0}
+    base = {"csr": 1.5, "gemm": 9.0, "dense": 1.2}
+
+    def timer(module, x, kernel):
+        def run():
+            calls[kernel] += 1
+            fresh = kernel == faulting and calls[kernel] == kc.WARMUP + 1
+            if fresh:
+                faults[0] += 1000
+            clock[0] += (6.0 if fresh else 1.0 if kernel == faulting else base[kernel]) / 1e3
+        return run
+    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    monkeypatch.setattr(kc, "_minor_faults", lambda: faults[0])
+    monkeypatch.setattr(kc, "_timer", timer)
+    choice = kc._measure(layer, x)
+    assert choice.kernel == expected
+    if faulting != "none":
+        assert choice.times_ms[faulting] == pytest.approx(1.0)
