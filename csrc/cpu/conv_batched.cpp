@@ -368,7 +368,7 @@ std::shared_ptr<const TapPlan> tap_plan(const char* op, const at::Tensor& row_pt
 template <class I, class T = typename bf16::Acc<I>::type>
 void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, const at::Tensor& col_idx, const T* bias,
                   int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
-                  at::Tensor& y) {
+                  at::Tensor& y, at::Tensor* x_packed) {
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = y.size(1), OH = y.size(2), OW = y.size(3);
   const Source sg = source(N, H, W, sh, sw, ph, pw);
@@ -380,6 +380,7 @@ void forward_impl(const at::Tensor& x, const T* ws, const at::Tensor& row_ptr, c
   gather_grid<T>(xp.data_ptr<T>(), plan->offs, ws, plan->blk, Cout, plan->tiles, vb, bias, yb.data_ptr<T>(),
                  OH * OW * N);
   unpack<I, T>(yb.data_ptr<T>(), y);
+  if (x_packed) *x_packed = xp;
 }
 
 // The input gradient's plan (cached): W^T as CSR over rows (phase, input channel), entries (offset into
@@ -547,19 +548,30 @@ void backward_input_impl(const at::Tensor& dy, const at::Tensor& values, const a
   input_grad_from<I, T>(dyb.data_ptr<T>(), *plan, vb, values, sh, sw, ph, pw, dx);
 }
 
-// gv += the weight gradient, x packed into its phases here, dY (C, OH, OW, N) packed at `d`, rows `drow` apart and
-// planes `dplane` apart.
+// Whether `kept` is x packed into its phases as the forward packs it (what forward() hands back), for this geometry.
+template <class T>
+bool packed_x_fits(const at::Tensor& kept, int64_t Cin, int64_t sh, int64_t sw, const Source& sg) {
+  return kept.defined() && kept.scalar_type() == c10::CppTypeToScalarType<T>::value && kept.dim() == 1 &&
+         kept.numel() == Cin * sh * sw * sg.plane;
+}
+
+// gv += the weight gradient, x packed into its phases (`kept`, from the forward, else here), dY (C, OH, OW, N) packed
+// at `d`, rows `drow` apart and planes `dplane` apart.
 template <class I, class T>
-void weight_grad_from(const at::Tensor& x, const T* d, int64_t drow, int64_t dplane, const at::Tensor& row_ptr,
-                      const at::Tensor& col_idx, int64_t Cout, int64_t OH, int64_t OW, int64_t kh, int64_t kw,
-                      int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, at::Tensor& gv) {
+void weight_grad_from(const at::Tensor& x, const at::Tensor& kept, const T* d, int64_t drow, int64_t dplane,
+                      const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t Cout, int64_t OH, int64_t OW,
+                      int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
+                      at::Tensor& gv) {
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const Source sg = source(N, H, W, sh, sw, ph, pw);
   const int vb = conv_tiles::vector_bytes(OW * N, sizeof(T));
   const std::shared_ptr<const TapPlan> plan = tap_plan<T>("sparse_conv2d_backward_weight", row_ptr, col_idx, N, Cin, H,
                                                           W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, vb);
-  at::Tensor xp = scratch<T>(Cin * sh * sw * sg.plane);
-  pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
+  at::Tensor xp = kept;
+  if (!packed_x_fits<T>(kept, Cin, sh, sw, sg)) {
+    xp = scratch<T>(Cin * sh * sw * sg.plane);
+    pack<I, T>(x, ph, pw, sh, sw, sg.Hq, sg.Wq, xp.data_ptr<T>());
+  }
   // The plan's tiles read dY rows OW*N apart; a bordered dY takes its own (a few per output row).
   std::vector<Tile> own;
   if (drow != OW * N) own = grid_tiles(OH, OW * N, sg.Wq * N, drow, sizeof(T), vb);
@@ -577,8 +589,8 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
   const int64_t N = x.size(0), Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   at::Tensor dyc = scratch<T>(Cout * OH * OW * N);
   pack<I, T>(dy, 0, 0, 1, 1, OH, OW, dyc.data_ptr<T>());
-  weight_grad_from<I, T>(x, dyc.data_ptr<T>(), OW * N, OH * OW * N, row_ptr, col_idx, Cout, OH, OW, kh, kw, sh, sw, ph,
-                         pw, dh, dw, gv);
+  weight_grad_from<I, T>(x, at::Tensor(), dyc.data_ptr<T>(), OW * N, OH * OW * N, row_ptr, col_idx, Cout, OH, OW, kh,
+                         kw, sh, sw, ph, pw, dh, dw, gv);
 }
 
 // Both gradients: dY packed once, bordered, for the input gradient's gathers, then read where it lies by the
@@ -586,7 +598,7 @@ void backward_weight_impl(const at::Tensor& dy, const at::Tensor& x, const at::T
 template <class I, class T = typename bf16::Acc<I>::type>
 void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                    const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-                   int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv) {
+                   int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv, const at::Tensor& x_packed) {
   const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cout = dy.size(1), OH = dy.size(2), OW = dy.size(3);
   int vb;
@@ -595,8 +607,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const Grad& gg = plan->gg;
   const at::Tensor dyb = bordered_dy<I, T>(dy, gg, N);
   input_grad_from<I, T>(dyb.data_ptr<T>(), *plan, vb, values, sh, sw, ph, pw, dx);
-  weight_grad_from<I, T>(x, dyb.data_ptr<T>() + (gg.Bt * gg.Wd + gg.Bl) * N, gg.Wd * N, gg.Hd * gg.Wd * N, row_ptr,
-                         col_idx, Cout, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, gv);
+  weight_grad_from<I, T>(x, x_packed, dyb.data_ptr<T>() + (gg.Bt * gg.Wd + gg.Bl) * N, gg.Wd * N, gg.Hd * gg.Wd * N,
+                         row_ptr, col_idx, Cout, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw, gv);
 }
 
 }  // namespace
@@ -617,20 +629,21 @@ bool applies(int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64
 
 void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
              const at::Tensor& bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-             int64_t dw, at::Tensor& y) {
+             int64_t dw, at::Tensor& y, at::Tensor* x_packed) {
   if (x.scalar_type() == at::kBFloat16) {  // values and bias once in float32
     const at::Tensor v32 = values.to(at::kFloat).contiguous();
     const at::Tensor b32 = bias.defined() ? bias.to(at::kFloat).contiguous() : bias;
     forward_impl<c10::BFloat16>(x, v32.data_ptr<float>(), row_ptr, col_idx,
-                                b32.defined() ? b32.data_ptr<float>() : nullptr, kh, kw, sh, sw, ph, pw, dh, dw, y);
+                                b32.defined() ? b32.data_ptr<float>() : nullptr, kh, kw, sh, sw, ph, pw, dh, dw, y,
+                                x_packed);
   } else if (x.scalar_type() == at::kFloat) {
     const at::Tensor vc = values.contiguous();
     forward_impl<float>(x, vc.data_ptr<float>(), row_ptr, col_idx, bias.defined() ? bias.data_ptr<float>() : nullptr,
-                        kh, kw, sh, sw, ph, pw, dh, dw, y);
+                        kh, kw, sh, sw, ph, pw, dh, dw, y, x_packed);
   } else {
     const at::Tensor vc = values.contiguous();
     forward_impl<double>(x, vc.data_ptr<double>(), row_ptr, col_idx, bias.defined() ? bias.data_ptr<double>() : nullptr,
-                         kh, kw, sh, sw, ph, pw, dh, dw, y);
+                         kh, kw, sh, sw, ph, pw, dh, dw, y, x_packed);
   }
 }
 
@@ -657,13 +670,13 @@ void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 
 void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
               const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-              int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv) {
+              int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv, const at::Tensor& x_packed) {
   const at::Tensor vc = values.contiguous();
   if (x.scalar_type() == at::kFloat)
-    backward_impl<float>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv);
+    backward_impl<float>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv, x_packed);
   else if (x.scalar_type() == at::kBFloat16)
-    backward_impl<c10::BFloat16>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv);
-  else backward_impl<double>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv);
+    backward_impl<c10::BFloat16>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv, x_packed);
+  else backward_impl<double>(dy, x, vc, row_ptr, col_idx, kh, kw, sh, sw, ph, pw, dh, dw, dx, gv, x_packed);
 }
 
 }  // namespace batched

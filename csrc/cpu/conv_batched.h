@@ -16,9 +16,10 @@ bool applies(int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64
              int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw);
 
 // y (N, Cout, OH, OW), allocated, contiguous; bias undefined or (Cout) contiguous in x's dtype. Checks col_idx.
+// x_packed (where given): set to the forward's copy of x in its phases, for backward() to reuse.
 void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
              const at::Tensor& bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-             int64_t dw, at::Tensor& y);
+             int64_t dw, at::Tensor& y, at::Tensor* x_packed = nullptr);
 // dx (N, Cin, H, W), allocated, contiguous.
 void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
@@ -27,10 +28,11 @@ void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Te
 void backward_weight(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                      int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw,
                      at::Tensor& gv);
-// Both gradients, dY packed once for the two: dx and gv as above.
+// Both gradients, dY packed once for the two: dx and gv as above. x_packed: forward()'s copy of this x, or
+// undefined (anything else of the wrong size or dtype is not read; x is packed anew).
 void backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
               const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
-              int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv);
+              int64_t dh, int64_t dw, at::Tensor& dx, at::Tensor& gv, const at::Tensor& x_packed = at::Tensor());
 
 }  // namespace batched
 }  // namespace sparsekern

@@ -95,13 +95,27 @@ std::tuple<at::Tensor, at::Tensor> conv_backward_op(const at::Tensor& grad, cons
                                                     const at::Tensor& values, const at::Tensor& row_ptr,
                                                     const at::Tensor& col_idx, at::IntArrayRef kernel_size,
                                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                                    at::IntArrayRef dilation) {
+                                                    at::IntArrayRef dilation, const OptTensor& x_packed) {
   static const auto op =
       op_handle("sparsekern::_sparse_conv2d_backward")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, const OptTensor&)>();
+  return op.call(grad, x, values, row_ptr, col_idx, kernel_size, stride, padding, dilation, x_packed);
+}
+
+// The forward, and x packed for the backward where the batch-innermost kernel can reuse it (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> conv_keep_op(const at::Tensor& x, const at::Tensor& values,
+                                                const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                at::IntArrayRef kernel_size, const OptTensor& bias,
+                                                at::IntArrayRef stride, at::IntArrayRef padding,
+                                                at::IntArrayRef dilation) {
+  static const auto op =
+      op_handle("sparsekern::_sparse_conv2d_keep")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                                    const at::Tensor&, at::IntArrayRef, const OptTensor&,
                                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
-  return op.call(grad, x, values, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+  return op.call(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
 }
 
 bool channels_last(const at::Tensor& t) {
@@ -313,12 +327,15 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values, const OptTensor& bias,
                             const at::Tensor& row_ptr, const at::Tensor& col_idx, at::IntArrayRef kernel_size,
                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
-    at::Tensor y;
+    at::Tensor y, x_packed;
     {
       at::AutoDispatchBelowADInplaceOrView below;
-      y = conv_op(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
+      std::tie(y, x_packed) = conv_keep_op(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
     }
     ctx->save_for_backward({x, values, row_ptr, col_idx});
+    // x as the batch-innermost forward packed it (an empty tensor where none was kept): the backward's weight
+    // gradient reads it instead of packing x again. A buffer, not a saved variable: x's own version check guards it.
+    if (x_packed.numel() > 0) ctx->saved_data["x_packed"] = x_packed;
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["kernel_size"] = kernel_size.vec();
     ctx->saved_data["stride"] = stride.vec();
@@ -342,8 +359,10 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
     if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
     if (need_x && need_values && below) {
       // Both at once: a pointwise conv reads dy once for the two (conv_pointwise.cpp).
+      const OptTensor x_packed =
+          ctx->saved_data.count("x_packed") ? OptTensor(ctx->saved_data["x_packed"].toTensor()) : std::nullopt;
       std::tie(out[0], out[1]) =
-          conv_backward_op(grad, x, values, row_ptr, col_idx, kernel_size, stride, padding, dilation);
+          conv_backward_op(grad, x, values, row_ptr, col_idx, kernel_size, stride, padding, dilation, x_packed);
       if (channels_last(x)) out[0] = out[0].contiguous(at::MemoryFormat::ChannelsLast);
       if (need_bias) out[2] = grad.sum({0, 2, 3});
       return out;

@@ -638,10 +638,12 @@ void forward_impl(const Geom& g, const at::Tensor& x, const at::Tensor& values, 
   }
 }
 
-at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr_,
-                             const at::Tensor& col_idx_, at::IntArrayRef kernel_size,
-                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
-                             at::IntArrayRef dilation) {
+// The forward; x_packed (where given): the batch-innermost kernel's copy of x in its phases, where that kernel ran
+// and the weight gradient will run it too (the conv node keeps it for its backward), else undefined.
+at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr_,
+                        const at::Tensor& col_idx_, at::IntArrayRef kernel_size, const c10::optional<at::Tensor>& bias,
+                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                        at::Tensor* x_packed) {
   const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
   const char* op = "sparse_conv2d";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, Cin, H, W), got shape ", x.sizes());
@@ -669,9 +671,12 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
     return y;
   }
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
+  const bool keep = x_packed && decided(Pass::GradWeight, g, col_idx.numel(), x.scalar_type(), pin).value_or(false);
   auto run = [&](bool batched) {
+    if (x_packed) *x_packed = at::Tensor();  // a measuring run's copy is not the chosen kernel's
     if (batched) {
-      batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y);
+      batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y,
+                       keep ? x_packed : nullptr);
       return;
     }
     const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx, false);  // checks col_idx
@@ -689,6 +694,25 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
   };
   run_chosen(Pass::Forward, g, col_idx.numel(), x.scalar_type(), pin, run, [] {});
   return y;
+}
+
+at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                             const at::Tensor& col_idx, at::IntArrayRef kernel_size,
+                             const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                             at::IntArrayRef dilation) {
+  return conv_forward(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation, nullptr);
+}
+
+// The conv node's forward: y, and the batch-innermost kernel's copy of x in its phases where its backward can reuse
+// it (an empty tensor elsewhere). Packing x again took about a tenth of a stride-2 3x3 layer's fwd+bwd.
+std::tuple<at::Tensor, at::Tensor> sparse_conv2d_keep_cpu(const at::Tensor& x, const at::Tensor& values,
+                                                          const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                          at::IntArrayRef kernel_size,
+                                                          const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  at::Tensor x_packed;
+  at::Tensor y = conv_forward(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation, &x_packed);
+  return {y, x_packed.defined() ? x_packed : at::empty({0}, x.options())};
 }
 
 // ---------------------------------------------------------------------------
@@ -1018,7 +1042,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
                                                               const at::Tensor& values, const at::Tensor& row_ptr_,
                                                               const at::Tensor& col_idx_, at::IntArrayRef kernel_size,
                                                               at::IntArrayRef stride, at::IntArrayRef padding,
-                                                              at::IntArrayRef dilation) {
+                                                              at::IntArrayRef dilation,
+                                                              const c10::optional<at::Tensor>& x_packed) {
   const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
   const char* op = "_sparse_conv2d_backward";
   auto apart = [&] {
@@ -1050,7 +1075,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
   at::Tensor gv = at::zeros({nnz}, bf ? x.options().dtype(at::kFloat) : x.options());
   if (batched) {
-    batched::backward(grad_out, x, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx, gv);
+    batched::backward(grad_out, x, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx, gv,
+                      x_packed.value_or(at::Tensor()));
     csr::note_fused_backward();
   } else if (!pointwise::backward(grad_out, x, values, row_ptr, col_idx, g.sh, g.sw, dx, gv)) {
     return apart();
@@ -1085,8 +1111,13 @@ std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_
 // Private op (tests): not part of the op contract.
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   // Private (csr_nodes.cpp's conv node): both gradients of sparse_conv2d at once.
-  m.def("_sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, "
-        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
+  m.def(
+      "_sparse_conv2d_backward(Tensor grad_out, Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, Tensor? x_packed=None) -> (Tensor, Tensor)");
+  // Private (csr_nodes.cpp's conv node): the forward, and x as the batch-innermost kernel packed it where the
+  // backward can reuse it (else an empty tensor); _sparse_conv2d_backward takes it back as x_packed.
+  m.def("_sparse_conv2d_keep(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, "
+        "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
   m.def("_conv2d_cpu_kernel(int[4] input_size, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, int[2] stride, "
         "int[2] padding, int[2] dilation, int pass_index=0) -> str");
 }
@@ -1097,4 +1128,5 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("sparse_conv2d_backward_input", &sparsekern::sparse_conv2d_backward_input_cpu);
   m.impl("sparse_conv2d_backward_weight", &sparsekern::sparse_conv2d_backward_weight_cpu);
   m.impl("_sparse_conv2d_backward", &sparsekern::sparse_conv2d_backward_cpu);
+  m.impl("_sparse_conv2d_keep", &sparsekern::sparse_conv2d_keep_cpu);
 }

@@ -393,6 +393,37 @@ def test_both_gradients_at_once(case, dtype, pin, layout, monkeypatch):
     torch.testing.assert_close(gv.double(), ev, rtol=tol, atol=tol * n * h * w)
 
 
+@pytest.mark.parametrize("case", BATCHED[:3] + BATCHED[6:8] + BATCHED[13:15],
+                         ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-s{c[6]}-p{c[7]}-d{c[8]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pin", ["batched", "direct"])
+def test_the_forwards_packed_input_serves_the_backward(case, dtype, pin, monkeypatch):
+    """The conv node's forward (_sparse_conv2d_keep) hands back x as the batch-innermost kernel packed it where the
+    weight gradient runs that kernel too (an empty tensor elsewhere), and the backward given it computes what it
+    computes packing x anew; a packed x of another size is not read."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
+    n, cin, cout, h, w, ks, stride, padding, dilation = case
+    g = gen(seed_of(OP, "keep", case, dtype))
+    W = random_sparse((cout, cin) + ks, 0.4, dtype, g, False, "contiguous")
+    x = make_input((n, cin, h, w), dtype, g, "contiguous")
+    ops, geo = torch.ops.sparsekern, (list(ks), list(stride), list(padding), list(dilation))
+    y, x_packed = ops._sparse_conv2d_keep(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:])
+    torch.testing.assert_close(y, ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:]),
+                               rtol=0, atol=0)
+    assert (x_packed.numel() > 0) == (pin == "batched")
+    dy = make_input(y.shape, dtype, g, "contiguous")
+    fresh = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo)
+    kept = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo, x_packed=x_packed)
+    wrong = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo, x_packed=x_packed[:-1])
+    for a, b, c in zip(fresh, kept, wrong):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+    if pin == "batched":  # it is read: a doubled copy doubles the weight gradient, and only that
+        dx2, gv2 = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo, x_packed=x_packed * 2)
+        torch.testing.assert_close(dx2, fresh[0], rtol=0, atol=0)
+        torch.testing.assert_close(gv2, fresh[1] * 2, rtol=1e-6, atol=1e-6)
+
+
 def test_conv_kernel_pin_rejects_unknown(monkeypatch):
     W = random_sparse((3, 2, 3, 3), 0.5, torch.float32, gen(1), False, "contiguous")
     monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "fast")
