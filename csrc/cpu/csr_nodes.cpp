@@ -335,8 +335,9 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
     ctx->save_for_backward({x, values, row_ptr, col_idx});
     // x as the batch-innermost forward packed it (an empty tensor where none was kept): the backward's weight
     // gradient reads it instead of packing x again. A buffer, not a saved variable: x's own version check guards it.
-    if (x_packed.numel() > 0 && ctx->needs_input_grad(0) && ctx->needs_input_grad(1))  // else the passes run apart
-      ctx->saved_data["x_packed"] = x_packed;
+    // Only where both gradients can be wanted (else the passes run apart); needs_input_grad has no answer in a
+    // forward that records no graph.
+    if (x_packed.numel() > 0 && x.requires_grad() && values.requires_grad()) ctx->saved_data["x_packed"] = x_packed;
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["kernel_size"] = kernel_size.vec();
     ctx->saved_data["stride"] = stride.vec();

@@ -556,3 +556,37 @@ def test_channels_last_keeps_its_layout(backend, case):
     if backend != "reference":  # the reference's input gradient is whatever its composite's autograd gives
         assert dx_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(dx_cl, dx)
+
+
+@pytest.mark.parametrize("wants", ["both", "values", "x", "none", "no_grad"])
+def test_the_conv_node_keeps_the_packed_input_only_for_a_backward_that_uses_it(wants, monkeypatch):
+    """The conv node on the batch-innermost kernel, after a first call has measured nothing (pinned): calls that want
+    both gradients, one of them, none, or record no graph all run and give the reference's results."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
+    g = gen(seed_of(OP, "node-keep", wants))
+    W = random_sparse((6, 5, 3, 3), 0.4, torch.float32, g, False, "contiguous")
+    x = torch.randn(16, 5, 7, 7, generator=g)
+    values = W.values.detach().clone().requires_grad_(wants in ("both", "values", "no_grad"))
+    xs = x.clone().requires_grad_(wants in ("both", "x", "no_grad"))
+    node = torch.ops.sparsekern._sparse_conv2d_node
+    args = (W.row_ptr, W.col_idx, [3, 3], [1, 1], [1, 1], [1, 1])
+    for _ in range(2):
+        if wants == "no_grad":
+            with torch.no_grad():
+                y = node(xs, values, None, *args)
+            assert y.grad_fn is None
+        else:
+            y = node(xs, values, None, *args)
+    W64 = sparsekern.SparseMatrix(W.row_ptr, W.col_idx, W.values.double(), W.shape)
+    torch.testing.assert_close(y.double(), _ref(x.double(), W64, None, (1, 1), (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+    if wants in ("none", "no_grad"):
+        return
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    v64 = W64.values.requires_grad_()
+    ex, ev = torch.autograd.grad(_ref(x64, W64, None, (1, 1), (1, 1), (1, 1)), [x64, v64], dy.double())
+    if xs.requires_grad:
+        torch.testing.assert_close(xs.grad.double(), ex, rtol=1e-4, atol=1e-4)
+    if values.requires_grad:
+        torch.testing.assert_close(values.grad.double(), ev, rtol=1e-4, atol=1e-3)
