@@ -410,7 +410,7 @@ def test_the_forwards_packed_input_serves_the_backward(case, dtype, pin, monkeyp
     y, x_packed = ops._sparse_conv2d_keep(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:])
     torch.testing.assert_close(y, ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:]),
                                rtol=0, atol=0)
-    assert (x_packed.numel() > 0) == (pin == "batched")
+    assert (x_packed.numel() > 0) == (pin == "batched" and stride != (1, 1))  # kept for strided convs only
     dy = make_input(y.shape, dtype, g, "contiguous")
     fresh = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo)
     kept = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo, x_packed=x_packed)
@@ -418,7 +418,7 @@ def test_the_forwards_packed_input_serves_the_backward(case, dtype, pin, monkeyp
     for a, b, c in zip(fresh, kept, wrong):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(a, c, rtol=0, atol=0)
-    if pin == "batched":  # it is read: a doubled copy doubles the weight gradient, and only that
+    if x_packed.numel() > 0:  # it is read: a doubled copy doubles the weight gradient, and only that
         dx2, gv2 = ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo, x_packed=x_packed * 2)
         torch.testing.assert_close(dx2, fresh[0], rtol=0, atol=0)
         torch.testing.assert_close(gv2, fresh[1] * 2, rtol=1e-6, atol=1e-6)
@@ -565,11 +565,11 @@ def test_the_conv_node_keeps_the_packed_input_only_for_a_backward_that_uses_it(w
     monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
     g = gen(seed_of(OP, "node-keep", wants))
     W = random_sparse((6, 5, 3, 3), 0.4, torch.float32, g, False, "contiguous")
-    x = torch.randn(16, 5, 7, 7, generator=g)
+    x = torch.randn(16, 5, 9, 9, generator=g)
     values = W.values.detach().clone().requires_grad_(wants in ("both", "values", "no_grad"))
     xs = x.clone().requires_grad_(wants in ("both", "x", "no_grad"))
     node = torch.ops.sparsekern._sparse_conv2d_node
-    args = (W.row_ptr, W.col_idx, [3, 3], [1, 1], [1, 1], [1, 1])
+    args = (W.row_ptr, W.col_idx, [3, 3], [2, 2], [1, 1], [1, 1])  # strided: the kept copy's case
     for _ in range(2):
         if wants == "no_grad":
             with torch.no_grad():
@@ -578,14 +578,14 @@ def test_the_conv_node_keeps_the_packed_input_only_for_a_backward_that_uses_it(w
         else:
             y = node(xs, values, None, *args)
     W64 = sparsekern.SparseMatrix(W.row_ptr, W.col_idx, W.values.double(), W.shape)
-    torch.testing.assert_close(y.double(), _ref(x.double(), W64, None, (1, 1), (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.double(), _ref(x.double(), W64, None, (2, 2), (1, 1), (1, 1)), rtol=1e-4, atol=1e-4)
     if wants in ("none", "no_grad"):
         return
     dy = torch.randn(y.shape, generator=g)
     y.backward(dy)
     x64 = x.double().requires_grad_()
     v64 = W64.values.requires_grad_()
-    ex, ev = torch.autograd.grad(_ref(x64, W64, None, (1, 1), (1, 1), (1, 1)), [x64, v64], dy.double())
+    ex, ev = torch.autograd.grad(_ref(x64, W64, None, (2, 2), (1, 1), (1, 1)), [x64, v64], dy.double())
     if xs.requires_grad:
         torch.testing.assert_close(xs.grad.double(), ex, rtol=1e-4, atol=1e-4)
     if values.requires_grad:
