@@ -360,7 +360,8 @@ struct ConvNode : public torch::autograd::Function<ConvNode> {
     std::optional<at::AutoDispatchBelowADInplaceOrView> below;
     if (!at::GradMode::is_enabled()) below.emplace();  // else create_graph: through the ops' own formulas
     if (need_x && need_values && below) {
-      // Both at once: a pointwise conv reads dy once for the two (conv_pointwise.cpp).
+      // Both at once: a pointwise conv reads dy once for the two (conv_pointwise.cpp), a batch-innermost one packs
+      // it once (and a strided one reuses the forward's packed x: conv_batched.cpp).
       const OptTensor x_packed =
           ctx->saved_data.count("x_packed") ? OptTensor(ctx->saved_data["x_packed"].toTensor()) : std::nullopt;
       std::tie(out[0], out[1]) =

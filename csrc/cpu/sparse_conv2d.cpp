@@ -671,8 +671,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at:
     return y;
   }
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
-  // Strided convs only: there x is 4x dY and packing it again took a third of the backward (128 -> 128 3x3 stride 2
-  // at 28x28: fwd+bwd 5.0-5.5 -> 3.6-4.5 ms kept); at stride 1 the gain was within noise, and keeping every 3x3
+  // Strided convs only: there x is 4x dY and packing it again cost a fifth or more of the fwd+bwd (128 -> 128 3x3
+  // stride 2 at 28x28: 5.0-5.5 -> 3.6-4.5 ms kept); at stride 1 the gain was within noise, and keeping every 3x3
   // layer's copy put ResNet-18's ERK step at 224x224 over its dense twin's peak memory (477 MB against 452).
   const bool keep = x_packed && g.sh * g.sw > 1 &&
                     decided(Pass::GradWeight, g, col_idx.numel(), x.scalar_type(), pin).value_or(false);
@@ -708,7 +708,7 @@ at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, cons
 }
 
 // The conv node's forward: y, and the batch-innermost kernel's copy of x in its phases where its backward can reuse
-// it (an empty tensor elsewhere). Packing x again took about a tenth of a stride-2 3x3 layer's fwd+bwd.
+// it (an empty tensor elsewhere; strided convs only, see conv_forward).
 std::tuple<at::Tensor, at::Tensor> sparse_conv2d_keep_cpu(const at::Tensor& x, const at::Tensor& values,
                                                           const at::Tensor& row_ptr, const at::Tensor& col_idx,
                                                           at::IntArrayRef kernel_size,
