@@ -298,7 +298,7 @@ Source source(int64_t N, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_t p
 
 // The input gradient's geometry: per phase (a, b) of the bordered dX, its rows [i0, i0 + ni) and columns
 // [j0, j0 + nj) that fall inside x; dY bordered by Bt rows and Bl columns (Hd x Wd in all) so that every
-// tap's backward shift (i - r*dh / sh, j - s*dw / sw) of those rows and columns stays inside it.
+// tap's backward shift (i - r*dh / sh, j - s*dw / sw) of those rows and columns stays inside it, and dY whole.
 struct Span { int64_t i0, ni, j0, nj; };
 struct Grad {
   std::vector<Span> span;  // per phase a*sw + b
@@ -323,7 +323,10 @@ Grad grad_geometry(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int
       border = std::max(border, q - first[a]);
       last = std::max(last, first[a] + count[a] - 1 - q);
     }
-    extent = std::max<int64_t>(1, last + border + 1);
+    // All of dY fits too (the weight gradient reads this copy in place): where the padding exceeds the kernel's
+    // reach, its last rows feed only the padding and the input gradient alone would crop them.
+    const int64_t out = (size + 2 * p - (k - 1) * d - 1) / s + 1;
+    extent = std::max({int64_t(1), last + border + 1, border + out});
   };
   Grad g;
   std::vector<int64_t> i0, ni, j0, nj;
@@ -605,6 +608,8 @@ void backward_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& 
   const std::shared_ptr<const GradPlan> plan =
       grad_plan<T>(row_ptr, col_idx, N, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, vb);
   const Grad& gg = plan->gg;
+  // The weight gradient reads all of dY from this copy (a cropped row would be read past its plane).
+  TORCH_INTERNAL_ASSERT(gg.Hd >= gg.Bt + OH && gg.Wd >= gg.Bl + OW, "bordered dY does not hold dY");
   const at::Tensor dyb = bordered_dy<I, T>(dy, gg, N);
   input_grad_from<I, T>(dyb.data_ptr<T>(), *plan, vb, values, sh, sw, ph, pw, dx);
   weight_grad_from<I, T>(x, x_packed, dyb.data_ptr<T>() + (gg.Bt * gg.Wd + gg.Bl) * N, gg.Wd * N, gg.Hd * gg.Wd * N,
