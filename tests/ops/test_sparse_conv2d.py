@@ -195,6 +195,9 @@ POINTWISE = (
     (2, 6, 5, 17, 15, (2, 2)),      # stride 2: packed, 9x8 outputs, dx zero between them
     (5, 7, 9, 4, 4, (1, 1)),        # 4x4 planes, four images side by side and one alone
     (3, 5, 6, 7, 7, (1, 2)),        # 7x4 planes from stride (1, 2), grouped
+    (13, 6, 9, 7, 7, (1, 1)),       # 7x7 planes, four images a group (AVX-512): three full groups and one image
+    (8, 5, 7, 4, 4, (1, 1)),        # 4x4 planes, two groups of four
+    (8, 6, 5, 2, 2, (1, 1)),        # 2x2 planes, all eight images in one group, its rows split over threads
     (1, 33, 70, 2, 3, (1, 1)),      # one image of 6 pixels: less than a vector, rows split over threads
     (1, 16, 40, 12, 12, (1, 1)),    # one image, flat (in place at float32): rows split over threads
     (4, 3, 4, 1, 1, (1, 1)),        # 1x1 planes
