@@ -35,8 +35,12 @@ $(VENV)/.bench: $(VENV)/.deps
 run: setup
 	$(BIN)/sparsekern demo
 
+# Then the conv kernels' op tests again with their scratch buffers filled with NaN (SPARSEKERN_POISON_SCRATCH,
+# csrc/cpu/common.h): a kernel that reads lanes it never wrote fails on every host, not only where memory held a NaN.
+POISON_TESTS ?= tests/ops/test_sparse_conv2d.py tests/ops/test_conv_geometry_limits.py
 test: setup
 	$(BIN)/python -m pytest -q tests
+	SPARSEKERN_POISON_SCRATCH=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(POISON_TESTS)
 
 # The inner loop (about 45 s on 2 cores, stops at the first failure): argument errors of every op, the
 # CSR engine's ops (spmm, sparse_linear, sddmm, gather: every backend over the shared parametrization,

@@ -3,9 +3,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 // Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
@@ -56,6 +61,33 @@ struct Aligned64 {
 template <class T>
 using AlignedVector = std::vector<T, Aligned64<T>>;
 
+// SPARSEKERN_POISON_SCRATCH=1 (read once): the kernels' scratch buffers (ThreadScratch, the batch-innermost conv's
+// copies) are handed out filled with NaN, and kPoisonGuard NaN elements past their end, so that a kernel reading
+// lanes it never wrote, or past its buffer, puts NaN in its result. Left alone, such a read meets zero pages or finite
+// leftovers and, times the zero of a padding, passes: the one-pack conv backward read a cropped copy of dY past its
+// planes (the last one past the buffer) and failed only on a host whose memory held a NaN there. `make test` runs the
+// conv op tests with it.
+inline bool poison_scratch() {
+  static const bool on = [] {
+    const char* v = std::getenv("SPARSEKERN_POISON_SCRATCH");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+constexpr int64_t kPoisonGuard = 4096;
+
+// Elements to allocate for a scratch buffer of n: n, and the guard where poison_scratch().
+inline int64_t scratch_alloc(int64_t n) { return n > 0 && poison_scratch() ? n + kPoisonGuard : n; }
+
+// n elements at p set to NaN where poison_scratch() (floating types; others are left as they are).
+template <class T>
+void poison(T* p, int64_t n) {
+  if constexpr (std::is_floating_point<T>::value) {
+    if (poison_scratch() && n > 0) std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
+  }
+}
+
 // The slots of ThreadScratch: one per buffer a thread holds at once, distinct across kernels that call each other.
 enum ScratchSlot : int { kScratchPack, kScratchOut, kScratchRows, kScratchDy, kScratchTiles };
 
@@ -75,10 +107,11 @@ class ThreadScratch {
   ThreadScratch& operator=(const ThreadScratch&) = delete;
   ~ThreadScratch() { claim(false); }
   void resize(int64_t n) {
-    const size_t want = n > 0 ? static_cast<size_t>(n) : 0;
+    const size_t want = n > 0 ? static_cast<size_t>(scratch_alloc(n)) : 0;
     if (want * sizeof(T) > kKeepBytes) {
       own_.resize(want);
       p_ = own_.data();
+      poison(p_, static_cast<int64_t>(want));
       return;
     }
     AlignedVector<T>& kept = state().kept;
@@ -87,6 +120,7 @@ class ThreadScratch {
       kept.resize(want);
     }
     p_ = kept.data();
+    poison(p_, static_cast<int64_t>(want));
   }
   T* data() const { return p_; }
 

@@ -41,10 +41,13 @@ using conv_tiles::Tile;
 
 int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
-// A scratch buffer of n elements of T (uninitialised).
+// A scratch buffer of n elements of T (uninitialised; NaN, and NaN past its end, under SPARSEKERN_POISON_SCRATCH).
 template <class T>
 at::Tensor scratch(int64_t n) {
-  return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  const int64_t alloc = scratch_alloc(n);
+  at::Tensor t = at::empty({alloc}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  poison(t.data_ptr<T>(), alloc);
+  return alloc == n ? t : t.narrow(0, 0, n);
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return a >= 0 ? (a + b - 1) / b : -((-a) / b); }
