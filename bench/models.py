@@ -306,7 +306,17 @@ def _with_conv_kernels(kernel: str, module: nn.Module, x: torch.Tensor) -> str:
     return f"{kernel} {'/'.join(p[0] for p in passes.split('/'))}" if passes else kernel
 
 
-def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DISTRIBUTIONS) -> ModelResult:
+def in_channels_last(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s 4-D parameters and buffers, in place, and an image batch ``x`` (returned) in channels_last; other
+    inputs (token ids) as they are."""
+    model.to(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DISTRIBUTIONS,
+             channels_last: bool = False) -> ModelResult:
+    """One model's steps and layers, dense and sparse; ``channels_last``: both models and the images in that layout
+    (the sparse layers take it as it comes)."""
     torch.manual_seed(0)
     dense = case.build().train()
     names = list(sparsifiable_layers(dense))
@@ -315,6 +325,9 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
     gen = torch.Generator().manual_seed(0)
     x = case.inputs(gen)
     y = torch.randint(0, case.num_classes, (x.shape[0],), generator=gen)
+    if channels_last:
+        for model in (dense, *sparse.values()):
+            x = in_channels_last(model, x)
 
     steps, optimizers = {}, {}
     for key, model in [("dense", dense), *sparse.items()]:
@@ -450,24 +463,26 @@ def markdown(results: Sequence[ModelResult], meta: Dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def _case_in_child(sizes: str, index: int, mode: str, threads: int, keep_freed: bool) -> ModelResult:
+def _case_in_child(sizes: str, index: int, mode: str, threads: int, keep_freed: bool,
+                   channels_last: bool = False) -> ModelResult:
     """``run_case`` of case ``index`` of ``cases(sizes)``, in a spawned process set up as its parent."""
     if keep_freed:
         allocator.keep_freed_memory()
     torch.set_num_threads(threads)
-    return dataclasses.replace(run_case(cases(sizes)[index], SETTINGS[mode]), case=None)
+    return dataclasses.replace(run_case(cases(sizes)[index], SETTINGS[mode], channels_last=channels_last), case=None)
 
 
-def run_isolated(sizes: str, index: int, mode: str) -> ModelResult:
+def run_isolated(sizes: str, index: int, mode: str, channels_last: bool = False) -> ModelResult:
     """``run_case`` of case ``index`` of ``cases(sizes)`` in a fresh process (spawned: no state of this one, but
     its environment, thread count and allocator setting)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        result = pool.apply(_case_in_child, (sizes, index, mode, torch.get_num_threads(), allocator.kept()))
+        result = pool.apply(_case_in_child, (sizes, index, mode, torch.get_num_threads(), allocator.kept(),
+                                             channels_last))
     return dataclasses.replace(result, case=cases(sizes)[index])
 
 
 def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Optional[str] = None,
-         threads: Optional[int] = None, sizes: str = "full") -> int:
+         threads: Optional[int] = None, sizes: str = "full", channels_last: bool = False) -> int:
     models = tuple(models) if models else MODELS
     unknown = [m for m in models if m not in MODELS]
     if unknown:
@@ -481,15 +496,17 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
     for n, (index, case) in enumerate(selected, 1):
         print(f"[{n}/{len(selected)}] {case.name}", file=sys.stderr, flush=True)
         if mode == "tiny":
-            results.append(run_case(case, settings))
+            results.append(run_case(case, settings, channels_last=channels_last))
             gc.collect()
         else:
-            results.append(run_isolated(sizes, index, mode))
+            results.append(run_isolated(sizes, index, mode, channels_last))
     meta = {"command": f"`{command_line('sparsekern.bench.models')}`",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "CPU": host(),
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "sparsekern backend": _backends(),
             "allocator": allocator.describe(),
+            "memory format": ("channels_last (both models' 4-D weights and the images)" if channels_last
+                              else "contiguous (NCHW images)"),
             "timing": (("each model in a process of its own; " if mode != "tiny" else "")
                        + f"{settings.warmup} warm-up steps per model (1 call per layer), then "
                        f"bench.timing.measure_interleaved: dense, ERK and uniform side by side, one timed call "
@@ -512,7 +529,8 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
     from sparsekern.cli import _keep_freed_memory, build_parser
     args = build_parser().parse_args(["bench", "--models", *(sys.argv[1:] if argv is None else argv)])
     _keep_freed_memory(args)
-    return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes)
+    return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes,
+                channels_last=args.channels_last)
 
 
 if __name__ == "__main__":

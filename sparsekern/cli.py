@@ -15,6 +15,8 @@ def _keep_freed_memory(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.channels_last and args.models is None:
+        args.parser.error("argument --channels-last: only with --models (the op benchmarks fix their own layouts)")
     if args.gpu:
         from .bench import gpu as bench_gpu
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
@@ -24,7 +26,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.models is not None:
         from .bench import models as bench_models
         return bench_models.main(models=args.models, quick=args.quick, output=args.output, threads=args.threads,
-                                 sizes=args.sizes)
+                                 sizes=args.sizes, channels_last=args.channels_last)
     if args.train:
         from .bench import train as bench_train
         return bench_train.main(quick=args.quick, output=args.output, threads=args.threads)
@@ -237,10 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time training steps of whole networks dense vs 90%% sparse (ERK, uniform), with the "
                             "FLOP bound and every sparse layer: resnet50 resnet18 bert vit convnext mlp "
                             "(none named: all)")
+    bench.add_argument("--channels-last", action="store_true",
+                       help="with --models: both models and the images in channels_last (default: NCHW)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.add_argument("--default-malloc", action="store_true", help=_DEFAULT_MALLOC_HELP)
-    bench.set_defaults(func=_bench)
+    bench.set_defaults(func=_bench, parser=bench)
 
     data_choices = DATA_CHOICES
     study = sub.add_parser("study", help="reproduce the paper's findings: numbers, plots, a summary with verdicts")
