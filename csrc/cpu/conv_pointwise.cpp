@@ -43,10 +43,6 @@ using conv_tiles::Tile;
 
 int64_t num_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
-// How the images of one call are read: one at a time (flat tiles over the P pixels) or G at a time,
-// side by side in a packed row of L columns.
-// Tiles and rows are cut for vb-byte vectors (conv_tiles::vector_bytes: 64 on AVX-512 hosts for planes or
-// groups of at least one such vector).
 // Columns of a packed row of G images' planes of P pixels: whole vw-element vectors.
 int64_t row_length(int64_t G, int64_t P, int64_t vw, int64_t elem_size) {
   int64_t L = (G * P + vw - 1) / vw * vw;
@@ -60,8 +56,8 @@ int64_t row_length(int64_t G, int64_t P, int64_t vw, int64_t elem_size) {
 // threads, each group's rows, at 1.25 times the cost (its pack runs on one thread and the one-pass backward does not
 // apply). Ties: fewer images. G0 alone (the earlier rule) packed three 7x7 planes into 160 columns, two tiles of 5
 // vectors, in 6 groups; G = 4, 208 columns in 4 groups: ResNet-50's 7x7 1x1 convs at batch 16, density 0.24, fwd +
-// bwd 2.21 -> 1.98 ms (256 -> 1024) and 2.53 -> 2.40 ms (1024 -> 256); at batch 8 (G = 3 -> 4) 1024 -> 2048 stride 2
-// 5.55 -> 4.07 ms (AMD Zen 5, AVX-512, 2 threads).
+// both gradients 2.14 -> 1.86 ms (256 -> 1024) and 2.25 -> 1.99 ms (1024 -> 256); at batch 8 (G = 3 -> 4) 1024 -> 2048
+// stride 2 4.98 -> 3.66 ms (AMD Zen 5, AVX-512, 2 threads; BENCHMARKS.md).
 int64_t images_per_group(int64_t N, int64_t P, int64_t vw, int64_t elem_size, int64_t nth) {
   const int64_t full = conv_tiles::NMAX * vw;
   const int64_t g0 = std::max<int64_t>(1, std::min<int64_t>(N, (full + P - 1) / P));
@@ -78,6 +74,10 @@ int64_t images_per_group(int64_t N, int64_t P, int64_t vw, int64_t elem_size, in
   return best;
 }
 
+// How the images of one call are read: one at a time (flat tiles over the P pixels) or G at a time,
+// side by side in a packed row of L columns.
+// Tiles and rows are cut for vb-byte vectors (conv_tiles::vector_bytes: 64 on AVX-512 hosts for planes or
+// groups of at least one such vector).
 template <class T>
 struct Layout {
   int64_t N, P, G, L, groups;
