@@ -152,3 +152,76 @@ def test_a_kept_dense_route_hands_non_finite_calls_to_the_sparse_kernel(make):
     g[(slice(None), 0)] = float("nan")
     got, want = _run(layer, x, "dense", g), _run(layer, x, "csr", g)
     torch.testing.assert_close(got[1], want[1], equal_nan=True)
+
+
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("make", [_conv, _conv_narrow, _conv_no_bias], ids=["conv", "conv-narrow", "conv-no-bias"])
+def test_channels_last_non_finite_input_and_output_gradient(make, value):
+    """The checks read a channel of a channels_last tensor (every C-th entry) as they read an NCHW one."""
+    layer, x, where = make()
+    bad = x.clone()
+    bad[where] = value
+    bad = _channels_last(bad)
+    assert not bad.is_contiguous()
+    want = _run(layer, bad.contiguous(), "csr")
+    for kernel in layer.candidates():
+        for a, b in zip(_run(layer, bad, kernel), want):
+            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m, k=kernel: f"{k}: {m}")
+    y = layer(x)
+    mask = layer.mask().clone()
+    mask[0] = False
+    layer.set_pattern(mask)
+    g = torch.randn(y.shape, generator=gen(6))
+    g[(slice(None), 0)] = value
+    want = _run(layer, x, "csr", g)
+    for kernel in layer.candidates():
+        got = _run(layer, _channels_last(x), kernel, _channels_last(g))
+        torch.testing.assert_close(got[1], want[1], equal_nan=True, msg=lambda m, k=kernel: f"{k} input gradient: {m}")
+
+
+@pytest.mark.parametrize("make", MAKERS, ids=IDS)
+def test_non_finite_output_gradient_with_frozen_values(make):
+    """Without a weight gradient (values frozen) nor a bias gradient to prove the output's gradient finite, the
+    dense kernel reads the input gradient's feature 0."""
+    layer, x, _ = make()
+    y = layer(x)
+    mask = layer.mask().clone()
+    mask[0] = False
+    layer.set_pattern(mask)
+    layer.values.requires_grad_(False)
+    if layer.bias is not None:
+        layer.bias.requires_grad_(False)
+    g = torch.randn(y.shape, generator=gen(7))
+    g[(slice(None), 0)] = float("nan")
+    grads = {}
+    for kernel in ("csr", *layer.candidates()):
+        layer.kernel = kernel
+        xs = x.clone().requires_grad_(True)
+        grads[kernel] = torch.autograd.grad(layer(xs), xs, g)[0]
+    layer.kernel = "auto"
+    assert torch.isfinite(grads["csr"]).all()
+    for kernel, got in grads.items():
+        torch.testing.assert_close(got, grads["csr"], msg=lambda m, k=kernel: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", [(0, 0, 0), (1, 2, 4), (0, 4, 4)], ids=["corner", "inside", "far-corner"])
+def test_weight_gradient_proof_catches_one_bad_output_gradient_entry(where, value):
+    """One NaN or Inf in the output's gradient, at any position (corners read padding at some taps), of a row the
+    weight leaves empty: the dense kernel's weight-gradient check catches it (no bias to prove it instead)."""
+    layer, x, _ = _conv_no_bias()
+    y = layer(x)
+    mask = layer.mask().clone()
+    mask[1] = False
+    layer.set_pattern(mask)
+    g = torch.randn(y.shape, generator=gen(8))
+    g[(where[0], 1, where[1], where[2])] = value
+    want = _run(layer, x, "csr", g)
+    assert torch.isfinite(want[1]).all()
+    got = _run(layer, x, "dense", g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, equal_nan=True)
