@@ -129,6 +129,9 @@ constexpr int64_t kSlack = 64;  // zeroed elements after a packed image: partial
 
 struct Geom {
   int64_t N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
+  // The pass's tensors lie channels_last (x for the forward, dY for the gradients): the batch-innermost kernel reads
+  // and writes them so, the direct one through NCHW copies, so the measured choice between them is kept per layout.
+  bool cl = false;
   // forward / grad-weight packing of x: [Cin][sw][Hp][Wq]
   int64_t Hp, Wq;
   int64_t xpack_size() const { return Cin * sw * Hp * Wq + kSlack; }
@@ -194,6 +197,33 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
     TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr must be non-decreasing (row ", r, ")");
   return g;
 }
+
+// Whether t (N, C, H, W) lies channels_last (and not also contiguous).
+bool channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The output of a pass whose two kernels write different layouts: for channels_last operands the batch-innermost
+// kernel writes channels_last (its copies from and to (C, H, W, N) read and write any layout), the direct kernel NCHW.
+// Each allocated on first use; the pass returns what its last run (run_chosen's chosen kernel) wrote.
+class LayoutOutput {
+ public:
+  LayoutOutput(std::vector<int64_t> sizes, at::TensorOptions options) : sizes_(std::move(sizes)), options_(options) {}
+  at::Tensor& take(bool cl) {
+    last_cl_ = cl;
+    at::Tensor& t = cl ? cl_ : nchw_;
+    if (!t.defined())
+      t = at::empty(sizes_, options_.memory_format(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
+    return t;
+  }
+  at::Tensor last() { return take(last_cl_); }
+
+ private:
+  std::vector<int64_t> sizes_;
+  at::TensorOptions options_;
+  at::Tensor nchw_, cl_;
+  bool last_cl_ = false;
+};
 
 // SPARSEKERN_CONV_KERNEL=direct|batched pins the CPU conv kernel wherever the pinned one applies (tests,
 // A/B measurements: read per call); unset or "auto": chosen by geometry below.
@@ -272,7 +302,8 @@ std::vector<int64_t> choice_key(Pass pass, const Geom& g, int64_t nnz, at::Scala
           nnz,
           static_cast<int64_t>(dtype),
           static_cast<int64_t>(at::get_num_threads()),
-          static_cast<int64_t>(csr::isa())};  // the batched kernel's vector width (conv_tiles::vector_bytes)
+          static_cast<int64_t>(csr::isa()),
+          static_cast<int64_t>(g.cl)};  // the batched kernel's vector width (conv_tiles::vector_bytes)
 }
 
 // The kernel measured for this pass and geometry, if any.
@@ -670,14 +701,17 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at:
     pointwise::forward(x, values, row_ptr, col_idx, b, g.sh, g.sw, y);
     return y;
   }
-  at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
+  Geom gl = g;
+  gl.cl = channels_last(x);
+  LayoutOutput out({g.N, g.Cout, g.OH, g.OW}, x.options());
   // Strided convs only: there x is 4x dY and packing it again cost a fifth or more of the fwd+bwd (128 -> 128 3x3
   // stride 2 at 28x28: 5.0-5.5 -> 3.6-4.5 ms kept); at stride 1 the gain was within noise, and keeping every 3x3
   // layer's copy put ResNet-18's ERK step at 224x224 over its dense twin's peak memory (477 MB against 452).
   const bool keep = x_packed && g.sh * g.sw > 1 &&
-                    decided(Pass::GradWeight, g, col_idx.numel(), x.scalar_type(), pin).value_or(false);
+                    decided(Pass::GradWeight, gl, col_idx.numel(), x.scalar_type(), pin).value_or(false);
   auto run = [&](bool batched) {
     if (x_packed) *x_packed = at::Tensor();  // a measuring run's copy is not the chosen kernel's
+    at::Tensor& y = out.take(batched && gl.cl);
     if (batched) {
       batched::forward(x, values, row_ptr, col_idx, b, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, y,
                        keep ? x_packed : nullptr);
@@ -696,8 +730,8 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at:
       forward_impl<float>(g, x, vc, *plan, b.defined() ? b.data_ptr<float>() : nullptr, y);
     else forward_impl<double>(g, x, vc, *plan, b.defined() ? b.data_ptr<double>() : nullptr, y);
   };
-  run_chosen(Pass::Forward, g, col_idx.numel(), x.scalar_type(), pin, run, [] {});
-  return y;
+  run_chosen(Pass::Forward, gl, col_idx.numel(), x.scalar_type(), pin, run, [] {});
+  return out.last();
 }
 
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
@@ -915,8 +949,11 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
     pointwise::backward_input(grad_out, values, row_ptr, col_idx, g.sh, g.sw, dx);
     return dx;
   }
-  at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
+  Geom gl = g;
+  gl.cl = channels_last(grad_out);
+  LayoutOutput out({g.N, g.Cin, g.H, g.W}, grad_out.options());
   auto run = [&](bool batched) {
+    at::Tensor& dx = out.take(batched && gl.cl);
     if (batched) {
       batched::backward_input(grad_out, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx);
       return;
@@ -930,8 +967,8 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
     else if (grad_out.scalar_type() == at::kBFloat16) backward_input_impl<c10::BFloat16>(g, grad_out, vc, *plan, dx);
     else backward_input_impl<double>(g, grad_out, vc, *plan, dx);
   };
-  run_chosen(Pass::GradInput, g, col_idx.numel(), grad_out.scalar_type(), pin, run, [] {});
-  return dx;
+  run_chosen(Pass::GradInput, gl, col_idx.numel(), grad_out.scalar_type(), pin, run, [] {});
+  return out.last();
 }
 
 // ---------------------------------------------------------------------------
@@ -1012,29 +1049,37 @@ at::Tensor sparse_conv2d_backward_weight_cpu(const at::Tensor& grad_out, const a
                   grad_out.size(3) == g.OW,
               op, ": grad_out must have shape (", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "), got ",
               grad_out.sizes());
-  const at::Tensor dyc = grad_out.contiguous();
+  // dY as the direct and pointwise kernels read it (the batch-innermost one packs it from any layout).
+  at::Tensor dyc;
+  auto contiguous_dy = [&]() -> const at::Tensor& {
+    if (!dyc.defined()) dyc = grad_out.contiguous();
+    return dyc;
+  };
   const ConvPin pin = conv_pin();
   if (pointwise_for(g, pin)) {
     const bool bf = x.scalar_type() == at::kBFloat16;  // summed over the batch in float32, rounded once
     at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
-    pointwise::backward_weight(dyc, x, row_ptr, col_idx, g.sh, g.sw, gv);
+    pointwise::backward_weight(contiguous_dy(), x, row_ptr, col_idx, g.sh, g.sw, gv);
     return bf ? gv.to(at::kBFloat16) : gv;
   }
   // bf16: summed over the batch in float32, rounded once.
   const bool bf = x.scalar_type() == at::kBFloat16;
   at::Tensor gv = at::zeros({col_idx.numel()}, bf ? x.options().dtype(at::kFloat) : x.options());
+  Geom gl = g;
+  gl.cl = channels_last(grad_out);
   auto run = [&](bool batched) {
     if (batched) {
-      batched::backward_weight(dyc, x, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, gv);
+      batched::backward_weight(grad_out, x, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, gv);
       return;
     }
     const std::shared_ptr<const TapPlan> plan = tap_plan_for(op, g, x, row_ptr, col_idx, true);  // checks col_idx
     if (col_idx.numel() == 0 || g.N == 0) return;
-    if (bf) backward_weight_impl<c10::BFloat16>(g, dyc, x, *plan, gv);
-    else if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dyc, x, *plan, gv);
-    else backward_weight_impl<double>(g, dyc, x, *plan, gv);
+    const at::Tensor& dy = contiguous_dy();
+    if (bf) backward_weight_impl<c10::BFloat16>(g, dy, x, *plan, gv);
+    else if (x.scalar_type() == at::kFloat) backward_weight_impl<float>(g, dy, x, *plan, gv);
+    else backward_weight_impl<double>(g, dy, x, *plan, gv);
   };
-  run_chosen(Pass::GradWeight, g, col_idx.numel(), x.scalar_type(), pin, run, [&] { gv.zero_(); });
+  run_chosen(Pass::GradWeight, gl, col_idx.numel(), x.scalar_type(), pin, run, [&] { gv.zero_(); });
   return bf ? gv.to(at::kBFloat16) : gv;
 }
 
@@ -1062,10 +1107,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
   check_float_or_bf16(x, "x", op);
   check_csr(row_ptr, col_idx, op);
   check_values(op, values, col_idx);
-  const Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride,
-                           padding, dilation);
+  Geom g = make_geom(op, x.size(0), x.size(1), x.size(2), x.size(3), row_ptr, col_idx, kernel_size, stride, padding,
+                     dilation);
   if (grad_out.size(0) != g.N || grad_out.size(1) != g.Cout || grad_out.size(2) != g.OH || grad_out.size(3) != g.OW)
     return apart();
+  g.cl = channels_last(grad_out);  // as the two ops above measure their passes
   const ConvPin pin = conv_pin();
   const int64_t nnz = col_idx.numel();
   const bool pointwise = pointwise_for(g, pin);
@@ -1076,7 +1122,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
                        decided(Pass::GradWeight, g, nnz, x.scalar_type(), pin).value_or(false);
   if (!pointwise && !batched) return apart();
   const bool bf = x.scalar_type() == at::kBFloat16;  // the weight gradient summed in float32, rounded once
-  at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, grad_out.options());
+  at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W},
+                            grad_out.options().memory_format(batched && g.cl ? at::MemoryFormat::ChannelsLast
+                                                                             : at::MemoryFormat::Contiguous));
   at::Tensor gv = at::zeros({nnz}, bf ? x.options().dtype(at::kFloat) : x.options());
   if (batched) {
     batched::backward(grad_out, x, values, row_ptr, col_idx, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw, dx, gv,
@@ -1092,13 +1140,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
 // measured, else the rule's): what the tests check they reach, and what explain() and the model bench report.
 std::string conv2d_cpu_kernel(at::IntArrayRef input_size, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                               at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                              at::IntArrayRef dilation, int64_t pass) {
+                              at::IntArrayRef dilation, int64_t pass, bool channels_last) {
   const char* op = "_conv2d_cpu_kernel";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries, got ", input_size.size());
   TORCH_CHECK_VALUE(pass >= 0 && pass <= 2, op,
                     ": pass_index must be 0 (forward), 1 (input gradient) or 2 (weight gradient), got ", pass);
-  const Geom g = make_geom(op, input_size[0], input_size[1], input_size[2], input_size[3], row_ptr, col_idx,
-                           kernel_size, stride, padding, dilation);
+  Geom g = make_geom(op, input_size[0], input_size[1], input_size[2], input_size[3], row_ptr, col_idx, kernel_size,
+                     stride, padding, dilation);
+  g.cl = channels_last;
   const ConvPin pin = conv_pin();
   if (pointwise_for(g, pin)) return "pointwise";
   if (pin == ConvPin::Direct || !batched_applies(g)) return "direct";
@@ -1123,7 +1172,7 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_sparse_conv2d_keep(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, "
         "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor, Tensor)");
   m.def("_conv2d_cpu_kernel(int[4] input_size, Tensor row_ptr, Tensor col_idx, int[2] kernel_size, int[2] stride, "
-        "int[2] padding, int[2] dilation, int pass_index=0) -> str");
+        "int[2] padding, int[2] dilation, int pass_index=0, bool channels_last=False) -> str");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

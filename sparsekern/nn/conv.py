@@ -135,7 +135,10 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
             return None
         p, geo = self.pattern, (list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation))
         kernel = torch.ops.sparsekern._conv2d_cpu_kernel
-        return "/".join(kernel(list(x.shape), p.row_ptr, p.col_idx, *geo, q) for q in range(3))
+        # The choices are kept per layout (a channels_last input's passes read and write channels_last tensors); the
+        # gradients' layout taken as the input's.
+        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return "/".join(kernel(list(x.shape), p.row_ptr, p.col_idx, *geo, q, cl) for q in range(3))
 
     def gemm_op(self, x: torch.Tensor) -> str:
         """The op whose C++ node the ``gemm`` kernel runs for ``x`` on the CPU (kernel_choice keeps the check)."""

@@ -300,6 +300,9 @@ BATCHED = (
     (11, 3, 5, 20, 19, (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2: deinterleaved blocks, 3 images and columns after
     (9, 2, 3, 17, 35, (3, 3), (2, 2), (0, 0), (1, 1)),   # stride 2, no padding: the last block's reads end the row
     (8, 2, 3, 21, 37, (5, 5), (2, 2), (2, 2), (1, 1)),   # stride 2, even padding: dX rows in blocks of 16
+    # 8+ channels: channels_last tensors packed and written in blocks of 8 channels x 8 images, and their tails.
+    (11, 12, 20, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),  # a block of channels and 4 more, of images and 3 more
+    (16, 16, 8, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1)),   # stride 2: four phases of whole blocks
 )
 
 
@@ -491,6 +494,25 @@ def test_fuzz(backend, n, cin, cout, h, w, kh, kw, sh, sw, ph, pw, dh, dw, with_
         assert_close(got, exp, scale=100)
 
 
+def _three_passes(x, dy, W, geo):
+    """The forward, input gradient and weight gradient ops of a 3x3 conv (geo: stride, padding, dilation)."""
+    ops = torch.ops.sparsekern
+    return (ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo),
+            ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), [3, 3], *geo),
+            ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, [3, 3], *geo))
+
+
+def _conv_and_grads(x, W, stride, g):
+    """F.conv2d of x by W's dense weight (3x3, padding 1), a random dY, and the input and values gradients."""
+    wd = W.to_dense().requires_grad_()
+    xr = x.clone().requires_grad_()
+    y = F.conv2d(xr, wd, None, stride, 1)
+    dy = torch.randn(y.shape, generator=g, dtype=x.dtype)
+    y.backward(dy)
+    rows = torch.repeat_interleave(torch.arange(W.shape[0]), W.row_ptr.diff())
+    return y.detach(), dy, xr.grad, wd.grad.view(W.shape[0], -1)[rows, W.col_idx.long()]
+
+
 @pytest.mark.parametrize("case", [(8, 64, 64, 14, (1, 1)), (8, 64, 96, 14, (2, 2)), (16, 128, 128, 7, (1, 1))], ids=str)
 def test_measured_kernel_choice(case, monkeypatch):
     """Unpinned, a pass large enough to measure times the direct and batch-innermost kernels on its first call
@@ -501,22 +523,65 @@ def test_measured_kernel_choice(case, monkeypatch):
     g = gen(seed_of(OP, "measured", case))
     W = random_sparse((cout, cin, 3, 3), 0.3, torch.float64, g, False, "contiguous")
     x = torch.randn(n, cin, hw, hw, generator=g, dtype=torch.float64)
-    ops, geo = torch.ops.sparsekern, (list(stride), [1, 1], [1, 1])
-    wd = W.to_dense().requires_grad_()
-    xr = x.clone().requires_grad_()
-    y_ref = F.conv2d(xr, wd, None, stride, 1)
-    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64)
-    y_ref.backward(dy)
-    rows = torch.repeat_interleave(torch.arange(cout), W.row_ptr.diff())
-    gv_ref = wd.grad.view(cout, -1)[rows, W.col_idx.long()]
+    geo = (list(stride), [1, 1], [1, 1])
+    y_ref, dy, dx_ref, gv_ref = _conv_and_grads(x, W, stride, g)
     for _ in range(2):  # the first call measures, the second runs the choice
-        y = ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo)
-        dx = ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), [3, 3], *geo)
-        gv = ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, [3, 3], *geo)
-        torch.testing.assert_close(y, y_ref.detach(), rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(dx, xr.grad, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(gv, gv_ref, rtol=1e-10, atol=1e-10)
+        for got, want in zip(_three_passes(x, dy, W, geo), (y_ref, dx_ref, gv_ref)):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert _cpu_kernel(x, W, stride, (1, 1), (1, 1)) in ("direct", "batched")
+
+
+@pytest.mark.parametrize("case", [(8, 64, 64, 14, (1, 1)), (8, 64, 96, 14, (2, 2))], ids=str)
+def test_measured_kernel_choice_channels_last(case, monkeypatch):
+    """A channels_last conv's passes are measured apart from the NCHW ones (the batch-innermost kernel reads and
+    writes that layout, the direct one goes through NCHW copies): an NCHW call's choice leaves the channels_last
+    one unmeasured; the measuring call and the later ones agree with F.conv2d, and the outputs are channels_last
+    exactly where the batch-innermost kernel wrote them."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "auto")
+    n, cin, cout, hw, stride = case
+    g = gen(seed_of(OP, "measured-cl", case))
+    W = random_sparse((cout, cin, 3, 3), 0.29, torch.float32, g, False, "contiguous")  # float32: what the report reads
+    x = torch.randn(n, cin, hw, hw, generator=g)
+    ops, geo = torch.ops.sparsekern, (list(stride), [1, 1], [1, 1])
+    kernels = [ops._conv2d_cpu_kernel(list(x.shape), W.row_ptr, W.col_idx, [3, 3], *geo, q, True) for q in range(3)]
+    y_ref, dy, dx_ref, gv_ref = _conv_and_grads(x, W, stride, g)
+    ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo)  # measures the NCHW forward
+    assert ops._conv2d_cpu_kernel(list(x.shape), W.row_ptr, W.col_idx, [3, 3], *geo, 0, True) == kernels[0]
+    x_cl, dy_cl = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    for _ in range(2):  # the first call measures, the second runs the choice
+        y, dx, gv = _three_passes(x_cl, dy_cl, W, geo)
+        for got, want in zip((y, dx, gv), (y_ref, dx_ref, gv_ref)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+        chosen = [ops._conv2d_cpu_kernel(list(x.shape), W.row_ptr, W.col_idx, [3, 3], *geo, q, True) for q in range(2)]
+        for out, kernel in zip((y, dx), chosen):
+            assert out.is_contiguous(memory_format=torch.channels_last) == (kernel == "batched")
+
+
+@pytest.mark.parametrize("pin", ["batched", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_channels_last_ops_write_the_kernels_layout(pin, dtype, monkeypatch):
+    """The ops on channels_last x and dY: the batch-innermost kernel returns channels_last y and dX (the conv node
+    then has nothing to convert), the direct one NCHW; both equal the NCHW inputs' results."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", pin)
+    g = gen(seed_of(OP, "cl-layout", pin, dtype))
+    W = random_sparse((20, 12, 3, 3), 0.4, dtype, g, False, "contiguous")
+    x = torch.randn(11, 12, 7, 7, generator=g, dtype=torch.float64).to(dtype)
+    ops, geo = torch.ops.sparsekern, ([3, 3], [1, 1], [1, 1], [1, 1])
+    y = ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo[1:])
+    dy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)
+    x_cl, dy_cl = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+    got = (ops.sparse_conv2d(x_cl, W.values, W.row_ptr, W.col_idx, [3, 3], None, *geo[1:]),
+           ops.sparse_conv2d_backward_input(dy_cl, W.values, W.row_ptr, W.col_idx, list(x.shape), *geo),
+           *ops._sparse_conv2d_backward(dy_cl, x_cl, W.values, W.row_ptr, W.col_idx, *geo),
+           ops.sparse_conv2d_backward_weight(dy_cl, x_cl, W.row_ptr, W.col_idx, *geo))
+    want = (y, ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), *geo),
+            *ops._sparse_conv2d_backward(dy, x, W.values, W.row_ptr, W.col_idx, *geo),
+            ops.sparse_conv2d_backward_weight(dy, x, W.row_ptr, W.col_idx, *geo))
+    for i, (a, b) in enumerate(zip(got, want)):
+        if i < 3:  # y, dX apart, dX with the weight gradient
+            assert a.is_contiguous(memory_format=torch.channels_last) == (pin == "batched")
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_deterministic_algorithms_keep_the_rule(monkeypatch):
