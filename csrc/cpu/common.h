@@ -142,6 +142,11 @@ class ThreadScratch {
   AlignedVector<T> own_;
 };
 
+// Whether t (N, C, H, W) lies channels_last (and not also contiguous: C, or H and W, of 1).
+inline bool channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 inline void check_csr(const at::Tensor& row_ptr, const at::Tensor& col_idx, const char* op) {
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong, op,
               ": row_ptr must be a 1-D int64 tensor, got ", row_ptr.scalar_type(), " of dim ", row_ptr.dim());

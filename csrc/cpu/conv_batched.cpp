@@ -95,11 +95,6 @@ SK_CLONES void pack_row_bf16(float* drow, const c10::BFloat16* s, int64_t sN, in
   pack_row_impl(drow, s, sN, N, sw, j0, j1, jv);
 }
 
-// Whether t (N, C, H, W) lies channels_last (and not also contiguous: C, or H and W, of 1).
-bool channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // Eight channels of a run of nj positions of channels_last rows into their planes: d[m*dch + j*N + n] =
 // s[n*sN + j*sj + m] for m < 8, j < nj, n < N, blocks of 8 images x 8 channels through register transposes. Read
 // element by element (a channel at a time, every read on its own cache line) the channels_last input of a 64 -> 64 3x3
@@ -283,22 +278,26 @@ SK_CLONES void unpack_cl_f32(float* d, int64_t ldd, const float* s, int64_t cs, 
   }
 }
 
+// unpack_cl_f32 for any output and compute types (element by element where not both float32; a bf16 d is rounded).
+template <class I, class T>
+void unpack_cl(I* d, int64_t ldd, const T* s, int64_t cs, int64_t C, int64_t N, int64_t q0, int64_t q1) {
+  if constexpr (std::is_same<I, float>::value && std::is_same<T, float>::value) {
+    unpack_cl_f32(d, ldd, s, cs, C, N, q0, q1);
+  } else {
+    for (int64_t q = q0; q < q1; ++q)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < C; ++c) d[n * ldd + q * C + c] = static_cast<I>(s[c * cs + q * N + n]);
+  }
+}
+
 // out (N, C, H, W), contiguous or channels_last, = src (C, H, W, N).
 template <class I, class T>
 void unpack(const T* src, at::Tensor& out) {
   I* op = out.data_ptr<I>();
   const int64_t N = out.size(0), C = out.size(1), P = out.size(2) * out.size(3);
   if (channels_last(out)) {
-    at::parallel_for(0, P, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C * N)), [&](int64_t q0, int64_t q1) {
-      if constexpr (std::is_same<I, float>::value && std::is_same<T, float>::value) {
-        unpack_cl_f32(op, out.stride(0), src, P * N, C, N, q0, q1);
-      } else {
-        for (int64_t q = q0; q < q1; ++q)
-          for (int64_t n = 0; n < N; ++n)
-            for (int64_t c = 0; c < C; ++c)
-              op[n * out.stride(0) + q * C + c] = static_cast<I>(src[(c * P + q) * N + n]);
-      }
-    });
+    at::parallel_for(0, P, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, C * N)),
+                     [&](int64_t q0, int64_t q1) { unpack_cl<I, T>(op, out.stride(0), src, P * N, C, N, q0, q1); });
     return;
   }
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
@@ -612,13 +611,7 @@ void input_grad_from(const T* dyb, const GradPlan& gp, int vb, const at::Tensor&
         const int64_t h = (sp.i0 + i) * sh + a - ph;
         for (int64_t j = 0; j < sp.nj; ++j) {
           const int64_t w = (sp.j0 + j) * sw + b - pw;
-          I* d = out + (h * W + w) * Cin;
-          if constexpr (std::is_same<I, float>::value && std::is_same<T, float>::value) {
-            unpack_cl_f32(d, sN, src + j * N, cs, Cin, N, 0, 1);
-          } else {
-            for (int64_t n = 0; n < N; ++n)
-              for (int64_t c = 0; c < Cin; ++c) d[n * sN + c] = static_cast<I>(src[c * cs + j * N + n]);
-          }
+          unpack_cl<I, T>(out + (h * W + w) * Cin, sN, src + j * N, cs, Cin, N, 0, 1);
         }
       }
     });

@@ -15,12 +15,12 @@ namespace batched {
 bool applies(int64_t N, int64_t C_in, int64_t C_out, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh,
              int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw);
 
-// y (N, Cout, OH, OW), allocated, contiguous; bias undefined or (Cout) contiguous in x's dtype. Checks col_idx.
+// y (N, Cout, OH, OW), allocated, contiguous or channels_last (written as it lies); bias undefined or (Cout) contiguous in x's dtype. Checks col_idx.
 // x_packed (where given): set to the forward's copy of x in its phases, for backward() to reuse.
 void forward(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
              const at::Tensor& bias, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh,
              int64_t dw, at::Tensor& y, at::Tensor* x_packed = nullptr);
-// dx (N, Cin, H, W), allocated, contiguous.
+// dx (N, Cin, H, W), allocated, contiguous or channels_last. x and dy: any layout (channels_last read by transposes).
 void backward_input(const at::Tensor& dy, const at::Tensor& values, const at::Tensor& row_ptr,
                     const at::Tensor& col_idx, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
                     int64_t dh, int64_t dw, at::Tensor& dx);

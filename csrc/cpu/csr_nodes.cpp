@@ -17,6 +17,7 @@
 #include <string>
 #include <tuple>
 
+#include "cpu/common.h"
 #include "cpu/csr_engine.h"
 #include "cpu/sparse_linear.h"
 
@@ -116,10 +117,6 @@ std::tuple<at::Tensor, at::Tensor> conv_keep_op(const at::Tensor& x, const at::T
                                                     const at::Tensor&, at::IntArrayRef, const OptTensor&,
                                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
   return op.call(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation);
-}
-
-bool channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // The activation fused into a linear node (SparseLinear(activation=...)).

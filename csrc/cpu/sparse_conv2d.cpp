@@ -198,11 +198,6 @@ Geom make_geom(const char* op, int64_t N, int64_t Cin, int64_t H, int64_t W, con
   return g;
 }
 
-// Whether t (N, C, H, W) lies channels_last (and not also contiguous).
-bool channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
 // The output of a pass whose two kernels write different layouts: for channels_last operands the batch-innermost
 // kernel writes channels_last (its copies from and to (C, H, W, N) read and write any layout), the direct kernel NCHW.
 // Each allocated on first use; the pass returns what its last run (run_chosen's chosen kernel) wrote.
