@@ -306,17 +306,34 @@ void unpack(const T* src, at::Tensor& out) {
 }
 
 // The tiles of a grid of `rows` runs of `run` elements: run i reads the source at i*src_row and writes
-// the destination at i*out_row.
+// the destination at i*out_row. A run of at most half a tile shares its tile with the runs below it (2 or 4 to a
+// tile, up to NMAX vectors): a 4x4 plane at batch 16 is 4 runs of 4 64-byte vectors, at batch 8 of 2, and a tile
+// of one such run pays a nonzero's offset, value and loop for 2-4 multiply-adds. Density 0.1, 2 threads, 8 MB written
+// between calls, medians of alternating processes (AMD Zen 5): 512 -> 512 3x3 at 7x7, batch 8, forward 1.81 -> 1.65
+// ms, input gradient 1.82 -> 1.68, weight gradient 1.65 -> 1.56; at 4x4 batch 16 1.01 -> 0.95, 1.10 -> 1.04, 0.88 ->
+// 0.81; 256 -> 256 at 4x4 batch 8 0.18 -> 0.16, 0.20 -> 0.18, 0.18 -> 0.15.
 std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t out_row, int64_t elem, int vb) {
   const std::vector<Tile> one = conv_tiles::make_tiles(run, elem, vb);
+  const int64_t nv = one.size() == 1 ? one[0].nv : conv_tiles::NMAX;
   std::vector<Tile> tiles;
   tiles.reserve(rows * one.size());
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = 0; i < rows;) {
+    int64_t rr = 1;  // runs in this tile: 4, 2 or 1 (the instances conv_tiles has)
+    for (const int64_t k : {int64_t(4), int64_t(2)}) {
+      if (k <= conv_tiles::MAX_ROWS && k * nv <= conv_tiles::NMAX && i + k <= rows) {
+        rr = k;
+        break;
+      }
+    }
     for (Tile t : one) {
       t.sbase += i * src_row;
       t.obase += i * out_row;
+      t.rows = static_cast<int32_t>(rr);
+      t.srow = src_row;
+      t.orow = out_row;
       tiles.push_back(t);
     }
+    i += rr;
   }
   return tiles;
 }

@@ -32,10 +32,10 @@ constexpr int64_t vwidth() {
 // ---------------------------------------------------------------------------
 // Hot loops.
 
-// out[r*ostride + c] = init_r + sum over row r of ws[j] * src[offs[j] + c], for the columns c of one tile
-// and rows [r0, r1), block by block of source planes (bp, nb: see Blocks); between blocks a row's partial
-// sums wait in `scratch` (NV vectors per row).
-template <class T, int NV, int W>
+// out[r*ostride + c] = init_r + sum over row r of ws[j] * src[offs[j] + c], for the columns c of one tile (RR runs
+// of NV vectors) and rows [r0, r1), block by block of source planes (bp, nb: see Blocks); between blocks a row's
+// partial sums wait in `scratch` (RR * NV vectors per row).
+template <class T, int NV, int RR, int W>
 SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict offs, const T* __restrict ws,
                            const int64_t* __restrict bp, int64_t nb, int64_t r0, int64_t r1, const Tile& tl,
                            const T* bias, T* __restrict out, int64_t ostride, T* __restrict scratch) {
@@ -43,40 +43,56 @@ SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict of
   constexpr int64_t vw = vwidth<T, W>();
   const T* s = src + tl.sbase;
   T* o = out + tl.obase;
-  const int64_t last = tl.last;
+  const int64_t last = tl.last, srow = tl.srow, orow = tl.orow;
   for (int64_t b = 0; b < nb; ++b) {
     const bool final = b == nb - 1;
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t* rb = bp + r * (nb + 1) + b;
       const int64_t jb = rb[0], je = rb[1];
-      T* sc = scratch + (r - r0) * (NV * vw);
-      V acc[NV];
+      T* sc = scratch + (r - r0) * (RR * NV * vw);
+      V acc[RR][NV];
       if (b == 0) {
         const T init = bias ? bias[r] : T(0);
+#pragma GCC unroll 4
+        for (int i = 0; i < RR; ++i)
 #pragma GCC unroll 8
-        for (int k = 0; k < NV; ++k) acc[k] = V{} + init;
+          for (int k = 0; k < NV; ++k) acc[i][k] = V{} + init;
       } else if (jb == je && !final) {
         continue;
       } else {
+#pragma GCC unroll 4
+        for (int i = 0; i < RR; ++i)
 #pragma GCC unroll 8
-        for (int k = 0; k < NV; ++k) acc[k] = simd::vload<W>(sc + k * vw);
+          for (int k = 0; k < NV; ++k) acc[i][k] = simd::vload<W>(sc + (i * NV + k) * vw);
       }
       for (int64_t j = jb; j < je; ++j) {
         const T* p = s + offs[j];
         const T w = ws[j];
+#pragma GCC unroll 4
+        for (int i = 0; i < RR; ++i) {
+          const T* q = p + i * srow;
 #pragma GCC unroll 8
-        for (int k = 0; k < NV - 1; ++k) acc[k] += w * simd::vload<W>(p + k * vw);
-        acc[NV - 1] += w * simd::vload<W>(p + last);
+          for (int k = 0; k < NV - 1; ++k) acc[i][k] += w * simd::vload<W>(q + k * vw);
+          acc[i][NV - 1] += w * simd::vload<W>(q + last);
+        }
       }
       if (final) {
-        if (r + kOutAhead < r1) prefetch_l2(o + (r + kOutAhead) * ostride, (last + vw) * int64_t(sizeof(T)));
         T* q = o + r * ostride;
+        if (r + kOutAhead < r1)
+#pragma GCC unroll 4
+          for (int i = 0; i < RR; ++i)
+            prefetch_l2(q + kOutAhead * ostride + i * orow, (last + vw) * int64_t(sizeof(T)));
+#pragma GCC unroll 4
+        for (int i = 0; i < RR; ++i) {
 #pragma GCC unroll 8
-        for (int k = 0; k < NV - 1; ++k) simd::vstore<W>(q + k * vw, acc[k]);
-        simd::vstore<W>(q + last, acc[NV - 1]);
+          for (int k = 0; k < NV - 1; ++k) simd::vstore<W>(q + i * orow + k * vw, acc[i][k]);
+          simd::vstore<W>(q + i * orow + last, acc[i][NV - 1]);
+        }
       } else {
+#pragma GCC unroll 4
+        for (int i = 0; i < RR; ++i)
 #pragma GCC unroll 8
-        for (int k = 0; k < NV; ++k) simd::vstore<W>(sc + k * vw, acc[k]);
+          for (int k = 0; k < NV; ++k) simd::vstore<W>(sc + (i * NV + k) * vw, acc[i][k]);
       }
     }
   }
@@ -89,11 +105,30 @@ SK_INLINE V masked(const V& c, const VI& keep) {
   else return c;
 }
 
+// The dot product of a dY tile (RR runs of NV vectors, in registers) with the source at p, in CHAINS independent
+// sums: one where four products run side by side (the 4-way reduction below), two where one runs alone.
+template <class T, int NV, int RR, int W, bool MASK, int CHAINS>
+SK_INLINE Vt<T, W> tile_dot(const Vt<T, W> (&dv)[RR][NV], const T* p, int64_t srow, int64_t last,
+                            const Vi<T, W>& keep) {
+  typedef Vt<T, W> V;
+  constexpr int64_t vw = vwidth<T, W>();
+  V c[CHAINS] = {};
+#pragma GCC unroll 4
+  for (int i = 0; i < RR; ++i) {
+    const T* q = p + i * srow;
+    c[i % CHAINS] += masked<MASK>(dv[i][NV - 1] * simd::vload<W>(q + last), keep);
+#pragma GCC unroll 8
+    for (int k = 0; k < NV - 1; ++k) c[(i * NV + k) % CHAINS] += dv[i][k] * simd::vload<W>(q + k * vw);
+  }
+  if constexpr (CHAINS == 1) return c[0];
+  else return c[0] + c[1];
+}
+
 // g[j] += sum over the tile's columns c of dy[r*dstride + c] * src[offs[j] + c], rows [r0, r1), block by block
-// of source planes. The dY tile stays in registers; each nonzero is one dot product with it. MASK (a tile whose
-// last vector overlaps the one before it): that vector's products count only in the lanes it owns; the
-// product is masked, not dY, since 0 * Inf would put a NaN where the true sum is infinite.
-template <class T, int NV, int W, bool MASK>
+// of source planes. The dY tile (RR runs of NV vectors) stays in registers; each nonzero is one dot product with
+// it. MASK (runs whose last vector overlaps the one before it): that vector's products count only in the lanes it
+// owns; the product is masked, not dY, since 0 * Inf would put a NaN where the true sum is infinite.
+template <class T, int NV, int RR, int W, bool MASK>
 SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict offs, const int64_t* __restrict bp,
                           int64_t nb, int64_t r0, int64_t r1, const Tile& tl, const T* __restrict dy, int64_t dstride,
                           T* __restrict g) {
@@ -102,8 +137,8 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
   constexpr int64_t vw = vwidth<T, W>();
   const T* s = src + tl.sbase;
   const T* d = dy + tl.obase;
-  const int64_t last = tl.last;
-  VI keep;  // all-ones in the lanes the last vector owns
+  const int64_t last = tl.last, srow = tl.srow, orow = tl.orow;
+  VI keep;  // all-ones in the lanes a run's last vector owns
   for (int l = 0; l < vw; ++l) keep[l] = l >= tl.skip ? -1 : 0;
   for (int64_t blk = 0; blk < nb; ++blk) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -114,59 +149,53 @@ SK_INLINE void wgrad_tile(const T* __restrict src, const int32_t* __restrict off
       // dY is read once, row by row down the tile, a plane apart: without a prefetch every row waits on its
       // first touch (measured 2-4x slower when dY is not in cache).
       const T* ahead = dr + kAhead * dstride;
+      V dv[RR][NV];
+#pragma GCC unroll 4
+      for (int i = 0; i < RR; ++i) {
 #pragma GCC unroll 8
-      for (int k = 0; k < NV; k += 2) __builtin_prefetch(ahead + k * vw);
-      V dv[NV];
+        for (int k = 0; k < NV; k += 2) __builtin_prefetch(ahead + i * orow + k * vw);
 #pragma GCC unroll 8
-      for (int k = 0; k < NV - 1; ++k) dv[k] = simd::vload<W>(dr + k * vw);
-      dv[NV - 1] = simd::vload<W>(dr + last);
-#define SK_TAIL(p) masked<MASK>(dv[NV - 1] * simd::vload<W>((p) + last), keep)
+        for (int k = 0; k < NV - 1; ++k) dv[i][k] = simd::vload<W>(dr + i * orow + k * vw);
+        dv[i][NV - 1] = simd::vload<W>(dr + i * orow + last);
+      }
       // Four nonzeros at a time: their dot products reduced together by one 4-way transpose-add, not a
       // horizontal sum each (the batch-innermost and pointwise weight gradients 1.03-1.09x faster at ResNet-50's
       // 7x7 and 4x4 layers, interleaved A/B, 2 threads, Zen 4); the rest one by one.
       int64_t j = b;
       for (; j + 4 <= e; j += 4) {
-        V acc[4];
-#pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) {
-          const T* p = s + offs[j + q];
-          V c = SK_TAIL(p);
-#pragma GCC unroll 8
-          for (int k = 0; k < NV - 1; ++k) c += dv[k] * simd::vload<W>(p + k * vw);
-          acc[q] = c;
-        }
         typename simd::Vec<T>::v half[4];  // 64-byte sums folded to 32 bytes for the transpose-add
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) half[q] = simd::fold<W, T>(acc[q]);
-        const auto r = simd::reduce_lanes4(half);
+        for (int q = 0; q < 4; ++q)
+          half[q] = simd::fold<W, T>(tile_dot<T, NV, RR, W, MASK, 1>(dv, s + offs[j + q], srow, last, keep));
+        const auto red = simd::reduce_lanes4(half);
 #pragma GCC unroll 4
-        for (int q = 0; q < 4; ++q) g[j + q] += r[q];
+        for (int q = 0; q < 4; ++q) g[j + q] += red[q];
       }
-      for (; j < e; ++j) {
-        const T* p = s + offs[j];
-        V c0 = SK_TAIL(p), c1 = V{};
-#pragma GCC unroll 8
-        for (int k = 0; k < NV - 1; ++k) {
-          if (k & 1) c1 += dv[k] * simd::vload<W>(p + k * vw);
-          else c0 += dv[k] * simd::vload<W>(p + k * vw);
-        }
-        g[j] += simd::tree_sum(simd::fold<W, T>(c0 + c1));
-      }
-#undef SK_TAIL
+      for (; j < e; ++j)
+        g[j] += simd::tree_sum(simd::fold<W, T>(tile_dot<T, NV, RR, W, MASK, 2>(dv, s + offs[j], srow, last, keep)));
     }
   }
 }
 
-#define SK_NV_CASES(CALL)    \
-  switch (tl.nv) {           \
-    case 1: CALL(1); break;  \
-    case 2: CALL(2); break;  \
-    case 3: CALL(3); break;  \
-    case 4: CALL(4); break;  \
-    case 5: CALL(5); break;  \
-    case 6: CALL(6); break;  \
-    case 7: CALL(7); break;  \
-    default: CALL(8); break; \
+// The instance of a tile's shape: runs of 1-8 vectors alone, of 1-4 two to a tile, of 1-2 four to a tile.
+#define SK_TILE_CASES(CALL)                                                                                            \
+  switch (tl.rows * 16 + tl.nv) {                                                                                      \
+    case 16 + 1: CALL(1, 1); break;                                                                                    \
+    case 16 + 2: CALL(2, 1); break;                                                                                    \
+    case 16 + 3: CALL(3, 1); break;                                                                                    \
+    case 16 + 4: CALL(4, 1); break;                                                                                    \
+    case 16 + 5: CALL(5, 1); break;                                                                                    \
+    case 16 + 6: CALL(6, 1); break;                                                                                    \
+    case 16 + 7: CALL(7, 1); break;                                                                                    \
+    case 32 + 1: CALL(1, 2); break;                                                                                    \
+    case 32 + 2: CALL(2, 2); break;                                                                                    \
+    case 32 + 3: CALL(3, 2); break;                                                                                    \
+    case 32 + 4: CALL(4, 2); break;                                                                                    \
+    case 64 + 1: CALL(1, 4); break;                                                                                    \
+    case 64 + 2: CALL(2, 4); break;                                                                                    \
+    case 16 + 8: CALL(8, 1); break;                                                                                    \
+    default:                                                                                                           \
+      TORCH_INTERNAL_ASSERT(false, "conv_tiles: no instance for a tile of ", tl.rows, " runs of ", tl.nv, " vectors"); \
   }
 
 template <class T, int W>
@@ -175,8 +204,8 @@ SK_INLINE void gather_all(const T* src, const int32_t* offs, const T* ws, const 
   ThreadScratch<T, kScratchTiles> scratch(nb > 1 ? (r1 - r0) * NMAX * vwidth<T, W>() : 0);
   for (int64_t t = 0; t < ntiles; ++t) {
     const Tile& tl = tiles[t];
-#define SK_GATHER(n) gather_tile<T, n, W>(src, offs, ws, bp, nb, r0, r1, tl, bias, out, ostride, scratch.data())
-    SK_NV_CASES(SK_GATHER)
+#define SK_GATHER(n, rr) gather_tile<T, n, rr, W>(src, offs, ws, bp, nb, r0, r1, tl, bias, out, ostride, scratch.data())
+    SK_TILE_CASES(SK_GATHER)
 #undef SK_GATHER
   }
 }
@@ -186,14 +215,14 @@ SK_INLINE void wgrad_all(const T* src, const int32_t* offs, const int64_t* bp, i
                          const Tile* tiles, int64_t ntiles, const T* dy, int64_t dstride, T* g) {
   for (int64_t t = 0; t < ntiles; ++t) {
     const Tile& tl = tiles[t];
-#define SK_WGRAD(n)                                                                      \
-  if (tl.skip) wgrad_tile<T, n, W, true>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g); \
-  else wgrad_tile<T, n, W, false>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g)
-    SK_NV_CASES(SK_WGRAD)
+#define SK_WGRAD(n, rr)                                                                      \
+  if (tl.skip) wgrad_tile<T, n, rr, W, true>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g); \
+  else wgrad_tile<T, n, rr, W, false>(src, offs, bp, nb, r0, r1, tl, dy, dstride, g)
+    SK_TILE_CASES(SK_WGRAD)
 #undef SK_WGRAD
   }
 }
-#undef SK_NV_CASES
+#undef SK_TILE_CASES
 
 // The entry points of one vector width W, compiled with ATTR (the loops inline into them and take its target):
 // gather_f32SUFFIX, gather_f64SUFFIX, wgrad_f32SUFFIX, wgrad_f64SUFFIX.

@@ -1,8 +1,8 @@
 // Register-tiled gathers along flat runs of columns, shared by the pointwise and batch-innermost conv
-// kernels (conv_pointwise.cpp, conv_batched.cpp). A tile is up to NMAX consecutive vectors of one run:
-// the source at sbase (+ a per-nonzero offset), the destination at obase, both advancing together. For
-// every nonzero of a CSR row, broadcast its value and FMA the tile's vectors of the source at that
-// offset into accumulators that stay in registers for the whole row; the vectors' offsets are
+// kernels (conv_pointwise.cpp, conv_batched.cpp). A tile is up to NMAX consecutive vectors of one run (or of
+// 2-4 short runs a fixed stride apart): the source at sbase (+ a per-nonzero offset), the destination at obase,
+// both advancing together. For every nonzero of a CSR row, broadcast its value and FMA the tile's vectors of the
+// source at that offset into accumulators that stay in registers for the whole row; the vectors' offsets are
 // compile-time constants (a tile of NV vectors is its own instance), which measured ~2x faster than
 // offsets read from a table. Tiles outside, rows inside: the tile's window of every source plane is
 // reused by all rows while it is in cache. The loops come at two widths: 32-byte vectors (every x86-64 clone)
@@ -27,12 +27,18 @@ constexpr int NMAX = 8;
 // keyed by it.
 int vector_bytes(int64_t min_run, int64_t elem_size);
 
-// A tile: vectors at sbase/obase + k*VW (k < nv - 1), its last at sbase/obase + last; lanes below `skip` of
-// the last repeat columns of the vector before it (a run's overlapped end).
+// A tile: `rows` runs, srow/orow elements apart in the source and the output (a run shorter than half a tile
+// shares its tile with the runs below it: a batch-innermost conv's 4x4 plane at batch 16 is four runs of 4
+// vectors), each of nv vectors at sbase/obase + i*srow/orow + k*VW (k < nv - 1), its last at + last; lanes below
+// `skip` of a run's last vector repeat columns of the vector before it (the run's overlapped end).
 struct Tile {
   int64_t sbase, obase, last;
   int32_t nv, skip;
+  int32_t rows = 1;
+  int64_t srow = 0, orow = 0;
 };
+// The most runs one tile holds (rows * nv <= NMAX).
+constexpr int MAX_ROWS = 4;
 
 // The entries of each CSR row cut into blocks of source planes (input channels for the forward), so that
 // a tile's window of one block of planes stays in L1 while every row uses it: row r's entries in block k are

@@ -303,6 +303,9 @@ BATCHED = (
     # 8+ channels: channels_last tensors packed and written in blocks of 8 channels x 8 images, and their tails.
     (11, 12, 20, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),  # a block of channels and 4 more, of images and 3 more
     (16, 16, 8, 9, 9, (3, 3), (2, 2), (1, 1), (1, 1)),   # stride 2: four phases of whole blocks
+    # Short rows share a tile (conv_batched.cpp's grid_tiles): runs of 1-4 vectors, 2 or 4 to a tile, and the rest.
+    (8, 3, 5, 6, 4, (3, 3), (1, 1), (1, 1), (1, 1)),     # rows of 4 columns x 8 images: four runs, then two
+    (16, 3, 4, 5, 3, (3, 3), (1, 1), (1, 1), (1, 1)),    # rows of 3 x 16: two runs of 3 vectors, twice, then one
 )
 
 
