@@ -310,7 +310,7 @@ void unpack(const T* src, at::Tensor& out) {
 // tile, up to NMAX vectors): a 4x4 plane at batch 16 is 4 runs of 4 64-byte vectors, at batch 8 of 2, and a tile
 // of one such run pays a nonzero's offset, value and loop for 2-4 multiply-adds. Density 0.1, 2 threads, 8 MB written
 // between calls, medians of alternating processes (AMD Zen 5): 512 -> 512 3x3 at 7x7, batch 8, forward 1.81 -> 1.65
-// ms, input gradient 1.82 -> 1.68, weight gradient 1.65 -> 1.56; at 4x4 batch 16 1.01 -> 0.95, 1.10 -> 1.04, 0.88 ->
+// ms, input gradient 1.82 -> 1.68, weight gradient 1.65 -> 1.56; at 4x4 batch 16 1.02 -> 0.96, 1.11 -> 1.05, 0.88 ->
 // 0.81; 256 -> 256 at 4x4 batch 8 0.18 -> 0.16, 0.20 -> 0.18, 0.18 -> 0.15.
 std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t out_row, int64_t elem, int vb) {
   const std::vector<Tile> one = conv_tiles::make_tiles(run, elem, vb);
