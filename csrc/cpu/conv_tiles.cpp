@@ -32,14 +32,18 @@ constexpr int64_t vwidth() {
 // ---------------------------------------------------------------------------
 // Hot loops.
 
-// Whether the gather takes a row's nonzeros two at a time into two sets of accumulators, for tiles of NV 64-byte
-// vectors: each accumulator's chain of FMAs (4 cycles apart) then waits half as long, and 2 x 4-8 chains keep both FMA
-// pipes busy where 4-7 alone leave them idle. Fwd and input gradient, density 0.48-0.58 1x1 convs at 14x14 and 28x28,
-// batch 16, both ways interleaved in one process: 1.02-1.04x (AMD Zen 5, 2 threads); 3x3 and sparser 1x1 layers even
-// (1.00-1.03x). The 32-byte loops keep one set: 16 ymm registers hold one tile's 8 accumulators. The weight gradient's
-// dot products (four nonzeros in flight, one chain each) measured 0.96-0.98x with two chains each at 28x28 1x1 layers.
+// How many sets of accumulators the gather spreads a row's nonzeros over (taking that many at a time), for tiles of NV
+// vectors of W bytes: each accumulator's chain of FMAs (4 cycles apart) then waits that much less, and 8-16 chains in
+// all keep both FMA pipes busy where a tile of 1-7 vectors alone leaves them idle (the CSR SpMM engine does the same).
+// Two sets, fwd and input gradient, density 0.48-0.58 1x1 convs at 14x14 and 28x28, batch 16, both ways interleaved in
+// one process: 1.02-1.04x; 3x3 and sparser 1x1 layers 0.98-1.03x. Four for tiles of 1-3 vectors (2x2 planes at batch
+// 8): 512 -> 512 3x3 fwd 1.02-1.06x, input gradient 1.03x (AMD Zen 5, 2 threads). The 32-byte loops keep one set: 16
+// ymm registers hold one tile's 8 accumulators. The weight gradient's dot products (four nonzeros in flight, one chain
+// each) measured 0.96-0.98x with two chains each at 28x28 1x1 layers: that loop is bound by its loads.
 template <int W, int NV>
-constexpr bool kTwoSets = W == 64 && NV >= 4;
+constexpr int kSets = W != 64   ? 1
+                      : NV >= 4 ? 2
+                                : 4;
 
 // out[r*ostride + c] = init_r + sum over row r of ws[j] * src[offs[j] + c], for the columns c of one tile (RR runs
 // of NV vectors) and rows [r0, r1), block by block of source planes (bp, nb: see Blocks); between blocks a row's
@@ -75,27 +79,41 @@ SK_INLINE void gather_tile(const T* __restrict src, const int32_t* __restrict of
           for (int k = 0; k < NV; ++k) acc[i][k] = simd::vload<W>(sc + (i * NV + k) * vw);
       }
       int64_t j = jb;
-      if constexpr (kTwoSets<W, RR * NV>) {
-        V acc2[RR][NV] = {};
-        for (; j + 2 <= je; j += 2) {
-          const T *p0 = s + offs[j], *p1 = s + offs[j + 1];
-          const T w0 = ws[j], w1 = ws[j + 1];
+      constexpr int S = kSets<W, RR * NV>;
+      if constexpr (S > 1) {
+        V set[S][RR][NV];  // set 0 carries on acc; the sets are added up at the row's end
+#pragma GCC unroll 4
+        for (int i = 0; i < RR; ++i)
+#pragma GCC unroll 8
+          for (int k = 0; k < NV; ++k) {
+            set[0][i][k] = acc[i][k];
+#pragma GCC unroll 4
+            for (int u = 1; u < S; ++u) set[u][i][k] = V{};
+          }
+        for (; j + S <= je; j += S) {
+          const T* p[S];
+          T w[S];
+#pragma GCC unroll 4
+          for (int u = 0; u < S; ++u) p[u] = s + offs[j + u], w[u] = ws[j + u];
 #pragma GCC unroll 4
           for (int i = 0; i < RR; ++i) {
-            const T *q0 = p0 + i * srow, *q1 = p1 + i * srow;
 #pragma GCC unroll 8
-            for (int k = 0; k < NV - 1; ++k) {
-              acc[i][k] += w0 * simd::vload<W>(q0 + k * vw);
-              acc2[i][k] += w1 * simd::vload<W>(q1 + k * vw);
-            }
-            acc[i][NV - 1] += w0 * simd::vload<W>(q0 + last);
-            acc2[i][NV - 1] += w1 * simd::vload<W>(q1 + last);
+            for (int k = 0; k < NV - 1; ++k)
+#pragma GCC unroll 4
+              for (int u = 0; u < S; ++u) set[u][i][k] += w[u] * simd::vload<W>(p[u] + i * srow + k * vw);
+#pragma GCC unroll 4
+            for (int u = 0; u < S; ++u) set[u][i][NV - 1] += w[u] * simd::vload<W>(p[u] + i * srow + last);
           }
         }
 #pragma GCC unroll 4
         for (int i = 0; i < RR; ++i)
 #pragma GCC unroll 8
-          for (int k = 0; k < NV; ++k) acc[i][k] += acc2[i][k];
+          for (int k = 0; k < NV; ++k) {
+            V t = set[0][i][k];
+#pragma GCC unroll 4
+            for (int u = 1; u < S; ++u) t += set[u][i][k];
+            acc[i][k] = t;
+          }
       }
       for (; j < je; ++j) {
         const T* p = s + offs[j];
