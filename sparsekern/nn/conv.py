@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import bsr_conv2d, sparse_conv2d
 from ..ops.dispatch import get_backend
-from ..ops.sparse_conv2d import output_size
+from ..ops.sparse_conv2d import is_channels_last, output_size
 from ..sparse_matrix import SparseMatrix
 from . import kernel_choice
 from .base import SparseWeightMixin
@@ -137,8 +137,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         kernel = torch.ops.sparsekern._conv2d_cpu_kernel
         # The choices are kept per layout (a channels_last input's passes read and write channels_last tensors); the
         # gradients' layout taken as the input's.
-        cl = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        return "/".join(kernel(list(x.shape), p.row_ptr, p.col_idx, *geo, q, cl) for q in range(3))
+        return "/".join(kernel(list(x.shape), p.row_ptr, p.col_idx, *geo, q, is_channels_last(x)) for q in range(3))
 
     def gemm_op(self, x: torch.Tensor) -> str:
         """The op whose C++ node the ``gemm`` kernel runs for ``x`` on the CPU (kernel_choice keeps the check)."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..ops import sparse_linear, spmm
 from ..ops.dispatch import cpu_node
-from ..ops.sparse_conv2d import output_size
+from ..ops.sparse_conv2d import is_channels_last, output_size
 from ..sparse_matrix import SparseMatrix
 
 Pair = Tuple[int, int]
@@ -25,11 +25,7 @@ Pair = Tuple[int, int]
 
 def node_op(x: torch.Tensor) -> str:
     """The op whose C++ node conv2d_gemm runs for ``x`` on the CPU (ops.dispatch.cpu_node decides whether)."""
-    return "sparse_linear" if _channels_last(x) else "spmm"
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return "sparse_linear" if is_channels_last(x) else "spmm"
 
 
 class _Subsample(torch.autograd.Function):
@@ -40,13 +36,13 @@ class _Subsample(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, stride: Pair) -> torch.Tensor:
         ctx.shape, ctx.stride = x.shape, stride
-        memory_format = torch.channels_last if _channels_last(x) else torch.contiguous_format
+        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return x[:, :, ::stride[0], ::stride[1]].contiguous(memory_format=memory_format)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         sh, sw = ctx.stride
-        memory_format = torch.channels_last if _channels_last(grad) else torch.contiguous_format
+        memory_format = torch.channels_last if is_channels_last(grad) else torch.contiguous_format
         gx = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=memory_format).zero_()
         gx[:, :, ::sh, ::sw] = grad
         return gx, None
@@ -59,7 +55,7 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
     NCHW result, a channels_last x a channels_last one. Differentiable in x, W.values and bias. ``node``:
     ``cpu_node(x, W.values, node_op(x))`` where the caller knows it (a layer's kept route), else checked here."""
     n = x.shape[0]
-    channels_last = _channels_last(x)
+    channels_last = is_channels_last(x)
     if node is None:
         node = cpu_node(x, W.values, "sparse_linear" if channels_last else "spmm")
     pointwise = tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0)

@@ -70,10 +70,11 @@ def sparse_conv2d(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     # The kernels write NCHW planes. A channels_last input gets a channels_last output, as from F.conv2d: the layers
     # after it keep their layout (ConvNeXt's depthwise convs, LayerNorms and residual adds ran 1.5-3x slower on
     # the NCHW tensors an NCHW output left them, against the dense model's channels_last ones).
-    return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
+    return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
 
 
-def _channels_last(t: torch.Tensor) -> bool:
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether 4-D ``t`` lies channels_last (and not also contiguous, as with one channel or a 1x1 plane)."""
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -103,7 +104,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         d_x = kernel_for("sparse_conv2d_backward_input", grad)(grad, values, row_ptr, col_idx, ctx.input_size,
                                                                 *ctx.geometry)
-        if _channels_last(x):  # the input's layout, as the forward's output has it
+        if is_channels_last(x):  # the input's layout, as the forward's output has it
             d_x = d_x.contiguous(memory_format=torch.channels_last)
     if ctx.needs_input_grad[1]:
         d_values = kernel_for("sparse_conv2d_backward_weight", grad)(grad, x, row_ptr, col_idx, *ctx.geometry)
