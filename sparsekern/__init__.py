@@ -1,5 +1,5 @@
 """sparsekern: fast unstructured-sparse training for PyTorch."""
-from . import dst, init, nn, ops, sparsity, train
+from . import distributed, dst, init, nn, ops, sparsity, train
 from .allocator import keep_freed_memory
 from .block_sparse import BlockSparseMatrix
 from .nn.fuse import fuse_activations, unfuse_activations
@@ -11,4 +11,4 @@ from .sparsity import densify, sparsify
 __version__ = "0.1.0"
 __all__ = ["SparseMatrix", "BlockSparseMatrix", "ops", "nn", "backend", "set_backend", "__version__", "sparsify",
            "densify", "explain", "fuse_activations", "unfuse_activations", "sparsity", "init", "dst", "train",
-           "keep_freed_memory"]
+           "keep_freed_memory", "distributed"]

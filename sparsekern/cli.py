@@ -64,6 +64,15 @@ def _float_in(low: float, high: float, low_open: bool = True, what: str = ""):
     return parse
 
 
+def _device(text: str) -> str:
+    from .distributed import parse_device
+    try:
+        return parse_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_device.__name__ = "device"
 _DENSITY = _float_in(0.0, 1.0, what=" (the fraction of weights kept)")
 _POSITIVE = _float_in(0.0, float("inf"))
 _NON_NEGATIVE = _float_in(0.0, float("inf"), low_open=False)
@@ -157,50 +166,91 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    """One training run; under torchrun (WORLD_SIZE > 1) one process of a DDP run."""
+    import os
+
+    from . import distributed
+
+    _check_models(args.parser, [args.model])
+    _check_data(args.parser, args.data, args.data_dir)
+    try:
+        world_size = distributed.launched_world_size()
+        device = distributed.resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")), world_size > 1)
+    except ValueError as err:
+        args.parser.error(f"argument --device: {err}")
+    if world_size > 1 and args.method == "snfs":
+        args.parser.error(f"argument --method: snfs moves weights between layers (their nnz changes), which "
+                          f"DDP's gradient buckets cannot follow; under torchrun (WORLD_SIZE={world_size}) use "
+                          "static, set or rigl")
+    _keep_freed_memory(args)
+    context = distributed.setup(device)
+    code = _train_run(args, context)
+    if context.distributed:
+        distributed.teardown()
+        # Every output is written and the group is gone; end here, as torch's gloo can abort the process
+        # in exit-time destructors (SIGABRT), which torchrun would report as a failed run.
+        distributed.exit_process(code)
+    return code
+
+
+def _train_run(args: argparse.Namespace, context) -> int:
     import json
     import time
     from pathlib import Path
 
     import torch
 
-    from . import dst as dst_algorithms
+    from . import distributed, dst as dst_algorithms
     from .data import load_data
     from .models import build_model
     from .sparsity import sparsify
     from .train import evaluate, fit
 
-    _check_models(args.parser, [args.model])
-    _check_data(args.parser, args.data, args.data_dir)
-    _keep_freed_memory(args)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # every rank builds the same model and the same patterns from the seed
     splits = load_data(args.data, args.data_dir, image_size=args.image_size)
-    train_loader, val_loader, test_loader = splits.loaders(args.batch_size, seed=args.seed)
+    train_loader, val_loader, test_loader = splits.loaders(args.batch_size, seed=args.seed,
+                                                           num_replicas=context.world_size, rank=context.rank)
     model = build_model(args.model, splits.num_classes, splits.in_channels, splits.image_size, args.seed,
                         he_init=False)  # the model's own init (PyTorch defaults, He for the ResNets)
     if args.method != "dense":
         sparsify(model, args.density, args.distribution, init=args.init,
                  generator=torch.Generator().manual_seed(args.seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+    model.to(context.device)
+    trained = distributed.wrap_ddp(model, context.device) if context.distributed else model
+    optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     total_steps = args.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1))
     algo = None
     if args.method != "dense":
-        algo = dst_algorithms.create(args.method, model, optimizer, max(total_steps, 1), delta_t=args.delta_t,
+        # Given the DDP wrapper, as the algorithms are tested (SNFS refuses redistribution under it).
+        algo = dst_algorithms.create(args.method, trained, optimizer, max(total_steps, 1), delta_t=args.delta_t,
                                      generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.out) / "train" / f"{args.model}-{args.data}-{args.method}-d{args.density}-s{args.seed}"
     start = time.perf_counter()
-    log = fit(model, train_loader, val_loader, args.epochs, optimizer, scheduler=scheduler, dst=algo,
+    log = fit(trained, train_loader, val_loader, args.epochs, optimizer, scheduler=scheduler, dst=algo,
               grad_flow_every=args.grad_flow_every, log_path=str(out / "log.json"), scheduler_interval="step",
-              progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
-              checkpoint_path=out / "checkpoint.pt" if args.checkpoint_every else None)
-    test = evaluate(model, test_loader)._asdict()
+              progress=not args.no_progress and context.is_main, checkpoint_every=args.checkpoint_every,
+              checkpoint_path=out / "checkpoint.pt" if args.checkpoint_every else None, device=context.device)
+    test = evaluate(model, test_loader, device=context.device, across_ranks=context.distributed)._asdict()
     summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "parser")}, "test": test,
-               "seconds": time.perf_counter() - start, "final_epoch": log["epochs"][-1] if log["epochs"] else None}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  ({summary['seconds']:.0f} s); "
-          f"log: {out / 'log.json'}")
-    return 0
+               "seconds": time.perf_counter() - start, "final_epoch": log["epochs"][-1] if log["epochs"] else None,
+               "world_size": context.world_size, "device": str(context.device)}
+    agree = True
+    if context.distributed:
+        # Every rank must end with the same patterns and values: a digest of each rank's model, in the summary.
+        digests = distributed.gather_objects(distributed.state_digest(model.state_dict()))
+        agree = len(set(digests)) == 1
+        summary["rank_model_digests"] = digests
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)  # fit creates it only when it writes a log (not at --epochs 0)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  ({summary['seconds']:.0f} s); "
+              f"log: {out / 'log.json'}")
+        if not agree:
+            print(f"sparsekern train: the {context.world_size} ranks ended with different models (digests in "
+                  f"{out / 'summary.json'}); this is a bug, please report it", file=sys.stderr)
+    return 0 if agree else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -281,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distribution", choices=("uniform", "er", "erk"), default="erk")
     train.add_argument("--init", choices=("sparse", "dense", "layer"), default="sparse")
     train.add_argument("--epochs", type=_int_at_least(0), default=10)
-    train.add_argument("--batch-size", type=_int_at_least(1), default=128)
+    train.add_argument("--batch-size", type=_int_at_least(1), default=128,
+                       help="examples per step and per process: under torchrun each of the N processes takes its "
+                            "own batches of this size (the DDP convention), so a step sees N times as many")
     train.add_argument("--lr", type=_POSITIVE, default=0.05)
     train.add_argument("--momentum", type=_NON_NEGATIVE, default=0.9)
     train.add_argument("--weight-decay", type=_NON_NEGATIVE, default=5e-4)
@@ -291,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=_int_at_least(0), default=0,
                        help="save model, optimizer and DST state every N steps (0: never) to <run>/checkpoint.pt")
     train.add_argument("--seed", type=_int_at_least(0), default=0)
+    train.add_argument("--device", type=_device, default="auto",
+                       help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N; under torchrun auto and "
+                            "cuda give each process the GPU of its LOCAL_RANK (default: auto)")
     train.add_argument("--out", default="results")
     train.add_argument("--no-progress", action="store_true")
     train.add_argument("--default-malloc", action="store_true", help=_DEFAULT_MALLOC_HELP)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from .distributed import shard_sampler
+
 __all__ = ["ArrayDataset", "DataSplits", "load_data", "load_digits", "make_synthetic", "load_mnist",
            "load_mnist_subset", "mnist_subset_path", "load_cifar10", "read_idx", "make_loaders", "DATASETS",
            "MNIST_SUBSET_SPLIT"]
@@ -78,21 +80,36 @@ class DataSplits:
         return self.train.input_shape[1]
 
     def loaders(self, batch_size: int, seed: int = 0, eval_batch_size: Optional[int] = None,
-                drop_last: bool = False) -> Tuple[DataLoader, DataLoader, DataLoader]:
-        """(train, val, test) loaders; see ``make_loaders``."""
+                drop_last: bool = False, num_replicas: int = 1,
+                rank: int = 0) -> Tuple[DataLoader, DataLoader, DataLoader]:
+        """(train, val, test) loaders of rank ``rank`` among ``num_replicas`` processes; see ``make_loaders``."""
         eval_bs = eval_batch_size or max(batch_size, 1000)
-        return (make_loaders(self.train, batch_size, shuffle=True, seed=seed, drop_last=drop_last),
-                make_loaders(self.val, eval_bs, shuffle=False),
-                make_loaders(self.test, eval_bs, shuffle=False))
+        shard = {"num_replicas": num_replicas, "rank": rank}
+        return (make_loaders(self.train, batch_size, shuffle=True, seed=seed, drop_last=drop_last, **shard),
+                make_loaders(self.val, eval_bs, shuffle=False, **shard),
+                make_loaders(self.test, eval_bs, shuffle=False, **shard))
 
 
 def make_loaders(dataset: ArrayDataset, batch_size: int, shuffle: bool, seed: int = 0,
-                 drop_last: bool = False) -> DataLoader:
-    """A DataLoader yielding (x, y) batches; shuffled with a generator seeded by ``seed``."""
+                 drop_last: bool = False, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    """A DataLoader yielding (x, y) batches (CPU tensors); shuffled with a generator seeded by ``seed``.
+
+    With ``num_replicas`` > 1 (one process per rank under torchrun) it yields rank ``rank``'s shard only
+    (``sparsekern.distributed.shard_sampler``): training shards come from one seeded permutation per epoch
+    (call ``sparsekern.distributed.set_epoch``, as ``fit`` does), evaluation shards are disjoint and cover
+    the split exactly. ``batch_size`` is per process.
+    """
     if batch_size < 1:
         raise ValueError(f"make_loaders: batch_size must be >= 1, got {batch_size}")
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"make_loaders: num_replicas must be an int >= 1, got {num_replicas!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+        raise ValueError(f"make_loaders: rank must be an int in [0, {num_replicas}), got {rank!r}")
     generator = torch.Generator().manual_seed(seed)
-    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    if num_replicas > 1:
+        sampler = shard_sampler(dataset, shuffle, seed, num_replicas, rank)
+    else:
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
     # batch_size=None + a BatchSampler as sampler: the dataset receives a list of indices per batch.
     # generator= too: each epoch's worker base seed is drawn from it instead of the global RNG.
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last), batch_size=None,

@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import Evaluation, evaluate, grad_norm
+from .distributed import all_reduce_sums, average_float_buffers, is_main_process, set_epoch, unwrap
 from .lottery import to_dense_model
 from .nn import SparseWeightMixin
 
@@ -82,10 +83,11 @@ class StepInfo:
 # -- checkpoints ---------------------------------------------------------------------------------
 def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, dst=None,
                     step: int = 0, **extra) -> Path:
-    """Write model, optimizer and DST state (a sparse layer's pattern is in its state_dict) at ``step``."""
+    """Write model, optimizer and DST state (a sparse layer's pattern is in its state_dict) at ``step``.
+    A DistributedDataParallel model is saved as the module it wraps (loads into a single-process model)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), **extra,
+    state = {"step": step, "model": unwrap(model).state_dict(), **extra,
              "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "dst": dst.state_dict() if dst is not None else None}
     tmp = path.with_name(path.name + ".tmp")
@@ -97,7 +99,7 @@ def save_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Opti
 def load_checkpoint(path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, dst=None) -> int:
     """Restore what ``save_checkpoint`` wrote into ``model`` (and ``optimizer``, ``dst``); returns the step."""
     state = torch.load(path, map_location=next(model.parameters()).device, weights_only=False)
-    model.load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     for name, obj in (("optimizer", optimizer), ("dst", dst)):
         if obj is not None:
             if state[name] is None:
@@ -120,17 +122,23 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     from); the learning rate ``lr_at(step)`` if given; forward, ``loss_fn``, backward, ``optimizer.step()``,
     ``dst.step()``, ``scheduler.step()`` (per step) if given; ``on_step(StepInfo)``; a checkpoint every
     ``checkpoint_every`` steps to ``checkpoint_path``.
+
+    Under DDP (``model`` a DistributedDataParallel, every rank running this on its own batches) only rank 0
+    shows progress and writes checkpoints; the gradient flow is measured on the wrapped module, each rank
+    on its own batch, outside DDP's gradient synchronization.
     """
     _check_int("train_steps", "checkpoint_every", checkpoint_every, 0)
     if checkpoint_every and checkpoint_path is None:
         raise ValueError("train_steps: checkpoint_every needs a checkpoint_path, got None")
     device = device or next(model.parameters()).device
+    main = is_main_process()
+    progress = progress and main
     model.train()
     step, elapsed = start_step, 0.0
     bar = tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)
     for batch in bar:
         if grad_flow is not None and grad_flow.wants(step):
-            grad_flow.record(model, step, batch, dst)
+            grad_flow.record(unwrap(model), step, batch, dst)
             model.train()
         start = time.perf_counter()
         if lr_at is not None:
@@ -154,7 +162,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 on_step(StepInfo(step, loss_value, out.detach(), y, changed, lr))
             if progress and log_every and step % log_every == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-        if checkpoint_every and step % checkpoint_every == 0:
+        if checkpoint_every and step % checkpoint_every == 0 and main:
             save_checkpoint(checkpoint_path, model, optimizer, dst, step)
     return elapsed
 
@@ -301,6 +309,12 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     training batch without a validation loader); and per epoch the train and validation loss and accuracy
     and the number of pattern updates that changed a pattern. ``checkpoint_every`` steps (and after each
     epoch, when set) model, optimizer and DST state go to ``checkpoint_path``.
+
+    Under DDP (``model`` a DistributedDataParallel; every rank calls ``fit`` with its shard of the data, see
+    ``sparsekern.data.make_loaders``): each epoch starts with ``set_epoch`` on the training sampler; the
+    epoch's train loss and accuracy and the validation numbers are those of all ranks together (the same on
+    every rank); BatchNorm's running statistics are averaged over ranks before validation; only rank 0
+    writes the log and checkpoints and prints. The per-step losses in the log are rank 0's.
     """
     _check_int("fit", "epochs", epochs, 0)
     _check_int("fit", "log_every", log_every, 0)
@@ -308,12 +322,15 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     if scheduler_interval not in ("epoch", "step"):
         raise ValueError(f"fit: scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
     device = device or next(model.parameters()).device
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+    main = is_main_process()
     log = {"steps": [], "grad_flow": [], "epochs": []}
     held_out = next(iter(val_loader)) if val_loader is not None and grad_flow_every else None
     probe = GradFlowProbe(held_out, grad_flow_every, per_param=True, loss_fn=loss_fn, records=log["grad_flow"])
     step = 0
     for epoch in range(epochs):
         start = time.perf_counter()
+        set_epoch(train_loader, epoch)
         totals = {"loss": 0.0, "correct": 0, "count": 0, "updates": 0, "step": step}
 
         def on_step(info: StepInfo, totals=totals) -> None:
@@ -335,16 +352,23 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
         step = totals["step"]
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
+        if distributed:
+            no_accuracy = totals["correct"] is None and totals["count"] > 0
+            loss_sum, correct, count, no_accuracy = all_reduce_sums(
+                (totals["loss"], totals["correct"] or 0, totals["count"], no_accuracy), device)
+            totals.update(loss=loss_sum, correct=None if no_accuracy else int(correct), count=int(count))
+            average_float_buffers(unwrap(model))
         record = {"epoch": epoch + 1, "step": step, "train_loss": totals["loss"] / max(totals["count"], 1),
                   "train_accuracy": None if totals["correct"] is None else totals["correct"] / max(totals["count"], 1),
                   "pattern_updates": totals["updates"], "seconds": time.perf_counter() - start}
         if val_loader is not None:
-            val = evaluate(model, val_loader, loss_fn, device)
+            val = evaluate(unwrap(model), val_loader, loss_fn, device, across_ranks=distributed)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         log["epochs"].append(record)
-        if checkpoint_path is not None and checkpoint_every:
+        if checkpoint_path is not None and checkpoint_every and main:
             save_checkpoint(checkpoint_path, model, optimizer, dst, step, epoch=epoch + 1)
-        if progress:
+        if progress and main:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        _write(log, log_path)
+        if main:
+            _write(log, log_path)
     return log

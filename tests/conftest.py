@@ -89,3 +89,12 @@ def _restore_backend_state():
     """No test may leak a set_backend() override into the next."""
     with sparsekern.backend(None):  # restores on exit whatever set_backend() did inside
         yield
+
+
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test (training runs that compare results or launch processes of their own)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

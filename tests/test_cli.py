@@ -2,17 +2,10 @@
 import json
 
 import pytest
-import torch
 
 from sparsekern.cli import build_parser, main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_parser_reads_every_subcommand():
@@ -55,3 +48,10 @@ def test_train_command_trains_and_logs(tmp_path, capsys):
                  "--epochs", "2", "--delta-t", "4", "--out", str(tmp_path), "--no-progress"]) == 0
     summary = json.loads(next((tmp_path / "train").glob("*/summary.json")).read_text())
     assert summary["test"]["accuracy"] > 0.5 and "test accuracy" in capsys.readouterr().out
+
+
+def test_train_command_with_no_epochs_evaluates_the_initial_model(tmp_path):
+    assert main(["train", "--model", "mlp", "--data", "synthetic", "--epochs", "0", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    summary = json.loads(next((tmp_path / "train").glob("*/summary.json")).read_text())
+    assert summary["final_epoch"] is None and 0.0 <= summary["test"]["accuracy"] <= 1.0

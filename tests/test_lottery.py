@@ -21,13 +21,7 @@ from sparsekern.lottery import (
 from sparsekern.nn import SparseConv2d, SparseLinear
 from sparsekern.train import Trainer, TrainResult
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net(seed=0):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_reduce_sums
 from ..nn import SparseWeightMixin
 from .layers import layer_weights, masks_of
 
@@ -183,9 +184,12 @@ class Evaluation(NamedTuple):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cross_entropy,
-             device=None) -> Evaluation:
+             device=None, across_ranks: bool = False) -> Evaluation:
     """``Evaluation(loss, accuracy)`` of ``model`` over ``loader`` in eval mode (loss averaged per
-    example); the accuracy is None when the outputs are not class scores for integer labels."""
+    example); the accuracy is None when the outputs are not class scores for integer labels.
+
+    ``across_ranks``: under torch.distributed, where every rank calls this on its own shard of a split,
+    the sums are all-reduced so every rank returns the numbers of the whole split."""
     was_training, device = model.training, device or _device(model)
     model.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -200,6 +204,12 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cros
                 count += y.shape[0]
     finally:
         model.train(was_training)
+    if across_ranks:
+        # A rank whose shard is empty has seen no outputs: only the ranks that did say whether they are classes.
+        no_accuracy = correct is None and count > 0
+        total_loss, correct_sum, count, no_accuracy = all_reduce_sums(
+            (total_loss, correct or 0, count, no_accuracy), device)
+        correct = None if no_accuracy else int(correct_sum)
     return Evaluation(total_loss / max(count, 1), None if correct is None else correct / max(count, 1))
 
 

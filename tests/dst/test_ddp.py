@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dst_helpers import tiny_data, tiny_mlp
-from torch.nn.parallel import DistributedDataParallel
 
 import sparsekern
 
@@ -19,8 +18,8 @@ ALGORITHMS = ("RigL", "SET")
 def _train(rank, algorithm):
     model = tiny_mlp(seed=0, density=0.3)
     initial = {n: m.mask().clone() for n, m in model.named_modules() if isinstance(m, sparsekern.nn.SparseLinear)}
-    # broadcast_buffers=False: DDP must not copy rank 0's pattern over; equality has to come from the scores.
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)
+    # No per-forward buffer sync: DDP must not copy rank 0's pattern over; equality has to come from the scores.
+    ddp = sparsekern.distributed.wrap_ddp(model, torch.device("cpu"))
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     algo = getattr(sparsekern.dst, algorithm)(ddp, optimizer, total_steps=STEPS, delta_t=5,
                                              generator=torch.Generator().manual_seed(rank))  # seeds differ
