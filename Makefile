@@ -103,12 +103,14 @@ newest-env:
 	$(NEWEST)/bin/python -c "import torch, triton; print('$(NEWEST_NAME):', 'torch', torch.__version__, 'triton', triton.__version__)"
 
 # Builds a copy of the work tree (so the .venv build stays) with the CPU+CUDA extension, then runs the op,
-# module, Triton and linked-build tests on it.
+# module, Triton and linked-build tests on it, and the multi-process ones (DDP's arguments change between
+# releases: torch 2.13 renamed broadcast_buffers).
 test-newest: newest-env
 	rm -rf $(NEWEST_SRC) && mkdir -p $(NEWEST_SRC)
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(NEWEST_SRC)
 	cd $(NEWEST_SRC) && MAX_JOBS=2 $(NEWEST_PIP) install -q --no-build-isolation --no-deps -e .
-	cd $(NEWEST_SRC) && $(NEWEST)/bin/python -m pytest -q tests/ops tests/nn tests/triton tests/cuda/test_linked_build.py
+	cd $(NEWEST_SRC) && $(NEWEST)/bin/python -m pytest -q tests/ops tests/nn tests/triton tests/cuda/test_linked_build.py \
+		tests/dst/test_ddp.py tests/test_train_distributed.py
 
 bench: setup $(VENV)/.bench
 	$(BIN)/sparsekern bench

@@ -46,13 +46,13 @@ def _report(run) -> str:
 
 
 # -- end to end: torchrun on the command line --------------------------------------------------------
-TRAIN_ARGS = ["train", "--model", "mlp", "--data", "digits", "--method", "rigl", "--density", "0.2", "--epochs",
+TRAIN_ARGS = ["train", "--model", "mlp", "--data", "synthetic", "--method", "rigl", "--density", "0.2", "--epochs",
               "1", "--batch-size", "32", "--delta-t", "4", "--checkpoint-every", "5", "--seed", "1", "--no-progress"]
 
 
 def _sparse_mlp(seed: int) -> nn.Module:
     """The model ``sparsekern train`` builds from TRAIN_ARGS, before training."""
-    splits = load_data("digits")
+    splits = load_data("synthetic")
     model = build_model("mlp", splits.num_classes, splits.in_channels, splits.image_size, seed, he_init=False)
     return sparsekern.sparsify(model, 0.2, "erk", init="sparse", generator=torch.Generator().manual_seed(seed))
 
@@ -70,8 +70,8 @@ def test_torchrun_cli_trains_one_model_on_two_ranks(tmp_path):
     log = json.loads((run_dir / "log.json").read_text())
     assert (summary["world_size"], summary["device"]) == (WORLD, "cpu")
 
-    # Each rank trained on its half of the 1,258 training digits: 20 steps of 32 per epoch, not 40.
-    n_train = len(load_data("digits").train)
+    # Each rank trained on its half of the 512 synthetic training images: 8 steps of 32 per epoch, not 16.
+    n_train = len(load_data("synthetic").train)
     assert log["epochs"][0]["step"] == math.ceil(math.ceil(n_train / WORLD) / 32)
     assert log["epochs"][0]["pattern_updates"] > 0
 
@@ -91,8 +91,8 @@ def test_torchrun_cli_trains_one_model_on_two_ranks(tmp_path):
     assert distributed.state_digest(model.state_dict()) == digests[0]
     assert any(not torch.equal(m.mask(), initial[n]) for n, m in model.named_modules() if n in initial)
     assert algo.step_count == log["epochs"][0]["step"]
-    x, _ = load_data("digits").test[list(range(8))]
-    assert model(x).shape == (8, 10)
+    x, _ = load_data("synthetic").test[list(range(8))]
+    assert model(x).shape == (8, load_data("synthetic").num_classes)
 
 
 @needs_dist
@@ -124,7 +124,7 @@ def test_single_process_cpu_run_is_unchanged(tmp_path, capsys, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["device"]) == (1, "cpu") and "rank_model_digests" not in summary
     log = json.loads((run_dir / "log.json").read_text())
-    assert log["epochs"][0]["step"] == math.ceil(len(load_data("digits").train) / 32)
+    assert log["epochs"][0]["step"] == math.ceil(len(load_data("synthetic").train) / 32)
     # the same seed, the same run: --device cpu and the default (auto, no CUDA here) give the same model
     if not torch.cuda.is_available():
         first = torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
