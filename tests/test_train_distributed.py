@@ -133,6 +133,30 @@ def test_single_process_cpu_run_is_unchanged(tmp_path, capsys, monkeypatch):
         assert distributed.state_digest(first) == distributed.state_digest(second)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_on_cuda_keeps_model_optimizer_and_dst_on_the_gpu(tmp_path, capsys, monkeypatch):
+    """`make gpu-check` runs it (its gpu-marked group): a sparse conv net trained by the CLI on the GPU, RigL
+    updates included, and its checkpoint read back on the CPU."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "--model", "resnet20", "--data", "synthetic", "--method", "rigl", "--density", "0.2",
+            "--epochs", "1", "--batch-size", "64", "--delta-t", "2", "--checkpoint-every", "4", "--no-progress"]
+    assert main([*argv, "--device", "cuda", "--out", str(tmp_path)]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    run_dir = next(tmp_path.rglob("summary.json")).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    log = json.loads((run_dir / "log.json").read_text())
+    assert summary["device"] == f"cuda:{torch.cuda.current_device()}" and summary["world_size"] == 1
+    assert log["epochs"][0]["pattern_updates"] > 0 and math.isfinite(summary["test"]["loss"])
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert all(t.is_cuda for t in state["model"].values() if isinstance(t, torch.Tensor) and t.numel())
+    model = build_model("resnet20", 4, 1, 8, 0, he_init=False)
+    sparsekern.sparsify(model, 0.2, "erk", init="sparse", generator=torch.Generator().manual_seed(0))
+    model.load_state_dict(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["model"])
+    x, _ = load_data("synthetic").test[list(range(8))]
+    assert torch.isfinite(model(x)).all()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for machines without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_device_cuda_without_cuda_is_a_usage_error(device, tmp_path, capsys):
