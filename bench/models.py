@@ -37,7 +37,9 @@ import datetime
 import gc
 import math
 import multiprocessing
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -45,7 +47,7 @@ import torch
 from torch import nn
 
 import sparsekern
-from sparsekern import allocator
+from sparsekern import allocator, isa as sk_isa
 from sparsekern.models import BertEncoder, ConvNeXt, ImageNetResNet, VisionTransformer, get_model
 from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
 from sparsekern.nn import SparseWeightMixin, fused_activations, kernel_choice
@@ -273,6 +275,7 @@ class ModelResult:
     sparse_peak: Dict[str, Optional[int]]
     layers: List[LayerRow]
     breakdown: Dict[str, Dict[str, float]] = field(default_factory=dict)  # "dense" or distribution -> category -> s
+    isa: str = ""  # what the process that ran it used: torch's CPU capability and the sparsekern loops
 
     @property
     def share(self) -> float:
@@ -463,30 +466,76 @@ def markdown(results: Sequence[ModelResult], meta: Dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# --isa avx2: every library of a model's process held to AVX2 (each reads its variable when it loads, so only a fresh
+# process takes them): a proxy for an AVX2 host on an AVX-512 one, not one. Restricting our loops alone
+# (SPARSEKERN_ISA) while torch's dense ops keep AVX-512 read 1.52x / 1.92x for ResNet-50 112x112 where the full proxy
+# read 2.21x / 2.99x (AMD Zen 5).
+ISA_PROXIES: Dict[str, Dict[str, str]] = {
+    "avx2": {"SPARSEKERN_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def process_isa() -> str:
+    """This process's vector ISA: torch's CPU capability (ATen's kernels) and the sparsekern loops."""
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, sparsekern loops {sk_isa.get()}"
+
+
+@contextmanager
+def _environment(variables: Dict[str, str]):
+    """os.environ with ``variables`` set, for the processes spawned inside the with-block."""
+    saved = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _isa_line(isa: str, results: Sequence[ModelResult]) -> str:
+    """The report's ISA line: the restriction asked for, and what the models' processes ran."""
+    ran = "; ".join(sorted({r.isa for r in results}))
+    if isa == "native":
+        return f"native: {ran}"
+    env = ", ".join(f"{k}={v}" for k, v in ISA_PROXIES[isa].items())
+    return f"every model's process held to {isa.upper()} ({env}), a proxy for an {isa.upper()} host, not one: {ran}"
+
+
 def _case_in_child(sizes: str, index: int, mode: str, threads: int, keep_freed: bool,
-                   channels_last: bool = False) -> ModelResult:
+                   channels_last: bool = False, isa: str = "native") -> ModelResult:
     """``run_case`` of case ``index`` of ``cases(sizes)``, in a spawned process set up as its parent."""
+    used = process_isa()
+    if isa != "native" and not (torch.backends.cpu.get_cpu_capability() == isa.upper() and sk_isa.get() == isa):
+        raise RuntimeError(f"sparsekern bench --isa {isa}: this process runs {used}; the environment "
+                           f"({ISA_PROXIES[isa]}) did not take (is {isa} supported here?)")
     if keep_freed:
         allocator.keep_freed_memory()
     torch.set_num_threads(threads)
-    return dataclasses.replace(run_case(cases(sizes)[index], SETTINGS[mode], channels_last=channels_last), case=None)
+    result = run_case(cases(sizes)[index], SETTINGS[mode], channels_last=channels_last)
+    return dataclasses.replace(result, case=None, isa=used)
 
 
-def run_isolated(sizes: str, index: int, mode: str, channels_last: bool = False) -> ModelResult:
+def run_isolated(sizes: str, index: int, mode: str, channels_last: bool = False, isa: str = "native") -> ModelResult:
     """``run_case`` of case ``index`` of ``cases(sizes)`` in a fresh process (spawned: no state of this one, but
-    its environment, thread count and allocator setting)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    its environment, thread count and allocator setting; ``isa``: a key of ISA_PROXIES, or native)."""
+    with _environment(ISA_PROXIES.get(isa, {})), multiprocessing.get_context("spawn").Pool(1) as pool:
         result = pool.apply(_case_in_child, (sizes, index, mode, torch.get_num_threads(), allocator.kept(),
-                                             channels_last))
+                                             channels_last, isa))
     return dataclasses.replace(result, case=cases(sizes)[index])
 
 
 def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Optional[str] = None,
-         threads: Optional[int] = None, sizes: str = "full", channels_last: bool = False) -> int:
+         threads: Optional[int] = None, sizes: str = "full", channels_last: bool = False, isa: str = "native") -> int:
     models = tuple(models) if models else MODELS
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise SystemExit(f"sparsekern bench --models: names must be among {MODELS}, got {unknown}")
+    if isa != "native" and isa not in ISA_PROXIES:
+        raise SystemExit(f"sparsekern bench --models: isa must be native or one of {tuple(ISA_PROXIES)}, got {isa!r}")
     if threads is not None:
         torch.set_num_threads(threads)
     mode = "tiny" if sizes == "tiny" else "quick" if quick else "full"
@@ -495,16 +544,18 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
     results = []
     for n, (index, case) in enumerate(selected, 1):
         print(f"[{n}/{len(selected)}] {case.name}", file=sys.stderr, flush=True)
-        if mode == "tiny":
-            results.append(run_case(case, settings, channels_last=channels_last))
+        if mode == "tiny" and isa == "native":
+            results.append(dataclasses.replace(run_case(case, settings, channels_last=channels_last),
+                                               isa=process_isa()))
             gc.collect()
         else:
-            results.append(run_isolated(sizes, index, mode, channels_last))
+            results.append(run_isolated(sizes, index, mode, channels_last, isa))
     meta = {"command": f"`{command_line('sparsekern.bench.models')}`",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "CPU": host(),
+            "CPU": host() if isa == "native" else host().split("; sparsekern loops")[0],
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "sparsekern backend": _backends(),
             "allocator": allocator.describe(),
+            "ISA": _isa_line(isa, results),
             "memory format": ("channels_last (both models' 4-D weights and the images)" if channels_last
                               else "contiguous (NCHW images)"),
             "timing": (("each model in a process of its own; " if mode != "tiny" else "")
@@ -530,7 +581,7 @@ def _cli(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(["bench", "--models", *(sys.argv[1:] if argv is None else argv)])
     _keep_freed_memory(args)
     return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes,
-                channels_last=args.channels_last)
+                channels_last=args.channels_last, isa=args.isa)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ def _keep_freed_memory(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> int:
     if args.channels_last and args.models is None:
         args.parser.error("argument --channels-last: only with --models (the op benchmarks fix their own layouts)")
+    if args.isa != "native" and args.models is None:
+        args.parser.error("argument --isa: only with --models (each model runs in a process of its own, which takes "
+                          "the restriction when its libraries load)")
     if args.gpu:
         from .bench import gpu as bench_gpu
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
@@ -26,7 +29,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.models is not None:
         from .bench import models as bench_models
         return bench_models.main(models=args.models, quick=args.quick, output=args.output, threads=args.threads,
-                                 sizes=args.sizes, channels_last=args.channels_last)
+                                 sizes=args.sizes, channels_last=args.channels_last, isa=args.isa)
     if args.train:
         from .bench import train as bench_train
         return bench_train.main(quick=args.quick, output=args.output, threads=args.threads)
@@ -291,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(none named: all)")
     bench.add_argument("--channels-last", action="store_true",
                        help="with --models: both models and the images in channels_last (default: NCHW)")
+    bench.add_argument("--isa", choices=("native", "avx2"), default="native",
+                       help="with --models: avx2 holds torch, oneDNN, MKL and the sparsekern loops to AVX2 in every "
+                            "model's process, a proxy for an AVX2 host on an AVX-512 one (default: native)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.add_argument("--default-malloc", action="store_true", help=_DEFAULT_MALLOC_HELP)

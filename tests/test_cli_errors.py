@@ -31,6 +31,7 @@ ERROR_INPUTS = [
      "must be an existing directory, got '/no/such/dir'"),
     ("cifar10 without data-dir", ["study", "dst", "--data", "cifar10"], "--data-dir", "needs the directory"),
     ("bench: channels_last without models", ["bench", "--channels-last"], "--channels-last", "only with --models"),
+    ("bench: an ISA proxy without models", ["bench", "--isa", "avx2"], "--isa", "only with --models"),
     ("train: negative epochs", ["train", "--epochs", "-1"], "--epochs", "must be an int >= 0, got -1"),
     ("train: batch size 0", ["train", "--batch-size", "0"], "--batch-size", "must be an int >= 1, got 0"),
     ("train: lr 0", ["train", "--lr", "0"], "--lr", "must lie in (0, inf]"),

@@ -114,6 +114,24 @@ def test_a_model_case_runs_in_a_process_of_its_own(monkeypatch):
     assert head.activated is None and head.twin is head.dense
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"), reason="needs an AVX2 CPU")
+def test_isa_proxy_holds_each_model_process_to_avx2(monkeypatch):
+    """--isa avx2 on any AVX2-or-better host: the model's process runs torch's kernels and ours at AVX2 (checked there,
+    and reported), while this process is left as it was."""
+    from sparsekern.bench import models as bench_models
+    monkeypatch.setenv("SPARSEKERN_BACKEND", "reference")
+    before = {k: os.environ.get(k) for k in bench_models.ISA_PROXIES["avx2"]}
+    index = [c.model for c in cases("tiny")].index("mlp")
+    result = bench_models.run_isolated("tiny", index, "tiny", isa="avx2")
+    assert result.isa == "torch AVX2, sparsekern loops avx2" and result.dense.ok
+    assert {k: os.environ.get(k) for k in before} == before
+    line = bench_models._isa_line("avx2", [result])
+    assert "ATEN_CPU_CAPABILITY=avx2" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line and "not one" in line
+    assert line.endswith("torch AVX2, sparsekern loops avx2")
+    with pytest.raises(SystemExit, match="isa must be native or one of"):
+        bench_models.main(models=["mlp"], sizes="tiny", isa="sse")
+
+
 def test_the_dense_twin_of_a_fused_layer_runs_its_activation():
     from torch import nn
 
