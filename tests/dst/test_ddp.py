@@ -49,8 +49,8 @@ def _worker(rank, init_file, out_dir):
     # A gloo worker thread can still be freeing its last work's tensors when the interpreter finalizes; their decref
     # then takes the GIL, Python ends that thread, and the process aborts ("terminate called without an active
     # exception"; a core dump of torch 2.13 shows ProcessGroupGloo::runLoop in ~AsyncWork under Py_FinalizeEx). It
-    # happens without sparsekern too (2 of 40 runs of a plain DDP script, 0 of 120 with this exit). The results are
-    # saved and the group destroyed: end the process without finalizing.
+    # happens without sparsekern too (2 of about 115 runs of a plain DDP script, 0 of 120 ended this way). The
+    # results are saved and the group destroyed: end the process without finalizing.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
