@@ -22,7 +22,8 @@ from torch.utils.data import DistributedSampler, Sampler
 
 __all__ = ["DistributedContext", "launched_world_size", "parse_device", "resolve_device", "setup", "teardown",
            "exit_process", "is_distributed", "rank", "world_size", "is_main_process", "unwrap", "wrap_ddp",
-           "ShardSampler", "shard_sampler", "set_epoch", "all_reduce_sums", "average_float_buffers",
+           "ShardSampler", "shard_sampler", "set_epoch", "all_reduce_mean", "broadcast", "all_reduce_sums",
+           "all_reduce_totals", "average_float_buffers",
            "state_digest", "gather_objects"]
 
 
@@ -213,6 +214,21 @@ def set_epoch(loader, epoch: int) -> None:
 
 
 # -- collectives ---------------------------------------------------------------------------------
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (in place); identity outside torch.distributed."""
+    if is_distributed():
+        dist.all_reduce(t)
+        t.div_(dist.get_world_size())
+    return t
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank (in place); identity outside torch.distributed."""
+    if is_distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
 def all_reduce_sums(values: Sequence[float], device=None) -> List[float]:
     """The sums over ranks of ``values`` (one float64 all-reduce; identity in one process). ``device`` is
     where the tensor goes: NCCL reduces CUDA tensors only."""
@@ -221,6 +237,14 @@ def all_reduce_sums(values: Sequence[float], device=None) -> List[float]:
     sums = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
     return sums.tolist()
+
+
+def all_reduce_totals(loss: float, correct: Optional[int], count: int, device=None):
+    """(loss, correct, count) summed over ranks, each rank having summed its own examples; ``correct`` is None
+    (outputs that are not class scores) where a rank that saw examples says so (one with none cannot tell)."""
+    no_accuracy = correct is None and count > 0
+    loss, correct_sum, count, no_accuracy = all_reduce_sums((loss, correct or 0, count, no_accuracy), device)
+    return loss, None if no_accuracy else int(correct_sum), int(count)
 
 
 @torch.no_grad()
@@ -232,11 +256,9 @@ def average_float_buffers(model: nn.Module) -> None:
     counters) are left alone."""
     if not is_distributed():
         return
-    size = dist.get_world_size()
     for buffer in model.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer)
-            buffer.div_(size)
+            all_reduce_mean(buffer)
 
 
 def state_digest(state: dict) -> str:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import Evaluation, evaluate, grad_norm
-from .distributed import all_reduce_sums, average_float_buffers, is_main_process, set_epoch, unwrap
+from .distributed import all_reduce_totals, average_float_buffers, is_main_process, set_epoch, unwrap
 from .lottery import to_dense_model
 from .nn import SparseWeightMixin
 
@@ -353,10 +353,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
         if distributed:
-            no_accuracy = totals["correct"] is None and totals["count"] > 0
-            loss_sum, correct, count, no_accuracy = all_reduce_sums(
-                (totals["loss"], totals["correct"] or 0, totals["count"], no_accuracy), device)
-            totals.update(loss=loss_sum, correct=None if no_accuracy else int(correct), count=int(count))
+            loss_sum, correct, count = all_reduce_totals(totals["loss"], totals["correct"], totals["count"], device)
+            totals.update(loss=loss_sum, correct=correct, count=count)
             average_float_buffers(unwrap(model))
         record = {"epoch": epoch + 1, "step": step, "train_loss": totals["loss"] / max(totals["count"], 1),
                   "train_accuracy": None if totals["correct"] is None else totals["correct"] / max(totals["count"], 1),

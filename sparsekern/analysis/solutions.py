@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distributed import all_reduce_sums
+from ..distributed import all_reduce_totals
 from ..nn import SparseWeightMixin
 from .layers import layer_weights, masks_of
 
@@ -205,11 +205,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], loss_fn: LossFn = F.cros
     finally:
         model.train(was_training)
     if across_ranks:
-        # A rank whose shard is empty has seen no outputs: only the ranks that did say whether they are classes.
-        no_accuracy = correct is None and count > 0
-        total_loss, correct_sum, count, no_accuracy = all_reduce_sums(
-            (total_loss, correct or 0, count, no_accuracy), device)
-        correct = None if no_accuracy else int(correct_sum)
+        total_loss, correct, count = all_reduce_totals(total_loss, correct, count, device)
     return Evaluation(total_loss / max(count, 1), None if correct is None else correct / max(count, 1))
 
 

@@ -11,10 +11,10 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..block_sparse import expand_block_mask
+from ..distributed import all_reduce_mean, broadcast
 from ..nn import SparseWeightMixin
 from ..ops import topk_select
 from .optim_state import check_optimizer_state, optimizer_holds, remap_optimizer_state
@@ -23,25 +23,6 @@ __all__ = ["DynamicSparseTraining", "SCHEDULES", "GROW_INITS"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 GROW_INITS = ("zero",)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (in place); identity outside torch.distributed."""
-    if _distributed():
-        dist.all_reduce(t)
-        t.div_(dist.get_world_size())
-    return t
-
-
-def broadcast(t: torch.Tensor) -> torch.Tensor:
-    """Rank 0's tensor on every rank (in place); identity outside torch.distributed."""
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
 
 
 def weight_grad(module: SparseWeightMixin, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
