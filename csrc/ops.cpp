@@ -7,16 +7,18 @@
 // The optional t_* arguments carry the cached transpose (t_row_ptr (k+1), t_col_idx
 // (nnz, int32), t_perm (int64, nnz) with transpose.values = values[t_perm]) so that the
 // backward pass is a CSR product too; the kernels check them (csr::check_transpose).
-#include <Python.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
-extern "C" {
-// `import sparsekern._C` loads this library, which runs the registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+namespace sparsekern {
+namespace route {
+void bind(pybind11::module_& m);  // csrc/cpu/layer_route.cpp
 }
-}
+}  // namespace sparsekern
+
+// `import sparsekern._C` loads this library, which runs the registrations below; the module holds the sparse
+// layers' C++ route (LayerRoute).
+PYBIND11_MODULE(_C, m) { sparsekern::route::bind(m); }
 
 TORCH_LIBRARY(sparsekern, m) {
   // out (m, n) = A (m, k) @ B (k, n), k = B.size(0).

@@ -83,6 +83,11 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
                          self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get(kernel_choice.FAST)  # the C++ route kept by the last calls (kernel_choice._keep_fast)
+        if fast is not None and not torch.compiler.is_compiling():
+            y = fast(self, x)
+            if y is not None:
+                return y
         if self.format == "bsr":
             return bsr_conv2d(x, self.block_weight(), self.bias, self.stride, self.padding, self.dilation)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels \

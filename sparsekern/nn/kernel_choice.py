@@ -285,7 +285,10 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if kernel == "dense" and node and not full:
             y = _dense_fast(module, x)
             if y is not None:
+                _keep_fast(module, x, kernel)
                 return y
+        elif kernel == "csr" and node:
+            _keep_fast(module, x, kernel)
     else:
         if _unexpected_input(module, x):
             return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
@@ -300,6 +303,35 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module.activate(module.run_kernel(kernel, x, node=node))
     y, finite = _dense(module, x, route=True, node=node)
     return module.activate(y if finite else module.run_kernel(DEFAULT, x))
+
+
+def _keep_fast(module: nn.Module, x: torch.Tensor, kernel: str) -> None:
+    """Keep, for the layer's next calls, its route in C++ (``sparsekern._C.LayerRoute``, csrc/cpu/layer_route.cpp):
+    a call whose Python route was kept and that ran ``kernel`` (csr's node, or the dense kernel's op with the
+    arguments ``_dense_fast`` used). The layer's forward calls it first; it runs the same op when everything this
+    route's key holds (and what its kept arguments depend on) is as now, else returns None and this module decides."""
+    if _LayerRoute is None:
+        return
+    conv = module.feature_dim == -3
+    if kernel == "csr":
+        kind, weight = ("conv" if conv else "linear"), None
+        geometry = ((list(module.kernel_size), list(module.stride), list(module.padding), list(module.dilation))
+                    if conv else ([], [], [], []))
+    else:
+        args = _dense_buffers[module][3]  # (row_ptr, col_idx, *transpose, weight, stride, padding, dilation, check)
+        kind, weight, geometry = ("dense" if conv else "dense_linear"), args[5], ([], *args[6:9])
+    fast = _LayerRoute(module, x, kind, weight, *geometry, _WATCHED)
+    module.__dict__[FAST] = fast if fast.usable else None
+
+
+try:
+    from .._C import LayerRoute as _LayerRoute
+except ImportError:  # an extension without it (or none): Python's route only
+    _LayerRoute = None
+# Where a layer keeps its C++ route (``_keep_fast``; read by the layers' forward), and what module-level settings
+# the C++ route compares with what it saw: kernel_choice's overrides and generation, the backends' generation.
+FAST = "_sparsekern_fast"
+_WATCHED = [(globals(), ["_forced", "_autotune", "_generation"]), (vars(_dispatch), ["generation"])]
 
 
 # Where a layer keeps the route of its last call: (the call's _route_key, the kernel, whether the C++ node runs

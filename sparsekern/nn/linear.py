@@ -100,6 +100,11 @@ class SparseLinear(SparseWeightMixin, nn.Module):
                          device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.__dict__.get(kernel_choice.FAST)  # the C++ route kept by the last calls (kernel_choice._keep_fast)
+        if fast is not None and not torch.compiler.is_compiling():
+            y = fast(self, x)
+            if y is not None:
+                return y
         if self.format == "bsr":
             return self.activate(bsr_linear(x, self.block_weight(), self.bias))
         if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:

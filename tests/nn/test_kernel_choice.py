@@ -664,7 +664,9 @@ def test_the_csr_kernel_runs_as_one_cpp_node_with_exact_gradients(kind, bias):
 
 
 def _route_counts(monkeypatch, layer):
-    """Count resolve() calls and C++ node runs of ``layer``."""
+    """Count resolve() calls and C++ node runs of ``layer`` on Python's route (the layer keeps no C++ route here,
+    which would run the node itself: tests/nn/test_layer_route.py)."""
+    monkeypatch.setattr(kc, "_LayerRoute", None)
     counts = {"resolve": 0, "node": 0}
     real_resolve, real_node = kc.resolve, layer.csr_node
 
