@@ -42,8 +42,9 @@ namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// What the route calls: the dense kernel, the conv's csr node, the linear's csr node (by its fused activation).
-enum class Kind { dense, conv, linear, linear_relu, linear_gelu };
+// What the route calls: the dense kernel, the conv's csr node, the linear's csr node (by its fused activation), or
+// the dense op on a view of the values (a full pattern's dense kernel, with torch's own autograd as its twin).
+enum class Kind { dense, conv, linear, linear_relu, linear_gelu, full_conv, full_linear };
 enum class Act { none, relu, gelu };
 
 c10::OperatorHandle handle(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
@@ -146,14 +147,15 @@ struct Tensors {
 class LayerRoute {
  public:
   // module: the layer (its call just kept Python's route for x); kind: "dense" (a conv's dense kernel),
-  // "dense_linear", "conv" or "linear" (the csr nodes); watched: the kernel_choice and dispatch modules' dicts with
-  // the names to watch in each. The rest: the op's kept arguments (the dense kernel's weight buffer and geometry, the
-  // conv's kernel size and geometry).
+  // "dense_linear", "conv" or "linear" (the csr nodes), "full_conv" or "full_linear" (a full pattern's dense kernel);
+  // watched: the kernel_choice and dispatch modules' dicts with the names to watch in each. The rest: the op's kept
+  // arguments (the dense kernel's weight buffer; sizes: the conv node's kernel size, a full pattern's weight shape;
+  // the conv's geometry).
   LayerRoute(py::handle module, py::handle x, const std::string& kind, std::optional<at::Tensor> weight,
-             std::vector<int64_t> kernel_size, std::vector<int64_t> stride, std::vector<int64_t> padding,
+             std::vector<int64_t> sizes, std::vector<int64_t> stride, std::vector<int64_t> padding,
              std::vector<int64_t> dilation, std::vector<std::pair<py::dict, std::vector<std::string>>> watched)
       : weight_(std::move(weight)),
-        kernel_size_(std::move(kernel_size)),
+        sizes_(std::move(sizes)),
         stride_(std::move(stride)),
         padding_(std::move(padding)),
         dilation_(std::move(dilation)) {
@@ -162,8 +164,11 @@ class LayerRoute {
       kind_ = Kind::dense;
     } else if (kind == "conv" || kind == "linear") {
       kind_ = kind == "conv" ? Kind::conv : Kind::linear;
+    } else if (kind == "full_conv" || kind == "full_linear") {
+      kind_ = kind == "full_conv" ? Kind::full_conv : Kind::full_linear;
     } else {
-      throw py::value_error("LayerRoute: kind must be 'dense', 'dense_linear', 'conv' or 'linear', got '" + kind + "'");
+      throw py::value_error("LayerRoute: kind must be 'dense', 'dense_linear', 'conv', 'linear', 'full_conv' or "
+                            "'full_linear', got '" + kind + "'");
     }
     transpose_ = kind == "dense_linear" || kind == "linear";
     TORCH_CHECK_VALUE(kind_ != Kind::dense || weight_.has_value(), "LayerRoute: the dense kernel needs its weight");
@@ -305,15 +310,24 @@ class LayerRoute {
     return true;
   }
 
+  // The layer's fused activation (a linear's), as F.relu / F.gelu (exact) apply it.
+  at::Tensor activate(const at::Tensor& y) const {
+    return act_ == Act::relu ? at::relu(y) : act_ == Act::gelu ? at::gelu(y) : y;
+  }
+
   at::Tensor run(const at::Tensor& x, const Tensors& t) const {
     switch (kind_) {
       case Kind::conv:
-        return conv_node(x, t.values, t.bias, t.row_ptr, t.col_idx, kernel_size_, stride_, padding_, dilation_);
+        return conv_node(x, t.values, t.bias, t.row_ptr, t.col_idx, sizes_, stride_, padding_, dilation_);
+      case Kind::full_conv:
+        return at::conv2d(x, t.values.reshape(sizes_), t.bias, stride_, padding_, dilation_);
+      case Kind::full_linear:
+        return activate(at::linear(x, t.values.reshape(sizes_), t.bias));
       case Kind::dense: {
         auto [y, finite] = dense_kernel(x, t.values, t.bias, t.row_ptr, t.col_idx, t.t_row_ptr, t.t_col_idx, t.t_perm,
                                         *weight_, stride_, padding_, dilation_);
         if (!finite) return at::Tensor();
-        return act_ == Act::relu ? at::relu(y) : act_ == Act::gelu ? at::gelu(y) : y;
+        return activate(y);
       }
       default: {
         const int64_t in = x.size(-1);
@@ -331,7 +345,7 @@ class LayerRoute {
   Kind kind_ = Kind::dense;
   Act act_ = Act::none;
   OptTensor weight_;
-  std::vector<int64_t> kernel_size_, stride_, padding_, dilation_;
+  std::vector<int64_t> sizes_, stride_, padding_, dilation_;
   py::object activation_, kernel_, params_, modules_, pattern_, values_obj_, bias_obj_;
   std::vector<Watched> watched_;
   Modes modes_{};
@@ -352,7 +366,7 @@ void bind(py::module_& m) {
       .def(py::init<py::handle, py::handle, const std::string&, std::optional<at::Tensor>, std::vector<int64_t>,
                     std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<std::pair<py::dict, std::vector<std::string>>>>(),
-           py::arg("module"), py::arg("x"), py::arg("kind"), py::arg("weight"), py::arg("kernel_size"),
+           py::arg("module"), py::arg("x"), py::arg("kind"), py::arg("weight"), py::arg("sizes"),
            py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("watched"))
       .def_property_readonly("usable", &LayerRoute::usable)
       // A copied or pickled layer holds no route (this one reads the original's dicts): None, made again on a call.

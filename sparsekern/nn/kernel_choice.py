@@ -287,8 +287,8 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
             if y is not None:
                 _keep_fast(module, x, kernel)
                 return y
-        elif kernel == "csr" and node:
-            _keep_fast(module, x, kernel)
+        elif kernel == "csr" and node or kernel == "dense" and full:
+            _keep_fast(module, x, "full" if kernel == "dense" else kernel)
     else:
         if _unexpected_input(module, x):
             return module.run_kernel(DEFAULT, x)  # whatever is pinned: the sparse op's checks name the argument
@@ -307,16 +307,19 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _keep_fast(module: nn.Module, x: torch.Tensor, kernel: str) -> None:
     """Keep, for the layer's next calls, its route in C++ (``sparsekern._C.LayerRoute``, csrc/cpu/layer_route.cpp):
-    a call whose Python route was kept and that ran ``kernel`` (csr's node, or the dense kernel's op with the
-    arguments ``_dense_fast`` used). The layer's forward calls it first; it runs the same op when everything this
-    route's key holds (and what its kept arguments depend on) is as now, else returns None and this module decides."""
+    a call whose Python route was kept and that ran ``kernel`` (csr's node, the dense kernel's op with the
+    arguments ``_dense_fast`` used, or ``full``: a full pattern's dense op on a view of the values). The layer's
+    forward calls it first; it runs the same op when everything this route's key holds (and what its kept arguments
+    depend on) is as now, else returns None and this module decides."""
     if _LayerRoute is None:
         return
     conv = module.feature_dim == -3
+    geometry = (list(module.stride), list(module.padding), list(module.dilation)) if conv else ([], [], [])
     if kernel == "csr":
-        kind, weight = ("conv" if conv else "linear"), None
-        geometry = ((list(module.kernel_size), list(module.stride), list(module.padding), list(module.dilation))
-                    if conv else ([], [], [], []))
+        kind, weight, geometry = ("conv" if conv else "linear"), None, (list(module.kernel_size) if conv else [],
+                                                                         *geometry)
+    elif kernel == "full":
+        kind, weight, geometry = ("full_conv" if conv else "full_linear"), None, (list(module.weight_shape), *geometry)
     else:
         args = _dense_buffers[module][3]  # (row_ptr, col_idx, *transpose, weight, stride, padding, dilation, check)
         kind, weight, geometry = ("dense" if conv else "dense_linear"), args[5], ([], *args[6:9])

@@ -23,16 +23,20 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-LAYERS = ["linear", "linear-3d", "linear-relu", "linear-gelu", "conv", "conv-channels-last"]
+LAYERS = ["linear", "linear-3d", "linear-relu", "linear-gelu", "linear-full-gelu", "conv", "conv-channels-last",
+          "conv-full"]
 
 
 def _layer(kind: str, kernel: str, bias: bool = True):
+    """A layer pinned to ``kernel`` and its input; "-full": every weight stored (the dense kernel is then the dense
+    op on a view of the values)."""
+    density = 1.0 if "-full" in kind else 0.4
     if kind.startswith("linear"):
-        activation = kind.split("-")[1] if kind in ("linear-relu", "linear-gelu") else None
-        layer = SparseLinear(24, 12, bias=bias, density=0.4, generator=gen(1), activation=activation)
+        activation = kind.split("-")[-1] if kind.split("-")[-1] in ("relu", "gelu") else None
+        layer = SparseLinear(24, 12, bias=bias, density=density, generator=gen(1), activation=activation)
         x = torch.randn((2, 3, 24) if kind == "linear-3d" else (6, 24), generator=gen(2))
     else:
-        layer = SparseConv2d(6, 8, 3, stride=2, padding=1, bias=bias, density=0.4, generator=gen(3))
+        layer = SparseConv2d(6, 8, 3, stride=2, padding=1, bias=bias, density=density, generator=gen(3))
         x = torch.randn(2, 6, 9, 9, generator=gen(4))
         if kind == "conv-channels-last":
             x = x.contiguous(memory_format=torch.channels_last)
@@ -205,7 +209,7 @@ CHANGES = _changes()
 
 
 @pytest.mark.parametrize("kernel", ["csr", "dense"])
-@pytest.mark.parametrize("kind", ["linear-3d", "conv"])
+@pytest.mark.parametrize("kind", ["linear-3d", "conv", "conv-full"])
 @pytest.mark.parametrize("name,change", CHANGES, ids=[n for n, _ in CHANGES])
 def test_the_cpp_route_refuses_a_call_where_anything_it_depends_on_changed(name, change, kind, kernel):
     """Each change gives None (Python's route decides); after it, the route runs again."""
