@@ -187,7 +187,7 @@ class LayerRoute {
     values_obj_ = py::reinterpret_borrow<py::object>(item(params_.ptr(), n.values));
     TORCH_CHECK_VALUE(pattern_ && values_obj_ && THPVariable_Check(values_obj_.ptr()),
                       "LayerRoute: module has no pattern or values");
-    bias_obj_ = bias_of(module);
+    bias_obj_ = bias_of(d.ptr());
     for (auto& [dict, keys] : watched)
       for (const std::string& k : keys) {
         PyObject* v = item(dict.ptr(), py::str(k));
@@ -196,7 +196,7 @@ class LayerRoute {
     modes_ = Modes::now();
     usable_ = !foreign_state() && THPVariable_CheckExact(x.ptr());
     Tensors t;
-    if (usable_ && tensors(module, t)) {
+    if (usable_ && tensors(d.ptr(), t)) {
       const at::Tensor& xt = THPVariable_Unpack(x.ptr());
       x_sizes_ = xt.sizes().vec();
       x_strides_ = xt.strides().vec();
@@ -230,10 +230,11 @@ class LayerRoute {
       return py::none();
     for (const Watched& w : watched_)
       if (!same(item(w.dict.ptr(), w.key), w.value)) return py::none();
-    Tensors t;
-    if (!tensors(module, t)) return py::none();
     const Names& n = names();
     py::object d = module.attr(n.dict);
+    if (item(d.ptr(), n.params) != params_.ptr() || item(d.ptr(), n.modules) != modules_.ptr()) return py::none();
+    Tensors t;
+    if (!tensors(d.ptr(), t)) return py::none();
     PyObject* a = item(d.ptr(), n.activation);
     if (!same(a != nullptr ? a : Py_None, activation_)) return py::none();
     PyObject* k = item(d.ptr(), n.kernel);
@@ -260,23 +261,22 @@ class LayerRoute {
     py::object value;
   };
 
-  static py::object bias_of(py::handle module) {
+  // The layer's bias (None included) from its __dict__ d, as nn.Module's attribute lookup finds it.
+  static py::object bias_of(PyObject* d) {
     const Names& n = names();
-    py::object d = module.attr(n.dict);
-    PyObject* params = item(d.ptr(), n.params);
-    PyObject* b = item(params, n.bias);
+    PyObject* b = item(item(d, n.params), n.bias);
     if (b != nullptr) return py::reinterpret_borrow<py::object>(b);
-    PyObject* own = item(d.ptr(), n.bias);  // a bias of None set as a plain attribute
+    PyObject* own = item(d, n.bias);  // a bias of None set as a plain attribute
     return py::reinterpret_borrow<py::object>(own != nullptr ? own : Py_None);
   }
 
-  // The call's tensors, read from the module as Python's route reads them; false where they are not the ones this
-  // route was made for (another values or bias tensor, another pattern, CSR buffers written since).
-  bool tensors(py::handle module, Tensors& t) const {
+  // The call's tensors, read from the layer's __dict__ d as Python's route reads them; false where they are not the
+  // ones this route was made for (another values or bias tensor, another pattern, CSR buffers written since).
+  bool tensors(PyObject* d, Tensors& t) const {
     const Names& n = names();
     PyObject* values = item(params_.ptr(), n.values);
     if (values != values_obj_.ptr() || item(modules_.ptr(), n.pattern) != pattern_.ptr()) return false;
-    const py::object bias = bias_of(module);
+    const py::object bias = bias_of(d);
     if (bias.ptr() != bias_obj_.ptr()) return false;
     py::object pd = pattern_.attr(n.dict);
     PyObject* buffers = item(pd.ptr(), n.buffers);

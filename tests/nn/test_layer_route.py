@@ -155,6 +155,18 @@ def _changes():
             getattr(layer, attr).requires_grad_(True)
         return setup, teardown
 
+    def replace_dict(name):
+        def setup(layer, x):
+            old = layer.__dict__[name]
+            layer.__dict__[name] = dict(old)  # the same entries in another dict
+            return old
+        return setup
+
+    def restore_dict(name):
+        def teardown(layer, x, old):
+            layer.__dict__[name] = old
+        return teardown
+
     def rewritten_pattern(layer, x):
         """The pattern rewritten in place (DST: the same nnz, the same buffers)."""
         pattern = layer.pattern
@@ -196,6 +208,8 @@ def _changes():
         ("bias_removed", around(*swap("bias", lambda layer, b: None))),
         ("pattern_rewritten", around(rewritten_pattern, lambda layer, x, old: layer.pattern.replace(old))),
         ("pattern_replaced", around(*swap("pattern", lambda layer, p: copy.deepcopy(p)))),
+        ("parameters_dict_replaced", around(replace_dict("_parameters"), restore_dict("_parameters"))),
+        ("modules_dict_replaced", around(replace_dict("_modules"), restore_dict("_modules"))),
         ("torch_function_mode", mode(Functions)),
         ("torch_dispatch_mode", mode(Dispatches)),
     ]
