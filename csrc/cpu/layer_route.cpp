@@ -52,10 +52,10 @@ c10::OperatorHandle handle(const char* name) { return c10::Dispatcher::singleton
 at::Tensor conv_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
                      const at::Tensor& col_idx, at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef pad,
                      at::IntArrayRef dil) {
-  static const auto op = handle("sparsekern::_sparse_conv2d_node")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                               const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                               at::IntArrayRef, at::IntArrayRef)>();
+  static const auto op =
+      handle("sparsekern::_sparse_conv2d_node")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                            const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef)>();
   return op.call(x, values, bias, row_ptr, col_idx, ks, st, pad, dil);
 }
 
@@ -79,10 +79,10 @@ std::tuple<at::Tensor, bool> dense_kernel(const at::Tensor& x, const at::Tensor&
                                           at::IntArrayRef pad, at::IntArrayRef dil) {
   static const auto op =
       handle("sparsekern::_dense_kernel")
-          .typed<std::tuple<at::Tensor, bool>(const at::Tensor&, const at::Tensor&, const OptTensor&,
-                                              const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                              const OptTensor&, const at::Tensor&, at::IntArrayRef, at::IntArrayRef,
-                                              at::IntArrayRef, bool)>();
+          .typed<std::tuple<at::Tensor, bool>(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                                              const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                              const at::Tensor&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                                              bool)>();
   return op.call(x, values, bias, row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm, weight, st, pad, dil, true);
 }
 
@@ -117,8 +117,8 @@ struct Modes {
   int threads;
   csr::Isa isa;
   static Modes now() {
-    return {at::GradMode::is_enabled(), c10::InferenceMode::is_enabled(),
-            at::globalContext().deterministicAlgorithms(), at::get_num_threads(), csr::isa()};
+    return {at::GradMode::is_enabled(), c10::InferenceMode::is_enabled(), at::globalContext().deterministicAlgorithms(),
+            at::get_num_threads(), csr::isa()};
   }
   bool operator==(const Modes& o) const {
     return grad == o.grad && inference == o.inference && deterministic == o.deterministic && threads == o.threads &&
@@ -168,7 +168,8 @@ class LayerRoute {
       kind_ = kind == "full_conv" ? Kind::full_conv : Kind::full_linear;
     } else {
       throw py::value_error("LayerRoute: kind must be 'dense', 'dense_linear', 'conv', 'linear', 'full_conv' or "
-                            "'full_linear', got '" + kind + "'");
+                            "'full_linear', got '" +
+                            kind + "'");
     }
     transpose_ = kind == "dense_linear" || kind == "linear";
     TORCH_CHECK_VALUE(kind_ != Kind::dense || weight_.has_value(), "LayerRoute: the dense kernel needs its weight");
@@ -178,7 +179,8 @@ class LayerRoute {
     const std::string act_name = activation_.is_none() ? "" : py::str(activation_).cast<std::string>();
     act_ = act_name == "relu" ? Act::relu : act_name == "gelu" ? Act::gelu : Act::none;
     TORCH_CHECK_VALUE(act_name.empty() || act_ != Act::none, "LayerRoute: unknown activation ", act_name);
-    if (kind_ == Kind::linear) kind_ = act_ == Act::relu ? Kind::linear_relu : act_ == Act::gelu ? Kind::linear_gelu : kind_;
+    if (kind_ == Kind::linear)
+      kind_ = act_ == Act::relu ? Kind::linear_relu : act_ == Act::gelu ? Kind::linear_gelu : kind_;
     kernel_ = module.attr(n.kernel);
     params_ = py::reinterpret_borrow<py::object>(item(d.ptr(), n.params));
     modules_ = py::reinterpret_borrow<py::object>(item(d.ptr(), n.modules));
@@ -319,10 +321,8 @@ class LayerRoute {
     switch (kind_) {
       case Kind::conv:
         return conv_node(x, t.values, t.bias, t.row_ptr, t.col_idx, sizes_, stride_, padding_, dilation_);
-      case Kind::full_conv:
-        return at::conv2d(x, t.values.reshape(sizes_), t.bias, stride_, padding_, dilation_);
-      case Kind::full_linear:
-        return activate(at::linear(x, t.values.reshape(sizes_), t.bias));
+      case Kind::full_conv: return at::conv2d(x, t.values.reshape(sizes_), t.bias, stride_, padding_, dilation_);
+      case Kind::full_linear: return activate(at::linear(x, t.values.reshape(sizes_), t.bias));
       case Kind::dense: {
         auto [y, finite] = dense_kernel(x, t.values, t.bias, t.row_ptr, t.col_idx, t.t_row_ptr, t.t_col_idx, t.t_perm,
                                         *weight_, stride_, padding_, dilation_);
@@ -332,8 +332,8 @@ class LayerRoute {
       default: {
         const int64_t in = x.size(-1);
         const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({x.numel() / std::max<int64_t>(in, 1), in});
-        at::Tensor y = linear_node(kind_, x2, t.values, t.bias, t.row_ptr, t.col_idx, *t.t_row_ptr, *t.t_col_idx,
-                                   *t.t_perm);
+        at::Tensor y =
+            linear_node(kind_, x2, t.values, t.bias, t.row_ptr, t.col_idx, *t.t_row_ptr, *t.t_col_idx, *t.t_perm);
         if (x.dim() == 2) return y;
         std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
         shape.push_back(y.size(-1));
@@ -366,8 +366,8 @@ void bind(py::module_& m) {
       .def(py::init<py::handle, py::handle, const std::string&, std::optional<at::Tensor>, std::vector<int64_t>,
                     std::vector<int64_t>, std::vector<int64_t>, std::vector<int64_t>,
                     std::vector<std::pair<py::dict, std::vector<std::string>>>>(),
-           py::arg("module"), py::arg("x"), py::arg("kind"), py::arg("weight"), py::arg("sizes"),
-           py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("watched"))
+           py::arg("module"), py::arg("x"), py::arg("kind"), py::arg("weight"), py::arg("sizes"), py::arg("stride"),
+           py::arg("padding"), py::arg("dilation"), py::arg("watched"))
       .def_property_readonly("usable", &LayerRoute::usable)
       // A copied or pickled layer holds no route (this one reads the original's dicts): None, made again on a call.
       .def("__deepcopy__", [](const LayerRoute&, py::handle) { return py::none(); })

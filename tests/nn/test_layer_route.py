@@ -12,8 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsekern
-from sparsekern.nn import SparseConv2d, SparseLinear
-from sparsekern.nn import kernel_choice as kc
+from sparsekern.nn import SparseConv2d, SparseLinear, kernel_choice as kc
 
 pytestmark = pytest.mark.skipif(kc._LayerRoute is None or not kc._dispatch.extension_loaded,
                                 reason="no compiled extension")
