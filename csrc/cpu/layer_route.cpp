@@ -178,17 +178,17 @@ class LayerRoute {
     activation_ = py::reinterpret_borrow<py::object>(a != nullptr ? a : Py_None);
     const std::string act_name = activation_.is_none() ? "" : py::str(activation_).cast<std::string>();
     act_ = act_name == "relu" ? Act::relu : act_name == "gelu" ? Act::gelu : Act::none;
-    TORCH_CHECK_VALUE(act_name.empty() || act_ != Act::none, "LayerRoute: unknown activation ", act_name);
     if (kind_ == Kind::linear)
       kind_ = act_ == Act::relu ? Kind::linear_relu : act_ == Act::gelu ? Kind::linear_gelu : kind_;
     kernel_ = module.attr(n.kernel);
     params_ = py::reinterpret_borrow<py::object>(item(d.ptr(), n.params));
     modules_ = py::reinterpret_borrow<py::object>(item(d.ptr(), n.modules));
-    TORCH_CHECK_VALUE(params_ && modules_, "LayerRoute: module is not an nn.Module");
     pattern_ = py::reinterpret_borrow<py::object>(item(modules_.ptr(), n.pattern));
     values_obj_ = py::reinterpret_borrow<py::object>(item(params_.ptr(), n.values));
-    TORCH_CHECK_VALUE(pattern_ && values_obj_ && THPVariable_Check(values_obj_.ptr()),
-                      "LayerRoute: module has no pattern or values");
+    // A layer whose values or pattern live elsewhere (torch.nn.utils.parametrize moves values out of _parameters):
+    // Python's route alone.
+    const bool held = params_ && modules_ && pattern_ && values_obj_ && THPVariable_Check(values_obj_.ptr()) &&
+                      (act_name.empty() || act_ != Act::none);
     bias_obj_ = bias_of(d.ptr());
     for (auto& [dict, keys] : watched)
       for (const std::string& k : keys) {
@@ -196,7 +196,7 @@ class LayerRoute {
         watched_.push_back({dict, py::str(k), py::reinterpret_borrow<py::object>(v != nullptr ? v : Py_None)});
       }
     modes_ = Modes::now();
-    usable_ = !foreign_state() && THPVariable_CheckExact(x.ptr());
+    usable_ = held && !foreign_state() && THPVariable_CheckExact(x.ptr());
     Tensors t;
     if (usable_ && tensors(d.ptr(), t)) {
       const at::Tensor& xt = THPVariable_Unpack(x.ptr());

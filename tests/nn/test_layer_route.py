@@ -299,3 +299,17 @@ def test_torch_compile_does_not_call_the_cpp_route():
     _kept(layer, x)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+
+def test_a_layer_whose_values_are_not_a_parameter_keeps_no_cpp_route():
+    """The route reads the values from the layer's _parameters; values kept as a buffer (a frozen layer): Python's
+    route alone, with the same results."""
+    layer, x = _layer("linear", "csr")
+    expected = layer(x).detach()
+    values = layer._parameters.pop("values")
+    layer.register_buffer("values", values.detach())
+    for _ in range(3):
+        y = layer(x)
+    assert layer.__dict__.get(kc.FAST) is None
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
