@@ -172,3 +172,6 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
                 + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}"))
+
+
+SparseConv2d.ROUTE_BASE = SparseConv2d  # whose methods the C++ route stands for (kernel_choice._plain)

@@ -311,7 +311,7 @@ def _keep_fast(module: nn.Module, x: torch.Tensor, kernel: str) -> None:
     arguments ``_dense_fast`` used, or ``full``: a full pattern's dense op on a view of the values). The layer's
     forward calls it first; it runs the same op when everything this route's key holds (and what its kept arguments
     depend on) is as now, else returns None and this module decides."""
-    if _LayerRoute is None:
+    if _LayerRoute is None or not _plain(module):
         return
     conv = module.feature_dim == -3
     geometry = (list(module.stride), list(module.padding), list(module.dilation)) if conv else ([], [], [])
@@ -325,6 +325,19 @@ def _keep_fast(module: nn.Module, x: torch.Tensor, kernel: str) -> None:
         kind, weight, geometry = ("dense" if conv else "dense_linear"), args[5], ([], *args[6:9])
     fast = _LayerRoute(module, x, kind, weight, *geometry, _WATCHED)
     module.__dict__[FAST] = fast if fast.usable else None
+
+
+# The methods of a layer that Python's route calls (and the C++ route stands for): a subclass or an instance that
+# overrides one keeps Python's route alone, so that its own method runs.
+_ROUTED_METHODS = ("csr_node", "activate", "run_kernel", "dense_forward", "dense_backward", "dense_geometry")
+
+
+def _plain(module: nn.Module) -> bool:
+    """Whether ``module`` runs its class's own ``_ROUTED_METHODS`` (``ROUTE_BASE``: SparseLinear or SparseConv2d)."""
+    cls = type(module)
+    base = getattr(cls, "ROUTE_BASE", None)
+    return base is not None and not any(name in module.__dict__ or getattr(cls, name) is not getattr(base, name)
+                                        for name in _ROUTED_METHODS)
 
 
 try:

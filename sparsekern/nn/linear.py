@@ -153,3 +153,6 @@ class SparseLinear(SparseWeightMixin, nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}")
                 + ("" if self.activation is None else f", activation={self.activation!r}"))
+
+
+SparseLinear.ROUTE_BASE = SparseLinear  # whose methods the C++ route stands for (kernel_choice._plain)

@@ -313,3 +313,27 @@ def test_a_layer_whose_values_are_not_a_parameter_keeps_no_cpp_route():
         y = layer(x)
     assert layer.__dict__.get(kc.FAST) is None
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("where", ["subclass", "instance"])
+def test_a_layer_that_overrides_a_routed_method_keeps_no_cpp_route(where):
+    """Python's route calls the layer's csr_node, activate, run_kernel, ...: where a subclass or the instance
+    overrides one, that method runs on every call (no C++ route stands for it)."""
+    calls = []
+
+    class Counted(SparseLinear):
+        def csr_node(self, x):
+            calls.append(1)
+            return super().csr_node(x)
+
+    if where == "subclass":
+        layer = Counted(24, 12, density=0.4, generator=gen(1))
+    else:
+        layer = SparseLinear(24, 12, density=0.4, generator=gen(1))
+        real = layer.csr_node
+        layer.csr_node = lambda x: calls.append(1) or real(x)
+    layer.kernel = "csr"
+    x = torch.randn(6, 24, generator=gen(2), requires_grad=True)
+    for _ in range(4):
+        layer(x)
+    assert len(calls) == 4 and layer.__dict__.get(kc.FAST) is None
