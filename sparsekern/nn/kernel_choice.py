@@ -297,6 +297,7 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         full = module.nnz == module.weight_shape.numel()  # (the key holds values.numel())
         if key is not None:
             module.__dict__[_ROUTE] = (key, kernel, node, full)
+            module.__dict__.pop(FAST, None)  # a C++ route stands only for the kept route (last_kernel stays true)
     if kernel == "csr" and node:
         return module.csr_node(x)  # with the layer's activation
     if kernel != "dense" or tracing or full:  # a full pattern's dense kernel: the dense op on a view of values

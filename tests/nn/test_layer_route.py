@@ -337,3 +337,15 @@ def test_a_layer_that_overrides_a_routed_method_keeps_no_cpp_route(where):
     for _ in range(4):
         layer(x)
     assert len(calls) == 4 and layer.__dict__.get(kc.FAST) is None
+
+
+def test_the_cpp_route_stands_only_for_the_kept_python_route():
+    """A call that keeps another Python route (here another input shape) drops the C++ route, so that last_kernel()
+    names what the layer's last call ran; back on the first shape, both are kept again."""
+    layer, x = _layer("linear", "auto")
+    layer.kernel = "csr"
+    _kept(layer, x)
+    layer(torch.randn(3, 24))
+    assert layer.__dict__.get(kc.FAST) is None
+    _kept(layer, x)
+    assert kc.last_kernel(layer) == "csr"
