@@ -1,10 +1,10 @@
 // A sparse layer's kept route in C++: `sparsekern._C.LayerRoute`, which the layers' forward calls first
-// (sparsekern/nn/kernel_choice.py: keep_fast, conv.py and linear.py: forward). Python's route (kernel_choice.run) keys
-// each call on 21 fields and then calls the extension's op through torch.ops: with the caches cold from the layers
-// between two calls, as in a training step, that Python cost 70-110 us a forward over the op alone, and torch.ops'
-// argument parsing of the op's 13 arguments 30-50 (ResNet-50's 64 -> 256 1x1 conv at 28x28, batch 16, on its dense
-// kernel; AMD Zen 5, 2 threads). This object checks the same things in C++ and calls the op's C++ autograd node
-// through the dispatcher: the layer's C++ node (csr) or its dense kernel, where Python's route chose one of those.
+// (sparsekern/nn/kernel_choice.py: _keep_fast; conv.py and linear.py: forward). Python's route (kernel_choice.run)
+// keys each call on 21 fields and then calls the extension's op through torch.ops: with the caches cold from the
+// layers between two calls, the module's forward cost 166-200 us over its dense twin's, the op called directly from
+// Python 67-92 (ResNet-50's 64 -> 256 1x1 conv at 28x28, batch 16, on its dense kernel; AMD Zen 5, 2 threads); through
+// this object, 81. It checks the same things in C++ and calls the layer's C++ autograd node through the dispatcher
+// (csr's node, the dense kernel, or a full pattern's dense op on a view of its values).
 //
 // A route is built by Python right after a call whose Python route it kept, and snapshots what that call saw. A call
 // runs here only when everything Python's key holds is unchanged (the input's sizes, strides, dtype, device and
