@@ -338,21 +338,44 @@ std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t
   return tiles;
 }
 
-// conv_tiles::gather over every tile and rows [0, R), threads over tiles (which share no output) when
-// there are enough of them, else over rows.
+// conv_tiles::gather over every tile and rows [0, R). Each thread takes an equal share of the work (a tile's: its
+// vectors, runs x vectors, for each of the R rows) as a run of whole tiles in order, with part of a tile's rows at
+// either end, so that threads share no output and at most the tiles at their runs' ends. Threads over whole tiles
+// alone (the earlier split, or over rows where there were too few tiles) left a 7x7 plane at batch 16, 7 tiles, at 4
+// and 3 on 2 threads: ResNet-50's 256 -> 256 3x3 at 7x7, density 0.1, forward 0.51-0.54 -> 0.46-0.49 ms and both
+// gradients 1.01-1.06 -> 0.95-1.02; 14x14 -> 7x7 stride 2 forward 4-8 % faster; 28x28 and 4x4 planes even
+// (AMD Zen 5, 2 threads, interleaved in one process, 16 MB written before each call).
 template <class T>
 void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, const conv_tiles::Blocks& blk, int64_t R,
                  const std::vector<Tile>& tiles, int vb, const T* bias, T* out, int64_t ostride) {
   const int64_t nt = static_cast<int64_t>(tiles.size()), nth = num_threads();
-  if (nt >= 2 * nth || R < 2 * nth) {
-    at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-      const std::vector<Tile> part(tiles.begin() + t0, tiles.begin() + t1);
-      conv_tiles::gather(src, offs.data(), ws, blk, 0, R, part, vb, bias, out, ostride);
-    });
-    return;
-  }
-  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
-    conv_tiles::gather(src, offs.data(), ws, blk, r0, r1, tiles, vb, bias, out, ostride);
+  std::vector<int64_t> pre(nt + 1, 0);  // work before each tile, per row
+  for (int64_t t = 0; t < nt; ++t) pre[t + 1] = pre[t] + int64_t(tiles[t].rows) * tiles[t].nv;
+  const int64_t total = pre[nt];
+  // The point `p` of the work, per row, as (tile, first row of that tile at or after it).
+  auto locate = [&](int64_t p, int64_t& t, int64_t& r) {
+    t = std::upper_bound(pre.begin(), pre.end(), p) - pre.begin() - 1;
+    if (t >= nt) t = nt, r = 0;
+    else r = R * (p - pre[t]) / (pre[t + 1] - pre[t]);
+  };
+  auto run = [&](int64_t t0, int64_t t1, int64_t r0, int64_t r1) {
+    if (t0 >= t1 || r0 >= r1) return;
+    const std::vector<Tile> part(tiles.begin() + t0, tiles.begin() + t1);
+    conv_tiles::gather(src, offs.data(), ws, blk, r0, r1, part, vb, bias, out, ostride);
+  };
+  at::parallel_for(0, nth, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      int64_t ta, ra, tb, rb;
+      locate(total * q / nth, ta, ra);
+      locate(total * (q + 1) / nth, tb, rb);
+      if (ta == tb) {
+        run(ta, ta + 1, ra, rb);
+        continue;
+      }
+      if (ra > 0) run(ta, ta + 1, ra, R), ++ta;
+      run(ta, tb, 0, R);
+      if (tb < nt) run(tb, tb + 1, 0, rb);
+    }
   });
 }
 

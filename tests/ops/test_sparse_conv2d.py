@@ -402,6 +402,42 @@ def test_both_gradients_at_once(case, dtype, pin, layout, monkeypatch):
     torch.testing.assert_close(gv.double(), ev, rtol=tol, atol=tol * n * h * w)
 
 
+@pytest.mark.parametrize("case", [(16, 5, 7, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),   # 7 or 14 tiles over the threads
+                                  (16, 6, 2, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),   # fewer rows than threads
+                                  (16, 5, 9, 14, 14, (3, 3), (2, 2), (1, 1), (1, 1)),  # stride 2: 7x7 phases
+                                  (8, 4, 5, 7, 7, (3, 3), (1, 1), (1, 1), (1, 1)),    # runs of 4 vectors, 2 a tile
+                                  (3, 4, 6, 5, 5, (3, 3), (1, 1), (1, 1), (1, 1))],   # one tile
+                         ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-s{c[6]}")
+def test_batched_results_do_not_depend_on_the_thread_count(case, monkeypatch):
+    """The batch-innermost kernel's gathers split each pass's tiles and rows over the threads by their work: every
+    output element is still one row's sums over one tile, in the same order, so the forward and the input gradient
+    are bit for bit the same at 1 to 5 threads (and match the reference)."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", "batched")
+    n, cin, cout, h, w, ks, stride, padding, dilation = case
+    g = gen(seed_of(OP, "threads", case))
+    W = random_sparse((cout, cin) + ks, 0.4, torch.float32, g, False, "contiguous")
+    x = torch.randn(n, cin, h, w, generator=g)
+    ops, geo = torch.ops.sparsekern, (list(ks), list(stride), list(padding), list(dilation))
+    dy = torch.randn(ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:]).shape, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3, 4, 5):
+            torch.set_num_threads(t)
+            results.append((ops.sparse_conv2d(x, W.values, W.row_ptr, W.col_idx, list(ks), None, *geo[1:]),
+                            ops.sparse_conv2d_backward_input(dy, W.values, W.row_ptr, W.col_idx, list(x.shape), *geo)))
+    finally:
+        torch.set_num_threads(threads)
+    for got in results[1:]:
+        for a, b in zip(got, results[0]):
+            assert torch.equal(a, b)
+    xr, vr = x.double().requires_grad_(), W.values.double().requires_grad_()
+    yr = _ref(xr, sparsekern.SparseMatrix(W.row_ptr, W.col_idx, vr, W.shape), None, stride, padding, dilation)
+    (dxr,) = torch.autograd.grad(yr, [xr], dy.double())
+    torch.testing.assert_close(results[0][0].double(), yr.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[0][1].double(), dxr, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", BATCHED[:3] + BATCHED[6:8] + BATCHED[13:15],
                          ids=lambda c: f"N{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}-s{c[6]}-p{c[7]}-d{c[8]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
