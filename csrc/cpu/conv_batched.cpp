@@ -338,17 +338,24 @@ std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t
   return tiles;
 }
 
-// conv_tiles::gather over every tile and rows [0, R). Each thread takes an equal share of the work (a tile's: its
-// vectors, runs x vectors, for each of the R rows) as a run of whole tiles in order, with part of a tile's rows at
-// either end, so that threads share no output and at most the tiles at their runs' ends. Threads over whole tiles
-// alone (the earlier split, or over rows where there were too few tiles) left a 7x7 plane at batch 16, 7 tiles, at 4
-// and 3 on 2 threads: ResNet-50's 256 -> 256 3x3 at 7x7, density 0.1, forward 0.51-0.54 -> 0.46-0.49 ms and both
-// gradients 1.01-1.06 -> 0.95-1.02; 14x14 -> 7x7 stride 2 forward 4-8 % faster; 28x28 and 4x4 planes even
-// (AMD Zen 5, 2 threads, interleaved in one process, 16 MB written before each call).
+// conv_tiles::gather over every tile and rows [0, R). Fewer tiles than two a thread: threads over rows (a tile each,
+// all rows, measured 2-4 % slower at ResNet-50's 4x4 planes, 2 tiles). Else each thread takes an equal share of the
+// work (a tile's: its vectors, runs x vectors, for each of the R rows) as a run of whole tiles in order, with part of
+// a tile's rows at either end: threads share no output and at most the tiles at their runs' ends. Threads over whole
+// tiles alone (the earlier split) left a 7x7 plane at batch 16, 7 tiles, at 4 and 3 on 2 threads: ResNet-50's 256
+// -> 256 3x3 at 7x7, density 0.1, forward 0.51-0.58 -> 0.46-0.54 ms (6-10 %) and both gradients 4-7 % faster; 14x14
+// -> 7x7 stride 2 forward 3-8 %; 28x28 planes even (AMD Zen 5, 2 threads, interleaved in one process, 16 MB written
+// before each call).
 template <class T>
 void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, const conv_tiles::Blocks& blk, int64_t R,
                  const std::vector<Tile>& tiles, int vb, const T* bias, T* out, int64_t ostride) {
   const int64_t nt = static_cast<int64_t>(tiles.size()), nth = num_threads();
+  if (nt < 2 * nth && R >= 2 * nth) {
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      conv_tiles::gather(src, offs.data(), ws, blk, r0, r1, tiles, vb, bias, out, ostride);
+    });
+    return;
+  }
   std::vector<int64_t> pre(nt + 1, 0);  // work before each tile, per row
   for (int64_t t = 0; t < nt; ++t) pre[t + 1] = pre[t] + int64_t(tiles[t].rows) * tiles[t].nv;
   const int64_t total = pre[nt];
