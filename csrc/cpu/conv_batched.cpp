@@ -338,8 +338,8 @@ std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t
   return tiles;
 }
 
-// conv_tiles::gather over every tile and rows [0, R). Fewer tiles than two a thread: threads over rows (a tile each,
-// all rows, measured 2-4 % slower at ResNet-50's 4x4 planes, 2 tiles). Else each thread takes an equal share of the
+// conv_tiles::gather over every tile and rows [0, R). Fewer tiles than two a thread: threads over rows (one tile a
+// thread, all its rows, measured 2-4 % slower at ResNet-50's 4x4 planes, 2 tiles). Else each thread takes an equal share of the
 // work (a tile's: its vectors, runs x vectors, for each of the R rows) as a run of whole tiles in order, with part of
 // a tile's rows at either end: threads share no output and at most the tiles at their runs' ends. Threads over whole
 // tiles alone (the earlier split) left a 7x7 plane at batch 16, 7 tiles, at 4 and 3 on 2 threads: ResNet-50's 256
