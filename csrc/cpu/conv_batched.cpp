@@ -341,11 +341,11 @@ std::vector<Tile> grid_tiles(int64_t rows, int64_t run, int64_t src_row, int64_t
 // conv_tiles::gather over every tile and rows [0, R). Fewer tiles than two a thread: threads over rows (one tile a
 // thread, all its rows, measured 2-4 % slower at ResNet-50's 4x4 planes, 2 tiles). Else each thread takes an equal
 // share of the work (a tile's: its vectors, runs x vectors, for each of the R rows) as a run of whole tiles in order,
-// with part of a tile's rows at either end: threads share no output and at most the tiles at their runs' ends.
-// Threads over whole tiles alone (the earlier split) left a 7x7 plane at batch 16, 7 tiles, at 4 and 3 on 2 threads:
-// ResNet-50's 256 -> 256 3x3 at 7x7, density 0.1, forward 0.51-0.58 -> 0.46-0.54 ms (6-10 %) and both gradients 4-7 % faster; 14x14
-// -> 7x7 stride 2 forward 3-8 %; 28x28 planes even (AMD Zen 5, 2 threads, interleaved in one process, 16 MB written
-// before each call).
+// with part of a tile's rows at either end: threads share no output and at most the tiles at their runs' ends. Threads
+// over whole tiles alone (the earlier split) left a 7x7 plane at batch 16, 7 tiles, at 4 and 3 on 2 threads:
+// ResNet-50's 256 -> 256 3x3 at 7x7, density 0.1, forward 0.51-0.58 -> 0.46-0.54 ms (6-10 %) and both gradients 4-7 %
+// faster; 14x14 -> 7x7 stride 2 forward 3-8 %; 28x28 planes even (AMD Zen 5, 2 threads, interleaved in one process, 16
+// MB written before each call).
 template <class T>
 void gather_grid(const T* src, const std::vector<int32_t>& offs, const T* ws, const conv_tiles::Blocks& blk, int64_t R,
                  const std::vector<Tile>& tiles, int vb, const T* bias, T* out, int64_t ostride) {
