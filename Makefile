@@ -115,6 +115,16 @@ test-newest: newest-env
 bench: setup $(VENV)/.bench
 	$(BIN)/sparsekern bench
 
+# The CPU speed targets on this host, each said met or missed with its margin and bound (`sparsekern bench
+# --targets`: the models and ops the targets name; about 10 minutes on 2 cores). CPU_TARGETS_OUT gets the report and
+# its .json; CPU_TARGETS_ARGS, e.g. `--repeat 3` (judge the median of three runs) or `--isa avx2` (the AVX2 proxy).
+CPU_TARGETS_OUT  ?= results/cpu-targets.md
+CPU_TARGETS_ARGS ?=
+.PHONY: cpu-targets
+cpu-targets: setup $(VENV)/.bench
+	@mkdir -p $(dir $(CPU_TARGETS_OUT))
+	$(BIN)/sparsekern bench --targets --threads 2 --output $(CPU_TARGETS_OUT) $(CPU_TARGETS_ARGS)
+
 # On a GPU machine (no venv: its own torch, Triton and nvcc): build the extension for this GPU's arch only,
 # then `sparsekern gpu-check` (env, build, GPU tests, GPU benchmark, targets; about 7 minutes).
 # GPU_CHECK_OUT gets report.md, report.json and the logs; GPU_CHECK_ARGS goes to the check (budgets, ...).

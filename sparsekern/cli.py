@@ -15,11 +15,24 @@ def _keep_freed_memory(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.targets:
+        given = [flag for flag, on in (("--models", args.models is not None), ("--train", args.train),
+                                       ("--gpu", args.gpu), ("--cases", bool(args.cases)), ("--quick", args.quick),
+                                       ("--channels-last", args.channels_last)) if on]
+        if given:
+            args.parser.error(f"argument --targets: runs the cases its targets name, at their sizes; not with "
+                              f"{' '.join(given)}")
+        _keep_freed_memory(args)
+        from .bench import targets as bench_targets
+        return bench_targets.main(output=args.output, threads=args.threads, sizes=args.sizes, isa=args.isa,
+                                  repeat=args.repeat)
+    if args.repeat != 1:
+        args.parser.error("argument --repeat: only with --targets")
     if args.channels_last and args.models is None:
         args.parser.error("argument --channels-last: only with --models (the op benchmarks fix their own layouts)")
     if args.isa != "native" and args.models is None:
-        args.parser.error("argument --isa: only with --models (each model runs in a process of its own, which takes "
-                          "the restriction when its libraries load)")
+        args.parser.error("argument --isa: only with --models or --targets (each model runs in a process of its own, "
+                          "which takes the restriction when its libraries load)")
     if args.gpu:
         from .bench import gpu as bench_gpu
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
@@ -295,8 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--channels-last", action="store_true",
                        help="with --models: both models and the images in channels_last (default: NCHW)")
     bench.add_argument("--isa", choices=("native", "avx2"), default="native",
-                       help="with --models: avx2 holds torch, oneDNN, MKL and the sparsekern loops to AVX2 in every "
-                            "model's process, a proxy for an AVX2 host on an AVX-512 one (default: native)")
+                       help="with --models or --targets: avx2 holds torch, oneDNN, MKL and the sparsekern loops to "
+                            "AVX2 in every process, a proxy for an AVX2 host on an AVX-512 one (default: native)")
+    bench.add_argument("--targets", action="store_true",
+                       help="run what the CPU speed targets need (ResNet-50, ViT, ConvNeXt, BERT, MLP steps; linear "
+                            "and conv ops) and say each met or missed on this host, with its margin and bound "
+                            "(--output FILE: also FILE.json)")
+    bench.add_argument("--repeat", type=_int_at_least(1), default=1,
+                       help="with --targets: run each case N times and judge the median ratio (default: 1)")
     bench.add_argument("--gpu", action="store_true",
                        help="time the Triton and CUDA kernels on the GPU against cuBLAS, cuSPARSE and torch BSR")
     bench.add_argument("--default-malloc", action="store_true", help=_DEFAULT_MALLOC_HELP)
