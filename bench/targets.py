@@ -192,7 +192,8 @@ def judge(target: Target, runs: Sequence[Measured], why_not: str = "") -> dict:
     value = statistics.median(values)
     bound = statistics.median(m.bound for m in runs)
     measured = f"{value:.2f}x" if len(values) == 1 else \
-        f"{value:.2f}x ({min(values):.2f}-{max(values):.2f}x over {len(values)} runs)"
+        f"{value:.2f}x ({min(values):.2f}-{max(values):.2f}x over {len(values)} runs, " \
+        f"{sum(v >= target.threshold for v in values)} met)"
     middle = min(runs, key=lambda m: abs(m.value - value))
     return {**out, "status": "met" if value >= target.threshold else "missed", "value": value, "measured": measured,
             "margin": value / target.threshold - 1.0, "runs_met": sum(v >= target.threshold for v in values),

@@ -44,7 +44,7 @@ def test_judge_met_missed_and_the_median_of_runs():
     # Three runs: the median is judged, the range and the runs that met are reported.
     three = bt.judge(target, [bt.Measured(v, 3.0, f"run {v}") for v in (1.8, 2.1, 2.4)])
     assert three["status"] == "met" and three["value"] == 2.1 and three["runs_met"] == 2
-    assert "1.80-2.40x over 3 runs" in three["measured"] and three["detail"] == "run 2.1"
+    assert "1.80-2.40x over 3 runs, 2 met" in three["measured"] and three["detail"] == "run 2.1"
     none = bt.judge(target, [], "SparseProp: n/a")
     assert none["status"] == "not measured" and none["detail"] == "SparseProp: n/a"
 
@@ -119,8 +119,9 @@ def test_every_target_names_a_case_the_benches_run():
 def test_bench_targets_tiny(tmp_path):
     output = tmp_path / "targets.md"
     env = {**os.environ, "SPARSEKERN_BACKEND": "reference"}
-    proc = subprocess.run([sys.executable, "-m", "bench.targets", "--sizes", "tiny", "--threads", "1",
-                           "--output", str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "sparsekern.cli", "bench", "--targets", "--sizes", "tiny",
+                           "--threads", "1", "--output", str(output)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = output.read_text()
     for key in ("command:", "date:", "CPU:", "ISA: native", "threads: 1", "torch:", "sparsekern backend: reference",
