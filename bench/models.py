@@ -505,13 +505,19 @@ def _isa_line(isa: str, results: Sequence[ModelResult]) -> str:
     return f"every model's process held to {isa.upper()} ({env}), a proxy for an {isa.upper()} host, not one: {ran}"
 
 
-def _case_in_child(sizes: str, index: int, mode: str, threads: int, keep_freed: bool,
-                   channels_last: bool = False, isa: str = "native") -> ModelResult:
-    """``run_case`` of case ``index`` of ``cases(sizes)``, in a spawned process set up as its parent."""
+def checked_process_isa(isa: str) -> str:
+    """``process_isa()``, after checking that a spawned process took the ISA proxy ``isa`` asked of it."""
     used = process_isa()
     if isa != "native" and not (torch.backends.cpu.get_cpu_capability() == isa.upper() and sk_isa.get() == isa):
         raise RuntimeError(f"sparsekern bench --isa {isa}: this process runs {used}; the environment "
                            f"({ISA_PROXIES[isa]}) did not take (is {isa} supported here?)")
+    return used
+
+
+def _case_in_child(sizes: str, index: int, mode: str, threads: int, keep_freed: bool,
+                   channels_last: bool = False, isa: str = "native") -> ModelResult:
+    """``run_case`` of case ``index`` of ``cases(sizes)``, in a spawned process set up as its parent."""
+    used = checked_process_isa(isa)
     if keep_freed:
         allocator.keep_freed_memory()
     torch.set_num_threads(threads)

@@ -122,6 +122,7 @@ def op_case_builders(sizes: str, targets: Sequence[Target]) -> Dict[Tuple[str, f
 def _ops_in_child(sizes: str, threads: int, keep_freed: bool, isa: str, keys: Sequence[Tuple[str, float]]):
     """The op cases ``keys`` in a spawned process set up as its parent: {key: (rows, sparsekern's results matched
     dense)}."""
+    used = bench_models.checked_process_isa(isa)
     if keep_freed:
         allocator.keep_freed_memory()
     torch.set_num_threads(threads)
@@ -133,7 +134,7 @@ def _ops_in_child(sizes: str, threads: int, keep_freed: bool, isa: str, keys: Se
         print(f"  {case.name}", file=sys.stderr, flush=True)
         out[key] = bench_ops.run_case(case, budget)
         del case
-    return out, bench_models.process_isa()
+    return out, used
 
 
 def run_ops(sizes: str, isa: str, keys: Sequence[Tuple[str, float]]):

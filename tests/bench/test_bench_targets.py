@@ -136,3 +136,13 @@ def test_bench_targets_tiny(tmp_path):
             assert math.isfinite(v["value"]) and v["value"] > 0 and len(v["runs"]) == 1, v
             assert v["ran"] and v["ran"] in text
         assert f"| {v['name']} |" in text
+
+
+def test_a_process_that_did_not_take_the_isa_proxy_says_so():
+    import torch
+    from sparsekern import isa as sk_isa
+    assert bench_models.checked_process_isa("native") == bench_models.process_isa()
+    if torch.backends.cpu.get_cpu_capability() == "AVX2" and sk_isa.get() == "avx2":
+        pytest.skip("this process runs AVX2 already: the proxy's check passes")
+    with pytest.raises(RuntimeError, match="sparsekern bench --isa avx2: this process runs .* did not take"):
+        bench_models.checked_process_isa("avx2")
