@@ -267,6 +267,14 @@ def _json_safe(x):
     return x
 
 
+def report_paths(output: str) -> Tuple[Path, Path]:
+    """The markdown report's path and the JSON's beside it: FILE and FILE with the suffix .json (FILE.md if FILE is
+    itself a .json name, so that neither overwrites the other)."""
+    path = Path(output)
+    md = path.with_suffix(".md") if path.suffix == ".json" else path
+    return md, md.with_suffix(".json")
+
+
 # -- entry point ---------------------------------------------------------------------------------------
 
 def main(output: Optional[str] = None, threads: Optional[int] = None, sizes: str = "full", isa: str = "native",
@@ -320,11 +328,10 @@ def main(output: Optional[str] = None, threads: Optional[int] = None, sizes: str
     text = report_markdown(verdicts, meta, last_models, last_ops)
     print(text)
     if output:
-        path = Path(output)
-        path.write_text(text)
-        path.with_suffix(".json").write_text(json.dumps(_json_safe({"meta": meta, "targets": verdicts}), indent=2)
-                                             + "\n")
-        print(f"wrote {path} and {path.with_suffix('.json')}", file=sys.stderr)
+        md_path, json_path = report_paths(output)
+        md_path.write_text(text)
+        json_path.write_text(json.dumps(_json_safe({"meta": meta, "targets": verdicts}), indent=2) + "\n")
+        print(f"wrote {md_path} and {json_path}", file=sys.stderr)
     wrong = [k for run in op_runs for k, (_, ok) in run.items() if not ok]
     if wrong:
         print(f"sparsekern bench --targets: sparsekern's results did not match dense PyTorch in {wrong}",

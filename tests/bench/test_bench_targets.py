@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from sparsekern import isa as sk_isa
 from sparsekern.bench import models as bench_models, ops as bench_ops, targets as bt
 from sparsekern.bench.peers import DENSE, SPARSEKERN, SPARSEPROP
 from sparsekern.bench.report import UNAVAILABLE, Row
@@ -139,10 +141,14 @@ def test_bench_targets_tiny(tmp_path):
 
 
 def test_a_process_that_did_not_take_the_isa_proxy_says_so():
-    import torch
-    from sparsekern import isa as sk_isa
     assert bench_models.checked_process_isa("native") == bench_models.process_isa()
     if torch.backends.cpu.get_cpu_capability() == "AVX2" and sk_isa.get() == "avx2":
         pytest.skip("this process runs AVX2 already: the proxy's check passes")
     with pytest.raises(RuntimeError, match="sparsekern bench --isa avx2: this process runs .* did not take"):
         bench_models.checked_process_isa("avx2")
+
+
+def test_the_reports_paths_never_overwrite_each_other():
+    assert bt.report_paths("out/targets.md") == (Path("out/targets.md"), Path("out/targets.json"))
+    assert bt.report_paths("targets") == (Path("targets"), Path("targets.json"))
+    assert bt.report_paths("r.json") == (Path("r.md"), Path("r.json"))
