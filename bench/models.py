@@ -41,7 +41,7 @@ import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -266,6 +266,13 @@ class LayerRow:
         return self.dense if self.activated is None else self.activated
 
 
+def of_bound(ratio: float, bound: float) -> float:
+    """(dense - sparse) / (dense - bound time) for a speedup ``ratio`` and a ``bound`` on it: 1 at the bound, 0 at
+    dense speed, < 0 when slower."""
+    saving = 1.0 - 1.0 / bound
+    return (1.0 - 1.0 / ratio) / saving if saving > 0 else math.nan
+
+
 @dataclass
 class ModelResult:
     case: Optional[Case]  # None only on its way back from the process that ran it (a Case holds lambdas)
@@ -292,9 +299,7 @@ class ModelResult:
         return self.dense.median / self.sparse[dist].median
 
     def of_bound(self, dist: str) -> float:
-        """(dense - sparse) / (dense - bound time): 1 at the bound, 0 at dense speed, < 0 when slower."""
-        saving = 1.0 - 1.0 / self.bound(dist)
-        return (1.0 - 1.0 / self.speedup(dist)) / saving if saving > 0 else math.nan
+        return of_bound(self.speedup(dist), self.bound(dist))
 
 
 def _dims(shape) -> str:
@@ -496,13 +501,13 @@ def _environment(variables: Dict[str, str]):
                 os.environ[k] = v
 
 
-def _isa_line(isa: str, results: Sequence[ModelResult]) -> str:
-    """The report's ISA line: the restriction asked for, and what the models' processes ran."""
-    ran = "; ".join(sorted({r.isa for r in results}))
+def isa_line(isa: str, ran: Iterable[str], processes: str = "every model's process") -> str:
+    """A report's ISA line: the restriction asked for, and what the processes ran (``ran``: their process_isa())."""
+    used = "; ".join(sorted(set(ran)))
     if isa == "native":
-        return f"native: {ran}"
+        return f"native: {used}"
     env = ", ".join(f"{k}={v}" for k, v in ISA_PROXIES[isa].items())
-    return f"every model's process held to {isa.upper()} ({env}), a proxy for an {isa.upper()} host, not one: {ran}"
+    return f"{processes} held to {isa.upper()} ({env}), a proxy for an {isa.upper()} host, not one: {used}"
 
 
 def checked_process_isa(isa: str) -> str:
@@ -561,7 +566,7 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
             "CPU": host() if isa == "native" else host().split("; sparsekern loops")[0],
             "threads": str(torch.get_num_threads()), "torch": torch.__version__, "sparsekern backend": _backends(),
             "allocator": allocator.describe(),
-            "ISA": _isa_line(isa, results),
+            "ISA": isa_line(isa, (r.isa for r in results)),
             "memory format": ("channels_last (both models' 4-D weights and the images)" if channels_last
                               else "contiguous (NCHW images)"),
             "timing": (("each model in a process of its own; " if mode != "tiny" else "")

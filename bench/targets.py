@@ -55,11 +55,9 @@ class Target:
 
     @property
     def name(self) -> str:
-        if self.kind == "step":
-            return f"{self.case}, 90 % {self.dist.upper() if self.dist == 'erk' else self.dist}: step vs dense"
-        if self.kind == "layers":
-            return f"{self.case}, 90 % {self.dist.upper() if self.dist == 'erk' else self.dist}: every layer vs its " \
-                   "dense twin"
+        if self.kind != "op":
+            what = "step vs dense" if self.kind == "step" else "every layer vs its dense twin"
+            return f"{self.case}, 90 % {self.dist.upper() if self.dist == 'erk' else self.dist}: {what}"
         what = "Linear 4096x4096 batch 256" if self.case == "linear" else "Conv 3x3 C=64 32x32 batch 64"
         return f"{what} at density {self.density:g}, fwd+bwd vs {self.peer}"
 
@@ -177,12 +175,6 @@ def measure_op_target(target: Target, rows: Sequence[Row]) -> Optional[Measured]
                     f"{target.peer} {peer.median * 1e3:.3f} ms, sparsekern {ours.median * 1e3:.3f} ms", row.case)
 
 
-def of_bound(ratio: float, bound: float) -> float:
-    """The part of the bound's time saving a ratio reaches: (1 - 1/ratio) / (1 - 1/bound)."""
-    saving = 1.0 - 1.0 / bound
-    return (1.0 - 1.0 / ratio) / saving if saving > 0 else float("nan")
-
-
 def judge(target: Target, runs: Sequence[Measured], why_not: str = "") -> dict:
     """The target's verdict from its runs: met when the median ratio reaches the threshold."""
     out = {"name": target.name, "kind": target.kind, "threshold": target.threshold,
@@ -192,18 +184,18 @@ def judge(target: Target, runs: Sequence[Measured], why_not: str = "") -> dict:
     values = [m.value for m in runs]
     value = statistics.median(values)
     bound = statistics.median(m.bound for m in runs)
+    runs_met = sum(v >= target.threshold for v in values)
     measured = f"{value:.2f}x" if len(values) == 1 else \
-        f"{value:.2f}x ({min(values):.2f}-{max(values):.2f}x over {len(values)} runs, " \
-        f"{sum(v >= target.threshold for v in values)} met)"
+        f"{value:.2f}x ({min(values):.2f}-{max(values):.2f}x over {len(values)} runs, {runs_met} met)"
     middle = min(runs, key=lambda m: abs(m.value - value))
     return {**out, "status": "met" if value >= target.threshold else "missed", "value": value, "measured": measured,
-            "margin": value / target.threshold - 1.0, "runs_met": sum(v >= target.threshold for v in values),
-            "bound": bound, "of_bound": of_bound(value, bound) if bound == bound else float("nan"),
+            "margin": value / target.threshold - 1.0, "runs_met": runs_met, "bound": bound,
+            "of_bound": bench_models.of_bound(value, bound) if bound == bound else float("nan"),
             "detail": middle.detail, "ran": middle.case}
 
 
 def judge_all(targets: Sequence[Target], model_runs: Dict[str, List[bench_models.ModelResult]],
-              op_runs: List[Dict[Tuple[str, float], Tuple[List[Row], bool]]], why_not: str = "") -> List[dict]:
+              op_runs: List[Dict[Tuple[str, float], Tuple[List[Row], bool]]]) -> List[dict]:
     verdicts = []
     for t in targets:
         if t.kind == "op":
@@ -218,9 +210,9 @@ def judge_all(targets: Sequence[Target], model_runs: Dict[str, List[bench_models
                                              + row.notes) or "sparsekern's result differs from dense")
                 else:
                     runs.append(m)
-            verdicts.append(judge(t, runs, why_not or "; ".join(dict.fromkeys(reasons))))
+            verdicts.append(judge(t, runs, "; ".join(dict.fromkeys(reasons))))
         else:
-            verdicts.append(judge(t, [measure_model_target(t, r) for r in model_runs.get(t.case, [])], why_not))
+            verdicts.append(judge(t, [measure_model_target(t, r) for r in model_runs.get(t.case, [])]))
     return verdicts
 
 
@@ -233,8 +225,7 @@ def _pct(x: Optional[float]) -> str:
 def report_markdown(verdicts: Sequence[dict], meta: Dict[str, str], model_results: Sequence[bench_models.ModelResult],
                     op_rows: Sequence[Row]) -> str:
     counts = {s: sum(v["status"] == s for v in verdicts) for s in ("met", "missed", "not measured")}
-    # The case each target ran, where it is not the one the target names (toy shapes, in the smoke test).
-    ran = any(v.get("ran") and v["ran"] not in v["name"] and v["kind"] != "op" for v in verdicts) or "sizes" in meta
+    ran = "sizes" in meta  # toy shapes (the smoke test): the case each target ran is not the one it names
     lines = ["# sparsekern CPU targets", ""] + [f"- {k}: {v}" for k, v in meta.items()] + [
         "", f"**{counts['met']} of {len(verdicts)} targets met**, {counts['missed']} missed, "
         f"{counts['not measured']} not measured on this host.", "",
@@ -309,14 +300,11 @@ def main(output: Optional[str] = None, threads: Optional[int] = None, sizes: str
             isas.add(used)
     verdicts = judge_all(targets, model_runs, op_runs)
 
-    ran = "; ".join(sorted(isas))
-    env = ", ".join(f"{k}={v}" for k, v in bench_models.ISA_PROXIES.get(isa, {}).items())
-    isa_line = f"native: {ran}" if isa == "native" else \
-        f"every process held to {isa.upper()} ({env}), a proxy for an {isa.upper()} host, not one: {ran}"
     meta = {"command": f"`{command_line('sparsekern.bench.targets')}`",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "CPU": host() if isa == "native" else host().split("; sparsekern loops")[0],
-            "ISA": isa_line, "threads": str(torch.get_num_threads()), "torch": torch.__version__,
+            "ISA": bench_models.isa_line(isa, isas, "every process"), "threads": str(torch.get_num_threads()),
+            "torch": torch.__version__,
             "sparsekern backend": bench_ops._backends(), "allocator": allocator.describe(),
             "runs": f"{repeat} per case (the median ratio is judged)" if repeat > 1 else "1 per case",
             "timing": "models: as `sparsekern bench --models` (each in a process of its own, dense and sparse "

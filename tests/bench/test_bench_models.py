@@ -125,7 +125,7 @@ def test_isa_proxy_holds_each_model_process_to_avx2(monkeypatch):
     result = bench_models.run_isolated("tiny", index, "tiny", isa="avx2")
     assert result.isa == "torch AVX2, sparsekern loops avx2" and result.dense.ok
     assert {k: os.environ.get(k) for k in before} == before
-    line = bench_models._isa_line("avx2", [result])
+    line = bench_models.isa_line("avx2", [result.isa])
     assert "ATEN_CPU_CAPABILITY=avx2" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line and "not one" in line
     assert line.endswith("torch AVX2, sparsekern loops avx2")
     with pytest.raises(SystemExit, match="isa must be native or one of"):
