@@ -15,6 +15,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/native_batch_norm_backward.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -123,7 +124,11 @@ const T* data_or_null(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
 }
 
-void check_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+                const std::optional<at::Tensor>& num_batches_tracked) {
   const char* op = "_batch_norm_train";
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous (NCHW)");
@@ -131,11 +136,19 @@ void check_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, co
                     ": x must be float32 or float64, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.size(0) * x.size(2) * x.size(3) > 1, op,
                     ": expected more than 1 value per channel when training, got input size ", x.sizes());
-  const std::optional<at::Tensor>* params[2] = {&weight, &bias};
-  const char* names[2] = {"weight", "bias"};
-  for (int i = 0; i < 2; ++i) {
+  TORCH_CHECK_VALUE(given(running_mean) == given(running_var), op,
+                    ": running_mean and running_var must be given together");
+  TORCH_CHECK_VALUE(!given(num_batches_tracked) || given(running_mean), op,
+                    ": num_batches_tracked needs running_mean and running_var");
+  if (given(num_batches_tracked))
+    TORCH_CHECK_VALUE(num_batches_tracked->numel() == 1 && num_batches_tracked->scalar_type() == at::kLong, op,
+                      ": num_batches_tracked must be one int64, got ", num_batches_tracked->scalar_type(), " of shape ",
+                      num_batches_tracked->sizes());
+  const std::optional<at::Tensor>* params[4] = {&weight, &bias, &running_mean, &running_var};
+  const char* names[4] = {"weight", "bias", "running_mean", "running_var"};
+  for (int i = 0; i < 4; ++i) {
     const std::optional<at::Tensor>& p = *params[i];
-    if (!p.has_value() || !p->defined()) continue;
+    if (!given(p)) continue;
     TORCH_CHECK_VALUE(p->dim() == 1 && p->size(0) == x.size(1) && p->is_contiguous(), op, ": ", names[i],
                       " must be a contiguous vector of the ", x.size(1), " channels, got shape ", p->sizes());
     TORCH_CHECK_VALUE(p->scalar_type() == x.scalar_type(), op, ": ", names[i], " must be ", x.scalar_type(),
@@ -143,12 +156,33 @@ void check_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, co
   }
 }
 
-// The CPU kernel: (y, mean, invstd, biased var), no autograd.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(const at::Tensor& x,
-                                                                                const std::optional<at::Tensor>& weight,
-                                                                                const std::optional<at::Tensor>& bias,
-                                                                                double eps) {
-  check_args(x, weight, bias);
+// running = (1 - f) running + f batch (the var unbiased), as nn.BatchNorm2d updates them; f = momentum, or 1 / the
+// batches tracked (counted first) where momentum is None.
+template <class T>
+void update_running(const at::Tensor& mean, const at::Tensor& var, int64_t count, const at::Tensor& running_mean,
+                    const at::Tensor& running_var, const std::optional<at::Tensor>& num_batches_tracked,
+                    std::optional<double> momentum) {
+  double f = momentum.value_or(0.0);
+  if (given(num_batches_tracked)) {
+    int64_t* n = num_batches_tracked->data_ptr<int64_t>();
+    *n += 1;
+    if (!momentum.has_value()) f = 1.0 / double(*n);
+  }
+  const T *m = mean.data_ptr<T>(), *v = var.data_ptr<T>();
+  T *rm = running_mean.data_ptr<T>(), *rv = running_var.data_ptr<T>();
+  const double unbias = double(count) / double(count - 1);
+  for (int64_t c = 0; c < mean.numel(); ++c) {
+    rm[c] = T(f * double(m[c]) + (1.0 - f) * double(rm[c]));
+    rv[c] = T(f * double(v[c]) * unbias + (1.0 - f) * double(rv[c]));
+  }
+}
+
+// The CPU kernel: (y, mean, invstd), the running statistics updated where given; no autograd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum, double eps) {
+  check_args(x, weight, bias, running_mean, running_var, num_batches_tracked);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   at::Tensor y = at::empty_like(x), mean = at::empty({C}, x.options()), invstd = at::empty({C}, x.options()),
              var = at::empty({C}, x.options());
@@ -169,7 +203,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cpu(
 #endif
     channels_f32(xp, wp, bp, eps, N, C, HW, c0, c1, yp, mp, ip, vp);
   });
-  return {y, mean, invstd, var};
+  if (given(running_mean)) {
+    if (x.scalar_type() == at::kDouble)
+      update_running<double>(mean, var, N * HW, *running_mean, *running_var, num_batches_tracked, momentum);
+    else update_running<float>(mean, var, N * HW, *running_mean, *running_var, num_batches_tracked, momentum);
+    for (const std::optional<at::Tensor>* t : {&running_mean, &running_var, &num_batches_tracked})
+      if (given(*t)) torch::autograd::impl::bump_version(**t);  // written through data_ptr
+  }
+  return {y, mean, invstd};
 }
 
 using torch::autograd::AutogradContext;
@@ -179,20 +220,24 @@ using torch::autograd::variable_list;
 // (differentiable again where the backward records a graph).
 struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias, double eps) {
+                               const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+                               double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, invstd, var] = batch_norm_train_cpu(x, weight, bias, eps);
+    auto [y, mean, invstd] =
+        batch_norm_train_cpu(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), mean, invstd});
     ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    ctx->mark_non_differentiable({mean, invstd, var});
-    return {y, mean, invstd, var};
+    ctx->saved_data["has_bias"] = given(bias);
+    ctx->mark_non_differentiable({mean, invstd});
+    return {y, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3];
-    variable_list out(4);
+    variable_list out(8);
     if (!grads[0].defined()) return out;
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), weight.defined() && ctx->needs_input_grad(1),
@@ -207,10 +252,13 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_autograd(
-    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
-  const variable_list r = BatchNormTrain::apply(x, weight, bias, eps);
-  return {r[0], r[1], r[2], r[3]};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum, double eps) {
+  const variable_list r =
+      BatchNormTrain::apply(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps);
+  return {r[0], r[1], r[2]};
 }
 
 }  // namespace
@@ -218,9 +266,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_auto
 
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   // Private (sparsekern/nn/batch_norm.py): batch norm's training forward over an NCHW-contiguous float32/float64 x,
-  // (y, mean, invstd, biased var) over the (N, H, W) values of each channel, as aten::native_batch_norm's training
-  // outputs (its running statistics are the caller's to update).
-  m.def("_batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (y, mean, invstd) over the (N, H, W) values of each channel as aten::native_batch_norm's training outputs, and
+  // the running statistics updated as nn.BatchNorm2d updates them (momentum None: a cumulative average).
+  m.def("_batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+        "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("_batch_norm_train", &sparsekern::batch_norm_train_cpu); }

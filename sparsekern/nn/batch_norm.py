@@ -26,29 +26,24 @@ class FastBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with sparsekern's CPU training forward (see the module's doc); no state of its own."""
 
     def _fast(self, x: torch.Tensor) -> bool:
-        return (self.training and dispatch.extension_loaded and x.device.type == "cpu" and x.dtype in FAST_DTYPES
-                and x.dim() == 4 and x.is_contiguous() and x.shape[0] * x.shape[2] * x.shape[3] > 1
+        tracked = self.running_mean
+        return (self.training and x.dtype in FAST_DTYPES and x.device.type == "cpu" and x.dim() == 4
+                and x.is_contiguous() and dispatch.extension_loaded
                 and (self.weight is None or self.weight.dtype == x.dtype)
                 and (self.bias is None or self.bias.dtype == x.dtype)
+                and (tracked is None or not self.track_running_stats or tracked.dtype == x.dtype)
                 and not torch.is_autocast_enabled("cpu") and not dispatch.tracing()
                 and not torch._C._are_functorch_transforms_active())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fast(x):
             return super().forward(x)
-        self._check_input_dim(x)
-        y, mean, _, var = torch.ops.sparsekern._batch_norm_train(x, self.weight, self.bias, self.eps)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                factor = 0.0 if self.momentum is None else self.momentum
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-                    if self.momentum is None:  # a cumulative average, as nn.BatchNorm2d keeps it
-                        factor = 1.0 / float(self.num_batches_tracked)
-                count = x.numel() // x.shape[1]
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-                self.running_var.lerp_((var * (count / (count - 1))).to(self.running_var.dtype), factor)
-        return y
+        if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+            return super().forward(x)  # nn.BatchNorm2d's error
+        track = self.track_running_stats and self.running_mean is not None
+        return torch.ops.sparsekern._batch_norm_train(
+            x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+            self.num_batches_tracked if track else None, self.momentum, self.eps)[0]
 
 
 def _check_model(where: str, model) -> None:

@@ -126,20 +126,28 @@ def test_gradcheck_and_gradgradcheck():
     b = torch.randn(2, dtype=torch.float64, generator=gen(8), requires_grad=True)
 
     def f(x, w, b):
-        return torch.ops.sparsekern._batch_norm_train(x, w, b, 1e-5)[0]
+        return torch.ops.sparsekern._batch_norm_train(x, w, b, None, None, None, 0.1, 1e-5)[0]
     assert torch.autograd.gradcheck(f, (x, w, b))
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
 @needs_kernel
-def test_statistics_are_batch_norm_s():
-    x = torch.randn(4, 5, 6, 7, dtype=torch.float64, generator=gen(9))
-    _, mean, invstd, var = torch.ops.sparsekern._batch_norm_train(x, None, None, 1e-3)
-    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+@pytest.mark.parametrize("momentum", (0.25, None))
+def test_statistics_are_batch_norm_s(momentum):
+    x = torch.randn(4, 5, 6, 7, dtype=torch.float64, generator=gen(9), requires_grad=True)
+    rm, rv, n = torch.full((5,), 0.5, dtype=torch.float64), torch.full((5,), 2.0, dtype=torch.float64), torch.tensor(3)
+    versions = rm._version, rv._version, n._version
+    _, mean, invstd = torch.ops.sparsekern._batch_norm_train(x, None, None, rm, rv, n, momentum, 1e-3)
+    ref_var, ref_mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(mean, ref_mean)
-    torch.testing.assert_close(var, ref_var)
     torch.testing.assert_close(invstd, (ref_var + 1e-3).rsqrt())
-    assert not mean.requires_grad and not var.requires_grad
+    assert not mean.requires_grad and not invstd.requires_grad
+    f = 0.25 if momentum else 1 / 4
+    count = x.numel() // 5
+    torch.testing.assert_close(rm, (1 - f) * 0.5 + f * ref_mean)
+    torch.testing.assert_close(rv, (1 - f) * 2.0 + f * ref_var * count / (count - 1))
+    assert n.item() == 4
+    assert (rm._version, rv._version, n._version) > versions
 
 
 @needs_kernel
@@ -245,6 +253,10 @@ def test_sparsify_flag_must_be_bool():
 
 @needs_kernel
 @pytest.mark.parametrize("case, match", [
+    ("running_alone", "running_mean and running_var must be given together"),
+    ("count_alone", "num_batches_tracked needs running_mean and running_var"),
+    ("count_dtype", "num_batches_tracked must be one int64, got Float of shape \\[1\\]"),
+    ("running_shape", "running_var must be a contiguous vector of the 3 channels, got shape \\[2\\]"),
     ("3d", r"x must be 4-D \(N, C, H, W\), got 3-D"),
     ("channels_last", r"x must be contiguous \(NCHW\)"),
     ("int", "x must be float32 or float64, got Int"),
@@ -255,7 +267,16 @@ def test_sparsify_flag_must_be_bool():
 def test_op_errors(case, match):
     x = torch.randn(2, 3, 4, 4)
     w, b = torch.ones(3), torch.zeros(3)
-    if case == "3d":
+    rm, rv, n = None, None, None
+    if case == "running_alone":
+        rm = torch.zeros(3)
+    elif case == "count_alone":
+        n = torch.tensor(0)
+    elif case == "count_dtype":
+        rm, rv, n = torch.zeros(3), torch.ones(3), torch.zeros(1)
+    elif case == "running_shape":
+        rm, rv = torch.zeros(3), torch.ones(2)
+    elif case == "3d":
         x = x[0]
     elif case == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -268,4 +289,4 @@ def test_op_errors(case, match):
     elif case == "bias_dtype":
         b = b.double()
     with pytest.raises(ValueError, match=match):
-        torch.ops.sparsekern._batch_norm_train(x, w, b, 1e-5)
+        torch.ops.sparsekern._batch_norm_train(x, w, b, rm, rv, n, 0.1, 1e-5)
