@@ -15,9 +15,9 @@ the MLP's sparse step measured 4.3-4.9 ms against 3.8-4.0 alone (Intel, 2 thread
 allocations. Per model and distribution the report gives:
 
 - the step time dense and sparse, the speedup, and the peak tensor memory of a step. The sparse models run
-  ``sparsify(..., fuse_activations=True, fast_batch_norm=True)``; where the model has batch norms, a third copy,
-  dense with ``sparsekern.fast_batch_norm`` (what the sparse models' batch norms run), is timed beside them, and
-  the speedup against it shows what the sparse layers give apart from the faster batch norm;
+  ``sparsify(..., fuse_activations=True, fast_modules=True)``; where the model has batch norms or max pooling, a
+  third copy, dense with ``sparsekern.fast_modules`` (what the sparse models run there), is timed beside them, and
+  the speedup against it shows what the sparse layers give apart from those faster modules;
 - the bound: ``share`` is the dense step's time spent in the layers that become sparse (each such layer's
   fwd+bwd timed alone on its input, captured by a forward hook, summed, over the step), ``flop fraction``
   the sparse layers' MACs over the dense layers' MACs; bound = 1 / ((1 - share) + share * flop fraction),
@@ -53,7 +53,7 @@ import sparsekern
 from sparsekern import allocator, isa as sk_isa
 from sparsekern.models import BertEncoder, ConvNeXt, ImageNetResNet, VisionTransformer, get_model
 from sparsekern.models.resnet_imagenet import BasicBlock, Bottleneck
-from sparsekern.nn import SparseWeightMixin, fast_batch_norm, fused_activations, kernel_choice
+from sparsekern.nn import SparseWeightMixin, fast_modules, fused_activations, kernel_choice
 from sparsekern.sparsity import sparsifiable_layers
 
 from .breakdown import ORDER as BREAKDOWN_ORDER, step_breakdowns
@@ -63,7 +63,7 @@ from .timing import Budget, Timing, measure_interleaved, train_step_fn
 from .train import _optimizer, _step_fn
 
 MODELS = ("resnet50", "resnet18", "bert", "vit", "convnext", "mlp")
-FAST_BN = "dense, fast batch norm"  # the step timing of the dense model with sparsekern.fast_batch_norm
+FAST = "dense, fast modules"  # the step timing of the dense model with sparsekern.fast_modules
 DENSITY = 0.1
 DISTRIBUTIONS = ("erk", "uniform")
 
@@ -287,8 +287,8 @@ class ModelResult:
     layers: List[LayerRow]
     breakdown: Dict[str, Dict[str, float]] = field(default_factory=dict)  # "dense" or distribution -> category -> s
     isa: str = ""  # what the process that ran it used: torch's CPU capability and the sparsekern loops
-    # The dense model with sparsekern.fast_batch_norm, as the sparse models' batch norms run (None: no batch norm).
-    dense_fast_bn: Optional[Timing] = None
+    # The dense model with sparsekern.fast_modules, as the sparse models run (None: it has no such module).
+    dense_fast: Optional[Timing] = None
 
     @property
     def share(self) -> float:
@@ -304,9 +304,9 @@ class ModelResult:
     def speedup(self, dist: str) -> float:
         return self.dense.median / self.sparse[dist].median
 
-    def speedup_same_bn(self, dist: str) -> float:
-        """The speedup against the dense model with the sparse models' batch norm (the plain one without any)."""
-        base = self.dense if self.dense_fast_bn is None else self.dense_fast_bn
+    def speedup_same_modules(self, dist: str) -> float:
+        """The speedup against the dense model with the sparse models' fast modules (the plain one without any)."""
+        base = self.dense if self.dense_fast is None else self.dense_fast
         return base.median / self.sparse[dist].median
 
     def of_bound(self, dist: str) -> float:
@@ -340,15 +340,15 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
     dense = case.build().train()
     names = list(sparsifiable_layers(dense))
     sparse = {d: sparsekern.sparsify(copy.deepcopy(dense), DENSITY, d, init="dense", fuse_activations=True,
-                                     fast_batch_norm=True, generator=torch.Generator().manual_seed(0))
+                                     fast_modules=True, generator=torch.Generator().manual_seed(0))
               for d in distributions}
-    dense_fast_bn = copy.deepcopy(dense)
-    if not fast_batch_norm(dense_fast_bn):
-        dense_fast_bn = None
+    dense_fast = copy.deepcopy(dense)
+    if not fast_modules(dense_fast):
+        dense_fast = None
     gen = torch.Generator().manual_seed(0)
     x = case.inputs(gen)
     y = torch.randint(0, case.num_classes, (x.shape[0],), generator=gen)
-    extra = [] if dense_fast_bn is None else [(FAST_BN, dense_fast_bn)]
+    extra = [] if dense_fast is None else [(FAST, dense_fast)]
     if channels_last:
         for model in (dense, *sparse.values(), *(m for _, m in extra)):
             x = in_channels_last(model, x)
@@ -391,7 +391,7 @@ def run_case(case: Case, settings: Settings, distributions: Sequence[str] = DIST
             row.kernel[d] = _with_conv_kernels(step_kernels[d][name], module, cap.x)
         rows.append(row)
     return ModelResult(case, timings["dense"], peaks["dense"], {d: timings[d] for d in sparse},
-                       {d: peaks[d] for d in sparse}, rows, breakdowns, dense_fast_bn=timings.get(FAST_BN))
+                       {d: peaks[d] for d in sparse}, rows, breakdowns, dense_fast=timings.get(FAST))
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def _mb(n: Optional[int]) -> str:
 
 
 SUMMARY_HEADERS = ("model", "distribution", "sparse layers", "FLOP fraction", "share", "dense step ms",
-                   "sparse step ms", "speedup", "vs dense with fast BN", "bound", "of bound", "dense peak MB",
+                   "sparse step ms", "speedup", "vs dense with fast modules", "bound", "of bound", "dense peak MB",
                    "sparse peak MB", "layers slower than dense")
 
 
@@ -418,11 +418,11 @@ def summary_rows(results: Sequence[ModelResult]) -> List[list]:
     for r in results:
         for d in r.sparse:
             slower = sum(row.sparse[d].median > row.twin.median for row in r.layers)
-            same_bn = ("no BN" if r.dense_fast_bn is None else
-                       f"{r.speedup_same_bn(d):.2f}x ({r.dense_fast_bn.median * 1e3:.1f})")
+            same = ("none" if r.dense_fast is None else
+                    f"{r.speedup_same_modules(d):.2f}x ({r.dense_fast.median * 1e3:.1f})")
             rows.append([r.case.name, d, len(r.layers), f"{r.flop_fraction(d):.3f}", f"{r.share:.0%}",
                          f"{r.dense.median * 1e3:.1f}", f"{r.sparse[d].median * 1e3:.1f}", f"{r.speedup(d):.2f}x",
-                         same_bn, f"{r.bound(d):.2f}x", f"{r.of_bound(d):.0%}", _mb(r.dense_peak),
+                         same, f"{r.bound(d):.2f}x", f"{r.of_bound(d):.0%}", _mb(r.dense_peak),
                          _mb(r.sparse_peak[d]), f"{slower} of {len(r.layers)}"])
     return rows
 
@@ -443,23 +443,23 @@ def layer_rows(result: ModelResult) -> Tuple[List[str], List[list]]:
 
 
 LEGEND = (f"Density {DENSITY} (90 % sparse) over the sparsified layers (every Linear and groups=1 Conv2d), per-layer "
-          "densities by ERK or uniform; init='dense'; fuse_activations=True, fast_batch_norm=True. Step: forward, "
-          "cross-entropy, backward, SGD (momentum 0.9, weight decay); median ms. Vs dense with fast BN: the speedup "
-          "against the dense model with sparsekern.fast_batch_norm (its step ms in brackets), what the sparse layers "
-          "give apart from the faster batch norm ('no BN': the model has none). FLOP fraction: MACs of the sparse "
-          "layers / MACs of the same layers dense. Share: the dense step's time in those layers (each timed alone, "
-          "fwd+bwd, on its input captured by a forward hook) / the dense step. Bound: 1 / ((1 - share) + share * FLOP"
-          " fraction). Of bound: (dense - sparse) / (dense - dense / bound), 100 % = at the bound, below 0 = slower "
-          "than dense. Peak MB: tensor memory at a step's peak (the model's parameters, buffers and optimizer state, "
-          "plus the most the step allocates on top: activations, gradients, workspaces; from the allocation events of"
-          " torch.profiler with profile_memory; memory a kernel takes outside torch's allocator is not seen). Per-"
-          "layer kernel: what the sparse layer ran in the timed steps (sparsekern.nn.kernel_choice: csr, gemm or "
-          "dense; a conv's csr with the C++ kernel of its forward, input gradient and weight gradient, b batch-"
-          "innermost, d direct, p pointwise: measured per pass, else the geometry rule). Per-layer speedup: dense "
-          "fwd+bwd / sparse fwd+bwd on the same input; where the sparse layers fuse the activation after them (a ReLU"
-          " or GELU: sparsify(..., fuse_activations=True)), the dense layer followed by that activation, which the "
-          "'dense ms' column then shows (the share counts the layer alone) (gradients into the weights and bias, and "
-          "into the input where the step needs it); layers alike in kind, shape, input and nnz are timed once.")
+          "densities by ERK or uniform; init='dense'; fuse_activations=True, fast_modules=True. Step: forward, cross-"
+          "entropy, backward, SGD (momentum 0.9, weight decay); median ms. Vs dense with fast modules: the speedup "
+          "against the dense model with sparsekern.fast_modules (its step ms in brackets), what the sparse layers "
+          "give apart from the faster batch norm and max pooling ('none': the model has neither). FLOP fraction: MACs"
+          " of the sparse layers / MACs of the same layers dense. Share: the dense step's time in those layers (each "
+          "timed alone, fwd+bwd, on its input captured by a forward hook) / the dense step. Bound: 1 / ((1 - share) +"
+          " share * FLOP fraction). Of bound: (dense - sparse) / (dense - dense / bound), 100 % = at the bound, below"
+          " 0 = slower than dense. Peak MB: tensor memory at a step's peak (the model's parameters, buffers and "
+          "optimizer state, plus the most the step allocates on top: activations, gradients, workspaces; from the "
+          "allocation events of torch.profiler with profile_memory; memory a kernel takes outside torch's allocator "
+          "is not seen). Per-layer kernel: what the sparse layer ran in the timed steps (sparsekern.nn.kernel_choice:"
+          " csr, gemm or dense; a conv's csr with the C++ kernel of its forward, input gradient and weight gradient, "
+          "b batch-innermost, d direct, p pointwise: measured per pass, else the geometry rule). Per-layer speedup: "
+          "dense fwd+bwd / sparse fwd+bwd on the same input; where the sparse layers fuse the activation after them "
+          "(a ReLU or GELU: sparsify(..., fuse_activations=True)), the dense layer followed by that activation, which"
+          " the 'dense ms' column then shows (the share counts the layer alone) (gradients into the weights and bias,"
+          " and into the input where the step needs it); layers alike in kind, shape, input and nnz are timed once.")
 
 
 def breakdown_rows(result: ModelResult) -> Tuple[List[str], List[list]]:

@@ -155,12 +155,12 @@ class Measured:
 
 def measure_model_target(target: Target, result: bench_models.ModelResult) -> Measured:
     if target.kind == "step":
-        same_bn = ("" if result.dense_fast_bn is None else
-                   f"; {result.speedup_same_bn(target.dist):.2f}x against dense with fast batch norm "
-                   f"({result.dense_fast_bn.median * 1e3:.1f} ms)")
+        same = ("" if result.dense_fast is None else
+                f"; {result.speedup_same_modules(target.dist):.2f}x against dense with fast modules "
+                f"({result.dense_fast.median * 1e3:.1f} ms)")
         return Measured(result.speedup(target.dist), result.bound(target.dist),
                         f"dense {result.dense.median * 1e3:.1f} ms, "
-                        f"sparse {result.sparse[target.dist].median * 1e3:.1f} ms{same_bn}", result.case.name)
+                        f"sparse {result.sparse[target.dist].median * 1e3:.1f} ms{same}", result.case.name)
     ratios = [(row.twin.median / row.sparse[target.dist].median, row) for row in result.layers]
     worst, row = min(ratios, key=lambda p: p[0])
     return Measured(worst, detail=f"slowest {row.name} ({row.weight}, density {row.density[target.dist]:.3f}, "

@@ -12,7 +12,7 @@ from torch import nn
 from .init import INITS, initialize_
 from .nn import FORMATS, SparseConv2d, SparseLinear, SparseWeightMixin, random_block_mask, random_mask
 from .nn.base import load_all_or_nothing
-from .nn.batch_norm import fast_batch_norm as fast_batch_norms, plain_batch_norm as plain_batch_norms
+from .nn.fast_modules import fast_modules as make_fast, plain_modules as make_plain
 from .nn.fuse import fuse_activations as fuse_modules, unfuse_activations as unfuse_modules
 
 __all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify", "densify"]
@@ -125,7 +125,7 @@ def _to_sparse(module: nn.Module, mask: torch.Tensor, format: str = "csr", block
 def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: str = "sparse",
              dense_layers: Iterable[str] = (), inplace: bool = True,
              generator: Optional[torch.Generator] = None, format: str = "csr", block: int = 32,
-             fuse_activations: bool = False, fast_batch_norm: bool = False) -> nn.Module:
+             fuse_activations: bool = False, fast_modules: bool = False) -> nn.Module:
     """Replace every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) of ``model`` by its sparse module.
 
     Per-layer densities follow ``distribution`` over the replaced layers (those in ``dense_layers``,
@@ -141,8 +141,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     ``fuse_activations=True`` then fuses each ``nn.ReLU`` that follows a sparse linear layer in an
     ``nn.Sequential`` into that layer (``sparsekern.fuse_activations``; ``densify`` undoes it).
 
-    ``fast_batch_norm=True`` also makes every ``nn.BatchNorm2d`` a ``FastBatchNorm2d``, whose CPU training forward
-    runs sparsekern's kernel (``sparsekern.fast_batch_norm``; ``densify`` undoes it).
+    ``fast_modules=True`` also makes every ``nn.BatchNorm2d`` and ``nn.MaxPool2d`` its faster CPU version,
+    ``FastBatchNorm2d`` and ``FastMaxPool2d`` (``sparsekern.fast_modules``; ``densify`` undoes it).
     """
     density = check_density("sparsify", density)
     _check_distribution("sparsify", distribution)
@@ -158,8 +158,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         raise TypeError(f"sparsify: generator must be a torch.Generator or None, got {type(generator).__name__}")
     if not isinstance(fuse_activations, bool):
         raise TypeError(f"sparsify: fuse_activations must be a bool, got {type(fuse_activations).__name__}")
-    if not isinstance(fast_batch_norm, bool):
-        raise TypeError(f"sparsify: fast_batch_norm must be a bool, got {type(fast_batch_norm).__name__}")
+    if not isinstance(fast_modules, bool):
+        raise TypeError(f"sparsify: fast_modules must be a bool, got {type(fast_modules).__name__}")
     dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
     names = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unknown = [d for d in dense_layers if d not in names]
@@ -202,8 +202,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
                       f"are CSR instead: {as_csr}", stacklevel=2)
     if fuse_activations:
         fuse_modules(model)
-    if fast_batch_norm:
-        fast_batch_norms(model)
+    if fast_modules:
+        make_fast(model)
     if not getattr(model, "_sparsekern_checks_loads", False):  # one whole-model check per load
         model.register_load_state_dict_pre_hook(load_all_or_nothing)
         model._sparsekern_checks_loads = True
@@ -222,7 +222,7 @@ def densify(model: nn.Module, inplace: bool = True) -> nn.Module:
     if isinstance(model, SparseWeightMixin):
         return model.to_dense()
     unfuse_modules(model)  # the ReLUs back in their places, so each layer becomes the plain module it stood for
-    plain_batch_norms(model)
+    make_plain(model)
     dense_of: Dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child, module in list(parent._modules.items()):

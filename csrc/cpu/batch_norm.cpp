@@ -1,10 +1,10 @@
 // Batch norm's training forward on the CPU (sparsekern.nn.FastBatchNorm2d): the batch statistics of an NCHW-contiguous
 // input and its normalized output, one channel at a time (a task's channels on one thread): its N planes are read
-// once for the sums and again, from L2, for the output. ATen's training forward reads the input three times, and its
-// statistics measured 4-5x its normalization alone (16x256x28x28: 2.66 ms against 0.50 in eval mode); this forward
-// takes 1.2 ms there, and ResNet-50 112x112 batch 16 steps at 90 % sparsity 5 % less time (AMD Zen 5, 2 threads;
-// BENCHMARKS.md). The backward is ATen's (native_batch_norm_backward on the saved mean and invstd): it measured as
-// fast as a per-channel kernel of the same kind, faster on 7x7 and 4x4 planes.
+// once for the sums and again, from L2, for the output; the running statistics are updated here too. ATen's training
+// forward measured 4-8x its eval-mode forward (the normalization alone): 16x256x28x28 2.19 ms against 0.43, this one
+// 0.62 (16 MB written between calls); a ResNet-50 112x112 batch 16 step at 90 % sparsity 181 -> 160 ms (AMD Zen 5,
+// 2 threads; BENCHMARKS.md). The backward is ATen's (native_batch_norm_backward on the saved mean and invstd): it
+// measured as fast as a per-channel kernel of the same kind, faster on 7x7 and 4x4 planes.
 //
 // The sums are shifted by the channel's first element (the "shifted data" variance: no cancellation where the mean
 // is large against the spread), kept per lane in the input's type for up to kFlush elements and added into doubles.
@@ -265,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_autograd(
 }  // namespace sparsekern
 
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
-  // Private (sparsekern/nn/batch_norm.py): batch norm's training forward over an NCHW-contiguous float32/float64 x,
+  // Private (sparsekern/nn/fast_modules.py): batch norm's training forward over an NCHW-contiguous float32/float64 x,
   // (y, mean, invstd) over the (N, H, W) values of each channel as aten::native_batch_norm's training outputs, and
   // the running statistics updated as nn.BatchNorm2d updates them (momentum None: a cumulative average).
   m.def("_batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "

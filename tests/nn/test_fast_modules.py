@@ -1,9 +1,10 @@
-"""FastBatchNorm2d (fast_batch_norm, sparsify(fast_batch_norm=True)): what nn.BatchNorm2d computes (output, the
+"""fast_modules (sparsify(fast_modules=True)): FastBatchNorm2d computes what nn.BatchNorm2d computes (output, the
 gradients of x, weight and bias, running statistics, num_batches_tracked) over plane sizes below, at and above
-both vector widths, float32 and float64, affine or not, every momentum rule, at both ISAs; the kernel runs where it
-should (its autograd node) and nn.BatchNorm2d's forward everywhere else; gradcheck and gradgradcheck; NaN and Inf;
-inputs whose mean dwarfs their spread; the class change in place and undone, through sparsify, densify, state dicts
-and deep copies; the private op's argument errors."""
+both vector widths, float32 and float64, affine or not, every momentum rule, at both ISAs; FastMaxPool2d gives
+ATen's values and indices (ties, NaN, -inf, odd and tiny planes) and gradients; the kernels run where they should
+(their autograd nodes) and the nn modules' forwards everywhere else; gradcheck and gradgradcheck; inputs whose mean
+dwarfs their spread; the class change in place and undone, through sparsify, densify, state dicts and deep copies;
+the private ops' argument errors."""
 import copy
 import io
 import math
@@ -14,7 +15,7 @@ from torch import nn
 
 import sparsekern
 from sparsekern import isa as sk_isa
-from sparsekern.nn import FastBatchNorm2d, fast_batch_norm, plain_batch_norm
+from sparsekern.nn import FastBatchNorm2d, FastMaxPool2d, fast_modules, plain_modules
 from sparsekern.ops import dispatch
 
 from sk_testing import gen
@@ -34,7 +35,7 @@ def _pair(C, dtype=torch.float32, **kwargs):
             plain.weight.uniform_(0.5, 1.5, generator=gen(1))
             plain.bias.uniform_(-1, 1, generator=gen(2))
     fast = copy.deepcopy(plain)
-    assert fast_batch_norm(fast) == [""]
+    assert fast_modules(fast) == [""]
     return plain, fast
 
 
@@ -186,7 +187,7 @@ def test_sparse_resnet_step_matches_plain_batch_norm():
     torch.manual_seed(0)
     model = sparsekern.sparsify(get_model("resnet20", 10), 0.2, generator=gen(12)).double()
     fast = copy.deepcopy(model)
-    assert len(fast_batch_norm(fast)) == len([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]) > 0
+    assert len(fast_modules(fast)) == len([m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]) > 0
     x = torch.randn(8, 3, 32, 32, generator=gen(13), dtype=torch.float64)
     y = torch.randint(0, 10, (8,), generator=gen(14))
     for _ in range(2):
@@ -207,18 +208,19 @@ def test_sparse_resnet_step_matches_plain_batch_norm():
 
 def test_class_changes_in_place_and_back():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.SyncBatchNorm(4),
-                          nn.Sequential(nn.BatchNorm2d(4)), nn.BatchNorm1d(4))
+                          nn.Sequential(nn.BatchNorm2d(4), nn.MaxPool2d(3, 2, 1)), nn.BatchNorm1d(4))
     bn = model[1]
     params, seen = list(bn.parameters()), []
     hook = bn.register_forward_hook(lambda m, i, o: seen.append(type(m)))
-    assert fast_batch_norm(model) == ["1", "4.0"]
+    assert fast_modules(model) == ["1", "4.0", "4.1"]
     assert model[1] is bn and type(bn) is FastBatchNorm2d and isinstance(bn, nn.BatchNorm2d)
     assert list(bn.parameters()) == params
     bn(torch.randn(2, 4, 3, 3))
     assert seen == [FastBatchNorm2d]
     hook.remove()
     assert type(model[3]) is nn.SyncBatchNorm and type(model[5]) is nn.BatchNorm1d
-    assert fast_batch_norm(model) == []  # already fast
+    assert fast_modules(model) == []  # already fast
+    assert type(model[4][1]) is FastMaxPool2d
     state = model.state_dict()
     buf = io.BytesIO()
     torch.save(model, buf)
@@ -226,29 +228,30 @@ def test_class_changes_in_place_and_back():
     loaded = torch.load(buf, weights_only=False)
     assert type(loaded[1]) is FastBatchNorm2d
     assert type(copy.deepcopy(model)[4][0]) is FastBatchNorm2d
-    assert plain_batch_norm(model) == ["1", "4.0"]
-    assert type(bn) is nn.BatchNorm2d
+    assert plain_modules(model) == ["1", "4.0", "4.1"]
+    assert type(bn) is nn.BatchNorm2d and type(model[4][1]) is nn.MaxPool2d
     assert model.state_dict().keys() == state.keys()
 
 
 def test_sparsify_and_densify():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
-    sparse = sparsekern.sparsify(model, 0.5, fast_batch_norm=True, inplace=False, generator=gen(15))
-    assert type(sparse[1]) is FastBatchNorm2d and type(model[1]) is nn.BatchNorm2d
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 4, 1))
+    sparse = sparsekern.sparsify(model, 0.5, fast_modules=True, inplace=False, generator=gen(15))
+    assert type(sparse[1]) is FastBatchNorm2d and type(sparse[3]) is FastMaxPool2d
+    assert type(model[1]) is nn.BatchNorm2d and type(model[3]) is nn.MaxPool2d
     assert type(sparsekern.sparsify(model, 0.5, inplace=False, generator=gen(15))[1]) is nn.BatchNorm2d
     dense = sparsekern.densify(sparse)
-    assert type(dense[1]) is nn.BatchNorm2d and type(dense[0]) is nn.Conv2d
+    assert type(dense[1]) is nn.BatchNorm2d and type(dense[3]) is nn.MaxPool2d and type(dense[0]) is nn.Conv2d
 
 
-@pytest.mark.parametrize("fn", (fast_batch_norm, plain_batch_norm))
+@pytest.mark.parametrize("fn", (fast_modules, plain_modules))
 def test_model_errors(fn):
     with pytest.raises(TypeError, match=f"{fn.__name__}: model must be an nn.Module, got int"):
         fn(3)
 
 
 def test_sparsify_flag_must_be_bool():
-    with pytest.raises(TypeError, match="sparsify: fast_batch_norm must be a bool, got int"):
-        sparsekern.sparsify(nn.Linear(4, 4), 0.5, fast_batch_norm=1)
+    with pytest.raises(TypeError, match="sparsify: fast_modules must be a bool, got int"):
+        sparsekern.sparsify(nn.Linear(4, 4), 0.5, fast_modules=1)
 
 
 @needs_kernel
@@ -290,3 +293,107 @@ def test_op_errors(case, match):
         b = b.double()
     with pytest.raises(ValueError, match=match):
         torch.ops.sparsekern._batch_norm_train(x, w, b, rm, rv, n, 0.1, 1e-5)
+
+
+# -- FastMaxPool2d ---------------------------------------------------------------------------------------------------
+
+def _uses_pool_kernel(y: torch.Tensor) -> bool:
+    return y.grad_fn is not None and "MaxPool" in y.grad_fn.name() and "MaxPool2DWithIndices" not in y.grad_fn.name()
+
+
+# Planes: ResNet stems' even sizes, odd ones (the last window half padding), one row or column, 1x1, and rows of 1-3
+# vectors of outputs.
+POOL_SHAPES = ((2, 3, 56, 56), (1, 2, 7, 9), (2, 2, 1, 5), (1, 3, 6, 1), (2, 1, 1, 1), (1, 2, 2, 2), (1, 1, 5, 65),
+               (1, 2, 33, 40))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("values", ("random", "ties", "special"))
+def test_max_pool_matches_aten(shape, dtype, values):
+    x = torch.randn(shape, generator=gen(20), dtype=dtype)
+    if values == "ties":  # after a ReLU, and a few equal positive values
+        x = x.clamp_min(0).round()
+    elif values == "special":
+        flat = x.view(-1)
+        flat[::7] = float("-inf")
+        flat[3::11] = float("nan")
+        flat[5::13] = float("inf")
+    y, idx = torch.ops.sparsekern._max_pool2d_3x3s2(x)
+    ref, ref_idx = torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
+    torch.testing.assert_close(y, ref, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+
+
+@needs_kernel
+def test_max_pool_module_and_gradients():
+    x = torch.randn(2, 3, 9, 8, generator=gen(21)).clamp_min(0)  # ties of zeros, as after a stem's ReLU
+    plain = nn.MaxPool2d(3, 2, 1)
+    fast = copy.deepcopy(plain)
+    fast_modules(fast)
+    g = torch.randn(2, 3, 5, 4, generator=gen(22))
+    y0, dx0 = _step(plain, x, g)
+    y1, dx1 = _step(fast, x, g)
+    assert _uses_pool_kernel(y1)
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0)
+    xd = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=gen(23), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.sparsekern._max_pool2d_3x3s2(t)[0], (xd,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.sparsekern._max_pool2d_3x3s2(t)[0], (xd,))
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ("kernel2", "stride1", "padding0", "dilation", "ceil", "indices", "channels_last",
+                                  "bfloat16", "3d"))
+def test_max_pool_falls_back_elsewhere(case):
+    x = torch.randn(2, 3, 8, 8, generator=gen(24))
+    args = dict(kernel_size=3, stride=2, padding=1)
+    if case == "kernel2":
+        args.update(kernel_size=2, padding=0)
+    elif case == "stride1":
+        args.update(stride=1)
+    elif case == "padding0":
+        args.update(padding=0)
+    elif case == "dilation":
+        args.update(dilation=2)
+    elif case == "ceil":
+        args.update(ceil_mode=True)
+    elif case == "indices":
+        args.update(return_indices=True)
+    elif case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "3d":
+        x = x[0]
+    plain = nn.MaxPool2d(**args)
+    fast = copy.deepcopy(plain)
+    fast_modules(fast)
+    xs = x.clone().requires_grad_(True)
+    y0, y1 = plain(x), fast(xs)
+    if case == "indices":
+        assert torch.equal(y1[1], y0[1])
+        y0, y1 = y0[0], y1[0]
+    assert not _uses_pool_kernel(y1)
+    assert torch.equal(y1, y0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case, match", [
+    ("3d", r"x must be 4-D \(N, C, H, W\), got 3-D"),
+    ("channels_last", r"x must be contiguous \(NCHW\)"),
+    ("int", "x must be float32 or float64, got Int"),
+    ("empty", "x must have planes of at least 1x1"),
+])
+def test_max_pool_op_errors(case, match):
+    x = torch.randn(2, 3, 4, 4)
+    if case == "3d":
+        x = x[0]
+    elif case == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case == "int":
+        x = x.int()
+    elif case == "empty":
+        x = x[:, :, :0]
+    with pytest.raises(ValueError, match=match):
+        torch.ops.sparsekern._max_pool2d_3x3s2(x)
