@@ -219,6 +219,7 @@ def _train_run(args: argparse.Namespace, context) -> int:
     from . import distributed, dst as dst_algorithms
     from .data import load_data
     from .models import build_model
+    from .nn import fast_modules
     from .sparsity import sparsify
     from .train import evaluate, fit
 
@@ -231,6 +232,8 @@ def _train_run(args: argparse.Namespace, context) -> int:
     if args.method != "dense":
         sparsify(model, args.density, args.distribution, init=args.init,
                  generator=torch.Generator().manual_seed(args.seed))
+    if not args.plain_modules:
+        fast_modules(model)  # the same modules in every method, so that dense and sparse runs compare
     model.to(context.device)
     trained = distributed.wrap_ddp(model, context.device) if context.distributed else model
     optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=args.momentum,
@@ -355,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", choices=("dense", "static", "set", "snfs", "rigl"), default="rigl")
     train.add_argument("--distribution", choices=("uniform", "er", "erk"), default="erk")
     train.add_argument("--init", choices=("sparse", "dense", "layer"), default="sparse")
+    train.add_argument("--plain-modules", action="store_true",
+                       help="keep nn.BatchNorm2d and nn.MaxPool2d as they are (default: sparsekern.fast_modules, "
+                            "their faster CPU forwards, in every method, dense included)")
     train.add_argument("--epochs", type=_int_at_least(0), default=10)
     train.add_argument("--batch-size", type=_int_at_least(1), default=128,
                        help="examples per step and per process: under torchrun each of the N processes takes its "

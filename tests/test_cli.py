@@ -55,3 +55,23 @@ def test_train_command_with_no_epochs_evaluates_the_initial_model(tmp_path):
                  "--no-progress"]) == 0
     summary = json.loads(next((tmp_path / "train").glob("*/summary.json")).read_text())
     assert summary["final_epoch"] is None and 0.0 <= summary["test"]["accuracy"] <= 1.0
+
+
+def test_train_command_runs_fast_modules_unless_told(tmp_path, monkeypatch):
+    """Every method trains with sparsekern.fast_modules (a ResNet's batch norms), `--plain-modules` without: the same
+    run to float rounding."""
+    import sparsekern.nn as sk_nn
+
+    made_fast = []
+    real = sk_nn.fast_modules
+    monkeypatch.setattr(sk_nn, "fast_modules", lambda model: made_fast.append(real(model)) or made_fast[-1])
+    summaries = []
+    for extra in ([], ["--plain-modules"]):
+        out = tmp_path / ("plain" if extra else "fast")
+        assert main(["train", "--model", "resnet20", "--data", "synthetic", "--image-size", "8", "--epochs", "1",
+                     "--density", "0.2", "--method", "rigl", "--delta-t", "2", "--out", str(out), "--no-progress",
+                     *extra]) == 0
+        summaries.append(json.loads(next((out / "train").glob("*/summary.json")).read_text()))
+    assert len(made_fast) == 1 and len(made_fast[0]) > 10  # the batch norms of the first run only
+    fast, plain = (s["test"] for s in summaries)
+    assert fast["accuracy"] == plain["accuracy"] and fast["loss"] == pytest.approx(plain["loss"], rel=1e-5)
