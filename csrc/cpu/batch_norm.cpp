@@ -119,12 +119,12 @@ SK_AVX512 void channels_f32_wide(const float* x, const float* w, const float* b,
 }
 #endif
 
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 template <class T>
 const T* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+  return given(t) ? t->data_ptr<T>() : nullptr;
 }
-
-bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 void check_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,

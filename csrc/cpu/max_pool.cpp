@@ -1,10 +1,10 @@
 // Max pooling 3x3, stride 2, padding 1 (a ResNet's stem) on the CPU (sparsekern.nn.FastMaxPool2d): the values and
 // the flat indices (ih * W + iw within the plane) that aten::max_pool2d_with_indices returns, the same element chosen
 // (its rule, in the window's row-major order: a larger value or a NaN takes the place; ties keep the first), on
-// vectors of output columns: each input row is split into its even and odd columns once, so that the window's three
-// columns of 16 outputs are three contiguous vectors. ATen's CPU kernel takes one output at a time: 9.5 ms for
-// 16x64x56x56 against a 0.33 ms copy of it (AMD Zen 5, 2 threads; BENCHMARKS.md). The backward is ATen's, on the
-// indices.
+// vectors of output columns: each of a window's input rows is first copied out as three rows of its columns 2ow - 1,
+// 2ow and 2ow + 1, so that the window's nine candidates for a vector of outputs are nine contiguous vector loads.
+// ATen's CPU kernel takes one output at a time: 9.5 ms for 16x64x56x56 against a 0.33 ms copy of it, this one 1.4 ms
+// (AMD Zen 5, 2 threads; BENCHMARKS.md). The backward is ATen's, on the indices.
 #pragma GCC optimize("fp-contract=fast")
 
 #include <ATen/Parallel.h>
