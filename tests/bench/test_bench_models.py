@@ -98,7 +98,10 @@ def test_bench_models_tiny(tmp_path):
                 assert 0 < float(layer[f"{d} density"]) <= 1
                 assert layer[f"{d} kernel"] in ("csr", "gemm", "dense")  # what the layer ran in the timed steps
                 _ratio(layer[f"{d} ms"])
-                _ratio(layer[f"{d} speedup"])
+                speedup, _, first = layer[f"{d} speedup"].partition(" (first ")
+                _ratio(speedup)
+                if first:  # timed again (recheck_slower): the first timing read slower than the twin
+                    assert first.endswith(")") and _ratio(first[:-1]) < 1, layer
         # uniform: every layer at the requested density (up to rounding of nnz)
         assert all(abs(float(layer["uniform density"]) - DENSITY) < 0.01 for layer in layers)
 
@@ -157,6 +160,45 @@ def test_the_dense_twin_of_a_fused_layer_runs_its_activation():
     paired = nn.Sequential(dense, nn.GELU())
     assert bench_models._layer_key(paired, cap) != bench_models._layer_key(dense, cap)
     assert bench_models._weight_params(paired) == [dense.weight, dense.bias]
+
+
+def test_a_layer_slower_than_its_twin_is_timed_again_with_fresh_samples(monkeypatch):
+    """recheck_slower re-times exactly the rows some distribution ran slower than the twin (all their modules, side
+    by side, with the budget given), keeps the first speedups and replaces the timings; other rows stay."""
+    from torch import nn
+
+    from sparsekern.bench import models as bench_models
+    from sparsekern.bench.timing import Budget, Timing
+
+    def t(ms):
+        return Timing(ms / 1e3, 0.0, 10)
+
+    cap = bench_models.Capture(torch.randn(8, 16), True, (8, 4))
+    modules, rows = {}, []
+    for name, sparse_ms in (("fast", {"erk": 0.5, "uniform": 0.6}), ("slow", {"erk": 1.2, "uniform": 0.7})):
+        layer = nn.Linear(16, 4)
+        twins = {d: sparsekern.sparsify(nn.Sequential(nn.Linear(16, 4)), density, d)[0]  # unlike: timed apart
+                 for d, density in (("erk", 0.5), ("uniform", 0.25))}
+        modules[name] = {"dense": layer, **twins}
+        row = bench_models.LayerRow(name, "4x16", "8x16", macs=512, dense=t(1.0))
+        for d, ms in sparse_ms.items():
+            row.density[d], row.sparse[d], row.kernel[d] = 0.5, t(ms), "csr"
+        rows.append(row)
+    seen = []
+
+    def fake_measure(fns, budget, **kw):
+        seen.append((sorted(fns), budget))
+        return {name: t({"dense": 2.0}.get(name, 1.0)) for name in fns}
+
+    monkeypatch.setattr(bench_models, "measure_interleaved", fake_measure)
+    budget = Budget(0.5, 1.0)
+    bench_models.recheck_slower(rows, modules, {"fast": cap, "slow": cap}, budget)
+    assert seen == [(["dense", "erk", "uniform"], budget)]  # the slow row only, every module of it
+    fast, slow = rows
+    assert fast.first == {} and fast.speedup("erk") == 2.0  # untouched
+    assert slow.first == pytest.approx({"erk": 1.0 / 1.2, "uniform": 1.0 / 0.7})
+    assert slow.speedup("erk") == 2.0 and slow.dense.median == 2e-3  # the second timing's
+    assert slow.speedup_text("erk") == "2.00x (first 0.83x)"
 
 
 def test_breakdown_categories():
