@@ -221,7 +221,7 @@ def time_layers(modules: Dict[str, nn.Module], cap: Capture, budget: Budget, cac
     return {name: cache[_layer_key(module, cap)] for name, module in modules.items()}
 
 
-def recheck_slower(rows: List["LayerRow"], modules: Dict[str, Dict[str, nn.Module]], captured: Dict[str, Capture],
+def recheck_slower(rows: List[LayerRow], modules: Dict[str, Dict[str, nn.Module]], captured: Dict[str, Capture],
                    budget: Budget) -> None:
     """Each layer of ``rows`` that some distribution ran slower than its twin, timed again (the twin and every sparse
     twin, side by side, fresh samples with ``budget``) and its timings replaced by those, the first speedups kept in
