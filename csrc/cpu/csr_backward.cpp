@@ -106,30 +106,39 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
   // The bias gradient: a row of m sums per thread, added up at the end.
   at::Tensor bias_parts = need_bias ? at::zeros({nth, m}, dvals_s.options()) : at::Tensor();
   S* bias_part = need_bias ? bias_parts.data_ptr<S>() : nullptr;
-  sddmm_whole_tiles<S>(vals, nnz, n, T, wide, (m + std::max(m, k)) * T, dvals_s.options(),
-                       [&](S* gt, int64_t w, int64_t b0, int64_t nc, int tb, S* out, bool first) {
-                         // gt: G's tile (m x Tt), then the activation's tile, later B's (k x Tt), in the same place.
-                         const int64_t Tt = tb / int64_t(sizeof(S));
-                         S* bt = gt + m * Tt;
-                         pack_tile(gt, Tt, G, b0, nc);
-                         if (has_act) pack_tile(bt, Tt, act, b0, nc);
-                         if (has_act || need_bias)
-                           mask_and_sum(gt, has_act ? bt : nullptr, scale, m, Tt,
-                                        need_bias ? bias_part + w * m : nullptr);
-                         if (need_dB) {
-                           Runs runs;
-                           if (planes) runs = plane_runs(dB.size(2), dB.stride(1), b0, nc);
-                           spmm_tile_rows(tb, wide,
-                                          SpmmJob<S, I>{tvals, trp, tci, gt, o, os0, os1, b0, nc, nullptr, nnz - 1,
-                                                        prefetch, planes ? &runs : nullptr},
-                                          0, k);
-                         }
-                         pack_tile(bt, Tt, B, b0, nc);
-                         // G's rows from its packed tile: contiguous, Tt wide, zero beyond nc as B's tile is, so the dot
-                         // products run over the whole tile width.
-                         sddmm_tile_rows(tb, wide, SddmmJob<S>{rp, ci, gt, Tt, 1, bt, 0, Tt, out, first, nullptr}, 0,
-                                         m);
-                       });
+  // The input gradient's SpMM in L1 blocks where they pay (l1_block_rows; the rows' sums between blocks in B's tile,
+  // free until B is packed).
+  const int64_t block_rows = need_dB ? l1_block_rows(k, m, nnz, TB) : 0;
+  const std::shared_ptr<const L1Blocks> blocks =
+      block_rows ? l1_blocks(t_row_ptr, t_col_idx, k, m, block_rows) : nullptr;
+  at::Tensor bvals_t;
+  if (blocks) {
+    bvals_t = at::empty({nnz}, dvals_s.options());
+    block_values(tvals, trp, k, *blocks, bvals_t.data_ptr<S>());
+  }
+  sddmm_whole_tiles<S>(
+      vals, nnz, n, T, wide, (m + std::max(m, k)) * T, dvals_s.options(),
+      [&](S* gt, int64_t w, int64_t b0, int64_t nc, int tb, S* out, bool first) {
+        // gt: G's tile (m x Tt), then the activation's tile, later B's (k x Tt), in the same place.
+        const int64_t Tt = tb / int64_t(sizeof(S));
+        S* bt = gt + m * Tt;
+        pack_tile(gt, Tt, G, b0, nc);
+        if (has_act) pack_tile(bt, Tt, act, b0, nc);
+        if (has_act || need_bias)
+          mask_and_sum(gt, has_act ? bt : nullptr, scale, m, Tt, need_bias ? bias_part + w * m : nullptr);
+        if (need_dB) {
+          Runs runs;
+          if (planes) runs = plane_runs(dB.size(2), dB.stride(1), b0, nc);
+          const SpmmJob<S, I> J{
+              tvals, trp, tci, gt, o, os0, os1, b0, nc, nullptr, nnz - 1, prefetch, planes ? &runs : nullptr};
+          if (blocks) spmm_blocks(tb, wide, J, *blocks, bvals_t.data_ptr<S>(), k, bt);
+          else spmm_tile_rows(tb, wide, J, 0, k);
+        }
+        pack_tile(bt, Tt, B, b0, nc);
+        // G's rows from its packed tile: contiguous, Tt wide, zero beyond nc as B's tile is, so the dot
+        // products run over the whole tile width.
+        sddmm_tile_rows(tb, wide, SddmmJob<S>{rp, ci, gt, Tt, 1, bt, 0, Tt, out, first, nullptr}, 0, m);
+      });
   if constexpr (widened) const_cast<at::Tensor&>(dvals_t).copy_(dvals_s);
   if (need_bias) const_cast<at::Tensor&>(dbias_t).copy_(bias_parts.sum(0));
   note_fused_backward();

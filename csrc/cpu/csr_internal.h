@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -76,6 +77,13 @@ constexpr int64_t CHECK_NNZ_GRAIN = 1 << 18;      // nonzeros per task of the co
 // batch 16 1.8 / 3.1, 1024 x 1024 batch 256 15.5 / 21.8, 3072 x 768 at 784 tokens 98 / 91; at 0.65 5.8 / 6.4,
 // 5.2 / 5.1, 1.8 / 3.9, 18.9 / 20.8; at 0.8 6.2 / 5.8, 22.9 / 20.7. Hence 0.6.
 constexpr double DEFAULT_DENSE_ABOVE = 0.6;
+// The SpMM's L1 blocks (l1_block_rows) need this many entries per row and block on average: each block of a row
+// reads and writes its partial sums (a tile row) once. A standalone copy of the whole-tile loop, one thread, 256-byte
+// tiles in blocks of 128 rows (32 KB), Zen 4: m x k = 4096 x 4096 at density 0.1 (12.8 entries a block) 1.33x the
+// loop over the whole tile, 0.05 (6.4) 1.35x, 0.03 (3.8) 0.83x, 0.02 0.69x; 1536 x 384 at 0.1 1.26x, 4096 x 1024 at
+// 0.04 (5.1) 1.03x.
+constexpr int64_t L1_BLOCK_MIN_ENTRIES = 10;
+constexpr int64_t L1_BLOCK_MIN_BLOCKS = 8;
 // Up to these many nonzeros per column of the dense operand (nnz / k), a product whose dense operand has
 // contiguous batch items (B or Y with stride(0) == 1: x's rows, as sparse_linear and its weight gradient
 // pass them) runs the gather path (csr_gather.cpp), which reads that operand where it lies instead of packing
@@ -94,6 +102,15 @@ int tile_bytes(int64_t n, int64_t elem_size, bool wide);
 
 // Whether the SpMM loops prefetch, for a packed tile of `packed_bytes` (k rows x tile width).
 bool spmm_prefetch(int64_t packed_bytes);
+
+// The SpMM's L1 blocks: rows of the packed tile per block of its k rows, so that a block's rows (rows x tile_bytes)
+// fill the L1 data cache, and every row of A runs its entries in that block before the next block; 0 where the
+// whole-tile loops run the tile as one block (it fits L1, or the pattern has too few entries per row and block,
+// below L1_BLOCK_MIN_ENTRIES on average), as set_l1_block_rows says.
+int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes);
+// 0: l1_block_rows as measured (default); -1: never; r > 0: blocks of r rows wherever k > r (tests). Returns the
+// previous setting.
+int64_t set_l1_block_rows(int64_t rows);
 
 // Row boundaries of `parts` ranges of about equal cost (nnz + row_cost per row), aligned to `align` rows.
 std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align);
@@ -184,6 +201,10 @@ template <typename S, typename O = S> struct SpmmJob {
   bool prefetch;  // spmm_prefetch
   const Runs* oruns;  // out is a plane operand: the runs of columns b0 .. b0+nc (offsets from row starts)
   bool relu = false;  // out = max(result, 0): a ReLU fused into the layer, applied in registers before the store
+  // L1 blocks (spmm_blocks): row i's sums so far start from init + i * T (then bias is already in them), and a
+  // block before the last writes its sums to partial + i * T (rows T apart) instead of storing to out.
+  const S* init = nullptr;
+  S* partial = nullptr;
 };
 
 // SDDMM core: vals[p] (+)= dot(X[i, b0:b0+nc], Y[j, b0:b0+nc]) for rows r0..r1, Y packed (k x T).
@@ -236,6 +257,32 @@ void spmm_tile_rows(int tb, bool wide, const SpmmJob<double>& J, int64_t r0, int
 void spmm_tile_rows(int tb, bool wide, const SpmmJob<float, c10::BFloat16>& J, int64_t r0, int64_t r1);
 void sddmm_tile_rows(int tb, bool wide, const SddmmJob<float>& J, int64_t r0, int64_t r1);
 void sddmm_tile_rows(int tb, bool wide, const SddmmJob<double>& J, int64_t r0, int64_t r1);
+
+// The SpMM's L1 blocks (l1_block_rows; csr_spmm.cpp). A pattern's entries in blocks of `rows` columns of A (rows of
+// the packed tile): block b's entries of every row, row after row, then block b+1's; block b's CSR is
+// rp[b*(m+1) .. b*(m+1)+m] over ci. Built once per pattern (plan_cache.h). Entries in block-major order, not ranges
+// of the row-major lists: the loop then reads its lists front to back, as the plain loop does (ranges per block and
+// row, read in place, ran 2.3x slower at 4096 x 4096 in a standalone copy). The values change on every call:
+// block_values copies them into that order.
+struct L1Blocks {
+  int64_t nb = 0;
+  std::vector<int64_t> rp;
+  std::vector<int32_t> ci;
+  size_t bytes() const { return rp.size() * sizeof(int64_t) + ci.size() * sizeof(int32_t); }
+};
+std::shared_ptr<const L1Blocks> l1_blocks(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t m, int64_t k,
+                                          int64_t rows);
+// out = the pattern's values (CSR order, vals[0] the entry at rp[0]) in the blocks' order.
+void block_values(const float* vals, const int64_t* rp, int64_t m, const L1Blocks& b, float* out);
+void block_values(const double* vals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out);
+// J's rows 0..m over its packed tile, block after block (bvals: block_values; sums: m x tile width, the rows' sums
+// between blocks); J.vals, rp and ci are the blocks'.
+void spmm_blocks(int tb, bool wide, const SpmmJob<float>& J, const L1Blocks& b, const float* bvals, int64_t m,
+                 float* sums);
+void spmm_blocks(int tb, bool wide, const SpmmJob<double>& J, const L1Blocks& b, const double* bvals, int64_t m,
+                 double* sums);
+void spmm_blocks(int tb, bool wide, const SpmmJob<float, c10::BFloat16>& J, const L1Blocks& b, const float* bvals,
+                 int64_t m, float* sums);
 
 // ---------------------------------------------------------------------------
 // Dense fallback (csr_dense.cpp).

@@ -1,9 +1,13 @@
 // The CSR tile engine's tile width and row partitions (csr_internal.h).
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <vector>
+
+#include <unistd.h>
 
 #include "cpu/csr_internal.h"
 
@@ -23,6 +27,33 @@ int tile_bytes(int64_t n, int64_t elem_size, bool wide) {
   if (wide && bytes > 128) return 256;
   return 128;
 }
+
+namespace {
+std::atomic<int64_t> forced_block_rows{0};
+
+// The L1 data cache's bytes (32 KB where the system does not say).
+int64_t l1d_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long b = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (b >= 8192 && b <= (1 << 20)) return int64_t(b);
+#endif
+    return int64_t(32768);
+  }();
+  return bytes;
+}
+}  // namespace
+
+int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes) {
+  const int64_t forced = forced_block_rows.load();
+  if (forced < 0 || m == 0) return 0;
+  if (forced > 0) return k > forced ? forced : 0;
+  const int64_t rows = std::max<int64_t>(1, l1d_bytes() / tile_bytes);
+  if (k < L1_BLOCK_MIN_BLOCKS * rows || nnz * rows < L1_BLOCK_MIN_ENTRIES * m * k) return 0;
+  return rows;
+}
+
+int64_t set_l1_block_rows(int64_t rows) { return forced_block_rows.exchange(rows); }
 
 bool spmm_prefetch(int64_t packed_bytes) {
   static const bool intel = [] {
@@ -73,3 +104,11 @@ int64_t row_grain(int64_t m, int64_t nnz, int64_t target) {
 }  // namespace detail
 }  // namespace csr
 }  // namespace sparsekern
+
+// Private op (tests, A/B timings): the SpMM's L1 blocks (set_l1_block_rows); not part of the op contract.
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.def("_set_l1_block_rows(int rows) -> int", [](int64_t rows) {
+    TORCH_CHECK_VALUE(rows >= -1, "_set_l1_block_rows: rows must be -1 (never), 0 (as measured) or > 0, got ", rows);
+    return sparsekern::csr::detail::set_l1_block_rows(rows);
+  });
+}

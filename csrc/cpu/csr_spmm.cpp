@@ -3,8 +3,10 @@
 // every tile, each nonzero adding w times one packed row; dense enough patterns run the dense
 // fallback (csr_dense.cpp).
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -12,6 +14,7 @@
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
 #include "cpu/csr_internal.h"
+#include "cpu/plan_cache.h"
 #include "cpu/simd.h"
 
 // The loops are written with explicit mul+add on GCC vectors; allow the compiler to fuse them into
@@ -154,12 +157,18 @@ SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
     const int64_t c1 = std::min(c0 + CHUNK, r1);
     const int64_t n1 = std::min(c1 + CHUNK, r1);
     for (int64_t i = c0; i < c1; ++i) {
-      if (c0 == r0) prefetch_out(J, c0, c1, i - c0);  // the first chunk's own lines: as early as it can
-      prefetch_out(J, c1, n1, i - c0);
+      if (!J.partial) {
+        if (c0 == r0) prefetch_out(J, c0, c1, i - c0);  // the first chunk's own lines: as early as it can
+        prefetch_out(J, c1, n1, i - c0);
+      }
       v acc[SETS][NV];
-      v init{};  // a splat of the loaded bias: of `bias ? bias[i] : 0` GCC built 16 masked broadcasts per vector
-      if (J.bias) init = vsplat<W>(J.bias[i]);
-      for (int q = 0; q < NV; ++q) acc[0][q] = init;
+      if (J.init) {  // an earlier L1 block's sums
+        for (int q = 0; q < NV; ++q) acc[0][q] = vload<W>(J.init + i * T + q * L);
+      } else {
+        v init{};  // a splat of the loaded bias: of `bias ? bias[i] : 0` GCC built 16 masked broadcasts per vector
+        if (J.bias) init = vsplat<W>(J.bias[i]);
+        for (int q = 0; q < NV; ++q) acc[0][q] = init;
+      }
       for (int s = 1; s < SETS; ++s)
         for (int q = 0; q < NV; ++q) acc[s][q] = v{};
       int64_t p = J.rp[i];
@@ -185,12 +194,17 @@ SK_INLINE void spmm_rows_loop(const SpmmJob<S, O>& J, int64_t r0, int64_t r1) {
       }
       for (int s = 1; s < SETS; ++s)
         for (int q = 0; q < NV; ++q) acc[0][q] += acc[s][q];
+      if (J.partial) {  // an L1 block before the last: the sums so far, for the next block
+        for (int q = 0; q < NV; ++q) vstore<W>(J.partial + i * T + q * L, acc[0][q]);
+        continue;
+      }
       // The fused ReLU in registers, not a pass of its own over the output (clamp_min_: 25 us a 256 x 1024 layer).
       // `a < 0 ? 0 : a` keeps a NaN, as clamp_min does.
       if (J.relu)
         for (int q = 0; q < NV; ++q) acc[0][q] = acc[0][q] < v{} ? v{} : acc[0][q];
       for (int q = 0; q < NV; ++q) vstore<W>(cbuf + (i - c0) * T + q * L, acc[0][q]);
     }
+    if (J.partial) continue;
     int64_t g0 = c0;
     if constexpr (W == 64 && std::is_same<S, float>::value && std::is_same<O, float>::value) {
       // A transposed float output in 16 x 16 blocks: one 64-byte store (a whole line) per token and block, half
@@ -219,6 +233,91 @@ SK_ROWS_CLONES(spmm, SpmmJob)
 SK_ROWS_EXPORT(spmm, SpmmJob, float, float)
 SK_ROWS_EXPORT(spmm, SpmmJob, double, double)
 SK_ROWS_EXPORT(spmm, SpmmJob, float, c10::BFloat16)
+
+namespace detail {
+
+std::shared_ptr<const L1Blocks> l1_blocks(const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t m, int64_t k,
+                                          int64_t rows) {
+  return plan_cache::get<L1Blocks>(row_ptr, col_idx, {plan_cache::kCsrL1Blocks, m, k, rows}, [&] {
+    const int64_t* rp = row_ptr.data_ptr<int64_t>();
+    const int32_t* ci = col_idx.data_ptr<int32_t>();
+    L1Blocks b;
+    b.nb = (k + rows - 1) / rows;
+    const int64_t nb = b.nb, stride = m + 1;
+    b.rp.assign(nb * stride, 0);
+    for (int64_t i = 0; i < m; ++i)  // counts, at each block's row i + 1
+      for (int64_t p = rp[i]; p < rp[i + 1]; ++p) ++b.rp[(ci[p] / rows) * stride + i + 1];
+    int64_t start = 0;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      int64_t* r = b.rp.data() + blk * stride;
+      r[0] = start;
+      for (int64_t i = 0; i < m; ++i) r[i + 1] += r[i];
+      start = r[m];
+    }
+    b.ci.resize(rp[m] - rp[0]);
+    for (int64_t i = 0; i < m; ++i) {
+      int64_t p = rp[i];  // the row's entries in block order are its entries in column order
+      for (int64_t blk = 0; blk < nb; ++blk)
+        for (int64_t q = b.rp[blk * stride + i]; q < b.rp[blk * stride + i + 1]; ++q) b.ci[q] = ci[p++];
+    }
+    return b;
+  });
+}
+
+// The values (CSR order, from vals[rp[0]]) in the blocks' order: each row's run of each block copied whole.
+template <typename S>
+void block_values_impl(const S* vals, const int64_t* rp, int64_t m, const L1Blocks& b, S* out) {
+  const int64_t stride = m + 1;
+  at::parallel_for(0, m, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const S* src = vals + (rp[i] - rp[0]);
+      for (int64_t blk = 0; blk < b.nb; ++blk) {
+        const int64_t q0 = b.rp[blk * stride + i], len = b.rp[blk * stride + i + 1] - q0;
+        std::copy(src, src + len, out + q0);
+        src += len;
+      }
+    }
+  });
+}
+
+void block_values(const float* vals, const int64_t* rp, int64_t m, const L1Blocks& b, float* out) {
+  block_values_impl(vals, rp, m, b, out);
+}
+void block_values(const double* vals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out) {
+  block_values_impl(vals, rp, m, b, out);
+}
+
+std::atomic<int64_t> block_runs{0};  // for the tests: tiles run in L1 blocks since load
+
+template <typename S, typename I>
+void spmm_blocks_impl(int tb, bool wide, SpmmJob<S, I> J, const L1Blocks& b, const S* bvals, int64_t m, S* sums) {
+  block_runs.fetch_add(1, std::memory_order_relaxed);
+  J.vals = bvals;
+  J.ci = b.ci.data();
+  J.prefetch = false;  // a block's rows are in L1
+  const S* bias = J.bias;
+  for (int64_t blk = 0; blk < b.nb; ++blk) {
+    J.rp = b.rp.data() + blk * (m + 1);
+    J.init = blk > 0 ? sums : nullptr;
+    J.bias = blk > 0 ? nullptr : bias;
+    J.partial = blk + 1 < b.nb ? sums : nullptr;
+    spmm_tile_rows(tb, wide, J, 0, m);
+  }
+}
+void spmm_blocks(int tb, bool wide, const SpmmJob<float>& J, const L1Blocks& b, const float* bvals, int64_t m,
+                 float* sums) {
+  spmm_blocks_impl(tb, wide, J, b, bvals, m, sums);
+}
+void spmm_blocks(int tb, bool wide, const SpmmJob<double>& J, const L1Blocks& b, const double* bvals, int64_t m,
+                 double* sums) {
+  spmm_blocks_impl(tb, wide, J, b, bvals, m, sums);
+}
+void spmm_blocks(int tb, bool wide, const SpmmJob<float, c10::BFloat16>& J, const L1Blocks& b, const float* bvals,
+                 int64_t m, float* sums) {
+  spmm_blocks_impl(tb, wide, J, b, bvals, m, sums);
+}
+
+}  // namespace detail
 
 namespace {
 
@@ -286,17 +385,29 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
   // they spread evenly over the threads.
   if (tiles_spread_evenly(ntiles)) {
     const int64_t nth = at::get_num_threads();
+    // L1 blocks where they pay (l1_block_rows): every row runs the tile's first block of rows, then its second, ...
+    // the rows' sums parked between blocks (m x T, read and written in order).
+    const int64_t block_rows = l1_block_rows(m, k, nnz, TB);
+    const std::shared_ptr<const L1Blocks> blocks = block_rows ? l1_blocks(row_ptr, col_idx, m, k, block_rows) : nullptr;
+    at::Tensor bvals_t;
+    if (blocks) {
+      bvals_t = at::empty({nnz}, B.options().dtype(c10::CppTypeToScalarType<S>::value));
+      block_values(vals, rp, m, *blocks, bvals_t.data_ptr<S>());
+    }
     at::parallel_for(0, nth, 1, [&](int64_t w0, int64_t w1) {
-      at::Tensor buf = at::empty({k * T}, B.options().dtype(c10::CppTypeToScalarType<S>::value));
+      at::Tensor buf = at::empty({(k + (blocks ? m : 0)) * T}, B.options().dtype(c10::CppTypeToScalarType<S>::value));
       S* tile = buf.data_ptr<S>();
+      S* sums = tile + k * T;
       for (int64_t w = w0; w < w1; ++w) {
         const auto cols = thread_columns(n, w, nth, sizeof(S));
         for (int64_t b0 = cols.first; b0 < cols.second; b0 += T) {
           const int64_t nc = std::min(T, cols.second - b0);
           const int tb = tile_bytes(nc, sizeof(S), wide);
-          pack_tile(tile, tb / int64_t(sizeof(S)), B, b0, nc);
+          const int64_t Tt = tb / int64_t(sizeof(S));
+          pack_tile(tile, Tt, B, b0, nc);
           Runs runs;
-          spmm_rows(tb, wide, job(tile, b0, nc, &runs), 0, m);
+          if (blocks) spmm_blocks(tb, wide, job(tile, b0, nc, &runs), *blocks, bvals_t.data_ptr<S>(), m, sums);
+          else spmm_rows(tb, wide, job(tile, b0, nc, &runs), 0, m);
         }
       }
     });
@@ -339,3 +450,8 @@ void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor&
 
 }  // namespace csr
 }  // namespace sparsekern
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  // Private, for the tests: how many batch tiles the SpMM ran in L1 blocks since load.
+  m.def("_l1_block_runs() -> int", [] { return sparsekern::csr::detail::block_runs.load(); });
+}

@@ -37,7 +37,8 @@ enum Kind : int64_t {
   kBatchedGrad,
   kPointwiseRows,
   kPointwiseGrad,
-  kDenseMasks
+  kDenseMasks,
+  kCsrL1Blocks
 };
 
 constexpr size_t kMaxBytes = size_t(1) << 30;

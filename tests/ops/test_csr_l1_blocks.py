@@ -1,0 +1,167 @@
+"""The CPU CSR engine's SpMM in L1 blocks (csrc/cpu/csr_spmm.cpp, spmm_blocks): every row runs its entries in one
+block of the packed tile's rows, its sums parked between blocks, then the next block. Forced to blocks of 1 to 40 rows
+(`_set_l1_block_rows`), against the reference and float64 dense autograd: sparse_linear (bias, the fused ReLU and GELU,
+a transposed output), spmm over NCHW planes, the one-pass backward's input gradient, over dtypes, both vector widths,
+empty rows and blocks, 1 and 2 threads; and which shapes take the blocks as measured."""
+import contextlib
+
+import pytest
+import torch
+
+import sparsekern
+from sparsekern import isa as sk_isa, reference
+from sparsekern.ops import dispatch, sparse_linear
+
+from sk_testing import assert_close, gen, make_input, random_mask, random_sparse, seed_of, threads
+
+pytestmark = pytest.mark.skipif(not dispatch.extension_loaded, reason="no compiled extension")
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float64: dict(rtol=1e-10, atol=1e-10),
+       torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+
+
+@contextlib.contextmanager
+def block_rows(rows):
+    before = torch.ops.sparsekern._set_l1_block_rows(rows)
+    try:
+        yield
+    finally:
+        torch.ops.sparsekern._set_l1_block_rows(before)
+
+
+def _runs():
+    return torch.ops.sparsekern._l1_block_runs()
+
+
+def _pattern(m, k, density, seed):
+    mask = random_mask((m, k), density, gen(seed), True)
+    row_ptr, col_idx = sparsekern.sparse_matrix.csr_from_mask(mask)
+    return mask, row_ptr, col_idx, sparsekern.sparse_matrix.transpose_pattern(row_ptr, col_idx, k)
+
+
+def _dense(mask, values):
+    return torch.zeros(mask.shape, dtype=values.dtype).masked_scatter(mask, values)
+
+
+@pytest.fixture(params=("avx2", "avx512"))
+def isa(request):
+    if not sk_isa.supported(request.param):
+        pytest.skip(f"isa {request.param}: this CPU lacks AVX-512F/BW/DQ/VL")
+    with sk_isa.use(request.param), sparsekern.backend("cpp"):
+        yield request.param
+
+
+@pytest.mark.parametrize("nthreads", (1, 2))
+@pytest.mark.parametrize("rows", (1, 7, 40))
+@pytest.mark.parametrize("density,empty_rows", [(0.08, True), (0.3, False), (0.3, True)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_linear_in_blocks(isa, dtype, density, empty_rows, rows, nthreads):
+    """Batches of whole tiles (256, 240: a narrower last tile) and k = 90, 130: blocks of every size, the last one
+    short; at density 0.08 many rows have no entry in a block (their sums pass through it)."""
+    for n, k in ((256, 130), (240, 90)):
+        g = gen(seed_of("l1-linear", isa, dtype, density, empty_rows, rows, n))
+        W = random_sparse((70, k), density, dtype, g, empty_rows)
+        x = make_input((n, k), dtype, g)
+        b = make_input((70,), dtype, g)
+        before = _runs()
+        with block_rows(rows), threads(nthreads):
+            y = sparse_linear(x, W, b)
+            y0 = sparse_linear(x, W)
+        assert _runs() > before
+        assert_close(y, reference.sparse_linear(x, W.values, W.row_ptr, W.col_idx, b), scale=k)
+        assert_close(y0, reference.sparse_linear(x, W.values, W.row_ptr, W.col_idx, None), scale=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("planes", [(3, 100), (2, 128)], ids=["p100", "p128"])
+def test_spmm_node_over_planes_in_blocks(isa, dtype, planes):
+    """B and out as NCHW planes (conv2d_gemm's operands, viewed (C, N, H*W)): the last block stores through the
+    planes' runs; the backward's input gradient over them in blocks too."""
+    m, k = 40, 96
+    seed = seed_of("l1-planes", isa, dtype, planes)
+    g = gen(seed)
+    mask, row_ptr, col_idx, tr = _pattern(m, k, 0.25, seed)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    B = torch.randn((planes[0], k, planes[1]), generator=g, dtype=torch.float64).to(dtype).transpose(0, 1)
+    B.requires_grad_()
+    before = _runs()
+    with block_rows(16):
+        out = torch.ops.sparsekern._spmm_node(values, row_ptr, col_idx, B, *tr)
+        grad = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+        got = torch.autograd.grad(out, [values, B], grad)
+    assert _runs() > before
+    v64, B64 = values.detach().double().requires_grad_(), B.detach().double().requires_grad_()
+    out64 = torch.einsum("mk,k...->m...", _dense(mask, v64), B64)
+    expected = torch.autograd.grad(out64, [v64, B64], grad.double())
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), out64.detach(), rtol=tol["rtol"], atol=tol["atol"] * k)
+    for a, e, scale in zip(got, expected, (B[0].numel(), m)):
+        torch.testing.assert_close(a.double(), e, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("rows", (3, 32))
+def test_linear_node_forward_and_backward_in_blocks(isa, dtype, act, rows):
+    """The layer node: its forward's SpMM and its one-pass backward's input gradient (W^T's blocks over the rows of
+    the output gradient's tile) in blocks; gradients of x, values and bias against float64 dense autograd."""
+    m, k, n = 120, 100, 256
+    seed = seed_of("l1-node", isa, dtype, act, rows)
+    g = gen(seed)
+    mask, row_ptr, col_idx, tr = _pattern(m, k, 0.3, seed)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    bias = torch.randn(m, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    grad = torch.randn(n, m, generator=g, dtype=torch.float64).to(dtype)
+    node = getattr(torch.ops.sparsekern, f"_sparse_linear_{act}_node" if act else "_sparse_linear_node")
+    before, fused = _runs(), torch.ops.sparsekern._fused_backward_runs()
+    with block_rows(rows):
+        y = node(x, values, bias, row_ptr, col_idx, *tr)
+        got = torch.autograd.grad(y, [x, values, bias], grad)
+    assert _runs() - before >= 2  # the forward's tiles and the input gradient's
+    assert torch.ops.sparsekern._fused_backward_runs() - fused == 1
+    x64, v64, b64 = (t.detach().double().requires_grad_() for t in (x, values, bias))
+    y64 = x64 @ _dense(mask, v64).t() + b64
+    if act:
+        y64 = getattr(torch.nn.functional, act)(y64)
+    expected = torch.autograd.grad(y64, [x64, v64, b64], grad.double())
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.double(), y64.detach(), rtol=tol["rtol"], atol=tol["atol"] * k)
+    for a, e, scale in zip(got, expected, (m, n, n)):
+        torch.testing.assert_close(a.double(), e, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def test_gradcheck_in_blocks():
+    g = gen(seed_of("l1-gradcheck"))
+    W = random_sparse((20, 70), 0.3, torch.float64, g, empty_rows=True, requires_grad=True)
+    x = make_input((128, 70), torch.float64, g, requires_grad=True)
+    b = make_input((20,), torch.float64, g, requires_grad=True)
+    with sparsekern.backend("cpp"), block_rows(9):
+        before = _runs()
+        assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, W.with_values(v), b), (x, W.values, b))
+        assert _runs() > before
+
+
+@pytest.mark.parametrize("density,blocked", [(0.1, True), (0.02, False)])
+def test_measured_rule_takes_blocks_for_long_dense_enough_rows(isa, density, blocked):
+    """As measured (rows 0): blocks of L1's size where the packed tile spans at least 8 of them and a row has at least
+    10 entries per block on average: k = 4096 at density 0.1 (about 13-38 a block), not at 0.02 (about 3-8);
+    a short k (one block's worth) never."""
+    g = gen(seed_of("l1-rule", isa, density))
+    x = make_input((256, 4096), torch.float32, g)
+    W = random_sparse((32, 4096), density, torch.float32, g)
+    short = random_sparse((32, 128), 0.5, torch.float32, g)
+    with block_rows(0):
+        before = _runs()
+        y = sparse_linear(x, W)
+        assert (_runs() > before) == blocked
+        before = _runs()
+        sparse_linear(x[:, :128].contiguous(), short)
+        assert _runs() == before
+    assert_close(y, reference.sparse_linear(x, W.values, W.row_ptr, W.col_idx, None), scale=4096)
+
+
+def test_block_rows_setting_is_checked():
+    with pytest.raises(ValueError, match="rows must be -1"):
+        torch.ops.sparsekern._set_l1_block_rows(-2)
