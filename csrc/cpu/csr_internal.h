@@ -81,7 +81,9 @@ constexpr double DEFAULT_DENSE_ABOVE = 0.6;
 // reads and writes its partial sums (a tile row) once. A standalone copy of the whole-tile loop, one thread, 256-byte
 // tiles in blocks of 128 rows (32 KB), Zen 4: m x k = 4096 x 4096 at density 0.1 (12.8 entries a block) 1.33x the
 // loop over the whole tile, 0.05 (6.4) 1.35x, 0.03 (3.8) 0.83x, 0.02 0.69x; 1536 x 384 at 0.1 1.26x, 4096 x 1024 at
-// 0.04 (5.1) 1.03x.
+// 0.04 (5.1) 1.03x. In the engine (2 threads, the values copied into block order per call) 4096 x 4096 at 0.05 ran
+// 0.80-0.84x and at 0.1 1.20-1.31x, hence 10. And the tile must span this many blocks: with fewer (k = 384-784 at
+// 256-byte tiles, a tile of 96-200 KB that L2 holds well) the forward read 0.85-1.02x; from k = 1024 on 1.05-1.29x.
 constexpr int64_t L1_BLOCK_MIN_ENTRIES = 10;
 constexpr int64_t L1_BLOCK_MIN_BLOCKS = 8;
 // Up to these many nonzeros per column of the dense operand (nnz / k), a product whose dense operand has
@@ -105,8 +107,8 @@ bool spmm_prefetch(int64_t packed_bytes);
 
 // The SpMM's L1 blocks: rows of the packed tile per block of its k rows, so that a block's rows (rows x tile_bytes)
 // fill the L1 data cache, and every row of A runs its entries in that block before the next block; 0 where the
-// whole-tile loops run the tile as one block (it fits L1, or the pattern has too few entries per row and block,
-// below L1_BLOCK_MIN_ENTRIES on average), as set_l1_block_rows says.
+// whole-tile loops run the tile as one block (it spans fewer than L1_BLOCK_MIN_BLOCKS blocks, or the pattern has fewer
+// than L1_BLOCK_MIN_ENTRIES entries per row and block on average), as set_l1_block_rows says.
 int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes);
 // 0: l1_block_rows as measured (default); -1: never; r > 0: blocks of r rows wherever k > r (tests). Returns the
 // previous setting.
