@@ -515,7 +515,7 @@ def test_the_dense_kernels_linear_products_are_exact_either_way_round(mode, shap
     if not kc._dispatch.extension_loaded:
         pytest.skip("no compiled extension")
     ops = torch.ops.sparsekern
-    before = ops._set_linear_orientation(mode)
+    before = ops._set_dense_products(mode)
     try:
         layer = SparseLinear(shape[-2], shape[-1], bias=bias, density=0.5, generator=gen(31))
         x = torch.randn(*shape[:-2], shape[-2], generator=gen(32))
@@ -527,9 +527,87 @@ def test_the_dense_kernels_linear_products_are_exact_either_way_round(mode, shap
         torch.autograd.gradcheck(call, inputs)
         torch.autograd.gradgradcheck(call, inputs)
     finally:
-        ops._set_linear_orientation(before)
+        ops._set_dense_products(before)
     with pytest.raises(ValueError, match="mode must be 0, 1 or 2"):
-        ops._set_linear_orientation(3)
+        ops._set_dense_products(3)
+
+
+def _aten_calls(fn) -> set:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("mode", [1, 2], ids=["onednn", "gemm"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("hw", [3, 8], ids=["hw9", "hw64"])  # NCHW weight gradient: one GEMM over copies; batched
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_the_dense_kernels_pointwise_conv_products_are_exact_either_way(mode, channels_last, hw, bias):
+    """A 1x1 conv (stride 1, no padding) on the dense kernel runs each product (forward, input and weight gradient)
+    as oneDNN's convolution or as GEMMs over its channels, whichever measured faster for the shape: either way it
+    gives the dense twin's output, in the twin's memory format, and gradients, and passes gradcheck and
+    gradgradcheck; an output gradient in the other layout than the input runs the convolution."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    ops = torch.ops.sparsekern
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    before = ops._set_dense_products(mode)
+    try:
+        layer = SparseConv2d(6, 5, 1, bias=bias, density=0.5, generator=gen(35))
+        x = torch.randn(3, 6, hw, hw, generator=gen(36)).contiguous(memory_format=fmt)
+        got, want = _grads(layer, x, "dense"), _dense_twin_grads(layer, x)
+        for g, w, what in zip(got, want, ("y", "x.grad", "values.grad", "bias.grad")):
+            _close(g, w, what)
+        assert got[0].is_contiguous(memory_format=fmt) and got[1].is_contiguous(memory_format=fmt)
+        layer.kernel = "dense"
+        calls = _aten_calls(lambda: layer(x.detach().clone().requires_grad_()).backward(
+            torch.ones(3, 5, hw, hw).contiguous(memory_format=fmt)))
+        assert ("aten::convolution" in calls) == (mode == 1), calls
+        assert ("aten::convolution_backward" in calls) == (mode == 1), calls
+        # The output's gradient in the other layout: the convolution's backward, the same gradients.
+        other = torch.contiguous_format if channels_last else torch.channels_last
+        layer.zero_grad(set_to_none=True)
+        xs = x.detach().clone().requires_grad_()
+        y = layer(xs)
+        g = torch.randn(y.shape, generator=gen(7)).contiguous(memory_format=other)
+        calls = _aten_calls(lambda: y.backward(g))
+        assert "aten::convolution_backward" in calls, calls
+        dense = layer.to_dense()
+        xd = x.detach().clone().requires_grad_()
+        dense(xd).backward(g)
+        _close(xs.grad, xd.grad, "x.grad, other layout")
+        _close(layer.values.grad, dense.weight.grad[layer.mask()], "values.grad, other layout")
+
+        layer64 = SparseConv2d(3, 4, 1, bias=bias, density=0.5, generator=gen(37), dtype=torch.float64)
+        layer64.kernel = "dense"
+        names = ("values", "bias") if bias else ("values",)
+        x64 = torch.randn(2, 3, hw, hw, dtype=torch.float64, generator=gen(38)).contiguous(memory_format=fmt)
+        inputs = (x64.requires_grad_(),) + tuple(getattr(layer64, n).detach().clone().requires_grad_() for n in names)
+
+        def call(x, *params):
+            return torch.func.functional_call(layer64, dict(zip(names, params)), (x,))
+        torch.autograd.gradcheck(call, inputs)
+        torch.autograd.gradgradcheck(call, inputs)
+    finally:
+        ops._set_dense_products(before)
+
+
+def test_the_dense_kernels_pointwise_conv_runs_onednns_convolution_when_deterministic():
+    """Under torch.use_deterministic_algorithms the dense kernel times no product: a 1x1 conv runs nn.Conv2d's
+    convolution, bit for bit."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    layer = SparseConv2d(16, 8, 1, density=0.5, generator=gen(39))
+    layer.kernel = "dense"
+    x = torch.randn(2, 16, 6, 6, generator=gen(40))
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y = layer(x)
+        dense = layer.to_dense()
+        assert torch.equal(y, F.conv2d(x, dense.weight, dense.bias))
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_the_dense_kernels_linear_products_keep_nn_linears_orientation_when_deterministic():
