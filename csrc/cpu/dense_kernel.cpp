@@ -337,8 +337,19 @@ at::Tensor pointwise_input_grad(const at::Tensor& g, const at::Tensor& x, const 
 constexpr int64_t kBatchedFrom = 64;
 at::Tensor pointwise_weight_grad(const at::Tensor& g, const at::Tensor& x, Pointwise layout) {
   if (layout == Pointwise::kNhwc) return weight_grad(gemm_view(g, layout), gemm_view(x, layout));
-  if (x.size(2) * x.size(3) >= kBatchedFrom)
-    return at::bmm(gemm_view(g, layout), gemm_view(x, layout).transpose(1, 2)).sum(0);
+  const int64_t n = x.size(0), hw = x.size(2) * x.size(3);
+  if (hw >= kBatchedFrom) {
+    // The images' products (Cout, Cin) each, summed: at most as many entries at once as x holds (a chunk of
+    // images at a time where Cout > H*W), so that the weight gradient takes no more memory than an activation.
+    const at::Tensor gv = gemm_view(g, layout), xt = gemm_view(x, layout).transpose(1, 2);
+    const int64_t chunk = std::clamp<int64_t>(n * hw / g.size(1), 1, n);
+    at::Tensor sum = at::bmm(gv.narrow(0, 0, chunk), xt.narrow(0, 0, chunk)).sum(0);
+    for (int64_t i = chunk; i < n; i += chunk) {
+      const int64_t c = std::min(chunk, n - i);
+      sum.add_(at::bmm(gv.narrow(0, i, c), xt.narrow(0, i, c)).sum(0));
+    }
+    return sum;
+  }
   return at::mm(g.transpose(0, 1).reshape({g.size(1), -1}), x.transpose(0, 1).reshape({x.size(1), -1}).t());
 }
 

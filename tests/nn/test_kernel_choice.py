@@ -592,6 +592,24 @@ def test_the_dense_kernels_pointwise_conv_products_are_exact_either_way(mode, ch
         ops._set_dense_products(before)
 
 
+def test_the_dense_kernels_pointwise_weight_gradient_sums_chunks_of_images_where_cout_exceeds_the_pixels():
+    """NCHW, H*W >= 64, as GEMMs: the images' products are summed a chunk of images at a time where holding all of
+    them (N x Cout x Cin) would take more memory than the input (Cout > H*W): the same gradients."""
+    if not kc._dispatch.extension_loaded:
+        pytest.skip("no compiled extension")
+    ops = torch.ops.sparsekern
+    before = ops._set_dense_products(2)
+    try:
+        for cout, n in ((150, 3), (100, 5), (64, 4)):  # chunks of 1, of 3 (and a last of 2), the whole batch
+            layer = SparseConv2d(6, cout, 1, bias=False, density=0.5, generator=gen(41))
+            x = torch.randn(n, 6, 8, 8, generator=gen(42))
+            got, want = _grads(layer, x, "dense"), _dense_twin_grads(layer, x)
+            for g, w, what in zip(got, want, ("y", "x.grad", "values.grad", "bias.grad")):
+                _close(g, w, what)
+    finally:
+        ops._set_dense_products(before)
+
+
 def test_the_dense_kernels_pointwise_conv_runs_onednns_convolution_when_deterministic():
     """Under torch.use_deterministic_algorithms the dense kernel times no product: a 1x1 conv runs nn.Conv2d's
     convolution, bit for bit."""
