@@ -359,8 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distribution", choices=("uniform", "er", "erk"), default="erk")
     train.add_argument("--init", choices=("sparse", "dense", "layer"), default="sparse")
     train.add_argument("--plain-modules", action="store_true",
-                       help="keep nn.BatchNorm2d and nn.MaxPool2d as they are (default: sparsekern.fast_modules, "
-                            "their faster CPU forwards, in every method, dense included)")
+                       help="keep nn.BatchNorm2d, nn.MaxPool2d and depthwise nn.Conv2d as they are (default: "
+                            "sparsekern.fast_modules, their faster CPU kernels, in every method, dense included)")
     train.add_argument("--epochs", type=_int_at_least(0), default=10)
     train.add_argument("--batch-size", type=_int_at_least(1), default=128,
                        help="examples per step and per process: under torchrun each of the N processes takes its "

@@ -1,11 +1,14 @@
-"""Faster CPU versions of the dense modules around a ResNet's sparse layers: ``fast_modules(model)`` makes each
-``nn.BatchNorm2d`` of ``model`` a ``FastBatchNorm2d`` and each ``nn.MaxPool2d`` a ``FastMaxPool2d``, in place (the
-same objects, parameters, buffers and hooks: only their class changes); ``plain_modules`` changes them back.
+"""Faster CPU versions of the dense modules around a network's sparse layers: ``fast_modules(model)`` makes each
+``nn.BatchNorm2d`` of ``model`` a ``FastBatchNorm2d``, each ``nn.MaxPool2d`` a ``FastMaxPool2d`` and each depthwise
+``nn.Conv2d`` (groups = in = out channels, zero padding) a ``FastDepthwiseConv2d``, in place (the same objects,
+parameters, buffers and hooks: only their class changes); ``plain_modules`` changes them back.
 
 Why: once the convolutions are sparse, what is left of a ResNet's CPU training step is largely these modules, and
 ATen's CPU kernels for two of them are far from what the memory allows (ResNet-50 112x112 batch 16 at 90 %
 sparsity, 187 ms a step: batch norm's forward 34 ms, most of it its batch statistics; the stem's 3x3 max pooling 9.5
-ms, one output at a time, for 12.8 MB of input a copy of which takes 0.33 ms).
+ms, one output at a time, for 12.8 MB of input a copy of which takes 0.33 ms). A ConvNeXt's depthwise 7x7 convs stay
+dense and ATen's CPU backward of them runs at a few GFLOP/s: 34 ms of a 126 ms step of ConvNeXt-T at 64x64 and 90 %
+sparsity.
 
 - ``FastBatchNorm2d``: the training forward on NCHW-contiguous float32/float64 CPU inputs computes the batch
   statistics in one read of the input and updates the running statistics (``_batch_norm_train``,
@@ -13,15 +16,20 @@ ms, one output at a time, for 12.8 MB of input a copy of which takes 0.33 ms).
 - ``FastMaxPool2d``: 3x3 windows, stride 2, padding 1 (the stem of torchvision's, timm's and transformers'
   ResNets), on NCHW-contiguous float32/float64 CPU inputs, vectorized over output columns, the same values and
   indices as ATen's (``_max_pool2d_3x3s2``, csrc/cpu/max_pool.cpp); its backward is ATen's.
+- ``FastDepthwiseConv2d``: depthwise convs of 5x5 taps or more at stride 1 and dilation 1 with zero padding of at
+  most the kernel size minus 1 (ConvNeXt's 7x7, EfficientNet's stride-1 5x5), on NCHW-contiguous or channels_last
+  float32/float64 CPU inputs, forward and backward on sparsekern's kernels (``_depthwise_conv2d``,
+  csrc/cpu/depthwise_conv.cpp); a backward that builds a graph (``create_graph=True``) runs ATen's, whose own
+  derivatives give the second order.
 
-Everything else (eval-mode batch norm, other pooling geometries, channels_last, bfloat16, CUDA, torch.compile,
-torch.func transforms) runs the ``nn`` module's own forward. Each computes what its ``nn`` module computes, to float
-rounding for batch norm and exactly for max pooling. ``sparsify(..., fast_modules=True)`` applies them with the
-sparse layers; they apply as well to a dense model, and the model bench reports the speedup against a dense model
-with them too."""
+Everything else (eval-mode batch norm, other pooling geometries, channels_last batch norm and pooling, bfloat16,
+CUDA, torch.compile, torch.func transforms, 3x3 or strided or dilated depthwise convs) runs the ``nn`` module's own
+forward. Each computes what its ``nn`` module computes, to float rounding for batch norm and the depthwise conv and
+exactly for max pooling. ``sparsify(..., fast_modules=True)`` applies them with the sparse layers; they apply as well
+to a dense model, and the model bench reports the speedup against a dense model with them too."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -32,9 +40,11 @@ from ..ops import dispatch
 FAST_DTYPES = (torch.float32, torch.float64)
 
 
-def _eager_cpu(x: torch.Tensor) -> bool:
-    """Whether x is a tensor the kernels take (NCHW-contiguous, float32/64, CPU) outside tracing and transforms."""
-    return (x.dtype in FAST_DTYPES and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+def _eager_cpu(x: torch.Tensor, channels_last: bool = False) -> bool:
+    """Whether x is a tensor the kernels take (NCHW-contiguous, or also channels_last where ``channels_last``,
+    float32/64, CPU) outside tracing and transforms."""
+    return (x.dtype in FAST_DTYPES and x.device.type == "cpu" and x.dim() == 4
+            and (x.is_contiguous() or (channels_last and x.is_contiguous(memory_format=torch.channels_last)))
             and dispatch.extension_loaded and not torch.is_autocast_enabled("cpu") and not dispatch.tracing()
             and not torch._C._are_functorch_transforms_active())
 
@@ -67,8 +77,59 @@ class FastMaxPool2d(nn.MaxPool2d):
         return torch.ops.sparsekern._max_pool2d_3x3s2(x)[0]
 
 
-# The modules made fast, by exact class (subclasses, SyncBatchNorm and the like are left alone).
-FAST = {nn.BatchNorm2d: FastBatchNorm2d, nn.MaxPool2d: FastMaxPool2d}
+def depthwise(module: nn.Conv2d) -> bool:
+    """Whether a conv is depthwise with a channel multiplier of 1 and zero padding (what FastDepthwiseConv2d can
+    run, at stride 1 and dilation 1)."""
+    return (module.groups == module.in_channels == module.out_channels and module.groups > 1
+            and module.padding_mode == "zeros")
+
+
+# Where FastDepthwiseConv2d runs its kernels (fwd+bwd against nn.Conv2d's, Zen 4, 2 threads, NCHW / channels_last):
+# 7x7 and 5x5 kernels 2.3-7x at every plane size measured (2x2 to 112x112); 3x3 kernels 0.73-1.13x, left to ATen. Its
+# forward alone on channels_last planes reads 1.1-1.3x ATen's up to 16x16 and 0.8-0.9x from 56x56 on.
+MIN_TAPS = 25
+LARGE_PLANE = 32 * 32
+
+
+class FastDepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` with sparsekern's CPU kernels at stride 1 and dilation 1 (see the module's doc); no
+    state of its own."""
+
+    def _fast_padding(self, x: torch.Tensor) -> Optional[List[int]]:
+        """The padding the kernel takes, or None where nn.Conv2d's forward must run."""
+        kernel = _pair(self.kernel_size)
+        if not (depthwise(self) and _pair(self.stride) == (1, 1) and _pair(self.dilation) == (1, 1)
+                and _eager_cpu(x, channels_last=True)
+                and x.shape[1] == self.in_channels and self.weight.dtype == x.dtype
+                and self.weight.device.type == "cpu" and (self.bias is None or self.bias.dtype == x.dtype)):
+            return None
+        if self.padding == "valid":
+            padding = (0, 0)
+        elif self.padding == "same":
+            if kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+                return None  # uneven padding: nn.Conv2d pads one side more
+            padding = (kernel[0] // 2, kernel[1] // 2)
+        else:
+            padding = _pair(self.padding)
+        if not all(0 <= p < k and n + 2 * p - k + 1 > 0 for p, k, n in zip(padding, kernel, x.shape[2:])):
+            return None  # padding beyond the kernel, or no output: nn.Conv2d (and its error)
+        if kernel[0] * kernel[1] < MIN_TAPS:
+            return None
+        if (x.shape[2] * x.shape[3] > LARGE_PLANE and not x.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return None  # a forward alone on large channels_last planes: ATen's is as fast or faster
+        return list(padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self._fast_padding(x) if isinstance(x, torch.Tensor) else None
+        if padding is None:
+            return super().forward(x)
+        return torch.ops.sparsekern._depthwise_conv2d(x, self.weight, self.bias, padding)
+
+
+# The modules made fast, by exact class (subclasses, SyncBatchNorm and the like are left alone), and which of a class.
+FAST = {nn.BatchNorm2d: FastBatchNorm2d, nn.MaxPool2d: FastMaxPool2d, nn.Conv2d: FastDepthwiseConv2d}
+ELIGIBLE = {nn.Conv2d: depthwise}
 
 
 def _check_model(where: str, model) -> None:
@@ -80,22 +141,22 @@ def _swap(model: nn.Module, classes) -> List[str]:
     changed = []
     for name, module in model.named_modules():
         new = classes.get(type(module))
-        if new is not None:
+        if new is not None and ELIGIBLE.get(type(module), lambda m: True)(module):
             module.__class__ = new
             changed.append(name)
     return changed
 
 
 def fast_modules(model: nn.Module) -> List[str]:
-    """Make every ``nn.BatchNorm2d`` of ``model`` a ``FastBatchNorm2d`` and every ``nn.MaxPool2d`` a ``FastMaxPool2d``
-    (those exact classes only), in place; returns their names. Optimizers, hooks and state dicts that refer to them
-    stay valid: the modules are the same objects."""
+    """Make every ``nn.BatchNorm2d`` of ``model`` a ``FastBatchNorm2d``, every ``nn.MaxPool2d`` a ``FastMaxPool2d`` and
+    every depthwise ``nn.Conv2d`` a ``FastDepthwiseConv2d`` (those exact classes only), in place; returns their
+    names. Optimizers, hooks and state dicts that refer to them stay valid: the modules are the same objects."""
     _check_model("fast_modules", model)
     return _swap(model, FAST)
 
 
 def plain_modules(model: nn.Module) -> List[str]:
-    """Undo ``fast_modules`` in place: every ``FastBatchNorm2d`` and ``FastMaxPool2d`` is its ``nn`` module again;
-    returns their names."""
+    """Undo ``fast_modules`` in place: every ``FastBatchNorm2d``, ``FastMaxPool2d`` and ``FastDepthwiseConv2d`` is its
+    ``nn`` module again; returns their names."""
     _check_model("plain_modules", model)
     return _swap(model, {fast: plain for plain, fast in FAST.items()})
