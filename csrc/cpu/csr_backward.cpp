@@ -116,8 +116,14 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
     bvals_t = at::empty({nnz}, dvals_s.options());
     block_values(tvals, trp, k, *blocks, bvals_t.data_ptr<S>());
   }
+  // The SDDMM in L1 blocks of B's tile rows where they pay (sddmm_l1_block_rows; the forward's cached blocks of the
+  // pattern), into a buffer in the blocks' order, put back in CSR order at the end.
+  const int64_t sd_rows = sddmm_l1_block_rows(m, k, nnz, TB);
+  const std::shared_ptr<const L1Blocks> sd_blocks = sd_rows ? l1_blocks(row_ptr, col_idx, m, k, sd_rows) : nullptr;
+  at::Tensor sd_vals_t = sd_blocks ? at::empty({nnz}, dvals_s.options()) : at::Tensor();
+  S* sd_vals = sd_blocks ? sd_vals_t.data_ptr<S>() : vals;
   sddmm_whole_tiles<S>(
-      vals, nnz, n, T, wide, (m + std::max(m, k)) * T, dvals_s.options(),
+      sd_vals, nnz, n, T, wide, (m + std::max(m, k)) * T, dvals_s.options(),
       [&](S* gt, int64_t w, int64_t b0, int64_t nc, int tb, S* out, bool first) {
         // gt: G's tile (m x Tt), then the activation's tile, later B's (k x Tt), in the same place.
         const int64_t Tt = tb / int64_t(sizeof(S));
@@ -137,8 +143,11 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
         pack_tile(bt, Tt, B, b0, nc);
         // G's rows from its packed tile: contiguous, Tt wide, zero beyond nc as B's tile is, so the dot
         // products run over the whole tile width.
-        sddmm_tile_rows(tb, wide, SddmmJob<S>{rp, ci, gt, Tt, 1, bt, 0, Tt, out, first, nullptr}, 0, m);
+        const SddmmJob<S> SJ{rp, ci, gt, Tt, 1, bt, 0, Tt, out, first, nullptr};
+        if (sd_blocks) sddmm_blocks(tb, wide, SJ, *sd_blocks, m);
+        else sddmm_tile_rows(tb, wide, SJ, 0, m);
       });
+  if (sd_blocks) unblock_values(sd_vals, rp, m, *sd_blocks, vals);
   if constexpr (widened) const_cast<at::Tensor&>(dvals_t).copy_(dvals_s);
   if (need_bias) const_cast<at::Tensor&>(dbias_t).copy_(bias_parts.sum(0));
   note_fused_backward();

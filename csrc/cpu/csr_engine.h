@@ -19,7 +19,8 @@
 // nonzeros ahead, 2 x 4 ymm accumulators per row). Patterns with at most about one nonzero per column of
 // the dense operand skip the packing (csr_gather.cpp). Where a packed tile spans many L1-sized blocks of its rows
 // and the pattern's rows have enough entries per block, the whole-tile SpMM runs block by block, each row's sums
-// parked between blocks, so that its random reads hit L1, not L2 (l1_block_rows, csr_internal.h).
+// parked between blocks, so that its random reads hit L1, not L2 (l1_block_rows, csr_internal.h); the fused
+// backward's SDDMM takes the same blocks where B's tile is large (sddmm_l1_block_rows).
 // On AVX-512 hosts the SpMM and SDDMM loops can run on 64-byte vectors (same templates and packing,
 // 256-byte tiles for long batches, instantiated for x86-64-v4); isa() says which width runs, see set_isa.
 // bfloat16 operands run the float32 loops: the packed tiles are widened as they are packed, values

@@ -86,6 +86,11 @@ constexpr double DEFAULT_DENSE_ABOVE = 0.6;
 // 256-byte tiles, a tile of 96-200 KB that L2 holds well) the forward read 0.85-1.02x; from k = 1024 on 1.05-1.29x.
 constexpr int64_t L1_BLOCK_MIN_ENTRIES = 10;
 constexpr int64_t L1_BLOCK_MIN_BLOCKS = 8;
+// The SDDMM reads G's and B's packed tiles, each row once per nonzero: blocks of B's rows pay only where B's tile
+// alone fills half an L2 or more. Fused backward of a sparse linear layer, 64-byte loops, 2 threads, Zen 4,
+// interleaved A/B: 4096 x 4096 at 0.1, batch 256 (a 1 MB tile) 1.06x; 2048 -> 512 at 2048 tokens (512 KB) 1.03x;
+// 1024 x 1024 (256 KB) 0.98x; 1536 -> 384 (384 KB) 0.995-0.999x.
+constexpr int64_t SDDMM_L1_BLOCK_MIN_TILE_BYTES = int64_t(512) << 10;
 // Up to these many nonzeros per column of the dense operand (nnz / k), a product whose dense operand has
 // contiguous batch items (B or Y with stride(0) == 1: x's rows, as sparse_linear and its weight gradient
 // pass them) runs the gather path (csr_gather.cpp), which reads that operand where it lies instead of packing
@@ -110,6 +115,9 @@ bool spmm_prefetch(int64_t packed_bytes);
 // whole-tile loops run the tile as one block (it spans fewer than L1_BLOCK_MIN_BLOCKS blocks, or the pattern has fewer
 // than L1_BLOCK_MIN_ENTRIES entries per row and block on average), as set_l1_block_rows says.
 int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes);
+// The fused backward's SDDMM in the same blocks (sddmm_blocks): as l1_block_rows, and only where B's packed tile (k
+// rows) takes SDDMM_L1_BLOCK_MIN_TILE_BYTES or more, unless forced (set_l1_block_rows).
+int64_t sddmm_l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes);
 // 0: l1_block_rows as measured (default); -1: never; r > 0: blocks of r rows wherever k > r (tests). Returns the
 // previous setting.
 int64_t set_l1_block_rows(int64_t rows);
@@ -277,6 +285,15 @@ std::shared_ptr<const L1Blocks> l1_blocks(const at::Tensor& row_ptr, const at::T
 // out = the pattern's values (CSR order, vals[0] the entry at rp[0]) in the blocks' order.
 void block_values(const float* vals, const int64_t* rp, int64_t m, const L1Blocks& b, float* out);
 void block_values(const double* vals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out);
+// The inverse: values in the blocks' order (bvals) into CSR order (out).
+void unblock_values(const float* bvals, const int64_t* rp, int64_t m, const L1Blocks& b, float* out);
+void unblock_values(const double* bvals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out);
+// The SDDMM of J (X's rows read in place: J.X contiguous rows of the tile width, as the fused backward's packed tile
+// of G) over its packed tile of Y block after block, so that the Y rows a block reads stay in L1; J.rp and ci are
+// replaced by the blocks', so J.vals takes the values in the blocks' order (unblock_values).
+extern std::atomic<int64_t> sddmm_block_runs;  // tiles run so since load, for the tests
+void sddmm_blocks(int tb, bool wide, const SddmmJob<float>& J, const L1Blocks& b, int64_t m);
+void sddmm_blocks(int tb, bool wide, const SddmmJob<double>& J, const L1Blocks& b, int64_t m);
 // J's rows 0..m over its packed tile, block after block (bvals: block_values; sums: m x tile width, the rows' sums
 // between blocks); J.vals, rp and ci are the blocks'.
 void spmm_blocks(int tb, bool wide, const SpmmJob<float>& J, const L1Blocks& b, const float* bvals, int64_t m,

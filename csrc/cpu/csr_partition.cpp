@@ -53,6 +53,11 @@ int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes) {
   return rows;
 }
 
+int64_t sddmm_l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes) {
+  const int64_t rows = l1_block_rows(m, k, nnz, tile_bytes);
+  return forced_block_rows.load() != 0 || k * tile_bytes >= SDDMM_L1_BLOCK_MIN_TILE_BYTES ? rows : 0;
+}
+
 int64_t set_l1_block_rows(int64_t rows) { return forced_block_rows.exchange(rows); }
 
 bool spmm_prefetch(int64_t packed_bytes) {

@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -106,6 +107,28 @@ SK_ROWS_CLONES(sddmm, SddmmJob)
 
 SK_ROWS_EXPORT(sddmm, SddmmJob, float, float)
 SK_ROWS_EXPORT(sddmm, SddmmJob, double, double)
+
+namespace detail {
+
+std::atomic<int64_t> sddmm_block_runs{0};  // for the tests: tiles whose SDDMM ran in L1 blocks since load
+
+template <typename S>
+void sddmm_blocks_impl(int tb, bool wide, SddmmJob<S> J, const L1Blocks& b, int64_t m) {
+  sddmm_block_runs.fetch_add(1, std::memory_order_relaxed);
+  J.ci = b.ci.data();
+  for (int64_t blk = 0; blk < b.nb; ++blk) {
+    J.rp = b.rp.data() + blk * (m + 1);
+    sddmm_tile_rows(tb, wide, J, 0, m);
+  }
+}
+void sddmm_blocks(int tb, bool wide, const SddmmJob<float>& J, const L1Blocks& b, int64_t m) {
+  sddmm_blocks_impl(tb, wide, J, b, m);
+}
+void sddmm_blocks(int tb, bool wide, const SddmmJob<double>& J, const L1Blocks& b, int64_t m) {
+  sddmm_blocks_impl(tb, wide, J, b, m);
+}
+
+}  // namespace detail
 
 namespace {
 

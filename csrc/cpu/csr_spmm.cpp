@@ -264,27 +264,35 @@ std::shared_ptr<const L1Blocks> l1_blocks(const at::Tensor& row_ptr, const at::T
   });
 }
 
-// The values (CSR order, from vals[rp[0]]) in the blocks' order: each row's run of each block copied whole.
+// The values (CSR order, from vals[rp[0]]) in the blocks' order: each row's run of each block copied whole; with
+// `back`, from the blocks' order (vals) into CSR order (out).
 template <typename S>
-void block_values_impl(const S* vals, const int64_t* rp, int64_t m, const L1Blocks& b, S* out) {
+void block_values_impl(const S* vals, const int64_t* rp, int64_t m, const L1Blocks& b, S* out, bool back) {
   const int64_t stride = m + 1;
   at::parallel_for(0, m, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const S* src = vals + (rp[i] - rp[0]);
+      int64_t p = rp[i] - rp[0];
       for (int64_t blk = 0; blk < b.nb; ++blk) {
         const int64_t q0 = b.rp[blk * stride + i], len = b.rp[blk * stride + i + 1] - q0;
-        std::copy(src, src + len, out + q0);
-        src += len;
+        if (back) std::copy(vals + q0, vals + q0 + len, out + p);
+        else std::copy(vals + p, vals + p + len, out + q0);
+        p += len;
       }
     }
   });
 }
 
 void block_values(const float* vals, const int64_t* rp, int64_t m, const L1Blocks& b, float* out) {
-  block_values_impl(vals, rp, m, b, out);
+  block_values_impl(vals, rp, m, b, out, false);
 }
 void block_values(const double* vals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out) {
-  block_values_impl(vals, rp, m, b, out);
+  block_values_impl(vals, rp, m, b, out, false);
+}
+void unblock_values(const float* bvals, const int64_t* rp, int64_t m, const L1Blocks& b, float* out) {
+  block_values_impl(bvals, rp, m, b, out, true);
+}
+void unblock_values(const double* bvals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out) {
+  block_values_impl(bvals, rp, m, b, out, true);
 }
 
 std::atomic<int64_t> block_runs{0};  // for the tests: tiles run in L1 blocks since load
@@ -454,4 +462,6 @@ void spmm(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor&
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   // Private, for the tests: how many batch tiles the SpMM ran in L1 blocks since load.
   m.def("_l1_block_runs() -> int", [] { return sparsekern::csr::detail::block_runs.load(); });
+  // And how many the fused backward's SDDMM ran in L1 blocks (csr_sddmm.cpp, sddmm_blocks).
+  m.def("_sddmm_l1_block_runs() -> int", [] { return sparsekern::csr::detail::sddmm_block_runs.load(); });
 }

@@ -1,8 +1,9 @@
 """The CPU CSR engine's SpMM in L1 blocks (csrc/cpu/csr_spmm.cpp, spmm_blocks): every row runs its entries in one
 block of the packed tile's rows, its sums parked between blocks, then the next block. Forced to blocks of 1 to 40 rows
 (`_set_l1_block_rows`), against the reference and float64 dense autograd: sparse_linear (bias, the fused ReLU and GELU,
-a transposed output), spmm over NCHW planes, the one-pass backward's input gradient, over dtypes, both vector widths,
-empty rows and blocks, 1 and 2 threads; and which shapes take the blocks as measured."""
+a transposed output), spmm over NCHW planes, the one-pass backward's input gradient and its SDDMM (the values'
+gradient, bit for bit the unblocked one's), over dtypes, both vector widths, empty rows and blocks, 1 and 2 threads;
+and which shapes take the blocks as measured."""
 import contextlib
 
 import pytest
@@ -32,6 +33,10 @@ def block_rows(rows):
 
 def _runs():
     return torch.ops.sparsekern._l1_block_runs()
+
+
+def _sddmm_runs():
+    return torch.ops.sparsekern._sddmm_l1_block_runs()
 
 
 def _pattern(m, k, density, seed):
@@ -115,12 +120,13 @@ def test_linear_node_forward_and_backward_in_blocks(isa, dtype, act, rows):
     x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
     grad = torch.randn(n, m, generator=g, dtype=torch.float64).to(dtype)
     node = getattr(torch.ops.sparsekern, f"_sparse_linear_{act}_node" if act else "_sparse_linear_node")
-    before, fused = _runs(), torch.ops.sparsekern._fused_backward_runs()
+    before, fused, sddmm = _runs(), torch.ops.sparsekern._fused_backward_runs(), _sddmm_runs()
     with block_rows(rows):
         y = node(x, values, bias, row_ptr, col_idx, *tr)
         got = torch.autograd.grad(y, [x, values, bias], grad)
     assert _runs() - before >= 2  # the forward's tiles and the input gradient's
     assert torch.ops.sparsekern._fused_backward_runs() - fused == 1
+    assert _sddmm_runs() > sddmm  # the values' gradient too
     x64, v64, b64 = (t.detach().double().requires_grad_() for t in (x, values, bias))
     y64 = x64 @ _dense(mask, v64).t() + b64
     if act:
@@ -160,6 +166,49 @@ def test_measured_rule_takes_blocks_for_long_dense_enough_rows(isa, density, blo
         sparse_linear(x[:, :128].contiguous(), short)
         assert _runs() == before
     assert_close(y, reference.sparse_linear(x, W.values, W.row_ptr, W.col_idx, None), scale=4096)
+
+
+@pytest.mark.parametrize("nthreads", (1, 2))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_backward_sddmm_in_blocks_is_bit_exact(isa, dtype, nthreads):
+    """The fused backward's SDDMM in blocks (values kept in the blocks' order, put back in CSR order) sums each
+    entry's tiles in the same order as without blocks: the values' gradient is the same bit for bit, over several
+    tiles per thread, rows with no entry in some blocks and empty rows."""
+    m, k, n = 90, 300, 520
+    seed = seed_of("l1-sddmm", isa, dtype, nthreads)
+    g = gen(seed)
+    mask = random_mask((m, k), 0.15, g, True)
+    row_ptr, col_idx = sparsekern.sparse_matrix.csr_from_mask(mask)
+    tr = sparsekern.sparse_matrix.transpose_pattern(row_ptr, col_idx, k)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    grad = torch.randn(n, m, generator=g, dtype=torch.float64).to(dtype)
+    grads = []
+    for rows in (-1, 16):
+        with block_rows(rows), threads(nthreads):
+            before = _sddmm_runs()
+            y = torch.ops.sparsekern._sparse_linear_node(x, values, None, row_ptr, col_idx, *tr)
+            grads.append(torch.autograd.grad(y, [x, values], grad))
+            assert (_sddmm_runs() > before) == (rows > 0)
+    assert torch.equal(grads[0][1], grads[1][1])
+    assert_close(grads[1][0], grads[0][0], scale=m)
+
+
+def test_measured_rule_takes_sddmm_blocks_for_large_tiles(isa):
+    """As measured: the backward's SDDMM in blocks where B's packed tile takes 512 KB or more (k = 4096, a batch of
+    256) and the SpMM's rule holds, not for k = 1024."""
+    g = gen(seed_of("l1-sddmm-rule", isa))
+    for k, blocked in ((4096, True), (1024, False)):
+        mask = random_mask((64, k), 0.1, g, False)
+        row_ptr, col_idx = sparsekern.sparse_matrix.csr_from_mask(mask)
+        tr = sparsekern.sparse_matrix.transpose_pattern(row_ptr, col_idx, k)
+        values = torch.randn(int(mask.sum()), generator=g).requires_grad_()
+        x = torch.randn(256, k, generator=g, requires_grad=True)  # both gradients: the fused backward
+        with block_rows(0):
+            before = _sddmm_runs()
+            y = torch.ops.sparsekern._sparse_linear_node(x, values, None, row_ptr, col_idx, *tr)
+            y.backward(torch.randn(y.shape, generator=g))
+            assert (_sddmm_runs() > before) == blocked
 
 
 def test_block_rows_setting_is_checked():
