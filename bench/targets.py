@@ -243,7 +243,9 @@ def report_markdown(verdicts: Sequence[dict], meta: Dict[str, str], model_result
                      + (f" {v.get('ran', '')} |" if ran else ""))
     lines += ["", "Margin: the judged ratio over the threshold, less 1. Of bound: the part of the bound's time saving "
               "reached (a model's bound: its dense step with the sparse layers' time scaled by their FLOP fraction; "
-              "an op's: dense time x density). Layers: fwd+bwd of each sparse layer alone on its captured input "
+              "an op's: dense time x density; above 100 % where a sparse step also saves outside its sparse layers: "
+              "the fused activations, the optimizer's update of fewer weights, the fast modules). Layers: fwd+bwd of "
+              "each sparse layer alone on its captured input "
               "against its dense twin's, the slowest named."]
     if model_results:
         lines += ["", "## The model runs", "", *bench_models._table(bench_models.SUMMARY_HEADERS,
