@@ -16,17 +16,17 @@ sparsity.
 - ``FastMaxPool2d``: 3x3 windows, stride 2, padding 1 (the stem of torchvision's, timm's and transformers'
   ResNets), on NCHW-contiguous float32/float64 CPU inputs, vectorized over output columns, the same values and
   indices as ATen's (``_max_pool2d_3x3s2``, csrc/cpu/max_pool.cpp); its backward is ATen's.
-- ``FastDepthwiseConv2d``: depthwise convs of 5x5 taps or more at stride 1 and dilation 1 with zero padding of at
-  most the kernel size minus 1 (ConvNeXt's 7x7, EfficientNet's stride-1 5x5), on NCHW-contiguous or channels_last
-  float32/float64 CPU inputs, forward and backward on sparsekern's kernels (``_depthwise_conv2d``,
-  csrc/cpu/depthwise_conv.cpp); a backward that builds a graph (``create_graph=True``) runs ATen's, whose own
-  derivatives give the second order.
+- ``FastDepthwiseConv2d``: depthwise convs at stride 1 and dilation 1 with zero padding of at most the kernel size
+  minus 1, of 5x5 taps or more (ConvNeXt's 7x7, EfficientNet's stride-1 5x5) on NCHW-contiguous or channels_last
+  float32/float64 CPU inputs, and 3x3 (MobileNets' stride-1 layers) on NCHW planes of 10x10 or more, forward and
+  backward on sparsekern's kernels (``_depthwise_conv2d``, csrc/cpu/depthwise_conv.cpp); a backward that builds a
+  graph (``create_graph=True``) runs ATen's, whose own derivatives give the second order.
 
 Everything else (eval-mode batch norm, other pooling geometries, channels_last batch norm and pooling, bfloat16,
-CUDA, torch.compile, torch.func transforms, 3x3 or strided or dilated depthwise convs) runs the ``nn`` module's own
-forward. Each computes what its ``nn`` module computes, to float rounding for batch norm and the depthwise conv and
-exactly for max pooling. ``sparsify(..., fast_modules=True)`` applies them with the sparse layers; they apply as well
-to a dense model, and the model bench reports the speedup against a dense model with them too."""
+CUDA, torch.compile, torch.func transforms, strided or dilated depthwise convs, smaller ones elsewhere) runs the
+``nn`` module's own forward. Each computes what its ``nn`` module computes, to float rounding for batch norm and the
+depthwise conv and exactly for max pooling. ``sparsify(..., fast_modules=True)`` applies them with the sparse layers;
+they apply as well to a dense model, and the model bench reports the speedup against a dense model with them too."""
 from __future__ import annotations
 
 from typing import List, Optional
@@ -84,10 +84,14 @@ def depthwise(module: nn.Conv2d) -> bool:
             and module.padding_mode == "zeros")
 
 
-# Where FastDepthwiseConv2d runs its kernels (fwd+bwd against nn.Conv2d's, Zen 4, 2 threads, NCHW / channels_last):
-# 7x7 and 5x5 kernels 2.3-7x at every plane size measured (2x2 to 112x112); 3x3 kernels 0.73-1.13x, left to ATen. Its
-# forward alone on channels_last planes reads 1.1-1.3x ATen's up to 16x16 and 0.8-0.9x from 56x56 on.
+# Where FastDepthwiseConv2d runs its kernels (fwd+bwd against nn.Conv2d's, Zen 4, 2 threads): 7x7 and 5x5 kernels
+# 2.3-7x at every plane size measured (2x2 to 112x112), NCHW and channels_last; 3x3 kernels on NCHW planes of 14x14
+# and up 1.4-1.8x (7x7 planes 0.8-0.9x: a plane's copies and per-row work are not amortized over 9 taps), on
+# channels_last planes 0.6-1.1x, left to ATen. Its forward alone on channels_last planes reads 1.1-1.3x ATen's up to
+# 16x16 and 0.8-0.9x from 56x56 on.
 MIN_TAPS = 25
+MIN_TAPS_NCHW = 9
+MIN_PLANE_NCHW_SMALL_KERNEL = 100  # H x W from which NCHW planes take kernels of MIN_TAPS_NCHW to MIN_TAPS taps
 LARGE_PLANE = 32 * 32
 
 
@@ -113,7 +117,9 @@ class FastDepthwiseConv2d(nn.Conv2d):
             padding = _pair(self.padding)
         if not all(0 <= p < k and n + 2 * p - k + 1 > 0 for p, k, n in zip(padding, kernel, x.shape[2:])):
             return None  # padding beyond the kernel, or no output: nn.Conv2d (and its error)
-        if kernel[0] * kernel[1] < MIN_TAPS:
+        taps = kernel[0] * kernel[1]
+        if taps < MIN_TAPS and not (taps >= MIN_TAPS_NCHW and x.is_contiguous()
+                                    and x.shape[2] * x.shape[3] >= MIN_PLANE_NCHW_SMALL_KERNEL):
             return None
         if (x.shape[2] * x.shape[3] > LARGE_PLANE and not x.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):

@@ -174,13 +174,19 @@ def test_module_matches_conv2d(layout, padding):
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
-@pytest.mark.parametrize("case", ("kernel3", "stride2", "dilation2", "same_even", "bfloat16", "3d", "sliced",
+@pytest.mark.parametrize("case", ("kernel3_channels_last", "kernel3_small_plane", "kernel2", "stride2", "dilation2", "same_even", "bfloat16", "3d", "sliced",
                                   "wide_padding", "large_channels_last_no_grad", "float64_weight"))
 def test_module_falls_back_elsewhere(case):
     args = dict(in_channels=16, out_channels=16, kernel_size=7, padding=3, groups=16)
     x = torch.randn(2, 16, 12, 12, generator=gen(10))
-    if case == "kernel3":
+    if case == "kernel3_channels_last":
         args.update(kernel_size=3, padding=1)
+        x = x.to(memory_format=torch.channels_last)
+    elif case == "kernel3_small_plane":
+        args.update(kernel_size=3, padding=1)
+        x = x[:, :, :9, :9].contiguous()
+    elif case == "kernel2":  # 4 taps: not even on NCHW planes
+        args.update(kernel_size=2, padding=1)
     elif case == "stride2":
         args.update(stride=2)
     elif case == "dilation2":
@@ -216,12 +222,29 @@ def test_module_falls_back_elsewhere(case):
     torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
 
 
+@needs_kernel
+@pytest.mark.parametrize("size", (10, 28))
+def test_module_runs_3x3_kernels_on_nchw_planes_of_10x10_and_up(size):
+    plain = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+    fast = _fast_twin(plain)
+    x = torch.randn(2, 24, size, size, generator=gen(14))
+    outs = []
+    for m in (plain, fast):
+        xs = x.clone().requires_grad_(True)
+        y = m(xs)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xs.grad, m.weight.grad, m.bias.grad))
+    assert _uses_kernel(outs[1][0])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 def test_fast_modules_swaps_depthwise_convs_only():
     model = nn.Sequential(nn.Conv2d(8, 8, 7, padding=3, groups=8),  # depthwise: swapped
                           nn.Conv2d(8, 16, 3, padding=1),  # dense: left
                           nn.Conv2d(16, 32, 7, padding=3, groups=16),  # channel multiplier 2: left
                           nn.Conv2d(32, 32, 5, padding=2, groups=32, padding_mode="reflect"),  # not zero padding: left
-                          nn.Conv2d(32, 32, 3, padding=1, groups=32),  # depthwise 3x3: swapped, runs nn.Conv2d's
+                          nn.Conv2d(32, 32, 3, padding=1, groups=32),  # depthwise 3x3: swapped
                           nn.BatchNorm2d(32))
     state = copy.deepcopy(model.state_dict())
     assert fast_modules(model) == ["0", "4", "5"]
