@@ -174,8 +174,9 @@ def test_module_matches_conv2d(layout, padding):
 
 @needs_kernel
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
-@pytest.mark.parametrize("case", ("kernel3_channels_last", "kernel3_small_plane", "kernel2", "stride2", "dilation2", "same_even", "bfloat16", "3d", "sliced",
-                                  "wide_padding", "large_channels_last_no_grad", "float64_weight"))
+@pytest.mark.parametrize("case", ("kernel3_channels_last", "kernel3_small_plane", "kernel2", "stride2", "dilation2",
+                                  "same_even", "bfloat16", "3d", "sliced", "wide_padding",
+                                  "large_channels_last_no_grad", "float64_weight"))
 def test_module_falls_back_elsewhere(case):
     args = dict(in_channels=16, out_channels=16, kernel_size=7, padding=3, groups=16)
     x = torch.randn(2, 16, 12, 12, generator=gen(10))
