@@ -18,7 +18,7 @@ sparsity.
   indices as ATen's (``_max_pool2d_3x3s2``, csrc/cpu/max_pool.cpp); its backward is ATen's.
 - ``FastDepthwiseConv2d``: depthwise convs at stride 1 and dilation 1 with zero padding of at most the kernel size
   minus 1, of 5x5 taps or more (ConvNeXt's 7x7, EfficientNet's stride-1 5x5) on NCHW-contiguous or channels_last
-  float32/float64 CPU inputs, and 3x3 (MobileNets' stride-1 layers) on NCHW planes of 10x10 or more, forward and
+  float32/float64 CPU inputs, and 3x3 (MobileNets' stride-1 layers) on NCHW planes of 12x12 or more, forward and
   backward on sparsekern's kernels (``_depthwise_conv2d``, csrc/cpu/depthwise_conv.cpp); a backward that builds a
   graph (``create_graph=True``) runs ATen's, whose own derivatives give the second order.
 
@@ -85,13 +85,14 @@ def depthwise(module: nn.Conv2d) -> bool:
 
 
 # Where FastDepthwiseConv2d runs its kernels (fwd+bwd against nn.Conv2d's, Zen 4, 2 threads): 7x7 and 5x5 kernels
-# 2.3-7x at every plane size measured (2x2 to 112x112), NCHW and channels_last; 3x3 kernels on NCHW planes of 14x14
-# and up 1.4-1.8x (7x7 planes 0.8-0.9x: a plane's copies and per-row work are not amortized over 9 taps), on
+# 2.3-7x at every plane size measured (2x2 to 112x112), NCHW and channels_last; 3x3 kernels on NCHW planes of 12x12
+# 1.2x, 14x14 and up 1.4-1.8x (9x9 and 10x10 0.85-1.09x, 7x7 0.8-0.9x: a plane's copies and per-row work are not
+# amortized over 9 taps), on
 # channels_last planes 0.6-1.1x, left to ATen. Its forward alone on channels_last planes reads 1.1-1.3x ATen's up to
 # 16x16 and 0.8-0.9x from 56x56 on.
 MIN_TAPS = 25
 MIN_TAPS_NCHW = 9
-MIN_PLANE_NCHW_SMALL_KERNEL = 100  # H x W from which NCHW planes take kernels of MIN_TAPS_NCHW to MIN_TAPS taps
+MIN_PLANE_NCHW_SMALL_KERNEL = 144  # H x W from which NCHW planes take kernels of MIN_TAPS_NCHW to MIN_TAPS taps
 LARGE_PLANE = 32 * 32
 
 

@@ -185,7 +185,7 @@ def test_module_falls_back_elsewhere(case):
         x = x.to(memory_format=torch.channels_last)
     elif case == "kernel3_small_plane":
         args.update(kernel_size=3, padding=1)
-        x = x[:, :, :9, :9].contiguous()
+        x = x[:, :, :11, :11].contiguous()
     elif case == "kernel2":  # 4 taps: not even on NCHW planes
         args.update(kernel_size=2, padding=1)
     elif case == "stride2":
@@ -224,8 +224,8 @@ def test_module_falls_back_elsewhere(case):
 
 
 @needs_kernel
-@pytest.mark.parametrize("size", (10, 28))
-def test_module_runs_3x3_kernels_on_nchw_planes_of_10x10_and_up(size):
+@pytest.mark.parametrize("size", (12, 28))
+def test_module_runs_3x3_kernels_on_nchw_planes_of_12x12_and_up(size):
     plain = nn.Conv2d(24, 24, 3, padding=1, groups=24)
     fast = _fast_twin(plain)
     x = torch.randn(2, 24, size, size, generator=gen(14))
