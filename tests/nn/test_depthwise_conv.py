@@ -150,6 +150,19 @@ def _fast_twin(conv: nn.Conv2d) -> nn.Conv2d:
     return fast
 
 
+def _check_step_runs_kernel_and_matches(plain: nn.Conv2d, fast: nn.Conv2d, x: torch.Tensor) -> None:
+    """A fwd+bwd of each on x: the fast one runs the kernel, and its output and gradients are the plain one's."""
+    outs = []
+    for m in (plain, fast):
+        xs = x.clone().requires_grad_(True)
+        y = m(xs)
+        y.backward(torch.ones_like(y))
+        outs.append((y, xs.grad, m.weight.grad, m.bias.grad))
+    assert _uses_kernel(outs[1][0])
+    for got, want in zip(outs[1], outs[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
 @needs_kernel
 @pytest.mark.parametrize("layout", ("nchw", "channels_last"))
 @pytest.mark.parametrize("padding", (3, "same", "valid", (1, 2)))
@@ -161,15 +174,7 @@ def test_module_matches_conv2d(layout, padding):
     x = torch.randn(2, 24, 10, 9, generator=gen(9))
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    outs = []
-    for m in (plain, fast):
-        xs = x.clone().requires_grad_(True)
-        y = m(xs)
-        y.backward(torch.ones_like(y))
-        outs.append((y, xs.grad, m.weight.grad, m.bias.grad))
-    assert _uses_kernel(outs[1][0])
-    for got, want in zip(outs[1], outs[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    _check_step_runs_kernel_and_matches(plain, fast, x)
 
 
 @needs_kernel
@@ -229,15 +234,7 @@ def test_module_runs_3x3_kernels_on_nchw_planes_of_12x12_and_up(size):
     plain = nn.Conv2d(24, 24, 3, padding=1, groups=24)
     fast = _fast_twin(plain)
     x = torch.randn(2, 24, size, size, generator=gen(14))
-    outs = []
-    for m in (plain, fast):
-        xs = x.clone().requires_grad_(True)
-        y = m(xs)
-        y.backward(torch.ones_like(y))
-        outs.append((y, xs.grad, m.weight.grad, m.bias.grad))
-    assert _uses_kernel(outs[1][0])
-    for got, want in zip(outs[1], outs[0]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    _check_step_runs_kernel_and_matches(plain, fast, x)
 
 
 def test_fast_modules_swaps_depthwise_convs_only():
