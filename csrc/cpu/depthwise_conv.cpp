@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "cpu/common.h"
@@ -123,7 +122,7 @@ SK_INLINE void weight_taps(const T* D, const T* P, const Geometry& g, T* acc) {
   }
 }
 
-// Tap offsets in a buffer of row stride Wp; `flip` reverses the kernel (the input gradient's correlation).
+// Tap offsets in a buffer of row stride Wp, in the kernel's row-major order.
 std::vector<int64_t> tap_offsets(const Geometry& g) {
   std::vector<int64_t> off(g.kh * g.kw);
   for (int64_t i = 0; i < g.kh; ++i)

@@ -1,11 +1,11 @@
 """FastDepthwiseConv2d and its op (_depthwise_conv2d, csrc/cpu/depthwise_conv.cpp): the output and the gradients of x,
 weight and bias are F.conv2d's over plane sizes from 1x1 to 56x56 (smaller than, equal to and larger than the
 kernel), square and oblong kernels of 1x1 to 9x9, every padding from 0 to kernel - 1, channel counts on and off the
-channel blocks, float32 and float64, NCHW and channels_last, with and without bias; gradcheck and gradgradcheck (the
-second order through ATen's backward); NaN and Inf spread as F.conv2d spreads them; the weight gradient bit for bit
-the same run to run; empty batches; the module runs the kernels where it should and nn.Conv2d's forward everywhere
-else; fast_modules swaps depthwise convs only, plain_modules and state dicts; a ConvNeXt step with and without; the
-op's argument errors."""
+channel blocks, float32 and float64, NCHW and channels_last, with and without bias; strided weight, bias and output
+gradient; gradcheck and gradgradcheck (the second order through ATen's backward); NaN and Inf spread as F.conv2d
+spreads them; the weight gradient bit for bit the same run to run; empty batches; the module runs the kernels where
+it should and nn.Conv2d's forward everywhere else; fast_modules swaps depthwise convs only, plain_modules and state
+dicts; a ConvNeXt step with and without; the op's argument errors."""
 import copy
 
 import pytest
@@ -83,6 +83,26 @@ def test_gradcheck_and_gradgradcheck(layout, shape):
     fn = lambda x_, w_, b_: op._depthwise_conv2d(x_, w_, b_, list(shape[6:]))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
+def test_non_contiguous_weight_bias_and_grad(layout):
+    """weight, bias and the output gradient as strided views (x itself must be NCHW or channels_last: the error
+    test below) give what their contiguous copies give."""
+    x, w, b = _inputs((2, 20, 9, 8, 5, 5, 2, 2), torch.float32, layout)
+    w_t = w.transpose(2, 3).contiguous().transpose(2, 3)  # the same values, kernel dims swapped in memory
+    b_s = torch.stack([b, b], 1)[:, 0]  # stride 2
+    assert not w_t.is_contiguous() and not b_s.is_contiguous()
+    y = op._depthwise_conv2d(x, w_t, b_s, [2, 2])
+    torch.testing.assert_close(y, op._depthwise_conv2d(x, w, b, [2, 2]), rtol=0, atol=0)
+    g = torch.randn(2, 8, 9, 20, generator=gen(15)).permute(0, 3, 2, 1)  # (2, 20, 9, 8), neither layout
+    got = op._depthwise_conv2d_backward(g, x, w_t, [2, 2], [True, True, True])
+    want = op._depthwise_conv2d_backward(g.contiguous(), x, w, [2, 2], [True, True, True])
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    ref = torch.autograd.grad(F.conv2d(x.requires_grad_(True), w, b, padding=2, groups=20), x, g)[0]
+    torch.testing.assert_close(got[0], ref, **_tol(torch.float32, 25))
 
 
 @needs_kernel
