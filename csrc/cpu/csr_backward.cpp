@@ -73,7 +73,7 @@ SK_CLONES void mask_and_sum(double* gt, const double* act_tile, bool scale, int6
 }
 
 template <typename I>
-bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+bool spmm_backward_typed(const TransposedValues& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                          const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
                          const at::Tensor& dB, const at::Tensor& dvals_t, const at::Tensor& act, ActGrad act_grad,
                          const at::Tensor& dbias_t) {
@@ -92,9 +92,7 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
   const int64_t nth = at::get_num_threads();
   if (!tiles_spread_evenly((n + T - 1) / T) || (nth - 1) * nnz * int64_t(sizeof(S)) > MAX_PARTIAL_BYTES) return false;
 
-  const at::Tensor tv = !need_dB ? at::Tensor() : widened ? t_values.to(kS).contiguous() : t_values.contiguous();
   const at::Tensor dvals_s = widened ? at::empty({nnz}, dvals_t.options().dtype(kS)) : dvals_t;
-  const S* tvals = need_dB ? tv.data_ptr<S>() : nullptr;
   S* vals = dvals_s.data_ptr<S>();
   const int64_t *trp = t_row_ptr.data_ptr<int64_t>(), *rp = row_ptr.data_ptr<int64_t>();
   const int32_t *tci = t_col_idx.data_ptr<int32_t>(), *ci = col_idx.data_ptr<int32_t>();
@@ -111,11 +109,14 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
   const int64_t block_rows = need_dB ? l1_block_rows(k, m, nnz, TB) : 0;
   const std::shared_ptr<const L1Blocks> blocks =
       block_rows ? l1_blocks(t_row_ptr, t_col_idx, k, m, block_rows) : nullptr;
-  at::Tensor bvals_t;
-  if (blocks) {
-    bvals_t = at::empty({nnz}, dvals_s.options());
-    block_values(tvals, trp, k, *blocks, bvals_t.data_ptr<S>());
+  // A^T's values: in the blocks' order straight from A's where it can, else gathered (and put in that order).
+  at::Tensor bvals_t = blocks ? at::empty({nnz}, dvals_s.options()) : at::Tensor(), tv;
+  if (need_dB &&
+      !(blocks && t_block_values(t_values.values, t_values.perm, t_row_ptr, t_col_idx, block_rows, blocks, bvals_t))) {
+    tv = widened ? t_values.gathered().to(kS).contiguous() : t_values.gathered().contiguous();
+    if (blocks) block_values(tv.data_ptr<S>(), trp, k, *blocks, bvals_t.data_ptr<S>());
   }
+  const S* tvals = tv.defined() ? tv.data_ptr<S>() : nullptr;
   // The SDDMM in L1 blocks of B's tile rows where they pay (sddmm_l1_block_rows; the forward's cached blocks of the
   // pattern), into a buffer in the blocks' order, put back in CSR order at the end.
   const int64_t sd_rows = sddmm_l1_block_rows(m, k, nnz, TB);
@@ -158,7 +159,7 @@ bool spmm_backward_typed(const at::Tensor& t_values, const at::Tensor& t_row_ptr
 
 void note_fused_backward() { fused_runs.fetch_add(1, std::memory_order_relaxed); }
 
-bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+bool spmm_backward(const TransposedValues& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G_arg,
                    const at::Tensor& B_arg, const at::Tensor& dB_arg, const at::Tensor& dvals, const at::Tensor& act,
                    ActGrad act_grad, const at::Tensor& dbias) {

@@ -30,6 +30,7 @@
 // The engine's files are listed in csr_internal.h.
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/FunctionRef.h>
 #include <c10/util/Optional.h>
 
 #include <string>
@@ -104,6 +105,14 @@ void sddmm(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tenso
 // scale: `act` is the activation's derivative at out (gelu_), G is multiplied by it.
 enum class ActGrad { relu_mask, scale };
 
+// A^T's values for spmm_backward: A's values, the transpose's permutation (A^T's entry p is A's entry perm[p]) and
+// the caller's gather of them through it, called only where the blocks' own gather (t_block_values) does not run.
+struct TransposedValues {
+  const at::Tensor& values;
+  const at::Tensor& perm;
+  c10::function_ref<const at::Tensor&()> gathered;
+};
+
 // The backward of out = A @ B (A: the CSR row_ptr, col_idx of m rows and k columns) in one pass over G's batch tiles
 // (csr_backward.cpp), G (m, n) the gradient at out: dvals (nnz, contiguous) [p] = dot(G[i, :], B[j, :]) and, where dB
 // is defined, dB (k, n) = A^T @ G, A^T given as (t_values, t_row_ptr, t_col_idx). G, B and dB are strided views or
@@ -112,7 +121,7 @@ enum class ActGrad { relu_mask, scale };
 // (that) G, the gradient of a bias added to out's rows. Inputs are trusted (checked by the caller). Returns false,
 // writing nothing, where spmm and sddmm would not both run the whole-tile loops (the dense fallback, the gather path,
 // row parts): the caller then runs them apart.
-bool spmm_backward(const at::Tensor& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
+bool spmm_backward(const TransposedValues& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                    const at::Tensor& row_ptr, const at::Tensor& col_idx, const at::Tensor& G, const at::Tensor& B,
                    const at::Tensor& dB, const at::Tensor& dvals, const at::Tensor& act, ActGrad act_grad,
                    const at::Tensor& dbias);

@@ -184,8 +184,8 @@ struct LinearFormulas {
       if (need_bias) dbias = at::empty({grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
       at::Tensor dv = at::empty({col_idx.numel()}, values.options());
       const at::Tensor act = A == Act::none ? at::Tensor() : s[7].t();
-      if (csr::spmm_backward(need_x ? t_values() : at::Tensor(), t_row_ptr, t_col_idx, row_ptr, col_idx, grad.t(),
-                             x.t(), need_x ? dx.t() : at::Tensor(), dv, act,
+      if (csr::spmm_backward({values, t_perm, t_values}, t_row_ptr, t_col_idx, row_ptr, col_idx, grad.t(), x.t(),
+                             need_x ? dx.t() : at::Tensor(), dv, act,
                              A == Act::gelu ? csr::ActGrad::scale : csr::ActGrad::relu_mask, dbias)) {
         out[0] = dx;
         out[1] = dv;
@@ -277,8 +277,9 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
         if (need_values && need_B) {
           at::Tensor dv = at::empty({col_idx.numel()}, values.options());
           at::Tensor dB = at::empty({N, k, P}, g.options()).transpose(0, 1);
-          if (csr::spmm_backward(t_values(), t_row_ptr, t_col_idx, row_ptr, col_idx, g, with_unit_plane_stride(B), dB,
-                                 dv, at::Tensor(), csr::ActGrad::relu_mask, at::Tensor())) {
+          if (csr::spmm_backward({values, t_perm, t_values}, t_row_ptr, t_col_idx, row_ptr, col_idx, g,
+                                 with_unit_plane_stride(B), dB, dv, at::Tensor(), csr::ActGrad::relu_mask,
+                                 at::Tensor())) {
             out[0] = dv;
             out[3] = dB;
             return out;
@@ -300,8 +301,8 @@ struct SpmmNode : public torch::autograd::Function<SpmmNode> {
     if (need_values && need_B && below) {
       at::Tensor dv = at::empty({col_idx.numel()}, values.options());
       at::Tensor dB = at::empty({B.size(0), grad.size(1)}, grad.options().memory_format(at::MemoryFormat::Contiguous));
-      if (csr::spmm_backward(t_values(), t_row_ptr, t_col_idx, row_ptr, col_idx, grad, B, dB, dv, at::Tensor(),
-                             csr::ActGrad::relu_mask, at::Tensor())) {
+      if (csr::spmm_backward({values, t_perm, t_values}, t_row_ptr, t_col_idx, row_ptr, col_idx, grad, B, dB, dv,
+                             at::Tensor(), csr::ActGrad::relu_mask, at::Tensor())) {
         out[0] = dv;
         out[3] = dB;
         return out;

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -266,8 +267,8 @@ std::shared_ptr<const L1Blocks> l1_blocks(const at::Tensor& row_ptr, const at::T
 
 // The values (CSR order, from vals[rp[0]]) in the blocks' order: each row's run of each block copied whole; with
 // `back`, from the blocks' order (vals) into CSR order (out).
-template <typename S>
-void block_values_impl(const S* vals, const int64_t* rp, int64_t m, const L1Blocks& b, S* out, bool back) {
+template <typename S, typename O = S>
+void block_values_impl(const S* vals, const int64_t* rp, int64_t m, const L1Blocks& b, O* out, bool back) {
   const int64_t stride = m + 1;
   at::parallel_for(0, m, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -293,6 +294,49 @@ void unblock_values(const float* bvals, const int64_t* rp, int64_t m, const L1Bl
 }
 void unblock_values(const double* bvals, const int64_t* rp, int64_t m, const L1Blocks& b, double* out) {
   block_values_impl(bvals, rp, m, b, out, true);
+}
+
+std::atomic<int64_t> t_block_values_runs{0};
+
+namespace {
+// A^T's entries in its L1 blocks' order as positions in A's values (block_values of the transpose's permutation),
+// and the blocks it was built for.
+struct BlockPerm {
+  std::vector<int32_t> perm;
+  std::shared_ptr<const L1Blocks> blocks;
+  size_t bytes() const { return plan_cache::vec_bytes(perm); }
+};
+}  // namespace
+
+bool t_block_values(const at::Tensor& values, const at::Tensor& t_perm, const at::Tensor& t_row_ptr,
+                    const at::Tensor& t_col_idx, int64_t rows, const std::shared_ptr<const L1Blocks>& blocks,
+                    const at::Tensor& out) {
+  const int64_t k = t_row_ptr.numel() - 1, n = t_perm.numel();
+  if (n > std::numeric_limits<int32_t>::max() || !t_perm.is_contiguous() || !values.is_contiguous() ||
+      values.numel() != n)
+    return false;
+  const auto build = [&] {
+    BlockPerm p;
+    p.perm.resize(n);
+    p.blocks = blocks;
+    const int64_t* tp = t_perm.data_ptr<int64_t>();
+    const bool in_range = std::all_of(tp, tp + n, [n](int64_t j) { return j >= 0 && j < n; });
+    TORCH_CHECK(in_range, "sparse linear: the transpose's permutation indexes past the ", n, " values");
+    block_values_impl(tp, t_row_ptr.data_ptr<int64_t>(), k, *blocks, p.perm.data(), false);
+    return p;
+  };
+  std::shared_ptr<const BlockPerm> plan =
+      plan_cache::get<BlockPerm>(t_perm, t_col_idx, {plan_cache::kCsrBlockPerm, k, n, rows}, build);
+  // Built for other blocks (the transpose's row_ptr, which the key does not track, changed): built again, not kept.
+  if (plan->blocks != blocks) plan = std::make_shared<const BlockPerm>(build());
+  const int32_t* perm = plan->perm.data();
+  if (values.scalar_type() == at::kDouble)
+    plan_cache::permute_into(values.data_ptr<double>(), perm, n, out.data_ptr<double>());
+  else if (values.scalar_type() == at::kBFloat16)
+    plan_cache::permute_into(values.data_ptr<c10::BFloat16>(), perm, n, out.data_ptr<float>());
+  else plan_cache::permute_into(values.data_ptr<float>(), perm, n, out.data_ptr<float>());
+  t_block_values_runs.fetch_add(1, std::memory_order_relaxed);
+  return true;
 }
 
 std::atomic<int64_t> block_runs{0};  // for the tests: tiles run in L1 blocks since load
@@ -464,4 +508,6 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_l1_block_runs() -> int", [] { return sparsekern::csr::detail::block_runs.load(); });
   // And how many the fused backward's SDDMM ran in L1 blocks (csr_sddmm.cpp, sddmm_blocks).
   m.def("_sddmm_l1_block_runs() -> int", [] { return sparsekern::csr::detail::sddmm_block_runs.load(); });
+  // And how many times W^T's values were read into its blocks' order straight from W's (t_block_values).
+  m.def("_t_block_values_runs() -> int", [] { return sparsekern::csr::detail::t_block_values_runs.load(); });
 }

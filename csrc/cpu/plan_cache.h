@@ -38,7 +38,8 @@ enum Kind : int64_t {
   kPointwiseRows,
   kPointwiseGrad,
   kDenseMasks,
-  kCsrL1Blocks
+  kCsrL1Blocks,
+  kCsrBlockPerm
 };
 
 constexpr size_t kMaxBytes = size_t(1) << 30;
@@ -65,13 +66,16 @@ std::shared_ptr<const P> get(const at::Tensor& row_ptr, const at::Tensor& col_id
 
 // out[q] = vals[perm[q]] in the compute type T: the values (which change every step) in the order of a plan's
 // transposed lists (which does not).
-template <class T, class I>
-std::vector<T> permuted(const I* vals, const std::vector<int64_t>& perm) {
-  const int64_t n = static_cast<int64_t>(perm.size());
-  std::vector<T> out(n);
+template <class T, class I, class P>
+void permute_into(const I* vals, const P* perm, int64_t n, T* out) {
   at::parallel_for(0, n, 1 << 15, [&](int64_t q0, int64_t q1) {
     for (int64_t q = q0; q < q1; ++q) out[q] = bf16::widen(vals[perm[q]]);
   });
+}
+template <class T, class I>
+std::vector<T> permuted(const I* vals, const std::vector<int64_t>& perm) {
+  std::vector<T> out(perm.size());
+  permute_into(vals, perm.data(), static_cast<int64_t>(perm.size()), out.data());
   return out;
 }
 

@@ -1,9 +1,9 @@
 """The CPU CSR engine's SpMM in L1 blocks (csrc/cpu/csr_spmm.cpp, spmm_blocks): every row runs its entries in one
 block of the packed tile's rows, its sums parked between blocks, then the next block. Forced to blocks of 1 to 40 rows
 (`_set_l1_block_rows`), against the reference and float64 dense autograd: sparse_linear (bias, the fused ReLU and GELU,
-a transposed output), spmm over NCHW planes, the one-pass backward's input gradient and its SDDMM (the values'
-gradient, bit for bit the unblocked one's), over dtypes, both vector widths, empty rows and blocks, 1 and 2 threads;
-and which shapes take the blocks as measured."""
+a transposed output), spmm over NCHW planes, the one-pass backward's input gradient (W^T's values read into its blocks'
+order straight from W's) and its SDDMM (the values' gradient, bit for bit the unblocked one's), over dtypes, both
+vector widths, empty rows and blocks, 1 and 2 threads; and which shapes take the blocks as measured."""
 import contextlib
 
 import pytest
@@ -136,6 +136,60 @@ def test_linear_node_forward_and_backward_in_blocks(isa, dtype, act, rows):
     torch.testing.assert_close(y.double(), y64.detach(), rtol=tol["rtol"], atol=tol["atol"] * k)
     for a, e, scale in zip(got, expected, (m, n, n)):
         torch.testing.assert_close(a.double(), e, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def _tbv_runs():
+    return torch.ops.sparsekern._t_block_values_runs()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_values_in_blocks_match_the_gather(isa, dtype):
+    """W^T's values read into its blocks' order straight from W's (one pass through the transpose's permutation put
+    in that order, cached) give the input gradient bit for bit the one from the gathered values put in that order
+    (non-contiguous values take that path), and the values' gradient too."""
+    m, k, n = 150, 80, 256
+    g = gen(seed_of("l1-tbv", isa, dtype))
+    mask, row_ptr, col_idx, tr = _pattern(m, k, 0.3, seed_of("l1-tbv-pattern", isa, dtype))
+    base = torch.randn(2 * int(mask.sum()), generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(n, k, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    grad = torch.randn(n, m, generator=g, dtype=torch.float64).to(dtype)
+    grads = []
+    for values in (base[::2].clone(), base[::2]):
+        values.requires_grad_()
+        before = _tbv_runs()
+        with block_rows(16):
+            y = torch.ops.sparsekern._sparse_linear_node(x, values, None, row_ptr, col_idx, *tr)
+            grads.append(torch.autograd.grad(y, [x, values], grad))
+        assert (_tbv_runs() > before) == values.is_contiguous()
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.equal(grads[0][1], grads[1][1])
+
+
+def test_transposed_values_in_blocks_follow_the_transpose_row_ptr():
+    """The cached order is keyed on the permutation and W^T's column indices; another W^T row_ptr with the same two
+    (W with one entry per row, its columns non-decreasing: W^T's lists are 0..m-1 whatever the columns) builds it
+    again: each input gradient matches dense autograd."""
+    m, k, n = 96, 24, 128
+    g = gen(seed_of("l1-tbv-stale"))
+    t_col_idx = torch.arange(m, dtype=torch.int32)
+    t_perm = torch.arange(m, dtype=torch.int64)
+    row_ptr = torch.arange(m + 1, dtype=torch.int64)
+    x = torch.randn(n, k, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(n, m, generator=g, dtype=torch.float64)
+    for cols in (torch.arange(m) // 4, torch.zeros(m, dtype=torch.int64)):  # 24 of W^T's rows, then one
+        col_idx = cols.to(torch.int32)
+        t_row_ptr = torch.zeros(k + 1, dtype=torch.int64)
+        t_row_ptr[1:] = torch.bincount(cols, minlength=k).cumsum(0)
+        values = torch.randn(m, generator=g, dtype=torch.float64, requires_grad=True)
+        before = _tbv_runs()
+        with block_rows(8):
+            y = torch.ops.sparsekern._sparse_linear_node(x, values, None, row_ptr, col_idx, t_row_ptr, t_col_idx,
+                                                         t_perm)
+            dx, dv = torch.autograd.grad(y, [x, values], grad)
+        assert _tbv_runs() > before
+        dense = torch.zeros(m, k, dtype=torch.float64).index_put((torch.arange(m), cols), values.detach())
+        torch.testing.assert_close(dx, grad @ dense)
+        torch.testing.assert_close(dv, (grad.t() @ x.detach())[torch.arange(m), cols])
 
 
 def test_gradcheck_in_blocks():
