@@ -48,17 +48,10 @@ struct Geometry {
   }
 };
 
-// n elements from src to dst (not overlapping), inline: a plane's rows are short (2 to 112 elements), and a call to
-// memcpy per row cost more than the 3x3 kernels' arithmetic on 7x7 planes.
-template <class T>
-SK_INLINE void copy_row(T* __restrict dst, const T* __restrict src, int64_t n) {
-  for (int64_t e = 0; e < n; ++e) dst[e] = src[e];
-}
-
 // The interior of the bordered buffer P (borders already zero) from a plane of g.H x g.W.
 template <class T>
 SK_INLINE void fill_interior(T* P, const T* src, const Geometry& g) {
-  for (int64_t h = 0; h < g.H; ++h) copy_row(P + (g.ph + h) * g.Wp + g.pw, src + h * g.W, g.W);
+  for (int64_t h = 0; h < g.H; ++h) copy_run(P + (g.ph + h) * g.Wp + g.pw, src + h * g.W, g.W);
 }
 
 // out[q] = bias + sum over taps t of w[t] P[q + off[t]], for R vectors of L from q0.
@@ -97,7 +90,7 @@ SK_INLINE void correlate(const T* P, const int64_t* off, const T* w, int64_t tap
 // The kept columns of the flat output (Ho rows of Wp) into a plane of Ho x Wo.
 template <class T>
 SK_INLINE void store_plane(T* dst, const T* flat, const Geometry& g) {
-  for (int64_t h = 0; h < g.Ho; ++h) copy_row(dst + h * g.Wo, flat + h * g.Wp, g.Wo);
+  for (int64_t h = 0; h < g.Ho; ++h) copy_run(dst + h * g.Wo, flat + h * g.Wp, g.Wo);
 }
 
 // acc[i kw + j] (vectors of L) += sum over q in [0, flat) of D[q] P[q + i Wp + j]: the weight gradient's taps.
@@ -178,7 +171,7 @@ SK_INLINE void backward_channels(const T* x, const T* w, const T* dy, T* dx, T* 
         for (int64_t e = 0; e < oplane; ++e) bias_sum += dyp[e];
       if (need_dw) {
         fill_interior(xb, x + (n * C + c) * plane, gx);
-        for (int64_t h = 0; h < gx.Ho; ++h) copy_row(dz + h * gx.Wp, dyp + h * gx.Wo, gx.Wo);
+        for (int64_t h = 0; h < gx.Ho; ++h) copy_run(dz + h * gx.Wp, dyp + h * gx.Wo, gx.Wo);
         weight_taps(dz, xb, gx, acc);
       }
       if (need_dx) {

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -66,10 +67,17 @@ std::shared_ptr<const P> get(const at::Tensor& row_ptr, const at::Tensor& col_id
 
 // out[q] = vals[perm[q]] in the compute type T: the values (which change every step) in the order of a plan's
 // transposed lists (which does not).
+// With `ahead` > 0, each read prefetches the element `ahead` places on (for sources past L2).
 template <class T, class I, class P>
-void permute_into(const I* vals, const P* perm, int64_t n, T* out) {
+void permute_into(const I* vals, const P* perm, int64_t n, T* out, int64_t ahead = 0) {
   at::parallel_for(0, n, 1 << 15, [&](int64_t q0, int64_t q1) {
-    for (int64_t q = q0; q < q1; ++q) out[q] = bf16::widen(vals[perm[q]]);
+    if (ahead > 0)
+      for (int64_t q = q0; q < q1; ++q) {
+        __builtin_prefetch(vals + perm[std::min(q + ahead, n - 1)]);
+        out[q] = bf16::widen(vals[perm[q]]);
+      }
+    else
+      for (int64_t q = q0; q < q1; ++q) out[q] = bf16::widen(vals[perm[q]]);
   });
 }
 template <class T, class I>
