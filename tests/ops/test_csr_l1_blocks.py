@@ -192,6 +192,33 @@ def test_transposed_values_in_blocks_follow_the_transpose_row_ptr():
         torch.testing.assert_close(dv, (grad.t() @ x.detach())[torch.arange(m), cols])
 
 
+def test_transposed_values_in_blocks_follow_dst_updates():
+    """Dynamic sparse training rewrites a layer's pattern and its transpose in place (their versions move): the cached
+    blocked order is built again, and each step's input gradient matches dense autograd on the updated weight."""
+    g = gen(seed_of("l1-tbv-dst"))
+    torch.manual_seed(seed_of("l1-tbv-dst-model"))
+    model = sparsekern.sparsify(torch.nn.Sequential(torch.nn.Linear(96, 120)), 0.3, "uniform", init="dense")
+    layer = model[0]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    algo = sparsekern.dst.SET(model, opt, total_steps=10, delta_t=1, drop_fraction=0.3)
+    patterns = set()
+    with block_rows(8):
+        for _ in range(4):
+            x = torch.randn(256, 96, generator=g, requires_grad=True)
+            y = model(x)
+            grad = torch.randn(y.shape, generator=g)
+            before = _tbv_runs()
+            y.backward(grad)
+            assert _tbv_runs() > before
+            patterns.add(tuple(layer.pattern.col_idx.tolist()))
+            expected = grad.double() @ layer.weight.detach().double()
+            torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-5)
+            opt.step()
+            algo.step()
+            opt.zero_grad()
+    assert len(patterns) == 4
+
+
 def test_gradcheck_in_blocks():
     g = gen(seed_of("l1-gradcheck"))
     W = random_sparse((20, 70), 0.3, torch.float64, g, empty_rows=True, requires_grad=True)
