@@ -37,7 +37,8 @@ run: setup
 
 # Then the conv kernels' op tests again with their scratch buffers filled with NaN (SPARSEKERN_POISON_SCRATCH,
 # csrc/cpu/common.h): a kernel that reads lanes it never wrote fails on every host, not only where memory held a NaN.
-POISON_TESTS ?= tests/ops/test_sparse_conv2d.py tests/ops/test_conv_geometry_limits.py tests/nn/test_depthwise_conv.py
+POISON_TESTS ?= tests/ops/test_sparse_conv2d.py tests/ops/test_conv_geometry_limits.py tests/nn/test_depthwise_conv.py \
+	tests/nn/test_narrow_linear.py
 test: setup
 	$(BIN)/python -m pytest -q tests
 	SPARSEKERN_POISON_SCRATCH=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(POISON_TESTS)

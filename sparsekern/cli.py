@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--distribution", choices=("uniform", "er", "erk"), default="erk")
     train.add_argument("--init", choices=("sparse", "dense", "layer"), default="sparse")
     train.add_argument("--plain-modules", action="store_true",
-                       help="keep nn.BatchNorm2d, nn.MaxPool2d and depthwise nn.Conv2d as they are (default: "
+                       help="keep nn.BatchNorm2d, nn.MaxPool2d, depthwise nn.Conv2d and nn.Linear heads of at most 16 "
+                            "outputs as they are (default: "
                             "sparsekern.fast_modules, their faster CPU kernels, in every method, dense included)")
     train.add_argument("--epochs", type=_int_at_least(0), default=10)
     train.add_argument("--batch-size", type=_int_at_least(1), default=128,

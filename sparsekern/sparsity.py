@@ -141,8 +141,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     ``fuse_activations=True`` then fuses each ``nn.ReLU`` that follows a sparse linear layer in an
     ``nn.Sequential`` into that layer (``sparsekern.fuse_activations``; ``densify`` undoes it).
 
-    ``fast_modules=True`` also makes every ``nn.BatchNorm2d``, ``nn.MaxPool2d`` and depthwise ``nn.Conv2d`` its
-    faster CPU version, ``FastBatchNorm2d``, ``FastMaxPool2d`` and ``FastDepthwiseConv2d``
+    ``fast_modules=True`` also makes every ``nn.BatchNorm2d``, ``nn.MaxPool2d``, depthwise ``nn.Conv2d`` and
+    ``nn.Linear`` of at most 16 outputs left dense its faster CPU version, ``FastBatchNorm2d``, ``FastMaxPool2d``,
+    ``FastDepthwiseConv2d`` and ``FastNarrowLinear``
     (``sparsekern.fast_modules``; ``densify`` undoes it).
     """
     density = check_density("sparsify", density)

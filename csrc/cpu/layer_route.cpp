@@ -49,6 +49,21 @@ enum class Act { none, relu, gelu };
 
 c10::OperatorHandle handle(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
+// A full pattern's linear as SparseLinear.dense_forward runs it: the narrow kernel (narrow_linear.cpp) for a head of
+// at most 16 outputs over float32/float64, else at::linear.
+at::Tensor full_linear(const at::Tensor& x, const at::Tensor& w, const OptTensor& bias) {
+  static const auto narrow =
+      handle("sparsekern::_narrow_linear").typed<at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&)>();
+  const auto dtype = x.scalar_type();
+  if (w.size(0) < 1 || w.size(0) > 16 || (dtype != at::kFloat && dtype != at::kDouble) || w.scalar_type() != dtype ||
+      (bias.has_value() && bias->scalar_type() != dtype) || x.dim() < 1 || x.size(-1) != w.size(1))
+    return at::linear(x, w, bias);
+  if (x.dim() == 2) return narrow.call(x, w, bias);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return narrow.call(x.reshape({-1, w.size(1)}), w, bias).view(sizes);
+}
+
 at::Tensor conv_node(const at::Tensor& x, const at::Tensor& values, const OptTensor& bias, const at::Tensor& row_ptr,
                      const at::Tensor& col_idx, at::IntArrayRef ks, at::IntArrayRef st, at::IntArrayRef pad,
                      at::IntArrayRef dil) {
@@ -322,7 +337,7 @@ class LayerRoute {
       case Kind::conv:
         return conv_node(x, t.values, t.bias, t.row_ptr, t.col_idx, sizes_, stride_, padding_, dilation_);
       case Kind::full_conv: return at::conv2d(x, t.values.reshape(sizes_), t.bias, stride_, padding_, dilation_);
-      case Kind::full_linear: return activate(at::linear(x, t.values.reshape(sizes_), t.bias));
+      case Kind::full_linear: return activate(full_linear(x, t.values.reshape(sizes_), t.bias));
       case Kind::dense: {
         auto [y, finite] = dense_kernel(x, t.values, t.bias, t.row_ptr, t.col_idx, t.t_row_ptr, t.t_col_idx, t.t_perm,
                                         *weight_, stride_, padding_, dilation_);
