@@ -87,7 +87,13 @@ bool spmm_backward_typed(const TransposedValues& t_values, const at::Tensor& t_r
       (need_dB && use_gather(Core::spmm, nnz, m, G)) || use_gather(Core::sddmm, nnz, k, B))
     return false;
   const bool wide = isa() == Isa::avx512;
-  const int TB = tile_bytes(n, sizeof(S), wide);
+  int TB = tile_bytes(n, sizeof(S), wide);
+  // As spmm: a product that no L1 blocks would run over at the widest tiles reads its packed tile (G's m rows for
+  // the input gradient, B's k for the SDDMM) in the column indices' order, so the tiles are only as wide as half
+  // of L2 holds it.
+  const int64_t random_rows =
+      std::max(need_dB && !l1_block_rows(k, m, nnz, TB) ? m : 0, sddmm_l1_block_rows(m, k, nnz, TB) ? 0 : k);
+  TB = tile_bytes(n, sizeof(S), wide, random_rows);
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t nth = at::get_num_threads();
   if (!tiles_spread_evenly((n + T - 1) / T) || (nth - 1) * nnz * int64_t(sizeof(S)) > MAX_PARTIAL_BYTES) return false;

@@ -15,34 +15,52 @@ namespace sparsekern {
 namespace csr {
 namespace detail {
 
+namespace {
+std::atomic<int64_t> forced_block_rows{0};
+
+// A level of the data caches in bytes, per sysconf (`fallback` where the system does not say).
+int64_t cache_bytes(int name, int64_t fallback) {
+  const long b = sysconf(name);
+  return b >= 8192 && b <= (int64_t(1) << 30) ? int64_t(b) : fallback;
+}
+
+// The L1 data cache's bytes (32 KB where the system does not say).
+int64_t l1d_bytes() {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+  static const int64_t b = cache_bytes(_SC_LEVEL1_DCACHE_SIZE, 32768), bytes = b <= (1 << 20) ? b : 32768;
+  return bytes;
+#else
+  return 32768;
+#endif
+}
+}  // namespace
+
+int64_t l2_bytes() {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  static const int64_t bytes = cache_bytes(_SC_LEVEL2_CACHE_SIZE, 1 << 20);
+  return bytes;
+#else
+  return 1 << 20;
+#endif
+}
+
 // 128-byte tiles: a k x T tile of a 4096-column weight is 512 KB, the L2 of a Zen 3 core; narrower for
 // small batches, so that a short batch is not padded. The 64-byte loops take 256-byte tiles: a nonzero's
 // index, broadcast and prefetch, a row's accumulator set-up, store and reduction are then spread over
 // twice the FMAs, and the pattern is walked half as often. SparseLinear fwd+bwd at ViT, MLP and BERT
 // shapes 1.00-1.09x (interleaved A/B with a control, Zen 4); the 32-byte loops keep 128 (16 registers).
-int tile_bytes(int64_t n, int64_t elem_size, bool wide) {
+// But not where the pattern picks rows at random from a packed tile that then outgrows half of L2 (no L1 blocks:
+// too sparse for them): its rows then come from L3, and the 64-byte loops ran slower than the 32-byte ones. 128-byte
+// tiles there, SparseLinear fwd+bwd: 4096^2 at density 0.01, batch 256, 1.10-1.14x (0.98-1.02x in a spell when the
+// host ran slow, every row from memory either way), at 0.02 1.0-1.11x; 4096 -> 1024 at 0.02 1.06-1.10x; 2048^2 at
+// 0.01 0.96-1.11x; blocked layers and BERT-style FFN shapes unchanged (Zen 4, 1 MB L2, 2 threads, interleaved A/B).
+int tile_bytes(int64_t n, int64_t elem_size, bool wide, int64_t random_rows) {
   const int64_t bytes = n * elem_size;
   if (bytes <= 32) return 32;
   if (bytes <= 64) return 64;
-  if (wide && bytes > 128) return 256;
+  if (wide && bytes > 128 && random_rows * 256 < l2_bytes() / 2) return 256;
   return 128;
 }
-
-namespace {
-std::atomic<int64_t> forced_block_rows{0};
-
-// The L1 data cache's bytes (32 KB where the system does not say).
-int64_t l1d_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    const long b = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (b >= 8192 && b <= (1 << 20)) return int64_t(b);
-#endif
-    return int64_t(32768);
-  }();
-  return bytes;
-}
-}  // namespace
 
 int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes) {
   const int64_t forced = forced_block_rows.load();
@@ -110,8 +128,14 @@ int64_t row_grain(int64_t m, int64_t nnz, int64_t target) {
 }  // namespace csr
 }  // namespace sparsekern
 
-// Private op (tests, A/B timings): the SpMM's L1 blocks (set_l1_block_rows); not part of the op contract.
+// Private ops (tests, A/B timings): the SpMM's L1 blocks (set_l1_block_rows), the tiles' width (tile_bytes) and the
+// L2 it is cut for; not part of the op contract.
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.def("_tile_bytes(int n, int elem_size, bool wide, int random_rows) -> int",
+        [](int64_t n, int64_t elem_size, bool wide, int64_t random_rows) {
+          return int64_t(sparsekern::csr::detail::tile_bytes(n, elem_size, wide, random_rows));
+        });
+  m.def("_l2_bytes() -> int", [] { return sparsekern::csr::detail::l2_bytes(); });
   m.def("_set_l1_block_rows(int rows) -> int", [](int64_t rows) {
     TORCH_CHECK_VALUE(rows >= -1, "_set_l1_block_rows: rows must be -1 (never), 0 (as measured) or > 0, got ", rows);
     return sparsekern::csr::detail::set_l1_block_rows(rows);

@@ -156,7 +156,7 @@ void sddmm_typed(const at::Tensor& row_ptr, const at::Tensor& col_idx, const at:
   } else {
     S* vals = vals_s.data_ptr<S>();
     const bool wide = isa() == Isa::avx512;
-    const int TB = tile_bytes(d, sizeof(S), wide);
+    const int TB = tile_bytes(d, sizeof(S), wide, k);  // no L1 blocks here: Y's rows in the indices' order
     const int64_t T = TB / int64_t(sizeof(S));
     const int64_t ntiles = (d + T - 1) / T;
     const int64_t* rp = row_ptr.data_ptr<int64_t>();

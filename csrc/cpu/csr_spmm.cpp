@@ -426,7 +426,12 @@ void spmm_typed(const at::Tensor& values, const at::Tensor& row_ptr, const at::T
     return;
   }
   const bool wide = isa() == Isa::avx512;
-  const int TB = tile_bytes(n, sizeof(S), wide);
+  int TB = tile_bytes(n, sizeof(S), wide);
+  // Where no L1 blocks would run over the widest tiles (or the row parts run, which have none), B's rows come in
+  // the column indices' order from the whole packed tile: as wide as half of L2 holds.
+  if (!tiles_spread_evenly((n + TB / int64_t(sizeof(S)) - 1) / (TB / int64_t(sizeof(S)))) ||
+      !l1_block_rows(m, k, nnz, TB))
+    TB = tile_bytes(n, sizeof(S), wide, k);
   const int64_t T = TB / int64_t(sizeof(S));
   const int64_t ntiles = (n + T - 1) / T;
   const bool prefetch = spmm_prefetch(k * TB);

@@ -3,7 +3,7 @@ block of the packed tile's rows, its sums parked between blocks, then the next b
 (`_set_l1_block_rows`), against the reference and float64 dense autograd: sparse_linear (bias, the fused ReLU and GELU,
 a transposed output), spmm over NCHW planes, the one-pass backward's input gradient (W^T's values read into its blocks'
 order straight from W's) and its SDDMM (the values' gradient, bit for bit the unblocked one's), over dtypes, both
-vector widths, empty rows and blocks, 1 and 2 threads; and which shapes take the blocks as measured."""
+vector widths, empty rows and blocks, 1 and 2 threads; the shapes that take blocks; the tiles' width."""
 import contextlib
 
 import pytest
@@ -295,3 +295,45 @@ def test_measured_rule_takes_sddmm_blocks_for_large_tiles(isa):
 def test_block_rows_setting_is_checked():
     with pytest.raises(ValueError, match="rows must be -1"):
         torch.ops.sparsekern._set_l1_block_rows(-2)
+
+
+def test_wide_tiles_only_while_the_randomly_read_tile_fits_half_of_l2():
+    """The 64-byte loops' 256-byte tiles where the rows the pattern picks at random (no L1 blocks) fit half of L2, else
+    128-byte ones; the 32-byte loops and short batches as before."""
+    tb, half = torch.ops.sparsekern._tile_bytes, torch.ops.sparsekern._l2_bytes() // 2
+    assert half >= 4096
+    assert tb(256, 4, True, 0) == 256
+    assert tb(256, 4, True, half // 256 - 1) == 256
+    assert tb(256, 4, True, half // 256) == 128
+    assert tb(64, 8, True, half) == 128
+    assert tb(256, 4, False, 0) == 128
+    assert (tb(8, 4, True, half), tb(16, 4, True, half), tb(32, 4, True, 0)) == (32, 64, 128)
+
+
+@pytest.mark.parametrize("density", (0.01, 0.06))
+def test_long_sparse_rows_at_the_narrower_width_match_the_reference(isa, density):
+    """k = 4096, batch 256: the forward's and the fused backward's tiles narrowed (0.01: no L1 blocks at either width;
+    0.06: blocks only at 128 bytes, 15 entries a row per block of 256 rows, 7.7 per block of 128), the results as the
+    reference's."""
+    g = gen(seed_of("tile-width", isa, density))
+    m, k, n = 48, 4096, 256
+    mask = random_mask((m, k), density, g, False)
+    row_ptr, col_idx = sparsekern.sparse_matrix.csr_from_mask(mask)
+    tr = sparsekern.sparse_matrix.transpose_pattern(row_ptr, col_idx, k)
+    values = torch.randn(int(mask.sum()), generator=g, dtype=torch.float64)
+    b = torch.randn(m, generator=g, dtype=torch.float64)
+    x = torch.randn(n, k, generator=g, dtype=torch.float64)
+    grad = torch.randn(n, m, generator=g, dtype=torch.float64)
+    ins = [t.float().requires_grad_() for t in (x, values, b)]
+    narrow = isa == "avx2" or k * 256 >= torch.ops.sparsekern._l2_bytes() // 2
+    with block_rows(0):
+        before = _runs()
+        y = torch.ops.sparsekern._sparse_linear_node(ins[0], ins[1], ins[2], row_ptr, col_idx, *tr)
+        assert (_runs() > before) == (density == 0.06 and narrow)
+        y.backward(grad.float())
+    ref = [t.clone().requires_grad_() for t in (x, values, b)]
+    y_ref = torch.nn.functional.linear(ref[0], _dense(mask, ref[1]), ref[2])
+    y_ref.backward(grad)
+    assert_close(y, y_ref.float(), scale=n)
+    for got, want in zip(ins, ref):
+        assert_close(got.grad, want.grad.float(), scale=n)
