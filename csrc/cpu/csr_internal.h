@@ -106,7 +106,7 @@ constexpr double GATHER_SDDMM_NNZ_PER_COLUMN = 1.0;
 // Tile width in bytes for a batch of n columns of elem_size bytes: 32, 64, 128, or 256 where `wide`
 // (the 64-byte loops run: isa() is avx512). A core packs and loops at the width this returns.
 // random_rows: the rows of the packed tile that the pattern's column indices pick from, where no L1 blocks
-// run over it (0: it fits, or blocks run); a tile of 256-byte rows is kept only while it fits half of L2.
+// run over it (0: it fits, or blocks run); a tile of 256-byte rows is kept only while it fits in half of L2.
 int tile_bytes(int64_t n, int64_t elem_size, bool wide, int64_t random_rows = 0);
 // The L2's bytes per core (1 MB where the system does not say).
 int64_t l2_bytes();

@@ -303,8 +303,8 @@ def test_wide_tiles_only_while_the_randomly_read_tile_fits_half_of_l2():
     tb, half = torch.ops.sparsekern._tile_bytes, torch.ops.sparsekern._l2_bytes() // 2
     assert half >= 4096
     assert tb(256, 4, True, 0) == 256
-    assert tb(256, 4, True, half // 256 - 1) == 256
-    assert tb(256, 4, True, half // 256) == 128
+    assert tb(256, 4, True, half // 256) == 256
+    assert tb(256, 4, True, half // 256 + 1) == 128
     assert tb(64, 8, True, half) == 128
     assert tb(256, 4, False, 0) == 128
     assert (tb(8, 4, True, half), tb(16, 4, True, half), tb(32, 4, True, 0)) == (32, 64, 128)
@@ -325,7 +325,7 @@ def test_long_sparse_rows_at_the_narrower_width_match_the_reference(isa, density
     x = torch.randn(n, k, generator=g, dtype=torch.float64)
     grad = torch.randn(n, m, generator=g, dtype=torch.float64)
     ins = [t.float().requires_grad_() for t in (x, values, b)]
-    narrow = isa == "avx2" or k * 256 >= torch.ops.sparsekern._l2_bytes() // 2
+    narrow = isa == "avx2" or k * 256 > torch.ops.sparsekern._l2_bytes() // 2
     with block_rows(0):
         before = _runs()
         y = torch.ops.sparsekern._sparse_linear_node(ins[0], ins[1], ins[2], row_ptr, col_idx, *tr)
