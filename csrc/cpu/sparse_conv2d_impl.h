@@ -89,8 +89,14 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
   constexpr int VW = W / sizeof(T);
   for (int64_t t = t0; t < t1; ++t) {
     const Pos* tp = pos + t * NACC;
-    int64_t io[NACC];
-    for (int k = 0; k < NACC; ++k) io[k] = tp[k].in_off;
+    // Byte offsets, the nonzero's source as a byte pointer: each load is then one base + index address. With element
+    // offsets GCC added each vector's offset to the nonzero's (an lea per load) and spilled one of the eight to the
+    // stack: 21 instructions a nonzero, now 14. Forward 1.03-1.08x, input gradient 1.05-1.10x at 3x3 layers of 64-128
+    // channels, 14x14 to 56x56, either vector width (2 threads, Zen 4, interleaved A/B); the weight gradient's loop,
+    // changed alike, read 0.96-1.02x and stays as it was.
+    int64_t iob[NACC];
+    for (int k = 0; k < NACC; ++k) iob[k] = tp[k].in_off * int64_t(sizeof(T));
+    const char* sb = reinterpret_cast<const char*>(src);
     for (int64_t cb = 0; cb < nb; ++cb) {
       const bool last = cb == nb - 1;
       for (int64_t r = r0; r < r1; ++r) {
@@ -109,10 +115,10 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
           for (int k = 0; k < NACC; ++k) acc[k] = simd::vload<W>(sc + k * VW);
         }
         for (int64_t j = b; j < e; ++j) {
-          const T* p = src + offs[j];
+          const char* p = sb + int64_t(offs[j]) * int64_t(sizeof(T));
           const T w = ws[j];
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) acc[k] += w * simd::vload<W>(p + io[k]);
+          for (int k = 0; k < NACC; ++k) acc[k] += w * simd::vload<W>(reinterpret_cast<const T*>(p + iob[k]));
         }
         if (last) {
           store_tile<T, O, W>(acc, tp, out + r * out_plane, cstride);
