@@ -21,6 +21,7 @@ namespace sparsekern {
 namespace conv2d_impl {
 
 constexpr int NACC = 8;  // vector accumulators per tile (8 of the 16 ymm registers, or of the 32 zmm ones)
+constexpr int64_t kWgradAhead = 4;  // rows of dY the weight gradient prefetches ahead (as conv_tiles.cpp's)
 
 // The W-byte vector of T (simd.h): W = 32 in every clone, 64 only in SK_AVX512 functions.
 template <class T, int W = 32>
@@ -222,6 +223,12 @@ SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict off
         const int64_t b = rb[0], e = rb[1];
         if (b == e) continue;
         const T* d = dy + r * out_plane;
+        // dY is read once per block, row by row down the tile, a plane apart: the hardware prefetchers do not follow
+        // such strides, so each row's first touch waits on memory without this (weight gradient 1.03-1.18x at 3x3
+        // layers of 64-128 channels, 14x14 to 56x56, either vector width; interleaved A/B, 2 threads, Zen 4).
+        if (r + kWgradAhead < r1)
+#pragma GCC unroll 16
+          for (int k = 0; k < NACC; ++k) __builtin_prefetch(d + kWgradAhead * out_plane + tp[k].out_off);
         V dv[NACC];
 #pragma GCC unroll 16
         for (int k = 0; k < NACC; ++k) {
