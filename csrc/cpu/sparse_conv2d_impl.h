@@ -21,7 +21,7 @@ namespace sparsekern {
 namespace conv2d_impl {
 
 constexpr int NACC = 8;  // vector accumulators per tile (8 of the 16 ymm registers, or of the 32 zmm ones)
-constexpr int64_t kWgradAhead = 4;  // rows of dY the weight gradient prefetches ahead (as conv_tiles.cpp's)
+constexpr int64_t kRowsAhead = 4;  // rows ahead whose output (or dY) lines the loops prefetch, as conv_tiles.cpp's
 
 // The W-byte vector of T (simd.h): W = 32 in every clone, 64 only in SK_AVX512 functions.
 template <class T, int W = 32>
@@ -122,6 +122,13 @@ SK_INLINE void gather_rows(const T* __restrict src, const int32_t* __restrict of
           for (int k = 0; k < NACC; ++k) acc[k] += w * simd::vload<W>(reinterpret_cast<const T*>(p + iob[k]));
         }
         if (last) {
+          // The output rows ahead, for writing: each row stores into its own plane, a line or two each, more
+          // streams than the hardware prefetchers follow, and in a training step those lines come from memory
+          // (forward 1.02-1.07x, input gradient 1.0-1.12x at 3x3 layers of 64-128 channels, 14x14 to 56x56, either
+          // vector width; interleaved A/B, 2 threads, Zen 4).
+          if (r + kRowsAhead < r1)
+#pragma GCC unroll 16
+            for (int k = 0; k < NACC; ++k) __builtin_prefetch(out + (r + kRowsAhead) * out_plane + tp[k].out_off, 1);
           store_tile<T, O, W>(acc, tp, out + r * out_plane, cstride);
         } else {
 #pragma GCC unroll 16
@@ -226,9 +233,9 @@ SK_INLINE void wgrad_rows(const T* __restrict src, const int32_t* __restrict off
         // dY is read once per block, row by row down the tile, a plane apart: the hardware prefetchers do not follow
         // such strides, so each row's first touch waits on memory without this (weight gradient 1.03-1.18x at 3x3
         // layers of 64-128 channels, 14x14 to 56x56, either vector width; interleaved A/B, 2 threads, Zen 4).
-        if (r + kWgradAhead < r1)
+        if (r + kRowsAhead < r1)
 #pragma GCC unroll 16
-          for (int k = 0; k < NACC; ++k) __builtin_prefetch(d + kWgradAhead * out_plane + tp[k].out_off);
+          for (int k = 0; k < NACC; ++k) __builtin_prefetch(d + kRowsAhead * out_plane + tp[k].out_off);
         V dv[NACC];
 #pragma GCC unroll 16
         for (int k = 0; k < NACC; ++k) {
