@@ -134,6 +134,10 @@ int64_t row_grain(int64_t m, int64_t nnz, int64_t target) {
 TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_tile_bytes(int n, int elem_size, bool wide, int random_rows) -> int",
         [](int64_t n, int64_t elem_size, bool wide, int64_t random_rows) {
+          TORCH_CHECK_VALUE(n >= 0 && random_rows >= 0, "_tile_bytes: n and random_rows must be >= 0, got ", n, " and ",
+                            random_rows);
+          TORCH_CHECK_VALUE(elem_size == 2 || elem_size == 4 || elem_size == 8,
+                            "_tile_bytes: elem_size must be 2, 4 or 8 bytes, got ", elem_size);
           return int64_t(sparsekern::csr::detail::tile_bytes(n, elem_size, wide, random_rows));
         });
   m.def("_l2_bytes() -> int", [] { return sparsekern::csr::detail::l2_bytes(); });

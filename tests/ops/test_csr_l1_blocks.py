@@ -297,6 +297,13 @@ def test_block_rows_setting_is_checked():
         torch.ops.sparsekern._set_l1_block_rows(-2)
 
 
+def test_tile_bytes_arguments_are_checked():
+    with pytest.raises(ValueError, match="elem_size must be 2, 4 or 8"):
+        torch.ops.sparsekern._tile_bytes(256, 3, True, 0)
+    with pytest.raises(ValueError, match="n and random_rows must be >= 0"):
+        torch.ops.sparsekern._tile_bytes(256, 4, True, -1)
+
+
 def test_wide_tiles_only_while_the_randomly_read_tile_fits_half_of_l2():
     """The 64-byte loops' 256-byte tiles where the rows the pattern picks at random (no L1 blocks) fit half of L2, else
     128-byte ones; the 32-byte loops and short batches as before."""
