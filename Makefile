@@ -39,9 +39,13 @@ run: setup
 # csrc/cpu/common.h): a kernel that reads lanes it never wrote fails on every host, not only where memory held a NaN.
 POISON_TESTS ?= tests/ops/test_sparse_conv2d.py tests/ops/test_conv_geometry_limits.py tests/nn/test_depthwise_conv.py \
 	tests/nn/test_narrow_linear.py
+# And the op and module tests under SPARSEKERN_ISA=avx2 (about 4 minutes): on an AVX-512 host every cloned loop then
+# runs its x86-64-v3 build, the code an AVX2 host runs (on an AVX2 host, a second run of the same code).
+AVX2_TESTS ?= tests/ops tests/nn
 test: setup
 	$(BIN)/python -m pytest -q tests
 	SPARSEKERN_POISON_SCRATCH=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(POISON_TESTS)
+	SPARSEKERN_ISA=avx2 $(BIN)/python -m pytest -q -p no:cacheprovider $(AVX2_TESTS)
 
 # The inner loop (about 45 s on 2 cores, stops at the first failure): argument errors of every op, the
 # CSR engine's ops (spmm, sparse_linear, sddmm, gather: every backend over the shared parametrization,

@@ -1,7 +1,7 @@
 """Build sparsekern._C from csrc/.
 
-The CPU extension is always built. Hot loops reach AVX2/AVX-512 through GCC
-``target_clones`` (see csrc/cpu/common.h), so the default build is portable;
+The CPU extension is always built. Hot loops are built for x86-64-v4 (AVX-512), v3 (AVX2) and baseline
+and picked per call (``SK_CLONED``, see csrc/cpu/common.h), so the default build is portable;
 ``SPARSEKERN_NATIVE=1`` adds ``-march=native`` for a machine-specific build;
 ``SPARSEKERN_SANITIZE=1`` builds the C++ code with AddressSanitizer and UndefinedBehaviorSanitizer
 (``make sanitize``: it then needs libasan and libubsan preloaded into Python).

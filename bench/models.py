@@ -544,8 +544,9 @@ ISA_PROXIES: Dict[str, Dict[str, str]] = {
 
 
 def process_isa() -> str:
-    """This process's vector ISA: torch's CPU capability (ATen's kernels) and the sparsekern loops."""
-    return f"torch {torch.backends.cpu.get_cpu_capability()}, sparsekern loops {sk_isa.get()}"
+    """This process's vector ISA: torch's CPU capability (ATen's kernels), the width of the sparsekern loops and the
+    build of them that runs (x86-64-v3 under the AVX2 proxy: an AVX2 host's code, not the v4 build's 32-byte loops)."""
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, sparsekern loops {sk_isa.get()} ({sk_isa.build()})"
 
 
 @contextmanager
@@ -575,7 +576,8 @@ def isa_line(isa: str, ran: Iterable[str], processes: str = "every model's proce
 def checked_process_isa(isa: str) -> str:
     """``process_isa()``, after checking that a spawned process took the ISA proxy ``isa`` asked of it."""
     used = process_isa()
-    if isa != "native" and not (torch.backends.cpu.get_cpu_capability() == isa.upper() and sk_isa.get() == isa):
+    if isa != "native" and not (torch.backends.cpu.get_cpu_capability() == isa.upper() and sk_isa.get() == isa
+                                and sk_isa.build() == "x86-64-v3"):
         raise RuntimeError(f"sparsekern bench --isa {isa}: this process runs {used}; the environment "
                            f"({ISA_PROXIES[isa]}) did not take (is {isa} supported here?)")
     return used

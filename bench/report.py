@@ -28,7 +28,7 @@ def isa_flags() -> str:
 def host() -> str:
     """The CPU line of a report: model, cores, vector ISA, and the width the CSR and conv tile loops run at."""
     try:
-        width = isa.get()
+        width = f"{isa.get()}, {isa.build()} build"
     except RuntimeError:
         width = "n/a (extension not built)"
     return (f"{cpu_model()}; {os.cpu_count()} logical cores; {isa_flags()}; "

@@ -6,6 +6,11 @@ tile loops of sparse_conv2d's pointwise and batch-innermost kernels.
 environment variable ``SPARSEKERN_ISA=auto|avx2|avx512`` is read once, when the extension loads;
 ``auto`` (the default) picks the width measured faster on this CPU family. ``set``/``use`` change
 it at run time, for tests and benchmarks: the choice is process-wide, not per thread.
+
+Every other hot loop of the extension (and the 32-byte loops themselves) comes in three builds, x86-64-v4
+(AVX-512), x86-64-v3 (AVX2+FMA) and baseline x86-64, picked per call: the best this CPU runs, held to the
+x86-64-v3 build while the ISA is ``avx2``, so that an AVX-512 host under ``avx2`` runs (and tests) the code an
+AVX2 host runs. ``build()`` says which.
 """
 from __future__ import annotations
 
@@ -76,6 +81,15 @@ def current() -> str:
         except RuntimeError:
             return "none"
     return _current
+
+
+BUILDS = ("baseline", "x86-64-v3", "x86-64-v4")
+
+
+def build() -> str:
+    """The build of the extension's cloned loops that runs now: ``"x86-64-v4"``, ``"x86-64-v3"`` or
+    ``"baseline"``."""
+    return BUILDS[_op("_clone_level")()]
 
 
 def supported(name: str) -> bool:

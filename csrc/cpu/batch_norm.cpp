@@ -104,14 +104,16 @@ SK_INLINE void channels(const T* x, const T* w, const T* b, double eps, int64_t 
   }
 }
 
-SK_CLONES void channels_f32(const float* x, const float* w, const float* b, double eps, int64_t N, int64_t C,
-                            int64_t HW, int64_t c0, int64_t c1, float* y, float* mean, float* invstd, float* var) {
-  channels<float, 32>(x, w, b, eps, N, C, HW, c0, c1, y, mean, invstd, var);
-}
-SK_CLONES void channels_f64(const double* x, const double* w, const double* b, double eps, int64_t N, int64_t C,
-                            int64_t HW, int64_t c0, int64_t c1, double* y, double* mean, double* invstd, double* var) {
-  channels<double, 32>(x, w, b, eps, N, C, HW, c0, c1, y, mean, invstd, var);
-}
+SK_CLONED(void, channels_f32,
+          (const float* x, const float* w, const float* b, double eps, int64_t N, int64_t C, int64_t HW, int64_t c0,
+           int64_t c1, float* y, float* mean, float* invstd, float* var),
+          { channels<float, 32>(x, w, b, eps, N, C, HW, c0, c1, y, mean, invstd, var); })
+SK_CLONED(void, channels_f64,
+          (const double* x, const double* w, const double* b, double eps, int64_t N, int64_t C, int64_t HW, int64_t c0,
+           int64_t c1, double* y, double* mean, double* invstd, double* var),
+          { channels<double, 32>(x, w, b, eps, N, C, HW, c0, c1, y, mean, invstd, var); })
+SK_CLONE_DISPATCH(channels_f32)
+SK_CLONE_DISPATCH(channels_f64)
 #if SK_HAVE_AVX512
 SK_AVX512 void channels_f32_wide(const float* x, const float* w, const float* b, double eps, int64_t N, int64_t C,
                                  int64_t HW, int64_t c0, int64_t c1, float* y, float* mean, float* invstd, float* var) {

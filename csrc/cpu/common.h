@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -11,17 +12,49 @@
 #include <limits>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
-// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
-// at load time (GCC ifunc), so one portable wheel runs at full width everywhere.
-// Put it on a non-template function whose loops are in always_inline helpers.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SPARSEKERN_NO_CLONES)
-#define SK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SK_CLONES
-#endif
 #define SK_INLINE inline __attribute__((always_inline))
+
+namespace sparsekern {
+// Which build of a cloned function runs (SK_CLONED): 2 = x86-64-v4, 1 = x86-64-v3 (AVX2+FMA), 0 = baseline x86-64.
+// The best this CPU runs, held to 1 while csr::isa() is avx2 (SPARSEKERN_ISA=avx2, sparsekern.isa.set): so an
+// AVX-512 host held to AVX2 runs the very code an AVX2 host runs (16 vector registers, no EVEX), and its tests cover
+// it. GCC's target_clones picked at load time by the CPU alone, so there the 32-byte loops ran their v4 build.
+extern std::atomic<int> clone_level_now;  // csr_isa.cpp
+SK_INLINE int clone_level() { return clone_level_now.load(std::memory_order_relaxed); }
+}  // namespace sparsekern
+
+// Hot loops are compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline x86-64, and picked per call by
+// clone_level(), so one portable wheel runs at full width everywhere. SK_CLONED(RET, NAME, (PARAMS), BODY) defines
+// the three builds NAME_sk_v4, NAME_sk_v3, NAME_sk_v0 of one function (its loops in always_inline helpers, which take
+// the build's target); SK_CLONE_BUILDS(M, ...) expands M(ATTR, SUFFIX, ...) once per build, for macros that define
+// several functions; SK_CLONE_DISPATCH(NAME), once after every overload of NAME, defines NAME itself, which calls the
+// build clone_level() picks. Lambdas inside a build are functions of the default target (pass them no vectors).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SPARSEKERN_NO_CLONES)
+#define SK_V4 __attribute__((target("arch=x86-64-v4")))
+#define SK_V3 __attribute__((target("arch=x86-64-v3")))
+#define SK_CLONE_BUILDS(M, ...) M(SK_V4, _sk_v4, __VA_ARGS__) M(SK_V3, _sk_v3, __VA_ARGS__) M(, _sk_v0, __VA_ARGS__)
+#define SK_CLONE_DISPATCH(NAME)                            \
+  template <typename... A>                                 \
+  SK_INLINE decltype(auto) NAME(A&&... a) {                \
+    switch (::sparsekern::clone_level()) {                 \
+      case 2: return NAME##_sk_v4(std::forward<A>(a)...);  \
+      case 1: return NAME##_sk_v3(std::forward<A>(a)...);  \
+      default: return NAME##_sk_v0(std::forward<A>(a)...); \
+    }                                                      \
+  }
+#else
+#define SK_CLONE_BUILDS(M, ...) M(, _sk_v0, __VA_ARGS__)
+#define SK_CLONE_DISPATCH(NAME)                 \
+  template <typename... A>                      \
+  SK_INLINE decltype(auto) NAME(A&&... a) {     \
+    return NAME##_sk_v0(std::forward<A>(a)...); \
+  }
+#endif
+#define SK_CLONED_BUILD(ATTR, SUFFIX, RET, NAME, PARAMS, ...) ATTR RET NAME##SUFFIX PARAMS __VA_ARGS__
+#define SK_CLONED(RET, NAME, PARAMS, ...) SK_CLONE_BUILDS(SK_CLONED_BUILD, RET, NAME, PARAMS, __VA_ARGS__)
 
 // The 512-bit instances of the CSR loops: compiled for one target and picked at run time
 // (csr::isa()), not by ifunc, so that SPARSEKERN_ISA=avx2 can keep 32-byte loops on an AVX-512 host.
@@ -38,7 +71,7 @@ namespace sparsekern {
 // the copy: a depthwise conv's plane rows (2 to 112 elements: a call each cost more than a 3x3 kernel's arithmetic on
 // 7x7 planes), the L1 blocks' runs of values (about 13 at 4096^2, density 0.1). GCC turns such a loop into a memmove
 // call (-ftree-loop-distribute-patterns) unless the function it is inlined into is built without that pass
-// (SK_NO_MEMMOVE) or for a target of its own (SK_CLONES).
+// (SK_NO_MEMMOVE) or for a target of its own (SK_CLONED).
 template <class D, class S>
 SK_INLINE void copy_run(D* __restrict dst, const S* __restrict src, int64_t n) {
   for (int64_t e = 0; e < n; ++e) dst[e] = src[e];

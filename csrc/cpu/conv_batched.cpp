@@ -86,14 +86,14 @@ SK_INLINE void pack_row_impl(float* drow, const I* s, int64_t sN, int64_t N, int
     for (int64_t j = j0; j < j1; ++j) drow[j * N + n0] = bf16::widen(s[n0 * sN + j * sw]);
 }
 
-SK_CLONES void pack_row_f32(float* drow, const float* s, int64_t sN, int64_t N, int64_t sw, int64_t j0, int64_t j1,
-                            int64_t jv) {
-  pack_row_impl(drow, s, sN, N, sw, j0, j1, jv);
-}
-SK_CLONES void pack_row_bf16(float* drow, const c10::BFloat16* s, int64_t sN, int64_t N, int64_t sw, int64_t j0,
-                             int64_t j1, int64_t jv) {
-  pack_row_impl(drow, s, sN, N, sw, j0, j1, jv);
-}
+SK_CLONED(void, pack_row_f32,
+          (float* drow, const float* s, int64_t sN, int64_t N, int64_t sw, int64_t j0, int64_t j1, int64_t jv),
+          { pack_row_impl(drow, s, sN, N, sw, j0, j1, jv); })
+SK_CLONED(void, pack_row_bf16,
+          (float* drow, const c10::BFloat16* s, int64_t sN, int64_t N, int64_t sw, int64_t j0, int64_t j1, int64_t jv),
+          { pack_row_impl(drow, s, sN, N, sw, j0, j1, jv); })
+SK_CLONE_DISPATCH(pack_row_f32)
+SK_CLONE_DISPATCH(pack_row_bf16)
 
 // Eight channels of a run of nj positions of channels_last rows into their planes: d[m*dch + j*N + n] =
 // s[n*sN + j*sj + m] for m < 8, j < nj, n < N, blocks of 8 images x 8 channels through register transposes. Read
@@ -108,13 +108,13 @@ SK_INLINE void pack_cl_run_impl(float* d, int64_t dch, const I* s, int64_t sN, i
       for (int64_t m = 0; m < 8; ++m) d[m * dch + j * N + n0] = bf16::widen(s[n0 * sN + j * sj + m]);
   }
 }
-SK_CLONES void pack_cl_run_f32(float* d, int64_t dch, const float* s, int64_t sN, int64_t sj, int64_t N, int64_t nj) {
-  pack_cl_run_impl(d, dch, s, sN, sj, N, nj);
-}
-SK_CLONES void pack_cl_run_bf16(float* d, int64_t dch, const c10::BFloat16* s, int64_t sN, int64_t sj, int64_t N,
-                                int64_t nj) {
-  pack_cl_run_impl(d, dch, s, sN, sj, N, nj);
-}
+SK_CLONED(void, pack_cl_run_f32, (float* d, int64_t dch, const float* s, int64_t sN, int64_t sj, int64_t N, int64_t nj),
+          { pack_cl_run_impl(d, dch, s, sN, sj, N, nj); })
+SK_CLONED(void, pack_cl_run_bf16,
+          (float* d, int64_t dch, const c10::BFloat16* s, int64_t sN, int64_t sj, int64_t N, int64_t nj),
+          { pack_cl_run_impl(d, dch, s, sN, sj, N, nj); })
+SK_CLONE_DISPATCH(pack_cl_run_f32)
+SK_CLONE_DISPATCH(pack_cl_run_bf16)
 
 // pack (below) for a channels_last t (float32 or bf16 into float32): threads over blocks of 8 channels and phases.
 template <class I>
@@ -202,7 +202,7 @@ void pack(const at::Tensor& t, int64_t pt, int64_t pl, int64_t sh, int64_t sw, i
 }
 
 // The reverse for a run of `count` positions: d[n*ldd + q] = s[q*N + n], 8 x 8 blocks through register transposes.
-SK_CLONES void unpack_run_f32(float* d, int64_t ldd, const float* s, int64_t N, int64_t count) {
+SK_CLONED(void, unpack_run_f32, (float* d, int64_t ldd, const float* s, int64_t N, int64_t count), {
   int64_t n0 = 0;
   for (; n0 + 8 <= N; n0 += 8) {
     int64_t q = 0;
@@ -212,43 +212,47 @@ SK_CLONES void unpack_run_f32(float* d, int64_t ldd, const float* s, int64_t N, 
   }
   for (; n0 < N; ++n0)
     for (int64_t q = 0; q < count; ++q) d[n0 * ldd + q] = s[q * N + n0];
-}
+})
+SK_CLONE_DISPATCH(unpack_run_f32)
 
 // One row of x's gradient from the two column phases of a stride-2 input gradient: d[n*ldd + w] = r_b[j*N + n]
 // for w in [0, W), where b = (w + pw) % 2 and j = (w + pw) / 2 - j0_b. Blocks of 8 images x 16 columns: each
 // phase's 8 x 8 block through a register transpose, then the two interleaved into full rows. Element by element
 // (a 4-byte store to every other column of 16 planes) this write-back took 12 % of a fwd+bwd of ResNet-50's
 // 128 -> 128 3x3 stride-2 layer (28x28, batch 16, density 0.087, Zen 5).
-SK_CLONES void unpack_row2_f32(float* d, int64_t ldd, const float* r0, int64_t j00, const float* r1, int64_t j01,
-                               int64_t N, int64_t W, int64_t pw) {
-  const auto one = [&](int64_t w, int64_t n) {
-    const int64_t b = (w + pw) & 1, m = (w + pw) >> 1;
-    d[n * ldd + w] = b ? r1[(m - j01) * N + n] : r0[(m - j00) * N + n];
-  };
-  int64_t n0 = 0;
-  for (; n0 + 8 <= N; n0 += 8) {
-    int64_t w = 0;
-    if (pw & 1)  // column 0 is phase 1's: blocks start where phase 0's column leads
-      for (int64_t k = 0; k < 8 && W > 0; ++k) one(0, n0 + k), w = 1;
-    alignas(64) float t0[64], t1[64];
-    for (; w + 16 <= W; w += 16) {
-      const int64_t m = (w + pw) >> 1;
-      simd::transpose_block(r0 + (m - j00) * N + n0, N, t0, 8);
-      simd::transpose_block(r1 + (m - j01) * N + n0, N, t1, 8);
-      const simd::vi32 lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
-      for (int k = 0; k < 8; ++k) {
-        const simd::vf e = simd::vload(t0 + 8 * k), o = simd::vload(t1 + 8 * k);
-        float* row = d + (n0 + k) * ldd + w;
-        simd::vstore(row, __builtin_shuffle(e, o, lo));
-        simd::vstore(row + 8, __builtin_shuffle(e, o, hi));
-      }
-    }
-    for (; w < W; ++w)
-      for (int64_t k = 0; k < 8; ++k) one(w, n0 + k);
-  }
-  for (; n0 < N; ++n0)
-    for (int64_t w = 0; w < W; ++w) one(w, n0);
-}
+SK_CLONED(void, unpack_row2_f32,
+          (float* d, int64_t ldd, const float* r0, int64_t j00, const float* r1, int64_t j01, int64_t N, int64_t W,
+           int64_t pw),
+          {
+            const auto one = [&](int64_t w, int64_t n) {
+              const int64_t b = (w + pw) & 1, m = (w + pw) >> 1;
+              d[n * ldd + w] = b ? r1[(m - j01) * N + n] : r0[(m - j00) * N + n];
+            };
+            int64_t n0 = 0;
+            for (; n0 + 8 <= N; n0 += 8) {
+              int64_t w = 0;
+              if (pw & 1)  // column 0 is phase 1's: blocks start where phase 0's column leads
+                for (int64_t k = 0; k < 8 && W > 0; ++k) one(0, n0 + k), w = 1;
+              alignas(64) float t0[64], t1[64];
+              for (; w + 16 <= W; w += 16) {
+                const int64_t m = (w + pw) >> 1;
+                simd::transpose_block(r0 + (m - j00) * N + n0, N, t0, 8);
+                simd::transpose_block(r1 + (m - j01) * N + n0, N, t1, 8);
+                const simd::vi32 lo = {0, 8, 1, 9, 2, 10, 3, 11}, hi = {4, 12, 5, 13, 6, 14, 7, 15};
+                for (int k = 0; k < 8; ++k) {
+                  const simd::vf e = simd::vload(t0 + 8 * k), o = simd::vload(t1 + 8 * k);
+                  float* row = d + (n0 + k) * ldd + w;
+                  simd::vstore(row, __builtin_shuffle(e, o, lo));
+                  simd::vstore(row + 8, __builtin_shuffle(e, o, hi));
+                }
+              }
+              for (; w < W; ++w)
+                for (int64_t k = 0; k < 8; ++k) one(w, n0 + k);
+            }
+            for (; n0 < N; ++n0)
+              for (int64_t w = 0; w < W; ++w) one(w, n0);
+          })
+SK_CLONE_DISPATCH(unpack_row2_f32)
 
 // d[n*ldd + q] = src[q*N + n] for q in [0, count), n in [0, N) (a bf16 d is rounded).
 template <class I, class T>
@@ -263,20 +267,22 @@ void unpack_run(I* d, int64_t ldd, const T* s, int64_t N, int64_t count) {
 
 // Positions q of a channels_last out from (C, H, W, N): d[n*ldd + q*C + c] = s[c*cs + q*N + n] for q in [q0, q1), every
 // channel and image, blocks of 8 channels x 8 images through register transposes.
-SK_CLONES void unpack_cl_f32(float* d, int64_t ldd, const float* s, int64_t cs, int64_t C, int64_t N, int64_t q0,
-                             int64_t q1) {
-  for (int64_t q = q0; q < q1; ++q) {
-    int64_t c0 = 0;
-    for (; c0 + 8 <= C; c0 += 8) {
-      int64_t n0 = 0;
-      for (; n0 + 8 <= N; n0 += 8) simd::transpose_block(s + c0 * cs + q * N + n0, cs, d + n0 * ldd + q * C + c0, ldd);
-      for (; n0 < N; ++n0)
-        for (int64_t c = c0; c < c0 + 8; ++c) d[n0 * ldd + q * C + c] = s[c * cs + q * N + n0];
-    }
-    for (; c0 < C; ++c0)
-      for (int64_t n = 0; n < N; ++n) d[n * ldd + q * C + c0] = s[c0 * cs + q * N + n];
-  }
-}
+SK_CLONED(void, unpack_cl_f32,
+          (float* d, int64_t ldd, const float* s, int64_t cs, int64_t C, int64_t N, int64_t q0, int64_t q1), {
+            for (int64_t q = q0; q < q1; ++q) {
+              int64_t c0 = 0;
+              for (; c0 + 8 <= C; c0 += 8) {
+                int64_t n0 = 0;
+                for (; n0 + 8 <= N; n0 += 8)
+                  simd::transpose_block(s + c0 * cs + q * N + n0, cs, d + n0 * ldd + q * C + c0, ldd);
+                for (; n0 < N; ++n0)
+                  for (int64_t c = c0; c < c0 + 8; ++c) d[n0 * ldd + q * C + c] = s[c * cs + q * N + n0];
+              }
+              for (; c0 < C; ++c0)
+                for (int64_t n = 0; n < N; ++n) d[n * ldd + q * C + c0] = s[c0 * cs + q * N + n];
+            }
+          })
+SK_CLONE_DISPATCH(unpack_cl_f32)
 
 // unpack_cl_f32 for any output and compute types (element by element where not both float32; a bf16 d is rounded).
 template <class I, class T>

@@ -298,7 +298,11 @@ SK_INLINE void wgrad_all(const T* src, const int32_t* offs, const int64_t* bp, i
     wgrad_all<double, W>(src, offs, bp, nb, r0, r1, tiles, ntiles, dy, dstride, g);                                   \
   }
 
-SK_TILE_ENTRIES(SK_CLONES, , 32)
+SK_CLONE_BUILDS(SK_TILE_ENTRIES, 32)
+SK_CLONE_DISPATCH(gather_f32)
+SK_CLONE_DISPATCH(gather_f64)
+SK_CLONE_DISPATCH(wgrad_f32)
+SK_CLONE_DISPATCH(wgrad_f64)
 #if SK_HAVE_AVX512
 SK_TILE_ENTRIES(SK_AVX512, _w64, 64)  // for tiles cut at 64 bytes (vector_bytes)
 #endif

@@ -65,12 +65,11 @@ SK_INLINE void mask_and_sum_impl(S* gt, const S* act_tile, bool scale, int64_t m
     }
   }
 }
-SK_CLONES void mask_and_sum(float* gt, const float* act_tile, bool scale, int64_t m, int64_t T, float* bias_part) {
-  mask_and_sum_impl(gt, act_tile, scale, m, T, bias_part);
-}
-SK_CLONES void mask_and_sum(double* gt, const double* act_tile, bool scale, int64_t m, int64_t T, double* bias_part) {
-  mask_and_sum_impl(gt, act_tile, scale, m, T, bias_part);
-}
+SK_CLONED(void, mask_and_sum, (float* gt, const float* act_tile, bool scale, int64_t m, int64_t T, float* bias_part),
+          { mask_and_sum_impl(gt, act_tile, scale, m, T, bias_part); })
+SK_CLONED(void, mask_and_sum, (double* gt, const double* act_tile, bool scale, int64_t m, int64_t T, double* bias_part),
+          { mask_and_sum_impl(gt, act_tile, scale, m, T, bias_part); })
+SK_CLONE_DISPATCH(mask_and_sum)
 
 template <typename I>
 bool spmm_backward_typed(const TransposedValues& t_values, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,

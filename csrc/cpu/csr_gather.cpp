@@ -98,20 +98,22 @@ SK_INLINE void sddmm_gather_impl(const int64_t* rp, const int32_t* __restrict ci
   }
 }
 
-#define SK_GATHER_CLONES(I, S)                                                                                  \
-  SK_CLONES void spmm_gather_loop(const S* vals, const int64_t* rp, const int32_t* ci, int64_t m, const I* src, \
-                                  int64_t s1, const S* bias, I* out, int64_t os0, int64_t os1, int64_t b0,      \
-                                  int64_t b1) {                                                                 \
-    spmm_gather_impl<I, S>(vals, rp, ci, m, src, s1, bias, out, os0, os1, b0, b1);                              \
-  }                                                                                                             \
-  SK_CLONES void sddmm_gather_loop(const int64_t* rp, const int32_t* ci, const I* X, int64_t xs0, int64_t xs1,  \
-                                   const I* Y, int64_t ys1, int64_t n, S* vals, int64_t r0, int64_t r1) {       \
-    sddmm_gather_impl<I, S>(rp, ci, X, xs0, xs1, Y, ys1, n, vals, r0, r1);                                      \
+#define SK_GATHER_LOOPS(ATTR, CS, I, S)                                                                        \
+  ATTR void spmm_gather_loop##CS(const S* vals, const int64_t* rp, const int32_t* ci, int64_t m, const I* src, \
+                                 int64_t s1, const S* bias, I* out, int64_t os0, int64_t os1, int64_t b0,      \
+                                 int64_t b1) {                                                                 \
+    spmm_gather_impl<I, S>(vals, rp, ci, m, src, s1, bias, out, os0, os1, b0, b1);                             \
+  }                                                                                                            \
+  ATTR void sddmm_gather_loop##CS(const int64_t* rp, const int32_t* ci, const I* X, int64_t xs0, int64_t xs1,  \
+                                  const I* Y, int64_t ys1, int64_t n, S* vals, int64_t r0, int64_t r1) {       \
+    sddmm_gather_impl<I, S>(rp, ci, X, xs0, xs1, Y, ys1, n, vals, r0, r1);                                     \
   }
-SK_GATHER_CLONES(float, float)
-SK_GATHER_CLONES(double, double)
-SK_GATHER_CLONES(c10::BFloat16, float)
-#undef SK_GATHER_CLONES
+SK_CLONE_BUILDS(SK_GATHER_LOOPS, float, float)
+SK_CLONE_BUILDS(SK_GATHER_LOOPS, double, double)
+SK_CLONE_BUILDS(SK_GATHER_LOOPS, c10::BFloat16, float)
+#undef SK_GATHER_LOOPS
+SK_CLONE_DISPATCH(spmm_gather_loop)
+SK_CLONE_DISPATCH(sddmm_gather_loop)
 
 // Multiply-adds per parallel task: below this a task's share of the parallel region's start-up (a few
 // microseconds) outweighs its work, and a product that small runs on the calling thread.

@@ -355,14 +355,17 @@ void sddmm_gather(const int64_t* rp, const int32_t* ci, int64_t m, const at::Ten
 
 // ---------------------------------------------------------------------------
 // The instances of a core (spmm, sddmm): per compute type S and element type I, the 32-byte
-// loops at 1, 2, 4 vectors per tile row (target_clones), the 64-byte loops at 1, 2, 4 (SK_AVX512),
+// loops at 1, 2, 4 vectors per tile row (SK_CLONE_BUILDS), the 64-byte loops at 1, 2, 4 (SK_AVX512),
 // and CORE_rows(tile_bytes, wide, job, r0, r1), which picks one. Tiles of 32 bytes always run the
 // 32-byte loop; 256-byte tiles only the 64-byte one (tile_bytes gives them only where `wide`). Used inside the core's namespace, after
 // CORE_rows_impl<S, NV, I, W>.
-#define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)                                         \
-  SK_CLONES void CORE##_rows_##NAME##_##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
-    CORE##_rows_impl<S, NV, I>(J, r0, r1);                                               \
+#define SK_ROWS_BUILD(ATTR, CS, CORE, JOB, S, I, NAME, NV)                              \
+  ATTR void CORE##_rows_##NAME##_##NV##CS(const JOB<S, I>& J, int64_t r0, int64_t r1) { \
+    CORE##_rows_impl<S, NV, I>(J, r0, r1);                                              \
   }
+#define SK_ROWS_CLONE(CORE, JOB, S, I, NAME, NV)            \
+  SK_CLONE_BUILDS(SK_ROWS_BUILD, CORE, JOB, S, I, NAME, NV) \
+  SK_CLONE_DISPATCH(CORE##_rows_##NAME##_##NV)
 #if SK_HAVE_AVX512
 #define SK_ROWS_WIDE(CORE, JOB, S, I, NAME, NV)                                           \
   SK_AVX512 void CORE##_rows_##NAME##_w##NV(const JOB<S, I>& J, int64_t r0, int64_t r1) { \

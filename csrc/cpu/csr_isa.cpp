@@ -1,7 +1,8 @@
 // The vector width of the CSR tile engine's loops (csr_engine.h: isa, set_isa): read by each op once
-// per call, not inside the loops.
+// per call, not inside the loops; and the build of the cloned functions that runs (common.h: clone_level).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -51,6 +52,21 @@ std::atomic<Isa> current_isa{[] {
   return isa;
 }()};
 
+// The best build of the cloned functions this CPU runs (common.h clone_level).
+int cpu_clone_level() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  static const int level = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+  }();
+  return level;
+#else
+  return 0;
+#endif
+}
+
+int clone_level_for(Isa isa) { return isa == Isa::avx512 ? cpu_clone_level() : std::min(cpu_clone_level(), 1); }
+
 }  // namespace
 
 Isa isa() { return current_isa.load(std::memory_order_relaxed); }
@@ -69,10 +85,15 @@ std::string set_isa(const std::string& name) {
   TORCH_CHECK(parse_isa(name, &isa), "_set_isa: isa 'avx512' needs a CPU with AVX-512F/BW/DQ/VL (and an x86-64 "
                                      "GCC build); this one has none");
   current_isa.store(isa);
+  clone_level_now.store(clone_level_for(isa));
   return isa_name(isa);
 }
 
 }  // namespace csr
+
+// After current_isa (one translation unit initializes in order): SPARSEKERN_ISA's level from load on.
+std::atomic<int> clone_level_now{csr::clone_level_for(csr::isa())};
+
 }  // namespace sparsekern
 
 // Private ops for tests and benchmarks (wrapped by sparsekern/isa.py); not part of the op contract.
@@ -81,4 +102,5 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
   m.def("_isa_supported(str isa) -> bool",
         [](const std::string& name) { return sparsekern::csr::isa_supported(name); });
   m.def("_set_isa(str isa) -> str", [](const std::string& name) { return sparsekern::csr::set_isa(name); });
+  m.def("_clone_level() -> int", [] { return int64_t(sparsekern::clone_level()); });
 }

@@ -82,31 +82,36 @@ SK_INLINE void pack_planes_impl(S* dst, int64_t T, const I* base, int64_t s0, co
   }
 }
 
-SK_CLONES void pack_planes_f32(float* dst, int64_t T, const float* base, int64_t s0, const Runs& runs, int64_t j0,
-                               int64_t j1, int64_t nc) {
-  pack_planes_impl<float>(dst, T, base, s0, runs, j0, j1, nc);
-}
-SK_CLONES void pack_planes_f64(double* dst, int64_t T, const double* base, int64_t s0, const Runs& runs, int64_t j0,
-                               int64_t j1, int64_t nc) {
-  pack_planes_impl<double>(dst, T, base, s0, runs, j0, j1, nc);
-}
-SK_CLONES void pack_planes_bf16(float* dst, int64_t T, const c10::BFloat16* base, int64_t s0, const Runs& runs,
-                                int64_t j0, int64_t j1, int64_t nc) {
-  pack_planes_impl<c10::BFloat16>(dst, T, base, s0, runs, j0, j1, nc);
-}
+SK_CLONED(void, pack_planes_f32,
+          (float* dst, int64_t T, const float* base, int64_t s0, const Runs& runs, int64_t j0, int64_t j1, int64_t nc),
+          { pack_planes_impl<float>(dst, T, base, s0, runs, j0, j1, nc); })
+SK_CLONED(void, pack_planes_f64,
+          (double* dst, int64_t T, const double* base, int64_t s0, const Runs& runs, int64_t j0, int64_t j1,
+           int64_t nc),
+          { pack_planes_impl<double>(dst, T, base, s0, runs, j0, j1, nc); })
+SK_CLONED(void, pack_planes_bf16,
+          (float* dst, int64_t T, const c10::BFloat16* base, int64_t s0, const Runs& runs, int64_t j0, int64_t j1,
+           int64_t nc),
+          { pack_planes_impl<c10::BFloat16>(dst, T, base, s0, runs, j0, j1, nc); })
 
-SK_CLONES void pack_f32(float* dst, int64_t T, const float* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
-                        int64_t b0, int64_t nc) {
-  pack_impl<float>(dst, T, base, s0, s1, j0, j1, b0, nc);
-}
-SK_CLONES void pack_f64(double* dst, int64_t T, const double* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1,
-                        int64_t b0, int64_t nc) {
-  pack_impl<double>(dst, T, base, s0, s1, j0, j1, b0, nc);
-}
-SK_CLONES void pack_bf16(float* dst, int64_t T, const c10::BFloat16* base, int64_t s0, int64_t s1, int64_t j0,
-                         int64_t j1, int64_t b0, int64_t nc) {
-  pack_impl<c10::BFloat16>(dst, T, base, s0, s1, j0, j1, b0, nc);
-}
+SK_CLONED(void, pack_f32,
+          (float* dst, int64_t T, const float* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+           int64_t nc),
+          { pack_impl<float>(dst, T, base, s0, s1, j0, j1, b0, nc); })
+SK_CLONED(void, pack_f64,
+          (double* dst, int64_t T, const double* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+           int64_t nc),
+          { pack_impl<double>(dst, T, base, s0, s1, j0, j1, b0, nc); })
+SK_CLONED(void, pack_bf16,
+          (float* dst, int64_t T, const c10::BFloat16* base, int64_t s0, int64_t s1, int64_t j0, int64_t j1, int64_t b0,
+           int64_t nc),
+          { pack_impl<c10::BFloat16>(dst, T, base, s0, s1, j0, j1, b0, nc); })
+SK_CLONE_DISPATCH(pack_planes_f32)
+SK_CLONE_DISPATCH(pack_planes_f64)
+SK_CLONE_DISPATCH(pack_planes_bf16)
+SK_CLONE_DISPATCH(pack_f32)
+SK_CLONE_DISPATCH(pack_f64)
+SK_CLONE_DISPATCH(pack_bf16)
 #if SK_HAVE_AVX512
 // A column-major float32 source (sparse_linear's x.t()) on 64-byte vectors: 16 x 16 register transposes, so that
 // every load reads one whole line of a token's features and every store writes one whole line of the tile. The

@@ -372,41 +372,47 @@ SK_INLINE void nhwc_backward_blocks(const T* x, const T* wf, const T* dy, T* dx,
   }
 }
 
-SK_CLONES void forward_f32(const float* x, const float* w, const float* b, float* y, int64_t C, const Geometry& g,
-                           int64_t p0, int64_t p1) {
-  forward_planes(x, w, b, y, C, g, p0, p1);
-}
-SK_CLONES void forward_f64(const double* x, const double* w, const double* b, double* y, int64_t C, const Geometry& g,
-                           int64_t p0, int64_t p1) {
-  forward_planes(x, w, b, y, C, g, p0, p1);
-}
-SK_CLONES void backward_f32(const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int64_t N,
-                            int64_t C, const Geometry& gx, const Geometry& gd, int64_t c0, int64_t c1) {
-  backward_channels(x, w, dy, dx, dw, db, N, C, gx, gd, c0, c1);
-}
-SK_CLONES void backward_f64(const double* x, const double* w, const double* dy, double* dx, double* dw, double* db,
-                            int64_t N, int64_t C, const Geometry& gx, const Geometry& gd, int64_t c0, int64_t c1) {
-  backward_channels(x, w, dy, dx, dw, db, N, C, gx, gd, c0, c1);
-}
+SK_CLONED(void, forward_f32,
+          (const float* x, const float* w, const float* b, float* y, int64_t C, const Geometry& g, int64_t p0,
+           int64_t p1),
+          { forward_planes(x, w, b, y, C, g, p0, p1); })
+SK_CLONED(void, forward_f64,
+          (const double* x, const double* w, const double* b, double* y, int64_t C, const Geometry& g, int64_t p0,
+           int64_t p1),
+          { forward_planes(x, w, b, y, C, g, p0, p1); })
+SK_CLONED(void, backward_f32,
+          (const float* x, const float* w, const float* dy, float* dx, float* dw, float* db, int64_t N, int64_t C,
+           const Geometry& gx, const Geometry& gd, int64_t c0, int64_t c1),
+          { backward_channels(x, w, dy, dx, dw, db, N, C, gx, gd, c0, c1); })
+SK_CLONED(void, backward_f64,
+          (const double* x, const double* w, const double* dy, double* dx, double* dw, double* db, int64_t N, int64_t C,
+           const Geometry& gx, const Geometry& gd, int64_t c0, int64_t c1),
+          { backward_channels(x, w, dy, dx, dw, db, N, C, gx, gd, c0, c1); })
 
-SK_CLONES void nhwc_forward_f32(const float* x, const float* wt, const float* bp, float* y, int64_t C, int64_t Cp,
-                                const Geometry& g, int64_t b0, int64_t b1) {
-  nhwc_forward_blocks(x, wt, bp, y, C, Cp, g, b0, b1);
-}
-SK_CLONES void nhwc_forward_f64(const double* x, const double* wt, const double* bp, double* y, int64_t C, int64_t Cp,
-                                const Geometry& g, int64_t b0, int64_t b1) {
-  nhwc_forward_blocks(x, wt, bp, y, C, Cp, g, b0, b1);
-}
-SK_CLONES void nhwc_backward_f32(const float* x, const float* wf, const float* dy, float* dx, float* dw, float* db,
-                                 int64_t N, int64_t C, int64_t Cp, const Geometry& gx, const Geometry& gd, int64_t b0,
-                                 int64_t b1) {
-  nhwc_backward_blocks(x, wf, dy, dx, dw, db, N, C, Cp, gx, gd, b0, b1);
-}
-SK_CLONES void nhwc_backward_f64(const double* x, const double* wf, const double* dy, double* dx, double* dw,
-                                 double* db, int64_t N, int64_t C, int64_t Cp, const Geometry& gx, const Geometry& gd,
-                                 int64_t b0, int64_t b1) {
-  nhwc_backward_blocks(x, wf, dy, dx, dw, db, N, C, Cp, gx, gd, b0, b1);
-}
+SK_CLONED(void, nhwc_forward_f32,
+          (const float* x, const float* wt, const float* bp, float* y, int64_t C, int64_t Cp, const Geometry& g,
+           int64_t b0, int64_t b1),
+          { nhwc_forward_blocks(x, wt, bp, y, C, Cp, g, b0, b1); })
+SK_CLONED(void, nhwc_forward_f64,
+          (const double* x, const double* wt, const double* bp, double* y, int64_t C, int64_t Cp, const Geometry& g,
+           int64_t b0, int64_t b1),
+          { nhwc_forward_blocks(x, wt, bp, y, C, Cp, g, b0, b1); })
+SK_CLONED(void, nhwc_backward_f32,
+          (const float* x, const float* wf, const float* dy, float* dx, float* dw, float* db, int64_t N, int64_t C,
+           int64_t Cp, const Geometry& gx, const Geometry& gd, int64_t b0, int64_t b1),
+          { nhwc_backward_blocks(x, wf, dy, dx, dw, db, N, C, Cp, gx, gd, b0, b1); })
+SK_CLONED(void, nhwc_backward_f64,
+          (const double* x, const double* wf, const double* dy, double* dx, double* dw, double* db, int64_t N,
+           int64_t C, int64_t Cp, const Geometry& gx, const Geometry& gd, int64_t b0, int64_t b1),
+          { nhwc_backward_blocks(x, wf, dy, dx, dw, db, N, C, Cp, gx, gd, b0, b1); })
+SK_CLONE_DISPATCH(forward_f32)
+SK_CLONE_DISPATCH(forward_f64)
+SK_CLONE_DISPATCH(backward_f32)
+SK_CLONE_DISPATCH(backward_f64)
+SK_CLONE_DISPATCH(nhwc_forward_f32)
+SK_CLONE_DISPATCH(nhwc_forward_f64)
+SK_CLONE_DISPATCH(nhwc_backward_f32)
+SK_CLONE_DISPATCH(nhwc_backward_f64)
 
 // The weights (C, 1, kh, kw) as taps x Cp (channels padded with zeros to Cp), the kernel flipped where `flip`.
 at::Tensor taps_by_channel(const at::Tensor& weight, int64_t Cp, bool flip) {

@@ -118,7 +118,8 @@ SK_INLINE void gelu_run(E* z, E* d, int64_t n) {
   }
 }
 
-SK_CLONES void gelu_f32(float* z, float* d, int64_t n) { gelu_run(z, d, n); }
+SK_CLONED(void, gelu_f32, (float* z, float* d, int64_t n), { gelu_run(z, d, n); })
+SK_CLONE_DISPATCH(gelu_f32)
 #if SK_HAVE_AVX512
 // 64-byte vectors where the CSR loops run them (csr::isa()): 1.6x the 32-byte loop's rate.
 SK_AVX512 void gelu_f32_wide(float* z, float* d, int64_t n) {
@@ -127,7 +128,8 @@ SK_AVX512 void gelu_f32_wide(float* z, float* d, int64_t n) {
   gelu_run(z + whole, d ? d + whole : nullptr, n - whole);
 }
 #endif
-SK_CLONES void gelu_bf16(c10::BFloat16* z, c10::BFloat16* d, int64_t n) { gelu_run(z, d, n); }
+SK_CLONED(void, gelu_bf16, (c10::BFloat16 * z, c10::BFloat16* d, int64_t n), { gelu_run(z, d, n); })
+SK_CLONE_DISPATCH(gelu_bf16)
 
 template <typename T>
 T* offset(const at::Tensor& t, int64_t a) {

@@ -95,12 +95,12 @@ SK_INLINE void planes(const T* x, T* y, int64_t* idx, int64_t H, int64_t Wd, int
 }
 
 // 32-byte vectors on every host: GCC's 64-byte instance of these loops took lanes apart one by one (12x slower).
-SK_CLONES void planes_f32(const float* x, float* y, int64_t* idx, int64_t H, int64_t W, int64_t p0, int64_t p1) {
-  planes<float, 32>(x, y, idx, H, W, p0, p1);
-}
-SK_CLONES void planes_f64(const double* x, double* y, int64_t* idx, int64_t H, int64_t W, int64_t p0, int64_t p1) {
-  planes<double, 32>(x, y, idx, H, W, p0, p1);
-}
+SK_CLONED(void, planes_f32, (const float* x, float* y, int64_t* idx, int64_t H, int64_t W, int64_t p0, int64_t p1),
+          { planes<float, 32>(x, y, idx, H, W, p0, p1); })
+SK_CLONED(void, planes_f64, (const double* x, double* y, int64_t* idx, int64_t H, int64_t W, int64_t p0, int64_t p1),
+          { planes<double, 32>(x, y, idx, H, W, p0, p1); })
+SK_CLONE_DISPATCH(planes_f32)
+SK_CLONE_DISPATCH(planes_f64)
 // The CPU kernel: (y, indices), no autograd.
 std::tuple<at::Tensor, at::Tensor> max_pool_cpu(const at::Tensor& x) {
   const char* op = "_max_pool2d_3x3s2";

@@ -151,20 +151,26 @@ SK_INLINE void weight_grad_cols(const T* x, const T* dy, T* dw, int64_t N, int64
       }
 }
 
-#define SK_NARROW_LOOPS(T, SUFFIX)                                                                                   \
-  SK_CLONES void forward_##SUFFIX(const T* x, const T* w, const T* b, T* y, int64_t K, int64_t O, int64_t r0,        \
-                                  int64_t r1) {                                                                      \
-    forward_rows(x, w, b, y, K, O, r0, r1);                                                                          \
-  }                                                                                                                  \
-  SK_CLONES void input_grad_##SUFFIX(const T* dy, const T* w, T* dx, int64_t K, int64_t O, int64_t r0, int64_t r1) { \
-    input_grad_rows(dy, w, dx, K, O, r0, r1);                                                                        \
-  }                                                                                                                  \
-  SK_CLONES void weight_grad_##SUFFIX(const T* x, const T* dy, T* dw, int64_t N, int64_t K, int64_t O, int64_t p0,   \
-                                      int64_t p1) {                                                                  \
-    weight_grad_cols(x, dy, dw, N, K, O, p0, p1);                                                                    \
+#define SK_NARROW_LOOPS(ATTR, CS, T, SUFFIX)                                                                        \
+  ATTR void forward_##SUFFIX##CS(const T* x, const T* w, const T* b, T* y, int64_t K, int64_t O, int64_t r0,        \
+                                 int64_t r1) {                                                                      \
+    forward_rows(x, w, b, y, K, O, r0, r1);                                                                         \
+  }                                                                                                                 \
+  ATTR void input_grad_##SUFFIX##CS(const T* dy, const T* w, T* dx, int64_t K, int64_t O, int64_t r0, int64_t r1) { \
+    input_grad_rows(dy, w, dx, K, O, r0, r1);                                                                       \
+  }                                                                                                                 \
+  ATTR void weight_grad_##SUFFIX##CS(const T* x, const T* dy, T* dw, int64_t N, int64_t K, int64_t O, int64_t p0,   \
+                                     int64_t p1) {                                                                  \
+    weight_grad_cols(x, dy, dw, N, K, O, p0, p1);                                                                   \
   }
-SK_NARROW_LOOPS(float, f32)
-SK_NARROW_LOOPS(double, f64)
+SK_CLONE_BUILDS(SK_NARROW_LOOPS, float, f32)
+SK_CLONE_BUILDS(SK_NARROW_LOOPS, double, f64)
+SK_CLONE_DISPATCH(forward_f32)
+SK_CLONE_DISPATCH(input_grad_f32)
+SK_CLONE_DISPATCH(weight_grad_f32)
+SK_CLONE_DISPATCH(forward_f64)
+SK_CLONE_DISPATCH(input_grad_f64)
+SK_CLONE_DISPATCH(weight_grad_f64)
 
 void forward(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t O, int64_t r0, int64_t r1) {
   forward_f32(x, w, b, y, K, O, r0, r1);

@@ -1,6 +1,6 @@
 // GCC-vector helpers shared by the CPU kernels: loads, stores and broadcasts on 32- or 64-byte
 // vectors, register transposes and lane reductions. Everything is always_inline, so each helper
-// takes the target of the function it is inlined into (SK_CLONES or SK_AVX512, see common.h).
+// takes the target of the function it is inlined into (SK_CLONED or SK_AVX512, see common.h).
 // A kernel written with explicit mul+add on these vectors wants `#pragma GCC optimize("fp-contract=fast")`
 // after its includes: ISO -std=c++20 otherwise keeps the multiply and the add apart (no FMA).
 #pragma once

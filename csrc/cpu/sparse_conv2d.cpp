@@ -81,7 +81,12 @@ using conv2d_impl::Pos;
   SK_WGRAD_ROWS(ATTR, wgrad_rows_f32##SUFFIX, float, W)                   \
   SK_WGRAD_ROWS(ATTR, wgrad_rows_f64##SUFFIX, double, W)
 
-SK_DIRECT_LOOPS(SK_CLONES, , 32)
+SK_CLONE_BUILDS(SK_DIRECT_LOOPS, 32)
+SK_CLONE_DISPATCH(gather_rows_f32)
+SK_CLONE_DISPATCH(gather_rows_f64)
+SK_CLONE_DISPATCH(gather_rows_bf16)
+SK_CLONE_DISPATCH(wgrad_rows_f32)
+SK_CLONE_DISPATCH(wgrad_rows_f64)
 #if SK_HAVE_AVX512
 SK_DIRECT_LOOPS(SK_AVX512, _w64, 64)
 #define SK_PICK_WIDTH(vb, NAME, ...)            \

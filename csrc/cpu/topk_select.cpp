@@ -210,57 +210,60 @@ SK_INLINE void output_body(const F* x, const bool* cand, int64_t lo, int64_t hi,
 // ---- per-dtype entry points (ISA clones) ---------------------------------
 #define SK_FP(C, M, P) \
   return float_pass_body<FT, KT, C, M, P>(x, cand, lo, hi, flip, prefix, pmask, shift, dmask, hist, comp)
-#define SK_FLOAT_PASS(F, K)                                                                                  \
-  SK_CLONES bool float_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K prefix, K pmask, \
-                            int shift, K dmask, uint32_t* hist, K* comp, bool sparse) {                      \
-    using FT = F;                                                                                            \
-    using KT = K;                                                                                            \
-    if (!cand && !comp && pmask == 0) SK_FP(false, kAll, false);                                             \
-    if (sparse) {                                                                                            \
-      if (cand) {                                                                                            \
-        if (comp) SK_FP(true, kSparse, true);                                                                \
-        SK_FP(true, kSparse, false);                                                                         \
-      }                                                                                                      \
-      if (comp) SK_FP(false, kSparse, true);                                                                 \
-      SK_FP(false, kSparse, false);                                                                          \
-    }                                                                                                        \
-    if (cand) {                                                                                              \
-      if (comp) SK_FP(true, kDense, true);                                                                   \
-      SK_FP(true, kDense, false);                                                                            \
-    }                                                                                                        \
-    if (comp) SK_FP(false, kDense, true);                                                                    \
-    SK_FP(false, kDense, false);                                                                             \
+#define SK_FLOAT_PASS(ATTR, CS, F, K)                                                                                  \
+  ATTR bool float_pass##CS(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K prefix, K pmask, int shift, \
+                           K dmask, uint32_t* hist, K* comp, bool sparse) {                                            \
+    using FT = F;                                                                                                      \
+    using KT = K;                                                                                                      \
+    if (!cand && !comp && pmask == 0) SK_FP(false, kAll, false);                                                       \
+    if (sparse) {                                                                                                      \
+      if (cand) {                                                                                                      \
+        if (comp) SK_FP(true, kSparse, true);                                                                          \
+        SK_FP(true, kSparse, false);                                                                                   \
+      }                                                                                                                \
+      if (comp) SK_FP(false, kSparse, true);                                                                           \
+      SK_FP(false, kSparse, false);                                                                                    \
+    }                                                                                                                  \
+    if (cand) {                                                                                                        \
+      if (comp) SK_FP(true, kDense, true);                                                                             \
+      SK_FP(true, kDense, false);                                                                                      \
+    }                                                                                                                  \
+    if (comp) SK_FP(false, kDense, true);                                                                              \
+    SK_FP(false, kDense, false);                                                                                       \
   }
-SK_FLOAT_PASS(float, uint32_t)
-SK_FLOAT_PASS(double, uint64_t)
+SK_CLONE_BUILDS(SK_FLOAT_PASS, float, uint32_t)
+SK_CLONE_BUILDS(SK_FLOAT_PASS, double, uint64_t)
+SK_CLONE_DISPATCH(float_pass)
 #undef SK_FLOAT_PASS
 #undef SK_FP
 
 #define SK_KP(M, P) return key_pass_body<KT, M, P>(src, m, prefix, pmask, shift, dmask, hist, comp)
-#define SK_KEY_PASS(K)                                                                                             \
-  SK_CLONES void key_pass(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist, K* comp, \
-                          bool sparse) {                                                                           \
-    using KT = K;                                                                                                  \
-    if (sparse) {                                                                                                  \
-      if (comp) SK_KP(kSparse, true);                                                                              \
-      SK_KP(kSparse, false);                                                                                       \
-    }                                                                                                              \
-    if (comp) SK_KP(kDense, true);                                                                                 \
-    SK_KP(kDense, false);                                                                                          \
+#define SK_KEY_PASS(ATTR, CS, K)                                                                                  \
+  ATTR void key_pass##CS(const K* src, int64_t m, K prefix, K pmask, int shift, K dmask, uint32_t* hist, K* comp, \
+                         bool sparse) {                                                                           \
+    using KT = K;                                                                                                 \
+    if (sparse) {                                                                                                 \
+      if (comp) SK_KP(kSparse, true);                                                                             \
+      SK_KP(kSparse, false);                                                                                      \
+    }                                                                                                             \
+    if (comp) SK_KP(kDense, true);                                                                                \
+    SK_KP(kDense, false);                                                                                         \
   }
-SK_KEY_PASS(uint32_t)
-SK_KEY_PASS(uint64_t)
+SK_CLONE_BUILDS(SK_KEY_PASS, uint32_t)
+SK_CLONE_BUILDS(SK_KEY_PASS, uint64_t)
+SK_CLONE_DISPATCH(key_pass)
 #undef SK_KEY_PASS
 #undef SK_KP
 
-#define SK_OUTPUT_PASS(F, K)                                                                                     \
-  SK_CLONES void output_pass(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K T, int64_t eq_take, \
-                             int64_t* out, int64_t nout) {                                                       \
-    if (cand) output_body<F, K, true>(x, cand, lo, hi, flip, T, eq_take, out, nout);                             \
-    else output_body<F, K, false>(x, cand, lo, hi, flip, T, eq_take, out, nout);                                 \
+#define SK_OUTPUT_PASS(ATTR, CS, F, K)                                                                          \
+  ATTR void output_pass##CS(const F* x, const bool* cand, int64_t lo, int64_t hi, K flip, K T, int64_t eq_take, \
+                            int64_t* out, int64_t nout) {                                                       \
+    if (cand) output_body<F, K, true>(x, cand, lo, hi, flip, T, eq_take, out, nout);                            \
+    else output_body<F, K, false>(x, cand, lo, hi, flip, T, eq_take, out, nout);                                \
   }
-SK_OUTPUT_PASS(float, uint32_t)
-SK_OUTPUT_PASS(double, uint64_t)
+SK_CLONE_BUILDS(SK_OUTPUT_PASS, float, uint32_t)
+SK_CLONE_BUILDS(SK_OUTPUT_PASS, double, uint64_t)
+SK_CLONE_DISPATCH(output_pass)
 #undef SK_OUTPUT_PASS
 
 // ---- driver ---------------------------------------------------------------

@@ -134,11 +134,11 @@ def test_isa_proxy_holds_each_model_process_to_avx2(monkeypatch):
     before = {k: os.environ.get(k) for k in bench_models.ISA_PROXIES["avx2"]}
     index = [c.model for c in cases("tiny")].index("mlp")
     result = bench_models.run_isolated("tiny", index, "tiny", isa="avx2")
-    assert result.isa == "torch AVX2, sparsekern loops avx2" and result.dense.ok
+    assert result.isa == "torch AVX2, sparsekern loops avx2 (x86-64-v3)" and result.dense.ok
     assert {k: os.environ.get(k) for k in before} == before
     line = bench_models.isa_line("avx2", [result.isa])
     assert "ATEN_CPU_CAPABILITY=avx2" in line and "ONEDNN_MAX_CPU_ISA=AVX2" in line and "not one" in line
-    assert line.endswith("torch AVX2, sparsekern loops avx2")
+    assert line.endswith("torch AVX2, sparsekern loops avx2 (x86-64-v3)")
     with pytest.raises(SystemExit, match="isa must be native or one of"):
         bench_models.main(models=["mlp"], sizes="tiny", isa="sse")
 

@@ -177,21 +177,90 @@ def test_use_restores_the_previous_isa():
 
 def _isa_at_load(value):
     env = dict(os.environ, SPARSEKERN_ISA=value)
-    code = "import sparsekern.isa; print(sparsekern.isa.get())"
+    code = "import sparsekern.isa as i; print(i.get(), i.build())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1], out.stderr
+    isa, build = out.stdout.strip().splitlines()[-1].split()
+    return isa, build, out.stderr
+
+
+def _best_build():
+    with sk_isa.use("auto"):
+        return sk_isa.build()
+
+
+def _avx2_build(best):
+    """The build an ISA of avx2 runs: the CPU's best, at most x86-64-v3."""
+    return sk_isa.BUILDS[min(sk_isa.BUILDS.index(best), 1)]
 
 
 def test_environment_variable_is_read_at_load():
     _skip_without_kernels()
-    assert _isa_at_load("avx2")[0] == "avx2"
-    auto = _isa_at_load("auto")[0]
-    assert auto in ISAS
-    isa, err = _isa_at_load("avx1024")
-    assert isa == auto and "SPARSEKERN_ISA=avx1024 ignored" in err
+    best = _best_build()
+    assert _isa_at_load("avx2")[:2] == ("avx2", _avx2_build(best))
+    auto, build, _ = _isa_at_load("auto")
+    assert auto in ISAS and build == best
+    isa, build, err = _isa_at_load("avx1024")
+    assert (isa, build) == (auto, best) and "SPARSEKERN_ISA=avx1024 ignored" in err
     if sk_isa.supported("avx512"):
-        assert _isa_at_load("avx512")[0] == "avx512"
+        assert _isa_at_load("avx512")[:2] == ("avx512", "x86-64-v4")
+
+
+def test_the_build_follows_the_isa():
+    """Under avx2 every cloned loop runs the x86-64-v3 build, the code an AVX2 host runs (16 vector registers, no
+    EVEX), not the v4 build's 32-byte loops; set and use switch it with the ISA."""
+    _skip_without_kernels()
+    before, best = sk_isa.build(), _best_build()
+    assert best in sk_isa.BUILDS and sk_isa.build() == before
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert best in ("x86-64-v3", "x86-64-v4")
+    with sk_isa.use("avx2"):
+        assert sk_isa.build() == _avx2_build(best)
+    if sk_isa.supported("avx512"):
+        with sk_isa.use("avx512"):
+            assert sk_isa.build() == best == "x86-64-v4"
+    assert sk_isa.build() == before
+
+
+def test_every_cloned_kernel_under_each_build(isa):
+    """The cloned loops outside the CSR engine and the conv tiles (batch norm, max pooling, depthwise conv, the
+    narrow linear, the fused GELU, top-k, the gather SpMM and SDDMM) under each ISA's build, against torch."""
+    from sparsekern.nn import SparseLinear
+    from sparsekern.nn.fast_modules import FastBatchNorm2d, FastDepthwiseConv2d, FastMaxPool2d, FastNarrowLinear
+    assert sk_isa.build() == (_avx2_build(_best_build()) if isa == "avx2" else "x86-64-v4")
+    g = gen(seed_of("isa", "builds"))
+
+    def twins(fast, plain, x):
+        plain.load_state_dict(fast.state_dict())
+        xs = [x.clone().requires_grad_(True) for _ in range(2)]
+        ys = [fast(xs[0]), plain(xs[1])]
+        grad_out = make_input(ys[1].shape, x.dtype, g)
+        for y in ys:
+            y.backward(grad_out)
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+
+    twins(FastBatchNorm2d(16), torch.nn.BatchNorm2d(16), make_input((4, 16, 9, 9), torch.float32, g))
+    twins(FastMaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1), make_input((2, 8, 13, 13), torch.float32, g))
+    twins(FastDepthwiseConv2d(16, 16, 5, padding=2, groups=16), torch.nn.Conv2d(16, 16, 5, padding=2, groups=16),
+          make_input((2, 16, 14, 14), torch.float32, g))
+    twins(FastNarrowLinear(70, 10), torch.nn.Linear(70, 10), make_input((37, 70), torch.float32, g))
+    # The fused GELU (SparseLinear's activation) against F.gelu of the reference.
+    layer = SparseLinear(64, 48, density=0.2, activation="gelu")
+    x = make_input((33, 64), torch.float32, g)
+    expected = F.gelu(F.linear(x, layer.dense_weight().detach(), layer.bias.detach()))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # Top-k: the same selected scores as torch.topk.
+    scores = make_input((5000,), torch.float32, g)
+    picked = sparsekern.ops.topk_select(scores, 123)
+    torch.testing.assert_close(torch.sort(scores[picked]).values, torch.sort(torch.topk(scores, 123).values).values)
+    # The gather SpMM and SDDMM: so sparse a pattern that a product runs them, not the tiles.
+    W = random_sparse((64, 512), 0.002, torch.float32, g, empty_rows=True)
+    B = make_input((512, 24), torch.float32, g)
+    assert_close(spmm(W, B), reference.spmm(W.values, W.row_ptr, W.col_idx, B), scale=512)
+    X, Y = make_input((64, 24), torch.float32, g), make_input((512, 24), torch.float32, g)
+    assert_close(sddmm(W, X, Y), reference.sddmm(W.row_ptr, W.col_idx, X, Y), scale=24)
 
 
 # (kernel pin, N, Cin, Cout, H, W, kernel, stride, padding, dilation).
