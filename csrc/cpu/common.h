@@ -56,8 +56,8 @@ SK_INLINE int clone_level() { return clone_level_now.load(std::memory_order_rela
 #define SK_CLONED_BUILD(ATTR, SUFFIX, RET, NAME, PARAMS, ...) ATTR RET NAME##SUFFIX PARAMS __VA_ARGS__
 #define SK_CLONED(RET, NAME, PARAMS, ...) SK_CLONE_BUILDS(SK_CLONED_BUILD, RET, NAME, PARAMS, __VA_ARGS__)
 
-// The 512-bit instances of the CSR loops: compiled for one target and picked at run time
-// (csr::isa()), not by ifunc, so that SPARSEKERN_ISA=avx2 can keep 32-byte loops on an AVX-512 host.
+// The 512-bit instances of the CSR and conv tile loops: x86-64-v4 alone, picked by csr::isa(), so that
+// SPARSEKERN_ISA=avx2 can keep the 32-byte loops (and their v3 build) on an AVX-512 host.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SK_HAVE_AVX512 1
 #define SK_AVX512 __attribute__((target("arch=x86-64-v4")))
