@@ -2,8 +2,8 @@
 
 Run as ``sparsekern bench [--quick] [--cases linear conv topk] [--threads N] [--output FILE]``
 or ``python -m sparsekern.bench.ops`` with the same options. Each implementation is first
-run once and checked against dense PyTorch (output and gradients), then timed by
-``bench.timing.measure``.
+run once and checked against dense PyTorch (output and gradients), then timed with the others side by side by
+``bench.timing.measure_interleaved``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from .report import (
     markdown,
     print_table,
 )
-from .timing import Budget, Timing, forward_fn, measure, train_step_fn
+from .timing import Budget, Timing, forward_fn, measure_interleaved, train_step_fn
 
 GROUPS = ("linear", "conv", "topk")
 
@@ -168,12 +168,15 @@ def _relative_error(got: List[torch.Tensor], want: List[torch.Tensor]) -> float:
 
 
 def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
-    """The case's rows, and whether sparsekern's results matched dense."""
+    """The case's rows, and whether sparsekern's results matched dense. Every implementation that ran and matched is
+    timed with the others side by side, pass by pass (``measure_interleaved``: one timed call each per round, each
+    after an untimed call of its own, as back-to-back calls find the caches), so that the ratios a row gives compare
+    calls made over the same seconds of a host whose speed drifts."""
     rows = {p: Row(case.name, p, dict(case.missing)) for p in case.passes}
     first_notes = rows[case.passes[0]].notes
-    best_variant: Dict[Tuple[str, str], str] = {}  # (pass, column) -> variant of the fastest impl
     sparsekern_ok = True
     reference = None
+    timed: Dict[str, List[Tuple[Impl, Callable[[], object]]]] = {p: [] for p in case.passes}
     for impl in case.impls:
         try:
             result, no_backward = _outcome(case, impl)
@@ -198,16 +201,21 @@ def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
                 row.times.setdefault(impl.column, NO_BACKWARD)
                 row.notes.append(f"{impl.column} backward: {no_backward}")
                 continue
-            fn = (forward_fn(impl.forward, case.inputs) if pass_name == "fwd" else
-                  train_step_fn(impl.forward, case.inputs, impl.params, case.grad_out))
-            timing = measure(fn, budget, label=f"{case.name} {pass_name} {impl.column}")
-            best = row.times.get(impl.column)
-            if not isinstance(best, Timing) or timing.median < best.median:
-                row.times[impl.column] = timing
-                best_variant[pass_name, impl.column] = impl.variant
-    for (pass_name, column), variant in best_variant.items():
-        if variant:
-            rows[pass_name].notes.append(f"{column}: fastest was {variant}")
+            timed[pass_name].append((impl, forward_fn(impl.forward, case.inputs) if pass_name == "fwd" else
+                                     train_step_fn(impl.forward, case.inputs, impl.params, case.grad_out)))
+    for pass_name, impls in timed.items():
+        if not impls:
+            continue
+        row = rows[pass_name]
+        timings = measure_interleaved({str(i): fn for i, (_, fn) in enumerate(impls)}, budget, lead=1)
+        best: Dict[str, Tuple[Timing, str]] = {}  # column -> (its fastest impl's timing, that impl's variant)
+        for i, (impl, _) in enumerate(impls):
+            if impl.column not in best or timings[str(i)].median < best[impl.column][0].median:
+                best[impl.column] = (timings[str(i)], impl.variant)
+        for column, (timing, variant) in best.items():
+            row.times[column] = timing
+            if variant:
+                row.notes.append(f"{column}: fastest was {variant}")
     return list(rows.values()), sparsekern_ok
 
 
@@ -255,8 +263,9 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
         "torch": torch.__version__,
         "sparsekern backend": _backends(), "allocator": allocator.describe(),
         "SparseProp": peers.sparseprop_version() or f"not importable ({peers.sparseprop_status()})",
-        "timing": (f"torch.utils.benchmark.Timer.adaptive_autorange(threshold={budget.threshold}, "
-                   f"min_run_time={budget.min_run_time}, max_run_time={budget.max_run_time}), median"),
+        "timing": ("bench.timing.measure_interleaved: a case's implementations side by side, one timed call each "
+                   f"per round after an untimed one of its own (min_run_time={budget.min_run_time}, "
+                   f"max_run_time={budget.max_run_time}, IQR/median < {budget.threshold}), median"),
     }
     print_table(rows, meta)
     if output:

@@ -1,8 +1,8 @@
-"""The one place that times anything: ``torch.utils.benchmark.Timer`` over a closure.
+"""The one place that times anything: ``measure_interleaved`` over closures that are compared.
 
-Every implementation of every case is timed through ``measure``, with the closures
-built by ``forward_fn`` (forward alone) and ``train_step_fn`` (forward + backward as a
-training step runs them).
+Every implementation of every case is timed side by side with the others it is compared against, with the
+closures built by ``forward_fn`` (forward alone) and ``train_step_fn`` (forward + backward as a training step runs
+them).
 """
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Sequence
 
 import torch
-from torch.utils.benchmark import Timer
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How long ``adaptive_autorange`` may measure one closure (seconds)."""
+    """How long ``measure_interleaved`` may time its closures (seconds)."""
     min_run_time: float
     max_run_time: float
     threshold: float = 0.05  # stop once IQR / median is below this (and min_run_time has passed)
@@ -34,17 +33,6 @@ class Timing:
     @property
     def ok(self) -> bool:
         return math.isfinite(self.median) and self.median > 0
-
-
-def measure(fn: Callable[[], object], budget: Budget, label: str = "") -> Timing:
-    """Median (and IQR) of ``fn()``, on the thread count torch is set to.
-
-    Timer defaults to num_threads=1, so the current count is passed explicitly.
-    """
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads(), label=label)
-    m = timer.adaptive_autorange(threshold=budget.threshold, min_run_time=budget.min_run_time,
-                                 max_run_time=budget.max_run_time)
-    return Timing(m.median, m.iqr, len(m.times))
 
 
 def measure_interleaved(fns: Mapping[str, Callable[[], object]], budget: Budget,

@@ -5,7 +5,8 @@ A step is forward, loss, backward and an SGD step (momentum 0.9, weight decay); 
 extra cost of a step that updates, amortized over ``delta_t`` steps. Cases: an MLP 784-1024-1024-10
 at batch 256 (densities 0.1 and 0.02) and a CIFAR ResNet-20 at batch 64 (density 0.1), every
 Linear/Conv2d sparse at the same (uniform) density. Run as ``python -m sparsekern.bench.train
-[--quick] [--threads N] [--output FILE]``; timing goes through ``bench.timing.measure``.
+[--quick] [--threads N] [--output FILE]``; the three steps of a case are timed side by side by
+``bench.timing.measure_interleaved``.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from sparsekern import allocator
 from sparsekern.models import get_model
 
 from .report import command_line, host
-from .timing import Budget, Timing, measure
+from .timing import Budget, Timing, measure_interleaved
 
 DELTA_T = 100
 BUDGETS = {"full": Budget(min_run_time=1.0, max_run_time=5.0), "quick": Budget(min_run_time=0.2, max_run_time=1.0),
@@ -99,10 +100,13 @@ def run_case(case: Case, budget: Budget) -> Result:
         algo.step()
         next_is_update()
 
-    dense_time = measure(_step_fn(dense, dense_opt, x, y), budget, "dense")
-    sparse_time = measure(_step_fn(sparse, sparse_opt, x, y), budget, "sparse")
+    # Side by side, each timed call after an untimed one of its own: a sparse step after an update step pays for the
+    # new pattern in that untimed call, as the update step's own next call does in its timed one.
     next_is_update()
-    update_time = measure(_step_fn(sparse, sparse_opt, x, y, after=update), budget, "update")
+    steps = {"dense": _step_fn(dense, dense_opt, x, y), "sparse": _step_fn(sparse, sparse_opt, x, y),
+             "update": _step_fn(sparse, sparse_opt, x, y, after=update)}
+    times = measure_interleaved(steps, budget, lead=1)
+    dense_time, sparse_time, update_time = times["dense"], times["sparse"], times["update"]
     if not algo.history or any(r["nnz"] != m.nnz for r, m in zip(algo.stats["layers"].values(),
                                                                    algo.layers.values())):
         raise RuntimeError(f"bench.train: {case.name}: the RigL update did not run as expected")

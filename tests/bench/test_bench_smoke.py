@@ -58,3 +58,39 @@ def test_bench_tiny_quick(tmp_path):
                 assert row[column] in ("—", "n/a"), (row["case"], column, row[column])
         assert row["speedup vs dense"].endswith("x")
         assert "differs" not in row["notes"] and "error" not in row["notes"], row["notes"]
+
+
+def test_run_case_times_implementations_side_by_side():
+    """Each pass's implementations are timed in rounds (a host's drift moves them alike), and a column keeps the
+    fastest of its variants, named in the notes."""
+    import time
+
+    import torch
+
+    from bench.ops import Case, run_case
+    from bench.peers import DENSE, SPARSEKERN, Impl
+    from bench.timing import Budget
+
+    calls = []
+    weight = torch.randn(3, 4, requires_grad=True)
+
+    def impl(column, variant="", delay=0.0):
+        def forward(x):
+            calls.append(column + variant)
+            time.sleep(delay)
+            return x @ weight.t()
+        return Impl(column, forward, [weight], weight_grad=lambda: weight.grad, variant=variant)
+
+    x = torch.randn(2, 4, requires_grad=True)
+    case = Case("toy", (x,), [impl(DENSE), impl(SPARSEKERN, "slow", 0.004), impl(SPARSEKERN, "fast")], None)
+    calls.clear()
+    rows, ok = run_case(case, Budget(0.0, 10.0, threshold=float("inf")))
+    assert ok and [r.pass_name for r in rows] == ["fwd"]
+    timed = calls[3:]  # after each implementation's check
+    assert len(timed) == 3 * 5 * 2  # 5 rounds (min_rounds), each call timed after an untimed one of its own
+    # a round holds every implementation: none is timed twice before all were timed once
+    rounds = [timed[i:i + 6] for i in range(0, len(timed), 6)]
+    assert all(sorted(r) == sorted(["dense", "dense", "sparsekernslow", "sparsekernslow", "sparsekernfast",
+                                    "sparsekernfast"]) for r in rounds)
+    assert rows[0].times[SPARSEKERN].median < 0.004
+    assert "sparsekern: fastest was fast" in rows[0].notes
