@@ -15,6 +15,8 @@ import glob
 import os
 import re
 import shutil
+import sys
+import sysconfig
 
 import torch
 from setuptools import setup
@@ -116,7 +118,17 @@ def extensions():
     ]
 
 
+class BuildInTree(BuildExtension):
+    """Objects in the tree's build/ whichever command builds (an editable install would use a fresh temporary
+    directory each time): ninja then rebuilds only what changed, and a compiler cache (sccache, see the Makefile),
+    which keys a ``-g`` compile on its working directory, finds them again from another clone of the tree."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
+
+
 setup(
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildInTree.with_options(use_ninja=True)},
 )
