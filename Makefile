@@ -21,7 +21,7 @@ PYTEST = -m pytest -q $(shell $(1)/python -c "import xdist" 2>/dev/null && echo 
 # SPARSEKERN_NATIVE builds: -march=native does not say which CPU an object was built for.
 CCACHE_ENV = PATH=$(abspath $(1)):$$PATH SCCACHE_DIR=$(SK_CACHE)/sccache SCCACHE_CACHE_SIZE=4G \
 	SCCACHE_BASEDIRS=$(CURDIR):$(SK_CACHE)/$(NEWEST_NAME)-src:$(SK_CACHE)/sanitize-src SCCACHE_IDLE_TIMEOUT=120 \
-	SCCACHE_IGNORE_SERVER_IO_ERROR=1 $(if $(SPARSEKERN_NATIVE),TORCH_NO_COMPILER_WRAPPER=1)
+	SCCACHE_IGNORE_SERVER_IO_ERROR=1 $(if $(filter 1,$(SPARSEKERN_NATIVE)),TORCH_NO_COMPILER_WRAPPER=1)
 
 .PHONY: setup run test test-fast lint sanitize bench clean newest-env test-newest
 
@@ -131,8 +131,8 @@ test-newest: newest-env
 	git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C $(NEWEST_SRC)
 	cd $(NEWEST_SRC) && $(call CCACHE_ENV,$(NEWEST)/bin) MAX_JOBS=2 $(NEWEST_PIP) install -q --no-build-isolation \
 		--no-deps -e .
-	cd $(NEWEST_SRC) && $(NEWEST)/bin/python $(call PYTEST,$(NEWEST)/bin) tests/ops tests/nn tests/triton tests/cuda/test_linked_build.py \
-		tests/dst/test_ddp.py tests/test_train_distributed.py
+	cd $(NEWEST_SRC) && $(NEWEST)/bin/python $(call PYTEST,$(NEWEST)/bin) tests/ops tests/nn tests/triton \
+		tests/cuda/test_linked_build.py tests/dst/test_ddp.py tests/test_train_distributed.py
 
 bench: setup $(VENV)/.bench
 	$(BIN)/sparsekern bench
