@@ -76,6 +76,32 @@ def test_model_targets_take_the_step_ratio_and_the_slowest_layer():
     assert vit["status"] == "not measured"  # no run of that case
 
 
+def test_a_step_is_judged_against_the_faster_dense_step():
+    layers = [_layer("a", 100.0, {"erk": 30.0, "uniform": 20.0}, density=0.2)]
+    result = _model(bt.R50_112, 400.0, {"erk": 200.0, "uniform": 160.0}, layers)
+    result.dense_fast = _t(320.0)  # the dense model with the fast modules: faster, so the baseline
+    erk, = bt.judge_all([bt.Target("step", bt.R50_112, 1.7, "erk")], {bt.R50_112: [result]}, [])
+    assert math.isclose(erk["value"], 1.6) and erk["status"] == "missed"  # 2.0x against plain dense
+    assert "(the baseline)" in erk["detail"] and "2.00x against plain dense" in erk["detail"]
+    assert math.isclose(erk["bound"], 320.0 / (320.0 - 100.0 * 0.8))  # that step with the layer at its density
+    result.dense_fast = _t(450.0)  # slower: the plain dense step stays the baseline
+    erk, = bt.judge_all([bt.Target("step", bt.R50_112, 1.7, "erk")], {bt.R50_112: [result]}, [])
+    assert math.isclose(erk["value"], 2.0) and "(the baseline)" not in erk["detail"]
+
+
+def test_the_bound_scales_each_layer_by_its_own_density():
+    """Two layers of equal MACs, one of them four times slower per MAC: the FLOP fraction is the mean density, the
+    bound weighs each density by its layer's time; layers timed alone that add up to more than the step count as
+    the whole step."""
+    slow, quick = _layer("slow", 80.0, {"erk": 10.0}, density=0.05), _layer("quick", 20.0, {"erk": 10.0}, density=0.5)
+    result = _model(bt.R50_112, 200.0, {"erk": 100.0}, [slow, quick])
+    assert math.isclose(result.flop_fraction("erk"), 0.275)
+    assert math.isclose(result.bound("erk"), 200.0 / (200.0 - 80.0 * 0.95 - 20.0 * 0.5))
+    over = _model(bt.R50_112, 50.0, {"erk": 20.0}, [slow, quick])  # layers alone 100 ms, the step 50
+    assert math.isclose(over.bound("erk"), 50.0 / (50.0 - 0.5 * (80.0 * 0.95 + 20.0 * 0.5)))
+    assert over.bound("erk") == bench_models.ModelResult.bound(over, "erk", over.dense)
+
+
 def test_a_layer_timed_again_is_judged_on_the_second_timing_and_says_so():
     again = _layer("b", 1.0, {"erk": 1.02, "uniform": 0.9})
     again.first = {"erk": 0.93, "uniform": 1.05}
