@@ -62,7 +62,10 @@ FAKE_BENCH = textwrap.dedent("""
     def dump(current):
         with open(path + ".tmp", "w") as f:
             json.dump({"header": {"device_type": "cuda", "sizes_name": "full", "cases": cases},
-                       "current": {"case": current, "started": time.time()}, "done": done, "rows": rows}, f)
+                       # "hang" says it started long ago: the parent stops it at its first look, while the other
+                       # cases have the whole case_timeout however slowly a loaded host runs them
+                       "current": {"case": current, "started": time.time() - (1000 if current == "hang" else 0)},
+                       "done": done, "rows": rows}, f)
         os.replace(path + ".tmp", path)
     for case in cases:
         rows.append({"case": case, "impl": "sparsekern x (triton)", "dtype": "float32", "ms": 1.0, "group": case})
@@ -79,7 +82,7 @@ FAKE_BENCH = textwrap.dedent("""
 def test_bench_stage_stops_a_hung_case_and_runs_the_rest(tmp_path):
     fake = tmp_path / "fake_bench.py"
     fake.write_text(FAKE_BENCH)
-    result = gpu_check.run_bench([sys.executable, str(fake)], None, budget=60, case_timeout=2, out=tmp_path,
+    result = gpu_check.run_bench([sys.executable, str(fake)], None, budget=120, case_timeout=30, out=tmp_path,
                                  env=dict(os.environ), log=lambda text: None)
     assert {c: v["status"] for c, v in result["cases"].items()} == {
         "a": "ok", "hang": "timed out", "crash": "failed", "b": "ok"}
@@ -102,7 +105,8 @@ def test_test_groups_count_results_and_stop_at_the_budget(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}  # a quicker start
-    results = gpu_check.run_test_groups(["quick", "hangs", "after"], 10, logs, env, tmp_path,
+    # 20 s: "quick" (a pytest start, well under a second idle) must leave "hangs" more than 5 s on a loaded host
+    results = gpu_check.run_test_groups(["quick", "hangs", "after"], 20, logs, env, tmp_path,
                                         log=lambda text: None, table=table)
     quick, hangs, after = results["quick"], results["hangs"], results["after"]
     assert (quick["status"], quick["passed"], quick["failed"], quick["skipped"]) == ("failed", 1, 1, 1)
@@ -141,3 +145,23 @@ def test_targets_and_suggested_order_follow_the_rows():
     assert suggested == {"spmm": ["cuda", "triton"], "gather": ["triton", "cuda"]}
     text = gpu_check.format_cuda_order(suggested, current, rows)
     assert "'spmm': ('cuda', 'triton'),  # changed" in text and "'gather': ('triton', 'cuda'),  # not measured" in text
+
+
+def test_a_sparse_resnet_step_is_compared_with_the_faster_dense_layout():
+    """bench.gpu's printed speedup and the ResNet target take the same dense row: the faster layout timed."""
+    from dataclasses import asdict
+
+    from sparsekern.bench import gpu
+    case, dtype = "ResNet-50 N=64 224x224 train step, bf16 autocast", "bf16 autocast"
+    rows = [gpu.Row(case, "dense (cuDNN)", dtype, 30.0, baseline="dense (cuDNN)", group="resnet-dense"),
+            gpu.Row(case, "dense channels_last (cuDNN)", dtype, 20.0, baseline="dense (cuDNN)", group="resnet-dense"),
+            gpu.Row(case, "sparsekern BSR-32", dtype, 10.0, baseline="dense", group="resnet-bsr")]
+    nchw, channels_last, sparse = rows
+    b = gpu.Bench(torch.device("cpu"), gpu.SIZES["tiny"], rows=rows)
+    assert gpu.baseline_row(rows, sparse) is channels_last
+    assert b.ratio(sparse) == "2.00x vs dense channels_last (cuDNN)"
+    assert b.ratio(channels_last) == "1.50x vs dense (cuDNN)"  # the layouts against each other
+    target = next(t for t in gpu_check.TARGETS if t.group == "resnet-bsr")
+    assert gpu_check.evaluate_target(target, [asdict(r) for r in rows], measured=True)["measured"] == "2.00x"
+    channels_last.ms = None  # it failed: NCHW is the baseline
+    assert b.ratio(sparse) == "3.00x vs dense (cuDNN)"

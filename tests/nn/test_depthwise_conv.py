@@ -7,6 +7,7 @@ spreads them; the weight gradient bit for bit the same run to run; empty batches
 it should and nn.Conv2d's forward everywhere else; fast_modules swaps depthwise convs only, plain_modules and state
 dicts; a ConvNeXt step with and without; the op's argument errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -233,8 +234,11 @@ def test_module_falls_back_elsewhere(case):
     fast = _fast_twin(plain)
     assert type(fast) is FastDepthwiseConv2d
     if case == "float64_weight":
-        fast.double()  # the input stays float32: nn.Conv2d's own error
-        with pytest.raises(RuntimeError):
+        plain.double()  # the input stays float32: nn.Conv2d's own error
+        with pytest.raises(RuntimeError) as want:
+            plain(x)
+        fast.double()
+        with pytest.raises(RuntimeError, match=re.escape(str(want.value))):
             fast(x)
         return
     if case == "large_channels_last_no_grad":

@@ -19,8 +19,19 @@ def fresh_choices(monkeypatch):
     kc.clear_cache()
     monkeypatch.setattr(kc, "_autotune", True)
     monkeypatch.setattr(kc, "_forced", None)
+    # No choice from a cache file that SPARSEKERN_KERNEL_CACHE may name: the tests count measurements.
+    monkeypatch.setattr(kc, "_cache_file", None)
+    monkeypatch.setattr(kc, "_stored", {})
     yield
     kc.clear_cache()
+
+
+def fake_clock(monkeypatch, clock):
+    """kc's clock is ``clock[0]``, which only the timed calls advance; no real page faults (more than a few in a timed
+    call mark it unclean, which changes the rounds) and no cache eviction between calls."""
+    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    monkeypatch.setattr(kc, "_minor_faults", lambda: 0)
+    monkeypatch.setattr(kc, "EVICT_BYTES", 0)
 
 
 def _grads(module, x, kernel):
@@ -409,7 +420,7 @@ def test_the_fastest_wins_and_near_ties_go_to_dense(monkeypatch, times, density,
 
     def timer(module, x, kernel):
         return lambda: clock.__setitem__(0, clock[0] + times[kernel] / 1e3)
-    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    fake_clock(monkeypatch, clock)
     monkeypatch.setattr(kc, "_timer", timer)
     assert kc._measure(layer, x).kernel == expected
 
@@ -431,7 +442,7 @@ def test_a_sparse_layer_losing_to_dense_gets_a_second_measurement(monkeypatch, d
             slow = kernel == "csr" and calls[kernel] <= slow_calls
             clock[0] += (5.0 if slow else base[kernel]) / 1e3
         return run
-    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    fake_clock(monkeypatch, clock)
     monkeypatch.setattr(kc, "_timer", timer)
     choice = kc._measure(layer, x)
     assert choice.kernel == expected
@@ -457,7 +468,7 @@ def test_close_calls_get_more_rounds(monkeypatch, times, rounds):
             calls[kernel] += 1
             clock[0] += times[kernel] / 1e3
         return run
-    monkeypatch.setattr(kc, "_clock", lambda: clock[0])
+    fake_clock(monkeypatch, clock)
     monkeypatch.setattr(kc, "_timer", timer)
     kc._measure(layer, x)
     assert {k: n - kc.WARMUP for k, n in calls.items()} == rounds

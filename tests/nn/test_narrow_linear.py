@@ -6,6 +6,7 @@ the same bits run to run and at 1 and 2 threads; the module runs the kernel wher
 elsewhere; fast_modules swaps heads of at most 16 outputs only, and a sparse layer's full pattern (ERK's head) runs the
 kernel through its route; the op's argument errors."""
 import copy
+import re
 
 import pytest
 import torch
@@ -125,10 +126,20 @@ def test_module_runs_the_kernel_where_it_should():
 
 
 def test_module_falls_back_on_dtype_mismatch():
-    head = nn.Linear(8, 4).double()
+    plain = nn.Linear(8, 4).double()
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError) as want:
+        plain(x)
+    head = copy.deepcopy(plain)
     fast_modules(head)
-    with pytest.raises(RuntimeError):
-        head(torch.randn(2, 8))  # the same error nn.Linear raises
+    assert type(head) is FastNarrowLinear
+    ran = []
+
+    def call():
+        with pytest.raises(RuntimeError, match=re.escape(str(want.value))):  # nn.Linear's error, from its forward
+            head(x)
+        ran.append(True)
+    assert not _ran_kernel(call) and ran
 
 
 def test_fast_modules_swaps_narrow_linears_only():
