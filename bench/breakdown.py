@@ -16,17 +16,23 @@ from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 
-# (category, substrings of an op's name, lowercase): the first category with a match takes the op. The
-# optimizer's ops are recognised by the optimizer's record_function range around them (``Optimizer.``).
+# (category, substrings of an op's name, lowercase), in the table's order. The optimizer's ops are recognised by the
+# optimizer's record_function range around them (``Optimizer.``).
 CATEGORIES: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("conv and linear layers", ("sparsekern", "convolution", "addmm", "aten::mm", "aten::linear", "aten::matmul",
-                                "aten::conv", "mkldnn", "aten::im2col", "aten::col2im")),
-    ("normalization", ("batch_norm", "layer_norm", "group_norm")),
+                                "aten::conv", "conv2d", "mkldnn", "aten::im2col", "aten::col2im")),
+    ("normalization", ("batch_norm", "batchnorm", "layer_norm", "layernorm", "group_norm", "groupnorm")),
     ("activations", ("relu", "threshold", "clamp", "gelu", "silu", "sigmoid", "tanh", "hardswish")),
     ("loss", ("cross_entropy", "nll_loss", "log_softmax")),
     ("attention", ("scaled_dot_product", "softmax", "bmm", "attention")),
     ("pooling", ("pool",)),
 )
+# The first category with a match takes the op, tried in this order: normalization and pooling before the layers,
+# whose "sparsekern" takes our other ops (our batch norm and max pooling, sparsekern::_batch_norm_train and
+# _max_pool2d_3x3s2 with their autograd nodes BatchNormTrain and MaxPool, are sparsekern ops too); the layers before
+# the activations, as a sparse linear with its ReLU or GELU fused in (_sparse_linear_gelu_node, LinearGeluNode) is
+# one kernel, mostly the layer's.
+_MATCH_ORDER = sorted(CATEGORIES, key=lambda c: c[0] not in ("normalization", "pooling"))
 OPTIMIZER = "optimizer"
 OTHER = "other ops"
 OUTSIDE = "outside ops"
@@ -38,7 +44,7 @@ def category(name: str, ancestors: Iterable[str]) -> str:
     if any(a.startswith("Optimizer.") for a in (name, *ancestors)):
         return OPTIMIZER
     low = name.lower()
-    for cat, keys in CATEGORIES:
+    for cat, keys in _MATCH_ORDER:
         if any(k in low for k in keys):
             return cat
     return OTHER

@@ -19,7 +19,7 @@ from torch import nn
 
 import sparsekern
 from sparsekern import allocator
-from sparsekern.nn import random_mask
+from sparsekern.nn import kernel_choice, random_mask
 
 from . import peers
 from .peers import DENSE, SPARSEKERN, SPARSEPROP, TORCH_SPARSE, Impl
@@ -92,7 +92,7 @@ def linear_case(in_features: int, out_features: int, batch: int, density: float)
     torch.manual_seed(0)
     module = nn.Linear(in_features, out_features)
     mask = _masked(module, density)
-    impls = [peers.dense(module, mask), peers.sparsekern_module(module, mask), peers.torch_sparse_linear(module, mask),
+    impls = [peers.dense(module, mask), peers.sparsekern_module(module, mask), *peers.torch_sparse_linear(module, mask),
              *peers.sparseprop_linear(module, mask)]
     x = torch.randn(batch, in_features, requires_grad=True)
     return Case(f"SparseLinear {out_features}x{in_features} b{batch} d={density}", (x,), impls,
@@ -216,6 +216,10 @@ def run_case(case: Case, budget: Budget) -> Tuple[List[Row], bool]:
             row.times[column] = timing
             if variant:
                 row.notes.append(f"{column}: fastest was {variant}")
+        # The kernel our layer ran in those calls (kernel_choice may pick the dense one at a high density).
+        for impl, _ in impls:
+            if impl.column == SPARSEKERN and isinstance(impl.forward, nn.Module):
+                row.notes.append(f"{SPARSEKERN} kernel: {kernel_choice.last_kernel(impl.forward) or '?'}")
     return list(rows.values()), sparsekern_ok
 
 
@@ -241,7 +245,7 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
     budget = BUDGETS["tiny" if sizes == "tiny" else "quick" if quick else "full"]
     if peers.sparseprop_status() and any(g in groups for g in ("linear", "conv")):
         print(f"SparseProp is not importable ({peers.sparseprop_status()}); its column shows {UNAVAILABLE}. "
-              "To compare: pip install --no-build-isolation sparseprop", file=sys.stderr)
+              "To compare: pip install pybind11 scipy && pip install --no-build-isolation sparseprop", file=sys.stderr)
 
     rows: List[Row] = []
     all_ok = True
@@ -278,11 +282,15 @@ def main(quick: bool = False, cases: Optional[Sequence[str]] = None, output: Opt
 
 
 def _cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m sparsekern.bench.ops``: the options of ``sparsekern bench`` (one parser, in sparsekern.cli)."""
-    from sparsekern.cli import _keep_freed_memory, build_parser
+    """``python -m sparsekern.bench.ops``: ``sparsekern bench`` without a mode flag (one parser, in sparsekern.cli)."""
+    from sparsekern.cli import build_parser
     args = build_parser().parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    _keep_freed_memory(args)
-    return main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads, sizes=args.sizes)
+    modes = [flag for flag, on in (("--targets", args.targets), ("--gpu", args.gpu),
+                                   ("--models", args.models is not None), ("--train", args.train)) if on]
+    if modes:
+        args.parser.error(f"argument {modes[0]}: python -m sparsekern.bench.ops runs the op benchmarks only; "
+                          f"run sparsekern bench {modes[0]}")
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The implementations a case compares, each wrapped as an ``Impl``: dense PyTorch,
-sparsekern, ``torch.sparse`` CSR and SparseProp (optional: ``pip install
+sparsekern, ``torch.sparse`` CSR and SparseProp (optional: ``pip install pybind11 scipy``, then ``pip install
 --no-build-isolation sparseprop``).
 
 Every builder takes the dense module, whose weight is already zero outside ``mask``,
@@ -50,17 +50,22 @@ def sparsekern_module(module: nn.Module, mask: torch.Tensor) -> Impl:
 
 
 # -- torch.sparse ---------------------------------------------------------------------------
-def torch_sparse_linear(module: nn.Linear, mask: torch.Tensor) -> Impl:
-    """``torch.sparse.mm(W_csr, x.T).T + b``; its backward gives W_csr a CSR gradient on the pattern."""
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        weight = module.weight.detach().to_sparse_csr().requires_grad_()
-    bias = None if module.bias is None else module.bias.detach().clone().requires_grad_()
+def torch_sparse_linear(module: nn.Linear, mask: torch.Tensor) -> List[Impl]:
+    """``torch.sparse.mm(W_csr, x.T).T + b``, with x.T as the view it is (column-major) and copied row-major: the
+    CSR product's speed depends on its dense operand's layout, so the table keeps the faster. Its backward gives
+    W_csr a CSR gradient on the pattern."""
+    def impl(contiguous: bool) -> Impl:
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            weight = module.weight.detach().to_sparse_csr().requires_grad_()
+        bias = None if module.bias is None else module.bias.detach().clone().requires_grad_()
 
-    def forward(x):
-        y = torch.sparse.mm(weight, x.t()).t()
-        return y if bias is None else y + bias
-    return Impl(TORCH_SPARSE, forward, _params(weight, bias), lambda: weight.grad.to_dense(), bias)
+        def forward(x):
+            y = torch.sparse.mm(weight, x.t().contiguous() if contiguous else x.t()).t()
+            return y if bias is None else y + bias
+        return Impl(TORCH_SPARSE, forward, _params(weight, bias), lambda: weight.grad.to_dense(), bias,
+                    variant=f"mm(W, x.T{'.contiguous()' if contiguous else ''}).T")
+    return [impl(False), impl(True)]
 
 
 # -- SparseProp -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import copy
 import datetime
 import sys
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,8 @@ HEADERS = ("case", "sparsity", "dense step ms", "sparse step ms", "speedup", "st
            f"DST overhead (amortized, delta_t={DELTA_T})")
 
 
-def run_case(case: Case, budget: Budget) -> Result:
+def steps(case: Case) -> Tuple[Dict[str, Callable[[], None]], sparsekern.dst.RigL]:
+    """The case's three step closures (dense, sparse, sparse with a RigL update) and the RigL that updates."""
     torch.manual_seed(0)
     dense = case.build()
     sparse = sparsekern.sparsify(copy.deepcopy(dense), case.density, distribution="uniform",
@@ -100,12 +101,24 @@ def run_case(case: Case, budget: Budget) -> Result:
         algo.step()
         next_is_update()
 
+    sparse_step = _step_fn(sparse, sparse_opt, x, y)
+
+    def plain_sparse_step():
+        # RigL sits just before an update, so unpaused it would tap every layer's output gradient and keep (x, grad)
+        # for the dense gradient, which training does only in the step before an update: the update step pays that.
+        with algo.paused():
+            sparse_step()
+
+    next_is_update()
+    return {"dense": _step_fn(dense, dense_opt, x, y), "sparse": plain_sparse_step,
+            "update": _step_fn(sparse, sparse_opt, x, y, after=update)}, algo
+
+
+def run_case(case: Case, budget: Budget) -> Result:
+    fns, algo = steps(case)
     # Side by side, each timed call after an untimed one of its own: a sparse step after an update step pays for the
     # new pattern in that untimed call, as the update step's own next call does in its timed one.
-    next_is_update()
-    steps = {"dense": _step_fn(dense, dense_opt, x, y), "sparse": _step_fn(sparse, sparse_opt, x, y),
-             "update": _step_fn(sparse, sparse_opt, x, y, after=update)}
-    times = measure_interleaved(steps, budget, lead=1)
+    times = measure_interleaved(fns, budget, lead=1)
     dense_time, sparse_time, update_time = times["dense"], times["sparse"], times["update"]
     if not algo.history or any(r["nnz"] != m.nnz for r, m in zip(algo.stats["layers"].values(),
                                                                    algo.layers.values())):

@@ -14,14 +14,18 @@ def _keep_freed_memory(args: argparse.Namespace) -> None:
         keep_freed_memory()
 
 
+def _refuse(args: argparse.Namespace, mode: str, why: str, given) -> None:
+    """A usage error naming the options of ``given`` ((flag, given?) pairs) that ``mode`` does not read."""
+    flags = [flag for flag, on in given if on]
+    if flags:
+        args.parser.error(f"argument {mode}: {why}; not with {' '.join(flags)}")
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.targets:
-        given = [flag for flag, on in (("--models", args.models is not None), ("--train", args.train),
-                                       ("--gpu", args.gpu), ("--cases", bool(args.cases)), ("--quick", args.quick),
-                                       ("--channels-last", args.channels_last)) if on]
-        if given:
-            args.parser.error(f"argument --targets: runs the cases its targets name, at their sizes; not with "
-                              f"{' '.join(given)}")
+        _refuse(args, "--targets", "runs the cases its targets name, at their sizes",
+                (("--models", args.models is not None), ("--train", args.train), ("--gpu", args.gpu),
+                 ("--cases", args.cases is not None), ("--quick", args.quick), ("--channels-last", args.channels_last)))
         _keep_freed_memory(args)
         from .bench import targets as bench_targets
         return bench_targets.main(output=args.output, threads=args.threads, sizes=args.sizes, isa=args.isa,
@@ -34,10 +38,24 @@ def _bench(args: argparse.Namespace) -> int:
         args.parser.error("argument --isa: only with --models or --targets (each model runs in a process of its own, "
                           "which takes the restriction when its libraries load)")
     if args.gpu:
+        _refuse(args, "--gpu", "the GPU benchmark reads --cases, --quick, --sizes and --output",
+                (("--models", args.models is not None), ("--train", args.train),
+                 ("--threads", args.threads is not None), ("--default-malloc", args.default_malloc)))
         from .bench import gpu as bench_gpu
         argv = ["--sizes", args.sizes] + (["--quick"] if args.quick else []) + \
             (["--output", args.output] if args.output else []) + (["--cases", *args.cases] if args.cases else [])
         return bench_gpu.main(argv)
+    if args.models is not None:
+        _refuse(args, "--models", "times every case of the models named",
+                (("--train", args.train), ("--cases", args.cases is not None)))
+    elif args.train:
+        _refuse(args, "--train", "times every training-step case", (("--cases", args.cases is not None),))
+    elif args.cases:
+        from .bench.ops import GROUPS
+        gpu_only = [case for case in args.cases if case not in GROUPS]
+        if gpu_only:
+            args.parser.error(f"argument --cases: {' '.join(gpu_only)} only with --gpu (the op benchmarks' cases: "
+                              f"{' '.join(GROUPS)})")
     _keep_freed_memory(args)
     if args.models is not None:
         from .bench import models as bench_models
@@ -45,7 +63,7 @@ def _bench(args: argparse.Namespace) -> int:
                                  sizes=args.sizes, channels_last=args.channels_last, isa=args.isa)
     if args.train:
         from .bench import train as bench_train
-        return bench_train.main(quick=args.quick, output=args.output, threads=args.threads)
+        return bench_train.main(quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes)
     from .bench import ops as bench_ops
     return bench_ops.main(quick=args.quick, cases=args.cases, output=args.output, threads=args.threads,
                           sizes=args.sizes)

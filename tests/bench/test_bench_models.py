@@ -94,14 +94,19 @@ def test_bench_models_tiny(tmp_path):
             else:
                 assert same == "none"
         for layer in layers:
+            firsts = []
             for d in DISTRIBUTIONS:
                 assert 0 < float(layer[f"{d} density"]) <= 1
                 assert layer[f"{d} kernel"] in ("csr", "gemm", "dense")  # what the layer ran in the timed steps
                 _ratio(layer[f"{d} ms"])
                 speedup, _, first = layer[f"{d} speedup"].partition(" (first ")
                 _ratio(speedup)
-                if first:  # timed again (recheck_slower): the first timing read below RECHECK_BELOW x the twin
-                    assert first.endswith(")") and _ratio(first[:-1]) < RECHECK_BELOW, layer
+                if first:
+                    assert first.endswith(")"), layer
+                    firsts.append(_ratio(first[:-1]))
+            # timed again (recheck_slower): every distribution's first timing shown, one of them below RECHECK_BELOW
+            # (as printed: 2 decimals)
+            assert not firsts or (len(firsts) == len(DISTRIBUTIONS) and min(firsts) < RECHECK_BELOW + 0.005), layer
         # uniform: every layer at the requested density (up to rounding of nnz)
         assert all(abs(float(layer["uniform density"]) - DENSITY) < 0.01 for layer in layers)
 
@@ -207,7 +212,8 @@ def test_a_layer_near_or_below_its_twin_is_timed_again_with_fresh_samples(monkey
 
 
 def test_breakdown_categories():
-    """Ops go to their kind by name, the optimizer's by the range around them; the first match wins."""
+    """Ops go to their kind by name, the optimizer's by the range around them; the first match wins, our batch norm
+    and max pooling where torch's go, every other op of ours (csrc m.def, and the autograd nodes) with the layers."""
     assert category("sparsekern::sparse_conv2d_backward_weight", []) == "conv and linear layers"
     assert category("torch::autograd::CppNode<sparsekern::(anonymous namespace)::LinearNode>", []) == \
         "conv and linear layers"
@@ -218,6 +224,28 @@ def test_breakdown_categories():
     assert category("aten::max_pool2d_with_indices", []) == "pooling"
     assert category("aten::add_", ["Optimizer.step#SGD.step"]) == "optimizer"
     assert category("aten::add_", ["autograd::engine::evaluate_function: AddBackward0"]) == "other ops"
+    node = "torch::autograd::CppNode<sparsekern::(anonymous namespace)::{}>"
+    for name in ("sparsekern::_batch_norm_train", node.format("BatchNormTrain"), "NativeBatchNormBackward0"):
+        assert category(name, []) == "normalization", name
+    for name in ("sparsekern::_max_pool2d_3x3s2", node.format("MaxPool"), "MaxPool2DWithIndicesBackward0"):
+        assert category(name, []) == "pooling", name
+    # Where torch's convs (depthwise included: mkldnn on the CPU, or the slow path at a small batch) and linear layers
+    # go, ours go: the sparse kernels, depthwise convs, narrow heads, and linears with a fused ReLU or GELU (one
+    # kernel, not an activation op).
+    layers = ("aten::linear", "aten::addmm", "aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
+              "aten::thnn_conv2d", "sparsekern::spmm", "sparsekern::sddmm", "sparsekern::sparse_linear",
+              "sparsekern::masked_matmul", "sparsekern::masked_sddmm", "sparsekern::sparse_conv2d",
+              "sparsekern::sparse_conv2d_backward_input", "sparsekern::gather", "sparsekern::_spmm_node",
+              "sparsekern::_sparse_linear_node", "sparsekern::_sparse_linear_relu_node",
+              "sparsekern::_sparse_linear_gelu_node", "sparsekern::_sparse_conv2d_node",
+              "sparsekern::_sparse_conv2d_keep", "sparsekern::_sparse_conv2d_backward", "sparsekern::_dense_kernel",
+              "sparsekern::_depthwise_conv2d", "sparsekern::_depthwise_conv2d_backward", "sparsekern::_narrow_linear",
+              "sparsekern::_narrow_linear_backward", *(node.format(n) for n in (
+                  "LinearReluNode", "LinearGeluNode", "SpmmNode", "ConvNode", "DenseKernel", "DepthwiseConv",
+                  "NarrowLinear")))
+    for name in layers:
+        assert category(name, []) == "conv and linear layers", name
+        assert category(f"autograd::engine::evaluate_function: {name}", []) == "conv and linear layers", name
 
 
 def test_channels_last_puts_both_models_and_the_images_in_that_layout():

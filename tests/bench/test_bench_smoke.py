@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 COLUMNS = ["dense ms", "sparsekern ms", "torch.sparse ms", "SparseProp ms"]
 
@@ -94,3 +96,11 @@ def test_run_case_times_implementations_side_by_side():
                                     "sparsekernfast"]) for r in rounds)
     assert rows[0].times[SPARSEKERN].median < 0.004
     assert "sparsekern: fastest was fast" in rows[0].notes
+
+
+@pytest.mark.parametrize("flags", [["--models", "mlp"], ["--train"], ["--targets"], ["--gpu"]])
+def test_the_op_bench_module_refuses_the_other_kinds(flags, capsys):
+    from bench.ops import _cli
+    with pytest.raises(SystemExit) as info:
+        _cli(flags)
+    assert info.value.code == 2 and f"argument {flags[0]}: python -m sparsekern.bench.ops" in capsys.readouterr().err
