@@ -1,13 +1,14 @@
 """Triton bsr_linear / bsr_sddmm against sparsekern.reference (in float64). On a CPU the kernels run
-under TRITON_INTERPRET=1, so shapes stay small."""
+under TRITON_INTERPRET=1 (with the first autotune config; the *_every_config tests run the others), so
+shapes stay small."""
 import math
 import zlib
 
 import pytest
 import torch
-from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
+from triton_testing import CONFIG_DTYPES, DEVICE, DTYPES, OutOfResources, assert_close, forced_config, needs_gpu
 
-import sparsekern.triton_kernels.bsr  # noqa: F401  (defines the ops)
+import sparsekern.triton_kernels.bsr as bsr  # defines the ops
 from sparsekern import reference
 
 ops = torch.ops.sparsekern_triton
@@ -23,12 +24,14 @@ def _randn(*shape, dtype, g, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
-def _bsr(mb, kb, b, density, dtype, g, index_dtype=torch.int32, empty_row=1):
-    """A random (mb*b, kb*b) BSR matrix; block row ``empty_row`` has no blocks. Returns
-    (values, row_ptr, col_idx) and the transpose pattern (t_row_ptr, t_col_idx, t_perm)."""
+def _bsr(mb, kb, b, density, dtype, g, index_dtype=torch.int32, empty_row=1, empty_col=None):
+    """A random (mb*b, kb*b) BSR matrix; block row ``empty_row`` (and block column ``empty_col``) has no
+    blocks. Returns (values, row_ptr, col_idx) and the transpose pattern (t_row_ptr, t_col_idx, t_perm)."""
     occ = torch.rand(mb, kb, generator=g) < density
     if empty_row is not None and empty_row < mb:
         occ[empty_row] = False
+    if empty_col is not None:
+        occ[:, empty_col] = False
     rows, cols = occ.nonzero(as_tuple=True)  # row-major: sorted within each block row
     zero = torch.zeros(1, dtype=torch.long)
     row_ptr = torch.cat([zero, occ.sum(1).cumsum(0)]).to(DEVICE, index_dtype)
@@ -153,6 +156,62 @@ def test_bsr_sddmm_empty():
     (values, row_ptr, col_idx), _ = _bsr(2, 3, 32, 1.0, torch.float32, g)
     out = ops.bsr_sddmm(row_ptr, col_idx, X[:, :0], Y[:, :0], 32)  # d = 0
     assert out.shape == values.shape and torch.count_nonzero(out) == 0
+
+
+# -- every autotune config ----------------------------------------------------------------------
+# The autotuner only runs its winner afterwards, the interpreter only the first config: each config
+# once, through the ops' own launchers (forced_config), for every block size. "small" (also the CPU's):
+# N = D = 300 tokens, a tail after 1 to 9 token tiles / d chunks of 32 / 64 / 128 / 256; 4 x 5 blocks at
+# density 0.5 (block rows of 1 to 4 blocks) with an empty block row and an empty block column (an empty
+# block row of W^T, the dx call's).
+EVERY_CONFIG_SHAPES = [
+    pytest.param((300, 4, 5, 0.5), id="small"),
+    pytest.param((1000, 16, 12, 0.3), id="realistic", marks=needs_gpu),
+]
+
+
+def _every_config_inputs(shape, b, dtype):
+    """W's pattern and its transpose's, x (N, k), dy (N, m) and a bias (m,)."""
+    N, mb, kb, density = shape
+    g = _gen("every-config", b, dtype)
+    (values, row_ptr, col_idx), t_pattern = _bsr(mb, kb, b, density, dtype, g, empty_row=1, empty_col=2)
+    assert values.shape[0] > 0
+    x, dy = _randn(N, kb * b, dtype=dtype, g=g), _randn(N, mb * b, dtype=dtype, g=g)
+    return values, row_ptr, col_idx, t_pattern, x, dy, _randn(mb * b, dtype=dtype, g=g)
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
+@pytest.mark.parametrize("config", bsr._LINEAR_CONFIGS, ids=str)
+def test_bsr_linear_every_config(config, shape):
+    """Forward (bias) and the backward's dx (W^T's blocks as a transposed view of values[t_perm])."""
+    for dtype in CONFIG_DTYPES:
+        for b in BLOCKS:
+            values, row_ptr, col_idx, (t_row_ptr, t_col_idx, t_perm), x, dy, bias = \
+                _every_config_inputs(shape, b, dtype)
+            try:
+                with forced_config(bsr, bsr._bsr_linear_kernel, config):
+                    y = ops.bsr_linear(x, values, row_ptr, col_idx, bias)
+                    dx = ops.bsr_linear(dy, values[t_perm].transpose(1, 2), t_row_ptr, t_col_idx)
+            except OutOfResources:  # over the GPU's shared memory (b = 64 in fp32): the autotuner drops it
+                continue
+            expected = reference.bsr_linear(x.double(), values.double(), row_ptr, col_idx, bias.double())
+            assert_close(y, expected, dtype)
+            assert_close(dx, dy.double() @ _dense(values, row_ptr, col_idx, x.shape[1]), dtype)
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
+@pytest.mark.parametrize("config", bsr._SDDMM_CONFIGS, ids=str)
+def test_bsr_sddmm_every_config(config, shape):
+    """The backward's dW = bsr_sddmm(dy^T, x^T): d is the token count."""
+    for dtype in CONFIG_DTYPES:
+        for b in BLOCKS:
+            values, row_ptr, col_idx, _, x, dy, _ = _every_config_inputs(shape, b, dtype)
+            try:
+                with forced_config(bsr, bsr._bsr_sddmm_kernel, config):
+                    dW = ops.bsr_sddmm(row_ptr, col_idx, dy.t(), x.t(), b)
+            except OutOfResources:  # over the GPU's shared memory: the autotuner drops it
+                continue
+            assert_close(dW, reference.bsr_sddmm(row_ptr, col_idx, dy.t().double(), x.t().double(), b), dtype)
 
 
 # -- realistic shapes (GPU only) ----------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Triton masked_matmul / masked_sddmm against sparsekern.reference (in float64), plus the block-occupancy
-map and its cache. On a CPU the kernels run under TRITON_INTERPRET=1, so shapes stay small."""
+map and its cache. On a CPU the kernels run under TRITON_INTERPRET=1 (with the first autotune config; the
+*_every_config tests run the others), so shapes stay small."""
 import gc
 import math
 import zlib
 
 import pytest
 import torch
-from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
+from triton_testing import CONFIG_DTYPES, DEVICE, DTYPES, OutOfResources, assert_close, forced_config, needs_gpu
 
 import sparsekern.triton_kernels.masked_matmul as mm
 from sparsekern import reference
@@ -187,6 +188,58 @@ def test_masked_sddmm_zero_size(m, k, d):
     out = ops.masked_sddmm(_randn(m, d, dtype=torch.float32, g=g), _randn(k, d, dtype=torch.float32, g=g),
                            _mask(m, k, 1.0, g))
     assert out.shape == (m, k) and torch.count_nonzero(out) == 0
+
+
+# -- every autotune config ----------------------------------------------------------------------
+# The autotuner only runs its winner afterwards, the interpreter only the first config: each config
+# once, through the ops' own launchers (forced_config). "small" (also the CPU's): N = 300 tokens (a tail
+# after 1 to 9 token tiles / d chunks of 32 / 64 / 128 / 256), m and k a tail after 2 occupancy blocks,
+# density 0.3 with an empty block, an empty row and an empty column.
+EVERY_CONFIG_SHAPES = [
+    pytest.param((300, 2 * BM + 5, 2 * BK + 3), id="small"),
+    pytest.param((1000, 6 * BM + 5, 5 * BK + 3), id="realistic", marks=needs_gpu),
+]
+
+
+def _every_config_inputs(shape, dtype):
+    N, m, k = shape
+    g = _gen("every-config", shape, dtype)
+    x, weight, mask = _inputs(N, m, k, 0.3, dtype, g)
+    mask[BM:2 * BM, :BK] = False
+    mask[3] = False
+    mask[:, 5] = False
+    return x, weight, mask, _randn(N, m, dtype=dtype, g=g)
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
+@pytest.mark.parametrize("config", mm._MM_CONFIGS, ids=str)
+def test_masked_matmul_every_config(config, shape):
+    """Forward and the backward's dx = masked_matmul(grad, weight^T, mask^T) (transposed views)."""
+    for dtype in CONFIG_DTYPES:
+        x, weight, mask, grad = _every_config_inputs(shape, dtype)
+        try:
+            with forced_config(mm, mm._masked_matmul_kernel, config):
+                y = ops.masked_matmul(x, weight, mask)
+                dx = ops.masked_matmul(grad, weight.t(), mask.t())
+        except OutOfResources:  # over the GPU's shared memory (fp32): the autotuner drops it
+            continue
+        assert_close(y, _ref_mm(x, weight, mask), dtype)
+        assert_close(dx, grad.double() @ torch.where(mask, weight.double(), 0.0), dtype)
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
+@pytest.mark.parametrize("config", mm._SDDMM_CONFIGS, ids=str)
+def test_masked_sddmm_every_config(config, shape):
+    """The backward's dW = masked_sddmm(grad^T, x^T, mask): d is the token count."""
+    for dtype in CONFIG_DTYPES:
+        x, _, mask, grad = _every_config_inputs(shape, dtype)
+        try:
+            with forced_config(mm, mm._masked_sddmm_kernel, config):
+                dW = ops.masked_sddmm(grad.t(), x.t(), mask)
+        except OutOfResources:  # over the GPU's shared memory: the autotuner drops it
+            continue
+        assert_close(dW, _ref_sddmm(grad.t(), x.t(), mask), dtype)
+        assert torch.count_nonzero(dW[~mask]) == 0
 
 
 # -- block occupancy and its cache ----------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Triton sddmm (triton_kernels/sddmm.py) against sparsekern.reference in float64.
 
 On CPU the kernel runs under TRITON_INTERPRET=1 with the first autotune config (BLOCK_P=32,
-BLOCK_D=32): shapes cross both tiles (nnz and d not multiples of 32).
+BLOCK_D=32): shapes cross both tiles (nnz and d not multiples of 32). test_every_config runs each of
+the other configs too.
 """
 import pytest
 import torch
-from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
+from triton_testing import CONFIG_DTYPES, DEVICE, DTYPES, assert_close, needs_gpu
 
 import sparsekern.triton_kernels.sddmm as sddmm_mod
 from sparsekern import reference
@@ -112,13 +113,25 @@ def test_gpu_sddmm(dtype, density):
     check(row_ptr, col_idx, dy.t().contiguous(), x.t().contiguous(), dtype)
 
 
-@needs_gpu
+# ---- every autotune config (the small shape everywhere, the realistic one on a GPU) ----
+
+# (m, k, d, density, long row, empty rows) of test_every_config. "small" (also the CPU's, under the
+# interpreter): nnz = 208 (a tail after 1 to 6 tiles of BLOCK_P 32 / 64 / 128), d = 70 (a tail after 1 to
+# 4 chunks of BLOCK_D 16 / 32 / 64, one partial chunk of 128), empty first and last rows.
+EVERY_CONFIG_SHAPES = [
+    pytest.param((23, 29, 70, 0.3, 3, (0, 22)), id="small"),
+    pytest.param((301, 257, 130, 0.1, 3, (0, 300)), id="realistic", marks=needs_gpu),
+]
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
 @pytest.mark.parametrize("config", sddmm_mod._CONFIGS, ids=str)
-def test_gpu_every_config(config):
-    """The autotuner only runs the winner afterwards: check each config's result once."""
-    m, k, d = 301, 257, 130
-    for dtype in DTYPES:
-        row_ptr, col_idx = make_pattern(m, k, 0.1, torch.int32, long_row=3, empty_rows=(0, 300))
+def test_every_config(config, shape):
+    """The autotuner only runs the winner afterwards (and the interpreter only the first config): check
+    each config's result once."""
+    m, k, d, density, long_row, empty_rows = shape
+    for dtype in CONFIG_DTYPES:
+        row_ptr, col_idx = make_pattern(m, k, density, torch.int32, long_row=long_row, empty_rows=empty_rows)
         X, Y = randn(m, d, dtype=dtype), randn(k, d, dtype=dtype, seed=2)
         nnz = col_idx.numel()
         out = torch.empty(nnz, dtype=dtype, device=DEVICE)

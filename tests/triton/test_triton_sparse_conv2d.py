@@ -1,12 +1,13 @@
 """Triton sparse_conv2d and its backward ops against float64 torch conv2d (sparsekern.reference) and
-its autograd. On a CPU the kernels run under TRITON_INTERPRET=1, so shapes stay small."""
+its autograd. On a CPU the kernels run under TRITON_INTERPRET=1 (with the first autotune config; the
+*_every_config tests run the others), so shapes stay small."""
 import math
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
+from triton_testing import CONFIG_DTYPES, DEVICE, DTYPES, OutOfResources, assert_close, forced_config, needs_gpu
 
 import sparsekern.triton_kernels.sparse_conv2d as sc  # defines the ops (same module name as the ops layer uses)
 from sparsekern import reference
@@ -205,6 +206,70 @@ def test_zero_size(shape):
     assert dx.shape == x.shape
     dv = ops.sparse_conv2d_backward_weight(grad_out, x, row_ptr, col_idx, list(k), list(s), list(p), list(d))
     assert dv.shape == (0,)
+
+
+# -- every autotune config ------------------------------------------------------------------------
+# The autotuner only runs its winner afterwards, the interpreter only the first config: each config
+# once, through the ops' own launchers (forced_config). "small" (also the CPU's), groups of 16 rows:
+# Cout = 20 is a full and a partial group (row 7 empty), Cin = 9 one partial group; the forward's
+# 2*7*21 = 294 output pixels and the backward_input's 2*13*21 = 546 input pixels are a tail after 1 to 8
+# tiles of BLOCK_P 64 / 128 / 256; the groups' union columns, 80 and 64 (forward, wgrad) and 166
+# (backward_input), a tail after 1 to 5 chunks of BLOCK_K 32 / 64 (or a whole number of them); the
+# wgrad's M = 294 is cut into slices of 256 (1 to 4 BLOCK_M steps, then 38 pixels: a tail). Stride 2 and
+# padding: the masked gathers of both directions.
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, density, max group, channels_last)
+EVERY_CONFIG_SHAPES = [
+    pytest.param((2, 9, 20, 13, 21, (3, 3), (2, 1), (1, 1), (1, 1), 0.3, 16, False), id="small"),
+    pytest.param((8, 64, 96, 28, 28, (3, 3), (1, 1), (1, 1), (1, 1), 0.3, 128, True), id="realistic",
+                 marks=needs_gpu),
+]
+
+
+def _every_config_inputs(monkeypatch, shape, dtype):
+    n, cin, cout, h, w, k, s, p, d, density, max_group, cl = shape
+    monkeypatch.setattr(sc, "_MAX_GROUP", max_group)
+    g = _gen("every-config", shape, dtype)
+    values, row_ptr, col_idx = _weight(cout, cin, k, density, g, empty_rows=(7,))
+    x = _as(torch.randn(n, cin, h, w, generator=g, dtype=torch.float64), dtype, cl)
+    bias = _as(torch.randn(cout, generator=g, dtype=torch.float64), dtype)
+    oh, ow = sc._out_hw(h, w, k, s, p, d)
+    grad_out = _as(torch.randn(n, cout, oh, ow, generator=g, dtype=torch.float64), dtype, cl)
+    vals = _as(values, dtype)
+    geometry = (list(k), list(s), list(p), list(d))
+    return x, vals, row_ptr, col_idx, bias, grad_out, geometry, _reference(x, vals, row_ptr, col_idx, k, bias, s, p, d,
+                                                                           grad_out)
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
+@pytest.mark.parametrize("config", sc._conv_configs(), ids=str)
+def test_conv_every_config(config, shape, monkeypatch):
+    """_conv_kernel: the forward (bias) and backward_input (TRANSPOSED)."""
+    for dtype in CONFIG_DTYPES:
+        x, vals, row_ptr, col_idx, bias, grad_out, (k, s, p, d), (ref_out, ref_dx, _) = \
+            _every_config_inputs(monkeypatch, shape, dtype)
+        try:
+            with forced_config(sc, sc._conv_kernel, config):
+                out = ops.sparse_conv2d(x, vals, row_ptr, col_idx, k, bias, s, p, d)
+                dx = ops.sparse_conv2d_backward_input(grad_out, vals, row_ptr, col_idx, list(x.shape), k, s, p, d)
+        except OutOfResources:  # over the GPU's shared memory: the autotuner drops it
+            continue
+        assert_close(out, ref_out, dtype)
+        assert_close(dx, ref_dx, dtype)
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
+@pytest.mark.parametrize("config", sc._wgrad_configs(), ids=str)
+def test_wgrad_every_config(config, shape, monkeypatch):
+    """_wgrad_kernel: backward_weight."""
+    for dtype in CONFIG_DTYPES:
+        x, vals, row_ptr, col_idx, _, grad_out, (k, s, p, d), (_, _, ref_dv) = \
+            _every_config_inputs(monkeypatch, shape, dtype)
+        try:
+            with forced_config(sc, sc._wgrad_kernel, config):
+                dv = ops.sparse_conv2d_backward_weight(grad_out, x, row_ptr, col_idx, k, s, p, d)
+        except OutOfResources:  # over the GPU's shared memory: the autotuner drops it
+            continue
+        assert_close(dv, ref_dv, dtype)
 
 
 def test_schemas_mirror_the_cpp_ops():

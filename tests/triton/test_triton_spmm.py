@@ -2,11 +2,11 @@
 
 On CPU the kernels run under TRITON_INTERPRET=1 with the first autotune config (BLOCK_N=32,
 BLOCK_NZ=16, 2 rows per program): the shapes below are chosen to cross those tiles (n > 32, rows
-longer than 16, an odd number of rows).
+longer than 16, an odd number of rows); test_every_config runs each of the other configs too.
 """
 import pytest
 import torch
-from triton_testing import DEVICE, DTYPES, assert_close, needs_gpu
+from triton_testing import CONFIG_DTYPES, DEVICE, DTYPES, assert_close, needs_gpu
 
 import sparsekern.triton_kernels.gather  # noqa: F401  (registers sparsekern_triton::gather)
 import sparsekern.triton_kernels.spmm as spmm_mod
@@ -168,13 +168,27 @@ def test_gpu_spmm_sparse_linear(dtype, density):
                  reference.sparse_linear(*f64(x, values), row_ptr, col_idx, *f64(b)), dtype)
 
 
-@needs_gpu
+# ---- every autotune config (the small shape everywhere, the realistic one on a GPU) ----
+
+# (m, k, n, density, long row, empty rows) of test_every_config. "small" (also the CPU's, under the
+# interpreter): m odd (no multiple of ROWS = 2 or 4), rows of ~25 nonzeros and a long row of k = 83
+# (a tail after 1 to 5 chunks of every BLOCK_NZ), n = 70 (a tail after 1 to 4 tiles of BLOCK_N 16 / 32 /
+# 64, one partial tile of 128 / 256), empty first and last rows.
+EVERY_CONFIG_SHAPES = [
+    pytest.param((19, 83, 70, 0.3, 3, (0, 18)), id="small"),
+    pytest.param((301, 257, 130, 0.1, 3, (0, 300)), id="realistic", marks=needs_gpu),
+]
+
+
+@pytest.mark.parametrize("shape", EVERY_CONFIG_SHAPES)
 @pytest.mark.parametrize("config", spmm_mod._CONFIGS, ids=str)
-def test_gpu_every_config(config):
-    """The autotuner only runs the winner afterwards: check each config's result once."""
-    m, k, n = 301, 257, 130
-    for dtype in DTYPES:
-        values, row_ptr, col_idx = make_csr(m, k, 0.1, dtype, torch.int32, long_row=3, empty_rows=(0, 300))
+def test_every_config(config, shape):
+    """The autotuner only runs the winner afterwards (and the interpreter only the first config): check
+    each config's result once, as spmm (row-major out) and as sparse_linear (bias, out written transposed)."""
+    m, k, n, density, long_row, empty_rows = shape
+    for dtype in CONFIG_DTYPES:
+        values, row_ptr, col_idx = make_csr(m, k, density, dtype, torch.int32, long_row=long_row,
+                                            empty_rows=empty_rows)
         B = randn(k, n, dtype=dtype)
         out = torch.empty(m, n, dtype=dtype, device=DEVICE)
         order = torch.argsort(row_ptr[1:] - row_ptr[:-1], descending=True, stable=True)
@@ -184,6 +198,14 @@ def test_gpu_every_config(config):
                                            num_warps=config.num_warps, num_stages=config.num_stages,
                                            **config.kwargs)
         assert_close(out, reference.spmm(*f64(values), row_ptr, col_idx, *f64(B)), dtype)
+        # sparse_linear: y (n, m) = x @ W^T + bias with x = B^T, row r of W written at y[:, r].
+        bias = randn(m, dtype=dtype, seed=2)
+        y = torch.empty(n, m, dtype=dtype, device=DEVICE)
+        spmm_mod._csr_rows_kernel.fn[grid](values, row_ptr, col_idx, order, B, bias, y, m, n, B.stride(0),
+                                           B.stride(1), y.stride(1), y.stride(0), 1, HAS_BIAS=True,
+                                           num_warps=config.num_warps, num_stages=config.num_stages,
+                                           **config.kwargs)
+        assert_close(y, reference.sparse_linear(*f64(B.t(), values), row_ptr, col_idx, *f64(bias)), dtype)
 
 
 def triton_cdiv(a, b):
