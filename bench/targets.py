@@ -60,7 +60,10 @@ class Target:
         if self.kind != "op":
             what = "step vs dense" if self.kind == "step" else "every layer vs its dense twin"
             return f"{self.case}, 90 % {self.dist.upper() if self.dist == 'erk' else self.dist}: {what}"
-        what = "Linear 4096x4096 batch 256" if self.case == "linear" else "Conv 3x3 C=64 32x32 batch 64"
+        full = bench_ops.SIZES["full"]  # the shapes op_case_builders runs
+        (in_f, out_f, batch), (c, hw, n) = full.linear, full.conv[0]
+        what = (f"Linear {out_f}x{in_f} batch {batch}" if self.case == "linear" else
+                f"Conv 3x3 C={c} {hw}x{hw} batch {n}")
         return f"{what} at density {self.density:g}, fwd+bwd vs {self.peer}"
 
 

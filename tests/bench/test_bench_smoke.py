@@ -62,24 +62,28 @@ def test_bench_tiny_quick(tmp_path):
         assert "differs" not in row["notes"] and "error" not in row["notes"], row["notes"]
 
 
-def test_run_case_times_implementations_side_by_side():
+def test_run_case_times_implementations_side_by_side(monkeypatch):
     """Each pass's implementations are timed in rounds (a host's drift moves them alike), and a column keeps the
     fastest of its variants, named in the notes."""
-    import time
+    import types
 
     import torch
 
+    import bench.timing
     from bench.ops import Case, run_case
     from bench.peers import DENSE, SPARSEKERN, Impl
     from bench.timing import Budget
 
+    # A clock that only the closures advance (by their delay): no host's load can reorder the variants.
+    clock = [0.0]
+    monkeypatch.setattr(bench.timing, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     calls = []
     weight = torch.randn(3, 4, requires_grad=True)
 
-    def impl(column, variant="", delay=0.0):
+    def impl(column, variant="", delay=0.001):
         def forward(x):
             calls.append(column + variant)
-            time.sleep(delay)
+            clock[0] += delay
             return x @ weight.t()
         return Impl(column, forward, [weight], weight_grad=lambda: weight.grad, variant=variant)
 
@@ -94,7 +98,7 @@ def test_run_case_times_implementations_side_by_side():
     rounds = [timed[i:i + 6] for i in range(0, len(timed), 6)]
     assert all(sorted(r) == sorted(["dense", "dense", "sparsekernslow", "sparsekernslow", "sparsekernfast",
                                     "sparsekernfast"]) for r in rounds)
-    assert rows[0].times[SPARSEKERN].median < 0.004
+    assert rows[0].times[SPARSEKERN].median == pytest.approx(0.001)
     assert "sparsekern: fastest was fast" in rows[0].notes
 
 
