@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .sparse_matrix import SparseMatrix, csr_from_mask, rows_of, transpose_pattern
+from .sparse_matrix import SparseMatrix, check_csr_pattern, csr_from_mask, rows_of, transpose_pattern
 
 __all__ = ["BlockSparseMatrix", "block_mask_of", "expand_block_mask", "bsr_element_order", "BLOCK_SIZES"]
 
@@ -185,5 +185,11 @@ class BlockSparseMatrix:
         if v.shape[0] != self.col_idx.numel():
             raise ValueError(f"BlockSparseMatrix: values has {v.shape[0]} blocks but col_idx has "
                              f"{self.col_idx.numel()} entries")
-        # The block pattern is a CSR of the (m/b, k/b) block grid: reuse its checks.
-        SparseMatrix(self.row_ptr, self.col_idx, v.new_zeros(self.col_idx.numel()), (self.m // b, self.k // b))
+        if not v.is_floating_point():
+            raise ValueError(f"BlockSparseMatrix: values must be floating point, got {v.dtype}")
+        # The block pattern is a CSR of the (m/b, k/b) block grid.
+        check_csr_pattern("BlockSparseMatrix", self.row_ptr, self.col_idx, self.m // b, self.k // b,
+                          f" for the {self.m // b} block rows of shape {tuple(self.shape)} at block={b}")
+        if v.device != self.row_ptr.device:
+            raise ValueError(f"BlockSparseMatrix: row_ptr ({self.row_ptr.device}) and values ({v.device}) must be "
+                             "on one device")

@@ -15,6 +15,12 @@ _MODES = ("fan_in", "fan_out")
 _DISTRIBUTIONS = ("normal", "uniform")
 
 
+def check_density(where: str, density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise ValueError(f"{where}: density must lie in (0, 1], got {density!r}")
+    return float(density)
+
+
 def _check_module(where: str, module) -> None:
     if not isinstance(module, SparseWeightMixin):
         raise TypeError(f"{where}: module must be a sparse layer (SparseLinear, SparseConv2d), "
@@ -77,6 +83,7 @@ def initialize_(module, init: str, density: float, generator: Optional[torch.Gen
     layer's weights, masked: ``sparse`` (``sparse_init_``), ``dense`` (keep them) or ``layer`` (scale
     them by 1/sqrt(density), the dense std over sqrt(layer density))."""
     _check_module("initialize_", module)
+    density = check_density("initialize_", density)
     if init == "sparse":
         sparse_init_(module, generator=generator)
     elif init == "layer":

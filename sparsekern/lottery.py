@@ -46,6 +46,15 @@ def _check_fraction(where: str, name: str, value) -> float:
     return float(value)
 
 
+def _check_mask(where: str, name: str, mask, shape: Optional[torch.Size] = None) -> None:
+    """A mask is a bool tensor of its layer's weight shape: a float mask or one of another shape with the same
+    numel would be read silently wrong."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or (shape is not None and mask.shape != shape):
+        got = f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        want = "" if shape is None else f" of shape {tuple(shape)}"
+        raise ValueError(f"{where}: mask of {name!r} must be a bool tensor{want}, got {got}")
+
+
 def _check_scope(where: str, scope: str) -> None:
     if scope not in SCOPES:
         raise ValueError(f"{where}: scope must be one of {SCOPES}, got {scope!r}")
@@ -73,6 +82,11 @@ def magnitude_prune(model: nn.Module, prune_fraction: float, masks: Optional[Mas
     masks = masks_of(model, ignore) if masks is None else masks
     if set(masks) != set(weights):
         raise ValueError(f"magnitude_prune: masks must name the prunable layers {sorted(weights)}, got {sorted(masks)}")
+    for name, w in weights.items():
+        _check_mask("magnitude_prune", name, masks[name], w.shape)
+        if not torch.isfinite(w[masks[name].to(w.device)]).all():  # a NaN sorts last: it would never be pruned
+            raise ValueError(f"magnitude_prune: layer {name!r} has non-finite kept weights (NaN or inf), which "
+                             "cannot be ranked by magnitude")
     new = {}
     if scope == "layerwise":
         for name, w in weights.items():
@@ -106,6 +120,9 @@ def one_shot_prune(model: nn.Module, density: float, scope: str = "global", igno
 
 def prune_schedule(prune_fraction: float, rounds: int) -> List[float]:
     """Density after each round of pruning ``prune_fraction`` of the remaining weights (ceil ignored)."""
+    prune_fraction = _check_fraction("prune_schedule", "prune_fraction", prune_fraction)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"prune_schedule: rounds must be an int >= 1, got {rounds!r}")
     return [(1.0 - prune_fraction) ** r for r in range(1, rounds + 1)]
 
 
@@ -133,18 +150,21 @@ def to_dense_model(model: nn.Module, inplace: bool = False) -> nn.Module:
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: Masks, inplace: bool = False) -> nn.Module:
     """The model with each layer named in ``masks`` made sparse (``from_dense``) at its mask; a sparse
-    layer first becomes dense, so its weights outside its old pattern read as zero."""
-    model = to_dense_model(model, inplace)
-    modules = dict(model.named_modules())
+    layer first becomes dense, so its weights outside its old pattern read as zero. Every mask is checked
+    before any layer changes."""
+    modules, layers = dict(model.named_modules()), prunable_layers(model)
     for name, mask in masks.items():
         if name not in modules:
             raise ValueError(f"apply_masks: masks name {name!r}, which is no module of the model")
         m = modules[name]
-        if not isinstance(m, (nn.Linear, nn.Conv2d)):
-            raise TypeError(f"apply_masks: {name!r} must be nn.Linear or nn.Conv2d, got {type(m).__name__}")
-        if mask.shape != m.weight.shape or mask.dtype != torch.bool:
-            raise ValueError(f"apply_masks: mask of {name!r} must be bool of shape {tuple(m.weight.shape)}, "
-                             f"got {mask.dtype} of shape {tuple(mask.shape)}")
+        if name not in layers:
+            raise TypeError(f"apply_masks: {name!r} must be nn.Linear, nn.Conv2d (groups=1) or a sparse layer, "
+                            f"got {type(m).__name__}")
+        _check_mask("apply_masks", name, mask, m.weight_shape if isinstance(m, SparseWeightMixin) else m.weight.shape)
+    model = to_dense_model(model, inplace)
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        m = modules[name]
         cls = SparseConv2d if isinstance(m, nn.Conv2d) else SparseLinear
         sparse = cls.from_dense(m, mask.to(m.weight.device)).train(m.training)
         sparse.values.requires_grad_(m.weight.requires_grad)
@@ -156,6 +176,7 @@ def random_masks(masks: Masks, generator: Optional[torch.Generator] = None) -> M
     """Masks with each layer's number of kept weights of ``masks``, at uniformly random positions."""
     out = {}
     for name, mask in masks.items():
+        _check_mask("random_masks", name, mask)
         flat = torch.zeros(mask.numel(), dtype=torch.bool)
         flat[torch.randperm(mask.numel(), generator=generator)[:int(mask.sum())]] = True
         out[name] = flat.reshape(mask.shape).to(mask.device)

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .init import INITS, initialize_
+from .init import INITS, check_density, initialize_
 from .nn import FORMATS, SparseConv2d, SparseLinear, SparseWeightMixin, random_block_mask, random_mask
 from .nn.base import load_all_or_nothing
 from .nn.fast_modules import fast_modules as make_fast, plain_modules as make_plain
@@ -19,12 +19,6 @@ __all__ = ["DISTRIBUTIONS", "densities", "sparsifiable_layers", "sparsify", "den
 
 DISTRIBUTIONS = ("uniform", "er", "erk")
 Shapes = Union[nn.Module, Mapping[str, Sequence[int]], Sequence[Sequence[int]]]
-
-
-def check_density(where: str, density) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-        raise ValueError(f"{where}: density must lie in (0, 1], got {density!r}")
-    return float(density)
 
 
 def _check_distribution(where: str, distribution: str) -> None:
@@ -61,6 +55,39 @@ def _check_shared_consistently_dense(model: nn.Module, dense_layers: Sequence[st
             raise ValueError(f"sparsify: dense_layers must name all or none of the names of a shared layer: "
                              f"{names} are one module, got dense {dense} but sparse "
                              f"{[n for n in names if n not in dense]}")
+
+
+def _check_no_parameter_shared_with_another_module(model: nn.Module, layers: Mapping[str, nn.Module]) -> None:
+    """A sparse layer holds its own copy of the weight and bias, so one that another module also holds
+    (``b.weight = a.weight``, an embedding tied to its head) would be untied. The same module under two
+    names is one layer and stays tied (``_check_shared_consistently_dense``)."""
+    holders: Dict[int, List[tuple]] = {}  # id of a parameter -> [(qualified name, module holding it)]
+    for name, module in model.named_modules(remove_duplicate=False):
+        for key, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append((f"{name}.{key}" if name else key, module))
+    for name, layer in layers.items():
+        for key, param in layer._parameters.items():
+            others = [(n, m) for n, m in holders.get(id(param), []) if m is not layer]
+            if others:
+                modules = [name] + list(dict.fromkeys(n.rpartition(".")[0] for n, _ in others))
+                raise ValueError(f"sparsify: {f'{name}.{key}' if name else key} is the same parameter as "
+                                 f"{[n for n, _ in others]} of another module; sparsifying it would untie them. "
+                                 f"Keep them dense: dense_layers={modules}")
+
+
+def _check_materialized(layers: Mapping[str, nn.Module]) -> None:
+    """A mask is drawn from (and values copied out of) real weights."""
+    for name, layer in layers.items():
+        for key, param in layer._parameters.items():
+            if param is None:
+                continue
+            if torch.nn.parameter.is_lazy(param):
+                raise ValueError(f"sparsify: layer {name!r} has an uninitialized (lazy) {key}; run a forward pass "
+                                 "to initialize it first")
+            if param.is_meta:
+                raise ValueError(f"sparsify: layer {name!r} has its {key} on the meta device (no data); "
+                                 "materialize the model first (model.to_empty(device=...) and initialize it)")
 
 
 def _erdos_renyi(shapes: List[Sequence[int]], density: float, include_kernel: bool) -> List[float]:
@@ -162,28 +189,45 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
         raise TypeError(f"sparsify: fuse_activations must be a bool, got {type(fuse_activations).__name__}")
     if not isinstance(fast_modules, bool):
         raise TypeError(f"sparsify: fast_modules must be a bool, got {type(fast_modules).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"sparsify: inplace must be a bool, got {type(inplace).__name__}")
+    if dense_layers is None:
+        dense_layers = ()
     dense_layers = (dense_layers,) if isinstance(dense_layers, str) else tuple(dense_layers)
     names = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unknown = [d for d in dense_layers if d not in names]
     if unknown:
         raise ValueError(f"sparsify: dense_layers names no module of the model: {unknown}")
     _check_shared_consistently_dense(model, dense_layers)
-    if not inplace:
-        model = copy.deepcopy(model)
     layers = sparsifiable_layers(model, dense_layers)
     if not layers:
+        if any(isinstance(m, SparseWeightMixin) for m in model.modules()):
+            raise ValueError("sparsify: the model is already sparse (it has sparsekern sparse layers and no "
+                             "nn.Linear or nn.Conv2d left to sparsify); sparsekern.densify(model) first to "
+                             "sparsify it again")
         kept = f" outside dense_layers {list(dense_layers)}" if dense_layers else ""
         raise ValueError(f"sparsify: the model has no nn.Linear or nn.Conv2d (groups=1) to sparsify{kept}")
+    _check_materialized(layers)
+    _check_no_parameter_shared_with_another_module(model, layers)
+    if not inplace:
+        model = copy.deepcopy(model)
+        layers = sparsifiable_layers(model, dense_layers)
     layer_densities = densities({n: tuple(m.weight.shape) for n, m in layers.items()}, density, distribution)
-    as_csr = []
+    format_of = {name: "csr" if format == "csr" or m.weight.shape[0] % block or math.prod(m.weight.shape[1:]) % block
+                 else "bsr" for name, m in layers.items()}
+    as_csr = [name for name, fmt in format_of.items() if fmt != format]
+    # A mask keeps round(density * entries) entries (blocks for bsr); a layer left with none would compute
+    # nothing, which density 0 is rejected for too.
+    empty = [name for name, m in layers.items() if round(layer_densities[name] * (
+        m.weight.numel() // block ** 2 if format_of[name] == "bsr" else m.weight.numel())) == 0]
+    if empty:
+        raise ValueError(f"sparsify: density {density!r} keeps no weight in layers {empty} "
+                         f"(per-layer densities {[layer_densities[n] for n in empty]}); raise density")
     sparse_of: Dict[int, nn.Module] = {}  # id of a dense layer -> its sparse module
     for name, module in layers.items():
         d = layer_densities[name]
         shape = module.weight.shape
-        fmt = format
-        if fmt == "bsr" and (shape[0] % block or math.prod(shape[1:]) % block):
-            fmt = "csr"
-            as_csr.append(name)
+        fmt = format_of[name]
         if fmt == "bsr":
             mask = random_block_mask(shape, d, block, generator, device=module.weight.device)
         else:

@@ -1,5 +1,7 @@
 """BlockSparseMatrix (BSR): construction, conversions (dense, element CSR), cached block transpose, validation."""
 
+import re
+
 import pytest
 import torch
 
@@ -291,3 +293,19 @@ def test_constructor_validation_names_the_argument():
         BlockSparseMatrix(rp, ci, v.long(), (4, 6))
     # validate=False skips the checks (the fast path of trusted builders).
     BlockSparseMatrix(rp + 1, ci, v, (4, 6), validate=False)
+
+
+_RP, _CI = torch.tensor([0, 1, 2]), torch.tensor([0, 1], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((_RP, _CI, torch.ones(2, 2, 2, dtype=torch.long), (4, 4)), "values must be floating point, got torch.int64"),
+    ((_RP, torch.tensor([0, 5], dtype=torch.int32), torch.randn(2, 2, 2), (4, 4)),
+     "col_idx must lie in [0, 2), got values in [0, 5]"),
+    ((torch.tensor([0, 2, 1]), _CI, torch.randn(2, 2, 2), (4, 4)), "row_ptr[-1] = 1 must equal nnz = 2"),
+    ((_RP[:2], _CI, torch.randn(2, 2, 2), (4, 4)), "row_ptr must have m+1 = 3 entries for the 2 block rows"),
+    ((_RP, _CI.long(), torch.randn(2, 2, 2), (4, 4)), "col_idx must be int32, got torch.int64"),
+], ids=["int-values", "col_idx-range", "row_ptr-end", "row_ptr-size", "col_idx-dtype"])
+def test_validation_errors_name_block_sparse_matrix(args, match):
+    with pytest.raises(ValueError, match=re.escape(f"BlockSparseMatrix: {match}")):
+        BlockSparseMatrix(*args)

@@ -1,12 +1,13 @@
 """Sparsity-aware init: every unit's output variance is the dense network's whatever its fan-in."""
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
 import sparsekern
-from sparsekern.init import sparse_init_
+from sparsekern.init import initialize_, sparse_init_
 from sparsekern.nn import SparseConv2d, SparseLinear
 
 N_IN, N_OUT, DRAWS, BATCH = 1024, 64, 200, 512
@@ -95,3 +96,13 @@ def test_bad_input_is_a_clear_error():
         sparse_init_(layer, mode="fan_avg")
     with pytest.raises(ValueError, match="distribution must be one of"):
         sparse_init_(layer, distribution="cauchy")
+
+
+@pytest.mark.parametrize("init", ["sparse", "dense", "layer"])
+@pytest.mark.parametrize("density", [float("nan"), 0.0, -0.5, 1.5, "0.5", True])
+def test_initialize_rejects_a_density_outside_0_1(density, init):
+    layer = SparseLinear(4, 4, density=0.5)
+    before = layer.values.detach().clone()
+    with pytest.raises(ValueError, match=re.escape(f"initialize_: density must lie in (0, 1], got {density!r}")):
+        initialize_(layer, init, density)
+    assert torch.equal(layer.values, before)

@@ -1,5 +1,6 @@
 """Magnitude pruning, IMP with rewinding (open_lth's semantics) and the lottery-ticket controls."""
 import math
+import re
 
 import pytest
 import torch
@@ -140,3 +141,72 @@ def test_apply_masks_runs_the_masked_dense_network_on_compressed_weights():
                 m.weight.mul_(masks[name])
         torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(reference(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _bad_masks(kind):
+    masks = masks_of(_net())
+    masks["3"] = {"transposed": masks["3"].t().contiguous(),  # same numel, another shape
+                  "float": masks["3"].float(), "list": masks["3"].tolist()}[kind]
+    return masks
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("kind, got", [("transposed", "torch.bool of shape (256, 32)"),
+                                       ("float", "torch.float32 of shape (32, 256)"), ("list", "list")])
+def test_magnitude_prune_needs_a_bool_mask_of_each_layers_shape(kind, got, scope):
+    with pytest.raises(ValueError, match=re.escape(f"magnitude_prune: mask of '3' must be a bool tensor of shape "
+                                                   f"(32, 256), got {got}")):
+        magnitude_prune(_net(), 0.5, _bad_masks(kind), scope)
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_magnitude_prune_rejects_non_finite_kept_weights(bad, scope):
+    model = _net()
+    with torch.no_grad():
+        model[3].weight[0, 0] = bad
+    with pytest.raises(ValueError, match=r"magnitude_prune: layer '3' has non-finite kept weights"):
+        magnitude_prune(model, 0.5, scope=scope)
+    masks = masks_of(model)
+    masks["3"][0, 0] = False  # pruned already: its value does not matter
+    assert not magnitude_prune(model, 0.5, masks, scope)["3"][0, 0]
+
+
+@pytest.mark.parametrize("args, match", [
+    ((1.5, 2), "prune_schedule: prune_fraction must lie in [0, 1), got 1.5"),
+    ((-0.5, 2), "prune_schedule: prune_fraction must lie in [0, 1), got -0.5"),
+    ((float("nan"), 2), "prune_schedule: prune_fraction must lie in [0, 1), got nan"),
+    ((0.2, 0), "prune_schedule: rounds must be an int >= 1, got 0"),
+    ((0.2, -1), "prune_schedule: rounds must be an int >= 1, got -1"),
+    ((0.2, 2.5), "prune_schedule: rounds must be an int >= 1, got 2.5"),
+    ((0.2, True), "prune_schedule: rounds must be an int >= 1, got True"),
+])
+def test_prune_schedule_rejects_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        prune_schedule(*args)
+
+
+@pytest.mark.parametrize("masks, error, match", [
+    (lambda m: {**masks_of(m), "5": torch.ones(4, 33, dtype=torch.bool)}, ValueError,
+     "apply_masks: mask of '5' must be a bool tensor of shape (4, 32), got torch.bool of shape (4, 33)"),
+    (lambda m: {**masks_of(m), "5": [[True] * 32] * 4}, ValueError,
+     "apply_masks: mask of '5' must be a bool tensor of shape (4, 32), got list"),
+    (lambda m: {**masks_of(m), "nope": torch.ones(1, dtype=torch.bool)}, ValueError,
+     "apply_masks: masks name 'nope', which is no module of the model"),
+    (lambda m: {**masks_of(m), "1": torch.ones(1, dtype=torch.bool)}, TypeError,
+     "apply_masks: '1' must be nn.Linear, nn.Conv2d (groups=1) or a sparse layer, got ReLU"),
+], ids=["shape", "not-a-tensor", "unknown-layer", "not-a-layer"])
+@pytest.mark.parametrize("start", ["dense", "sparse"])
+def test_apply_masks_checks_every_mask_before_changing_any_layer(masks, error, match, start):
+    model = _net() if start == "dense" else apply_masks(_net(), one_shot_prune(_net(), 0.5))
+    types, state = [type(m) for m in model], {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=re.escape(match)):
+        apply_masks(model, masks(model), inplace=True)
+    assert [type(m) for m in model] == types
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_random_masks_needs_bool_masks():
+    message = "random_masks: mask of 'a' must be a bool tensor, got torch.float32"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        random_masks({"a": torch.tensor([1.5, 0.6, 0.0])})

@@ -45,6 +45,16 @@ CASES = [
      "sparsify: dense_layers names no module of the model: ['fc']"),
     ("generator", lambda m: sparsekern.sparsify(m, 0.5, generator=0), TypeError,
      "sparsify: generator must be a torch.Generator or None, got int"),
+    ("inplace-not-bool", lambda m: sparsekern.sparsify(m, 0.5, inplace="no"), TypeError,
+     "sparsify: inplace must be a bool, got str"),
+    ("density-keeps-no-weight", lambda m: sparsekern.sparsify(m, 1e-12), ValueError,
+     "sparsify: density 1e-12 keeps no weight in layers ['0', '2']"),
+    ("already-sparse", lambda m: sparsekern.sparsify(sparsekern.sparsify(_mlp(), 0.5), 0.5), ValueError,
+     "sparsify: the model is already sparse"),
+    ("meta-device", lambda m: sparsekern.sparsify(_mlp().to("meta"), 0.5), ValueError,
+     "sparsify: layer '0' has its weight on the meta device"),
+    ("lazy", lambda m: sparsekern.sparsify(nn.Sequential(nn.LazyLinear(8), nn.ReLU()), 0.5), ValueError,
+     "sparsify: layer '0' has an uninitialized (lazy) weight"),
     ("densities-distribution", lambda m: densities(m, 0.5, "normal"), ValueError,
      "densities: distribution must be one of"),
     ("densities-empty", lambda m: densities([], 0.5), ValueError, "densities: no layers given"),
@@ -61,3 +71,8 @@ def test_bad_arguments_raise_and_leave_the_model_dense(call, error, match):
     assert all(type(m) in (nn.Sequential, nn.Linear, nn.ReLU) for m in model.modules())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_dense_layers_none_means_none():
+    model = sparsekern.sparsify(_mlp(), 0.5, dense_layers=None)
+    assert all(isinstance(model[i], sparsekern.nn.SparseLinear) for i in (0, 2))

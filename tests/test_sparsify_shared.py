@@ -99,3 +99,40 @@ def test_densify_a_copy_or_a_lone_layer():
     assert type(lone) is nn.Conv2d and torch.equal(lone.weight, model[0].dense_weight())
     with pytest.raises(TypeError, match="densify: model must be an nn.Module, got dict"):
         sparsekern.densify({})
+
+
+
+class TiedWeights(nn.Module):
+    """Two different Linear modules holding one weight (or bias) Parameter, and a head."""
+
+    def __init__(self, shared="weight"):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        setattr(self.b, shared, getattr(self.a, shared))
+
+
+class TiedEmbedding(nn.Module):
+    """A language-model head tied to its embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+@pytest.mark.parametrize("make, shared, match, keep_dense", [
+    (TiedWeights, ("a", "b", "weight"),
+     r"a\.weight is the same parameter as \['b\.weight'\].*dense_layers=\['a', 'b'\]", ["a", "b"]),
+    (lambda: TiedWeights("bias"), ("a", "b", "bias"), r"a\.bias is the same parameter as \['b\.bias'\]", ["a", "b"]),
+    (TiedEmbedding, ("head", "emb", "weight"),
+     r"head\.weight is the same parameter as \['emb\.weight'\].*dense_layers=\['head', 'emb'\]", ["head"]),
+], ids=["two-linears", "shared-bias", "embedding-head"])
+def test_a_parameter_shared_with_another_module_is_not_untied(make, shared, match, keep_dense):
+    model = make()
+    with pytest.raises(ValueError, match=match):
+        sparsekern.sparsify(model, 0.5)
+    assert not any(isinstance(m, sparsekern.nn.SparseWeightMixin) for m in model.modules())  # nothing replaced
+    sparsekern.sparsify(model, 0.5, dense_layers=keep_dense)  # kept dense, they stay tied
+    first, second, key = shared
+    assert getattr(getattr(model, first), key) is getattr(getattr(model, second), key)
+    assert isinstance(model.get_submodule("body" if hasattr(model, "body") else "head"), SparseLinear)

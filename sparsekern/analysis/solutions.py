@@ -97,6 +97,8 @@ def interpolate(model_a: nn.Module, model_b: nn.Module, alpha: float) -> nn.Modu
     ``recompute_bn_stats`` before evaluating. ``alpha = 0`` and ``1`` give exactly a and b
     (``torch.lerp``).
     """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"interpolate: alpha must be a finite number, got {alpha!r}")
     out = copy.deepcopy(model_a)
     modules_b = dict(model_b.named_modules())
     # what lies inside a sparse layer (its pattern) is its own business: _interpolate_weight replaces it whole
@@ -254,13 +256,26 @@ def interpolation_curve(model_a: nn.Module, model_b: nn.Module, loader: Iterable
     return InterpolationCurve(grid, losses, accuracies, barrier)
 
 
+def _check_log_probs(where: str, log_probs_a, log_probs_b) -> None:
+    """Both (N, classes) with N > 0 and the same shape: row i of each is the same input."""
+    for name, t in (("log_probs_a", log_probs_a), ("log_probs_b", log_probs_b)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] == 0:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{where}: {name} must be a 2-D (N, classes) tensor with N > 0, got {got}")
+    if log_probs_a.shape != log_probs_b.shape:
+        raise ValueError(f"{where}: log_probs_a and log_probs_b must have the same shape, got "
+                         f"{tuple(log_probs_a.shape)} and {tuple(log_probs_b.shape)}")
+
+
 def disagreement(log_probs_a: torch.Tensor, log_probs_b: torch.Tensor) -> float:
     """Fraction of inputs on which the two models' argmax predictions differ."""
+    _check_log_probs("disagreement", log_probs_a, log_probs_b)
     return float((log_probs_a.argmax(1) != log_probs_b.argmax(1)).double().mean())
 
 
 def js_divergence(log_probs_a: torch.Tensor, log_probs_b: torch.Tensor) -> float:
     """Mean over inputs of the Jensen-Shannon divergence (nats, in [0, ln 2]) of two softmax outputs."""
+    _check_log_probs("js_divergence", log_probs_a, log_probs_b)
     lp, lq = log_probs_a.double(), log_probs_b.double()
     log_m = torch.logsumexp(torch.stack([lp, lq]), dim=0) - math.log(2.0)
     p, q = lp.exp(), lq.exp()

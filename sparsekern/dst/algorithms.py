@@ -60,7 +60,7 @@ class SNFS(DynamicSparseTraining):
     def __init__(self, model, optimizer, total_steps, delta_t=100, drop_fraction=0.3, end_fraction=0.75,
                  schedule="cosine", grow_init="zero", generator=None, momentum: float = 0.9,
                  redistribute: bool = True):
-        if not 0.0 <= momentum < 1.0:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"SNFS: momentum must lie in [0, 1), got {momentum!r}")
         if redistribute and isinstance(model, DistributedDataParallel):
             raise ValueError("SNFS: layer redistribution changes each layer's nnz, which DDP's gradient buckets "
@@ -78,8 +78,10 @@ class SNFS(DynamicSparseTraining):
             for name, m in self.layers.items()}
 
     def _on_step(self) -> None:
+        grads = {name: self.layer_dense_grad(name) for name in self.grad_momentum}
+        self._check_finite("dense gradients", grads)  # before any buffer: a NaN would stay in the momentum
         for name, buffer in self.grad_momentum.items():
-            buffer.mul_(self.momentum).add_(self.layer_dense_grad(name))
+            buffer.mul_(self.momentum).add_(grads[name])
 
     def grow_scores(self, name, module):
         return self.grad_momentum[name].abs()
@@ -97,6 +99,18 @@ class SNFS(DynamicSparseTraining):
 
     def _extra_state(self):
         return {"grad_momentum": {n: t.clone() for n, t in self.grad_momentum.items()}}
+
+    def _check_extra_state(self, state):
+        saved = state.get("grad_momentum")
+        if not isinstance(saved, dict) or set(saved) != set(self.grad_momentum):
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise ValueError(f"SNFS.load_state_dict: grad_momentum must name the sparse layers "
+                             f"{sorted(self.grad_momentum)}, got {got}")
+        for name, t in saved.items():
+            if not isinstance(t, torch.Tensor) or t.shape != self.grad_momentum[name].shape:
+                got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"SNFS.load_state_dict: grad_momentum of layer {name!r} must have shape "
+                                 f"{tuple(self.grad_momentum[name].shape)}, got {got}")
 
     def _load_extra_state(self, state):
         for name, saved in state["grad_momentum"].items():

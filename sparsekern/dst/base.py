@@ -75,6 +75,18 @@ def _check_state_hook(algorithm_ref):
     return hook
 
 
+def _non_finite(tensors: Dict[str, torch.Tensor]) -> List[str]:
+    """The names of the tensors holding a NaN or inf, with one host sync per device (not one per layer)."""
+    flags = {name: torch.isfinite(t).all() for name, t in tensors.items()}
+    names_on: Dict[torch.device, List[str]] = {}
+    for name, flag in flags.items():
+        names_on.setdefault(flag.device, []).append(name)
+    finite = {}
+    for names in names_on.values():
+        finite.update(zip(names, torch.stack([flags[n] for n in names]).tolist()))
+    return [name for name in tensors if not finite[name]]
+
+
 def _remove_all(handles) -> None:
     for handle in handles:
         handle.remove()
@@ -110,6 +122,8 @@ class DynamicSparseTraining:
             raise ValueError(f"{where}: grow_init must be one of {GROW_INITS}, got {grow_init!r}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.schedule, self.grow_init = schedule, grow_init
         self.model, self.optimizer = model, optimizer
         self.layers: Dict[str, SparseWeightMixin] = {
@@ -181,6 +195,14 @@ class DynamicSparseTraining:
         grad = sum(weight_grad(module, x, g) for x, g in pairs)
         return all_reduce_mean(grad.reshape(-1).to(module.values.dtype).contiguous())
 
+    def _check_finite(self, what: str, tensors: Dict[str, torch.Tensor]) -> None:
+        """Raise naming the layers whose ``what`` hold a NaN or inf, before the step changes anything: ranking
+        them would give a pattern at random, and a step that fails half-way leaves the layers out of step."""
+        bad = _non_finite(tensors)
+        if bad:
+            raise ValueError(f"{type(self).__name__}.step: the {what} of sparse layer(s) {bad} hold NaN or inf; "
+                             f"nothing was changed (step_count stays {self.step_count})")
+
     # -- what algorithms override ---------------------------------------------------------
     def grow_scores(self, name: str, module: SparseWeightMixin) -> torch.Tensor:
         """Flat scores over the layer's dense weight (the same on every rank); the largest grow."""
@@ -196,20 +218,26 @@ class DynamicSparseTraining:
     def _extra_state(self) -> dict:
         return {}
 
+    def _check_extra_state(self, state: dict) -> None:
+        """Raise if ``_load_extra_state`` could not load ``state`` whole (checked before anything loads)."""
+
     def _load_extra_state(self, state: dict) -> None:
         pass
 
     # -- the skeleton -----------------------------------------------------------------------
     def step(self) -> bool:
         """Advance one training step; on an update step change the patterns. True if a pattern changed."""
-        self._check_gradients(self.step_count + 1)
+        t = self.step_count + 1
+        self._check_gradients(t)
         check_optimizer_state(self.optimizer, self.layers)
-        self.step_count += 1
+        update = self.is_update_step(t)
+        if update:
+            self._check_finite("values", {name: m.values.detach() for name, m in self.layers.items()})
         try:
             self._on_step()
-            if not self.is_update_step(self.step_count):
-                return False
-            return self._update()
+            changed = update and self._update(t)
+            self.step_count = t  # only now: a step that raised can be taken again
+            return changed
         finally:
             for pairs in self._captured.values():
                 pairs.clear()
@@ -228,22 +256,36 @@ class DynamicSparseTraining:
                 "(sparsify(..., dense_layers=[...]))")
 
     @torch.no_grad()
-    def _update(self) -> bool:
-        fraction = self.drop_rate(self.step_count)
+    def _update(self, t: int) -> bool:
+        """Plan every layer's new pattern (scores checked), then apply them all: no layer changes unless all can."""
+        fraction = self.drop_rate(t)
         drop_counts = {name: math.floor(m.nnz * fraction) for name, m in self.layers.items()}
         grow_counts = self.grow_counts(drop_counts)
-        record = {"step": self.step_count, "drop_fraction": fraction, "layers": {}}
+        record = {"step": t, "drop_fraction": fraction, "layers": {}}
+        plans = {}
         for name, module in self.layers.items():
-            record["layers"][name] = self._update_layer(name, module, drop_counts[name], grow_counts[name])
+            record["layers"][name], plans[name] = self._plan_layer(name, module, drop_counts[name], grow_counts[name])
+        for name, (new_pos, source) in plans.items():
+            if new_pos is not None:
+                module = self.layers[name]
+                old_param = module.values
+                module.replace_pattern(new_pos, source)
+                remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
         self.history.append(record)
         return any(r["mask_distance"] > 0 for r in record["layers"].values())
 
-    def _update_layer(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int) -> dict:
+    def _grow_scores_checked(self, name: str, module: SparseWeightMixin) -> torch.Tensor:
+        scores = self.grow_scores(name, module)
+        self._check_finite("grow scores", {name: scores})
+        return scores
+
+    def _plan_layer(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int):
+        """(the layer's record, (new positions, source) for ``replace_pattern`` or (None, None) if unchanged)."""
         nnz = module.nnz
         if module.block > 1:
-            return self._update_layer_blocks(name, module, n_drop, n_grow)
+            return self._plan_layer_blocks(name, module, n_drop, n_grow)
         if n_drop == 0 and n_grow == 0:
-            return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
+            return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}, (None, None)
         m, k = module.weight_shape[0], math.prod(module.weight_shape[1:])
         old_pos = module.pattern.positions()  # ascending (CSR order): no dense mask to scan
         values = module.values.detach()
@@ -255,7 +297,7 @@ class DynamicSparseTraining:
         new_mask = torch.zeros(m * k, dtype=torch.bool, device=values.device)
         new_mask[kept_pos] = True
         # Grow: the n_grow best scores among the weights not kept (a just-dropped one may come back, at 0).
-        grown = topk_select(self.grow_scores(name, module), n_grow, largest=True, candidates=~new_mask)
+        grown = topk_select(self._grow_scores_checked(name, module), n_grow, largest=True, candidates=~new_mask)
         new_mask[grown] = True
         # source[i]: the old index of the new pattern's i-th nonzero (ascending position), -1 where grown.
         new_pos, order = torch.sort(torch.cat([kept_pos, grown]))
@@ -264,13 +306,10 @@ class DynamicSparseTraining:
         # Regrown: grown at a position of the old pattern (necessarily a just-dropped one).
         at = torch.searchsorted(old_pos, grown).clamp_(max=max(nnz - 1, 0))
         regrown = int((old_pos[at] == grown).sum()) if nnz else 0
-        old_param = module.values
-        module.replace_pattern(new_pos, source)
-        remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
-        return {"nnz": module.nnz, "dropped": n_drop, "grown": n_grow, "regrown": regrown,
-                "mask_distance": n_drop + n_grow - 2 * regrown}
+        return {"nnz": new_pos.numel(), "dropped": n_drop, "grown": n_grow, "regrown": regrown,
+                "mask_distance": n_drop + n_grow - 2 * regrown}, (new_pos, source)
 
-    def _update_layer_blocks(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int) -> dict:
+    def _plan_layer_blocks(self, name: str, module: SparseWeightMixin, n_drop: int, n_grow: int):
         """Block-sparse layers (format="bsr") drop and grow whole b x b blocks: drop the blocks of
         smallest L2 norm, grow the blocks of largest L2 norm of the grow scores (counts rounded down
         to whole blocks)."""
@@ -279,7 +318,7 @@ class DynamicSparseTraining:
         n_drop_b, n_grow_b = n_drop // per_block, n_grow // per_block
         nnz = module.nnz
         if n_drop_b == 0 and n_grow_b == 0:
-            return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}
+            return {"nnz": nnz, "dropped": 0, "grown": 0, "regrown": 0, "mask_distance": 0}, (None, None)
         m, k = module.weight_shape[0], math.prod(module.weight_shape[1:])
         mb, kb = m // b, k // b
         values = module.values.detach()
@@ -291,7 +330,7 @@ class DynamicSparseTraining:
         keep[dropped] = False
         new_bmask = torch.zeros(mb * kb, dtype=torch.bool, device=values.device)
         new_bmask[old_blocks[keep]] = True
-        scores = self.grow_scores(name, module).reshape(mb, b, kb, b)
+        scores = self._grow_scores_checked(name, module).reshape(mb, b, kb, b)
         block_scores = scores.square().sum(dim=(1, 3)).sqrt_().reshape(-1)
         grown = topk_select(block_scores, n_grow_b, largest=True, candidates=~new_bmask)
         kept_bmask = new_bmask.clone()
@@ -305,11 +344,9 @@ class DynamicSparseTraining:
         at = torch.searchsorted(old_pos, new_pos).clamp_(max=max(nnz - 1, 0))
         source = torch.where(kept_elem, at, torch.full_like(at, -1))
         regrown = int(torch.isin(grown, old_blocks[~keep]).sum())
-        old_param = module.values
-        module.replace_pattern(new_pos, source)
-        remap_optimizer_state(self.optimizer, old_param, source, new_param=module.values)
-        return {"nnz": module.nnz, "dropped": n_drop_b * per_block, "grown": n_grow_b * per_block,
-                "regrown": regrown * per_block, "mask_distance": (n_drop_b + n_grow_b - 2 * regrown) * per_block}
+        return {"nnz": new_pos.numel(), "dropped": n_drop_b * per_block, "grown": n_grow_b * per_block,
+                "regrown": regrown * per_block, "mask_distance": (n_drop_b + n_grow_b - 2 * regrown) * per_block
+                }, (new_pos, source)
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property
@@ -326,12 +363,31 @@ class DynamicSparseTraining:
                 "history": [dict(r) for r in self.history], **self._extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Everything is checked before anything is set: a bad state leaves the algorithm as it was."""
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{where}: state must be a dict (from state_dict()), got {type(state).__name__}")
         if state.get("algorithm") != self.name:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: state is of algorithm "
-                             f"{state.get('algorithm')!r}, expected {self.name!r}")
-        self.step_count = int(state["step_count"])
+            raise ValueError(f"{where}: state is of algorithm {state.get('algorithm')!r}, expected {self.name!r}")
+        missing = [key for key in ("step_count", "generator", "history") if key not in state]
+        if missing:
+            raise ValueError(f"{where}: state lacks {missing}")
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise ValueError(f"{where}: step_count must be an int >= 0, got {step_count!r}")
+        generator = torch.Generator(device=self.generator.device)
+        try:  # on a scratch generator: the algorithm's own changes only once all is checked
+            generator.set_state(state["generator"])
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(f"{where}: generator is not a state of a {self.generator.device} torch.Generator "
+                             f"({exc})") from None
+        history = state["history"]
+        if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+            raise ValueError(f"{where}: history must be a list of dicts, got {type(history).__name__}")
+        self._check_extra_state(state)
+        self.step_count = step_count
         self.generator.set_state(state["generator"])
-        self.history = [dict(r) for r in state["history"]]
+        self.history = [dict(r) for r in history]
         self._load_extra_state(state)
 
     def __repr__(self) -> str:

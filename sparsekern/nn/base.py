@@ -174,7 +174,8 @@ class SparseWeightMixin:
 
     @property
     def density(self) -> float:
-        return self.nnz / math.prod(self.weight_shape)
+        numel = math.prod(self.weight_shape)
+        return self.nnz / numel if numel else 0.0  # a layer with no weights (0 features), as SparseMatrix.density
 
     # -- changing the pattern: validated first, then applied whole --------------------------
     def replace_pattern(self, positions: torch.Tensor, source: torch.Tensor) -> None:
@@ -252,13 +253,14 @@ class SparseWeightMixin:
             raise ValueError(f"{where}: the new values must be floating point of shape {tuple(positions.shape)}, "
                              f"got {values.dtype} of shape {tuple(values.shape)}")
         values = values.to(self.values.device, self.values.dtype)
+        same_nnz = self.values.shape == values.shape
+        self.pattern.replace(positions)  # first: a new values Parameter is checked against the pattern's nnz
         with torch.no_grad():
-            if self.values.shape == values.shape:
+            if same_nnz:
                 self.values.copy_(values)
                 self.values.grad = None
             else:  # a new Parameter: resizing a leaf in place breaks autograd graphs still alive
                 self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
-        self.pattern.replace(positions)
 
     # -- views of the weight ------------------------------------------------------------------
     def sparse_weight(self) -> SparseMatrix:
@@ -317,7 +319,21 @@ class SparseWeightMixin:
             if isinstance(value, nn.Parameter):
                 self.values.requires_grad_(value.requires_grad)
             return
+        if name == "values" and "pattern" in self._modules:
+            self._check_values(value)
         super().__setattr__(name, value)
+
+    def _check_values(self, values) -> None:
+        """``values`` are the pattern's nonzeros in CSR order: any other size or layout computes a wrong
+        weight (a (nnz, 2) tensor can even pass for a full pattern's nnz on the dense path)."""
+        nnz, device = self.pattern.nnz, self.pattern.col_idx.device
+        if not isinstance(values, nn.Parameter) or values.shape != (nnz,) or not values.is_floating_point() \
+                or values.device != device:
+            got = (f"{type(values).__name__} of {values.dtype}, shape {tuple(values.shape)} on {values.device}"
+                   if isinstance(values, torch.Tensor) else type(values).__name__)
+            raise ValueError(f"{type(self).__name__}.values must be a floating-point nn.Parameter of shape ({nnz},) "
+                             f"(the pattern's nnz) on {device}, got {got}; change the pattern with set_pattern or "
+                             "update_pattern_")
 
     # -- state_dict: values, row_ptr, col_idx (and bias); derived data is rebuilt ------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -401,6 +417,10 @@ class SparseWeightMixin:
                     unexpected_keys.append(key)
         if errors:
             error_msgs.extend(errors)
+            # Only a hook on the model being loaded sees the whole state dict before any module loads (torch
+            # loads module by module and reports at the end), and only models from sparsify carry one.
+            if _PARTIAL_LOAD_HINT not in error_msgs:
+                error_msgs.append(_PARTIAL_LOAD_HINT)
             return
         with torch.no_grad():
             if "values" in got:
@@ -418,6 +438,12 @@ class SparseWeightMixin:
     def extra_repr_density(self) -> str:
         fmt = f", format='bsr', block={self.block}" if self.format == "bsr" else ""
         return f"density={self.density:.4f}, nnz={self.nnz}{fmt}"
+
+
+_PARTIAL_LOAD_HINT = ("the other modules loaded their entries (torch loads module by module); to load all or nothing, "
+                      "check first with sparsekern.nn.base.check_model_state(model, state_dict), or register "
+                      "sparsekern.nn.base.load_all_or_nothing as the model's load_state_dict pre-hook (models "
+                      "returned by sparsify have it)")
 
 
 def _check_format(owner: str, weight_shape, format: str, block: int) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..ops import bsr_conv2d, sparse_conv2d
 from ..ops.dispatch import get_backend
-from ..ops.sparse_conv2d import is_channels_last, output_size
+from ..ops.sparse_conv2d import _pair, check_groups, is_channels_last, output_size
 from ..sparse_matrix import SparseMatrix
 from . import kernel_choice
 from .base import SparseWeightMixin
@@ -51,6 +51,7 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
                  device=None, dtype=None, generator: Optional[torch.Generator] = None, format: str = "csr",
                  block: int = 32):
         super().__init__()
+        check_groups("SparseConv2d", groups)  # before nn.Conv2d, whose error for groups=1.0 names no argument
         dense = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                           padding_mode, device=device, dtype=dtype)
         self._copy_geometry(dense)
@@ -60,19 +61,21 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         self.bias = dense.bias
 
     def _copy_geometry(self, conv: nn.Conv2d) -> None:
-        if conv.groups != 1:
-            raise ValueError(f"SparseConv2d: only groups=1 is supported, got groups={conv.groups}")
+        check_groups("SparseConv2d", conv.groups)
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d: only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+        # nn.Conv2d takes stride 0 or negative padding and fails in its forward; checked here, at construction
+        self.kernel_size = conv.kernel_size
+        self.stride = _pair("SparseConv2d", "stride", conv.stride, 1)
+        self.dilation = _pair("SparseConv2d", "dilation", conv.dilation, 1)
         self.groups, self.padding_mode = 1, "zeros"
         if conv.padding == "same":
-            self.padding = _same_padding(conv.kernel_size, conv.dilation, conv.stride)
+            self.padding = _same_padding(conv.kernel_size, self.dilation, self.stride)
         elif conv.padding == "valid":
             self.padding = (0, 0)
         else:
-            self.padding = tuple(conv.padding)
+            self.padding = _pair("SparseConv2d", "padding", conv.padding, 0)
         self.weight_shape = conv.weight.shape
 
     def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:

@@ -696,6 +696,11 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
     Returns the rows as dicts; prints them as a table when ``print_table``. ``forward(model, *inputs)``
     replaces ``model(*inputs)`` for models whose outputs are not tensors or tuples of tensors."""
     from .base import SparseWeightMixin
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"explain: model must be an nn.Module, got {type(model).__name__}")
+    if not example_inputs and forward is None:
+        raise TypeError("explain: example_inputs are missing: explain(model, x) runs the model once on x to "
+                        "measure each sparse layer on its input")
     seen: List[Tuple[str, nn.Module, torch.Tensor]] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: seen.append((name, mod, args[0])))
              for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)]

@@ -31,6 +31,13 @@ def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
     return pair
 
 
+def check_groups(owner: str, groups) -> None:
+    if not _is_int(groups):  # True and 1.0 equal 1 but are not a group count
+        raise TypeError(f"{owner}: groups must be an int, got {groups!r}")
+    if groups != 1:
+        raise ValueError(f"{owner}: only groups=1 is supported, got groups={groups}")
+
+
 def output_size(h: int, w: int, kernel_size, stride, padding, dilation) -> Tuple[int, int]:
     def one(n, k, s, p, d):
         return (n + 2 * p - d * (k - 1) - 1) // s + 1
@@ -44,8 +51,7 @@ def sparse_conv2d(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     check.tensor(OP, "x", x, dim=4)
     check.sparse(OP, "W", W)
     check.floating(OP, "x", x)
-    if groups != 1:
-        raise ValueError(f"{OP}: only groups=1 is supported, got groups={groups}")
+    check_groups(OP, groups)
     if len(W.shape) != 4:
         raise ValueError(f"{OP}: W must have the dense shape (Cout, Cin, kh, kw), got {tuple(W.shape)}")
     cout, cin, kh, kw = W.shape

@@ -1,5 +1,6 @@
 """Comparisons of solutions: interpolation barrier, disagreement, JS divergence, ensembles, distance."""
 import math
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from sparsekern.analysis import (
     compare_predictions,
+    disagreement,
     ensemble_accuracy,
     evaluate,
     interpolate,
@@ -116,3 +118,26 @@ def test_weight_distance_on_common_mask():
         overall_sq += float(diff.pow(2).sum())
     assert d.common == pytest.approx(math.sqrt(common_sq)) and d.overall == pytest.approx(math.sqrt(overall_sq))
     assert 0.0 < d.common_fraction < 1.0
+
+
+_LP = torch.log_softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), 1)
+
+
+@pytest.mark.parametrize("fn", [disagreement, js_divergence], ids=["disagreement", "js_divergence"])
+@pytest.mark.parametrize("a, b, match", [
+    (_LP, _LP[:4], "log_probs_a and log_probs_b must have the same shape, got (5, 3) and (4, 3)"),
+    (_LP, _LP[:, :2], "log_probs_a and log_probs_b must have the same shape, got (5, 3) and (5, 2)"),
+    (_LP[:0], _LP[:0], "log_probs_a must be a 2-D (N, classes) tensor with N > 0, got shape (0, 3)"),
+    (_LP, _LP[0], "log_probs_b must be a 2-D (N, classes) tensor with N > 0, got shape (3,)"),
+    ([[0.0]], _LP, "log_probs_a must be a 2-D (N, classes) tensor with N > 0, got list"),
+], ids=["rows", "classes", "empty", "1-d", "list"])
+def test_prediction_comparisons_check_their_inputs(fn, a, b, match):
+    with pytest.raises(ValueError, match=re.escape(f"{fn.__name__}: {match}")):
+        fn(a, b)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), "0.5", None, True])
+def test_interpolate_rejects_an_alpha_that_is_not_a_finite_number(alpha):
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=re.escape(f"interpolate: alpha must be a finite number, got {alpha!r}")):
+        interpolate(model, model, alpha)

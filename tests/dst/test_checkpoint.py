@@ -1,5 +1,6 @@
 """Resuming from a checkpoint of model, optimizer and algorithm is bit-identical to never stopping."""
 import io
+import re
 
 import pytest
 import torch
@@ -84,3 +85,34 @@ def test_algorithm_state_round_trips():
     _, _, rigl = _build("RigL", "sgd", seed=0)
     with pytest.raises(ValueError, match="algorithm 'snfs', expected 'rigl'"):
         rigl.load_state_dict(state)
+
+
+def _bad(key, value):
+    def make(state):
+        state = dict(state)
+        state[key] = value(state[key]) if callable(value) else value
+        return state
+    return make
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (_bad("step_count", "x"), "step_count must be an int >= 0, got 'x'"),
+    (_bad("generator", torch.zeros(3, dtype=torch.uint8)), "generator is not a state of a cpu torch.Generator"),
+    (_bad("generator", None), "generator is not a state of a cpu torch.Generator"),
+    (_bad("history", None), "history must be a list of dicts, got NoneType"),
+    (_bad("grad_momentum", lambda g: {**g, "4": g["4"][:3]}), "grad_momentum of layer '4' must have shape"),
+    (_bad("grad_momentum", lambda g: {"0": g["0"]}), "grad_momentum must name the sparse layers ['0', '2', '4']"),
+    (lambda s: {k: v for k, v in s.items() if k != "history"}, "state lacks ['history']"),
+], ids=["step_count", "generator-size", "generator-none", "history", "momentum-shape", "momentum-layers", "missing"])
+def test_a_bad_algorithm_state_loads_nothing(corrupt, match):
+    model, optimizer, algo = _build("SNFS", "sgd", seed=0)
+    _run(model, optimizer, algo, tiny_data(), 0, 12)
+    state = algo.state_dict()
+    _, _, other = _build("SNFS", "sgd", seed=1)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match=re.escape(f"SNFS.load_state_dict: {match}")):
+        other.load_state_dict(corrupt(state))
+    after = other.state_dict()
+    assert after["step_count"] == before["step_count"] == 0 and after["history"] == before["history"]
+    assert torch.equal(after["generator"], before["generator"])
+    assert all(torch.equal(after["grad_momentum"][n], t) for n, t in before["grad_momentum"].items())

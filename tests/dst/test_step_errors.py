@@ -20,7 +20,7 @@ def _assert_same(before, after):
     assert before[:2] == after[:2]
     for name, (mask, values) in before[2].items():
         assert torch.equal(after[2][name][0], mask), name
-        assert torch.equal(after[2][name][1], values), name
+        torch.testing.assert_close(after[2][name][1], values, rtol=0, atol=0, equal_nan=True)  # NaN: injected
     assert before[3].keys() == after[3].keys()
     for key, t in before[3].items():
         assert torch.equal(after[3][key], t)
@@ -98,6 +98,10 @@ CONSTRUCTOR_CASES = [
      ValueError, "SET: the model has no sparse layers"),
     ("snfs-momentum", _with(lambda m, o: sparsekern.dst.SNFS(m, o, 10, momentum=1.0)), ValueError,
      "SNFS: momentum must lie in [0, 1), got 1.0"),
+    ("snfs-momentum-string", _with(lambda m, o: sparsekern.dst.SNFS(m, o, 10, momentum="0.5")), ValueError,
+     "SNFS: momentum must lie in [0, 1), got '0.5'"),
+    ("generator", _with(lambda m, o: sparsekern.dst.SET(m, o, 10, generator=5)), TypeError,
+     "SET: generator must be a torch.Generator or None, got int"),
     ("optimizer-of-another-model",
      lambda: sparsekern.dst.SNFS(_bsr_mlp(), torch.optim.SGD(_bsr_mlp().parameters(), lr=1), 10), ValueError,
      "SNFS: the optimizer does not hold"),
@@ -118,3 +122,55 @@ def test_snfs_redistribution_with_block_layers_is_rejected():
     with pytest.raises(ValueError, match=re.escape("SNFS: redistribute=True cannot keep the total nnz with "
                                                    "block-sparse (format='bsr') layers ['0', '2']")):
         sparsekern.dst.SNFS(model, torch.optim.SGD(model.parameters(), lr=0.1), 10)
+
+
+def _backward(model, batch, optimizer=None):
+    """A forward and backward pass (and an optimizer step if given) without the DST step."""
+    if optimizer is not None:
+        optimizer.zero_grad()
+    nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+    if optimizer is not None:
+        optimizer.step()
+
+
+@pytest.mark.parametrize("algorithm", ["SET", "RigL", "SNFS", "SNFS-no-redistribute"])
+def test_a_non_finite_value_fails_the_update_before_any_layer_or_the_step_count_changes(algorithm):
+    model = tiny_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cls, kwargs = (sparsekern.dst.SNFS, {"redistribute": False}) if algorithm == "SNFS-no-redistribute" \
+        else (getattr(sparsekern.dst, algorithm), {})
+    algo = cls(model, optimizer, 100, delta_t=2, drop_fraction=0.5, **kwargs)
+    batches = tiny_data(3)
+    train_step(model, optimizer, algo, batches[0])  # step 1: fills the optimizer state
+    _backward(model, batches[1], optimizer)  # step 2, an update step
+    with torch.no_grad():
+        model[4].values[0] = float("nan")  # the last layer: the first ones would change first
+    before = _state(model, optimizer, algo)
+    with pytest.raises(ValueError, match=re.escape(f"{cls.__name__}.step: the values of sparse layer(s) ['4'] hold "
+                                                   "NaN or inf; nothing was changed (step_count stays 1)")):
+        algo.step()
+    _assert_same(before, _state(model, optimizer, algo))
+    # Fixed, the update is taken at step 2 (not lost to a step count advanced by the failed try).
+    with torch.no_grad():
+        model[4].values[0] = 0.0
+    _backward(model, batches[1])
+    assert algo.step()
+    assert algo.step_count == 2 and [r["step"] for r in algo.history] == [2]
+
+
+@pytest.mark.parametrize("algorithm, what", [("RigL", "grow scores"), ("SNFS", "dense gradients")])
+def test_a_non_finite_gradient_fails_the_step_before_any_change(algorithm, what):
+    model = tiny_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    algo = getattr(sparsekern.dst, algorithm)(model, optimizer, 100, delta_t=2, drop_fraction=0.5)
+    batches = tiny_data(3)
+    train_step(model, optimizer, algo, batches[0])
+    x, y = batches[1]
+    x = x.clone()
+    x[0, 0] = float("inf")  # NaN gradients; the optimizer does not step, so the values stay finite
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = _state(model, optimizer, algo)
+    with pytest.raises(ValueError, match=re.escape(f"{algorithm}.step: the {what} of sparse layer(s) ['0'") +
+                       r".*hold NaN or inf; nothing was changed \(step_count stays 1\)"):
+        algo.step()
+    _assert_same(before, _state(model, optimizer, algo))

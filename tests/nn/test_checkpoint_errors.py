@@ -246,3 +246,34 @@ def test_check_model_state_reports_without_loading():
     state["0.row_ptr"] = state["0.row_ptr"][:-1]
     errors = check_model_state(model, state)
     assert len(errors) == 1 and "row_ptr" in errors[0]
+
+
+class _TwoLayers(torch.nn.Module):
+    """A hand-built model of sparse layers (no sparsify, so no whole-model check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = SparseLinear(8, 8, density=0.5), SparseLinear(8, 4, density=0.5)
+
+
+@pytest.mark.parametrize("make", [_TwoLayers, lambda: torch.nn.Sequential(SparseLinear(8, 8, density=0.5),
+                                                                          SparseLinear(8, 4, density=0.5))],
+                         ids=["hand-built", "sequential"])
+def test_a_model_without_the_whole_model_check_says_how_to_load_all_or_nothing(make):
+    torch.manual_seed(0)
+    model = make()
+    first, second = [n for n, m in model.named_children()]
+    state = model.state_dict()
+    state[f"{second}.col_idx"] = state[f"{second}.col_idx"].clone().fill_(100)
+    from sparsekern.nn.base import check_model_state, load_all_or_nothing
+    hint = r"(.|\n)*check first with sparsekern\.nn\.base\.check_model_state\(model, state_dict\)"
+    with pytest.raises(RuntimeError, match=r"col_idx must lie in \[0, 8\)" + hint):
+        model.load_state_dict(state)
+    assert check_model_state(model, state)  # what the message points to: it finds the error before any load
+    fresh = make()
+    fresh.register_load_state_dict_pre_hook(load_all_or_nothing)
+    state[f"{first}.values"] = state[f"{first}.values"] * 0 + 7
+    before = _snapshot(fresh)
+    with pytest.raises(RuntimeError, match="nothing was loaded"):
+        fresh.load_state_dict(state)
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(fresh).items())

@@ -47,6 +47,18 @@ CONSTRUCTOR_CASES = [
      "format='bsr' with block=4 needs both weight dims (rows 8, columns 10) to be multiples of 4"),
     ("conv-groups", lambda: SparseConv2d(4, 4, 3, groups=2),
      ValueError, "SparseConv2d: only groups=1 is supported, got groups=2"),
+    ("conv-groups-bool", lambda: SparseConv2d(4, 4, 3, groups=True), TypeError,
+     "SparseConv2d: groups must be an int, got True"),
+    ("conv-groups-float", lambda: SparseConv2d(4, 4, 3, groups=1.0), TypeError,
+     "SparseConv2d: groups must be an int, got 1.0"),
+    ("conv-stride-zero", lambda: SparseConv2d(3, 6, 3, stride=0), ValueError,
+     "SparseConv2d: stride must be an int or a pair of ints >= 1, got (0, 0)"),
+    ("conv-dilation-zero", lambda: SparseConv2d(3, 6, 3, dilation=(1, 0)), ValueError,
+     "SparseConv2d: dilation must be an int or a pair of ints >= 1, got (1, 0)"),
+    ("conv-padding-negative", lambda: SparseConv2d(3, 6, 3, padding=-1), ValueError,
+     "SparseConv2d: padding must be an int or a pair of ints >= 0, got (-1, -1)"),
+    ("from-dense-stride-zero", lambda: SparseConv2d.from_dense(nn.Conv2d(3, 6, 3, stride=(2, 0))), ValueError,
+     "SparseConv2d: stride must be an int or a pair of ints >= 1, got (2, 0)"),
     ("conv-padding-mode", lambda: SparseConv2d(4, 4, 3, padding_mode="reflect"), ValueError,
      "only padding_mode='zeros' is supported, got 'reflect'"),
     ("generator", lambda: SparseLinear(8, 4, generator=5), TypeError,
@@ -116,3 +128,53 @@ def test_bad_kernel_name():
     layer.kernel = "gemm"
     with pytest.raises(ValueError, match="kernel 'gemm' is not one of this layer's kernels"):
         layer(torch.randn(2, 64))
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("make", [
+    lambda: SparseLinear(0, 5), lambda: SparseLinear(6, 0), lambda: SparseLinear.from_dense(nn.Linear(0, 5)),
+], ids=["no-inputs", "no-outputs", "from-dense-no-inputs"])
+def test_a_layer_without_weights_has_density_zero(make):
+    layer = make()
+    assert layer.nnz == 0 and layer.density == 0.0
+    assert "density=0.0000, nnz=0" in repr(layer)
+
+
+def _values_of_two_columns(layer):
+    v = layer.values.detach()
+    return nn.Parameter(torch.stack([v, v + 100], 1))
+
+
+@pytest.mark.parametrize("bad, got", [
+    (_values_of_two_columns, "Parameter of torch.float32, shape (32, 2)"),
+    (lambda layer: nn.Parameter(torch.randn(3)), "Parameter of torch.float32, shape (3,)"),
+    (lambda layer: nn.Parameter(torch.zeros(layer.nnz, dtype=torch.int64), requires_grad=False),
+     "Parameter of torch.int64, shape (32,)"),
+    (lambda layer: torch.randn(layer.nnz), "Tensor of torch.float32, shape (32,)"),
+    (lambda layer: None, "NoneType"),
+], ids=["two-columns", "too-short", "int", "not-a-parameter", "none"])
+@pytest.mark.parametrize("kernel", KERNELS["linear"])
+def test_assigning_values_of_the_wrong_shape_or_type_raises_and_keeps_the_layer(bad, got, kernel):
+    layer = SparseLinear(8, 8, density=0.5, generator=gen(3))  # nnz 32: a (32, 2) tensor has the full 64 entries
+    layer.kernel = kernel
+    x = torch.randn(4, 8, generator=gen(4))
+    before, want = layer.values, layer(x)
+    message = ("SparseLinear.values must be a floating-point nn.Parameter of shape (32,) (the pattern's nnz) on cpu, "
+               "got ")
+    with pytest.raises(ValueError, match=re.escape(message) + ".*" + re.escape(got)):
+        layer.values = bad(layer)
+    assert layer.values is before
+    torch.testing.assert_close(layer(x), want)
+    layer.values = nn.Parameter(torch.ones(32, dtype=torch.float64))  # the right size, another float dtype: accepted
+    assert layer.values.dtype == torch.float64
+
+
+# explain (nn.kernel_choice) checks its arguments before running the model
+@pytest.mark.parametrize("args, match", [
+    ((None,), "explain: model must be an nn.Module, got NoneType"),
+    ((nn.Sequential(SparseLinear(8, 4, density=0.5)),), "explain: example_inputs are missing"),
+], ids=["model-none", "no-example-input"])
+def test_explain_bad_arguments(args, match):
+    from sparsekern import explain
+    with pytest.raises(TypeError, match=re.escape(match)):
+        explain(*args, print_table=False)
