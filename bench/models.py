@@ -680,12 +680,10 @@ def main(models: Optional[Sequence[str]] = None, quick: bool = False, output: Op
 
 
 def _cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m sparsekern.bench.models``: the options of ``sparsekern bench --models``."""
-    from sparsekern.cli import _keep_freed_memory, build_parser
+    """``python -m sparsekern.bench.models``: ``sparsekern bench --models``, its options checked alike."""
+    from sparsekern.cli import build_parser
     args = build_parser().parse_args(["bench", "--models", *(sys.argv[1:] if argv is None else argv)])
-    _keep_freed_memory(args)
-    return main(models=args.models, quick=args.quick, output=args.output, threads=args.threads, sizes=args.sizes,
-                channels_last=args.channels_last, isa=args.isa)
+    return args.func(args)
 
 
 if __name__ == "__main__":

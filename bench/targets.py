@@ -346,11 +346,10 @@ def main(output: Optional[str] = None, threads: Optional[int] = None, sizes: str
 
 
 def _cli(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m sparsekern.bench.targets``: the options of ``sparsekern bench --targets``."""
-    from sparsekern.cli import _keep_freed_memory, build_parser
+    """``python -m sparsekern.bench.targets``: ``sparsekern bench --targets``, its options checked alike."""
+    from sparsekern.cli import build_parser
     args = build_parser().parse_args(["bench", "--targets", *(sys.argv[1:] if argv is None else argv)])
-    _keep_freed_memory(args)
-    return main(output=args.output, threads=args.threads, sizes=args.sizes, isa=args.isa, repeat=args.repeat)
+    return args.func(args)
 
 
 if __name__ == "__main__":

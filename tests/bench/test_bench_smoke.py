@@ -108,3 +108,13 @@ def test_the_op_bench_module_refuses_the_other_kinds(flags, capsys):
     with pytest.raises(SystemExit) as info:
         _cli(flags)
     assert info.value.code == 2 and f"argument {flags[0]}: python -m sparsekern.bench.ops" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module,flags,refused", [("models", ["--train"], "--models"),
+                                                  ("targets", ["--quick"], "--targets")])
+def test_the_model_and_target_modules_check_options_as_the_cli(module, flags, refused, capsys):
+    import importlib
+    cli = importlib.import_module(f"bench.{module}")._cli
+    with pytest.raises(SystemExit) as info:
+        cli(flags)
+    assert info.value.code == 2 and f"argument {refused}:" in capsys.readouterr().err
