@@ -37,11 +37,13 @@ class GradNorm:
 
 
 def _dense_forward(module: SparseWeightMixin, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The module's forward computed with the dense tensor ``weight`` (zeros outside the pattern)."""
+    """The module's forward computed with the dense tensor ``weight`` (zeros outside the pattern), its fused
+    activation (``sparsify(..., fuse_activations=True)``) included."""
     if isinstance(module, SparseLinear):
-        return lambda x: F.linear(x, weight, module.bias)
+        return lambda x: module.activate(F.linear(x, weight, module.bias))
     if isinstance(module, SparseConv2d):
-        return lambda x: F.conv2d(x, weight, module.bias, module.stride, module.padding, module.dilation)
+        return lambda x: module.activate(F.conv2d(x, weight, module.bias, module.stride, module.padding,
+                                                  module.dilation))
     raise TypeError(f"grad_norm: no dense forward for sparse module {type(module).__name__}")
 
 

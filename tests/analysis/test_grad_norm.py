@@ -1,10 +1,12 @@
 """grad_norm against a hand-written backward pass of a tiny sparse MLP."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import sparsekern
 from sparsekern.analysis import grad_norm
 from sparsekern.nn import SparseConv2d, SparseLinear
 
@@ -45,6 +47,20 @@ def test_grad_norm_equals_hand_computation():
     F.cross_entropy(model(x), y).backward()
     backward_sq = sum(sq(p.grad) for p in model.parameters())
     assert math.isclose(result.active, math.sqrt(backward_sq), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_grad_norm_keeps_the_fused_activations(activation):
+    """A model whose activations sparsify fused into its layers has the gradients of the same model unfused."""
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU() if activation == "relu" else nn.GELU(), nn.Linear(5, 3))
+    args = dict(density=0.5, init="dense", inplace=False)
+    unfused = sparsekern.sparsify(plain, generator=torch.Generator().manual_seed(0), **args)
+    fused = sparsekern.sparsify(plain, fuse_activations=True, generator=torch.Generator().manual_seed(0), **args)
+    assert getattr(fused[0], "activation", None) == activation  # fused: the model has no activation module left
+    x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    want, got = grad_norm(unfused, (x, y)), grad_norm(fused, (x, y))
+    assert math.isclose(got.loss, want.loss, rel_tol=1e-6)
+    assert math.isclose(got.active, want.active, rel_tol=1e-5) and math.isclose(got.dense, want.dense, rel_tol=1e-5)
 
 
 def test_grad_norm_restores_state():
