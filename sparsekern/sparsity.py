@@ -157,7 +157,8 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
 
     Per-layer densities follow ``distribution`` over the replaced layers (those in ``dense_layers``,
     qualified module names, stay dense and do not count). Each mask keeps round(density * numel)
-    weights drawn uniformly at random from ``generator``. ``init``: ``sparse`` (per-unit scaled,
+    weights drawn uniformly at random from ``generator``, every layer's mask before any init draws from it, so
+    a seed gives the same masks whatever the init. ``init``: ``sparse`` (per-unit scaled,
     ``sparsekern.init.sparse_init_``), ``dense`` (the dense layer's weights, masked) or ``layer``
     (the dense weights scaled by 1/sqrt(layer density)). Returns the model (a copy if not ``inplace``).
 
@@ -223,17 +224,18 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     if empty:
         raise ValueError(f"sparsify: density {density!r} keeps no weight in layers {empty} "
                          f"(per-layer densities {[layer_densities[n] for n in empty]}); raise density")
+    # Every mask is drawn before any layer is initialized: a seed's masks are then the same whatever the init (an
+    # init that draws numbers between two layers' masks would shift every later mask), so runs that compare inits
+    # compare them on one mask.
+    masks = {}
+    for name, module in layers.items():
+        shape, d, device = module.weight.shape, layer_densities[name], module.weight.device
+        masks[name] = (random_block_mask(shape, d, block, generator, device=device) if format_of[name] == "bsr"
+                       else random_mask(shape, d, generator, device=device))
     sparse_of: Dict[int, nn.Module] = {}  # id of a dense layer -> its sparse module
     for name, module in layers.items():
-        d = layer_densities[name]
-        shape = module.weight.shape
-        fmt = format_of[name]
-        if fmt == "bsr":
-            mask = random_block_mask(shape, d, block, generator, device=module.weight.device)
-        else:
-            mask = random_mask(shape, d, generator, device=module.weight.device)
-        sparse = _to_sparse(module, mask, fmt, block)
-        initialize_(sparse, init, d, generator=generator)
+        sparse = _to_sparse(module, masks[name], format_of[name], block)
+        initialize_(sparse, init, layer_densities[name], generator=generator)
         if name == "":
             return sparse  # the model itself was the one layer
         sparse_of[id(module)] = sparse

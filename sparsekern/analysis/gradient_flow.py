@@ -1,5 +1,7 @@
-"""Gradient flow as the paper measures it: the L2 norm of the loss gradient on a held-out batch,
-without regularization terms, over the active weights and over all weights (the dense gradient)."""
+"""Gradient flow as the paper measures it: the L2 norm of the loss gradient on one fixed batch, without
+regularization terms, in training mode, over the active weights and over all weights (the dense gradient). The
+paper's code takes 1000 training examples for the batch; the studies here take 1000 validation examples
+(``studies.common.held_out_batch``), so that the norm late in training is not that of examples trained on."""
 from __future__ import annotations
 
 import contextlib

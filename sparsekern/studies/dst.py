@@ -88,9 +88,12 @@ def run(config: DSTConfig) -> dict:
         before = masks_of(model)
         factory = None
         if method != "dense":
-            factory = lambda m, opt, total, method=method, seed=seed: dst_algorithms.create(  # noqa: E731
+            # SNFS as the paper's code runs it (rigl's SparseMomentumOptimizer: no redistribution of sparsity), so
+            # that every method keeps the ERK densities that static training keeps
+            extra = {"redistribute": False} if method == "snfs" else {}
+            factory = lambda m, opt, total, method=method, seed=seed, extra=extra: dst_algorithms.create(  # noqa: E731
                 method, m, opt, total, delta_t=delta_t, drop_fraction=config.drop_fraction,
-                end_fraction=config.end_fraction, generator=torch.Generator().manual_seed(seed + 7))
+                end_fraction=config.end_fraction, generator=torch.Generator().manual_seed(seed + 7), **extra)
         result = trainer(model, desc=f"{method} d={density} s={seed}", dst_factory=factory)
         after = masks_of(model)
         kept = sum(int((before[n] & after[n]).sum()) for n in after)
