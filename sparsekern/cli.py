@@ -126,6 +126,11 @@ def _check_data(parser: argparse.ArgumentParser, data: str, data_dir) -> None:
             parser.error(f"argument --data-dir: must be an existing directory, got {data_dir!r}")
     elif data in NEEDS_DATA_DIR:
         parser.error(f"argument --data-dir: --data {data} needs the directory holding its standard files, got none")
+    elif data == "digits":
+        from importlib.util import find_spec
+        if find_spec("sklearn") is None:
+            parser.error("argument --data: digits is scikit-learn's bundled set, which the optional extra "
+                         "sparsekern[studies] installs (pip install 'sparsekern[studies]'); or --data synthetic")
     elif data == "mnist":
         from .data import mnist_subset_path
         try:
@@ -245,8 +250,12 @@ def _train_run(args: argparse.Namespace, context) -> int:
     splits = load_data(args.data, args.data_dir, image_size=args.image_size)
     train_loader, val_loader, test_loader = splits.loaders(args.batch_size, seed=args.seed,
                                                            num_replicas=context.world_size, rank=context.rank)
-    model = build_model(args.model, splits.num_classes, splits.in_channels, splits.image_size, args.seed,
-                        he_init=False)  # the model's own init (PyTorch defaults, He for the ResNets)
+    try:
+        model = build_model(args.model, splits.num_classes, splits.in_channels, splits.image_size, args.seed,
+                            he_init=False)  # the model's own init (PyTorch defaults, He for the ResNets)
+    except ValueError as err:  # a model too deep for the images (LeNet-5 on 8x8 digits)
+        args.parser.error(f"argument --image-size: {err} (the images are {splits.image_size}x{splits.image_size}; "
+                          "--image-size resizes them)")
     if args.method != "dense":
         sparsify(model, args.density, args.distribution, init=args.init,
                  generator=torch.Generator().manual_seed(args.seed))
@@ -261,7 +270,9 @@ def _train_run(args: argparse.Namespace, context) -> int:
     algo = None
     if args.method != "dense":
         # Given the DDP wrapper, as the algorithms are tested (SNFS refuses redistribution under it).
-        algo = dst_algorithms.create(args.method, trained, optimizer, max(total_steps, 1), delta_t=args.delta_t,
+        # Updates run to 3/4 of training (the algorithms' end_fraction): a short run gets about ten of them.
+        delta_t = args.delta_t or max(1, min(100, int(0.75 * total_steps) // 10))
+        algo = dst_algorithms.create(args.method, trained, optimizer, max(total_steps, 1), delta_t=delta_t,
                                      generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.out) / "train" / f"{args.model}-{args.data}-{args.method}-d{args.density}-s{args.seed}"
     start = time.perf_counter()
@@ -272,7 +283,8 @@ def _train_run(args: argparse.Namespace, context) -> int:
     test = evaluate(model, test_loader, device=context.device, across_ranks=context.distributed)._asdict()
     summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "parser")}, "test": test,
                "seconds": time.perf_counter() - start, "final_epoch": log["epochs"][-1] if log["epochs"] else None,
-               "world_size": context.world_size, "device": str(context.device)}
+               "world_size": context.world_size, "device": str(context.device),
+               "delta_t": None if algo is None else algo.delta_t}
     agree = True
     if context.distributed:
         # Every rank must end with the same patterns and values: a digest of each rank's model, in the summary.
@@ -361,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="training steps per run (default: the study's)")
     study.add_argument("--out", default="results", help="results root: <out>/<study>/<config hash>/")
     study.add_argument("--report", default=None,
-                       help="study all: directory of the report (report.md, and each study's summary, results and "
+                       help="study all: directory of the report (README.md, and each study's summary, results and "
                             "plots); default: <out>/report")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=_study, parser=study)
@@ -387,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_POSITIVE, default=0.05)
     train.add_argument("--momentum", type=_NON_NEGATIVE, default=0.9)
     train.add_argument("--weight-decay", type=_NON_NEGATIVE, default=5e-4)
-    train.add_argument("--delta-t", type=_int_at_least(1), default=100, help="steps between mask updates")
+    train.add_argument("--delta-t", type=_int_at_least(1), default=None,
+                       help="steps between mask updates (default: 100, or a tenth of the steps with updates on a run "
+                            "too short for ten updates at 100)")
     train.add_argument("--grad-flow-every", type=_int_at_least(0), default=0,
                        help="log the gradient norm every N steps")
     train.add_argument("--checkpoint-every", type=_int_at_least(0), default=0,

@@ -342,7 +342,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
             totals["updates"] += info.pattern_changed
             totals["step"] = info.step
             if log_every and info.step % log_every == 0:
-                log["steps"].append({"step": info.step, "loss": info.loss, "lr": optimizer.param_groups[0]["lr"]})
+                log["steps"].append({"step": info.step, "loss": info.loss, "lr": info.lr})  # the step's own
 
         train_steps(model, optimizer, train_loader, start_step=step,
                     scheduler=scheduler if scheduler_interval == "step" else None, dst=dst, grad_flow=probe,

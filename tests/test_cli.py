@@ -75,3 +75,12 @@ def test_train_command_runs_fast_modules_unless_told(tmp_path, monkeypatch):
     assert len(made_fast) == 1 and len(made_fast[0]) > 10  # the batch norms of the first run only
     fast, plain = (s["test"] for s in summaries)
     assert fast["accuracy"] == plain["accuracy"] and fast["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+
+
+def test_train_command_default_delta_t_updates_a_short_run(tmp_path):
+    """A run too short for updates every 100 steps (synthetic data, 2 epochs) gets about ten of them by default."""
+    assert main(["train", "--model", "mlp", "--data", "synthetic", "--density", "0.2", "--method", "rigl",
+                 "--epochs", "2", "--out", str(tmp_path), "--no-progress"]) == 0
+    run = next((tmp_path / "train").glob("*"))
+    summary, log = (json.loads((run / f).read_text()) for f in ("summary.json", "log.json"))
+    assert summary["delta_t"] < 100 and sum(e["pattern_updates"] for e in log["epochs"]) >= 5, summary

@@ -30,6 +30,8 @@ ERROR_INPUTS = [
     ("data-dir missing", ["study", "dst", "--data", "mnist", "--data-dir", "/no/such/dir"], "--data-dir",
      "must be an existing directory, got '/no/such/dir'"),
     ("cifar10 without data-dir", ["study", "dst", "--data", "cifar10"], "--data-dir", "needs the directory"),
+    ("lenet5 on 8x8 digits", ["train", "--model", "lenet5", "--data", "digits", "--epochs", "1", "--no-progress"],
+     "--image-size", "the images are 8x8"),
     ("bench: channels_last without models", ["bench", "--channels-last"], "--channels-last", "only with --models"),
     ("bench: an ISA proxy without models", ["bench", "--isa", "avx2"], "--isa", "only with --models"),
     ("bench: targets with models", ["bench", "--targets", "--models", "mlp"], "--targets", "not with --models"),
@@ -76,3 +78,12 @@ def test_mnist_without_the_extra_names_the_extra(monkeypatch, capsys, tmp_path):
         err = capsys.readouterr().err
         assert "--data" in err and "sparsekern[data]" in err and "pip install" in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_digits_without_scikit_learn_is_a_usage_error(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--data", "digits", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "argument --data:" in err and "sparsekern[studies]" in err

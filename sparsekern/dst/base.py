@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple
 
@@ -136,6 +137,10 @@ class DynamicSparseTraining:
                 raise ValueError(f"{where}: the optimizer does not hold the values of sparse layer {name!r}; "
                                  "build the optimizer from model.parameters() after sparsify")
         self.end_step = int(self.end_fraction * self.total_steps)
+        if type(self).is_update_step is DynamicSparseTraining.is_update_step and self.delta_t > self.end_step:
+            warnings.warn(f"{where}: no mask update falls within the run: updates come every delta_t={self.delta_t} "
+                          f"steps up to step {self.end_step} (end_fraction x total_steps), so the pattern never "
+                          "changes (static sparse training); lower delta_t", stacklevel=2)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(torch.initial_seed())
         self.step_count = 0
         self.history: List[dict] = []

@@ -190,3 +190,14 @@ def test_dense_gradient_in_the_master_dtype_when_input_and_grad_differ():
     xl, gl = torch.randn(7, 6).bfloat16(), torch.randn(7, 5)
     got = dst_base.weight_grad(lin, xl, gl)
     assert got.dtype == torch.float32 and torch.allclose(got, gl.t() @ xl.float(), atol=1e-4)
+
+
+def test_a_run_too_short_for_any_update_warns():
+    import warnings
+    model = tiny_mlp()
+    with pytest.warns(UserWarning, match="no mask update falls within the run"):
+        sparsekern.dst.RigL(model, _sgd(model), 100)  # updates every 100 steps, to step 75
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsekern.dst.RigL(model, _sgd(model), 100, delta_t=10)
+        sparsekern.dst.Static(model, _sgd(model), 100)  # never updates, by design
