@@ -183,6 +183,9 @@ def _study(args: argparse.Namespace) -> int:
     if args.seeds and len(set(args.seeds)) != len(args.seeds):
         args.parser.error(f"argument --seeds: must be distinct (paired comparisons pair runs by seed), "
                           f"got {args.seeds}")
+    if args.study != "all" and args.report is not None:
+        args.parser.error(f"argument --report: only with study all (one study writes its summary in its run "
+                          f"directory), got study {args.study}")
     if args.study == "all" and args.model:
         args.parser.error("argument --model: study all runs each study's own models; run one study to choose, "
                           f"got {args.model}")

@@ -25,6 +25,7 @@ ERROR_INPUTS = [
     ("unknown model", ["study", "dst", "--model", "lenet7"], "--model", "got 'lenet7'"),
     ("two models for one-model study", ["study", "dst", "--model", "mlp", "lenet5"], "--model", "takes one model"),
     ("model with study all", ["study", "all", "--model", "mlp"], "--model", "runs each study's own models"),
+    ("report for one study", ["study", "dst", "--report", "r"], "--report", "only with study all"),
     ("data-dir for built-in data", ["study", "dst", "--data", "digits", "--data-dir", "."], "--data-dir",
      "is built in"),
     ("data-dir missing", ["study", "dst", "--data", "mnist", "--data-dir", "/no/such/dir"], "--data-dir",
