@@ -37,7 +37,8 @@ from .common import (
 
 PAPER = ("**The paper, beside ours:** in its MNIST experiments (LeNet-5 and LeNet-300-100, among other "
          "settings) the paper reports that with the dense init the gradient norm at init shrinks as sparsity grows, "
-         "and that the sparsity-aware scaled init (its 'Liu et al. scaled') increases it. It states this as a "
+         "and that its sparsity-aware init, which scales each unit by that unit's own fan-in (not the layer's "
+         "density as the scaled init of Liu et al. 2019 does), increases it. It states this as a "
          "qualitative shape, not as numbers to copy: ours are the ratios of norms at init above, per density.")
 STUDY = "gradient-flow"
 INITS = ("dense", "sparse")
@@ -187,8 +188,8 @@ def _summary(config, splits, steps, table, verdict) -> str:
              "",
              "**Claim (Evci et al. 2022, sec. 3):** sparse networks initialized like dense ones (std from the dense "
              "fan-in) have a vanishing gradient norm at init, the sparser the worse; scaling each unit's init by "
-             "its active fan-in (their 'Liu et al. scaled' init) increases the gradient norm at init and helps "
-             "training.",
+             "its active fan-in (the paper's sparse init; Liu et al. 2019 scale by the layer's density, "
+             "`init='layer'`) increases the gradient norm at init and helps training.",
              "",
              f"Setting: models {', '.join(config.models)}; {steps} SGD steps at batch {config.batch_size} (momentum "
              f"{config.momentum}, lr {config.lr}, {config.lr_schedule} decay, weight decay {config.weight_decay}); "
