@@ -161,7 +161,7 @@ def test_train_on_cuda_keeps_model_optimizer_and_dst_on_the_gpu(tmp_path, capsys
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_device_cuda_without_cuda_is_a_usage_error(device, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["train", "--device", device, "--out", str(tmp_path)])
+        main(["train", "--data", "synthetic", "--device", device, "--out", str(tmp_path)])  # no scikit-learn needed
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--device" in err and "CUDA is not available" in err, err
@@ -181,7 +181,7 @@ def test_bad_device_is_a_usage_error(argv, phrase, tmp_path, capsys):
 def test_snfs_under_torchrun_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; rejected before joining any group
     with pytest.raises(SystemExit) as info:
-        main(["train", "--method", "snfs", "--device", "cpu", "--out", str(tmp_path)])
+        main(["train", "--data", "synthetic", "--method", "snfs", "--device", "cpu", "--out", str(tmp_path)])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--method" in err and "snfs" in err and "DDP" in err
