@@ -225,6 +225,11 @@ def _train(args: argparse.Namespace) -> int:
                           f"DDP's gradient buckets cannot follow; under torchrun (WORLD_SIZE={world_size}) use "
                           "static, set or rigl")
     _keep_freed_memory(args)
+    if args.deterministic:
+        # cuBLAS needs a fixed workspace for deterministic products; set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        import torch
+        torch.use_deterministic_algorithms(True)
     context = distributed.setup(device)
     code = _train_run(args, context)
     if context.distributed:
@@ -247,7 +252,7 @@ def _train_run(args: argparse.Namespace, context) -> int:
     from .models import build_model
     from .nn import fast_modules
     from .sparsity import sparsify
-    from .train import evaluate, fit
+    from .train import ResumeError, evaluate, fit
 
     torch.manual_seed(args.seed)  # every rank builds the same model and the same patterns from the seed
     splits = load_data(args.data, args.data_dir, image_size=args.image_size)
@@ -278,16 +283,26 @@ def _train_run(args: argparse.Namespace, context) -> int:
         algo = dst_algorithms.create(args.method, trained, optimizer, max(total_steps, 1), delta_t=delta_t,
                                      generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.out) / "train" / f"{args.model}-{args.data}-{args.method}-d{args.density}-s{args.seed}"
+    run_args = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
+    # what a resumed run must share with the run it continues (the rest only says how to run it)
+    meta = {"args": {k: v for k, v in run_args.items() if k not in _RUN_ONLY}, "world_size": context.world_size}
+    resume = _resume_state(args, out / "checkpoint.pt", meta) if args.resume else None
     start = time.perf_counter()
-    log = fit(trained, train_loader, val_loader, args.epochs, optimizer, scheduler=scheduler, dst=algo,
-              grad_flow_every=args.grad_flow_every, log_path=str(out / "log.json"), scheduler_interval="step",
-              progress=not args.no_progress and context.is_main, checkpoint_every=args.checkpoint_every,
-              checkpoint_path=out / "checkpoint.pt" if args.checkpoint_every else None, device=context.device)
+    try:
+        log = fit(trained, train_loader, val_loader, args.epochs, optimizer, scheduler=scheduler, dst=algo,
+                  grad_flow_every=args.grad_flow_every, log_path=str(out / "log.json"), scheduler_interval="step",
+                  progress=not args.no_progress and context.is_main, checkpoint_every=args.checkpoint_every,
+                  checkpoint_path=out / "checkpoint.pt" if args.checkpoint_every else None, device=context.device,
+                  resume=resume, checkpoint_meta=meta)
+    except ResumeError as err:
+        args.parser.error(f"argument --resume: {err}")
     test = evaluate(model, test_loader, device=context.device, across_ranks=context.distributed)._asdict()
-    summary = {"args": {k: v for k, v in vars(args).items() if k not in ("func", "parser")}, "test": test,
+    summary = {"args": run_args, "test": test,
                "seconds": time.perf_counter() - start, "final_epoch": log["epochs"][-1] if log["epochs"] else None,
                "world_size": context.world_size, "device": str(context.device),
-               "delta_t": None if algo is None else algo.delta_t}
+               "delta_t": None if algo is None else algo.delta_t,
+               "resumed_from": None if resume is None else {"step": int(resume["step"]),
+                                                            "epochs_done": resume["fit"]["epochs_done"]}}
     agree = True
     if context.distributed:
         # Every rank must end with the same patterns and values: a digest of each rank's model, in the summary.
@@ -303,6 +318,34 @@ def _train_run(args: argparse.Namespace, context) -> int:
             print(f"sparsekern train: the {context.world_size} ranks ended with different models (digests in "
                   f"{out / 'summary.json'}); this is a bug, please report it", file=sys.stderr)
     return 0 if agree else 1
+
+
+# train arguments that say how to run, not what: a resumed run may change them
+_RUN_ONLY = ("no_progress", "device", "default_malloc", "resume", "checkpoint_every", "out", "deterministic")
+
+
+def _resume_state(args: argparse.Namespace, path, meta: dict) -> dict:
+    """The checkpoint ``train --resume`` continues from, checked to come from a run of these arguments."""
+    from .train import read_fit_checkpoint
+
+    if not path.is_file():
+        args.parser.error(f"argument --resume: no checkpoint at {path} (a run writes one with --checkpoint-every N; "
+                          "--out and the run's arguments name its directory)")
+    try:
+        state = read_fit_checkpoint(path)
+    except ValueError as err:
+        args.parser.error(f"argument --resume: {err}")
+    saved = state.get("meta") or {}
+    if saved.get("world_size") != meta["world_size"]:
+        args.parser.error(f"argument --resume: {path} was written by a run of {saved.get('world_size')} process(es), "
+                          f"this one has {meta['world_size']}")
+    theirs, ours = saved.get("args", {}), meta["args"]
+    differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {ours.get(k)!r} here"
+              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    if differ:
+        args.parser.error(f"argument --resume: {path} is from a run with other arguments ({'; '.join(differ)}); "
+                          "resume with the run's own")
+    return state
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -409,6 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="log the gradient norm every N steps")
     train.add_argument("--checkpoint-every", type=_int_at_least(0), default=0,
                        help="save model, optimizer and DST state every N steps (0: never) to <run>/checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run from its checkpoint.pt (written with --checkpoint-every; the other "
+                            "arguments must be the run's own, --checkpoint-every, --device and --no-progress aside): "
+                            "model, optimizer, DST and scheduler state, the log, the position in the data and the "
+                            "RNG state, so the run goes on as if never stopped (bit for bit with --deterministic)")
+    train.add_argument("--deterministic", action="store_true",
+                       help="the same numbers on every run of these arguments on this machine, and a resumed run "
+                            "bit for bit the run it continues: torch's deterministic algorithms, and every sparse "
+                            "layer's kernel by the density rule instead of measured (slower where the measured "
+                            "choice wins)")
     train.add_argument("--seed", type=_int_at_least(0), default=0)
     train.add_argument("--device", type=_device, default="auto",
                        help="auto (CUDA if available, else the CPU), cpu, cuda or cuda:N; under torchrun auto and "

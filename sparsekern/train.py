@@ -10,6 +10,8 @@ gradient flow recorded at chosen steps (``GradFlowProbe``), a callback per step,
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import math
 import time
@@ -23,12 +25,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import Evaluation, evaluate, grad_norm
-from .distributed import all_reduce_totals, average_float_buffers, is_main_process, set_epoch, unwrap
+from .distributed import all_reduce_totals, average_float_buffers, gather_objects, is_main_process, set_epoch, unwrap
 from .lottery import to_dense_model
 from .nn import SparseWeightMixin
 
 __all__ = ["LR_SCHEDULES", "GradFlowProbe", "StepInfo", "train_steps", "Trainer", "TrainResult", "fit", "evaluate",
-           "Evaluation", "save_checkpoint", "load_checkpoint", "dense_state"]
+           "Evaluation", "save_checkpoint", "load_checkpoint", "read_fit_checkpoint", "ResumeError",
+           "dense_state"]
 
 LR_SCHEDULES = ("constant", "cosine", "step")
 
@@ -114,14 +117,15 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 grad_flow: Optional[GradFlowProbe] = None, on_step: Optional[Callable[[StepInfo], None]] = None,
                 checkpoint_every: int = 0, checkpoint_path=None, loss_fn: Callable = F.cross_entropy,
                 progress: bool = True, desc: str = "train", total: Optional[int] = None, log_every: int = 50,
-                device=None) -> float:
+                device=None, checkpoint_extra: Optional[Callable[[int], dict]] = None) -> float:
     """Train ``model`` in place on ``batches`` (each an (x, y) pair), numbering steps from ``start_step``;
     return the seconds spent in training steps (measurements and checkpoints not counted).
 
     Per step: gradient flow first if ``grad_flow`` wants this step (it sees the weights the step starts
     from); the learning rate ``lr_at(step)`` if given; forward, ``loss_fn``, backward, ``optimizer.step()``,
     ``dst.step()``, ``scheduler.step()`` (per step) if given; ``on_step(StepInfo)``; a checkpoint every
-    ``checkpoint_every`` steps to ``checkpoint_path``.
+    ``checkpoint_every`` steps to ``checkpoint_path``, with the entries ``checkpoint_extra(step)`` returns
+    (called on every rank, so it may gather from all of them).
 
     Under DDP (``model`` a DistributedDataParallel, every rank running this on its own batches) only rank 0
     shows progress and writes checkpoints; the gradient flow is measured on the wrapped module, each rank
@@ -135,7 +139,11 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     progress = progress and main
     model.train()
     step, elapsed = start_step, 0.0
-    bar = tqdm(batches, desc=desc, total=total, disable=not progress, leave=False)
+    # One iterator over the batches: tqdm.auto's bar calls iter() on what it is given when it is made and again
+    # when iterated, and a second DataLoader iterator draws another seed from the loader's generator (and would
+    # start its workers twice), so the order would depend on the wrapping
+    bar = tqdm(iter(batches), desc=desc, total=total if total is not None else _length(batches),
+               disable=not progress, leave=False)
     for batch in bar:
         if grad_flow is not None and grad_flow.wants(step):
             grad_flow.record(unwrap(model), step, batch, dst)
@@ -162,8 +170,10 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 on_step(StepInfo(step, loss_value, out.detach(), y, changed, lr))
             if progress and log_every and step % log_every == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-        if checkpoint_every and step % checkpoint_every == 0 and main:
-            save_checkpoint(checkpoint_path, model, optimizer, dst, step)
+        if checkpoint_every and step % checkpoint_every == 0:
+            extra = checkpoint_extra(step) if checkpoint_extra is not None else {}
+            if main:
+                save_checkpoint(checkpoint_path, model, optimizer, dst, step, **extra)
     return elapsed
 
 
@@ -299,7 +309,8 @@ def _write(log: dict, log_path) -> None:
 def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable], epochs: int,
         optimizer: torch.optim.Optimizer, scheduler=None, dst=None, loss_fn: Callable = F.cross_entropy,
         log_every: int = 50, grad_flow_every: int = 0, log_path=None, scheduler_interval: str = "epoch",
-        progress: bool = True, device=None, checkpoint_every: int = 0, checkpoint_path=None) -> dict:
+        progress: bool = True, device=None, checkpoint_every: int = 0, checkpoint_path=None, resume=None,
+        checkpoint_meta: Optional[dict] = None) -> dict:
     """Train ``model`` for ``epochs`` epochs with ``train_steps``; return the log (also written as JSON to
     ``log_path``).
 
@@ -308,13 +319,23 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     flow (``sparsekern.analysis.grad_norm``, per parameter too) on the first validation batch (the current
     training batch without a validation loader); and per epoch the train and validation loss and accuracy
     and the number of pattern updates that changed a pattern. ``checkpoint_every`` steps (and after each
-    epoch, when set) model, optimizer and DST state go to ``checkpoint_path``.
+    epoch, when set) model, optimizer and DST state go to ``checkpoint_path``, with what resuming needs
+    (``fit_state``): the scheduler, the log so far, the position in the data (the epoch, its steps done, the
+    training loader's generator at the epoch's start), the epoch's running totals, the RNG state and, under
+    DDP, each rank's own of these and its BatchNorm statistics; and ``checkpoint_meta`` (the CLI's arguments).
+
+    ``resume``: such a checkpoint (a path, or the dict ``torch.load`` gave). Everything it holds is restored
+    and training goes on from its step, skipping the batches of its epoch already trained on: given the
+    same model, data, optimizer, scheduler and DST algorithm as built for the run that wrote it, the rest of
+    the run is the run that was interrupted (bit for bit where the kernels are deterministic). The log
+    returned is the whole run's.
 
     Under DDP (``model`` a DistributedDataParallel; every rank calls ``fit`` with its shard of the data, see
     ``sparsekern.data.make_loaders``): each epoch starts with ``set_epoch`` on the training sampler; the
     epoch's train loss and accuracy and the validation numbers are those of all ranks together (the same on
     every rank); BatchNorm's running statistics are averaged over ranks before validation; only rank 0
-    writes the log and checkpoints and prints. The per-step losses in the log are rank 0's.
+    writes the log and checkpoints and prints. The per-step losses in the log are rank 0's. A checkpoint's
+    model is rank 0's (mid-epoch, its BatchNorm statistics are rank 0's own until the epoch's average).
     """
     _check_int("fit", "epochs", epochs, 0)
     _check_int("fit", "log_every", log_every, 0)
@@ -324,14 +345,23 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     device = device or next(model.parameters()).device
     distributed = isinstance(model, nn.parallel.DistributedDataParallel)
     main = is_main_process()
+    generator = getattr(train_loader, "generator", None)
     log = {"steps": [], "grad_flow": [], "epochs": []}
+    step, first_epoch, resumed = 0, 0, None
+    if resume is not None:
+        resumed = _resume_fit(resume, model, optimizer, scheduler, dst, epochs, device, generator,
+                              _length(train_loader))
+        log, step, first_epoch = resumed["log"], resumed["step"], resumed["epochs_done"]
     held_out = next(iter(val_loader)) if val_loader is not None and grad_flow_every else None
     probe = GradFlowProbe(held_out, grad_flow_every, per_param=True, loss_fn=loss_fn, records=log["grad_flow"])
-    step = 0
-    for epoch in range(epochs):
-        start = time.perf_counter()
+    for epoch in range(first_epoch, epochs):
+        midway = resumed if resumed is not None and epoch == first_epoch and resumed["epoch_steps"] else None
+        loader_state = generator.get_state() if generator is not None else None  # this epoch's order
+        start = time.perf_counter() - (midway["epoch_seconds"] if midway else 0.0)
         set_epoch(train_loader, epoch)
-        totals = {"loss": 0.0, "correct": 0, "count": 0, "updates": 0, "step": step}
+        totals = dict(midway["totals"]) if midway else {"loss": 0.0, "correct": 0, "count": 0, "updates": 0,
+                                                         "step": step}
+        epoch_start_step = step - (midway["epoch_steps"] if midway else 0)
 
         def on_step(info: StepInfo, totals=totals) -> None:
             n = info.target.shape[0]
@@ -344,11 +374,19 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
             if log_every and info.step % log_every == 0:
                 log["steps"].append({"step": info.step, "loss": info.loss, "lr": info.lr})  # the step's own
 
-        train_steps(model, optimizer, train_loader, start_step=step,
+        def midway_state(at: int, totals=totals, loader_state=loader_state, epoch=epoch, start=start,
+                         epoch_start_step=epoch_start_step) -> dict:
+            return _fit_state(model, log, scheduler, device, checkpoint_meta, epochs_done=epoch,
+                              epoch_steps=at - epoch_start_step, totals=totals, loader_state=loader_state,
+                              epoch_seconds=time.perf_counter() - start)
+
+        batches = itertools.islice(train_loader, midway["epoch_steps"], None) if midway else train_loader
+        train_steps(model, optimizer, batches, start_step=step,
                     scheduler=scheduler if scheduler_interval == "step" else None, dst=dst, grad_flow=probe,
                     on_step=on_step, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path,
                     loss_fn=loss_fn, progress=progress, desc=f"epoch {epoch + 1}/{epochs}", log_every=log_every,
-                    device=device)
+                    device=device, checkpoint_extra=midway_state,
+                    total=_length(train_loader) - (midway["epoch_steps"] if midway else 0))
         step = totals["step"]
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()
@@ -363,10 +401,108 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
             val = evaluate(unwrap(model), val_loader, loss_fn, device, across_ranks=distributed)
             record.update(val_loss=val.loss, val_accuracy=val.accuracy)
         log["epochs"].append(record)
-        if checkpoint_path is not None and checkpoint_every and main:
-            save_checkpoint(checkpoint_path, model, optimizer, dst, step, epoch=epoch + 1)
+        if checkpoint_path is not None and checkpoint_every:
+            state = _fit_state(model, log, scheduler, device, checkpoint_meta, epochs_done=epoch + 1, epoch_steps=0,
+                               totals=None, loader_state=generator.get_state() if generator is not None else None,
+                               epoch_seconds=0.0)
+            if main:
+                save_checkpoint(checkpoint_path, model, optimizer, dst, step, epoch=epoch + 1, **state)
         if progress and main:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if main:
             _write(log, log_path)
     return log
+
+
+def _length(loader) -> Optional[int]:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def _rng_state(device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _fit_state(model, log, scheduler, device, meta, *, epochs_done, epoch_steps, totals, loader_state,
+               epoch_seconds) -> dict:
+    """What ``fit`` adds to a checkpoint to resume from it. Each rank's totals, RNG state and (under DDP, where
+    they differ until the epoch's average) floating-point buffers are gathered from all ranks: called on every
+    rank."""
+    own = {"totals": dict(totals) if totals is not None else None, "rng": _rng_state(device)}
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        own["buffers"] = {name: b.detach().cpu().clone() for name, b in unwrap(model).named_buffers()
+                          if b.is_floating_point()}
+    return {"fit": {"epochs_done": epochs_done, "epoch_steps": epoch_steps, "epoch_seconds": epoch_seconds,
+                    "log": copy.deepcopy(log), "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "loader_generator": loader_state, "ranks": gather_objects(own)},
+            **({"meta": meta} if meta is not None else {})}
+
+
+class ResumeError(ValueError):
+    """A checkpoint ``fit`` cannot resume from, or not with what it was given."""
+
+
+def read_fit_checkpoint(path) -> dict:
+    """A checkpoint ``fit`` wrote (on the CPU), checked to hold what resuming needs."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or not isinstance(state.get("fit"), dict):
+        raise ResumeError(f"{path} was not written by fit (it holds no position in the data to resume from); "
+                          "load_checkpoint restores its model, optimizer and DST state")
+    return state
+
+
+def _resume_fit(resume, model, optimizer, scheduler, dst, epochs, device, generator, length) -> dict:
+    """Restore a ``fit`` checkpoint: every check before anything changes, then model, optimizer, DST state,
+    scheduler, this rank's RNG state and buffers, and the loader's generator."""
+    state = read_fit_checkpoint(resume) if isinstance(resume, (str, Path)) else resume
+    where = "fit: resume"
+    if not isinstance(state, dict) or not isinstance(state.get("fit"), dict):
+        raise ResumeError(f"{where}: not a checkpoint written by fit (no position in the data to resume from)")
+    fs = state["fit"]
+    ranks = fs["ranks"]
+    world, rank = len(ranks), (torch.distributed.get_rank() if isinstance(model, nn.parallel.DistributedDataParallel)
+                               else 0)
+    running = torch.distributed.get_world_size() if isinstance(model, nn.parallel.DistributedDataParallel) else 1
+    if world != running:
+        raise ResumeError(f"{where}: the checkpoint was written by a run of {world} process(es), this one has "
+                          f"{running}")
+    if fs["epochs_done"] > epochs:
+        raise ResumeError(f"{where}: the checkpoint has {fs['epochs_done']} epochs done, more than epochs={epochs}")
+    for name, obj in (("optimizer", optimizer), ("dst", dst)):
+        if (obj is None) != (state.get(name) is None):
+            raise ResumeError(f"{where}: the checkpoint {'holds no' if obj is not None else 'holds a'} {name} state, "
+                              f"but {'a' if obj is not None else 'no'} {name} was given")
+    if (scheduler is None) != (fs["scheduler"] is None):
+        raise ResumeError(f"{where}: the checkpoint {'holds no' if scheduler is not None else 'holds a'} scheduler "
+                          f"state, but {'a' if scheduler is not None else 'no'} scheduler was given")
+    if (generator is None) != (fs["loader_generator"] is None):
+        raise ResumeError(f"{where}: the training loader {'has a' if generator is not None else 'has no'} generator, "
+                          "unlike the run that wrote the checkpoint: its batches would not be that run's")
+    if length is not None and fs["epoch_steps"] > length:
+        raise ResumeError(f"{where}: the checkpoint is {fs['epoch_steps']} steps into an epoch, but an epoch of this "
+                          f"training loader has {length} (another batch size or data than the run's)")
+    mine = ranks[rank]
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if dst is not None:
+        dst.load_state_dict(state["dst"])
+    if scheduler is not None:
+        scheduler.load_state_dict(fs["scheduler"])
+    if mine.get("buffers"):
+        with torch.no_grad():
+            for name, buffer in unwrap(model).named_buffers():
+                if name in mine["buffers"]:
+                    buffer.copy_(mine["buffers"][name])
+    torch.set_rng_state(mine["rng"]["cpu"])
+    if "cuda" in mine["rng"] and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(mine["rng"]["cuda"], device)
+    if generator is not None:
+        generator.set_state(fs["loader_generator"])
+    return {"log": fs["log"], "step": int(state["step"]), "epochs_done": fs["epochs_done"],
+            "epoch_steps": fs["epoch_steps"], "epoch_seconds": fs["epoch_seconds"], "totals": mine["totals"]}

@@ -59,28 +59,25 @@ def test_train_command_with_no_epochs_evaluates_the_initial_model(tmp_path):
 
 def test_train_command_runs_fast_modules_unless_told(tmp_path, monkeypatch):
     """Every method trains with sparsekern.fast_modules (a ResNet's batch norms), `--plain-modules` without: the same
-    run to float rounding."""
+    gradient flow at step 0 to float rounding. (Not the test numbers at the end: a few steps of RigL on 8x8 images
+    turn a last-bit difference into 1e-3 of the test loss, 4.04224 against 4.04239 once on the CI host.)"""
     import sparsekern.nn as sk_nn
 
     made_fast = []
     real = sk_nn.fast_modules
     monkeypatch.setattr(sk_nn, "fast_modules", lambda model: made_fast.append(real(model)) or made_fast[-1])
-    # One kernel for every layer in both runs: a measured choice may differ between them on a loaded host
-    monkeypatch.setattr(sk_nn.kernel_choice, "_forced", "csr")
-    summaries = []
+    logs = []
     for extra in ([], ["--plain-modules"]):
         out = tmp_path / ("plain" if extra else "fast")
         assert main(["train", "--model", "resnet20", "--data", "synthetic", "--image-size", "8", "--epochs", "1",
-                     "--density", "0.2", "--method", "rigl", "--delta-t", "2", "--out", str(out), "--no-progress",
-                     *extra]) == 0
-        summaries.append(json.loads(next((out / "train").glob("*/summary.json")).read_text()))
+                     "--density", "0.2", "--method", "rigl", "--delta-t", "2", "--grad-flow-every", "100",
+                     "--out", str(out), "--no-progress", *extra]) == 0
+        logs.append(json.loads(next((out / "train").glob("*/log.json")).read_text()))
     assert len(made_fast) == 1 and len(made_fast[0]) > 10  # the batch norms of the first run only
-    # Our batch norm sums in another order than nn's on some hosts, and a step of training carries the last bits into
-    # the next (the CI host read 4.04224 and 4.04239 with one kernel forced): equal to what float32 training keeps,
-    # the accuracy to a test sample or two
-    fast, plain = (s["test"] for s in summaries)
-    assert fast["accuracy"] == pytest.approx(plain["accuracy"], abs=2 / 128)
-    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-3)
+    fast, plain = (log["grad_flow"][0] for log in logs)
+    assert fast["step"] == plain["step"] == 0
+    for key in ("loss", "active", "dense"):  # our batch norm sums in its own order: 3e-6 apart at most
+        assert fast[key] == pytest.approx(plain[key], rel=1e-4), key
 
 
 def test_train_command_default_delta_t_updates_a_short_run(tmp_path):
