@@ -87,3 +87,62 @@ def test_train_command_default_delta_t_updates_a_short_run(tmp_path):
     run = next((tmp_path / "train").glob("*"))
     summary, log = (json.loads((run / f).read_text()) for f in ("summary.json", "log.json"))
     assert summary["delta_t"] < 100 and sum(e["pattern_updates"] for e in log["epochs"]) >= 5, summary
+
+
+class _Stopped(Exception):
+    pass
+
+
+RESUME_ARGS = ["train", "--model", "resnet20", "--data", "synthetic", "--image-size", "8", "--epochs", "2",
+               "--density", "0.2", "--method", "rigl", "--delta-t", "2", "--grad-flow-every", "3",
+               "--checkpoint-every", "3", "--no-progress", "--deterministic"]
+
+
+def _run_files(out):
+    run = next((out / "train").glob("*"))
+    log = json.loads((run / "log.json").read_text())
+    log["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in log["epochs"]]
+    return run, log, json.loads((run / "summary.json").read_text())
+
+
+def test_train_command_resumes_a_stopped_run_bit_for_bit(tmp_path, monkeypatch, deterministic):
+    """A run stopped after its first checkpoint (step 3 of 4 in epoch 1) and resumed with --resume ends with the
+    model, log and test numbers of the run never stopped."""
+    import torch
+
+    import sparsekern.train as train_module
+
+    assert main([*RESUME_ARGS, "--out", str(tmp_path / "straight")]) == 0
+    real = train_module.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        raise _Stopped
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    with pytest.raises(_Stopped):
+        main([*RESUME_ARGS, "--out", str(tmp_path / "stopped")])
+    monkeypatch.undo()
+    # --checkpoint-every, --no-progress and --device may differ from the run's own
+    other_checkpoints = [a if a != "3" or RESUME_ARGS[i - 1] != "--checkpoint-every" else "5"
+                         for i, a in enumerate(RESUME_ARGS)]
+    assert main([*other_checkpoints, "--out", str(tmp_path / "stopped"), "--resume"]) == 0
+    (run_a, log_a, summary_a), (run_b, log_b, summary_b) = (_run_files(tmp_path / d) for d in ("straight", "stopped"))
+    assert log_b == log_a and summary_b["test"] == summary_a["test"]
+    assert summary_a["resumed_from"] is None and summary_b["resumed_from"] == {"step": 3, "epochs_done": 0}
+    a, b = (torch.load(run / "checkpoint.pt", weights_only=False)["model"] for run in (run_a, run_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_command_resume_needs_the_runs_checkpoint_and_arguments(tmp_path, capsys, deterministic):
+    out = str(tmp_path)
+    with pytest.raises(SystemExit):
+        main([*RESUME_ARGS, "--out", out, "--resume"])
+    assert "argument --resume: no checkpoint at" in capsys.readouterr().err
+    assert main([*RESUME_ARGS, "--epochs", "1", "--out", out]) == 0  # its run directory has a checkpoint now
+    for changed, phrase in ((["--epochs", "2"], "--epochs 1 there, 2 here"),
+                            (["--epochs", "1", "--lr", "0.1"], "--lr 0.05 there, 0.1 here")):
+        with pytest.raises(SystemExit):
+            main([*RESUME_ARGS, *changed, "--out", out, "--resume"])
+        err = capsys.readouterr().err
+        assert "is from a run with other arguments" in err and phrase in err, err

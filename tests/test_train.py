@@ -132,3 +132,109 @@ def test_warmup_ramps_the_learning_rate_then_follows_the_schedule():
     assert all(warm.lr_at(s) == plain.lr_at(s) for s in range(9, 100))
     with pytest.raises(ValueError, match="warmup_steps"):
         Trainer(data, steps=100, warmup_steps=-1)
+
+
+# -- resuming fit from its checkpoints ----------------------------------------------------------------
+class _Stopped(Exception):
+    pass
+
+
+def _fit_parts(seed: int = 0):
+    """A sparse conv net with batch norm (buffers) and dropout (the global RNG), RigL, a per-step cosine
+    schedule and seeded loaders: 8 steps an epoch."""
+    data = make_synthetic(num_classes=4, image_size=8, n_train=256, seed=1)
+    torch.manual_seed(seed)
+    model = sparsekern.sparsify(nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                              nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)), 0.4,
+                                generator=torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 16)
+    algo = sparsekern.dst.RigL(model, optimizer, total_steps=16, delta_t=3, generator=torch.Generator().manual_seed(0))
+    train, val, _ = data.loaders(32, seed=5)
+    return model, optimizer, scheduler, algo, train, val
+
+
+def _fit(parts, path, **kwargs):
+    model, optimizer, scheduler, algo, train, val = parts
+    return fit(model, train, val, 2, optimizer, scheduler=scheduler, dst=algo, log_every=1, grad_flow_every=3,
+               scheduler_interval="step", progress=False, checkpoint_every=5, checkpoint_path=path, **kwargs)
+
+
+def _stop_after(monkeypatch, saves: int):
+    """save_checkpoint raises once it has written ``saves`` checkpoints: the run stops as if killed there."""
+    import sparsekern.train as train_module
+
+    real, count = train_module.save_checkpoint, [0]
+
+    def save(*args, **kwargs):
+        path = real(*args, **kwargs)
+        count[0] += 1
+        if count[0] == saves:
+            raise _Stopped
+        return path
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+
+
+def _without_seconds(log: dict) -> dict:
+    return {**log, "epochs": [{k: v for k, v in e.items() if k != "seconds"} for e in log["epochs"]]}
+
+
+# Checkpoints come at steps 5 (epoch 1, 5 of 8 steps), 8 (its end), 10 (epoch 2, 2 of 8), 15 and 16 (the end).
+@pytest.mark.parametrize("stops", [(1,), (2,), (3,), (5,), (1, 2)], ids=["mid-epoch", "epoch-end", "second-epoch",
+                                                                          "finished", "resumed-twice"])
+def test_fit_resumed_from_its_checkpoint_is_the_run_that_was_stopped(tmp_path, monkeypatch, deterministic, stops):
+    parts = _fit_parts()
+    log = _fit(parts, tmp_path / "straight.pt")
+    straight = {k: v.clone() for k, v in parts[0].state_dict().items()}
+    path = tmp_path / "stopped.pt"
+    _stop_after(monkeypatch, stops[0])
+    with pytest.raises(_Stopped):
+        _fit(_fit_parts(), path)
+    for saves in stops[1:]:  # the resumed run stopped again, at its own checkpoints
+        _stop_after(monkeypatch, saves)
+        with pytest.raises(_Stopped):
+            _fit(_fit_parts(), path, resume=path)
+    monkeypatch.undo()
+    parts = _fit_parts()
+    resumed = _fit(parts, path, resume=path)
+    assert _without_seconds(resumed) == _without_seconds(log)  # losses, lrs, gradient flow, epochs
+    for key, value in straight.items():
+        assert torch.equal(parts[0].state_dict()[key], value), key
+    final = torch.load(path, weights_only=False)
+    assert final["step"] == 16 and final["fit"]["epochs_done"] == 2
+
+
+def test_fit_resume_checks_everything_before_changing_anything(tmp_path, monkeypatch):
+    from sparsekern.train import ResumeError
+
+    path = tmp_path / "ck.pt"
+    _stop_after(monkeypatch, 1)
+    with pytest.raises(_Stopped):
+        _fit(_fit_parts(), path)
+    monkeypatch.undo()
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 5 and state["fit"]["epoch_steps"] == 5 and len(state["fit"]["ranks"]) == 1
+
+    def refused(match, parts=None, epochs=2, resume=path, **kwargs):
+        model, optimizer, scheduler, algo, train, val = parts or _fit_parts(seed=7)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        args = dict(optimizer=optimizer, scheduler=scheduler, dst=algo, progress=False, resume=resume)
+        args.update(kwargs)
+        with pytest.raises(ResumeError, match=match):
+            fit(model, train, val, epochs, **args)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # nothing loaded
+
+    refused("holds a scheduler state, but no scheduler was given", scheduler=None)
+    refused("holds a dst state, but no dst was given", dst=None)
+    model, optimizer, scheduler, algo, _, val = _fit_parts(seed=7)
+    wide = make_synthetic(num_classes=4, image_size=8, n_train=256, seed=1).loaders(64, seed=5)[0]
+    refused("5 steps into an epoch, but an epoch of this training loader has 4",
+            parts=(model, optimizer, scheduler, algo, wide, val))
+    two_ranks = {**state, "fit": {**state["fit"], "ranks": state["fit"]["ranks"] * 2}}
+    refused("written by a run of 2 process", resume=two_ranks)
+    finished = {**state, "fit": {**state["fit"], "epochs_done": 2, "epoch_steps": 0}}
+    refused("2 epochs done, more than epochs=1", epochs=1, resume=finished)
+    save_checkpoint(tmp_path / "bare.pt", model, optimizer, algo, step=3)
+    refused("not written by fit", resume=tmp_path / "bare.pt")
+    refused("not a checkpoint written by fit", resume={"step": 3})

@@ -96,6 +96,38 @@ def test_torchrun_cli_trains_one_model_on_two_ranks(tmp_path):
 
 
 @needs_dist
+def test_torchrun_run_resumed_from_a_mid_epoch_checkpoint_is_the_run_never_stopped(tmp_path):
+    """Two ranks with batch norm (each rank's own running statistics until the epoch's average) and RigL: a run
+    stopped at its first checkpoint (step 5 of 8 in epoch 1) and resumed with --resume under torchrun ends with
+    the log, the test numbers and, on both ranks, the model of the run never stopped."""
+    args = ["train", "--model", "resnet20", "--image-size", "8", "--data", "synthetic", "--method", "rigl",
+            "--density", "0.2", "--epochs", "2", "--batch-size", "32", "--delta-t", "3", "--checkpoint-every", "5",
+            "--grad-flow-every", "4", "--seed", "1", "--no-progress", "--deterministic", "--device", "cpu"]
+    runs = {}
+    for name, launch in (("straight", ["-m", "sparsekern", *args]),
+                         ("stopped", [str(Path(__file__).with_name("ddp_resume_worker.py")), "1", *args]),
+                         ("resumed", ["-m", "sparsekern", *args, "--resume"])):
+        out = tmp_path / ("straight" if name == "straight" else "stopped")
+        run = _torchrun([*launch, "--out", str(out)], cwd=tmp_path)
+        assert run.returncode == 0, f"{name}: {_report(run)}"
+        if name == "stopped":
+            assert not list(out.rglob("summary.json")) and len(list(out.rglob("checkpoint.pt"))) == 1
+            state = torch.load(next(out.rglob("checkpoint.pt")), weights_only=False)
+            assert (state["step"], state["fit"]["epoch_steps"], len(state["fit"]["ranks"])) == (5, 5, WORLD)
+            buffers = [r["buffers"]["bn1.running_mean"] for r in state["fit"]["ranks"]]
+            assert not torch.equal(*buffers)  # each rank's own statistics, restored to each
+            continue
+        run_dir = next(out.rglob("summary.json")).parent
+        log = json.loads((run_dir / "log.json").read_text())
+        log["epochs"] = [{k: v for k, v in e.items() if k != "seconds"} for e in log["epochs"]]
+        runs[name] = (log, json.loads((run_dir / "summary.json").read_text()))
+    (log_a, summary_a), (log_b, summary_b) = runs["straight"], runs["resumed"]
+    assert summary_b["resumed_from"] == {"step": 5, "epochs_done": 0}
+    assert log_b == log_a and summary_b["test"] == summary_a["test"]
+    assert summary_b["rank_model_digests"] == summary_a["rank_model_digests"]
+
+
+@needs_dist
 def test_torchrun_ranks_get_disjoint_shards_and_evaluate_the_whole_split(tmp_path):
     out = tmp_path / "shards.json"
     run = _torchrun([str(Path(__file__).with_name("ddp_shard_worker.py")), str(out)], cwd=tmp_path)
