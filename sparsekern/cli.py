@@ -173,6 +173,8 @@ def _study_config(args: argparse.Namespace, name: str):
             args.parser.error(f"argument --model: study {name} takes one model, got {len(args.model)}: {args.model}")
     if args.no_progress:
         overrides["progress"] = False
+    if args.fresh:
+        overrides["fresh"] = True
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return module, (config_cls.quick_config(**overrides) if args.quick else config_cls(**overrides))
 
@@ -422,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="study all: directory of the report (README.md, and each study's summary, results and "
                             "plots); default: <out>/report")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.add_argument("--fresh", action="store_true",
+                       help="train every job again (default: a job that an earlier run of the same config and code "
+                            "finished, kept in <run dir>/jobs/, is read, so a stopped study goes on where it stopped)")
     study.set_defaults(func=_study, parser=study)
 
     train = sub.add_parser("train", help="train one model, dense or sparse (static, SET, SNFS, RigL)")

@@ -9,12 +9,14 @@ paper's 11,719 steps."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,9 +24,9 @@ from torch import nn
 from ..data import MNIST_SUBSET_SPLIT, DataSplits, load_data
 from ..models import build_model
 
-__all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "load_splits", "study_model",
-           "held_out_batch", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS", "scaled_steps",
-           "data_note", "small_data"]
+__all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "Jobs", "code_digest", "report_reuse",
+           "load_splits", "study_model", "held_out_batch", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS",
+           "scaled_steps", "data_note", "small_data"]
 
 # rigl_tf2's LeNet-5 / MNIST run: 11,719 steps at batch 128 (25 epochs of 60,000 images).
 PAPER_STEPS = 11719
@@ -50,6 +52,7 @@ class TrainingConfig:
     quick: bool = False
     out: str = "results"
     progress: bool = True
+    fresh: bool = False  # recompute jobs an earlier run of this config finished (see ``job``)
 
     QUICK = {}
 
@@ -69,13 +72,17 @@ def plt():
 
 
 def config_hash(config) -> str:
-    """10 hex digits of the SHA-256 of the config's canonical JSON, leaving out ``out`` and ``progress``
-    (where results go and how progress shows do not change them)."""
+    """10 hex digits of the SHA-256 of the config's canonical JSON, leaving out ``out``, ``progress`` and
+    ``fresh``."""
     return hashlib.sha256(json.dumps(_hashed_fields(config), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def _hashed_fields(config) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("out", "progress")}
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
+
+
+# where results go, how progress shows and whether finished jobs are reused do not change the results
+_NOT_HASHED = ("out", "progress", "fresh")
 
 
 def run_dir(study: str, config) -> Path:
@@ -99,6 +106,64 @@ def _jsonable(obj):
     if dataclasses.is_dataclass(obj):
         return dataclasses.asdict(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 (16 hex digits) of sparsekern's Python sources and its compiled extension: what made a job's record."""
+    import sparsekern
+
+    root = Path(sparsekern.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")) + sorted(root.glob("_C*.so")) + sorted(root.glob("_C*.pyd")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Jobs:
+    """A study's jobs (one training run each), kept in ``<run dir>/jobs/<key>.json`` as each finishes, so that a
+    study stopped midway goes on where it stopped: run again with the same config, it reads the records of the
+    jobs already done, made by the same code (``code_digest``), instead of training them again. ``fresh``
+    recomputes them all. Every record, computed or read, is the JSON round trip of what the job returned, so
+    both read alike."""
+
+    def __init__(self, out: Path, fresh: bool = False):
+        self.dir, self.fresh, self.reused, self.stale = Path(out) / "jobs", fresh, 0, 0
+
+    def run(self, key: str, compute: Callable[[], dict]) -> dict:
+        path = self.dir / f"{key}.json"
+        if not self.fresh and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:  # a file cut short: compute the job again
+                saved = {}
+            if saved.get("code") == code_digest() and "record" in saved:
+                self.reused += 1
+                return saved["record"]
+            self.stale += 1
+        text = json.dumps({"code": code_digest(), "key": key, "record": compute()}, default=_jsonable)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)  # never a half-written record
+        return json.loads(text)["record"]
+
+    def note(self, total: int) -> Optional[str]:
+        """A line on the jobs reused (None when none was)."""
+        if not self.reused and not self.stale:
+            return None
+        parts = [f"{self.reused} of {total} jobs read from {self.dir} (finished by an earlier run of this config; "
+                 "--fresh trains them again)"] if self.reused else []
+        if self.stale:
+            parts.append(f"{self.stale} records there from other code or cut short were trained again")
+        return "; ".join(parts)
+
+
+def report_reuse(jobs: Jobs, total: int) -> None:
+    note = jobs.note(total)
+    if note:
+        print(note, file=sys.stderr)
 
 
 def small_data(config) -> bool:

@@ -20,6 +20,7 @@ from ..analysis import masks_of
 from ..train import Trainer
 from .common import (
     DEFAULT_SEEDS,
+    Jobs,
     TrainingConfig,
     claim_lines,
     compare,
@@ -29,6 +30,7 @@ from .common import (
     load_splits,
     mean_std,
     plt,
+    report_reuse,
     run_dir,
     scaled_steps,
     small_data,
@@ -79,33 +81,40 @@ def run(config: DSTConfig) -> dict:
     jobs = [(d, m, s) for d in config.densities for m in config.methods for s in config.seeds]
     if config.dense_baseline:
         jobs = [(1.0, "dense", s) for s in config.seeds] + jobs
-    runs = []
+    runs, done = [], Jobs(out, config.fresh)
     for density, method, seed in tqdm(jobs, desc=STUDY, disable=not config.progress):
-        trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
-                          config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
-                          progress=config.progress, warmup_steps=int(config.warmup * steps))
-        model = study_model(config.model, splits, seed, density, config.distribution, "sparse")
-        before = masks_of(model)
-        factory = None
-        if method != "dense":
-            # SNFS as the paper's code runs it (rigl's SparseMomentumOptimizer: no redistribution of sparsity), so
-            # that every method keeps the ERK densities that static training keeps
-            extra = {"redistribute": False} if method == "snfs" else {}
-            factory = lambda m, opt, total, method=method, seed=seed, extra=extra: dst_algorithms.create(  # noqa: E731
-                method, m, opt, total, delta_t=delta_t, drop_fraction=config.drop_fraction,
-                end_fraction=config.end_fraction, generator=torch.Generator().manual_seed(seed + 7), **extra)
-        result = trainer(model, desc=f"{method} d={density} s={seed}", dst_factory=factory)
-        after = masks_of(model)
-        kept = sum(int((before[n] & after[n]).sum()) for n in after)
-        nnz = sum(int(after[n].sum()) for n in after)
-        history = trainer.last_dst.history if trainer.last_dst is not None else []
-        runs.append({"method": method, "density": density, "seed": seed,
-                     "grad_norm_init": result.grad_flow[0]["active"],
-                     "grad_norm_mean": sum(g["active"] for g in result.grad_flow) / len(result.grad_flow),
-                     "dense_grad_norm_mean": sum(g["dense"] for g in result.grad_flow) / len(result.grad_flow),
-                     "test_accuracy": result.accuracy, "test_loss": result.loss,
-                     "mask_changed_fraction": 1.0 - kept / max(nnz, 1), "pattern_updates": len(history),
-                     "seconds_per_step": result.seconds_per_step, "grad_flow": result.grad_flow})
+        def job(density=density, method=method, seed=seed) -> dict:
+            trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
+                              config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
+                              progress=config.progress, warmup_steps=int(config.warmup * steps))
+            model = study_model(config.model, splits, seed, density, config.distribution, "sparse")
+            before = masks_of(model)
+            factory = None
+            if method != "dense":
+                # SNFS as the paper's code runs it (rigl's SparseMomentumOptimizer: no redistribution of sparsity),
+                # so that every method keeps the ERK densities that static training keeps
+                extra = {"redistribute": False} if method == "snfs" else {}
+                def make_dst(m, opt, total, method=method, seed=seed, extra=extra):
+                    return dst_algorithms.create(method, m, opt, total, delta_t=delta_t,
+                                                 drop_fraction=config.drop_fraction,
+                                                 end_fraction=config.end_fraction,
+                                                 generator=torch.Generator().manual_seed(seed + 7), **extra)
+                factory = make_dst
+            result = trainer(model, desc=f"{method} d={density} s={seed}", dst_factory=factory)
+            after = masks_of(model)
+            kept = sum(int((before[n] & after[n]).sum()) for n in after)
+            nnz = sum(int(after[n].sum()) for n in after)
+            history = trainer.last_dst.history if trainer.last_dst is not None else []
+            return {"method": method, "density": density, "seed": seed,
+                    "grad_norm_init": result.grad_flow[0]["active"],
+                    "grad_norm_mean": sum(g["active"] for g in result.grad_flow) / len(result.grad_flow),
+                    "dense_grad_norm_mean": sum(g["dense"] for g in result.grad_flow) / len(result.grad_flow),
+                    "test_accuracy": result.accuracy, "test_loss": result.loss,
+                    "mask_changed_fraction": 1.0 - kept / max(nnz, 1), "pattern_updates": len(history),
+                    "seconds_per_step": result.seconds_per_step, "grad_flow": result.grad_flow}
+
+        runs.append(done.run(f"{method}-d{density}-s{seed}", job))
+    report_reuse(done, len(jobs))
     table = []
     for density in ((1.0,) if config.dense_baseline else ()) + tuple(config.densities):
         for method in (("dense",) if density >= 1.0 else config.methods):
@@ -120,6 +129,7 @@ def run(config: DSTConfig) -> dict:
     results["paper"] = PAPER
     results["seconds"] = time.perf_counter() - started  # wall time, plots and summary not counted
     results["threads"] = torch.get_num_threads()
+    results["jobs_reused"] = done.reused
     write_json(out / "results.json", results)
     _plot(config, runs, out)
     (out / "summary.md").write_text(_summary(config, splits, steps, delta_t, table, verdict))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..train import Trainer
 from .common import (
     DEFAULT_SEEDS,
+    Jobs,
     TrainingConfig,
     claim_lines,
     compare,
@@ -28,6 +29,7 @@ from .common import (
     load_splits,
     mean_std,
     plt,
+    report_reuse,
     run_dir,
     scaled_steps,
     study_model,
@@ -66,18 +68,22 @@ def run(config: GradientFlowConfig) -> dict:
     _, _, test_loader = splits.loaders(config.batch_size)
     jobs = [(name, d, init, seed) for name in config.models for d in config.densities
             for init in (("dense",) if d >= 1.0 else INITS) for seed in config.seeds]
-    runs = []
+    runs, done = [], Jobs(out, config.fresh)
     for name, density, init, seed in tqdm(jobs, desc=STUDY, disable=not config.progress):
-        trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
-                          config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
-                          progress=config.progress, warmup_steps=int(config.warmup * steps))
-        model = study_model(name, splits, seed, density, config.distribution, init)
-        result = trainer(model, desc=f"{name} d={density} {init} init s={seed}")
-        runs.append({"model": name, "density": density, "init": init, "seed": seed,
-                     "grad_norm_init": result.grad_flow[0]["active"],
-                     "grad_norm_mean": sum(g["active"] for g in result.grad_flow) / len(result.grad_flow),
-                     "test_accuracy": result.accuracy, "test_loss": result.loss,
-                     "seconds_per_step": result.seconds_per_step, "grad_flow": result.grad_flow})
+        def job(name=name, density=density, init=init, seed=seed) -> dict:
+            trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
+                              config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
+                              progress=config.progress, warmup_steps=int(config.warmup * steps))
+            model = study_model(name, splits, seed, density, config.distribution, init)
+            result = trainer(model, desc=f"{name} d={density} {init} init s={seed}")
+            return {"model": name, "density": density, "init": init, "seed": seed,
+                    "grad_norm_init": result.grad_flow[0]["active"],
+                    "grad_norm_mean": sum(g["active"] for g in result.grad_flow) / len(result.grad_flow),
+                    "test_accuracy": result.accuracy, "test_loss": result.loss,
+                    "seconds_per_step": result.seconds_per_step, "grad_flow": result.grad_flow}
+
+        runs.append(done.run(f"{name}-d{density}-{init}-s{seed}", job))
+    report_reuse(done, len(jobs))
     table = _aggregate(config, runs)
     verdict = _verdict(config, runs)
     results = {"study": STUDY, "steps": steps, "data": splits.name, "n_train": len(splits.train), "runs": runs,
@@ -85,6 +91,7 @@ def run(config: GradientFlowConfig) -> dict:
     results["paper"] = PAPER
     results["seconds"] = time.perf_counter() - started  # wall time, plots and summary not counted
     results["threads"] = torch.get_num_threads()
+    results["jobs_reused"] = done.reused
     write_json(out / "results.json", results)
     _plot(config, runs, table, out)
     (out / "summary.md").write_text(_summary(config, splits, steps, table, verdict))

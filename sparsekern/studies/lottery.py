@@ -26,6 +26,7 @@ from ..lottery import lottery_ticket, prune_schedule
 from ..train import Trainer
 from .common import (
     DEFAULT_SEEDS,
+    Jobs,
     TrainingConfig,
     claim_lines,
     compare,
@@ -35,6 +36,7 @@ from .common import (
     load_splits,
     mean_std,
     plt,
+    report_reuse,
     run_dir,
     scaled_steps,
     study_model,
@@ -79,51 +81,55 @@ def run(config: LotteryConfig) -> dict:
     splits = load_splits(config.data, config.data_dir)
     held_out = held_out_batch(splits)
     train_loader, _, test_loader = splits.loaders(config.batch_size)
-    per_seed = []
+    per_seed, done = [], Jobs(out, config.fresh)
     for seed in tqdm(config.seeds, desc=STUDY, disable=not config.progress):
-        trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
-                          config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
-                          progress=config.progress, warmup_steps=int(config.warmup * steps))
-        model = study_model(config.model, splits, seed)  # the same dense init as the other studies
-        found = lottery_ticket(model, trainer, rounds=config.rounds, prune_fraction=config.prune_fraction,
-                               scope=config.scope, rewind_step=config.rewind_step)
-        # The pruning solution, as the paper's: a network trained at the final mask (its gradual pruning reaches
-        # the final sparsity and trains on at it to the end of the schedule). IMP's last round trained at the
-        # density before the last pruning step, so that network, masked, is fine-tuned at the final mask over
-        # the second half of the schedule; unmasked-then-masked alone it is a damaged network.
-        pruned = found.pruned
-        masked_loss, masked_acc = evaluate(pruned, test_loader)
-        finetuned = trainer(pruned, start_step=finetune_from(steps), desc=f"pruned s={seed}")
-        record = {"seed": seed, "density": found.density,
-                  "rounds": [{k: v for k, v in r.items()} for r in found.rounds],
-                  "dense": {"test_accuracy": found.rounds[0]["accuracy"], "test_loss": found.rounds[0]["loss"],
-                            "grad_flow": found.rounds[0]["grad_flow"]},
-                  "pruned": {"test_accuracy": finetuned.accuracy, "test_loss": finetuned.loss,
-                             "masked_test_accuracy": masked_acc, "masked_test_loss": masked_loss,
-                             "trained_at_density": found.rounds[-1]["density"],
-                             "grad_flow": found.rounds[-1]["grad_flow"]},
-                  "solutions": {}}
-        starts = {"ticket": found.ticket(), "scratch": found.scratch(seed + 1000, init_fn=he_normal_),
-                  "random_mask": found.random_mask(seed + 2000)}
-        for name, start in starts.items():
-            start_distance = weight_distance(start, pruned).overall
-            trained = copy.deepcopy(start)
-            result = trainer(trained, start_step=config.rewind_step, desc=f"{name} s={seed}")
-            curve = interpolation_curve(trained, pruned, test_loader, bn_loader=train_loader)
-            comparison = compare_predictions(trained, pruned, test_loader)
-            record["solutions"][name] = {
-                "test_accuracy": result.accuracy, "test_loss": result.loss, "grad_flow": result.grad_flow,
-                "distance_to_pruned_start": start_distance,
-                "distance_to_pruned": weight_distance(trained, pruned).to_dict(),
-                "interpolation": curve.to_dict(), "barrier": curve.barrier,
-                "comparison": comparison.to_dict(),
-                "ensemble_gain": comparison.ensemble_accuracy - max(comparison.accuracy_a, comparison.accuracy_b)}
-        dense_cmp = compare_predictions(found.dense, pruned, test_loader)
-        record["dense"].update(distance_to_pruned=weight_distance(found.dense, pruned).to_dict(),
-                               comparison=dense_cmp.to_dict(),
-                               barrier=interpolation_curve(found.dense, pruned, test_loader,
-                                                           bn_loader=train_loader).barrier)
-        per_seed.append(record)
+        def job(seed=seed) -> dict:
+            trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,
+                              config.lr_schedule, seed, held_out, config.grad_flow_every, test_loader,
+                              progress=config.progress, warmup_steps=int(config.warmup * steps))
+            model = study_model(config.model, splits, seed)  # the same dense init as the other studies
+            found = lottery_ticket(model, trainer, rounds=config.rounds, prune_fraction=config.prune_fraction,
+                                   scope=config.scope, rewind_step=config.rewind_step)
+            # The pruning solution, as the paper's: a network trained at the final mask (its gradual pruning reaches
+            # the final sparsity and trains on at it to the end of the schedule). IMP's last round trained at the
+            # density before the last pruning step, so that network, masked, is fine-tuned at the final mask over
+            # the second half of the schedule; unmasked-then-masked alone it is a damaged network.
+            pruned = found.pruned
+            masked_loss, masked_acc = evaluate(pruned, test_loader)
+            finetuned = trainer(pruned, start_step=finetune_from(steps), desc=f"pruned s={seed}")
+            record = {"seed": seed, "density": found.density,
+                      "rounds": [{k: v for k, v in r.items()} for r in found.rounds],
+                      "dense": {"test_accuracy": found.rounds[0]["accuracy"], "test_loss": found.rounds[0]["loss"],
+                                "grad_flow": found.rounds[0]["grad_flow"]},
+                      "pruned": {"test_accuracy": finetuned.accuracy, "test_loss": finetuned.loss,
+                                 "masked_test_accuracy": masked_acc, "masked_test_loss": masked_loss,
+                                 "trained_at_density": found.rounds[-1]["density"],
+                                 "grad_flow": found.rounds[-1]["grad_flow"]},
+                      "solutions": {}}
+            starts = {"ticket": found.ticket(), "scratch": found.scratch(seed + 1000, init_fn=he_normal_),
+                      "random_mask": found.random_mask(seed + 2000)}
+            for name, start in starts.items():
+                start_distance = weight_distance(start, pruned).overall
+                trained = copy.deepcopy(start)
+                result = trainer(trained, start_step=config.rewind_step, desc=f"{name} s={seed}")
+                curve = interpolation_curve(trained, pruned, test_loader, bn_loader=train_loader)
+                comparison = compare_predictions(trained, pruned, test_loader)
+                record["solutions"][name] = {
+                    "test_accuracy": result.accuracy, "test_loss": result.loss, "grad_flow": result.grad_flow,
+                    "distance_to_pruned_start": start_distance,
+                    "distance_to_pruned": weight_distance(trained, pruned).to_dict(),
+                    "interpolation": curve.to_dict(), "barrier": curve.barrier,
+                    "comparison": comparison.to_dict(),
+                    "ensemble_gain": comparison.ensemble_accuracy - max(comparison.accuracy_a, comparison.accuracy_b)}
+            dense_cmp = compare_predictions(found.dense, pruned, test_loader)
+            record["dense"].update(distance_to_pruned=weight_distance(found.dense, pruned).to_dict(),
+                                   comparison=dense_cmp.to_dict(),
+                                   barrier=interpolation_curve(found.dense, pruned, test_loader,
+                                                               bn_loader=train_loader).barrier)
+            return record
+
+        per_seed.append(done.run(f"s{seed}", job))
+    report_reuse(done, len(config.seeds))
     table = _table(per_seed)
     verdict = _verdict(per_seed)
     results = {"study": STUDY, "steps": steps, "data": splits.name, "n_train": len(splits.train),
@@ -132,6 +138,7 @@ def run(config: LotteryConfig) -> dict:
     results["paper"] = PAPER
     results["seconds"] = time.perf_counter() - started  # wall time, plots and summary not counted
     results["threads"] = torch.get_num_threads()
+    results["jobs_reused"] = done.reused
     write_json(out / "results.json", results)
     _plot(config, per_seed, out)
     (out / "summary.md").write_text(_summary(config, splits, steps, per_seed, table, verdict))

@@ -1,5 +1,7 @@
 """Smoke tests of the three studies in their --quick setting, each checking a property of the paper."""
+import dataclasses
 import json
+import pathlib
 
 import pytest
 
@@ -64,7 +66,7 @@ def test_lottery_ticket_relearns_the_pruning_solution(tmp_path):
 
 def test_config_hash_names_the_setting_not_the_output():
     a = LotteryConfig(out="x", progress=True)
-    assert config_hash(a) == config_hash(LotteryConfig(out="y", progress=False))
+    assert config_hash(a) == config_hash(LotteryConfig(out="y", progress=False, fresh=True))
     assert config_hash(a) != config_hash(LotteryConfig(rounds=5))
 
 
@@ -73,3 +75,58 @@ def test_quick_settings_use_digits_and_defaults_the_paper_setting():
     for config in (GradientFlowConfig(), DSTConfig(), LotteryConfig()):
         assert config.data == "mnist" and config.data_dir is None and len(config.seeds) >= 5
     assert set(GradientFlowConfig().models) == {"mlp", "lenet5"}
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _without_times(results: dict) -> dict:
+    """results.json less what differs between two runs of one config: wall time, step times, jobs reused."""
+    drop = ("seconds", "jobs_reused", "seconds_per_step")
+    strip = (lambda o: {k: strip(v) for k, v in o.items() if k not in drop} if isinstance(o, dict) else
+             [strip(v) for v in o] if isinstance(o, list) else o)
+    return strip(results)
+
+
+def test_a_stopped_study_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys, deterministic):
+    """The DST study stopped in its third job keeps the two it finished (<run dir>/jobs) and, run again, trains only
+    the rest: its results are the run never stopped's. Records made by other code, or cut short, are trained again;
+    fresh=True trains all."""
+    import sparsekern.studies.common as common
+
+    config = DSTConfig.quick_config(out=str(tmp_path / "straight"), steps=12, methods=("static", "set", "rigl"),
+                                    progress=False)
+    straight = json.loads((pathlib.Path(dst.run(config)["dir"]) / "results.json").read_text())
+    stopped = DSTConfig.quick_config(out=str(tmp_path / "stopped"), steps=12, methods=("static", "set", "rigl"),
+                                     progress=False)
+    real_run, calls = common.Jobs.run, []
+
+    def run_then_stop(self, key, compute):
+        calls.append(key)
+        if len(calls) == 3:
+            raise _Stopped
+        return real_run(self, key, compute)
+
+    monkeypatch.setattr(common.Jobs, "run", run_then_stop)
+    with pytest.raises(_Stopped):
+        dst.run(stopped)
+    monkeypatch.undo()
+    jobs = pathlib.Path(tmp_path / "stopped" / "dst" / config_hash(stopped) / "jobs")
+    assert sorted(p.name for p in jobs.iterdir()) == ["dense-d1.0-s0.json", "static-d0.1-s0.json"]
+    capsys.readouterr()
+    trained = []
+    monkeypatch.setattr(dst, "study_model", lambda *a, **k: trained.append(a[3]) or common.study_model(*a, **k))
+    resumed = dst.run(stopped)
+    assert trained == [0.1, 0.1]  # set and rigl; the dense and static jobs were read
+    assert "2 of 4 jobs read from" in capsys.readouterr().err and resumed["jobs_reused"] == 2
+    assert _without_times(json.loads((pathlib.Path(resumed["dir"]) / "results.json").read_text())) == \
+        _without_times(straight)
+
+    trained.clear()
+    (jobs / "set-d0.1-s0.json").write_text('{"code": "')  # cut short
+    monkeypatch.setattr(common, "code_digest", lambda: "other code")
+    assert dst.run(stopped)["jobs_reused"] == 0 and trained == [1.0, 0.1, 0.1, 0.1]
+    assert "4 records there from other code or cut short were trained again" in capsys.readouterr().err
+    trained.clear()
+    assert dst.run(dataclasses.replace(stopped, fresh=True))["jobs_reused"] == 0 and len(trained) == 4
