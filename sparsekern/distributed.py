@@ -202,15 +202,30 @@ def shard_sampler(dataset, shuffle: bool, seed: int, num_replicas: int, rank: in
     return ShardSampler(len(dataset), num_replicas, rank)
 
 
+def _distributed_sampler(loader) -> Optional[DistributedSampler]:
+    """A loader's DistributedSampler, directly or inside its batch sampler; None without one."""
+    samplers = [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    samplers += [getattr(s, "sampler", None) for s in samplers]  # a BatchSampler wraps the per-index sampler
+    return next((s for s in samplers if isinstance(s, DistributedSampler)), None)
+
+
 def set_epoch(loader, epoch: int) -> None:
     """Tell a loader's distributed sampler (directly or inside its batch sampler) which epoch begins, so
     each epoch has its own order; loaders without one are left alone."""
-    samplers = [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
-    samplers += [getattr(s, "sampler", None) for s in samplers]  # a BatchSampler wraps the per-index sampler
-    for sampler in samplers:
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-            return
+    sampler = _distributed_sampler(loader)
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+
+
+def own_examples(loader) -> Optional[int]:
+    """How many of the examples a rank's loader yields each epoch are its share of the data set, where its
+    DistributedSampler pads the shards to equal length with repeated examples (None where nothing is padded).
+    The padding comes last: rank r's k-th example is position r + k x num_replicas of the padded order, and
+    the positions from len(dataset) on repeat the first ones."""
+    sampler = _distributed_sampler(loader)
+    if sampler is None or sampler.drop_last or sampler.total_size <= len(sampler.dataset):
+        return None
+    return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
 
 
 # -- collectives ---------------------------------------------------------------------------------

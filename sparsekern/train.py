@@ -25,7 +25,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import Evaluation, evaluate, grad_norm
-from .distributed import all_reduce_totals, average_float_buffers, gather_objects, is_main_process, set_epoch, unwrap
+from .distributed import (
+    all_reduce_totals,
+    average_float_buffers,
+    gather_objects,
+    is_main_process,
+    own_examples,
+    set_epoch,
+    unwrap,
+)
 from .lottery import to_dense_model
 from .nn import SparseWeightMixin
 
@@ -333,7 +341,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     Under DDP (``model`` a DistributedDataParallel; every rank calls ``fit`` with its shard of the data, see
     ``sparsekern.data.make_loaders``): each epoch starts with ``set_epoch`` on the training sampler; the
     epoch's train loss and accuracy and the validation numbers are those of all ranks together (the same on
-    every rank); BatchNorm's running statistics are averaged over ranks before validation; only rank 0
+    every rank, and without the examples DistributedSampler repeats to pad the shards to equal length);
+    BatchNorm's running statistics are averaged over ranks before validation; only rank 0
     writes the log and checkpoints and prints. The per-step losses in the log are rank 0's. A checkpoint's
     model is rank 0's (mid-epoch, its BatchNorm statistics are rank 0's own until the epoch's average).
     """
@@ -353,22 +362,32 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
                               _length(train_loader))
         log, step, first_epoch = resumed["log"], resumed["step"], resumed["epochs_done"]
     held_out = next(iter(val_loader)) if val_loader is not None and grad_flow_every else None
+    # DistributedSampler repeats examples to give every rank as many: the epoch's train numbers leave them out
+    own = own_examples(train_loader)
     probe = GradFlowProbe(held_out, grad_flow_every, per_param=True, loss_fn=loss_fn, records=log["grad_flow"])
     for epoch in range(first_epoch, epochs):
         midway = resumed if resumed is not None and epoch == first_epoch and resumed["epoch_steps"] else None
         loader_state = generator.get_state() if generator is not None else None  # this epoch's order
         start = time.perf_counter() - (midway["epoch_seconds"] if midway else 0.0)
         set_epoch(train_loader, epoch)
-        totals = dict(midway["totals"]) if midway else {"loss": 0.0, "correct": 0, "count": 0, "updates": 0,
-                                                         "step": step}
+        totals = dict(midway["totals"]) if midway else {"loss": 0.0, "correct": 0, "count": 0, "seen": 0,
+                                                         "updates": 0, "step": step}
         epoch_start_step = step - (midway["epoch_steps"] if midway else 0)
 
         def on_step(info: StepInfo, totals=totals) -> None:
-            n = info.target.shape[0]
-            totals["loss"] += info.loss * n
-            c = _correct(info.output, info.target)
+            output, target, loss = info.output, info.target, info.loss
+            n = target.shape[0]
+            if own is not None and totals["seen"] + n > own:  # the epoch's last batch: the sampler's padding
+                keep = max(own - totals["seen"], 0)
+                output, target = output[:keep], target[:keep]
+                with torch.no_grad():
+                    loss = float(loss_fn(output, target)) if keep else 0.0
+            totals["seen"] += n
+            k = target.shape[0]
+            totals["loss"] += loss * k
+            c = _correct(output, target)
             totals["correct"] = None if c is None or totals["correct"] is None else totals["correct"] + c
-            totals["count"] += n
+            totals["count"] += k
             totals["updates"] += info.pattern_changed
             totals["step"] = info.step
             if log_every and info.step % log_every == 0:

@@ -315,3 +315,27 @@ def test_state_digest_tells_models_apart():
     same[values] = same[values].clone()
     same[values][0] = torch.nextafter(same[values][0], torch.tensor(math.inf))  # one ulp
     assert distributed.state_digest(state) != distributed.state_digest(same)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_fit_train_numbers_leave_out_the_samplers_padding(rank):
+    """51 examples on 3 ranks: 17 each, no padding; on 2 ranks (below) 26 each, rank 1's last one a repeat. With the
+    learning rate 0 the epoch's train loss and accuracy are those of the rank's own examples exactly."""
+    splits = make_synthetic(n_train=51, n_val=8, n_test=8)
+    torch.manual_seed(0)
+    for replicas in (2, 3):
+        if rank >= replicas:
+            continue
+        loader = make_loaders(splits.train, 8, shuffle=True, seed=3, num_replicas=replicas, rank=rank)
+        own = len(range(rank, 51, replicas))
+        assert distributed.own_examples(loader) == (None if 51 % replicas == 0 else own)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(splits.train.images[0].numel(), 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        distributed.set_epoch(loader, 0)
+        indices = [i for batch in loader.sampler for i in batch][:own]  # the sampler's order, padding dropped
+        x, y = splits.train[indices]
+        with torch.no_grad():
+            out = model(x)
+        record = fit(model, loader, None, 1, optimizer, progress=False)["epochs"][0]
+        assert record["train_loss"] == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-6)
+        assert record["train_accuracy"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
