@@ -243,6 +243,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_run(args: argparse.Namespace, context) -> int:
+    import hashlib
     import json
     import time
     from pathlib import Path
@@ -284,11 +285,18 @@ def _train_run(args: argparse.Namespace, context) -> int:
         delta_t = args.delta_t or max(1, min(100, int(0.75 * total_steps) // 10))
         algo = dst_algorithms.create(args.method, trained, optimizer, max(total_steps, 1), delta_t=delta_t,
                                      generator=torch.Generator().manual_seed(args.seed))
-    out = Path(args.out) / "train" / f"{args.model}-{args.data}-{args.method}-d{args.density}-s{args.seed}"
     run_args = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
     # what a resumed run must share with the run it continues (the rest only says how to run it)
     meta = {"args": {k: v for k, v in run_args.items() if k not in _RUN_ONLY}, "world_size": context.world_size}
+    # one directory per setting: runs that differ in any other argument (--lr, --epochs, --data-dir...) do not
+    # overwrite each other, and --resume finds the run of its arguments
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    out = (Path(args.out) / "train" /
+           f"{args.model}-{args.data}-{args.method}-d{args.density}-s{args.seed}-{digest}")
     resume = _resume_state(args, out / "checkpoint.pt", meta) if args.resume else None
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(meta, indent=1, default=str))
     start = time.perf_counter()
     try:
         log = fit(trained, train_loader, val_loader, args.epochs, optimizer, scheduler=scheduler, dst=algo,
@@ -312,7 +320,6 @@ def _train_run(args: argparse.Namespace, context) -> int:
         agree = len(set(digests)) == 1
         summary["rank_model_digests"] = digests
     if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)  # fit creates it only when it writes a log (not at --epochs 0)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         print(f"test accuracy {test['accuracy']:.4f}  test loss {test['loss']:.4f}  ({summary['seconds']:.0f} s); "
               f"log: {out / 'log.json'}")
@@ -328,26 +335,38 @@ _RUN_ONLY = ("no_progress", "device", "default_malloc", "resume", "checkpoint_ev
 
 def _resume_state(args: argparse.Namespace, path, meta: dict) -> dict:
     """The checkpoint ``train --resume`` continues from, checked to come from a run of these arguments."""
+    import json
+
     from .train import read_fit_checkpoint
 
     if not path.is_file():
+        # runs of the same model, data, method, density and seed with checkpoints: say how their arguments differ
+        prefix = path.parent.name.rsplit("-", 1)[0]
+        near = [f"{other.parent.name} ({'; '.join(_differences(json.loads(other.read_text()), meta))})"
+                for other in sorted(path.parent.parent.glob(f"{prefix}-*/args.json"))
+                if (other.parent / "checkpoint.pt").is_file()]
         args.parser.error(f"argument --resume: no checkpoint at {path} (a run writes one with --checkpoint-every N; "
-                          "--out and the run's arguments name its directory)")
+                          "--out and the run's arguments name its directory)" +
+                          (f"; beside it, checkpoints of runs with other arguments: {', '.join(near)}" if near else ""))
     try:
         state = read_fit_checkpoint(path)
     except ValueError as err:
         args.parser.error(f"argument --resume: {err}")
-    saved = state.get("meta") or {}
-    if saved.get("world_size") != meta["world_size"]:
-        args.parser.error(f"argument --resume: {path} was written by a run of {saved.get('world_size')} process(es), "
-                          f"this one has {meta['world_size']}")
-    theirs, ours = saved.get("args", {}), meta["args"]
-    differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {ours.get(k)!r} here"
-              for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    differ = _differences(state.get("meta") or {}, meta)
     if differ:
         args.parser.error(f"argument --resume: {path} is from a run with other arguments ({'; '.join(differ)}); "
                           "resume with the run's own")
     return state
+
+
+def _differences(theirs: dict, ours: dict) -> list:
+    """How a run's setting (``{"args": ..., "world_size": ...}``) differs from this one's, as flags."""
+    differ = [f"--{k.replace('_', '-')} {theirs.get('args', {}).get(k)!r} there, {ours['args'].get(k)!r} here"
+              for k in sorted(set(theirs.get("args", {})) | set(ours["args"]))
+              if theirs.get("args", {}).get(k) != ours["args"].get(k)]
+    if theirs.get("world_size") != ours["world_size"]:
+        differ.append(f"{theirs.get('world_size')} process(es) there, {ours['world_size']} here")
+    return differ
 
 
 def _demo(args: argparse.Namespace) -> int:

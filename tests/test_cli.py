@@ -140,9 +140,24 @@ def test_train_command_resume_needs_the_runs_checkpoint_and_arguments(tmp_path, 
         main([*RESUME_ARGS, "--out", out, "--resume"])
     assert "argument --resume: no checkpoint at" in capsys.readouterr().err
     assert main([*RESUME_ARGS, "--epochs", "1", "--out", out]) == 0  # its run directory has a checkpoint now
+    runs = list((tmp_path / "train").glob("*"))
+    assert len(runs) == 1 and json.loads((runs[0] / "args.json").read_text())["args"]["epochs"] == 1
+    # other arguments name another directory, without a checkpoint: the error says how the runs beside it differ
     for changed, phrase in ((["--epochs", "2"], "--epochs 1 there, 2 here"),
                             (["--epochs", "1", "--lr", "0.1"], "--lr 0.05 there, 0.1 here")):
         with pytest.raises(SystemExit):
             main([*RESUME_ARGS, *changed, "--out", out, "--resume"])
         err = capsys.readouterr().err
-        assert "is from a run with other arguments" in err and phrase in err, err
+        assert "no checkpoint at" in err and f"checkpoints of runs with other arguments: {runs[0].name}" in err
+        assert phrase in err, err
+    # a checkpoint moved into another run's directory is refused by its own record of the arguments
+    other = tmp_path / "train" / (runs[0].name.rsplit("-", 1)[0] + "-00000000")
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((runs[0] / "checkpoint.pt").read_bytes())
+    import sparsekern.cli as cli
+
+    with pytest.raises(SystemExit):
+        cli._resume_state(build_parser().parse_args([*RESUME_ARGS, "--epochs", "2", "--resume"]),
+                          other / "checkpoint.pt", {"args": {"epochs": 2}, "world_size": 1})
+    err = capsys.readouterr().err
+    assert "is from a run with other arguments" in err and "--epochs 1 there, 2 here" in err, err

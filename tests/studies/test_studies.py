@@ -83,10 +83,10 @@ class _Stopped(Exception):
 
 def _without_times(results: dict) -> dict:
     """results.json less what differs between two runs of one config: wall time, step times, jobs reused."""
-    drop = ("seconds", "jobs_reused", "seconds_per_step")
-    strip = (lambda o: {k: strip(v) for k, v in o.items() if k not in drop} if isinstance(o, dict) else
-             [strip(v) for v in o] if isinstance(o, list) else o)
-    return strip(results)
+    if isinstance(results, dict):
+        return {k: _without_times(v) for k, v in results.items()
+                if k not in ("seconds", "jobs_reused", "seconds_per_step")}
+    return [_without_times(v) for v in results] if isinstance(results, list) else results
 
 
 def test_a_stopped_study_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys, deterministic):
