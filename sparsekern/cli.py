@@ -110,6 +110,7 @@ _device.__name__ = "device"
 _DENSITY = _float_in(0.0, 1.0, what=" (the fraction of weights kept)")
 _POSITIVE = _float_in(0.0, float("inf"))
 _NON_NEGATIVE = _float_in(0.0, float("inf"), low_open=False)
+_FRACTION = _float_in(0.0, 1.0, low_open=False, what=" (a fraction of the steps)")
 DATA_CHOICES = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
 NEEDS_DATA_DIR = ("fashion-mnist", "cifar10")
 
@@ -255,7 +256,7 @@ def _train_run(args: argparse.Namespace, context) -> int:
     from .models import build_model
     from .nn import fast_modules
     from .sparsity import sparsify
-    from .train import ResumeError, evaluate, fit
+    from .train import ResumeError, evaluate, fit, lr_scheduler
 
     torch.manual_seed(args.seed)  # every rank builds the same model and the same patterns from the seed
     splits = load_data(args.data, args.data_dir, image_size=args.image_size)
@@ -277,7 +278,7 @@ def _train_run(args: argparse.Namespace, context) -> int:
     optimizer = torch.optim.SGD(trained.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     total_steps = args.epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(total_steps, 1))
+    scheduler = lr_scheduler(optimizer, total_steps, args.lr_schedule, int(args.warmup * total_steps))
     algo = None
     if args.method != "dense":
         # Given the DDP wrapper, as the algorithms are tested (SNFS refuses redistribution under it).
@@ -467,6 +468,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="examples per step and per process: under torchrun each of the N processes takes its "
                             "own batches of this size (the DDP convention), so a step sees N times as many")
     train.add_argument("--lr", type=_POSITIVE, default=0.05)
+    train.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine",
+                       help="per step: cosine to 0, step (x0.1 at 50 %% and 75 %% of the steps) or constant "
+                            "(default: cosine)")
+    train.add_argument("--warmup", type=_FRACTION, default=0.0,
+                       help="ramp the learning rate up linearly over this fraction of the steps (default: 0; the "
+                            "studies take 0.05, as a full-rate first step can diverge)")
     train.add_argument("--momentum", type=_NON_NEGATIVE, default=0.9)
     train.add_argument("--weight-decay", type=_NON_NEGATIVE, default=5e-4)
     train.add_argument("--delta-t", type=_int_at_least(1), default=None,

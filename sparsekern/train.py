@@ -37,9 +37,9 @@ from .distributed import (
 from .lottery import to_dense_model
 from .nn import SparseWeightMixin
 
-__all__ = ["LR_SCHEDULES", "GradFlowProbe", "StepInfo", "train_steps", "Trainer", "TrainResult", "fit", "evaluate",
-           "Evaluation", "save_checkpoint", "load_checkpoint", "read_fit_checkpoint", "ResumeError",
-           "dense_state"]
+__all__ = ["LR_SCHEDULES", "lr_factor", "lr_scheduler", "GradFlowProbe", "StepInfo", "train_steps", "Trainer",
+           "TrainResult", "fit", "evaluate", "Evaluation", "save_checkpoint", "load_checkpoint",
+           "read_fit_checkpoint", "ResumeError", "dense_state"]
 
 LR_SCHEDULES = ("constant", "cosine", "step")
 
@@ -48,6 +48,28 @@ def _check_int(where: str, name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def lr_factor(step: int, total: int, schedule: str = "cosine", warmup_steps: int = 0) -> float:
+    """The learning rate of ``step`` (from 0) of ``total`` as a fraction of the peak: ``cosine`` (to 0),
+    ``step`` (x0.1 at 50 % and 75 %) or ``constant``, ramped up linearly over the first ``warmup_steps``."""
+    ramp = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "cosine":
+        return ramp * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    if schedule == "step":
+        return ramp * (0.01 if step >= 0.75 * total else 0.1 if step >= 0.5 * total else 1.0)
+    if schedule == "constant":
+        return ramp
+    raise ValueError(f"lr_factor: schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, total: int, schedule: str = "cosine",
+                 warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step scheduler of ``optimizer`` following ``lr_factor`` (what ``Trainer`` runs, for ``fit``)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_scheduler: schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    _check_int("lr_scheduler", "warmup_steps", warmup_steps, 0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, schedule, warmup_steps))
 
 
 # -- hooks ---------------------------------------------------------------------------------------
@@ -247,15 +269,7 @@ class Trainer:
         self.last_dst = None
 
     def lr_at(self, step: int) -> float:
-        ramp = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
-        return ramp * self._scheduled_lr(step)
-
-    def _scheduled_lr(self, step: int) -> float:
-        if self.lr_schedule == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / max(self.steps, 1)))
-        if self.lr_schedule == "step":
-            return self.lr * (0.01 if step >= 0.75 * self.steps else 0.1 if step >= 0.5 * self.steps else 1.0)
-        return self.lr
+        return self.lr * lr_factor(step, self.steps, self.lr_schedule, self.warmup_steps)
 
     def batch_indices(self, step: int) -> List[int]:
         """The indices of the batch of ``step``: epoch e's order is a permutation seeded by (seed, e)."""

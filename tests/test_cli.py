@@ -161,3 +161,14 @@ def test_train_command_resume_needs_the_runs_checkpoint_and_arguments(tmp_path, 
                           other / "checkpoint.pt", {"args": {"epochs": 2}, "world_size": 1})
     err = capsys.readouterr().err
     assert "is from a run with other arguments" in err and "--epochs 1 there, 2 here" in err, err
+
+
+def test_train_command_passes_its_schedule_and_warmup(tmp_path, monkeypatch):
+    import sparsekern.train as train_module
+
+    made = []
+    real = train_module.lr_scheduler
+    monkeypatch.setattr(train_module, "lr_scheduler", lambda *a: made.append(a[1:]) or real(*a))
+    assert main(["train", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--lr-schedule", "step",
+                 "--warmup", "0.25", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert made == [(8, "step", 2)]  # 2 epochs of 4 steps, a quarter of them warming up

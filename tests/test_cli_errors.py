@@ -52,6 +52,8 @@ ERROR_INPUTS = [
     ("train: negative weight decay", ["train", "--weight-decay=-1e-4"], "--weight-decay", "must lie in [0, inf]"),
     ("train: density 2", ["train", "--density", "2"], "--density", "must lie in (0, 1]"),
     ("train: delta-t 0", ["train", "--delta-t", "0"], "--delta-t", "must be an int >= 1, got 0"),
+    ("train: warmup over 1", ["train", "--warmup", "1.5"], "--warmup", "must lie in [0, 1] (a fraction of the steps)"),
+    ("train: unknown schedule", ["train", "--lr-schedule", "linear"], "--lr-schedule", "invalid choice"),
     ("train: unknown method", ["train", "--method", "magnitude"], "--method", "invalid choice"),
     ("train: unknown model", ["train", "--model", "vgg"], "--model", "got 'vgg'"),
     ("train: fashion without data-dir", ["train", "--data", "fashion-mnist"], "--data-dir", "needs the directory"),

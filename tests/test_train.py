@@ -238,3 +238,27 @@ def test_fit_resume_checks_everything_before_changing_anything(tmp_path, monkeyp
     save_checkpoint(tmp_path / "bare.pt", model, optimizer, algo, step=3)
     refused("not written by fit", resume=tmp_path / "bare.pt")
     refused("not a checkpoint written by fit", resume={"step": 3})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step", "constant"])
+def test_fit_with_lr_scheduler_runs_the_trainers_schedule(schedule):
+    """``lr_scheduler`` gives ``fit`` the schedule ``Trainer`` runs: each logged step's learning rate is the peak times
+    ``lr_factor`` of that step, warm-up included."""
+    from sparsekern.train import lr_factor, lr_scheduler
+
+    data = make_synthetic(num_classes=4, image_size=8, n_train=256, seed=1)
+    train, _, _ = data.loaders(32, seed=2)
+    model = _mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = 2 * len(train)
+    log = fit(model, train, None, 2, optimizer, scheduler=lr_scheduler(optimizer, total, schedule, warmup_steps=3),
+              scheduler_interval="step", log_every=1, progress=False)
+    expected = [0.1 * lr_factor(i, total, schedule, 3) for i in range(total)]
+    assert [s["lr"] for s in log["steps"]] == pytest.approx(expected, rel=1e-12)
+    assert expected[0] == pytest.approx(0.1 / 3) and expected[2] == pytest.approx(0.1 * lr_factor(2, total, schedule))
+    trainer = Trainer(data.train, total, lr=0.1, lr_schedule=schedule, warmup_steps=3)
+    assert [trainer.lr_at(i) for i in range(total)] == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_scheduler(optimizer, total, "linear")
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
+        lr_scheduler(optimizer, total, schedule, warmup_steps=-1)
