@@ -176,6 +176,7 @@ def _study_config(args: argparse.Namespace, name: str):
         overrides["progress"] = False
     if args.fresh:
         overrides["fresh"] = True
+    overrides["grad_flow_data"] = args.grad_flow_data
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return module, (config_cls.quick_config(**overrides) if args.quick else config_cls(**overrides))
 
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="study all: directory of the report (README.md, and each study's summary, results and "
                             "plots); default: <out>/report")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    study.add_argument("--grad-flow-data", choices=("val", "train"), default=None,
+                       help="the fixed batch gradient norms are measured on: the first 1000 validation images "
+                            "(default) or training images (train: as the paper's code)")
     study.add_argument("--fresh", action="store_true",
                        help="train every job again (default: a job that an earlier run of the same config and code "
                             "finished, kept in <run dir>/jobs/, is read, so a stopped study goes on where it stopped)")

@@ -18,6 +18,8 @@ def test_parser_reads_every_subcommand():
                               "0.1", "--method", "snfs", "--epochs", "3"])
     assert (args.model, args.data, args.density, args.method, args.epochs) == ("resnet20", "cifar10", 0.1, "snfs", 3)
     assert parser.parse_args(["demo", "--quick"]).quick
+    assert parser.parse_args(["study", "dst"]).grad_flow_data is None
+    assert parser.parse_args(["study", "dst", "--grad-flow-data", "train"]).grad_flow_data == "train"
     assert parser.parse_args(["bench", "--quick"]).command == "bench"
     for bad in (["study", "pruning"], ["train", "--method", "magnitude"], ["study", "dst", "--data", "imagenet"]):
         with pytest.raises(SystemExit):
@@ -37,10 +39,11 @@ def test_demo_quick_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 def test_study_command_maps_options_onto_the_config(tmp_path, capsys):
     assert main(["study", "lottery", "--quick", "--densities", "0.25", "--model", "mlp", "--steps", "20",
-                 "--seeds", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+                 "--seeds", "3", "--grad-flow-data", "train", "--out", str(tmp_path), "--no-progress"]) == 0
     assert "Lottery tickets" in capsys.readouterr().out
     config = json.loads(next((tmp_path / "lottery").glob("*/config.json")).read_text())
-    assert (config["rounds"], config["steps"], config["seeds"], config["model"]) == (2, 20, [3], "mlp")
+    assert (config["rounds"], config["steps"], config["seeds"], config["model"], config["grad_flow_data"]) == (
+        2, 20, [3], "mlp", "train")
 
 
 def test_train_command_trains_and_logs(tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Gradient flow as the paper measures it: the L2 norm of the loss gradient on one fixed batch, without
 regularization terms, in training mode, over the active weights and over all weights (the dense gradient). The
-paper's code takes 1000 training examples for the batch; the studies here take 1000 validation examples
-(``studies.common.held_out_batch``), so that the norm late in training is not that of examples trained on."""
+paper's code takes 1000 training examples for the batch; the studies here take 1000 validation examples by
+default, so that the norm late in training is not that of examples trained on, and the paper's batch with
+``grad_flow_data="train"`` (``studies.common.grad_flow_batch``; ``sparsekern study --grad-flow-data train``)."""
 from __future__ import annotations
 
 import contextlib

@@ -25,8 +25,8 @@ from ..data import MNIST_SUBSET_SPLIT, DataSplits, load_data
 from ..models import build_model
 
 __all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "Jobs", "code_digest", "report_reuse",
-           "load_splits", "study_model", "held_out_batch", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS",
-           "scaled_steps", "data_note", "small_data"]
+           "load_splits", "study_model", "grad_flow_batch", "grad_flow_note", "GRAD_FLOW_DATA", "mean_std", "fmt",
+           "plt", "PAPER_STEPS", "DEFAULT_SEEDS", "scaled_steps", "data_note", "small_data"]
 
 # rigl_tf2's LeNet-5 / MNIST run: 11,719 steps at batch 128 (25 epochs of 60,000 images).
 PAPER_STEPS = 11719
@@ -52,9 +52,17 @@ class TrainingConfig:
     quick: bool = False
     out: str = "results"
     progress: bool = True
-    fresh: bool = False  # recompute jobs an earlier run of this config finished (see ``job``)
+    fresh: bool = False  # recompute jobs an earlier run of this config finished (see ``Jobs``)
+    # the fixed batch gradient norms are measured on: the first 1000 validation images ("val"), or the first 1000
+    # training images ("train", as the paper's code), see ``grad_flow_batch``
+    grad_flow_data: str = "val"
 
     QUICK = {}
+
+    def __post_init__(self):
+        if self.grad_flow_data not in GRAD_FLOW_DATA:
+            raise ValueError(f"{type(self).__name__}: grad_flow_data must be one of {GRAD_FLOW_DATA}, "
+                             f"got {self.grad_flow_data!r}")
 
     @classmethod
     def quick_config(cls, **overrides):
@@ -78,11 +86,14 @@ def config_hash(config) -> str:
 
 
 def _hashed_fields(config) -> dict:
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_HASHED}
+    # fields added later hash only when set off their default, so that earlier runs keep their directories
+    return {k: v for k, v in fields.items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
 
 # where results go, how progress shows and whether finished jobs are reused do not change the results
 _NOT_HASHED = ("out", "progress", "fresh")
+_LATER_FIELDS = {"grad_flow_data": "val"}
 
 
 def run_dir(study: str, config) -> Path:
@@ -186,10 +197,24 @@ def study_model(name: str, splits: DataSplits, seed: int, density: float = 1.0, 
                        distribution=distribution, init=init)
 
 
-def held_out_batch(splits: DataSplits, size: int = 1000) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The first ``size`` validation examples: the fixed batch gradient norms are measured on."""
-    n = min(size, len(splits.val))
-    return splits.val[list(range(n))]
+GRAD_FLOW_DATA = ("val", "train")
+
+
+def grad_flow_batch(splits: DataSplits, data: str = "val", size: int = 1000) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch gradient norms are measured on: the first ``size`` validation examples (``data="val"``,
+    the studies' default: late in training the norm is not that of examples trained on) or training examples
+    (``"train"``, as the paper's code measures it)."""
+    if data not in GRAD_FLOW_DATA:
+        raise ValueError(f"grad_flow_batch: data must be one of {GRAD_FLOW_DATA}, got {data!r}")
+    split = splits.val if data == "val" else splits.train
+    return split[list(range(min(size, len(split))))]
+
+
+def grad_flow_note(config, splits: DataSplits) -> str:
+    """How a summary names the gradient-norm batch."""
+    if config.grad_flow_data == "train":
+        return f"the first {min(1000, len(splits.train))} training images (as the paper's code)"
+    return f"a fixed held-out batch of {min(1000, len(splits.val))} validation images"
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:

@@ -12,7 +12,7 @@ from .. import dst as dst_algorithms
 from ..models import build_model
 from ..sparsity import sparsify
 from ..train import Trainer
-from .common import held_out_batch, load_splits, plt, write_json
+from .common import grad_flow_batch, load_splits, plt, write_json
 
 
 @dataclass
@@ -33,7 +33,7 @@ class DemoConfig:
 
 def run(config: DemoConfig) -> dict:
     splits = load_splits("digits", None)
-    held_out = held_out_batch(splits)
+    held_out = grad_flow_batch(splits)
     _, _, test_loader = splits.loaders(config.batch_size)
     steps = 60 if config.quick else config.steps
     dense = build_model("mlp", splits.num_classes, splits.in_channels, splits.image_size, config.seed,

@@ -26,7 +26,8 @@ from .common import (
     compare,
     data_note,
     fmt,
-    held_out_batch,
+    grad_flow_batch,
+    grad_flow_note,
     load_splits,
     mean_std,
     plt,
@@ -76,7 +77,7 @@ def run(config: DSTConfig) -> dict:
     out = run_dir(STUDY, config)
     splits = load_splits(config.data, config.data_dir)
     delta_t = config.delta_t or (100 if steps >= 5000 else 20)
-    held_out = held_out_batch(splits)
+    held_out = grad_flow_batch(splits, config.grad_flow_data)
     _, _, test_loader = splits.loaders(config.batch_size)
     jobs = [(d, m, s) for d in config.densities for m in config.methods for s in config.seeds]
     if config.dense_baseline:
@@ -202,8 +203,9 @@ def _summary(config, splits, steps, delta_t, table, verdict) -> str:
              f"lr {config.lr}, {config.lr_schedule} decay, weight decay {config.weight_decay}); mask updates every "
              f"{delta_t} steps until {int(100 * config.end_fraction)} % of training, drop fraction "
              f"{config.drop_fraction} (cosine decay); seeds {list(config.seeds)} (every method of a seed starts from "
-             "the same init and mask and sees the same batches). Gradient norm over the active weights on a fixed "
-             f"held-out batch, every {config.grad_flow_every} steps; 'mean' averages it over training.",
+             "the same init and mask and sees the same batches). Gradient norm over the active weights on "
+             f"{grad_flow_note(config, splits)}, every {config.grad_flow_every} steps; 'mean' averages it over "
+             "training.",
              "", data_note(config, splits, steps), ""]
     if not small_data(config) and steps < 5000:
         lines += [f"*Scaled down:* the paper updates masks every 100 of 11,719 steps; here every {delta_t} of "

@@ -25,7 +25,8 @@ from .common import (
     compare,
     data_note,
     fmt,
-    held_out_batch,
+    grad_flow_batch,
+    grad_flow_note,
     load_splits,
     mean_std,
     plt,
@@ -64,7 +65,7 @@ def run(config: GradientFlowConfig) -> dict:
     config = dataclasses.replace(config, steps=steps)
     out = run_dir(STUDY, config)
     splits = load_splits(config.data, config.data_dir)
-    held_out = held_out_batch(splits)
+    held_out = grad_flow_batch(splits, config.grad_flow_data)
     _, _, test_loader = splits.loaders(config.batch_size)
     jobs = [(name, d, init, seed) for name in config.models for d in config.densities
             for init in (("dense",) if d >= 1.0 else INITS) for seed in config.seeds]
@@ -201,9 +202,8 @@ def _summary(config, splits, steps, table, verdict) -> str:
              f"Setting: models {', '.join(config.models)}; {steps} SGD steps at batch {config.batch_size} (momentum "
              f"{config.momentum}, lr {config.lr}, {config.lr_schedule} decay, weight decay {config.weight_decay}); "
              f"layer densities {config.distribution.upper()}; seeds {list(config.seeds)} (the two inits of a seed "
-             f"share the mask and the data order); gradient norm over the active weights on a fixed held-out batch of "
-             f"{min(1000, len(splits.val))} validation images, without weight decay, every {config.grad_flow_every} "
-             "steps.",
+             f"share the mask and the data order); gradient norm over the active weights on "
+             f"{grad_flow_note(config, splits)}, without weight decay, every {config.grad_flow_every} steps.",
              "", data_note(config, splits, steps), ""]
     if config.quick:
         lines += ["*Quick run (`--quick`): a smoke-test setting, too short for conclusions about accuracy.*", ""]

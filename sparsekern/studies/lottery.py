@@ -32,7 +32,8 @@ from .common import (
     compare,
     data_note,
     fmt,
-    held_out_batch,
+    grad_flow_batch,
+    grad_flow_note,
     load_splits,
     mean_std,
     plt,
@@ -79,7 +80,7 @@ def run(config: LotteryConfig) -> dict:
     config = dataclasses.replace(config, steps=steps)
     out = run_dir(STUDY, config)
     splits = load_splits(config.data, config.data_dir)
-    held_out = held_out_batch(splits)
+    held_out = grad_flow_batch(splits, config.grad_flow_data)
     train_loader, _, test_loader = splits.loaders(config.batch_size)
     per_seed, done = [], Jobs(out, config.fresh)
     for seed in tqdm(config.seeds, desc=STUDY, disable=not config.progress):
@@ -255,7 +256,8 @@ def _summary(config, splits, steps, per_seed, table, verdict) -> str:
              f"fine-tuned at that mask from step {finetune_from(steps)} to the end of the schedule (the paper's is "
              "a network gradually pruned to its final mask and trained on at it). Scratch: the ticket's mask with a "
              "new draw of the same init (He normal, masked). Random mask: the ticket's per-layer densities at random "
-             "positions, with the rewound weights.",
+             f"positions, with the rewound weights. Gradient norms on {grad_flow_note(config, splits)}, every "
+             f"{config.grad_flow_every} steps.",
              ""]
     lines += [data_note(config, splits, steps), ""]
     if config.quick:

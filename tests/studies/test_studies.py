@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 from sparsekern.studies import DSTConfig, GradientFlowConfig, LotteryConfig, dst, gradient_flow, lottery
 from sparsekern.studies.common import config_hash
@@ -68,6 +69,29 @@ def test_config_hash_names_the_setting_not_the_output():
     a = LotteryConfig(out="x", progress=True)
     assert config_hash(a) == config_hash(LotteryConfig(out="y", progress=False, fresh=True))
     assert config_hash(a) != config_hash(LotteryConfig(rounds=5))
+
+
+def test_grad_flow_data_picks_the_batch_and_keeps_earlier_hashes(tmp_path):
+    """The gradient-norm batch: validation images by default, training images as the paper's code; the default
+    leaves the config hash as it was before the field existed (docs/studies' runs keep their directories)."""
+    from sparsekern.studies.common import _hashed_fields, grad_flow_batch, load_splits
+
+    assert "grad_flow_data" not in _hashed_fields(DSTConfig())
+    assert config_hash(DSTConfig()) == config_hash(DSTConfig(grad_flow_data="val"))
+    assert config_hash(DSTConfig()) != config_hash(DSTConfig(grad_flow_data="train"))
+    splits = load_splits("digits", None)
+    for data, split in (("val", splits.val), ("train", splits.train)):
+        x, y = grad_flow_batch(splits, data)
+        n = min(1000, len(split))
+        assert torch.equal(x, split[list(range(n))][0]) and torch.equal(y, split[list(range(n))][1])
+    with pytest.raises(ValueError, match="data must be one of"):
+        grad_flow_batch(splits, "test")
+    with pytest.raises(ValueError, match="grad_flow_data must be one of"):
+        DSTConfig(grad_flow_data="test")
+    config = DSTConfig.quick_config(out=str(tmp_path), steps=4, methods=("static",), grad_flow_data="train",
+                                    progress=False)
+    result = dst.run(config)
+    assert "the first 1000 training images (as the paper's code)" in _files(result)
 
 
 def test_quick_settings_use_digits_and_defaults_the_paper_setting():
