@@ -177,6 +177,8 @@ def _study_config(args: argparse.Namespace, name: str):
     if args.fresh:
         overrides["fresh"] = True
     overrides["grad_flow_data"] = args.grad_flow_data
+    if args.measured_kernels:
+        overrides["deterministic"] = False
     overrides = {k: v for k, v in overrides.items() if v is not None}
     return module, (config_cls.quick_config(**overrides) if args.quick else config_cls(**overrides))
 
@@ -449,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--grad-flow-data", choices=("val", "train"), default=None,
                        help="the fixed batch gradient norms are measured on: the first 1000 validation images "
                             "(default) or training images (train: as the paper's code)")
+    study.add_argument("--measured-kernels", action="store_true",
+                       help="let each sparse layer time its kernels (faster; two runs can then differ in the last "
+                            "bits, which training amplifies); default: torch's deterministic algorithms and the "
+                            "density rule, the same numbers on every run")
     study.add_argument("--fresh", action="store_true",
                        help="train every job again (default: a job that an earlier run of the same config and code "
                             "finished, kept in <run dir>/jobs/, is read, so a stopped study goes on where it stopped)")

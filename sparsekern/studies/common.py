@@ -8,6 +8,7 @@ setting (8x8 digits upsampled to 16x16); ``--data mnist --data-dir PATH`` the fu
 paper's 11,719 steps."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -25,8 +26,9 @@ from ..data import MNIST_SUBSET_SPLIT, DataSplits, load_data
 from ..models import build_model
 
 __all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "Jobs", "code_digest", "report_reuse",
-           "load_splits", "study_model", "grad_flow_batch", "grad_flow_note", "GRAD_FLOW_DATA", "mean_std", "fmt",
-           "plt", "PAPER_STEPS", "DEFAULT_SEEDS", "scaled_steps", "data_note", "small_data"]
+           "deterministic_algorithms", "load_splits", "study_model", "grad_flow_batch", "grad_flow_note",
+           "GRAD_FLOW_DATA", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS", "scaled_steps", "data_note",
+           "small_data"]
 
 # rigl_tf2's LeNet-5 / MNIST run: 11,719 steps at batch 128 (25 epochs of 60,000 images).
 PAPER_STEPS = 11719
@@ -56,6 +58,9 @@ class TrainingConfig:
     # the fixed batch gradient norms are measured on: the first 1000 validation images ("val"), or the first 1000
     # training images ("train", as the paper's code), see ``grad_flow_batch``
     grad_flow_data: str = "val"
+    # every job under torch's deterministic algorithms (each sparse layer's kernel by the density rule, none timed):
+    # a study run twice gives the same numbers; False measures the kernels (faster; the last bits can differ)
+    deterministic: bool = True
 
     QUICK = {}
 
@@ -93,7 +98,7 @@ def _hashed_fields(config) -> dict:
 
 # where results go, how progress shows and whether finished jobs are reused do not change the results
 _NOT_HASHED = ("out", "progress", "fresh")
-_LATER_FIELDS = {"grad_flow_data": "val"}
+_LATER_FIELDS = {"grad_flow_data": "val", "deterministic": True}
 
 
 def run_dir(study: str, config) -> Path:
@@ -139,8 +144,9 @@ class Jobs:
     recomputes them all. Every record, computed or read, is the JSON round trip of what the job returned, so
     both read alike."""
 
-    def __init__(self, out: Path, fresh: bool = False):
-        self.dir, self.fresh, self.reused, self.stale = Path(out) / "jobs", fresh, 0, 0
+    def __init__(self, out: Path, fresh: bool = False, deterministic: bool = True):
+        self.dir, self.fresh, self.deterministic = Path(out) / "jobs", fresh, deterministic
+        self.reused = self.stale = 0
 
     def run(self, key: str, compute: Callable[[], dict]) -> dict:
         path = self.dir / f"{key}.json"
@@ -153,7 +159,9 @@ class Jobs:
                 self.reused += 1
                 return saved["record"]
             self.stale += 1
-        text = json.dumps({"code": code_digest(), "key": key, "record": compute()}, default=_jsonable)
+        with deterministic_algorithms(self.deterministic):
+            record = compute()
+        text = json.dumps({"code": code_digest(), "key": key, "record": record}, default=_jsonable)
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
@@ -169,6 +177,18 @@ class Jobs:
         if self.stale:
             parts.append(f"{self.stale} records there from other code or cut short were trained again")
         return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` inside, as it was after (warnings only where an op has no
+    deterministic implementation)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def report_reuse(jobs: Jobs, total: int) -> None:

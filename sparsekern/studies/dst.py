@@ -82,7 +82,7 @@ def run(config: DSTConfig) -> dict:
     jobs = [(d, m, s) for d in config.densities for m in config.methods for s in config.seeds]
     if config.dense_baseline:
         jobs = [(1.0, "dense", s) for s in config.seeds] + jobs
-    runs, done = [], Jobs(out, config.fresh)
+    runs, done = [], Jobs(out, config.fresh, config.deterministic)
     for density, method, seed in tqdm(jobs, desc=STUDY, disable=not config.progress):
         def job(density=density, method=method, seed=seed) -> dict:
             trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,

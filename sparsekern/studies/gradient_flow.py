@@ -69,7 +69,7 @@ def run(config: GradientFlowConfig) -> dict:
     _, _, test_loader = splits.loaders(config.batch_size)
     jobs = [(name, d, init, seed) for name in config.models for d in config.densities
             for init in (("dense",) if d >= 1.0 else INITS) for seed in config.seeds]
-    runs, done = [], Jobs(out, config.fresh)
+    runs, done = [], Jobs(out, config.fresh, config.deterministic)
     for name, density, init, seed in tqdm(jobs, desc=STUDY, disable=not config.progress):
         def job(name=name, density=density, init=init, seed=seed) -> dict:
             trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,

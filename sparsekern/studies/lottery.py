@@ -82,7 +82,7 @@ def run(config: LotteryConfig) -> dict:
     splits = load_splits(config.data, config.data_dir)
     held_out = grad_flow_batch(splits, config.grad_flow_data)
     train_loader, _, test_loader = splits.loaders(config.batch_size)
-    per_seed, done = [], Jobs(out, config.fresh)
+    per_seed, done = [], Jobs(out, config.fresh, config.deterministic)
     for seed in tqdm(config.seeds, desc=STUDY, disable=not config.progress):
         def job(seed=seed) -> dict:
             trainer = Trainer(splits.train, steps, config.batch_size, config.lr, config.momentum, config.weight_decay,

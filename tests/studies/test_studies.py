@@ -94,6 +94,26 @@ def test_grad_flow_data_picks_the_batch_and_keeps_earlier_hashes(tmp_path):
     assert "the first 1000 training images (as the paper's code)" in _files(result)
 
 
+def test_study_jobs_run_under_deterministic_algorithms_unless_told(tmp_path):
+    """A study run twice gives the same numbers: every job under torch's deterministic algorithms (the layers'
+    kernels by rule, none timed), the global setting as it was afterwards; deterministic=False (the CLI's
+    --measured-kernels) leaves it alone, and names another run directory."""
+    from sparsekern.cli import _study_config, build_parser
+    from sparsekern.studies.common import Jobs
+
+    seen = []
+    assert not torch.are_deterministic_algorithms_enabled()
+    Jobs(tmp_path / "a").run("job", lambda: seen.append(torch.are_deterministic_algorithms_enabled()) or {})
+    Jobs(tmp_path / "b", deterministic=False).run(
+        "job", lambda: seen.append(torch.are_deterministic_algorithms_enabled()) or {})
+    assert seen == [True, False] and not torch.are_deterministic_algorithms_enabled()
+    assert config_hash(DSTConfig()) == config_hash(DSTConfig(deterministic=True))
+    assert config_hash(DSTConfig()) != config_hash(DSTConfig(deterministic=False))
+    args = build_parser().parse_args(["study", "dst", "--measured-kernels"])
+    assert _study_config(args, "dst")[1].deterministic is False
+    assert _study_config(build_parser().parse_args(["study", "dst"]), "dst")[1].deterministic is True
+
+
 def test_quick_settings_use_digits_and_defaults_the_paper_setting():
     assert GradientFlowConfig.quick_config().data == DSTConfig.quick_config().data == "digits"
     for config in (GradientFlowConfig(), DSTConfig(), LotteryConfig()):
