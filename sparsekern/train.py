@@ -341,9 +341,9 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     flow (``sparsekern.analysis.grad_norm``, per parameter too) on the first validation batch (the current
     training batch without a validation loader); and per epoch the train and validation loss and accuracy
     and the number of pattern updates that changed a pattern. ``checkpoint_every`` steps (and after each
-    epoch, when set) model, optimizer and DST state go to ``checkpoint_path``, with what resuming needs
-    (``fit_state``): the scheduler, the log so far, the position in the data (the epoch, its steps done, the
-    training loader's generator at the epoch's start), the epoch's running totals, the RNG state and, under
+    epoch, when set) model, optimizer and DST state go to ``checkpoint_path``, with what resuming needs: the
+    scheduler, the log so far, the position in the data (the epoch, its steps done, the training loader's
+    generator at the epoch's start), the epoch's running totals, the RNG state and, under
     DDP, each rank's own of these and its BatchNorm statistics; and ``checkpoint_meta`` (the CLI's arguments).
 
     ``resume``: such a checkpoint (a path, or the dict ``torch.load`` gave). Everything it holds is restored
@@ -378,6 +378,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
     held_out = next(iter(val_loader)) if val_loader is not None and grad_flow_every else None
     # DistributedSampler repeats examples to give every rank as many: the epoch's train numbers leave them out
     own = own_examples(train_loader)
+    length = _length(train_loader)
     probe = GradFlowProbe(held_out, grad_flow_every, per_param=True, loss_fn=loss_fn, records=log["grad_flow"])
     for epoch in range(first_epoch, epochs):
         midway = resumed if resumed is not None and epoch == first_epoch and resumed["epoch_steps"] else None
@@ -419,7 +420,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Optional[Iterable]
                     on_step=on_step, checkpoint_every=checkpoint_every, checkpoint_path=checkpoint_path,
                     loss_fn=loss_fn, progress=progress, desc=f"epoch {epoch + 1}/{epochs}", log_every=log_every,
                     device=device, checkpoint_extra=midway_state,
-                    total=_length(train_loader) - (midway["epoch_steps"] if midway else 0))
+                    total=None if length is None else length - (midway["epoch_steps"] if midway else 0))
         step = totals["step"]
         if scheduler is not None and scheduler_interval == "epoch":
             scheduler.step()

@@ -262,3 +262,16 @@ def test_fit_with_lr_scheduler_runs_the_trainers_schedule(schedule):
         lr_scheduler(optimizer, total, "linear")
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0, got -1"):
         lr_scheduler(optimizer, total, schedule, warmup_steps=-1)
+
+
+def test_fit_takes_batches_without_a_length():
+    """Any re-iterable of (x, y) batches, not only a DataLoader: one without ``len`` trains as well."""
+    data = make_synthetic(num_classes=4, image_size=8, n_train=128, seed=1)
+
+    class Batches:
+        def __iter__(self):
+            return (data.train[list(range(i, i + 32))] for i in range(0, 128, 32))
+
+    model = _mlp()
+    log = fit(model, Batches(), None, 2, torch.optim.SGD(model.parameters(), lr=0.05), progress=False)
+    assert [e["step"] for e in log["epochs"]] == [4, 8]
