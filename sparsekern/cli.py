@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="save model, optimizer and DST state every N steps (0: never) to <run>/checkpoint.pt")
     train.add_argument("--resume", action="store_true",
                        help="continue the run from its checkpoint.pt (written with --checkpoint-every; the other "
-                            "arguments must be the run's own, --checkpoint-every, --device and --no-progress aside): "
+                            "arguments must be the run's own, but --checkpoint-every, --deterministic, --device, "
+                            "--no-progress and --default-malloc may differ): "
                             "model, optimizer, DST and scheduler state, the log, the position in the data and the "
                             "RNG state, so the run goes on as if never stopped (bit for bit with --deterministic)")
     train.add_argument("--deterministic", action="store_true",
