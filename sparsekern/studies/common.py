@@ -26,9 +26,9 @@ from ..data import MNIST_SUBSET_SPLIT, DataSplits, load_data
 from ..models import build_model
 
 __all__ = ["TrainingConfig", "config_hash", "run_dir", "write_json", "Jobs", "code_digest", "report_reuse",
-           "deterministic_algorithms", "load_splits", "study_model", "grad_flow_batch", "grad_flow_note",
-           "GRAD_FLOW_DATA", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS", "scaled_steps", "data_note",
-           "small_data"]
+           "deterministic_algorithms", "load_splits", "study_model", "grad_flow_batch", "grad_flow_label",
+           "grad_flow_note", "GRAD_FLOW_DATA", "mean_std", "fmt", "plt", "PAPER_STEPS", "DEFAULT_SEEDS",
+           "scaled_steps", "data_note", "small_data"]
 
 # rigl_tf2's LeNet-5 / MNIST run: 11,719 steps at batch 128 (25 epochs of 60,000 images).
 PAPER_STEPS = 11719
@@ -228,6 +228,11 @@ def grad_flow_batch(splits: DataSplits, data: str = "val", size: int = 1000) -> 
         raise ValueError(f"grad_flow_batch: data must be one of {GRAD_FLOW_DATA}, got {data!r}")
     split = splits.val if data == "val" else splits.train
     return split[list(range(min(size, len(split))))]
+
+
+def grad_flow_label(config) -> str:
+    """What a plot calls the gradient-norm batch."""
+    return "training batch" if config.grad_flow_data == "train" else "held-out batch"
 
 
 def grad_flow_note(config, splits: DataSplits) -> str:

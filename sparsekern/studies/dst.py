@@ -27,6 +27,7 @@ from .common import (
     data_note,
     fmt,
     grad_flow_batch,
+    grad_flow_label,
     grad_flow_note,
     load_splits,
     mean_std,
@@ -181,7 +182,7 @@ def _plot(config, runs, out):
             # the range over seeds (mean - std would cross zero on the log axis)
             ax.fill_between(steps, series.min(0).values.tolist(), series.max(0).values.tolist(),
                             color=line.get_color(), alpha=0.15)
-        ax.set(yscale="log", xlabel="step", ylabel="gradient norm (held-out batch)",
+        ax.set(yscale="log", xlabel="step", ylabel=f"gradient norm ({grad_flow_label(config)})",
                title=f"{config.model}, density {density}")
         ax.legend()
     del densities
@@ -189,7 +190,8 @@ def _plot(config, runs, out):
     fig.savefig(out / "grad_norm_training.png", dpi=110)
     pyplot.close(fig)
     loss_curve([config.model], runs, out / "loss_curve.png",
-               lambda r: "dense" if r["method"] == "dense" else f"{r['method']} d={r['density']}")
+               lambda r: "dense" if r["method"] == "dense" else f"{r['method']} d={r['density']}",
+               grad_flow_label(config))
 
 
 def _summary(config, splits, steps, delta_t, table, verdict) -> str:
@@ -226,6 +228,6 @@ def _summary(config, splits, steps, delta_t, table, verdict) -> str:
         lines += ["No paired comparison (it needs Static among the methods and two or more seeds): no verdict."]
     lines += ["", PAPER, "",
               "Plots: `grad_norm_training.png` (gradient norm vs step, mean over seeds, shaded: min to max, per "
-              "density), `loss_curve.png` (held-out loss vs step).",
+              f"density), `loss_curve.png` (loss on the {grad_flow_label(config)} vs step).",
               "Every number: `results.json`; the setting: `config.json`.", ""]
     return "\n".join(lines)

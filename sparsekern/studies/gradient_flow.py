@@ -26,6 +26,7 @@ from .common import (
     data_note,
     fmt,
     grad_flow_batch,
+    grad_flow_label,
     grad_flow_note,
     load_splits,
     mean_std,
@@ -144,7 +145,8 @@ def _plot(config, runs, table, out):
             rows = [r for r in table if r["model"] == name and (r["init"] == init or r["density"] >= 1.0)]
             ax.errorbar([r["density"] for r in rows], [r["grad_norm_init"]["mean"] for r in rows],
                         yerr=[r["grad_norm_init"]["std"] for r in rows], fmt=style, label=f"{init} init")
-        ax.set(xscale="log", yscale="log", xlabel="density", ylabel="gradient norm at init (held-out batch)",
+        ax.set(xscale="log", yscale="log", xlabel="density",
+               ylabel=f"gradient norm at init ({grad_flow_label(config)})",
                title=name)
         ax.legend()
     fig.tight_layout()
@@ -160,18 +162,19 @@ def _plot(config, runs, table, out):
                 mean = [sum(r["grad_flow"][j]["active"] for r in sel) / len(sel) for j in range(len(steps))]
                 ax.plot(steps, mean, "-" if init == "sparse" else "--", color=colors[i % len(colors)],
                         label=f"d={density} {init}")
-        ax.set(yscale="log", xlabel="step", ylabel="gradient norm (held-out batch)",
+        ax.set(yscale="log", xlabel="step", ylabel=f"gradient norm ({grad_flow_label(config)})",
                title=f"{name}: solid = sparse init, dashed = dense init")
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "grad_norm_training.png", dpi=110)
     pyplot.close(fig)
     loss_curve(config.models, runs, out / "loss_curve.png",
-               lambda r: "dense" if r["density"] >= 1.0 else f"d={r['density']} {r['init']} init")
+               lambda r: "dense" if r["density"] >= 1.0 else f"d={r['density']} {r['init']} init",
+               grad_flow_label(config))
 
 
-def loss_curve(models, runs, path, label_of) -> None:
-    """Held-out loss (at the gradient-flow measurements) vs step, mean over seeds, one panel per model:
+def loss_curve(models, runs, path, label_of, batch: str = "held-out batch") -> None:
+    """The loss on the gradient-flow ``batch`` (at its measurements) vs step, mean over seeds, one panel per model:
     shows whether training converged."""
     pyplot = plt()
     fig, axes = pyplot.subplots(1, len(models), figsize=(5 * len(models), 3.6), squeeze=False)
@@ -184,7 +187,8 @@ def loss_curve(models, runs, path, label_of) -> None:
             steps = [g["step"] for g in flows[0]]
             mean = [sum(f[j]["loss"] for f in flows) / len(flows) for j in range(len(steps))]
             ax.plot(steps, mean, "--" if label == "dense" else "-", label=label)
-        ax.set(yscale="log", xlabel="step", ylabel="held-out loss", title=f"{name}: loss in training (mean over seeds)")
+        ax.set(yscale="log", xlabel="step", ylabel=f"loss ({batch})",
+               title=f"{name}: loss in training (mean over seeds)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -220,6 +224,6 @@ def _summary(config, splits, steps, table, verdict) -> str:
         lines += ["One seed: no paired comparison, so no verdict (run with two or more seeds)."]
     lines += ["", PAPER, "",
               "Plots: `grad_norm_init.png` (norm at init vs density), `grad_norm_training.png` (norm vs step), "
-              "`loss_curve.png` (held-out loss vs step: dense training converges).",
+              f"`loss_curve.png` (loss on the {grad_flow_label(config)} vs step: dense training converges).",
               "Every number: `results.json`; the setting: `config.json`.", ""]
     return "\n".join(lines)

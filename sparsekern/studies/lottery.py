@@ -33,6 +33,7 @@ from .common import (
     data_note,
     fmt,
     grad_flow_batch,
+    grad_flow_label,
     grad_flow_note,
     load_splits,
     mean_std,
@@ -214,7 +215,7 @@ def _plot(config, per_seed, out):
         steps = [g["step"] for g in flows[0]]
         mean = [sum(f[j]["active"] for f in flows) / len(flows) for j in range(len(steps))]
         ax.plot(steps, mean, style, label=label)
-    ax.set(yscale="log", xlabel="step", ylabel="gradient norm (held-out batch)",
+    ax.set(yscale="log", xlabel="step", ylabel=f"gradient norm ({grad_flow_label(config)})",
            title=f"{config.model}: gradient flow, ticket vs controls (density {per_seed[0]['density']:.3f})")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -91,7 +91,9 @@ def test_grad_flow_data_picks_the_batch_and_keeps_earlier_hashes(tmp_path):
     config = DSTConfig.quick_config(out=str(tmp_path), steps=4, methods=("static",), grad_flow_data="train",
                                     progress=False)
     result = dst.run(config)
-    assert "the first 1000 training images (as the paper's code)" in _files(result)
+    summary = _files(result)
+    assert "the first 1000 training images (as the paper's code)" in summary
+    assert "`loss_curve.png` (loss on the training batch vs step)" in summary  # the plots name it too
 
 
 def test_study_jobs_run_under_deterministic_algorithms_unless_told(tmp_path):
