@@ -59,14 +59,14 @@ class SNFS(DynamicSparseTraining):
 
     def __init__(self, model, optimizer, total_steps, delta_t=100, drop_fraction=0.3, end_fraction=0.75,
                  schedule="cosine", grow_init="zero", generator=None, momentum: float = 0.9,
-                 redistribute: bool = True):
+                 redistribute: bool = True, reinit_when_same: bool = False):
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"SNFS: momentum must lie in [0, 1), got {momentum!r}")
         if redistribute and isinstance(model, DistributedDataParallel):
             raise ValueError("SNFS: layer redistribution changes each layer's nnz, which DDP's gradient buckets "
                              "cannot follow; pass redistribute=False under DistributedDataParallel")
         super().__init__(model, optimizer, total_steps, delta_t, drop_fraction, end_fraction, schedule, grow_init,
-                         generator)
+                         generator, reinit_when_same)
         blocky = [n for n, m in self.layers.items() if m.block > 1]
         if redistribute and blocky:
             # Redistribution moves single weights between layers; block layers change whole blocks only.

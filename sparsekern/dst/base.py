@@ -100,7 +100,9 @@ class DynamicSparseTraining:
     floor(nnz * f(t)) active weights of smallest magnitude (f: ``schedule`` decay of
     ``drop_fraction``) and grows as many among the weights not kept, by the algorithm's score. nnz per
     layer stays fixed (SNFS alone moves nnz between layers). Grown weights and their optimizer state
-    start at zero; survivors keep theirs (``optim_state.remap_optimizer_state``). Under
+    start at zero; survivors keep theirs (``optim_state.remap_optimizer_state``). A weight dropped and
+    grown back in the same update keeps its value and state, as in the paper's code
+    (``reinit_when_same=False``, google-research/rigl); ``reinit_when_same=True`` restarts it at zero. Under
     torch.distributed every rank draws the same pattern: dense gradients (RigL, SNFS) are averaged
     over ranks, drop magnitudes and SET's random scores are rank 0's.
     """
@@ -111,8 +113,11 @@ class DynamicSparseTraining:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int, delta_t: int = 100,
                  drop_fraction: float = 0.3, end_fraction: float = 0.75, schedule: str = "cosine",
-                 grow_init: str = "zero", generator: Optional[torch.Generator] = None):
+                 grow_init: str = "zero", generator: Optional[torch.Generator] = None,
+                 reinit_when_same: bool = False):
         where = type(self).__name__
+        if not isinstance(reinit_when_same, bool):
+            raise TypeError(f"{where}: reinit_when_same must be a bool, got {type(reinit_when_same).__name__}")
         self.total_steps = _check_int(where, "total_steps", total_steps, 1)
         self.delta_t = _check_int(where, "delta_t", delta_t, 1)
         self.drop_fraction = _check_fraction(where, "drop_fraction", drop_fraction, low_open=False)
@@ -125,7 +130,7 @@ class DynamicSparseTraining:
             raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"{where}: generator must be a torch.Generator or None, got {type(generator).__name__}")
-        self.schedule, self.grow_init = schedule, grow_init
+        self.schedule, self.grow_init, self.reinit_when_same = schedule, grow_init, reinit_when_same
         self.model, self.optimizer = model, optimizer
         self.layers: Dict[str, SparseWeightMixin] = {
             name: m for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)}
@@ -301,16 +306,20 @@ class DynamicSparseTraining:
         kept_pos = old_pos[keep]
         new_mask = torch.zeros(m * k, dtype=torch.bool, device=values.device)
         new_mask[kept_pos] = True
-        # Grow: the n_grow best scores among the weights not kept (a just-dropped one may come back, at 0).
+        # Grow: the n_grow best scores among the weights not kept (a just-dropped one may come back).
         grown = topk_select(self._grow_scores_checked(name, module), n_grow, largest=True, candidates=~new_mask)
         new_mask[grown] = True
-        # source[i]: the old index of the new pattern's i-th nonzero (ascending position), -1 where grown.
-        new_pos, order = torch.sort(torch.cat([kept_pos, grown]))
-        source = torch.cat([keep.nonzero().squeeze(1),
-                            torch.full((n_grow,), -1, dtype=torch.int64, device=values.device)])[order]
         # Regrown: grown at a position of the old pattern (necessarily a just-dropped one).
         at = torch.searchsorted(old_pos, grown).clamp_(max=max(nnz - 1, 0))
-        regrown = int((old_pos[at] == grown).sum()) if nnz else 0
+        is_regrown = (old_pos[at] == grown) if nnz else torch.zeros_like(grown, dtype=torch.bool)
+        regrown = int(is_regrown.sum())
+        # source[i]: the old index of the new pattern's i-th nonzero (ascending position), -1 where it
+        # starts at zero (grown; regrown too under reinit_when_same).
+        grown_source = torch.full((n_grow,), -1, dtype=torch.int64, device=values.device)
+        if not self.reinit_when_same:
+            grown_source = torch.where(is_regrown, at, grown_source)
+        new_pos, order = torch.sort(torch.cat([kept_pos, grown]))
+        source = torch.cat([keep.nonzero().squeeze(1), grown_source])[order]
         return {"nnz": new_pos.numel(), "dropped": n_drop, "grown": n_grow, "regrown": regrown,
                 "mask_distance": n_drop + n_grow - 2 * regrown}, (new_pos, source)
 
@@ -340,15 +349,19 @@ class DynamicSparseTraining:
         grown = topk_select(block_scores, n_grow_b, largest=True, candidates=~new_bmask)
         kept_bmask = new_bmask.clone()
         new_bmask[grown] = True
-        # Element positions of the new pattern; survivors keep their value (and optimizer state),
-        # grown blocks start at zero even where a just-dropped block comes back.
+        # Element positions of the new pattern; survivors keep their value (and optimizer state), grown
+        # blocks start at zero; a just-dropped block grown back keeps its own unless reinit_when_same.
         new_mask = expand_block_mask(new_bmask.reshape(mb, kb), b).reshape(-1)
         new_pos = new_mask.nonzero().squeeze(1)
         old_pos = module.pattern.positions()
-        kept_elem = expand_block_mask(kept_bmask.reshape(mb, kb), b).reshape(-1)[new_pos]
+        from_old = kept_bmask.clone()
+        is_regrown = torch.isin(grown, old_blocks[~keep])
+        if not self.reinit_when_same:
+            from_old[grown[is_regrown]] = True
+        old_elem = expand_block_mask(from_old.reshape(mb, kb), b).reshape(-1)[new_pos]
         at = torch.searchsorted(old_pos, new_pos).clamp_(max=max(nnz - 1, 0))
-        source = torch.where(kept_elem, at, torch.full_like(at, -1))
-        regrown = int(torch.isin(grown, old_blocks[~keep]).sum())
+        source = torch.where(old_elem, at, torch.full_like(at, -1))
+        regrown = int(is_regrown.sum())
         return {"nnz": new_pos.numel(), "dropped": n_drop_b * per_block, "grown": n_grow_b * per_block,
                 "regrown": regrown * per_block, "mask_distance": (n_drop_b + n_grow_b - 2 * regrown) * per_block
                 }, (new_pos, source)
@@ -398,4 +411,4 @@ class DynamicSparseTraining:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(layers={len(self.layers)}, total_steps={self.total_steps}, "
                 f"delta_t={self.delta_t}, drop_fraction={self.drop_fraction}, end_fraction={self.end_fraction}, "
-                f"schedule={self.schedule!r}, step={self.step_count})")
+                f"schedule={self.schedule!r}, reinit_when_same={self.reinit_when_same}, step={self.step_count})")

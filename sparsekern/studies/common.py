@@ -98,7 +98,7 @@ def _hashed_fields(config) -> dict:
 
 # where results go, how progress shows and whether finished jobs are reused do not change the results
 _NOT_HASHED = ("out", "progress", "fresh")
-_LATER_FIELDS = {"grad_flow_data": "val", "deterministic": True}
+_LATER_FIELDS = {"grad_flow_data": "val", "deterministic": True, "reinit_when_same": False}
 
 
 def run_dir(study: str, config) -> Path:

@@ -62,6 +62,7 @@ class DSTConfig(TrainingConfig):
     delta_t: Optional[int] = None  # None: 100 (rigl) at the paper's steps, 20 on the subset and digits
     drop_fraction: float = 0.3
     end_fraction: float = 0.75
+    reinit_when_same: bool = False  # the paper's code: a weight dropped and grown back keeps its value
     dense_baseline: bool = True
 
     QUICK = dict(data="digits", model="mlp", densities=(0.1,), seeds=(0,), steps=40, delta_t=10, grad_flow_every=10)
@@ -100,6 +101,7 @@ def run(config: DSTConfig) -> dict:
                     return dst_algorithms.create(method, m, opt, total, delta_t=delta_t,
                                                  drop_fraction=config.drop_fraction,
                                                  end_fraction=config.end_fraction,
+                                                 reinit_when_same=config.reinit_when_same,
                                                  generator=torch.Generator().manual_seed(seed + 7), **extra)
                 factory = make_dst
             result = trainer(model, desc=f"{method} d={density} s={seed}", dst_factory=factory)
@@ -195,6 +197,7 @@ def _plot(config, runs, out):
 
 
 def _summary(config, splits, steps, delta_t, table, verdict) -> str:
+    regrown = "restarted at zero" if config.reinit_when_same else "kept as it was (as in the paper's code)"
     lines = ["# Dynamic sparse training and gradient flow",
              "",
              "**Claim (Evci et al. 2022, sec. 4):** DST methods (SET, SNFS, RigL) raise the gradient norm during "
@@ -204,7 +207,9 @@ def _summary(config, splits, steps, delta_t, table, verdict) -> str:
              f"sparsity-aware init); {steps} SGD steps at batch {config.batch_size} (momentum {config.momentum}, "
              f"lr {config.lr}, {config.lr_schedule} decay, weight decay {config.weight_decay}); mask updates every "
              f"{delta_t} steps until {int(100 * config.end_fraction)} % of training, drop fraction "
-             f"{config.drop_fraction} (cosine decay); seeds {list(config.seeds)} (every method of a seed starts from "
+             f"{config.drop_fraction} (cosine decay), a weight dropped and grown back in one update "
+             f"{regrown}; "
+             f"seeds {list(config.seeds)} (every method of a seed starts from "
              "the same init and mask and sees the same batches). Gradient norm over the active weights on "
              f"{grad_flow_note(config, splits)}, every {config.grad_flow_every} steps; 'mean' averages it over "
              "training.",

@@ -114,12 +114,19 @@ def _check_update(algo, before, after, grow_scores):
         assert torch.equal(W.block_mask(), block_mask_of(new_mask, b))
         assert torch.equal(W.to_dense(), new_w)
         # Blocks active before and after: a survivor keeps its values and optimizer state exactly; a
-        # block dropped and grown back (regrown) restarts at zero, state included.
+        # block dropped and grown back (regrown) restarts at zero, state included, under
+        # reinit_when_same and keeps both otherwise.
         old_b, new_b = block_mask_of(old_mask, b), block_mask_of(new_mask, b)
         both = old_b & new_b
         ow, nw = _blocks(old_w, b)[both], _blocks(new_w, b)[both]
         same = (ow == nw).all(1)
         restarted = ~same
+        if not algo.reinit_when_same:
+            assert not bool(restarted.any()), f"{name}: a block active before and after changed"
+            for key, state in new_states.items():
+                assert torch.equal(_blocks(state, b)[both], _blocks(old_states[key], b)[both])
+            if r["regrown"]:
+                continue  # a regrown block is told from a survivor by its scores only: checked below
         assert bool((nw[restarted] == 0).all())
         for key, state in new_states.items():
             os_, ns_ = _blocks(old_states[key], b)[both], _blocks(state, b)[both]
@@ -142,12 +149,14 @@ def _check_update(algo, before, after, grow_scores):
     return changed
 
 
+@pytest.mark.parametrize("reinit_when_same", [True, False])
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
-def test_block_dst_invariants(algorithm, optimizer_name):
+def test_block_dst_invariants(algorithm, optimizer_name, reinit_when_same):
     model = block_model(seed=2)
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
-    algo = ALGORITHMS[algorithm](model, optimizer, total_steps=TOTAL_STEPS, delta_t=DELTA_T, drop_fraction=0.5)
+    algo = ALGORITHMS[algorithm](model, optimizer, total_steps=TOTAL_STEPS, delta_t=DELTA_T, drop_fraction=0.5,
+                                 reinit_when_same=reinit_when_same)
     x, y = data()
     values0 = {name: layer.values for name, layer in algo.layers.items()}
     nnz0 = {name: layer.nnz for name, layer in algo.layers.items()}
@@ -197,23 +206,31 @@ def test_block_dst_invariants(algorithm, optimizer_name):
     assert losses[-1] < losses[0]
 
 
-def test_grown_blocks_start_at_zero_even_where_a_dropped_block_regrows():
+@pytest.mark.parametrize("reinit_when_same", [True, False])
+def test_a_dropped_block_grown_back_restarts_only_under_reinit_when_same(reinit_when_same):
     """drop_fraction 1 on a dense block layer drops every block and grows every one back: the pattern
-    is unchanged, but each regrown block restarts at zero, value and optimizer state."""
+    is unchanged; each regrown block restarts at zero (value and optimizer state) under
+    reinit_when_same, and keeps both otherwise (the paper's code)."""
     torch.manual_seed(4)
     model = nn.Sequential(SparseLinear(8, 8, density=1.0, format="bsr", block=4, generator=torch.Generator()))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     algo = sparsekern.dst.SET(model, optimizer, total_steps=4, delta_t=1, drop_fraction=1.0, schedule="constant",
-                              end_fraction=1.0)
+                              end_fraction=1.0, reinit_when_same=reinit_when_same)
     x = torch.randn(5, 8)
     model(x).square().sum().backward()
     optimizer.step()
     assert bool((model[0].values != 0).all())
+    values = model[0].values.detach().clone()
+    momentum = optimizer.state[model[0].values]["momentum_buffer"].clone()
     algo.step()
     r = algo.stats["layers"]["0"]
     assert r == {"nnz": 64, "dropped": 64, "grown": 64, "regrown": 64, "mask_distance": 0}
-    assert bool((model[0].values == 0).all())
-    assert bool((optimizer.state[model[0].values]["momentum_buffer"] == 0).all())
+    if reinit_when_same:
+        assert bool((model[0].values == 0).all())
+        assert bool((optimizer.state[model[0].values]["momentum_buffer"] == 0).all())
+    else:
+        assert torch.equal(model[0].values.detach(), values)
+        assert torch.equal(optimizer.state[model[0].values]["momentum_buffer"], momentum)
     assert model[0].nnz == 64 and torch.equal(model[0].mask(), torch.ones(8, 8, dtype=torch.bool))
 
 

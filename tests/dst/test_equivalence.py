@@ -47,7 +47,7 @@ class MaskedDenseMLP:
         return loss.item()
 
     @torch.no_grad()
-    def update(self, t, algorithm, generator, drop_fraction=0.3, end_step=int(0.75 * TOTAL)):
+    def update(self, t, algorithm, generator, reinit_when_same, drop_fraction=0.3, end_step=int(0.75 * TOTAL)):
         fraction = drop_fraction / 2 * (1 + math.cos(math.pi * t / end_step))
         for i, (w, mask) in enumerate(zip(self.weights, self.masks)):
             flat_mask, flat_w = mask.reshape(-1), w.reshape(-1)
@@ -66,11 +66,13 @@ class MaskedDenseMLP:
             grown = candidates[torch.sort(-scores[candidates], stable=True).indices[:n_drop]]
             new_mask = kept.clone()
             new_mask[grown] = True
-            # Dropped and grown weights are 0, with zero optimizer state.
-            flat_w.mul_(kept)
+            # Dropped and grown weights are 0, with zero optimizer state; one dropped and grown back keeps
+            # its own unless reinit_when_same.
+            keep = kept if reinit_when_same else new_mask & flat_mask
+            flat_w.mul_(keep)
             for value in self.optimizer.state[w].values():
                 if value.dim():
-                    value.reshape(-1).mul_(kept)
+                    value.reshape(-1).mul_(keep)
             mask.copy_(new_mask.reshape(mask.shape))
 
 
@@ -80,14 +82,16 @@ OPTIMIZERS = {
 }
 
 
+@pytest.mark.parametrize("reinit_when_same", [False, True])
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 @pytest.mark.parametrize("algorithm", ["Static", "SET", "RigL"])
-def test_compressed_training_matches_masked_dense(algorithm, optimizer_name):
+def test_compressed_training_matches_masked_dense(algorithm, optimizer_name, reinit_when_same):
     model = tiny_mlp(seed=3, density=0.3, dtype=DTYPE)
     oracle = MaskedDenseMLP(model, OPTIMIZERS[optimizer_name])
     optimizer = OPTIMIZERS[optimizer_name](model.parameters())
     algo = getattr(sparsekern.dst, algorithm)(model, optimizer, total_steps=TOTAL, delta_t=DELTA_T,
-                                             generator=torch.Generator().manual_seed(7))
+                                             generator=torch.Generator().manual_seed(7),
+                                             reinit_when_same=reinit_when_same)
     oracle_generator = torch.Generator().manual_seed(7)
     batches = tiny_data(dtype=DTYPE)
     layers = list(algo.layers.values())
@@ -97,10 +101,12 @@ def test_compressed_training_matches_masked_dense(algorithm, optimizer_name):
         oracle_loss = oracle.step(batch)
         assert loss == pytest.approx(oracle_loss, rel=1e-9, abs=1e-12), f"step {step + 1}"
         if algorithm != "Static" and algo.is_update_step(step + 1):
-            oracle.update(step + 1, algorithm, oracle_generator)
+            oracle.update(step + 1, algorithm, oracle_generator, reinit_when_same)
         for layer, mask in zip(layers, oracle.masks):
             assert torch.equal(layer.mask(), mask), f"step {step + 1}: patterns differ"
     for layer, w in zip(layers, oracle.weights):
         torch.testing.assert_close(layer.dense_weight().detach(), w.detach(), rtol=1e-9, atol=1e-12)
     if algorithm != "Static":
         assert sum(r["mask_distance"] for rec in algo.history for r in rec["layers"].values()) > 0
+        if algorithm == "RigL":  # the case that tells the two apart happens
+            assert sum(r["regrown"] for rec in algo.history for r in rec["layers"].values()) > 0

@@ -57,8 +57,9 @@ def test_rigl_2000_steps_keeps_nnz_zeros_and_grows_at_zero(optimizer_name):
             assert bool((weight[grown] == 0).all()), "grown weights must start at 0"
             for key, state in states.items():
                 assert bool((state[grown] == 0).all()), f"optimizer state {key} of grown weights must start at 0"
-            # Survivors keep their value and optimizer state (a dropped-then-regrown weight restarts at 0).
-            survived = new_mask & old_mask & (weight != 0)
+            # Every weight active before and after keeps its value and optimizer state, a survivor or one
+            # dropped and grown back in the same update (reinit_when_same=False, the paper's code).
+            survived = new_mask & old_mask
             _, weight_before, states_before = before[name]
             assert torch.equal(weight[survived], weight_before[survived])
             for key, state in states.items():
@@ -105,3 +106,37 @@ def test_other_algorithms_keep_total_nnz_and_grow_at_zero(algorithm, optimizer_n
                     assert value.dim() == 0 or value.shape == (layer.nnz,)
     assert len(algo.history) == 7
     assert any(r["mask_distance"] for rec in algo.history for r in rec["layers"].values())
+
+
+@pytest.mark.parametrize("reinit_when_same", [True, False])
+@pytest.mark.parametrize("algorithm", ["SET", "RigL", "SNFS"])
+def test_a_weight_dropped_and_grown_back_restarts_only_under_reinit_when_same(algorithm, reinit_when_same):
+    """drop_fraction 1 drops every weight of a dense layer and grows every one back (the pattern is
+    unchanged, all regrown). The paper's code (google-research/rigl, reinit_when_same=False for SET,
+    SNFS and RigL) keeps such a weight's value and optimizer state; reinit_when_same=True zeroes both."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(sparsekern.nn.SparseLinear(6, 4, density=1.0, generator=torch.Generator()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    kw = {"redistribute": False} if algorithm == "SNFS" else {}
+    algo = getattr(sparsekern.dst, algorithm)(model, optimizer, total_steps=4, delta_t=1, drop_fraction=1.0,
+                                             schedule="constant", end_fraction=1.0,
+                                             reinit_when_same=reinit_when_same, **kw)
+    model(torch.randn(5, 6)).square().sum().backward()
+    optimizer.step()
+    values = model[0].values.detach().clone()
+    momentum = optimizer.state[model[0].values]["momentum_buffer"].clone()
+    assert bool((values != 0).all()) and bool((momentum != 0).all())
+    algo.step()
+    assert algo.stats["layers"]["0"] == {"nnz": 24, "dropped": 24, "grown": 24, "regrown": 24, "mask_distance": 0}
+    kept_values, kept_momentum = model[0].values.detach(), optimizer.state[model[0].values]["momentum_buffer"]
+    if reinit_when_same:
+        assert bool((kept_values == 0).all()) and bool((kept_momentum == 0).all())
+    else:
+        assert torch.equal(kept_values, values) and torch.equal(kept_momentum, momentum)
+
+
+def test_reinit_when_same_must_be_a_bool():
+    model = tiny_mlp(seed=1, density=0.25)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="reinit_when_same must be a bool"):
+        sparsekern.dst.RigL(model, optimizer, total_steps=10, reinit_when_same=1)
