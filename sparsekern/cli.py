@@ -111,6 +111,8 @@ _DENSITY = _float_in(0.0, 1.0, what=" (the fraction of weights kept)")
 _POSITIVE = _float_in(0.0, float("inf"))
 _NON_NEGATIVE = _float_in(0.0, float("inf"), low_open=False)
 _FRACTION = _float_in(0.0, 1.0, low_open=False, what=" (a fraction of the steps)")
+_DROP_FRACTION = _float_in(0.0, 1.0, low_open=False, what=" (a fraction of each layer's active weights)")
+_END_FRACTION = _float_in(0.0, 1.0, what=" (a fraction of the steps)")
 DATA_CHOICES = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
 NEEDS_DATA_DIR = ("fashion-mnist", "cifar10")
 
@@ -230,6 +232,15 @@ def _train(args: argparse.Namespace) -> int:
         args.parser.error(f"argument --method: snfs moves weights between layers (their nnz changes), which "
                           f"DDP's gradient buckets cannot follow; under torchrun (WORLD_SIZE={world_size}) use "
                           "static, set or rigl")
+    if args.method in ("dense", "static"):
+        # mask-update settings a run whose pattern never changes would ignore
+        given = [flag for flag, set_ in (("--delta-t", args.delta_t is not None),
+                                         ("--drop-fraction", args.drop_fraction != _LATER_ARGS["drop_fraction"]),
+                                         ("--end-fraction", args.end_fraction != _LATER_ARGS["end_fraction"]),
+                                         ("--reinit-when-same", args.reinit_when_same)) if set_]
+        if given:
+            args.parser.error(f"argument {given[0]}: sets the mask updates of set, snfs and rigl; --method "
+                              f"{args.method} never changes its pattern")
     _keep_freed_memory(args)
     if args.deterministic:
         # cuBLAS needs a fixed workspace for deterministic products; set before CUDA starts
@@ -286,13 +297,17 @@ def _train_run(args: argparse.Namespace, context) -> int:
     algo = None
     if args.method != "dense":
         # Given the DDP wrapper, as the algorithms are tested (SNFS refuses redistribution under it).
-        # Updates run to 3/4 of training (the algorithms' end_fraction): a short run gets about ten of them.
-        delta_t = args.delta_t or max(1, min(100, int(0.75 * total_steps) // 10))
+        # Updates run to end_fraction of training: a short run gets about ten of them.
+        delta_t = args.delta_t or max(1, min(100, int(args.end_fraction * total_steps) // 10))
         algo = dst_algorithms.create(args.method, trained, optimizer, max(total_steps, 1), delta_t=delta_t,
+                                     drop_fraction=args.drop_fraction, end_fraction=args.end_fraction,
+                                     reinit_when_same=args.reinit_when_same,
                                      generator=torch.Generator().manual_seed(args.seed))
     run_args = {k: v for k, v in vars(args).items() if k not in ("func", "parser")}
     # what a resumed run must share with the run it continues (the rest only says how to run it)
-    meta = {"args": {k: v for k, v in run_args.items() if k not in _RUN_ONLY}, "world_size": context.world_size}
+    meta = {"args": {k: v for k, v in run_args.items()
+                     if k not in _RUN_ONLY and not (k in _LATER_ARGS and v == _LATER_ARGS[k])},
+            "world_size": context.world_size}
     # one directory per setting: runs that differ in any other argument (--lr, --epochs, --data-dir...) do not
     # overwrite each other, and --resume finds the run of its arguments
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -336,6 +351,9 @@ def _train_run(args: argparse.Namespace, context) -> int:
 
 # train arguments that say how to run, not what: a resumed run may change them
 _RUN_ONLY = ("no_progress", "device", "default_malloc", "resume", "checkpoint_every", "out", "deterministic")
+# arguments added after runs were written: at their defaults they stay out of the run's hash, so the run
+# directories (and --resume) of earlier runs keep their names
+_LATER_ARGS = {"drop_fraction": 0.3, "end_fraction": 0.75, "reinit_when_same": False}
 
 
 def _resume_state(args: argparse.Namespace, path, meta: dict) -> dict:
@@ -490,6 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delta-t", type=_int_at_least(1), default=None,
                        help="steps between mask updates (default: 100, or a tenth of the steps with updates on a run "
                             "too short for ten updates at 100)")
+    train.add_argument("--drop-fraction", type=_DROP_FRACTION, default=0.3,
+                       help="DST: the fraction of each layer's active weights dropped (and grown) at the first "
+                            "update, decayed by a cosine to 0 at --end-fraction (default: 0.3, RigL's)")
+    train.add_argument("--end-fraction", type=_END_FRACTION, default=0.75,
+                       help="DST: the fraction of the steps after which the pattern stays (default: 0.75)")
+    train.add_argument("--reinit-when-same", action="store_true",
+                       help="DST: restart a weight dropped and grown back in the same update at zero (default: it "
+                            "keeps its value and optimizer state, as in the paper's code)")
     train.add_argument("--grad-flow-every", type=_int_at_least(0), default=0,
                        help="log the gradient norm every N steps")
     train.add_argument("--checkpoint-every", type=_int_at_least(0), default=0,

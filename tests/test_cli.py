@@ -175,3 +175,26 @@ def test_train_command_passes_its_schedule_and_warmup(tmp_path, monkeypatch):
     assert main(["train", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--lr-schedule", "step",
                  "--warmup", "0.25", "--out", str(tmp_path), "--no-progress"]) == 0
     assert made == [(8, "step", 2)]  # 2 epochs of 4 steps, a quarter of them warming up
+
+
+def test_train_command_passes_its_mask_update_settings(tmp_path, monkeypatch):
+    import sparsekern.dst as dst_module
+
+    made = []
+    real = dst_module.create
+    monkeypatch.setattr(dst_module, "create", lambda *a, **kw: made.append(kw) or real(*a, **kw))
+    base = ["train", "--model", "mlp", "--data", "synthetic", "--epochs", "2", "--method", "rigl", "--no-progress"]
+    assert main([*base, "--drop-fraction", "0.5", "--end-fraction", "0.5", "--reinit-when-same",
+                 "--out", str(tmp_path / "set")]) == 0
+    kw = made[-1]
+    assert (kw["drop_fraction"], kw["end_fraction"], kw["reinit_when_same"]) == (0.5, 0.5, True)
+    assert kw["delta_t"] == 1  # a tenth of the 4 steps (2 epochs of 4) before end_fraction, at least 1
+    # At their defaults (given or not) the new arguments stay out of the run's hash and args.json, so the
+    # directories of runs written before they existed keep their names.
+    for given in ([], ["--drop-fraction", "0.3", "--end-fraction", "0.75"]):
+        assert main([*base, *given, "--out", str(tmp_path / "default")]) == 0
+        assert (made[-1]["drop_fraction"], made[-1]["end_fraction"], made[-1]["reinit_when_same"]) == (
+            0.3, 0.75, False)
+    (run,) = (tmp_path / "default" / "train").glob("*")
+    args = json.loads((run / "args.json").read_text())["args"]
+    assert not {"drop_fraction", "end_fraction", "reinit_when_same"} & set(args)
