@@ -23,7 +23,7 @@ CCACHE_ENV = PATH=$(abspath $(1)):$$PATH SCCACHE_DIR=$(SK_CACHE)/sccache SCCACHE
 	SCCACHE_BASEDIRS=$(CURDIR):$(SK_CACHE)/$(NEWEST_NAME)-src:$(SK_CACHE)/sanitize-src SCCACHE_IDLE_TIMEOUT=120 \
 	SCCACHE_IGNORE_SERVER_IO_ERROR=1 $(if $(filter 1,$(SPARSEKERN_NATIVE)),TORCH_NO_COMPILER_WRAPPER=1)
 
-.PHONY: setup run test test-fast lint sanitize bench clean newest-env test-newest
+.PHONY: setup run test test-fast test-no-avx512 lint sanitize bench clean newest-env test-newest
 
 setup: $(VENV)/.built
 
@@ -61,6 +61,19 @@ test: setup
 	$(BIN)/python $(call PYTEST,$(BIN)) tests
 	SPARSEKERN_POISON_SCRATCH=1 $(BIN)/python $(call PYTEST,$(BIN)) -p no:cacheprovider $(POISON_TESTS)
 	SPARSEKERN_ISA=avx2 $(BIN)/python $(call PYTEST,$(BIN)) -p no:cacheprovider $(AVX2_TESTS)
+
+# The kernels on a CPU without AVX-512: valgrind's (its emulated CPU has AVX2 and FMA, no AVX-512), where torch and
+# sparsekern pick their AVX2 code by themselves, as on an AVX2-only host (Zen 3), and an AVX-512 instruction left
+# anywhere on a path they run stops the run with SIGILL; SPARSEKERN_ISA=avx2 above forces only our loops, on a CPU
+# that still has AVX-512. The cloned loops of every kernel, the L1 blocks, the fast modules and the narrow linear,
+# about 3 minutes on 2 cores (valgrind's CPU runs about 10x slower); skipped where valgrind is not installed.
+NO_AVX512_TESTS ?= tests/ops/test_isa.py tests/ops/test_csr_l1_blocks.py tests/nn/test_fast_modules.py \
+	tests/nn/test_narrow_linear.py
+test-no-avx512: setup
+	@if command -v valgrind > /dev/null; then \
+		SPARSEKERN_EXPECT_NO_AVX512=1 valgrind -q --tool=none --trace-children=yes $(BIN)/python \
+			$(call PYTEST,$(BIN)) -p no:cacheprovider $(NO_AVX512_TESTS); \
+	else echo "test-no-avx512: valgrind is not installed; skipped"; fi
 
 # The inner loop (about 45 s on 2 cores, stops at the first failure): argument errors of every op, the
 # CSR engine's ops (spmm, sparse_linear, sddmm, gather: every backend over the shared parametrization,

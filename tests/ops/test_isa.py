@@ -206,6 +206,18 @@ def test_environment_variable_is_read_at_load():
         assert _isa_at_load("avx512")[:2] == ("avx512", "x86-64-v4")
 
 
+@pytest.mark.skipif(os.environ.get("SPARSEKERN_EXPECT_NO_AVX512") != "1",
+                    reason="for `make test-no-avx512`, on a CPU without AVX-512 (valgrind's)")
+def test_a_cpu_without_avx512_runs_the_avx2_loops_and_v3_build():
+    """What `make test-no-avx512` runs on: a CPU that lacks AVX-512 (valgrind's emulated one), where torch and
+    sparsekern pick their AVX2 code by themselves, as on an AVX2 host, and any AVX-512 instruction left in a path
+    they run stops the process (SIGILL)."""
+    _skip_without_kernels()
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2"
+    assert not sk_isa.supported("avx512")
+    assert (sk_isa.get(), sk_isa.build()) == ("avx2", "x86-64-v3")
+
+
 def test_the_build_follows_the_isa():
     """Under avx2 every cloned loop runs the x86-64-v3 build, the code an AVX2 host runs (16 vector registers, no
     EVEX), not the v4 build's 32-byte loops; set and use switch it with the ISA."""
