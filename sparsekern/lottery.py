@@ -24,6 +24,7 @@ from torch import nn
 from .analysis.layers import layer_weights, masks_of, prunable_layers
 from .init import sparse_init_
 from .nn import SparseConv2d, SparseLinear, SparseWeightMixin, unfuse_activations
+from .nn.conv1d import dense_weight_of
 
 __all__ = ["SCOPES", "Masks", "prunable_layers", "layer_weights", "masks_of", "mask_density",
            "magnitude_prune", "one_shot_prune", "prune_schedule", "apply_masks", "to_dense_model", "random_masks",
@@ -158,9 +159,11 @@ def apply_masks(model: nn.Module, masks: Masks, inplace: bool = False) -> nn.Mod
             raise ValueError(f"apply_masks: masks name {name!r}, which is no module of the model")
         m = modules[name]
         if name not in layers:
-            raise TypeError(f"apply_masks: {name!r} must be nn.Linear, nn.Conv2d (groups=1) or a sparse layer, "
+            raise TypeError(f"apply_masks: {name!r} must be nn.Linear, nn.Conv2d (groups=1), transformers Conv1D "
+                            f"or a sparse layer, "
                             f"got {type(m).__name__}")
-        _check_mask("apply_masks", name, mask, m.weight_shape if isinstance(m, SparseWeightMixin) else m.weight.shape)
+        _check_mask("apply_masks", name, mask,
+                    m.weight_shape if isinstance(m, SparseWeightMixin) else dense_weight_of(m).shape)
     model = to_dense_model(model, inplace)
     modules = dict(model.named_modules())
     for name, mask in masks.items():

@@ -12,6 +12,7 @@ from torch import nn
 from .init import INITS, check_density, initialize_
 from .nn import FORMATS, SparseConv2d, SparseLinear, SparseWeightMixin, random_block_mask, random_mask
 from .nn.base import load_all_or_nothing
+from .nn.conv1d import dense_weight_of, is_conv1d
 from .nn.fast_modules import fast_modules as make_fast, plain_modules as make_plain
 from .nn.fuse import fuse_activations as fuse_modules, unfuse_activations as unfuse_modules
 
@@ -29,7 +30,12 @@ def _check_distribution(where: str, distribution: str) -> None:
 def _is_sparsifiable(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros"
-    return isinstance(module, nn.Linear)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _weight_shape(module: nn.Module) -> tuple:
+    """The layer's weight shape as its sparse module holds it: (out, in, ...), a Conv1D's transposed."""
+    return tuple(dense_weight_of(module).shape)
 
 
 def _under(name: str, prefixes: Iterable[str]) -> bool:
@@ -37,8 +43,9 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def sparsifiable_layers(model: nn.Module, dense_layers: Iterable[str] = ()) -> Dict[str, nn.Module]:
-    """The ``nn.Linear`` and ``nn.Conv2d`` (groups = 1, zero padding) modules of ``model`` by qualified
-    name, leaving out those named in ``dense_layers`` (a name also covers everything under it)."""
+    """The ``nn.Linear``, ``nn.Conv2d`` (groups = 1, zero padding) and transformers ``Conv1D`` (GPT-2's
+    projections) modules of ``model`` by qualified name, leaving out those named in ``dense_layers`` (a name
+    also covers everything under it)."""
     dense_layers = tuple(dense_layers)
     return {name: m for name, m in model.named_modules() if _is_sparsifiable(m) and not _under(name, dense_layers)}
 
@@ -125,7 +132,7 @@ def densities(model_or_shapes: Shapes, density: float,
     _check_distribution("densities", distribution)
     if isinstance(model_or_shapes, nn.Module):
         layers = sparsifiable_layers(model_or_shapes)
-        names, shapes = list(layers), [tuple(m.weight.shape) for m in layers.values()]
+        names, shapes = list(layers), [_weight_shape(m) for m in layers.values()]
     elif isinstance(model_or_shapes, Mapping):
         names, shapes = list(model_or_shapes), [tuple(s) for s in model_or_shapes.values()]
     else:
@@ -153,7 +160,9 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
              dense_layers: Iterable[str] = (), inplace: bool = True,
              generator: Optional[torch.Generator] = None, format: str = "csr", block: int = 32,
              fuse_activations: bool = False, fast_modules: bool = False) -> nn.Module:
-    """Replace every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) of ``model`` by its sparse module.
+    """Replace every ``nn.Linear`` and ``nn.Conv2d`` (groups = 1) of ``model`` by its sparse module, and
+    every transformers ``Conv1D`` (GPT-2's projections, a linear layer with its weight stored transposed) by a
+    ``SparseLinear`` of its (out, in) weight (``densify`` gives the Conv1D back).
 
     Per-layer densities follow ``distribution`` over the replaced layers (those in ``dense_layers``,
     qualified module names, stay dense and do not count). Each mask keeps round(density * numel)
@@ -207,15 +216,17 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
                              "nn.Linear or nn.Conv2d left to sparsify); sparsekern.densify(model) first to "
                              "sparsify it again")
         kept = f" outside dense_layers {list(dense_layers)}" if dense_layers else ""
-        raise ValueError(f"sparsify: the model has no nn.Linear or nn.Conv2d (groups=1) to sparsify{kept}")
+        raise ValueError(f"sparsify: the model has no nn.Linear, nn.Conv2d (groups=1) or transformers Conv1D to "
+                         f"sparsify{kept}")
     _check_materialized(layers)
     _check_no_parameter_shared_with_another_module(model, layers)
     if not inplace:
         model = copy.deepcopy(model)
         layers = sparsifiable_layers(model, dense_layers)
-    layer_densities = densities({n: tuple(m.weight.shape) for n, m in layers.items()}, density, distribution)
-    format_of = {name: "csr" if format == "csr" or m.weight.shape[0] % block or math.prod(m.weight.shape[1:]) % block
-                 else "bsr" for name, m in layers.items()}
+    shapes = {n: _weight_shape(m) for n, m in layers.items()}
+    layer_densities = densities(shapes, density, distribution)
+    format_of = {name: "csr" if format == "csr" or shapes[name][0] % block or math.prod(shapes[name][1:]) % block
+                 else "bsr" for name in layers}
     as_csr = [name for name, fmt in format_of.items() if fmt != format]
     # A mask keeps round(density * entries) entries (blocks for bsr); a layer left with none would compute
     # nothing, which density 0 is rejected for too.
@@ -229,7 +240,7 @@ def sparsify(model: nn.Module, density: float, distribution: str = "erk", init: 
     # compare them on one mask.
     masks = {}
     for name, module in layers.items():
-        shape, d, device = module.weight.shape, layer_densities[name], module.weight.device
+        shape, d, device = shapes[name], layer_densities[name], module.weight.device
         masks[name] = (random_block_mask(shape, d, block, generator, device=device) if format_of[name] == "bsr"
                        else random_mask(shape, d, generator, device=device))
     sparse_of: Dict[int, nn.Module] = {}  # id of a dense layer -> its sparse module

@@ -194,7 +194,7 @@ def test_prune_schedule_rejects_bad_arguments(args, match):
     (lambda m: {**masks_of(m), "nope": torch.ones(1, dtype=torch.bool)}, ValueError,
      "apply_masks: masks name 'nope', which is no module of the model"),
     (lambda m: {**masks_of(m), "1": torch.ones(1, dtype=torch.bool)}, TypeError,
-     "apply_masks: '1' must be nn.Linear, nn.Conv2d (groups=1) or a sparse layer, got ReLU"),
+     "apply_masks: '1' must be nn.Linear, nn.Conv2d (groups=1), transformers Conv1D or a sparse layer, got ReLU"),
 ], ids=["shape", "not-a-tensor", "unknown-layer", "not-a-layer"])
 @pytest.mark.parametrize("start", ["dense", "sparse"])
 def test_apply_masks_checks_every_mask_before_changing_any_layer(masks, error, match, start):

@@ -38,7 +38,7 @@ CASES = [
     ("model-not-a-module", lambda m: sparsekern.sparsify({"w": torch.zeros(2, 2)}, 0.5), TypeError,
      "sparsify: model must be an nn.Module, got dict"),
     ("nothing-to-sparsify", lambda m: sparsekern.sparsify(nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4)), 0.5),
-     ValueError, "sparsify: the model has no nn.Linear or nn.Conv2d (groups=1) to sparsify"),
+     ValueError, "sparsify: the model has no nn.Linear, nn.Conv2d (groups=1) or transformers Conv1D to sparsify"),
     ("all-layers-dense", lambda m: sparsekern.sparsify(m, 0.5, dense_layers=["0", "2"]), ValueError,
      "to sparsify outside dense_layers ['0', '2']"),
     ("unknown-dense-layer", lambda m: sparsekern.sparsify(m, 0.5, dense_layers=["fc"]), ValueError,

@@ -11,6 +11,7 @@ from torch import nn
 from ..ops import bsr_linear, sparse_linear
 from . import kernel_choice
 from .base import SparseWeightMixin
+from .conv1d import conv1d_as_linear, is_conv1d, linear_as_conv1d
 from .fast_modules import narrow_linear
 
 ACTIVATIONS = (None, "relu", "gelu")  # what SparseLinear(activation=...) fuses; "gelu" is F.gelu's exact (erf) form
@@ -89,10 +90,26 @@ class SparseLinear(SparseWeightMixin, nn.Module):
     def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         return grad_out.reshape(-1, self.out_features).t() @ x.reshape(-1, self.in_features)
 
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask: Optional[torch.Tensor] = None, format: str = "csr",
+                   block: int = 32) -> SparseLinear:
+        """As ``SparseWeightMixin.from_dense``; ``module`` may also be transformers' ``Conv1D`` (GPT-2's
+        projections: the weight stored transposed), taken as the ``nn.Linear`` it computes (``mask`` in
+        (out, in)); ``to_dense`` then gives a Conv1D back."""
+        if not is_conv1d(module):
+            return super().from_dense(module, mask, format, block)
+        out = super().from_dense(conv1d_as_linear(module), mask, format, block)
+        out._conv1d_type = type(module)
+        return out
+
     def to_dense(self) -> nn.Module:
-        """The equivalent dense module: ``nn.Linear`` (zero outside the pattern), followed by ``nn.ReLU`` or
-        ``nn.GELU`` in an ``nn.Sequential`` when the layer has a fused activation."""
+        """The equivalent dense module: ``nn.Linear`` (zero outside the pattern; transformers' ``Conv1D`` for a
+        layer made from one), followed by ``nn.ReLU`` or ``nn.GELU`` in an ``nn.Sequential`` when the layer has
+        a fused activation."""
         dense = super().to_dense()
+        conv1d = self.__dict__.get("_conv1d_type")
+        if conv1d is not None:
+            dense = linear_as_conv1d(dense, conv1d)
         return dense if self.activation is None else \
             nn.Sequential(dense, _MODULES[self.activation]()).train(self.training)
 

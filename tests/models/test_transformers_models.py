@@ -1,5 +1,6 @@
 """sparsify, training, RigL and checkpoints on real Hugging Face models built from tiny configs (no
 weights, offline): code written for nn.Linear / nn.Conv2d must keep working with the sparse modules."""
+import copy
 import re
 
 import pytest
@@ -50,17 +51,29 @@ def _bert_classifier():
     return transformers.BertForSequenceClassification(_bert_config()), {"input_ids": (BATCH, 12)}
 
 
-MODELS = {"resnet": _resnet, "convnext": _convnext, "vit": _vit, "bert": _bert, "bert-classifier": _bert_classifier}
+def _gpt2():
+    # GPT-2's attention and MLP projections are transformers' Conv1D (the weight stored transposed); its head
+    # shares the token embedding's weight, so it stays dense (DENSE_LAYERS)
+    config = transformers.GPT2Config(vocab_size=60, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    return transformers.GPT2LMHeadModel(config), {"input_ids": (BATCH, 12), "labels": (BATCH, 12)}
+
+
+MODELS = {"resnet": _resnet, "convnext": _convnext, "vit": _vit, "bert": _bert, "bert-classifier": _bert_classifier,
+          "gpt2": _gpt2}
+DENSE_LAYERS = {"gpt2": ("lm_head",)}
 
 
 def _inputs(spec, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randint(0, 60, shape, generator=g) if name == "input_ids" else torch.randn(shape, generator=g)
-            for name, shape in spec.items()}
+    return {name: torch.randint(0, 60, shape, generator=g) if name in ("input_ids", "labels")
+            else torch.randn(shape, generator=g) for name, shape in spec.items()}
 
 
 def _loss(model, inputs):
     out = model(**inputs)
+    if getattr(out, "loss", None) is not None:  # a language model given its labels
+        return out.loss
     if hasattr(out, "logits"):
         return F.cross_entropy(out.logits, torch.arange(BATCH) % CLASSES)
     # BertModel: regress both outputs (hidden states and pooler) onto fixed targets
@@ -71,8 +84,9 @@ def _loss(model, inputs):
 def _build(name, seed=0, density=0.1):
     torch.manual_seed(seed)
     model, spec = MODELS[name]()
-    n_layers = len(sparsifiable_layers(model))
-    sparsekern.sparsify(model, density, "erk", generator=torch.Generator().manual_seed(seed))
+    dense_layers = DENSE_LAYERS.get(name, ())
+    n_layers = len(sparsifiable_layers(model, dense_layers))
+    sparsekern.sparsify(model, density, "erk", generator=torch.Generator().manual_seed(seed), dense_layers=dense_layers)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseWeightMixin)}
     assert len(layers) == n_layers > 0
     return model, spec, layers
@@ -215,8 +229,61 @@ def test_densify_gives_back_plain_modules_with_the_same_outputs(name):
         expected = model(**inputs)
     dense = sparsekern.densify(model, inplace=False)
     assert not any(isinstance(m, SparseWeightMixin) for m in dense.modules())
-    assert len(sparsifiable_layers(dense)) == len(layers)
+    assert len(sparsifiable_layers(dense, DENSE_LAYERS.get(name, ()))) == len(layers)
     with torch.no_grad():
         got = dense(**inputs)
     for key in expected.keys():
         torch.testing.assert_close(got[key], expected[key])
+
+
+def test_gpt2_conv1d_projections_become_sparse_linears_and_come_back():
+    """transformers' Conv1D computes x @ W + b with W stored (in, out): sparsify takes it as the nn.Linear of W^T
+    (masks, ERK densities and the sparse layer's weight in (out, in)), and densify gives back Conv1D modules
+    whose state dict loads into the original architecture, with the same outputs."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model, spec = _gpt2()
+    original = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(original) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    reference = copy.deepcopy(model).eval()
+    sparsekern.sparsify(model, 0.1, "erk", init="dense", dense_layers=["lm_head"],
+                        generator=torch.Generator().manual_seed(0))
+    modules = dict(model.named_modules())
+    for name, conv in original.items():
+        sparse = modules[name]
+        assert isinstance(sparse, sparsekern.nn.SparseLinear)
+        assert (sparse.out_features, sparse.in_features) == (conv.nf, conv.weight.shape[0])
+        # the kept weights are the Conv1D's own, at the mask's (out, in) positions
+        torch.testing.assert_close(sparse.dense_weight().detach(), conv.weight.detach().t() * sparse.mask(),
+                                   rtol=0, atol=0)
+        with torch.no_grad():  # the reference computes with the same weights masked
+            dict(reference.named_modules())[name].weight.mul_(sparse.mask().t())
+    inputs = _inputs(spec)
+    model.eval()
+    with torch.no_grad():
+        expected, got = reference(**inputs), model(**inputs)
+    torch.testing.assert_close(got.logits, expected.logits)
+    dense = sparsekern.densify(model, inplace=False)
+    assert all(isinstance(dict(dense.named_modules())[n], Conv1D) for n in original)
+    fresh = transformers.GPT2LMHeadModel(dense.config).eval()
+    fresh.load_state_dict(dense.state_dict())  # strict: the names and (in, out) shapes of the original
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**inputs).logits, got.logits)
+
+
+def test_gpt2_magnitude_pruning_reads_conv1d_weights_as_out_by_in():
+    """Pruning masks of a dense GPT-2 are in (out, in) and keep the Conv1D weights of largest magnitude."""
+    from sparsekern.lottery import apply_masks, layer_weights, magnitude_prune
+
+    torch.manual_seed(0)
+    model, _ = _gpt2()
+    weights = layer_weights(model, ignore=["lm_head"])
+    conv = dict(model.named_modules())["transformer.h.0.mlp.c_fc"]
+    assert weights["transformer.h.0.mlp.c_fc"].shape == (conv.nf, conv.weight.shape[0])
+    masks = magnitude_prune(model, 0.3, ignore=["lm_head"])
+    sparse = apply_masks(model, masks)
+    layer = dict(sparse.named_modules())["transformer.h.0.mlp.c_fc"]
+    kept = conv.weight.detach().t().abs()[layer.mask()]
+    dropped = conv.weight.detach().t().abs()[~layer.mask()]
+    assert layer.nnz > 0 and float(kept.min()) >= float(dropped.max())
