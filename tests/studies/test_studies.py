@@ -176,3 +176,23 @@ def test_a_stopped_study_goes_on_where_it_stopped(tmp_path, monkeypatch, capsys,
     assert "4 records there from other code or cut short were trained again" in capsys.readouterr().err
     trained.clear()
     assert dst.run(dataclasses.replace(stopped, fresh=True))["jobs_reused"] == 0 and len(trained) == 4
+
+
+def test_dst_study_passes_reinit_when_same_and_keeps_earlier_hashes(tmp_path, monkeypatch):
+    """The DST study's algorithms keep a weight dropped and grown back (the paper's code) unless
+    reinit_when_same; the default leaves the config hash as it was before the field existed."""
+    from sparsekern import dst as dst_module
+    from sparsekern.studies.common import _hashed_fields
+
+    assert "reinit_when_same" not in _hashed_fields(DSTConfig())
+    assert config_hash(DSTConfig()) == config_hash(DSTConfig(reinit_when_same=False))
+    assert config_hash(DSTConfig()) != config_hash(DSTConfig(reinit_when_same=True))
+    made = []
+    real = dst_module.create
+    monkeypatch.setattr(dst_module, "create", lambda *a, **kw: made.append(kw["reinit_when_same"]) or real(*a, **kw))
+    for reinit in (False, True):
+        config = DSTConfig.quick_config(out=str(tmp_path), steps=4, methods=("rigl",), reinit_when_same=reinit,
+                                        dense_baseline=False, progress=False)
+        summary = _files(dst.run(config))
+        assert made[-1] is reinit
+        assert ("restarted at zero" if reinit else "kept as it was (as in the paper's code)") in summary
