@@ -287,3 +287,15 @@ def test_gpt2_magnitude_pruning_reads_conv1d_weights_as_out_by_in():
     kept = conv.weight.detach().t().abs()[layer.mask()]
     dropped = conv.weight.detach().t().abs()[~layer.mask()]
     assert layer.nnz > 0 and float(kept.min()) >= float(dropped.max())
+
+
+def test_a_conv1d_mask_must_be_out_by_in():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(6, 4)  # nf = 6 outputs, nx = 4 inputs: weight (4, 6)
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor of the weight's shape \(6, 4\)"):
+        sparsekern.nn.SparseLinear.from_dense(conv, torch.ones(4, 6, dtype=torch.bool))
+    layer = sparsekern.nn.SparseLinear.from_dense(conv, torch.ones(6, 4, dtype=torch.bool))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer(x), conv(x))
+    assert isinstance(layer.to_dense(), Conv1D)
