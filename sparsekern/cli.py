@@ -508,10 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--delta-t", type=_int_at_least(1), default=None,
                        help="steps between mask updates (default: 100, or a tenth of the steps with updates on a run "
                             "too short for ten updates at 100)")
-    train.add_argument("--drop-fraction", type=_DROP_FRACTION, default=0.3,
+    train.add_argument("--drop-fraction", type=_DROP_FRACTION, default=_LATER_ARGS["drop_fraction"],
                        help="DST: the fraction of each layer's active weights dropped (and grown) at the first "
                             "update, decayed by a cosine to 0 at --end-fraction (default: 0.3, RigL's)")
-    train.add_argument("--end-fraction", type=_END_FRACTION, default=0.75,
+    train.add_argument("--end-fraction", type=_END_FRACTION, default=_LATER_ARGS["end_fraction"],
                        help="DST: the fraction of the steps after which the pattern stays (default: 0.75)")
     train.add_argument("--reinit-when-same", action="store_true",
                        help="DST: restart a weight dropped and grown back in the same update at zero (default: it "

@@ -160,8 +160,7 @@ def apply_masks(model: nn.Module, masks: Masks, inplace: bool = False) -> nn.Mod
         m = modules[name]
         if name not in layers:
             raise TypeError(f"apply_masks: {name!r} must be nn.Linear, nn.Conv2d (groups=1), transformers Conv1D "
-                            f"or a sparse layer, "
-                            f"got {type(m).__name__}")
+                            f"or a sparse layer, got {type(m).__name__}")
         _check_mask("apply_masks", name, mask,
                     m.weight_shape if isinstance(m, SparseWeightMixin) else dense_weight_of(m).shape)
     model = to_dense_model(model, inplace)
