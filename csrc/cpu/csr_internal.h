@@ -93,6 +93,17 @@ constexpr double DEFAULT_DENSE_ABOVE = 0.6;
 // 256-byte tiles, a tile of 96-200 KB that L2 holds well) the forward read 0.85-1.02x; from k = 1024 on 1.05-1.29x.
 constexpr int64_t L1_BLOCK_MIN_ENTRIES = 10;
 constexpr int64_t L1_BLOCK_MIN_BLOCKS = 8;
+// On Intel the blocks are 128 KB of packed rows, not L1's size, and the tile must span 2 of them (256 KB). The blocks
+// of L1's 48 KB lost there. SparseLinear fwd+bwd, 2 threads, Sapphire Rapids class Xeon (2 MB L2): blocks forced per
+// call in one process, 64-byte loops, 4096^2 batch 256 at density 0.1 26.1 ms in blocks of 512 rows against 29.1 in
+// blocks of 192 (L1's) and 32.7 in none, at 0.05 15.4 / 19.6 / 16.4; blocks of 384-768 rows within 3 % of 512;
+// 32-byte loops (128-byte tiles), 1024 rows against 384: 33.3 / 33.9 / 35.5 and 18.5 / 21.7 / 18.9. The rule against
+// L1's blocks (the 8 of them), A/B in alternating processes: 4096^2 1.16x at 0.1, 1.29x at 0.05; at 0.084 800 x
+// 1536 -> 384 (ViT fc2) 1.08x, 800 x 384 -> 1536 (fc1; its input gradient in 3 blocks) 1.13x (0.9x with 4 blocks
+// needed); 2048 tokens 2048 -> 512 (BERT) 1.24x, 512 -> 2048 0.96-1.02x; 1024 -> 1024 at 0.1 batch 256 1.07x, 4096 ->
+// 1024 1.2x, 1024 -> 4096 1.0x.
+constexpr int64_t L1_BLOCK_BYTES_INTEL = int64_t(128) << 10;
+constexpr int64_t L1_BLOCK_MIN_BLOCKS_INTEL = 2;
 // The SDDMM reads G's and B's packed tiles, each row once per nonzero: blocks of B's rows pay only where B's tile
 // alone fills half an L2 or more. Fused backward of a sparse linear layer, 64-byte loops, 2 threads, Zen 4,
 // interleaved A/B: 4096 x 4096 at 0.1, batch 256 (a 1 MB tile) 1.06x; 2048 -> 512 at 2048 tokens (512 KB) 1.03x;
@@ -122,8 +133,9 @@ int64_t l2_bytes();
 bool spmm_prefetch(int64_t packed_bytes);
 
 // The SpMM's L1 blocks: rows of the packed tile per block of its k rows, so that a block's rows (rows x tile_bytes)
-// fill the L1 data cache, and every row of A runs its entries in that block before the next block; 0 where the
-// whole-tile loops run the tile as one block (it spans fewer than L1_BLOCK_MIN_BLOCKS blocks, or the pattern has fewer
+// fill the L1 data cache (on Intel L1_BLOCK_BYTES_INTEL), and every row of A runs its entries in that block before the next block; 0 where the
+// whole-tile loops run the tile as one block (it spans fewer than L1_BLOCK_MIN_BLOCKS blocks (on Intel
+// L1_BLOCK_MIN_BLOCKS_INTEL), or the pattern has fewer
 // than L1_BLOCK_MIN_ENTRIES entries per row and block on average), as set_l1_block_rows says.
 int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes);
 // The fused backward's SDDMM in the same blocks (sddmm_blocks): as l1_block_rows, and only where B's packed tile (k

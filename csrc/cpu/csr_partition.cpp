@@ -33,6 +33,14 @@ int64_t l1d_bytes() {
   return 32768;
 #endif
 }
+// Intel's caches take other sizes of blocks and prefetches than AMD's (measured on each: csr_internal.h).
+bool intel_cpu() {
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+}
 }  // namespace
 
 int64_t l2_bytes() {
@@ -67,8 +75,10 @@ int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes) {
   const int64_t forced = forced_block_rows.load();
   if (forced < 0 || m == 0) return 0;
   if (forced > 0) return k > forced ? forced : 0;
-  const int64_t rows = std::max<int64_t>(1, l1d_bytes() / tile_bytes);
-  if (k < L1_BLOCK_MIN_BLOCKS * rows || nnz * rows < L1_BLOCK_MIN_ENTRIES * m * k) return 0;
+  const bool intel = intel_cpu();
+  const int64_t rows = std::max<int64_t>(1, (intel ? L1_BLOCK_BYTES_INTEL : l1d_bytes()) / tile_bytes);
+  const int64_t min_blocks = intel ? L1_BLOCK_MIN_BLOCKS_INTEL : L1_BLOCK_MIN_BLOCKS;
+  if (k < min_blocks * rows || nnz * rows < L1_BLOCK_MIN_ENTRIES * m * k) return 0;
   return rows;
 }
 
@@ -79,13 +89,7 @@ int64_t sddmm_l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes) {
 
 int64_t set_l1_block_rows(int64_t rows) { return forced_block_rows.exchange(rows); }
 
-bool spmm_prefetch(int64_t packed_bytes) {
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel");
-  }();
-  return !intel || packed_bytes >= PREFETCH_FROM_TILE_BYTES_INTEL;
-}
+bool spmm_prefetch(int64_t packed_bytes) { return !intel_cpu() || packed_bytes >= PREFETCH_FROM_TILE_BYTES_INTEL; }
 
 std::vector<int64_t> partition_rows(const int64_t* rp, int64_t m, int64_t parts, int64_t row_cost, int64_t align) {
   std::vector<int64_t> b(parts + 1, 0);
@@ -141,6 +145,13 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
           return int64_t(sparsekern::csr::detail::tile_bytes(n, elem_size, wide, random_rows));
         });
   m.def("_l2_bytes() -> int", [] { return sparsekern::csr::detail::l2_bytes(); });
+  m.def("_l1_block_rows(int m, int k, int nnz, int tile_bytes) -> int",
+        [](int64_t m, int64_t k, int64_t nnz, int64_t tile_bytes) {
+          TORCH_CHECK_VALUE(m >= 0 && k >= 0 && nnz >= 0 && tile_bytes > 0,
+                            "_l1_block_rows: m, k and nnz must be >= 0 and tile_bytes > 0, got ", m, ", ", k, ", ", nnz,
+                            " and ", tile_bytes);
+          return sparsekern::csr::detail::l1_block_rows(m, k, nnz, int(tile_bytes));
+        });
   m.def("_set_l1_block_rows(int rows) -> int", [](int64_t rows) {
     TORCH_CHECK_VALUE(rows >= -1, "_set_l1_block_rows: rows must be -1 (never), 0 (as measured) or > 0, got ", rows);
     return sparsekern::csr::detail::set_l1_block_rows(rows);

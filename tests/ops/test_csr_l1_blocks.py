@@ -230,11 +230,36 @@ def test_gradcheck_in_blocks():
         assert _runs() > before
 
 
-@pytest.mark.parametrize("density,blocked", [(0.1, True), (0.02, False)])
+def _intel() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return "GenuineIntel" in f.read()
+
+
+def test_measured_rule_sizes_blocks_by_vendor():
+    """Blocks of L1's size and at least 8 of them on AMD; on Intel 128 KB of packed rows and at least 2 (measured on
+    each); at least 10 entries per row and block on average either way."""
+    rows = torch.ops.sparsekern._l1_block_rows
+    for tb in (128, 256):
+        r = rows(4096, 4096, 4096 * 4096 // 10, tb)
+        assert r > 0
+        if _intel():
+            assert r == (128 << 10) // tb
+            assert rows(64, 2 * r, 64 * 2 * r, tb) == r and rows(64, 2 * r - 1, 64 * (2 * r - 1), tb) == 0
+        else:
+            assert r * tb <= 64 << 10  # L1d
+            assert rows(64, 8 * r, 64 * 8 * r, tb) == r and rows(64, 8 * r - 1, 64 * (8 * r - 1), tb) == 0
+        least = -(-10 * 4096 * 4096 // r)  # 10 entries per row and block on average
+        assert rows(4096, 4096, least, tb) == r and rows(4096, 4096, least - 1, tb) == 0
+    assert rows(0, 4096, 0, 256) == 0
+    with pytest.raises(ValueError, match="tile_bytes > 0"):
+        rows(4, 4, 4, 0)
+
+
+@pytest.mark.parametrize("density,blocked", [(0.1, True), (0.004, False)])
 def test_measured_rule_takes_blocks_for_long_dense_enough_rows(isa, density, blocked):
-    """As measured (rows 0): blocks of L1's size where the packed tile spans at least 8 of them and a row has at least
-    10 entries per block on average: k = 4096 at density 0.1 (about 13-38 a block), not at 0.02 (about 3-8);
-    a short k (one block's worth) never."""
+    """As measured (rows 0): blocks where the packed tile spans enough of them and a row has at least 10 entries per
+    block on average (test_measured_rule_sizes_blocks_by_vendor): k = 4096 at density 0.1 (13-102 a block), not at
+    0.004 (0.5-4); a short k (one block's worth) never."""
     g = gen(seed_of("l1-rule", isa, density))
     x = make_input((256, 4096), torch.float32, g)
     W = random_sparse((32, 4096), density, torch.float32, g)
@@ -320,9 +345,9 @@ def test_wide_tiles_only_while_the_randomly_read_tile_fits_half_of_l2_and_256_kb
 
 @pytest.mark.parametrize("density", (0.01, 0.06))
 def test_long_sparse_rows_at_the_narrower_width_match_the_reference(isa, density):
-    """k = 4096, batch 256: the forward's and the fused backward's tiles narrowed (0.01: no L1 blocks at either width;
-    0.06: blocks only at 128 bytes, 15 entries a row per block of 256 rows, 7.7 per block of 128), the results as the
-    reference's."""
+    """k = 4096, batch 256: the forward's and the fused backward's tiles narrowed (0.01: no L1 blocks at either width,
+    the rows too short for them; 0.06: on AMD blocks only at 128 bytes, 15 entries a row per block of 256 rows, 7.7
+    per block of 128; on Intel at either, 31-61 a block), the results as the reference's."""
     g = gen(seed_of("tile-width", isa, density))
     m, k, n = 48, 4096, 256
     mask = random_mask((m, k), density, g, False)
@@ -334,10 +359,13 @@ def test_long_sparse_rows_at_the_narrower_width_match_the_reference(isa, density
     grad = torch.randn(n, m, generator=g, dtype=torch.float64)
     ins = [t.float().requires_grad_() for t in (x, values, b)]
     narrow = isa == "avx2" or k * 256 > min(torch.ops.sparsekern._l2_bytes() // 2, 256 << 10)
+    blocked = torch.ops.sparsekern._l1_block_rows(m, k, int(mask.sum()), 128 if narrow else 256) > 0
+    if density == 0.06:
+        assert blocked == (narrow or _intel())
     with block_rows(0):
         before = _runs()
         y = torch.ops.sparsekern._sparse_linear_node(ins[0], ins[1], ins[2], row_ptr, col_idx, *tr)
-        assert (_runs() > before) == (density == 0.06 and narrow)
+        assert (_runs() > before) == (density == 0.06 and blocked)
         y.backward(grad.float())
     ref = [t.clone().requires_grad_() for t in (x, values, b)]
     y_ref = torch.nn.functional.linear(ref[0], _dense(mask, ref[1]), ref[2])
