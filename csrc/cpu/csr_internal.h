@@ -38,15 +38,6 @@ constexpr int64_t PREFETCH = 16;
 // loops 1.1-1.2x faster at every shape. AMD CPUs keep them everywhere (Zen 4: none at all loses 15 % at
 // 4096^2; smaller tiles unmeasured there).
 constexpr int64_t PREFETCH_FROM_TILE_BYTES_INTEL = 1 << 20;
-// The 64-byte loops' 256-byte tiles only where the packed tile whose rows the pattern picks at random (no L1 blocks:
-// too sparse for them) is at most this large (and half of L2; tile_bytes), else 128-byte tiles. On a 2 MB L2 the
-// wider tiles lost well inside half of it: SparseLinear fwd+bwd, batch 256, calls back to back, 128-byte tiles 1.2x
-// faster at 4096^2 density 0.01 (a 1 MB tile at 256 bytes), 1.3x at 2048^2 0.01 (512 KB), 1.16x at 4096 -> 1024
-// 0.02; ViT, BERT and MLP layer shapes within noise either way; 64-byte tiles slower again (0.87x at 4096^2 0.01).
-// Each call after a dense 4096^2 product (the caches evicted, as in the op benchmark): 4096^2 at 0.01 even, 6.6-7.2
-// ms either way. Sapphire Rapids class Xeon, 2 threads, A/B in alternating processes. On Zen 4 (1 MB L2) 512 KB
-// tiles read 0.96-1.11x either way.
-constexpr int64_t WIDE_TILE_MAX_RANDOM_BYTES = int64_t(256) << 10;
 // Rows per SpMM chunk: a chunk's results are buffered (64 rows x 128-256 B = 8-16 KB, in L1), then stored,
 // through a register transpose when the output is column-major.
 constexpr int64_t CHUNK = 64;

@@ -61,13 +61,15 @@ int64_t l2_bytes() {
 // too sparse for them): its rows then come from L3, and the 64-byte loops ran slower than the 32-byte ones. 128-byte
 // tiles there, SparseLinear fwd+bwd: 4096^2 at density 0.01, batch 256, 1.10-1.14x (0.98-1.02x in a spell when the
 // host ran slow, every row from memory either way), at 0.02 1.0-1.11x; 4096 -> 1024 at 0.02 1.06-1.10x; blocked
-// layers and BERT-style FFN shapes unchanged (Zen 4, 1 MB L2, 2 threads, interleaved A/B). Nor beyond 256 KB on a
-// larger L2 (WIDE_TILE_MAX_RANDOM_BYTES: measured on a 2 MB one).
+// layers and BERT-style FFN shapes unchanged (Zen 4, 1 MB L2, 2 threads, interleaved A/B). A tile of exactly half
+// of L2 keeps 256 bytes (2048^2 at 0.01 read 0.96-1.11x either way here). On a 2 MB L2 (Sapphire Rapids class)
+// 128-byte tiles past 256 KB ran 4096^2 and 2048^2 at 0.01 1.2-1.3x faster with three calls after each dense one, but
+// even with one (6.6-7.2 ms) and in the op benchmark's rounds (6.8-7.2 ms): not taken.
 int tile_bytes(int64_t n, int64_t elem_size, bool wide, int64_t random_rows) {
   const int64_t bytes = n * elem_size;
   if (bytes <= 32) return 32;
   if (bytes <= 64) return 64;
-  if (wide && bytes > 128 && random_rows * 256 <= std::min(l2_bytes() / 2, WIDE_TILE_MAX_RANDOM_BYTES)) return 256;
+  if (wide && bytes > 128 && random_rows * 256 <= l2_bytes() / 2) return 256;
   return 128;
 }
 

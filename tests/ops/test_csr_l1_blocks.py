@@ -334,11 +334,10 @@ def test_tile_bytes_arguments_are_checked():
         torch.ops.sparsekern._tile_bytes(256, 4, True, -1)
 
 
-def test_wide_tiles_only_while_the_randomly_read_tile_fits_half_of_l2_and_256_kb():
-    """The 64-byte loops' 256-byte tiles where the rows the pattern picks at random (no L1 blocks) fit half of L2 and
-    at most 256 KB, else 128-byte ones; the 32-byte loops and short batches as before."""
-    tb = torch.ops.sparsekern._tile_bytes
-    half = min(torch.ops.sparsekern._l2_bytes() // 2, 256 << 10)
+def test_wide_tiles_only_while_the_randomly_read_tile_fits_half_of_l2():
+    """The 64-byte loops' 256-byte tiles where the rows the pattern picks at random (no L1 blocks) fit half of L2, else
+    128-byte ones; the 32-byte loops and short batches as before."""
+    tb, half = torch.ops.sparsekern._tile_bytes, torch.ops.sparsekern._l2_bytes() // 2
     assert half >= 4096
     assert tb(256, 4, True, 0) == 256
     assert tb(256, 4, True, half // 256) == 256
@@ -363,7 +362,7 @@ def test_long_sparse_rows_at_the_narrower_width_match_the_reference(isa, density
     x = torch.randn(n, k, generator=g, dtype=torch.float64)
     grad = torch.randn(n, m, generator=g, dtype=torch.float64)
     ins = [t.float().requires_grad_() for t in (x, values, b)]
-    narrow = isa == "avx2" or k * 256 > min(torch.ops.sparsekern._l2_bytes() // 2, 256 << 10)
+    narrow = isa == "avx2" or k * 256 > torch.ops.sparsekern._l2_bytes() // 2
     blocked = torch.ops.sparsekern._l1_block_rows(m, k, int(mask.sum()), 128 if narrow else 256) > 0
     if density == 0.06:
         assert blocked == (narrow or _intel_blocks())
