@@ -94,7 +94,8 @@ constexpr int64_t L1_BLOCK_MIN_BLOCKS = 8;
 // L1's blocks (the 8 of them), A/B in alternating processes: 4096^2 1.16x at 0.1, 1.29x at 0.05; at 0.084 800 x
 // 1536 -> 384 (ViT fc2) 1.08x, 800 x 384 -> 1536 (fc1; its input gradient in 3 blocks) 1.13x (0.9x with 4 blocks
 // needed); 2048 tokens 2048 -> 512 (BERT) 1.24x, 512 -> 2048 0.96-1.02x; 1024 -> 1024 at 0.1 batch 256 1.07x, 4096 ->
-// 1024 1.2x, 1024 -> 4096 1.0x.
+// 1024 1.2x, 1024 -> 4096 1.0x. Those A/Bs ran beside a narrower-tile rule since reverted (tile_bytes); again without
+// it: 4096^2 at 0.1 1.12-1.14x, ViT fc2 1.00-1.10x, fc1 1.0-1.26x.
 constexpr int64_t L1_BLOCK_BYTES_INTEL = int64_t(128) << 10;
 constexpr int64_t L1_BLOCK_MIN_BLOCKS_INTEL = 2;
 // The SDDMM reads G's and B's packed tiles, each row once per nonzero: blocks of B's rows pay only where B's tile
@@ -126,10 +127,10 @@ int64_t l2_bytes();
 bool spmm_prefetch(int64_t packed_bytes);
 
 // The SpMM's L1 blocks: rows of the packed tile per block of its k rows, so that a block's rows (rows x tile_bytes)
-// fill the L1 data cache (on Intel L1_BLOCK_BYTES_INTEL), and every row of A runs its entries in that block before the next block; 0 where the
-// whole-tile loops run the tile as one block (it spans fewer than L1_BLOCK_MIN_BLOCKS blocks (on Intel
-// L1_BLOCK_MIN_BLOCKS_INTEL), or the pattern has fewer
-// than L1_BLOCK_MIN_ENTRIES entries per row and block on average), as set_l1_block_rows says.
+// fill the L1 data cache (on Intel L1_BLOCK_BYTES_INTEL), and every row of A runs its entries in that block before
+// the next block; 0 where the whole-tile loops run the tile as one block (it spans fewer than L1_BLOCK_MIN_BLOCKS
+// blocks, on Intel L1_BLOCK_MIN_BLOCKS_INTEL, or the pattern has fewer than L1_BLOCK_MIN_ENTRIES entries per row and
+// block on average), as set_l1_block_rows says.
 int64_t l1_block_rows(int64_t m, int64_t k, int64_t nnz, int tile_bytes);
 // The fused backward's SDDMM in the same blocks (sddmm_blocks): as l1_block_rows, and only where B's packed tile (k
 // rows) takes SDDMM_L1_BLOCK_MIN_TILE_BYTES or more, unless forced (set_l1_block_rows).
