@@ -105,10 +105,11 @@ def test_gradcheck(shape):
 
 
 @pytest.mark.parametrize("nthreads", (1, 2))
-@pytest.mark.parametrize("n", (16, 64, 128, 192, 256, 576))
+@pytest.mark.parametrize("n", (16, 64, 79, 128, 192, 200, 256, 576))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_whole_tiles_and_row_parts(dtype, n, nthreads):
-    """Tiles are 32-64 elements wide, so these batches give 1-18 tiles: spread evenly over 2 threads or not."""
+    """Tiles are 32-64 elements wide, so these batches give 1-18 tiles: spread evenly over 2 threads or not. x's
+    45 features and batches of 79 and 200 leave both edges of the packing's 16 x 16 transposes."""
     g = gen(seed_of("csr-modes", dtype, n))
     m, k = 70, 45
     W = random_sparse((m, k), 0.3, dtype, g, empty_rows=True)
