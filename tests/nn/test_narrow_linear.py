@@ -1,10 +1,11 @@
 """FastNarrowLinear and its op (_narrow_linear, csrc/cpu/narrow_linear.cpp): the output and the gradients of x, weight
-and bias are F.linear's for 1 to 16 outputs (output groups of 8 and 4 and their remainders), in_features on and off the
-vector widths (1 to 1030), 0 to 300 rows, float32 and float64, with and without bias, non-contiguous x and output
-gradient; gradcheck and gradgradcheck (the second order through ATen's products); NaN spread as F.linear spreads it;
-the same bits run to run and at 1 and 2 threads; the module runs the kernel where it should and nn.Linear's forward
-elsewhere; fast_modules swaps heads of at most 16 outputs only, and a sparse layer's full pattern (ERK's head) runs the
-kernel through its route; the op's argument errors."""
+and bias are F.linear's for 1 to 16 outputs (output groups of 8 and 4, 12 in the 64-byte weight gradient, and their
+remainders), on the 32-byte loops and the AVX-512 ones, in_features on and off the vector widths (1 to 1030), 0 to
+300 rows, float32 and float64, with and without bias, non-contiguous x and output gradient; gradcheck and
+gradgradcheck (the second order through ATen's products); NaN spread as F.linear spreads it; the same bits run to run
+and at 1 and 2 threads; the module runs the kernel where it should and nn.Linear's forward elsewhere; fast_modules
+swaps heads of at most 16 outputs only, and a sparse layer's full pattern (ERK's head) runs the kernel through its
+route; the op's argument errors."""
 import copy
 import re
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsekern
+from sparsekern import isa as sk_isa
 from sparsekern.nn import FastNarrowLinear, fast_modules, plain_modules
 from sparsekern.ops import dispatch
 
@@ -42,7 +44,15 @@ def _grads(fn, x, w, b, g):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
-def test_op_matches_linear(shape, dtype, bias):
+@pytest.mark.parametrize("isa", ("avx2", "avx512"))
+def test_op_matches_linear(shape, dtype, bias, isa):
+    if not sk_isa.supported(isa):
+        pytest.skip(f"isa {isa}: this CPU lacks AVX-512F/BW/DQ/VL")
+    with sk_isa.use(isa):
+        _op_matches_linear(shape, dtype, bias)
+
+
+def _op_matches_linear(shape, dtype, bias):
     N, K, out = shape
     g = gen(N * 1000 + K * 10 + out)
     x = torch.randn(N, K, dtype=dtype, generator=g, requires_grad=True)
