@@ -7,10 +7,11 @@
 //                 loaded vector of x
 //   input grad    dx[r, :] = sum_o dy[r, o] w[o, :]: per row, 4 vectors of dx at a time
 //   weight grad   dw[o, k] = sum_r dy[r, o] x[r, k]: per 2 vectors of columns, the outputs in groups of up to 4
-// Each result is summed by one thread in a fixed order (deterministic). 32-byte vectors in every clone; the float32
-// weight gradient on 64-byte vectors where the loops run AVX-512 (weight_grad_wide: every output of a piece in one
-// walk down x's rows): the MLP's head 79 -> 35 us (Intel SPR-class, 2 threads). The input gradient so (weight rows
-// in registers, dx in 32-column pieces down its rows) ran 59 -> 80 us: its stores then stride across rows.
+// Each result is summed by one thread in a fixed order (deterministic). 32-byte vectors in every clone; float32 on
+// 64-byte vectors where the loops run AVX-512, with up to 12 outputs a group: the weight gradient (weight_grad_wide,
+// every output of a piece in one walk down x's rows) of the MLP's head 79 -> 35-39 us, its forward (forward_wide)
+// 58-60 -> 48-51 us (Intel SPR-class, 2 threads). The input gradient so (weight rows in registers, dx in 32-column
+// pieces down its rows) ran 59 -> 80 us: its stores then stride across rows.
 #pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
 
 #include <ATen/Dispatch.h>
@@ -179,6 +180,51 @@ SK_INLINE void column_sums_wide(const float* __restrict x, const float* __restri
 
 constexpr int64_t kWidePiece = 32;  // columns per piece of the wide weight gradient
 
+// The float32 forward on 64-byte vectors: yr[g] = bias[g] + dot(xr, w[g]) for up to 12 outputs sharing each loaded
+// vector of x (G chains of FMAs), so that a head of 9 to 12 outputs reads x's row once.
+template <int G>
+SK_INLINE void row_dots_wide(const float* __restrict xr, const float* __restrict w, int64_t K, const float* bias,
+                             float* __restrict yr) {
+  using V = Vec<float, 64>::v;
+  V acc[G] = {};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const V xv = vload<64>(xr + k);
+    for (int g = 0; g < G; ++g) acc[g] += xv * vload<64>(w + g * K + k);
+  }
+  for (int g = 0; g < G; ++g) {
+    float sum = 0;
+    for (int l = 0; l < 16; ++l) sum += acc[g][l];
+    for (int64_t q = k; q < K; ++q) sum += xr[q] * w[g * K + q];
+    yr[g] = (bias ? bias[g] : 0.f) + sum;
+  }
+}
+
+SK_AVX512 void forward_wide(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t O,
+                            int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t o0 = 0; o0 < O; o0 += 12) {
+      const float* wo = w + o0 * K;
+      const float* b = bias ? bias + o0 : nullptr;
+      float* yr = y + r * O + o0;
+      const float* xr = x + r * K;
+      switch (std::min<int64_t>(12, O - o0)) {
+        case 1: row_dots_wide<1>(xr, wo, K, b, yr); break;
+        case 2: row_dots_wide<2>(xr, wo, K, b, yr); break;
+        case 3: row_dots_wide<3>(xr, wo, K, b, yr); break;
+        case 4: row_dots_wide<4>(xr, wo, K, b, yr); break;
+        case 5: row_dots_wide<5>(xr, wo, K, b, yr); break;
+        case 6: row_dots_wide<6>(xr, wo, K, b, yr); break;
+        case 7: row_dots_wide<7>(xr, wo, K, b, yr); break;
+        case 8: row_dots_wide<8>(xr, wo, K, b, yr); break;
+        case 9: row_dots_wide<9>(xr, wo, K, b, yr); break;
+        case 10: row_dots_wide<10>(xr, wo, K, b, yr); break;
+        case 11: row_dots_wide<11>(xr, wo, K, b, yr); break;
+        default: row_dots_wide<12>(xr, wo, K, b, yr); break;
+      }
+    }
+}
+
 SK_AVX512 void weight_grad_wide(const float* x, const float* dy, float* dw, int64_t N, int64_t K, int64_t O, int64_t p0,
                                 int64_t p1) {
   for (int64_t p = p0; p < p1; ++p)
@@ -280,6 +326,16 @@ at::Tensor narrow_forward(const at::Tensor& x_in, const at::Tensor& weight_in, c
   const int64_t N = x.size(0), K = x.size(1), O = weight.size(0);
   at::Tensor y = at::empty({N, O}, x.options());
   if (N == 0) return y;
+#if SK_HAVE_AVX512
+  if (x.scalar_type() == at::kFloat && csr::isa() == csr::Isa::avx512) {
+    const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, K * O)),
+                     [&](int64_t r0, int64_t r1) { forward_wide(xp, wp, bp, yp, K, O, r0, r1); });
+    return y;
+  }
+#endif
   at::parallel_for(0, N, std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, K * O)), [&](int64_t r0, int64_t r1) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_narrow_linear", [&] {
       forward(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
