@@ -130,6 +130,17 @@ SK_INLINE void input_grad_rows(const T* dy, const T* w, T* dx, int64_t K, int64_
   }
 }
 
+// The weight gradient's columns from q0 on (past the last whole piece), one at a time.
+template <class T>
+SK_INLINE void leftover_column_sums(const T* x, const T* dy, T* dw, int64_t N, int64_t K, int64_t O, int64_t q0) {
+  for (int64_t q = q0; q < K; ++q)
+    for (int64_t o = 0; o < O; ++o) {
+      T sum = 0;
+      for (int64_t r = 0; r < N; ++r) sum += dy[r * O + o] * x[r * K + q];
+      dw[o * K + q] = sum;
+    }
+}
+
 // Columns [c0, c1) of the weight gradient in pieces of 2 vectors (the last piece's leftover columns, q >= K - K % 2L,
 // by the thread that owns the last piece).
 template <class T>
@@ -147,13 +158,7 @@ SK_INLINE void weight_grad_cols(const T* x, const T* dy, T* dw, int64_t N, int64
         default: column_sums<T, 4>(x, d, N, K, O, p * P, out); break;
       }
     }
-  if (p1 == K / P)
-    for (int64_t q = K / P * P; q < K; ++q)
-      for (int64_t o = 0; o < O; ++o) {
-        T sum = 0;
-        for (int64_t r = 0; r < N; ++r) sum += dy[r * O + o] * x[r * K + q];
-        dw[o * K + q] = sum;
-      }
+  if (p1 == K / P) leftover_column_sums(x, dy, dw, N, K, O, K / P * P);
 }
 
 #if SK_HAVE_AVX512
@@ -247,13 +252,7 @@ SK_AVX512 void weight_grad_wide(const float* x, const float* dy, float* dw, int6
         default: column_sums_wide<12>(x, d, N, K, O, k0, out); break;
       }
     }
-  if (p1 == K / kWidePiece)
-    for (int64_t q = K / kWidePiece * kWidePiece; q < K; ++q)
-      for (int64_t o = 0; o < O; ++o) {
-        float sum = 0;
-        for (int64_t r = 0; r < N; ++r) sum += dy[r * O + o] * x[r * K + q];
-        dw[o * K + q] = sum;
-      }
+  if (p1 == K / kWidePiece) leftover_column_sums(x, dy, dw, N, K, O, K / kWidePiece * kWidePiece);
 }
 #endif
 
