@@ -9,7 +9,7 @@
 //   weight grad   dw[o, k] = sum_r dy[r, o] x[r, k]: per 2 vectors of columns, the outputs in groups of up to 4
 // Each result is summed by one thread in a fixed order (deterministic). 32-byte vectors in every clone; float32 on
 // 64-byte vectors where the loops run AVX-512, with up to 12 outputs a group: the weight gradient (weight_grad_wide,
-// every output of a piece in one walk down x's rows) of the MLP's head 79 -> 35-39 us, its forward (forward_wide)
+// every output of a piece in one walk down x's rows) of the MLP's head 79 -> 27-39 us, its forward (forward_wide)
 // 58-60 -> 48-51 us (Intel SPR-class, 2 threads). The input gradient so (weight rows in registers, dx in 32-column
 // pieces down its rows) ran 59 -> 80 us: its stores then stride across rows.
 #pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
