@@ -185,6 +185,9 @@ SK_INLINE void column_sums_wide(const float* __restrict x, const float* __restri
 
 constexpr int64_t kWidePiece = 32;  // columns per piece of the wide weight gradient
 
+// Whether the products of x take the 64-byte loops: float32 where the loops run AVX-512.
+bool runs_wide(const at::Tensor& x) { return x.scalar_type() == at::kFloat && csr::isa() == csr::Isa::avx512; }
+
 // The float32 forward on 64-byte vectors: yr[g] = bias[g] + dot(xr, w[g]) for up to 12 outputs sharing each loaded
 // vector of x (G chains of FMAs), so that a head of 9 to 12 outputs reads x's row once.
 template <int G>
@@ -198,8 +201,7 @@ SK_INLINE void row_dots_wide(const float* __restrict xr, const float* __restrict
     for (int g = 0; g < G; ++g) acc[g] += xv * vload<64>(w + g * K + k);
   }
   for (int g = 0; g < G; ++g) {
-    float sum = 0;
-    for (int l = 0; l < 16; ++l) sum += acc[g][l];
+    float sum = simd::lane_sum(acc[g]);
     for (int64_t q = k; q < K; ++q) sum += xr[q] * w[g * K + q];
     yr[g] = (bias ? bias[g] : 0.f) + sum;
   }
@@ -326,7 +328,7 @@ at::Tensor narrow_forward(const at::Tensor& x_in, const at::Tensor& weight_in, c
   at::Tensor y = at::empty({N, O}, x.options());
   if (N == 0) return y;
 #if SK_HAVE_AVX512
-  if (x.scalar_type() == at::kFloat && csr::isa() == csr::Isa::avx512) {
+  if (runs_wide(x)) {
     const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
     const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
@@ -364,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_backward(const at::Tensor&
     });
   if (dw.defined()) {
 #if SK_HAVE_AVX512
-    if (x.scalar_type() == at::kFloat && csr::isa() == csr::Isa::avx512) {
+    if (runs_wide(x)) {
       const float *xp = x.data_ptr<float>(), *gp = grad.data_ptr<float>();
       float* wp = dw.data_ptr<float>();
       const int64_t pieces = K / kWidePiece;
