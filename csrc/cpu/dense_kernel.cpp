@@ -12,6 +12,7 @@
 #include <ATen/Functions.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -25,6 +26,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
@@ -618,7 +620,13 @@ at::Tensor sparse_op(const at::Tensor& x, const at::Tensor& values, const at::Te
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
-  return linear.call(x, values, row_ptr, col_idx, b, t_row_ptr, t_col_idx, t_perm);
+  // The op takes (rows, in_features): x of other ranks (a linear layer's (..., in_features)) goes as a view.
+  if (x.dim() == 2) return linear.call(x, values, row_ptr, col_idx, b, t_row_ptr, t_col_idx, t_perm);
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  const at::Tensor y = linear.call(x.reshape({c10::multiply_integers(lead), x.size(-1)}), values, row_ptr, col_idx, b,
+                                   t_row_ptr, t_col_idx, t_perm);
+  lead.push_back(y.size(1));
+  return y.view(lead);
 }
 
 using torch::autograd::AutogradContext;

@@ -86,6 +86,8 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
                          self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self(x.unsqueeze(0)).squeeze(0)
         fast = self.__dict__.get(kernel_choice.FAST)  # the C++ route kept by the last calls (kernel_choice._keep_fast)
         if fast is not None and not torch.compiler.is_compiling():
             y = fast(self, x)

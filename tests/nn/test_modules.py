@@ -276,6 +276,26 @@ def test_conv_from_dense_matches_masked_dense(backend, geometry, density, empty_
         assert_close(got[2], exp[2], scale=100)
 
 
+@pytest.mark.parametrize("kernel", ["csr", "gemm", "dense"])
+def test_conv_takes_an_unbatched_input_as_conv2d_does(kernel):
+    torch.manual_seed(24)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    sparse = SparseConv2d.from_dense(conv, random_mask(conv.weight.shape, 0.5, gen(24)))
+    sparse.kernel = kernel
+    back = sparse.to_dense()
+    x = torch.randn(3, 7, 7, generator=gen(25), requires_grad=True)
+    y = sparse(x)
+    assert y.shape == back(x).shape == (4, 4, 4)
+    g = torch.randn(y.shape, generator=gen(26))
+    got = torch.autograd.grad(y, (x, sparse.values, sparse.bias), g)
+    y_ref = back(x)
+    exp = torch.autograd.grad(y_ref, (x, back.weight, back.bias), g)
+    assert_close(y, y_ref, scale=27)
+    assert_close(got[0], exp[0], scale=27)
+    assert_close(got[1], exp[1][sparse.mask()], scale=100)
+    assert_close(got[2], exp[2], scale=100)
+
+
 @pytest.mark.kernels(*CONV_KERNELS)
 def test_conv_to_dense_roundtrip_and_same_padding(backend):
     torch.manual_seed(21)

@@ -41,6 +41,11 @@ def _conv_narrow():
     return _conv(2)
 
 
+def _linear_tokens():  # (batch, tokens, features), as a transformer's layers take it
+    layer, x, _ = _linear(20)
+    return layer, x.reshape(2, 2, 10), (slice(None), slice(None), 0)
+
+
 def _linear_no_bias():  # the input gradient's check reads its feature 0, not the bias gradient
     return _linear(bias=False)
 
@@ -49,8 +54,8 @@ def _conv_no_bias():
     return _conv(bias=False)
 
 
-MAKERS = [_linear, _linear_wide, _conv, _conv_narrow, _linear_no_bias, _conv_no_bias]
-IDS = ["linear", "linear-wide", "conv", "conv-narrow", "linear-no-bias", "conv-no-bias"]
+MAKERS = [_linear, _linear_wide, _linear_tokens, _conv, _conv_narrow, _linear_no_bias, _conv_no_bias]
+IDS = ["linear", "linear-wide", "linear-tokens", "conv", "conv-narrow", "linear-no-bias", "conv-no-bias"]
 
 
 def _run(layer, x, kernel, grad_out=None):
@@ -85,7 +90,7 @@ def test_non_finite_output_gradient_where_nothing_is_stored(make):
     mask = layer.mask().clone()
     mask[0] = False
     layer.set_pattern(mask)
-    g[(slice(None), 0)] = float("nan")
+    g.select(layer.feature_dim, 0).fill_(float("nan"))  # output feature 0
     want = _run(layer, x, "csr", g)
     assert torch.isfinite(want[1]).all()
     for kernel in layer.candidates():
@@ -149,7 +154,7 @@ def test_a_kept_dense_route_hands_non_finite_calls_to_the_sparse_kernel(make):
     for a, b in zip(_run(layer, bad, "dense"), _run(layer, bad, "csr")):
         torch.testing.assert_close(a, b, equal_nan=True)
     g = torch.ones(y.shape)
-    g[(slice(None), 0)] = float("nan")
+    g.select(layer.feature_dim, 0).fill_(float("nan"))  # output feature 0
     got, want = _run(layer, x, "dense", g), _run(layer, x, "csr", g)
     torch.testing.assert_close(got[1], want[1], equal_nan=True)
 
@@ -176,7 +181,7 @@ def test_channels_last_non_finite_input_and_output_gradient(make, value):
     mask[0] = False
     layer.set_pattern(mask)
     g = torch.randn(y.shape, generator=gen(6))
-    g[(slice(None), 0)] = value
+    g.select(layer.feature_dim, 0).fill_(value)  # output feature 0
     want = _run(layer, x, "csr", g)
     for kernel in layer.candidates():
         got = _run(layer, _channels_last(x), kernel, _channels_last(g))
@@ -196,7 +201,7 @@ def test_non_finite_output_gradient_with_frozen_values(make):
     if layer.bias is not None:
         layer.bias.requires_grad_(False)
     g = torch.randn(y.shape, generator=gen(7))
-    g[(slice(None), 0)] = float("nan")
+    g.select(layer.feature_dim, 0).fill_(float("nan"))  # output feature 0
     grads = {}
     for kernel in ("csr", *layer.candidates()):
         layer.kernel = kernel
