@@ -441,6 +441,7 @@ at::Tensor conv_plain(const at::Tensor& x, const at::Tensor& values, const OptTe
 at::Tensor spmm_plain(const at::Tensor& values, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& B, const at::Tensor& t_row_ptr, const at::Tensor& t_col_idx,
                       const at::Tensor& t_perm) {
+  if (B.dim() == 3) return spmm_planes(values, row_ptr, col_idx, with_unit_plane_stride(B));  // as SpmmNode's forward
   return spmm_op(values, row_ptr, col_idx, B, t_row_ptr, t_col_idx, t_perm);
 }
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsekern
 from sparsekern.models import BertEncoder, VisionTransformer
-from sparsekern.nn import SparseWeightMixin
+from sparsekern.nn import SparseWeightMixin, kernel_choice
 from sparsekern.sparsity import sparsifiable_layers
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed: pip install -e '.[models]'")
@@ -113,6 +113,29 @@ def test_training_step(name):
     total = sum(m.nnz for m in layers.values())
     numel = sum(m.weight.numel() for m in layers.values())  # the read-only dense view
     assert total / numel == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("kernel", [None, "csr", "gemm", "dense"], ids=["measured", "csr", "gemm", "dense"])
+@pytest.mark.parametrize("name", MODELS)
+def test_inference_mode_and_a_non_finite_loss(name, kernel):
+    """Whichever kernels run the layers: eval under inference mode (no autograd kernels at all) gives no_grad's
+    outputs, and a diverging step (an Inf loss, so Inf and NaN gradients) gives gradients, not an error."""
+    model, spec, layers = _build(name)
+    inputs = _inputs(spec)
+    kernel_choice.set_kernel(kernel)
+    try:
+        model.eval()
+        with torch.no_grad():
+            want = model(**inputs)
+        with torch.inference_mode():
+            got = model(**inputs)
+        for key in want.keys():
+            torch.testing.assert_close(got[key], want[key])
+        (_loss(model.train(), inputs) * float("inf")).backward()
+    finally:
+        kernel_choice.set_kernel(None)
+    for layer_name, m in layers.items():
+        assert m.values.grad is not None and m.values.grad.shape == m.values.shape, layer_name
 
 
 @pytest.mark.parametrize("name", MODELS)

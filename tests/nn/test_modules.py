@@ -296,6 +296,25 @@ def test_conv_takes_an_unbatched_input_as_conv2d_does(kernel):
     assert_close(got[2], exp[2], scale=100)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("kernel", ["csr", "gemm", "dense"])
+@pytest.mark.parametrize("geometry", [(3, 1, 0), (1, 1, 0), (1, 2, 0), (7, 2, 3)], ids=lambda g: f"k{g[0]}-s{g[1]}")
+def test_conv_in_inference_mode_as_under_no_grad(geometry, kernel, layout):
+    """Inference mode skips the autograd kernels: the layer nodes' plain kernels take every operand form."""
+    ks, stride, padding = geometry
+    sparse = SparseConv2d(6, 8, ks, stride=stride, padding=padding, density=0.3, generator=gen(27)).eval()
+    sparse.kernel = kernel
+    x = torch.randn(3, 6, 9, 9, generator=gen(28))
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = sparse(x)
+    with torch.inference_mode():
+        got = sparse(x)
+    assert_close(got, want, scale=6 * ks * ks)
+    assert_close(got, sparse.to_dense()(x).detach(), scale=6 * ks * ks)
+
+
 @pytest.mark.kernels(*CONV_KERNELS)
 def test_conv_to_dense_roundtrip_and_same_padding(backend):
     torch.manual_seed(21)
