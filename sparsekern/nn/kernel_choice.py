@@ -27,6 +27,7 @@ a file from another of these is ignored, never trusted. Overrides: ``layer.kerne
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -35,7 +36,7 @@ import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -259,7 +260,8 @@ def resolve(module: nn.Module, x: torch.Tensor) -> str:
         if stored is not None and stored.get("kernel") in module.candidates():
             choice = Choice(stored["kernel"], dict(stored.get("times_ms", {})), "cached on disk")
         else:
-            choice = _measure(module, x)
+            with _no_saved_tensor_hooks():
+                choice = _measure(module, x)
             _store(key, choice)
         _choices[key] = choice
     return choice.kernel
@@ -618,6 +620,26 @@ def _timer(module: nn.Module, x: torch.Tensor, kernel: str) -> Callable[[], None
 def dense_margin(module: nn.Module) -> float:
     """How much faster than the dense kernel a sparse one must measure to be chosen for ``module``."""
     return NEAR_DENSE_MARGIN if module.density >= NEAR_DENSE else DENSE_MARGIN
+
+
+@contextlib.contextmanager
+def _no_saved_tensor_hooks() -> Iterator[None]:
+    """The saved-tensor hooks in effect (a non-reentrant activation checkpoint's, save_on_cpu's) set aside while the
+    choice times its calls: those calls' graphs are not the model's, and a checkpoint that saw their saved tensors
+    in the forward would find fewer when it recomputes (once the choice is made) and raise. torch keeps the hooks
+    in a thread-local stack, reached through private functions: where they are missing, nothing is set aside."""
+    ag = torch._C._autograd
+    top, pop, push = (getattr(ag, f"_{op}_saved_tensors_default_hooks", None) for op in ("top", "pop", "push"))
+    held = []
+    if top is not None and pop is not None and push is not None:
+        while (hooks := top(True)) is not None:
+            held.append(hooks)
+            pop()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(held):
+            push(pack, unpack)
 
 
 def _measure(module: nn.Module, x: torch.Tensor) -> Choice:

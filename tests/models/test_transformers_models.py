@@ -138,6 +138,27 @@ def test_inference_mode_and_a_non_finite_loss(name, kernel):
         assert m.values.grad is not None and m.values.grad.shape == m.values.shape, layer_name
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", ["vit", "bert", "gpt2"])
+def test_gradient_checkpointing_gives_the_plain_gradients(name, reentrant):
+    """transformers' activation checkpointing recomputes each block's forward in the backward (tests/nn/
+    test_checkpointing.py: from a layer's first call, kernels measured inside)."""
+    model, spec, _ = _build(name)
+    plain = copy.deepcopy(model)
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name is deprecated there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    inputs = _inputs(spec)
+    _loss(model.train(), inputs).backward()
+    _loss(plain.train(), inputs).backward()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_rigl_update_then_checkpoint_round_trip(name, tmp_path):
     model, spec, layers = _build(name)
