@@ -734,11 +734,19 @@ at::Tensor conv_forward(const at::Tensor& x, const at::Tensor& values, const at:
   return out.last();
 }
 
+// The public ops' result lies as their input does (x, grad_out): channels_last for a channels_last one, else NCHW, as
+// their fake kernels say (torch.compile checks it). The kernels write the layout of the kernel measured fastest, so
+// the result is copied where the two differ; the layer's own node (sparse_conv2d_keep_cpu) takes either.
+at::Tensor laid_out_as(const at::Tensor& input, const at::Tensor& result) {
+  return result.contiguous(channels_last(input) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 at::Tensor sparse_conv2d_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                              const at::Tensor& col_idx, at::IntArrayRef kernel_size,
                              const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation) {
-  return conv_forward(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation, nullptr);
+  return laid_out_as(x,
+                     conv_forward(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation, nullptr));
 }
 
 // The conv node's forward: y, and the batch-innermost kernel's copy of x in its phases where its backward can reuse
@@ -922,10 +930,10 @@ void backward_input_impl(const Geom& g, const at::Tensor& dy, const at::Tensor& 
   }
 }
 
-at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
-                                            const at::Tensor& row_ptr_, const at::Tensor& col_idx_,
-                                            at::IntArrayRef input_size, at::IntArrayRef kernel_size,
-                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+// The input gradient in the layout its kernel wrote (the public op: sparse_conv2d_backward_input_cpu).
+at::Tensor conv_backward_input(const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& row_ptr_,
+                               const at::Tensor& col_idx_, at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
   const char* op = "sparse_conv2d_backward_input";
   TORCH_CHECK(input_size.size() == 4, op, ": input_size must have 4 entries (N, Cin, H, W), got ", input_size);
@@ -969,6 +977,14 @@ at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at
   };
   run_chosen(Pass::GradInput, gl, col_idx.numel(), grad_out.scalar_type(), pin, run, [] {});
   return out.last();
+}
+
+at::Tensor sparse_conv2d_backward_input_cpu(const at::Tensor& grad_out, const at::Tensor& values,
+                                            const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                            at::IntArrayRef input_size, at::IntArrayRef kernel_size,
+                                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  return laid_out_as(grad_out, conv_backward_input(grad_out, values, row_ptr, col_idx, input_size, kernel_size, stride,
+                                                   padding, dilation));
 }
 
 // ---------------------------------------------------------------------------
@@ -1096,8 +1112,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv2d_backward_cpu(const at::Tensor& 
   const at::Tensor row_ptr = row_ptr_.contiguous(), col_idx = col_idx_.contiguous();
   const char* op = "_sparse_conv2d_backward";
   auto apart = [&] {
-    return std::make_tuple(sparse_conv2d_backward_input_cpu(grad_out, values, row_ptr, col_idx, x.sizes(), kernel_size,
-                                                            stride, padding, dilation),
+    return std::make_tuple(conv_backward_input(grad_out, values, row_ptr, col_idx, x.sizes(), kernel_size, stride,
+                                               padding, dilation),
                            sparse_conv2d_backward_weight_cpu(grad_out, x, row_ptr, col_idx, kernel_size, stride,
                                                              padding, dilation));
   };

@@ -269,6 +269,13 @@ ConvGeom conv_geom(const char* op, int64_t N, int64_t C, int64_t H, int64_t W, i
   return g;
 }
 
+// The conv ops' result lies as their input does (x, grad_out): channels_last for a channels_last one (not also
+// contiguous), else NCHW, as their fake kernels say (torch.compile checks it); the kernels write NCHW.
+at::Tensor laid_out_as(const at::Tensor& input, const at::Tensor& result) {
+  const bool cl = input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return cl ? result.contiguous(at::MemoryFormat::ChannelsLast) : result;
+}
+
 at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
                               const at::Tensor& col_idx, at::IntArrayRef kernel_size,
                               const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -295,7 +302,7 @@ at::Tensor sparse_conv2d_cuda(const at::Tensor& x, const at::Tensor& values, con
   check_launch(conv2d_forward(dt, W.csr, xc.data_ptr(), has_bias ? bias->data_ptr() : nullptr,
                               has_bias ? bias->stride(0) : 0, y.data_ptr(), g, ws.data_ptr(), stream()),
                op);
-  return y;
+  return laid_out_as(x, y);
 }
 
 at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_out, const at::Tensor& values,
@@ -342,7 +349,7 @@ at::Tensor sparse_conv2d_backward_input_cuda(const at::Tensor& grad_out, const a
   at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, grad_out.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor ws = workspace(conv2d_workspace_bytes(dt, W.csr.nnz, g), grad_out);
   check_launch(conv2d_backward_input(dt, Wt, dyc.data_ptr(), dx.data_ptr(), g, ws.data_ptr(), stream()), op);
-  return dx;
+  return laid_out_as(grad_out, dx);
 }
 
 at::Tensor sparse_conv2d_backward_weight_cuda(const at::Tensor& grad_out, const at::Tensor& x,

@@ -71,12 +71,11 @@ def sparse_conv2d(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor]
     check.same(OP, {"x": x, "W.values": W.values, "bias": bias})
     backend = get_backend(OP, x.device)
     check.backend_dtype(OP, backend, "x", x)
-    y = call(OP, x.device, x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias, list(stride), list(padding),
-             list(dilation))
-    # The kernels write NCHW planes. A channels_last input gets a channels_last output, as from F.conv2d: the layers
-    # after it keep their layout (ConvNeXt's depthwise convs, LayerNorms and residual adds ran 1.5-3x slower on
-    # the NCHW tensors an NCHW output left them, against the dense model's channels_last ones).
-    return y.contiguous(memory_format=torch.channels_last) if is_channels_last(x) else y
+    # A channels_last input gets a channels_last output (every backend's op lays it out so), as from F.conv2d: the
+    # layers after it keep their layout (ConvNeXt's depthwise convs, LayerNorms and residual adds ran 1.5-3x slower
+    # on the NCHW tensors an NCHW output left them, against the dense model's channels_last ones).
+    return call(OP, x.device, x, W.values, W.row_ptr, W.col_idx, [kh, kw], bias, list(stride), list(padding),
+                list(dilation))
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -84,13 +83,19 @@ def is_channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _empty_laid_out_as(t: torch.Tensor, shape) -> torch.Tensor:
+    """The conv ops' result: channels_last where their input ``t`` is, else NCHW (what torch.compile checks)."""
+    layout = torch.channels_last if is_channels_last(t) else torch.contiguous_format
+    return torch.empty(tuple(shape), dtype=t.dtype, device=t.device, memory_format=layout)
+
+
 def _fake(x, values, row_ptr, col_idx, kernel_size, bias, stride, padding, dilation):
     ho, wo = output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
-    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1, ho, wo))
+    return _empty_laid_out_as(x, (x.shape[0], row_ptr.shape[0] - 1, ho, wo))
 
 
 def _fake_backward_input(grad_out, values, row_ptr, col_idx, input_size, kernel_size, stride, padding, dilation):
-    return grad_out.new_empty(tuple(input_size))
+    return _empty_laid_out_as(grad_out, input_size)
 
 
 def _fake_backward_weight(grad_out, x, row_ptr, col_idx, kernel_size, stride, padding, dilation):

@@ -63,6 +63,25 @@ def test_sparse_linear_compiled_inductor(backend):
     _check_linear("inductor")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", ["batched", "direct"])
+def test_sparse_conv2d_channels_last_compiled_inductor(kernel, monkeypatch):
+    """Inductor checks each op's result against its fake kernel's strides: a channels_last conv's output and input
+    gradient lie channels_last whichever CPU kernel runs (the direct one writes NCHW)."""
+    monkeypatch.setenv("SPARSEKERN_CONV_KERNEL", kernel)
+    torch.manual_seed(7)
+    conv = SparseConv2d(8, 16, 3, padding=1, density=0.3, generator=gen(7))
+    x = torch.randn(4, 8, 6, 6, generator=gen(8)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    def step(x_):
+        return (conv(x_).relu() ** 2).sum()
+
+    want = torch.autograd.grad(step(x), (x, conv.values))
+    got = torch.autograd.grad(torch.compile(step, backend="inductor")(x), (x, conv.values))
+    for a, b in zip(got, want):
+        assert_close(a, b, scale=72)
+
+
 @pytest.mark.kernels(*CONV_KERNELS)
 def test_sparse_conv2d_compiled_forward(backend):
     torch.manual_seed(4)
@@ -103,14 +122,19 @@ def _opcheck_samples(op):
     Wc = random_sparse((4, 3, 3, 3), 0.5, dt, g, empty_rows=True)
     geometry = ([3, 3], [2, 1], [1, 1], [1, 2])
     x = make_input((2, 3, 7, 8), dt, g, requires_grad=True)
+    # channels_last operands too: the ops' results lie as their inputs do, whichever kernel ran (the fakes say so)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     if op == "sparse_conv2d":
         vc = Wc.values.detach().clone().requires_grad_(True)
         return [(x, vc, Wc.row_ptr, Wc.col_idx, geometry[0], make_input((4,), dt, g, requires_grad=True),
                  *geometry[1:]),
-                (x, vc, Wc.row_ptr, Wc.col_idx, geometry[0], None, *geometry[1:])]
+                (x, vc, Wc.row_ptr, Wc.col_idx, geometry[0], None, *geometry[1:]),
+                (x_cl, vc, Wc.row_ptr, Wc.col_idx, geometry[0], None, *geometry[1:])]
     grad_out = make_input((2, 4, 4, 6), dt, g)  # Ho = (7+2-2-1)//2+1, Wo = (8+2-4-1)+1
+    grad_cl = grad_out.contiguous(memory_format=torch.channels_last)
     if op == "sparse_conv2d_backward_input":
-        return [(grad_out, Wc.values, Wc.row_ptr, Wc.col_idx, [2, 3, 7, 8], *geometry)]
+        return [(grad_out, Wc.values, Wc.row_ptr, Wc.col_idx, [2, 3, 7, 8], *geometry),
+                (grad_cl, Wc.values, Wc.row_ptr, Wc.col_idx, [2, 3, 7, 8], *geometry)]
     if op == "sparse_conv2d_backward_weight":
         return [(grad_out, x.detach(), Wc.row_ptr, Wc.col_idx, *geometry)]
     if op == "topk_select":
