@@ -36,7 +36,7 @@ import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -715,12 +715,17 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
     on the ``csr`` kernel on the CPU, the C++ kernel of each pass (``conv_kernels``: "forward/input gradient/weight
     gradient", each direct, batched or pointwise; SparseConv2d.cpu_conv_kernels).
 
-    Returns the rows as dicts; prints them as a table when ``print_table``. ``forward(model, *inputs)``
-    replaces ``model(*inputs)`` for models whose outputs are not tensors or tuples of tensors."""
+    One mapping for ``example_inputs`` (a ``transformers`` batch: ``{"input_ids": ...}``) is passed as keyword
+    arguments. Returns the rows as dicts; prints them as a table when ``print_table``. ``forward(model, *inputs)``
+    (``forward(model, **inputs)`` for a mapping) replaces ``model(...)`` for models whose outputs are not tensors,
+    or tuples or mappings of tensors."""
     from .base import SparseWeightMixin
     if not isinstance(model, nn.Module):
         raise TypeError(f"explain: model must be an nn.Module, got {type(model).__name__}")
-    if not example_inputs and forward is None:
+    keywords: Dict[str, object] = {}
+    if len(example_inputs) == 1 and isinstance(example_inputs[0], Mapping):
+        keywords, example_inputs = dict(example_inputs[0]), ()
+    if not example_inputs and not keywords and forward is None:
         raise TypeError("explain: example_inputs are missing: explain(model, x) runs the model once on x to "
                         "measure each sparse layer on its input")
     seen: List[Tuple[str, nn.Module, torch.Tensor]] = []
@@ -728,7 +733,8 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
              for name, m in model.named_modules() if isinstance(m, SparseWeightMixin)]
     try:
         with torch.enable_grad() if backward else torch.no_grad():
-            out = forward(model, *example_inputs) if forward is not None else model(*example_inputs)
+            run = forward if forward is not None else (lambda m, *args, **kwargs: m(*args, **kwargs))
+            out = run(model, *example_inputs, **keywords)
             params = [p for p in model.parameters() if p.requires_grad]
             if backward and params:
                 torch.autograd.grad(_sum_outputs(out), params, allow_unused=True)  # leaves .grad alone

@@ -159,6 +159,14 @@ def test_gradient_checkpointing_gives_the_plain_gradients(name, reentrant):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("name", ["resnet", "bert"])
+def test_explain_takes_a_batch_of_keyword_inputs(name):
+    model, spec, layers = _build(name)
+    rows = sparsekern.explain(model, _inputs(spec), print_table=False)
+    assert sorted(r["name"] for r in rows) == sorted(layers)  # (in the order the forward called them)
+    assert all(r["kernel"] in ("csr", "gemm", "dense") for r in rows)
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_rigl_update_then_checkpoint_round_trip(name, tmp_path):
     model, spec, layers = _build(name)
