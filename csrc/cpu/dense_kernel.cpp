@@ -18,19 +18,17 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <chrono>
 #include <cmath>
 #include <cstring>
-#include <map>
-#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
+#include "cpu/narrow_linear.h"
 #include "cpu/plan_cache.h"
+#include "cpu/product_choice.h"
 
 #if SK_HAVE_AVX512
 #include <immintrin.h>
@@ -175,86 +173,21 @@ void scatter_values(const at::Tensor& weight, const at::Tensor& values, const Cs
 
 bool is_conv(const at::Tensor& weight, at::IntArrayRef stride) { return weight.dim() == 4 && stride.size() == 2; }
 
-// A linear's products whose faster orientation MKL leaves to the shape: each is timed both ways once per shape (first
-// call), as no rule by shape holds. Intel Xeon (Sapphire Rapids class), 2 threads: the forward y = x W^T of a
-// 1024 -> 10 head at batch 256 0.085 ms as addmm, 0.025-0.035 ms as (W x^T)^T made contiguous, but 4096 tokens x
-// 256 -> 16 0.15 against 0.38 ms and 1024 -> 32 0.085 against 0.096 ms; the weight gradient x^T g 1.15-1.2x faster
-// than g^T x at 2048 tokens x 384 -> 96 on Zen 4, 0.87x on the Xeon, 3.6x slower there for the 1024 -> 10 head.
-// Only a forward with fewer outputs than this is oriented so: its transposed result must be made contiguous, cheap
-// while it is narrow. (The input gradient as (W^T g^T)^T loses: making its wide result contiguous costs 7x the
-// product.)
-constexpr int64_t kTimedForwardBelow = 64;
+using product_choice::alternative_is_faster;
+using product_choice::Key;
+using product_choice::kTimedForwardBelow;
+using Product = product_choice::Product;
 
-// 0: measured (alternative_is_faster); 1: always the op as nn.Linear / nn.Conv2d run it; 2: always the alternative
-// (tests: _set_dense_products).
-std::atomic<int64_t> product_mode{0};
-
-// Which product of a layer a key is for.
-enum Product : int64_t { kForward = 1, kWeightGrad, kConvForward, kConvInputGrad, kConvWeightGrad };
-using Key = std::array<int64_t, 8>;
-
-// Whether `alternative` ran faster than `as_is` for this key: both timed once per key (the minimum of kTimedRounds
-// calls each after a warm-up call), the answer cached for the process; never under torch.use_deterministic_algorithms.
-constexpr int kTimedRounds = 5;
-template <typename A, typename B>
-bool alternative_is_faster(const Key& key, A&& as_is, B&& alternative) {
-  static std::mutex mutex;
-  static std::map<Key, bool> cache;
-  if (const int64_t forced = product_mode.load()) return forced == 2;
-  // Deterministic algorithms: no measured choice (it can differ between processes); nn.Linear's and nn.Conv2d's ops.
-  if (at::globalContext().deterministicAlgorithms()) return false;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    const auto hit = cache.find(key);
-    if (hit != cache.end()) return hit->second;
-  }
-  auto timed = [](auto&& f) {
-    const auto a = std::chrono::steady_clock::now();
-    f();
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
-  };
-  // Alternating calls, so that a machine that speeds up or slows down meanwhile moves both alike; the minimum of
-  // each (interference only adds time).
-  as_is();
-  alternative();
-  double t_as_is = 1e30, t_alternative = 1e30;
-  for (int r = 0; r < kTimedRounds; ++r) {
-    t_as_is = std::min(t_as_is, timed(as_is));
-    t_alternative = std::min(t_alternative, timed(alternative));
-  }
-  const bool faster = t_alternative < t_as_is;
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.emplace(key, faster);
-  return faster;
-}
-
-// The product, shape, dtype, layout (of x2, and of g2 where given) and thread count of a linear's product over x2
-// (rows, in) with `out` features.
-Key product_key(Product p, const at::Tensor& x2, int64_t out, const at::Tensor& g2 = at::Tensor()) {
-  const int64_t layout = (x2.is_contiguous() ? 1 : 0) + (g2.defined() && g2.is_contiguous() ? 2 : 0);
-  return {p, x2.size(0), x2.size(1), out, 0, static_cast<int64_t>(x2.scalar_type()), layout, at::get_num_threads()};
-}
-
-// y = x W^T + b for a linear with few outputs: as addmm, or as (W x^T)^T made contiguous, whichever is faster.
+// y = x W^T + b for a linear with few outputs, x of any rank (..., in): the narrow linear (its loops or MKL's GEMMs,
+// measured) for a head of up to 16 outputs, else MKL's GEMMs either way round.
 at::Tensor head_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b) {
   const int64_t out = weight.size(0), in = weight.size(1);
   const at::Tensor x2 = x.reshape({-1, in});
-  auto as_is = [&] { return b.defined() ? at::addmm(b, x2, weight.t()) : at::mm(x2, weight.t()); };
-  auto transposed = [&] {
-    return (b.defined() ? at::addmm(b.unsqueeze(1), weight, x2.t()) : at::mm(weight, x2.t())).t().contiguous();
-  };
-  at::Tensor y = alternative_is_faster(product_key(kForward, x2, out), as_is, transposed) ? transposed() : as_is();
+  at::Tensor y = narrow::takes(x2, weight, b) ? narrow::forward(x2, weight, b)
+                                              : product_choice::few_outputs_forward(x2, weight, b);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = out;
   return y.view(shape);
-}
-
-// A linear's weight gradient (out, in): g^T x, or (x^T g)^T (a transposed view; gather_values reads it as it lies).
-at::Tensor weight_grad(const at::Tensor& g2, const at::Tensor& x2) {
-  auto as_is = [&] { return g2.t().mm(x2); };
-  auto transposed = [&] { return x2.t().mm(g2).t(); };
-  return alternative_is_faster(product_key(kWeightGrad, x2, g2.size(1), g2), as_is, transposed) ? transposed()
-                                                                                                : as_is();
 }
 
 // A 1x1 conv with stride 1 and no padding is a GEMM over the channels: per image W (Cout, Cin) x (Cin, H*W) in NCHW,
@@ -322,7 +255,7 @@ at::Tensor pointwise_forward(const at::Tensor& x, const at::Tensor& weight, cons
     }
     return from_gemm(r, layout, x.sizes(), out);
   };
-  return alternative_is_faster(conv_key(kConvForward, x, weight, layout), as_is, gemm) ? gemm() : as_is();
+  return alternative_is_faster(conv_key(Product::kConvForward, x, weight, layout), as_is, gemm) ? gemm() : as_is();
 }
 
 // A 1x1 conv's input gradient as a GEMM: W^T g per image (NCHW), g W (channels_last).
@@ -338,7 +271,7 @@ at::Tensor pointwise_input_grad(const at::Tensor& g, const at::Tensor& x, const 
 // 0.50; 256 -> 64 at 16x16 0.43 against 0.47, at 28x28 2.8 against 4.3 (batch 16).
 constexpr int64_t kBatchedFrom = 64;
 at::Tensor pointwise_weight_grad(const at::Tensor& g, const at::Tensor& x, Pointwise layout) {
-  if (layout == Pointwise::kNhwc) return weight_grad(gemm_view(g, layout), gemm_view(x, layout));
+  if (layout == Pointwise::kNhwc) return product_choice::linear_weight_grad(gemm_view(g, layout), gemm_view(x, layout));
   const int64_t n = x.size(0), hw = x.size(2) * x.size(3);
   if (hw >= kBatchedFrom) {
     // The images' products (Cout, Cin) each, summed: at most as many entries at once as x holds (a chunk of
@@ -562,12 +495,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> dense_backward(const at::Te
     const Pointwise layout = pointwise(x, weight, stride, padding, grad);
     const bool gemm_x = needs[0] && layout != Pointwise::kNo &&
                         alternative_is_faster(
-                            conv_key(kConvInputGrad, x, weight, layout),
+                            conv_key(Product::kConvInputGrad, x, weight, layout),
                             [&] { return std::get<0>(convolution_backward({true, false, false})); },
                             [&] { return pointwise_input_grad(grad, x, weight, layout); });
     const bool gemm_w = needs[1] && layout != Pointwise::kNo &&
                         alternative_is_faster(
-                            conv_key(kConvWeightGrad, x, weight, layout),
+                            conv_key(Product::kConvWeightGrad, x, weight, layout),
                             [&] { return std::get<1>(convolution_backward({false, true, false})); },
                             [&] { return pointwise_weight_grad(grad, x, layout); });
     const std::array<bool, 3> rest{needs[0] && !gemm_x, needs[1] && !gemm_w, needs[2]};
@@ -582,10 +515,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> dense_backward(const at::Te
   } else {
     const int64_t out = weight.size(0), in = weight.size(1);
     const at::Tensor g2 = grad.reshape({-1, out});
-    if (needs[0]) grad_x = at::matmul(grad, weight);
-    if (needs[1]) {
-      const at::Tensor x2 = x.reshape({-1, in});
-      grad_weight = weight_grad(g2, x2);
+    const at::Tensor x2 = x.reshape({-1, in});
+    if ((needs[0] || needs[1]) && narrow::takes(x2, weight, at::Tensor()) && g2.scalar_type() == x2.scalar_type()) {
+      std::tie(grad_x, grad_weight, std::ignore) = narrow::backward(g2, x2, weight, {needs[0], needs[1], false});
+      if (grad_x.defined()) grad_x = grad_x.view(x.sizes());
+    } else {
+      if (needs[0]) grad_x = at::matmul(grad, weight);
+      if (needs[1]) grad_weight = product_choice::linear_weight_grad(g2, x2);
     }
     if (needs[2]) grad_bias = g2.sum(0);
   }
@@ -753,10 +689,11 @@ TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
         "bool check) -> (Tensor, bool)");
   // Private (tests): how the dense kernel runs its timed products (a linear's narrow forward and weight gradient, a
   // 1x1 conv's three): 0 as measured, 1 as nn.Linear and nn.Conv2d run them (x W^T, g^T x; oneDNN's convolution),
-  // 2 the alternative ((W x^T)^T, (x^T g)^T; GEMMs); returns the previous setting.
+  // 2 the alternative ((W x^T)^T, (x^T g)^T; GEMMs), 3 as 1 but a linear of at most 16 outputs on the narrow
+  // kernels (all three products); returns the previous setting.
   m.def("_set_dense_products(int mode) -> int", [](int64_t mode) {
-    TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "_set_dense_products: mode must be 0, 1 or 2, got ", mode);
-    return sparsekern::product_mode.exchange(mode);
+    TORCH_CHECK_VALUE(mode >= 0 && mode <= 3, "_set_dense_products: mode must be 0, 1, 2 or 3, got ", mode);
+    return sparsekern::product_choice::mode().exchange(mode);
   });
 }
 

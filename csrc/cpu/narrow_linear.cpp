@@ -12,6 +12,10 @@
 // every output of a piece in one walk down x's rows) of the MLP's head 79 -> 27-39 us, its forward (forward_wide)
 // 58-60 -> 48-51 us (Intel SPR-class, 2 threads). The input gradient so (weight rows in registers, dx in 32-column
 // pieces down its rows) ran 59 -> 80 us: its stores then stride across rows.
+// The loops lose to MKL at other shapes: on the Xeon 4096 rows x 256 -> 16 forward 413 against 229 us, backward 671
+// against 469 (but 2048 x 768 -> 2 171 against 209 and 373 against 614): so the forward and the backward each run
+// the loops or MKL's GEMMs, whichever measured faster once per shape (product_choice.h); fwd+bwd as FastNarrowLinear
+// was 0.64-0.92x nn.Linear at 12-16 outputs over 2048-8192 rows before.
 #pragma GCC optimize("fp-contract=fast")  // a*b+c -> FMA in the clones (ISO C++ mode defaults to off)
 
 #include <ATen/Dispatch.h>
@@ -27,6 +31,8 @@
 
 #include "cpu/common.h"
 #include "cpu/csr_engine.h"
+#include "cpu/narrow_linear.h"
+#include "cpu/product_choice.h"
 #include "cpu/simd.h"
 
 namespace sparsekern {
@@ -37,7 +43,7 @@ using simd::vload;
 using simd::vsplat;
 using simd::vstore;
 
-constexpr int64_t kMaxOut = 16;
+using narrow::kMaxOut;
 constexpr int64_t kGrainMacs = 1 << 15;  // multiply-adds a thread's piece takes at least
 
 // yr[g] = bias[g] + dot(xr, w[g]) for the G weight rows w (K apart).
@@ -279,11 +285,12 @@ SK_CLONE_DISPATCH(forward_f64)
 SK_CLONE_DISPATCH(input_grad_f64)
 SK_CLONE_DISPATCH(weight_grad_f64)
 
-void forward(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t O, int64_t r0, int64_t r1) {
+void forward_loops(const float* x, const float* w, const float* b, float* y, int64_t K, int64_t O, int64_t r0,
+                   int64_t r1) {
   forward_f32(x, w, b, y, K, O, r0, r1);
 }
-void forward(const double* x, const double* w, const double* b, double* y, int64_t K, int64_t O, int64_t r0,
-             int64_t r1) {
+void forward_loops(const double* x, const double* w, const double* b, double* y, int64_t K, int64_t O, int64_t r0,
+                   int64_t r1) {
   forward_f64(x, w, b, y, K, O, r0, r1);
 }
 void input_grad(const float* dy, const float* w, float* dx, int64_t K, int64_t O, int64_t r0, int64_t r1) {
@@ -320,10 +327,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const c10::option
                       bias->sizes(), " ", bias->scalar_type());
 }
 
-at::Tensor narrow_forward(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias) {
-  check_args(x_in, weight_in, bias);
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
-  const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+// y = x W^T + b on the loops (x, weight and b contiguous).
+at::Tensor loops_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& b) {
   const int64_t N = x.size(0), K = x.size(1), O = weight.size(0);
   at::Tensor y = at::empty({N, O}, x.options());
   if (N == 0) return y;
@@ -339,22 +344,17 @@ at::Tensor narrow_forward(const at::Tensor& x_in, const at::Tensor& weight_in, c
 #endif
   at::parallel_for(0, N, std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, K * O)), [&](int64_t r0, int64_t r1) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_narrow_linear", [&] {
-      forward(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-              y.data_ptr<scalar_t>(), K, O, r0, r1);
+      forward_loops(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                    y.data_ptr<scalar_t>(), K, O, r0, r1);
     });
   });
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                               const at::Tensor& weight_in, std::array<bool, 3> mask) {
-  check_args(x_in, weight_in, c10::nullopt);
-  const int64_t N = x_in.size(0), K = x_in.size(1), O = weight_in.size(0);
-  TORCH_CHECK_VALUE(grad_in.scalar_type() == x_in.scalar_type() && grad_in.device().is_cpu() &&
-                        grad_in.sizes() == at::IntArrayRef({N, O}),
-                    kOp, "_backward: grad must be a CPU ", x_in.scalar_type(), " tensor of (", N, ", ", O,
-                    "), the output's shape, got ", grad_in.sizes());
-  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), grad = grad_in.contiguous();
+// The gradients on the loops (grad, x and weight contiguous).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> loops_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& weight, std::array<bool, 3> mask) {
+  const int64_t N = x.size(0), K = x.size(1), O = weight.size(0);
   at::Tensor dx = mask[0] ? at::empty({N, K}, x.options()) : at::Tensor();
   at::Tensor dw = mask[1] ? at::empty({O, K}, x.options()) : at::Tensor();
   at::Tensor db = mask[2] ? at::sum(grad, 0) : at::Tensor();
@@ -388,6 +388,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_backward(const at::Tensor&
     });
   }
   return {dx, dw, db};
+}
+
+// Whether MKL's GEMMs ran a product faster than the loops for this key (product_choice::measured_faster: never
+// under deterministic algorithms), or what product_choice::mode() forces: the loops under 3, the GEMMs under 1 and
+// 2.
+template <typename A, typename B>
+bool gemm_is_faster(const product_choice::Key& key, A&& loops, B&& gemm) {
+  if (const int64_t forced = product_choice::mode().load()) return forced != 3;
+  return product_choice::measured_faster(key, [&] { (void)loops(); }, [&] { (void)gemm(); });
+}
+
+}  // namespace
+
+namespace narrow {
+
+at::Tensor forward(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor b = bias.defined() ? bias.contiguous() : at::Tensor();
+  auto loops = [&] { return loops_forward(x, weight, b); };
+  auto gemm = [&] { return product_choice::few_outputs_forward(x, weight, b); };
+  return gemm_is_faster(product_choice::linear_key(product_choice::kNarrowForward, x, weight.size(0)), loops, gemm)
+             ? gemm()
+             : loops();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                        const at::Tensor& weight_in, std::array<bool, 3> mask) {
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), grad = grad_in.contiguous();
+  auto loops = [&] { return loops_backward(grad, x, weight, mask); };
+  auto gemm = [&] {
+    return std::make_tuple(mask[0] ? at::mm(grad, weight) : at::Tensor(),
+                           mask[1] ? product_choice::linear_weight_grad(grad, x) : at::Tensor(),
+                           mask[2] ? at::sum(grad, 0) : at::Tensor());
+  };
+  const auto key =
+      product_choice::linear_key(product_choice::kNarrowBackward, x, weight.size(0), grad, mask[0] + 2 * mask[1]);
+  return (mask[0] || mask[1]) && gemm_is_faster(key, loops, gemm) ? gemm() : loops();
+}
+
+}  // namespace narrow
+
+namespace {
+
+at::Tensor narrow_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  check_args(x, weight, bias);
+  return narrow::forward(x, weight, bias.has_value() ? *bias : at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> narrow_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& weight, std::array<bool, 3> mask) {
+  check_args(x, weight, c10::nullopt);
+  const int64_t N = x.size(0), O = weight.size(0);
+  TORCH_CHECK_VALUE(grad.scalar_type() == x.scalar_type() && grad.device().is_cpu() &&
+                        grad.sizes() == at::IntArrayRef({N, O}),
+                    kOp, "_backward: grad must be a CPU ", x.scalar_type(), " tensor of (", N, ", ", O,
+                    "), the output's shape, got ", grad.sizes());
+  return narrow::backward(grad, x, weight, mask);
 }
 
 using torch::autograd::AutogradContext;

@@ -26,8 +26,11 @@ at batch 256: 27 GFLOP/s, 11 % of the 90 %-sparse MLP's training step).
 - ``FastNarrowLinear``: linear layers of 1 to 16 outputs over float32/float64 CPU inputs (any leading dims), forward
   and backward on sparsekern's kernels (``_narrow_linear``, csrc/cpu/narrow_linear.cpp: per row the outputs' dot
   products sharing each loaded vector of x, per row dx, per column block dw; fwd+bwd 1.3-2.2x ``F.linear`` at 2 to 16
-  outputs, 16 to 2048 rows, Zen 4, 2 threads); a backward that builds a graph runs ATen's products. A sparse linear
-  layer with a full pattern runs the same kernel (``narrow_linear``) on its dense route.
+  outputs, 16 to 2048 rows, Zen 4, 2 threads). Its forward and its backward each run those loops or MKL's GEMMs,
+  whichever measured faster once per shape (the loops lose at some: 4096 rows x 256 -> 16 on an Intel Xeon, where
+  the module ran 0.64-0.92x ``nn.Linear`` when it always took them); under deterministic algorithms the loops. A
+  backward that builds a graph runs ATen's products. A sparse linear layer with a full pattern runs the same op
+  (``narrow_linear``) on its dense route, and one with a partial pattern its kernels on the scattered weight.
 
 Everything else (eval-mode batch norm, other pooling geometries, channels_last batch norm and pooling, bfloat16,
 autocast, CUDA, torch.compile, torch.func transforms, strided or dilated depthwise convs, smaller ones elsewhere,

@@ -515,14 +515,15 @@ def test_the_dense_kernel_has_exact_first_and_second_gradients(kind, bias, densi
     assert custom == (density < 1.0), node
 
 
-@pytest.mark.parametrize("mode", [1, 2], ids=["as-is", "transposed"])
+@pytest.mark.parametrize("mode", [1, 2, 3], ids=["as-is", "transposed", "narrow"])
 @pytest.mark.parametrize("shape,kind", [((7, 5, 3), "linear"), ((2, 6, 5, 9), "linear-3d"),
                                         ((7, 5, 66), "linear-wide")], ids=["2d", "3d", "wide"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_the_dense_kernels_linear_products_are_exact_either_way_round(mode, shape, kind, bias):
     """The dense kernel of a linear times both orientations of its narrow forward (x W^T or (W x^T)^T, under 64
-    outputs) and of its weight gradient (g^T x or (x^T g)^T) once per shape and keeps the faster: either way round
-    it gives the dense twin's output (contiguous) and gradients, and passes gradcheck and gradgradcheck."""
+    outputs) and of its weight gradient (g^T x or (x^T g)^T) once per shape and keeps the faster, and for a head of
+    at most 16 outputs those against the narrow kernels (forward, and both gradients together): each way it gives
+    the dense twin's output (contiguous) and gradients, and passes gradcheck and gradgradcheck."""
     if not kc._dispatch.extension_loaded:
         pytest.skip("no compiled extension")
     ops = torch.ops.sparsekern
@@ -533,14 +534,19 @@ def test_the_dense_kernels_linear_products_are_exact_either_way_round(mode, shap
         got, want = _grads(layer, x, "dense"), _dense_twin_grads(layer, x)
         for g, w, what in zip(got, want, ("y", "x.grad", "values.grad", "bias.grad")):
             _close(g, w, what)
-        assert got[0].is_contiguous()
+        assert got[0].is_contiguous() and got[1].shape == x.shape
+        layer.kernel = "dense"
+        calls = _aten_calls(lambda: layer(x.detach().clone().requires_grad_()).backward(
+            torch.ones(*shape[:-2], shape[-1])))
+        gemms = {"aten::mm", "aten::addmm", "aten::matmul", "aten::bmm"} & calls
+        assert bool(gemms) == (mode != 3 or shape[-1] > 16), calls
         _, inputs, call = _checked_layer(kind, bias, 0.5, "dense")
         torch.autograd.gradcheck(call, inputs)
         torch.autograd.gradgradcheck(call, inputs)
     finally:
         ops._set_dense_products(before)
-    with pytest.raises(ValueError, match="mode must be 0, 1 or 2"):
-        ops._set_dense_products(3)
+    with pytest.raises(ValueError, match="mode must be 0, 1, 2 or 3"):
+        ops._set_dense_products(4)
 
 
 def _aten_calls(fn) -> set:
@@ -640,20 +646,27 @@ def test_the_dense_kernels_pointwise_conv_runs_onednns_convolution_when_determin
 
 
 def test_the_dense_kernels_linear_products_keep_nn_linears_orientation_when_deterministic():
-    """Under torch.use_deterministic_algorithms the dense kernel times no orientation (the faster one can differ
-    between processes): a narrow layer's forward is nn.Linear's addmm, bit for bit."""
+    """Under torch.use_deterministic_algorithms the dense kernel times no product (the faster way can differ
+    between processes): a layer of 17 to 63 outputs runs nn.Linear's addmm, bit for bit, a head of up to 16 the
+    narrow linear's loops (whose sums keep their order over any threads), bit for bit."""
     if not kc._dispatch.extension_loaded:
         pytest.skip("no compiled extension")
-    layer = SparseLinear(256, 10, density=0.5, generator=gen(33))
-    layer.kernel = "dense"
+    ops = torch.ops.sparsekern
     x = torch.randn(64, 256, generator=gen(34))
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        y = layer(x)
-        assert torch.equal(y, F.linear(x, layer.to_dense().weight, layer.bias))
-    finally:
-        torch.use_deterministic_algorithms(before)
+    for out in (10, 40):
+        layer = SparseLinear(256, out, density=0.5, generator=gen(33))
+        layer.kernel = "dense"
+        weight = layer.to_dense().weight.detach()
+        before_mode = ops._set_dense_products(3)
+        loops = ops._narrow_linear(x, weight, layer.bias.detach()) if out <= 16 else None
+        ops._set_dense_products(before_mode)
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            y = layer(x)
+            assert torch.equal(y, F.linear(x, weight, layer.bias) if loops is None else loops), out
+        finally:
+            torch.use_deterministic_algorithms(before)
 
 
 def _partial_layer(kind: str, seed: int):

@@ -5,7 +5,8 @@ remainders), on the 32-byte loops and the AVX-512 ones, in_features on and off t
 gradgradcheck (the second order through ATen's products); NaN spread as F.linear spreads it; the same bits run to run
 and at 1 and 2 threads; the module runs the kernel where it should and nn.Linear's forward elsewhere; fast_modules
 swaps heads of at most 16 outputs only, and a sparse layer's full pattern (ERK's head) runs the kernel through its
-route; the op's argument errors."""
+route; the op's argument errors. The op runs its loops or MKL's GEMMs, whichever measured faster per shape: the
+tests pin each way (`_set_dense_products`: 3 the loops, 1 the GEMMs) and check the measured choice too."""
 import copy
 import re
 
@@ -29,6 +30,22 @@ SHAPES = ((256, 1024, 10), (64, 512, 2), (37, 77, 13), (5, 3, 1), (16, 100, 16),
           (0, 24, 4), (300, 64, 5), (7, 8, 12), (2, 1, 3))
 
 
+LOOPS, GEMMS = 3, 1  # _set_dense_products modes
+
+
+@pytest.fixture(autouse=True)
+def loops():
+    """Each test runs the op's loops unless it pins another way (the measured choice could take MKL's GEMMs)."""
+    if not dispatch.extension_loaded:
+        yield
+        return
+    before = op._set_dense_products(LOOPS)
+    try:
+        yield
+    finally:
+        op._set_dense_products(before)
+
+
 def _tol(dtype, k):
     eps = 1e-6 if dtype == torch.float32 else 1e-14
     return dict(rtol=eps * 10, atol=eps * 10 * max(k, 1) ** 0.5)
@@ -45,9 +62,11 @@ def _grads(fn, x, w, b, g):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 @pytest.mark.parametrize("bias", (True, False), ids=("bias", "nobias"))
 @pytest.mark.parametrize("isa", ("avx2", "avx512"))
-def test_op_matches_linear(shape, dtype, bias, isa):
+@pytest.mark.parametrize("way", (LOOPS, GEMMS), ids=("loops", "gemms"))
+def test_op_matches_linear(shape, dtype, bias, isa, way):
     if not sk_isa.supported(isa):
         pytest.skip(f"isa {isa}: this CPU lacks AVX-512F/BW/DQ/VL")
+    op._set_dense_products(way)
     with sk_isa.use(isa):
         _op_matches_linear(shape, dtype, bias)
 
@@ -111,6 +130,37 @@ def test_same_bits_run_to_run_and_over_threads():
     for run in runs[1:]:
         for a, e in zip(run, runs[0]):
             assert torch.equal(a, e)
+
+
+@needs_kernel
+def test_the_measured_way_is_kept_per_shape_and_the_loops_run_deterministic():
+    """Measured (mode 0), the op gives F.linear's results and the same bits call after call (the way chosen for a
+    shape is kept); under deterministic algorithms it runs the loops: the same bits as pinned loops, at 1 and 2
+    threads."""
+    op._set_dense_products(0)
+    g = gen(4)
+    for n, k, out in ((257, 300, 10), (2048, 64, 16), (8, 40, 2)):
+        x = torch.randn(n, k, generator=g, requires_grad=True)
+        w = torch.randn(out, k, generator=g, requires_grad=True)
+        b = torch.randn(out, generator=g, requires_grad=True)
+        grad = torch.randn(n, out, generator=g)
+        first = _grads(op._narrow_linear, x, w, b, grad)
+        for a, e, terms in zip(first, _grads(F.linear, x, w, b, grad), (k, out, n, n)):
+            torch.testing.assert_close(a, e, **_tol(torch.float32, terms))
+        for a, e in zip(_grads(op._narrow_linear, x, w, b, grad), first):
+            assert torch.equal(a, e)
+        op._set_dense_products(LOOPS)
+        pinned = _grads(op._narrow_linear, x, w, b, grad)
+        op._set_dense_products(0)
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            for n_threads in (1, 2):
+                with threads(n_threads):
+                    for a, e in zip(_grads(op._narrow_linear, x, w, b, grad), pinned):
+                        assert torch.equal(a, e)
+        finally:
+            torch.use_deterministic_algorithms(before)
 
 
 def _ran_kernel(fn) -> bool:
