@@ -568,6 +568,14 @@ at::Tensor sparse_op(const at::Tensor& x, const at::Tensor& values, const at::Te
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// y as a tensor of its own: the dense op's result can be a view of a buffer the op made (a linear over 3-D x, a 1x1
+// conv's GEMM result in NCHW or channels_last), and autograd forbids in-place ops on a custom node's output that is
+// a view (wav2vec2 writes its masked frames into its feature projection's output). The buffer has no other owner.
+at::Tensor own(const at::Tensor& y) {
+  if (!y.is_view()) return y;
+  return at::empty({0}, y.options()).set_(y.storage(), y.storage_offset(), y.sizes(), y.strides());
+}
+
 std::vector<int64_t> ints(const at::IValue& v) { return v.toIntVector(); }
 
 // One autograd node in C++: a Python torch.autograd.Function here cost 0.1-0.25 ms per fwd+bwd in a training
@@ -584,6 +592,7 @@ struct DenseKernel : public torch::autograd::Function<DenseKernel> {
     at::Tensor y;
     std::tie(y, *ok) = dense_forward(x, values, bias, weight_csr(weight, row_ptr, col_idx, op), weight, stride, padding,
                                      dilation, check, op);
+    y = own(y);
     ctx->save_for_backward({x, values, bias});
     // The buffer, not a saved variable: the next forward rewrites it in place (the values' own version check
     // guards a graph that outlives an optimizer step).

@@ -260,7 +260,8 @@ class SparseWeightMixin:
                 self.values.copy_(values)
                 self.values.grad = None
             else:  # a new Parameter: resizing a leaf in place breaks autograd graphs still alive
-                self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
+                with torch.inference_mode(False):  # never an inference tensor: it outlives an inference_mode block
+                    self.values = nn.Parameter(values.clone(), requires_grad=self.values.requires_grad)
 
     # -- views of the weight ------------------------------------------------------------------
     def sparse_weight(self) -> SparseMatrix:

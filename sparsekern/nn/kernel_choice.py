@@ -547,6 +547,14 @@ def _dense_buffer(module: nn.Module, values: torch.Tensor, positions: torch.Tens
     return weight, True
 
 
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor of its own: the dense op's result can be a view of a buffer it made (F.linear over 3-D x),
+    and autograd forbids in-place ops on a custom Function's output that is a view (as the C++ node's ``own``)."""
+    if not y._is_view():
+        return y
+    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), y.size(), y.stride())
+
+
 class _DenseKernel(torch.autograd.Function):
     """The dense op on the scattered weight as one autograd node: the weight is scattered once in the
     forward and its dense gradient gathered once in the backward, with no autograd node or hook for
@@ -565,7 +573,7 @@ class _DenseKernel(torch.autograd.Function):
         ctx.module, ctx.route, ctx.weight = module, route, weight
         ctx.positions = module.pattern.positions()
         ctx.save_for_backward(x, values, bias)
-        return y
+        return _own(y)
 
     @staticmethod
     def backward(ctx, grad):

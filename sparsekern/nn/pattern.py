@@ -109,6 +109,13 @@ class SparsePattern(nn.Module):
         self._install(other.row_ptr.to(self.row_ptr.device), other.col_idx.to(self.row_ptr.device))
 
     def _install(self, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
+        with torch.inference_mode(False):  # buffers outlive an inference_mode block (a change made under one)
+            self._install_buffers(row_ptr.clone() if row_ptr.is_inference() else row_ptr,
+                                  col_idx.clone() if col_idx.is_inference() else col_idx)
+        self._positions = None
+        self._trust()
+
+    def _install_buffers(self, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> None:
         new = {"row_ptr": row_ptr, "col_idx": col_idx}
         new.update(zip(_TRANSPOSE, transpose_pattern(row_ptr, col_idx, self.k)))
         if self.block is not None:
@@ -124,8 +131,6 @@ class SparsePattern(nn.Module):
                     old.copy_(tensor)
                 else:
                     self._buffers[name] = tensor
-        self._positions = None
-        self._trust()
 
     def _trust(self) -> None:
         """Validate the CSR and its transpose once and register them: the CPU kernels then skip the
@@ -153,7 +158,10 @@ class SparsePattern(nn.Module):
             return rows_of(self.row_ptr, self.nnz) * self.k + self.col_idx.long()
         cached = self.__dict__.get("_positions")
         if cached is None or cached.device != self.row_ptr.device:
-            cached = rows_of(self.row_ptr, self.nnz) * self.k + self.col_idx.long()
+            # Never an inference tensor (a first call under torch.inference_mode): the cache outlives the mode, and
+            # the dense route's scatter saves it for backward.
+            with torch.inference_mode(False):
+                cached = rows_of(self.row_ptr, self.nnz) * self.k + self.col_idx.long()
             self.__dict__["_positions"] = cached
         return cached
 
