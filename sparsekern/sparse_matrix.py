@@ -34,6 +34,8 @@ class _ScatterDense(torch.autograd.Function):
 def scatter_dense(values: torch.Tensor, positions: torch.Tensor, numel: int) -> torch.Tensor:
     """A flat dense vector of ``numel`` entries: ``values`` at ``positions`` (unique), zeros elsewhere;
     differentiable in ``values``."""
+    if torch._C._are_functorch_transforms_active():  # torch.func: out-of-place torch ops, which it transforms
+        return values.new_zeros(numel).scatter(0, positions, values)
     return _ScatterDense.apply(values, positions, numel)
 
 

@@ -278,7 +278,13 @@ def run(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     feature of the dense kernel multiplies every input feature over its receptive field (a zero weight
     too: 0 * NaN = NaN), so output channel 0 is non-finite whenever any input entry it reads is, and
     input-gradient channel 0 whenever any output-gradient entry is (a finite input that overflows only
-    costs a sparse call). A full pattern stores every weight: both kernels read the same entries."""
+    costs a sparse call). A full pattern stores every weight: both kernels read the same entries.
+
+    Under a torch.func transform (vmap, grad, jacrev, ...: per-sample gradients) the layer runs its composite of
+    torch ops, the dense op on the scattered weight, which every transform takes (the kernels have no vmap
+    rule); a NaN/Inf in x then spreads as in the dense twin."""
+    if torch._C._are_functorch_transforms_active():
+        return module.activate(module.dense_forward(x, module.dense_weight(), module.bias))
     tracing = _tracing()
     key = None if tracing else _route_key(module, x)
     route = module.__dict__.get(_ROUTE)

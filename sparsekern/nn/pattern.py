@@ -154,7 +154,8 @@ class SparsePattern(nn.Module):
     def positions(self) -> torch.Tensor:
         """Flat index (row * k + col) of every stored entry, ascending (the CSR order). Cached until the
         pattern changes."""
-        if torch.compiler.is_compiling():  # fake tensors: build it in the graph
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            # fake tensors, or torch.func's wrappers (not to outlive the transform): built in the graph, not kept
             return rows_of(self.row_ptr, self.nnz) * self.k + self.col_idx.long()
         cached = self.__dict__.get("_positions")
         if cached is None or cached.device != self.row_ptr.device:
