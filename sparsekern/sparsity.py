@@ -29,7 +29,7 @@ def _check_distribution(where: str, distribution: str) -> None:
 
 def _is_sparsifiable(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv2d):
-        return module.groups == 1 and module.padding_mode == "zeros"
+        return module.groups == 1
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -43,7 +43,7 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def sparsifiable_layers(model: nn.Module, dense_layers: Iterable[str] = ()) -> Dict[str, nn.Module]:
-    """The ``nn.Linear``, ``nn.Conv2d`` (groups = 1, zero padding) and transformers ``Conv1D`` (GPT-2's
+    """The ``nn.Linear``, ``nn.Conv2d`` (groups = 1; any padding_mode) and transformers ``Conv1D`` (GPT-2's
     projections) modules of ``model`` by qualified name, leaving out those named in ``dense_layers`` (a name
     also covers everything under it)."""
     dense_layers = tuple(dense_layers)

@@ -120,6 +120,10 @@ class SparseWeightMixin:
         out.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone())
         return out
 
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the layer's kernels run on for its input ``x`` (SparseConv2d pads for its padding_mode first)."""
+        return x
+
     def to_dense(self) -> nn.Module:
         """The equivalent dense module (the weight is exactly 0 outside the pattern)."""
         dense = self._empty_dense()

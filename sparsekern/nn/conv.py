@@ -29,9 +29,14 @@ def _same_padding(kernel_size, dilation, stride):
     return tuple(pads)
 
 
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
 class SparseConv2d(SparseWeightMixin, nn.Module):
-    """Mirrors ``nn.Conv2d`` (groups = 1, padding_mode='zeros') with a sparse weight; ``format="bsr"``
-    keeps whole blocks of the (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``.
+    """Mirrors ``nn.Conv2d`` (groups = 1) with a sparse weight; ``format="bsr"`` keeps whole blocks of the
+    (Cout, Cin*kh*kw) weight matrix, as ``SparseLinear``. A padding_mode other than 'zeros' ('reflect',
+    'replicate', 'circular') pads the input with F.pad first, as nn.Conv2d does, and the kernels run unpadded
+    (``padding`` is then what the kernels take, (0, 0); ``input_padding`` the module's own).
 
     ``kernel`` picks how a CSR layer computes: ``"csr"`` (the sparse_conv2d op, whose CPU kernel is the
     pointwise one for an unpadded 1x1, else, per pass, the faster of the direct and batch-innermost kernels,
@@ -62,32 +67,48 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
 
     def _copy_geometry(self, conv: nn.Conv2d) -> None:
         check_groups("SparseConv2d", conv.groups)
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"SparseConv2d: only padding_mode='zeros' is supported, got {conv.padding_mode!r}")
+        if conv.padding_mode not in PADDING_MODES:
+            raise ValueError(f"SparseConv2d: padding_mode must be one of {PADDING_MODES}, got {conv.padding_mode!r}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         # nn.Conv2d takes stride 0 or negative padding and fails in its forward; checked here, at construction
         self.kernel_size = conv.kernel_size
         self.stride = _pair("SparseConv2d", "stride", conv.stride, 1)
         self.dilation = _pair("SparseConv2d", "dilation", conv.dilation, 1)
-        self.groups, self.padding_mode = 1, "zeros"
+        self.groups, self.padding_mode = 1, conv.padding_mode
         if conv.padding == "same":
-            self.padding = _same_padding(conv.kernel_size, self.dilation, self.stride)
+            padding = _same_padding(conv.kernel_size, self.dilation, self.stride)
         elif conv.padding == "valid":
-            self.padding = (0, 0)
+            padding = (0, 0)
         else:
-            self.padding = _pair("SparseConv2d", "padding", conv.padding, 0)
+            padding = _pair("SparseConv2d", "padding", conv.padding, 0)
+        self.input_padding = padding
+        self.padding = padding if self.padding_mode == "zeros" else (0, 0)
         self.weight_shape = conv.weight.shape
+
+    def __setstate__(self, state):
+        state.setdefault("input_padding", state.get("padding"))  # a module pickled before padding modes
+        super().__setstate__(state)
+
+    def kernel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the kernels run on for the layer's input ``x``: x padded by F.pad for a padding_mode other than
+        'zeros' (the kernels then run unpadded), else x."""
+        if self.padding_mode == "zeros" or not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return x
+        ph, pw = self.input_padding
+        return F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
 
     def weight_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
         return torch.nn.grad.conv2d_weight(x, self.weight_shape, grad_out, self.stride, self.padding, self.dilation)
 
     def _empty_dense(self) -> nn.Conv2d:
-        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, 1, self.bias is not None, device=self.values.device, dtype=self.values.dtype)
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.input_padding,
+                         self.dilation, 1, self.bias is not None, self.padding_mode, device=self.values.device,
+                         dtype=self.values.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
             return self(x.unsqueeze(0)).squeeze(0)
+        x = self.kernel_input(x)
         fast = self.__dict__.get(kernel_choice.FAST)  # the C++ route kept by the last calls (kernel_choice._keep_fast)
         if fast is not None and not torch.compiler.is_compiling():
             y = fast(self, x)
@@ -174,8 +195,9 @@ class SparseConv2d(SparseWeightMixin, nn.Module):
         return conv2d_gemm(x, W, self.bias, self.kernel_size, self.stride, self.padding, self.dilation, node)
 
     def extra_repr(self) -> str:
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
+                f"padding={self.input_padding}{mode}, dilation={self.dilation}, bias={self.bias is not None}, "
                 + self.extra_repr_density() + ("" if self.kernel == "auto" else f", kernel={self.kernel!r}"))
 
 

@@ -760,6 +760,7 @@ def explain(model: nn.Module, *example_inputs, backward: bool = True, print_tabl
         if name in done:
             continue
         done.add(name)
+        x = mod.kernel_input(x)  # what the kernels ran on (a conv's padding_mode pads first)
         tuned = mod.kernel == "auto" and mod.format == "csr"
         choice = lookup(mod, x) if tuned else None
         if choice is None and tuned and torch.are_deterministic_algorithms_enabled():

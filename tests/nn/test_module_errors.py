@@ -59,8 +59,8 @@ CONSTRUCTOR_CASES = [
      "SparseConv2d: padding must be an int or a pair of ints >= 0, got (-1, -1)"),
     ("from-dense-stride-zero", lambda: SparseConv2d.from_dense(nn.Conv2d(3, 6, 3, stride=(2, 0))), ValueError,
      "SparseConv2d: stride must be an int or a pair of ints >= 1, got (2, 0)"),
-    ("conv-padding-mode", lambda: SparseConv2d(4, 4, 3, padding_mode="reflect"), ValueError,
-     "only padding_mode='zeros' is supported, got 'reflect'"),
+    ("conv-padding-mode", lambda: SparseConv2d(4, 4, 3, padding_mode="mirror"), ValueError,
+     "padding_mode must be one of"),
     ("generator", lambda: SparseLinear(8, 4, generator=5), TypeError,
      "SparseLinear: generator must be a torch.Generator or None, got int"),
 ]

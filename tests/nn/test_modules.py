@@ -366,9 +366,47 @@ def test_conv_groups_not_supported():
         SparseConv2d.from_dense(nn.Conv2d(4, 6, 3, groups=2))
 
 
-def test_conv_padding_mode_not_supported():
-    with pytest.raises(ValueError, match=r"SparseConv2d: only padding_mode='zeros' is supported, got 'reflect'"):
-        SparseConv2d.from_dense(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding,stride", [(1, 1), ((2, 1), 2), ("same", 1)], ids=["p1", "p21-s2", "same"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_conv_padding_modes_match_nn_conv2d(mode, padding, stride, channels_last):
+    """reflect, replicate and circular padding (style-transfer and super-resolution nets): the input padded by
+    F.pad as nn.Conv2d pads it, the kernels unpadded; every kernel gives the dense twin's output and gradients,
+    batched and unbatched; to_dense gives the nn.Conv2d back; sparsify takes such convs."""
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=padding, padding_mode=mode)
+    torch.manual_seed(seed_of(mode, str(padding)))
+    layer = SparseConv2d.from_dense(conv, mask=random_mask((6, 4, 3, 3), 0.5, gen(3)))
+    assert layer.padding_mode == mode and layer.padding == (0, 0)
+    assert f"padding_mode={mode!r}" in repr(layer)
+    dense = layer.to_dense()
+    assert isinstance(dense, nn.Conv2d) and dense.padding_mode == mode and dense.padding == layer.input_padding
+    x = torch.randn(2, 4, 7, 8, generator=gen(4))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = None
+    for kernel in ("csr", "gemm", "dense", "auto"):
+        layer.kernel = kernel
+        for _ in range(2):  # the first call routes; the second takes the kept route
+            layer.zero_grad(set_to_none=True)
+            xs = x.detach().clone().requires_grad_()
+            y = layer(xs)
+            if g is None:
+                g = torch.randn(y.shape, generator=gen(5))
+            y.backward(g)
+            dense.zero_grad(set_to_none=True)
+            xd = x.detach().clone().requires_grad_()
+            yd = dense(xd)
+            yd.backward(g)
+            assert_close(y, yd)
+            assert_close(xs.grad, xd.grad)
+            assert_close(layer.values.grad, dense.weight.grad[layer.mask()])
+            assert_close(layer.bias.grad, dense.bias.grad)
+        with torch.no_grad():
+            assert_close(layer(x[0]), dense(x[0]))  # unbatched (C, H, W)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, padding_mode=mode), nn.ReLU())
+    from sparsekern import sparsify
+    sparsify(model, 0.5, "uniform")
+    assert isinstance(model[0], SparseConv2d) and model[0].padding_mode == mode
 
 
 def test_conv_same_padding_with_even_kernel_not_supported():
