@@ -45,8 +45,8 @@ def _dense_forward(module: SparseWeightMixin, weight: torch.Tensor) -> Callable[
     if isinstance(module, SparseLinear):
         return lambda x: module.activate(F.linear(x, weight, module.bias))
     if isinstance(module, SparseConv2d):
-        return lambda x: module.activate(F.conv2d(x, weight, module.bias, module.stride, module.padding,
-                                                  module.dilation))
+        return lambda x: module.activate(F.conv2d(module.kernel_input(x), weight, module.bias, module.stride,
+                                                  module.padding, module.dilation))
     raise TypeError(f"grad_norm: no dense forward for sparse module {type(module).__name__}")
 
 

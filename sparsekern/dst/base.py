@@ -191,7 +191,7 @@ class DynamicSparseTraining:
             return None
         # With a fused activation the weight's gradient needs the gradient at the product, from the output's.
         y = output.detach() if getattr(module, "activation", None) else None
-        x, store = inputs[0].detach(), self._captured[name]
+        x, store = module.kernel_input(inputs[0].detach()), self._captured[name]  # (a conv's padding_mode pads)
         return _GradTap.apply(output, lambda grad: store.append((x, module.pre_activation_grad(grad.detach(), y, x))))
 
     def layer_dense_grad(self, name: str) -> torch.Tensor:

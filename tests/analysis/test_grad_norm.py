@@ -78,3 +78,21 @@ def test_grad_norm_restores_state():
     assert not model.training and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
     assert "forward" not in model[0].__dict__  # the dense forward patch is gone
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate"])
+def test_grad_norm_of_a_conv_is_its_dense_twins_for_every_padding_mode(padding_mode):
+    """The dense gradient of a conv runs on the input its kernels see (padded by F.pad for reflect/replicate)."""
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=padding_mode), nn.Flatten(), nn.Linear(64, 3))
+    model = sparsekern.sparsify(plain, 0.5, "uniform", init="dense", inplace=False,
+                                generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1])
+    twin = nn.Sequential(model[0].to_dense(), nn.Flatten(), model[2].to_dense())
+    F.cross_entropy(twin(x), y).backward()
+    sq = lambda t: float(t.double().pow(2).sum())  # noqa: E731
+    dense = sum(sq(p.grad) for p in twin.parameters())
+    active = sq(twin[0].weight.grad[model[0].mask()]) + sq(twin[2].weight.grad[model[2].mask()]) + \
+        sq(twin[0].bias.grad) + sq(twin[2].bias.grad)
+    result = grad_norm(model, (x, y))
+    assert math.isclose(result.dense, math.sqrt(dense), rel_tol=1e-5)
+    assert math.isclose(result.active, math.sqrt(active), rel_tol=1e-5)

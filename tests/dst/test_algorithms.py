@@ -47,9 +47,11 @@ def test_rigl_computes_the_dense_gradient_on_update_steps_only(monkeypatch):
     assert len(calls) == 3 * len(algo.layers)  # steps 10, 20, 30: one dense product per layer
 
 
-def test_dense_gradient_of_a_conv_matches_autograd_despite_an_inplace_relu():
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_dense_gradient_of_a_conv_matches_autograd_despite_an_inplace_relu(padding_mode):
+    """(A padding_mode other than zeros: the dense gradient is taken on the padded input the kernels ran on.)"""
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, padding_mode=padding_mode)
     model = nn.Sequential(conv, nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(5 * 4 * 4, 3))  # in-place after
     reference = nn.Sequential(*[m for m in model])  # same modules before sparsify
     x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
@@ -58,7 +60,8 @@ def test_dense_gradient_of_a_conv_matches_autograd_despite_an_inplace_relu():
     # Autograd's dense gradient of the masked-dense model.
     masks = [model[0].mask(), model[3].mask()]
     w_eff = [(w * m).requires_grad_() for w, m in zip(weights, masks)]
-    out = nn.functional.conv2d(x, w_eff[0], model[0].bias, 2, 1).relu().flatten(1)
+    xp = x if padding_mode == "zeros" else nn.functional.pad(x, (1, 1, 1, 1), mode=padding_mode)
+    out = nn.functional.conv2d(xp, w_eff[0], model[0].bias, 2, 1 if padding_mode == "zeros" else 0).relu().flatten(1)
     nn.functional.cross_entropy(out @ w_eff[1].t() + model[3].bias, y).backward()
     optimizer = _sgd(model)
     algo = sparsekern.dst.RigL(model, optimizer, total_steps=10, delta_t=1)
