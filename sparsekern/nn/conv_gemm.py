@@ -66,7 +66,7 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
     else:
         ho, wo = output_size(x.shape[2], x.shape[3], kernel_size, stride, padding, dilation)
         x = F.unfold(x, kernel_size, dilation, padding, stride)  # (N, Cin*kh*kw, Ho*Wo)
-    k = W.shape[1]
+    cout, k = W.shape[0], W.shape[1]  # (never -1 in the views: ambiguous for an empty batch)
     # On the CPU the products run as the extension's C++ autograd nodes (ops.dispatch.cpu_node).
     if channels_last:
         rows = (x.permute(0, 2, 3, 1) if pointwise else x.transpose(1, 2)).reshape(n * ho * wo, k)
@@ -75,14 +75,14 @@ def conv2d_gemm(x: torch.Tensor, W: SparseMatrix, bias: Optional[torch.Tensor], 
                                                          *W.transpose_pattern())
         else:
             y = sparse_linear(rows, W, bias)  # (N*Ho*Wo, Cout)
-        return y.view(n, ho, wo, -1).permute(0, 3, 1, 2)
+        return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
     if node:
         # The node reads the (Cin*kh*kw, N, Ho*Wo) planes of x where they lie and writes y's NCHW planes: no copy
         # either way, nor of the gradients (four copies were 15-20 % of a ResNet-50 1x1 conv at 7x7).
         planes = x.reshape(n, k, ho * wo).transpose(0, 1)
         y = torch.ops.sparsekern._spmm_node(W.values, W.row_ptr, W.col_idx, planes, *W.transpose_pattern())
-        y = y.transpose(0, 1).reshape(n, -1, ho, wo)  # a view: y's memory is (N, Cout, Ho*Wo)
+        y = y.transpose(0, 1).reshape(n, cout, ho, wo)  # a view: y's memory is (N, Cout, Ho*Wo)
     else:
         cols = x.transpose(0, 1).reshape(k, n * ho * wo)
-        y = spmm(W, cols).view(-1, n, ho, wo).transpose(0, 1).contiguous()  # (Cout, N*Ho*Wo) -> NCHW
+        y = spmm(W, cols).view(cout, n, ho, wo).transpose(0, 1).contiguous()  # (Cout, N*Ho*Wo) -> NCHW
     return y if bias is None else y + bias.view(1, -1, 1, 1)

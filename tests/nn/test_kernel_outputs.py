@@ -2,7 +2,8 @@
 view of a buffer the dense op made must not reach autograd as a view: wav2vec2 writes masked frames into its
 feature projection's output, VGG-style nets run ReLU(inplace=True) on a conv's output), and a layer whose first call
 ran under torch.inference_mode training afterwards, under autocast and plainly (no cached pattern tensor may be an
-inference tensor: the dense route's scatter saves them for backward)."""
+inference tensor: the dense route's scatter saves them for backward), and an empty batch (a data loader's last,
+filtered batch) through forward and backward."""
 import pytest
 import torch
 
@@ -108,3 +109,18 @@ def test_a_pattern_changed_under_inference_mode_keeps_normal_buffers():
             y = layer(torch.randn(4, 12, generator=gen(33), requires_grad=True))
         y.float().sum().backward()
         layer(torch.randn(4, 12, generator=gen(34), requires_grad=True)).sum().backward()
+
+
+@pytest.mark.parametrize("name,make,kernel", CASES, ids=[f"{n}-{k}" for n, _, k in CASES])
+def test_an_empty_batch_trains(name, make, kernel):
+    layer, x = make()
+    layer.kernel = kernel
+    empty = x[:0]
+    for _ in range(2):  # the first call routes; the second takes the kept route
+        layer.zero_grad(set_to_none=True)
+        xs = empty.detach().clone().requires_grad_()
+        y = layer(xs)
+        assert y.shape == layer.to_dense()(empty).shape
+        y.sum().backward()
+        assert xs.grad.shape == empty.shape
+        assert not layer.values.grad.any() and not layer.bias.grad.any()
