@@ -80,7 +80,11 @@ class SparseLinear(SparseWeightMixin, nn.Module):
             if x is None:
                 raise ValueError("SparseLinear.pre_activation_grad: a GELU layer needs its input x")
             with torch.no_grad():  # the product again, on any format and device (DST's dense gradient is dense too)
-                return torch.ops.aten.gelu_backward(grad, F.linear(x, self.dense_weight(), self.bias))
+                # in x's dtype, as the forward ran it (under autocast: bf16 x, the weight cast to it)
+                weight = self.dense_weight().to(x.dtype)
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                z = F.linear(x, weight, bias)
+                return torch.ops.aten.gelu_backward(grad.to(z.dtype), z)
         return grad
 
     def _copy_geometry(self, module: nn.Linear) -> None:

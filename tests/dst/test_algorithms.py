@@ -195,6 +195,31 @@ def test_dense_gradient_in_the_master_dtype_when_input_and_grad_differ():
     assert got.dtype == torch.float32 and torch.allclose(got, gl.t() @ xl.float(), atol=1e-4)
 
 
+@pytest.mark.parametrize("algorithm", ["RigL", "SNFS"])
+def test_dense_gradients_under_bf16_autocast_with_fused_activations(algorithm):
+    """Under autocast a fused GELU layer's input and output gradient are bf16 while its weight is float32: the dense
+    gradient recomputes the product as the forward ran it (bf16) and matches autograd of the masked dense model."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 3))
+    model = sparsekern.sparsify(plain, 0.5, "uniform", init="dense", fuse_activations=True, inplace=False,
+                                generator=torch.Generator().manual_seed(0))
+    assert model[2].activation == "gelu"  # its input is bf16 under autocast (layer 0's output)
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
+    twin = nn.Sequential(model[0].to_dense(), model[2].to_dense(), model[4].to_dense())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nn.functional.cross_entropy(twin(x), y).backward()
+    optimizer = _sgd(model)
+    algo = getattr(sparsekern.dst, algorithm)(model, optimizer, total_steps=10, delta_t=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    for name, dense in zip(["0", "2", "4"], twin):
+        want = dense[0].weight.grad if isinstance(dense, nn.Sequential) else dense.weight.grad
+        torch.testing.assert_close(algo.layer_dense_grad(name), want.reshape(-1), rtol=0.05, atol=0.02)
+    optimizer.step()
+    assert algo.step() is True
+
+
 def test_a_run_too_short_for_any_update_warns():
     import warnings
     model = tiny_mlp()
